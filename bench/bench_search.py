@@ -1,0 +1,224 @@
+"""Benchmark prefix, ANN and funnel search (rdscale.search) on synthetic clustered protein embeddings.
+
+For each database size: write a proteins table (clustered vectors, per-dimension scale decaying along the
+embedding like a Matryoshka / PCA-ordered embedding), then measure, for a batch of held-out queries,
+recall@k against exact full-width search and queries per second of
+
+- exact search at the full width (brute force, the reference),
+- ANN with the index on each chain level (the prefix alone),
+- funnel: shortlist with the index on each narrower level, re-rank at the full width.
+
+Prints a table and writes JSON (default bench/results/search.json). Not a test: timings depend on the machine.
+
+    python bench/bench_search.py            # 1e5 and 1e6 vectors, width 1280, levels 320/480/640/1280
+    python bench/bench_search.py --quick    # 1e5 only
+    python bench/bench_search.py --sizes 20000 --dim 128 --levels 32,64,128   # shrink
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rdscale import search as S  # noqa: E402
+
+
+def decay(dim: int) -> np.ndarray:
+    """(dim,) per-dimension scale: later numbers carry less signal, as in a chained rd embedding."""
+    return (1.0 / np.sqrt(1.0 + np.arange(dim) / 64.0)).astype(np.float32)
+
+
+def make_centres(dim: int, n_clusters: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n_clusters, dim)) * decay(dim)).astype(np.float32)
+
+
+def sample(centres: np.ndarray, n: int, spread: float, rng: np.random.Generator) -> np.ndarray:
+    """(n, dim) float32 points: a random centre plus isotropic-in-scaled-space noise."""
+    dim = centres.shape[1]
+    labels = rng.integers(0, len(centres), n)
+    noise = rng.standard_normal((n, dim), dtype=np.float32)
+    noise *= spread * decay(dim)
+    noise += centres[labels]
+    return noise
+
+
+def write_table(path: Path, n: int, centres, spread: float, levels, seed: int, chunk: int = 50_000) -> None:
+    """Stream the proteins table in chunks so memory stays O(chunk * dim)."""
+    dim = centres.shape[1]
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("description", pa.string()),
+            ("length", pa.int32()),
+            ("sequence", pa.string()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+            ("shard", pa.int32()),
+        ],
+        metadata={b"rdscale.levels": json.dumps(list(levels)).encode()},
+    )
+
+    def batches():
+        rng = np.random.default_rng(seed)
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            x = sample(centres, m, spread, rng)
+            yield pa.record_batch(
+                [
+                    pa.array([f"S{i:08d}" for i in range(start, start + m)]),
+                    pa.array([""] * m),
+                    pa.array(rng.integers(50, 1000, m), pa.int32()),
+                    pa.array([""] * m),
+                    pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
+                    pa.array(np.full(m, start // chunk), pa.int32()),
+                ],
+                schema=schema,
+            )
+
+    reader = pa.RecordBatchReader.from_batches(schema, batches())
+    lance.write_dataset(reader, str(path), schema=schema, max_rows_per_file=250_000)
+
+
+def timed(fn, repeats: int = 1):
+    """(result, best seconds) over ``repeats`` runs (the first warms the page cache and index cache)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def run_size(n: int, args, workdir: Path) -> list[dict]:
+    dim, levels, k = args.dim, args.levels, args.k
+    centres = make_centres(dim, args.clusters, seed=0)
+    run = workdir / f"n{n}"
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    t0 = time.perf_counter()
+    write_table(run / "proteins.lance", n, centres, args.spread, levels, seed=1)
+    print(f"[n={n}] wrote {n} x {dim} in {time.perf_counter() - t0:.1f} s", flush=True)
+    queries = sample(centres, args.queries, args.spread, np.random.default_rng(2))  # held out, same law
+    rows: list[dict] = []
+
+    def row(method, width, result, secs, build_s=None, **extra):
+        rec = {
+            "n": n,
+            "method": method,
+            "width": width,
+            "recall_at_k": S.recall_at_k(result, truth, k=k) if result is not None else 1.0,
+            "qps": args.queries / secs,
+            "seconds": secs,
+            "index_build_s": build_s,
+            **extra,
+        }
+        rows.append(rec)
+        print(f"[n={n}] {method:<7} width {width:>5}  recall@{k} {rec['recall_at_k']:.3f}  {rec['qps']:9.1f} q/s"
+              + (f"  (index {build_s:.0f} s)" if build_s else "") + (f"  {extra}" if extra else ""), flush=True)
+
+    truth, secs = timed(lambda: S.search(run, queries, width=dim, k=k, mode="exact"), repeats=args.exact_repeats)
+    row("exact", dim, None, secs)
+
+    build: dict[int, float] = {}
+    for w in args.index_levels:
+        t0 = time.perf_counter()
+        S.build_index(run, width=w, index_type=args.index_type, metric="cosine")
+        build[w] = time.perf_counter() - t0
+        print(f"[n={n}] index width {w}: {build[w]:.1f} s", flush=True)
+        found, secs = timed(lambda: S.search(run, queries, width=w, k=k, mode="ann", nprobes=args.nprobes), 2)
+        row("ann", w, found, secs, build[w], nprobes=args.nprobes)
+
+    for w in args.index_levels:
+        if w >= dim:
+            continue
+        for shortlist in args.shortlists:
+            found, secs = timed(
+                lambda: S.search(run, queries, width=w, k=k, mode="funnel", shortlist=shortlist, nprobes=args.nprobes),
+                2,
+            )
+            row("funnel", w, found, secs, build[w], shortlist=shortlist, rerank_width=dim)
+    if not args.keep:
+        shutil.rmtree(run)
+    return rows
+
+
+def format_table(rows: list[dict], k: int) -> str:
+    exact_qps = {r["n"]: r["qps"] for r in rows if r["method"] == "exact"}
+    head = f"{'n':>9}  {'method':<7} {'width':>5} {'shortlist':>9}  {f'recall@{k}':>9} {'q/s':>9} {'x exact':>8} {'index s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        build = "" if r["index_build_s"] is None else f"{r['index_build_s']:.1f}"
+        lines.append(
+            f"{r['n']:>9}  {r['method']:<7} {r['width']:>5} {str(r.get('shortlist', '')):>9}  "
+            f"{r['recall_at_k']:>9.3f} {r['qps']:>9.1f} {r['qps'] / exact_qps[r['n']]:>8.1f} "
+            f"{build:>8}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")], default=[100_000, 1_000_000],
+                   help="database sizes, comma separated (default 1e5,1e6)")
+    p.add_argument("--quick", action="store_true", help="1e5 vectors only")
+    p.add_argument("--dim", type=int, default=1280, help="full stored width")
+    p.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=[320, 480, 640, 1280],
+                   help="chain levels (prefix widths)")
+    p.add_argument("--index-levels", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="levels to index (default: all levels)")
+    p.add_argument("--index-type", default=S.DEFAULT_INDEX_TYPE)
+    p.add_argument("--nprobes", type=int, default=None, help="IVF partitions probed (default: Lance's)")
+    p.add_argument("--shortlists", type=lambda s: [int(v) for v in s.split(",")], default=[100],
+                   help="funnel shortlist sizes, comma separated")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--spread", type=float, default=0.6, help="within-cluster noise relative to the centre scale")
+    p.add_argument("--exact-repeats", type=int, default=1)
+    p.add_argument("--workdir", type=Path, default=None, help="where to write the tables (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the tables")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "search.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes = [100_000]
+    if args.dim not in args.levels:
+        args.levels = sorted({*args.levels, args.dim})
+    args.index_levels = args.index_levels or args.levels
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rdscale_bench_search_"))
+    t0 = time.perf_counter()
+    rows = []
+    for n in args.sizes:
+        rows += run_size(n, args, workdir)
+    if args.workdir is None and not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    table = format_table(rows, args.k)
+    print("\n" + table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    report = {
+        "config": config,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "lance": lance.__version__, "numpy": np.__version__},
+        "total_seconds": time.perf_counter() - t0,
+        "results": rows,
+        "table": table,
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out} ({report['total_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,330 @@
+"""Per-residue embeddings from one ESM-2 model: token-budget batching and long-sequence windows.
+
+The forward pass is fair-esm's ESM2 computed with the model's own weights, rewritten around
+``torch.nn.functional.scaled_dot_product_attention`` (fused attention kernels on CPU and GPU, no (B, H, T, T)
+attention matrix kept) and stopped at the requested layer. Two further differences from ``model(tokens)``:
+rotary tables are computed in float32 and then cast (fair-esm builds them in the model dtype, so in bfloat16
+positions above 256 are rounded), and the LM head is skipped. In float32 it matches fair-esm's forward to
+~1e-6; ``attention="esm"`` calls fair-esm's own forward instead (a reference path, used by the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rdscale.models import LoadedModel
+
+LONG_POLICIES = ("window", "truncate", "reject")
+_EXTRA_TOKENS = 2  # BOS and EOS around every sequence
+
+
+def pack_batches(lengths: Sequence[int], toks_per_batch: int, max_batch_size: int | None = None) -> list[list[int]]:
+    """Group sequence indices into batches of similar length under a token budget.
+
+    Indices are sorted by length (ties by index) and packed greedily so that
+    ``(max length in batch + 2) * batch size <= toks_per_batch`` (the +2 is BOS/EOS; this is fair-esm's
+    ``FastaBatchedDataset.get_batch_indices`` with ``extra_toks_per_seq=2``). A sequence over the budget on its
+    own gets a batch of its own. Every index appears exactly once; batches come shortest first.
+    """
+    if toks_per_batch < 1:
+        raise ValueError(f"toks_per_batch must be positive, got {toks_per_batch}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be positive or None, got {max_batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        padded = max(longest, lengths[i] + _EXTRA_TOKENS)
+        full = max_batch_size is not None and len(batch) >= max_batch_size
+        if batch and (padded * (len(batch) + 1) > toks_per_batch or full):
+            batches.append(batch)
+            batch, padded = [], lengths[i] + _EXTRA_TOKENS
+        batch.append(i)
+        longest = padded
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def plan_windows(length: int, window: int = 1022, overlap: int | None = None) -> list[tuple[int, int]]:
+    """Residue ranges [start, end) of overlapping windows covering a sequence, each at most `window` long.
+
+    One window if the sequence fits. Otherwise the fewest windows of exactly `window` residues whose
+    consecutive overlaps are all >= `overlap` (default window // 4), spread evenly from the first residue to
+    the last.
+    """
+    if window < 1:
+        raise ValueError(f"window must be positive, got {window}")
+    overlap = window // 4 if overlap is None else overlap
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap must be in [0, window), got overlap={overlap}, window={window}")
+    if length < 0:
+        raise ValueError(f"length must be non-negative, got {length}")
+    if length <= window:
+        return [(0, length)]
+    stride = window - overlap
+    n = -(-(length - window) // stride) + 1  # ceil division: gaps between starts are then <= stride
+    span = length - window
+    starts = [(i * span) // (n - 1) for i in range(n)]
+    return [(s, s + window) for s in starts]
+
+
+def stitch_plan(windows: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int, int]]:
+    """Which window supplies each residue: contiguous (window index, start, end) runs covering [0, length).
+
+    Each residue comes from the window in which it is farthest from an artificial edge (a window boundary
+    that is not also the sequence's own start or end), ties to the earlier window; every residue gets
+    exactly one embedding.
+    """
+    pos = np.arange(length)
+    score = np.full((len(windows), length), -1.0)  # (n_windows, length); -1 = not covered
+    for w, (start, end) in enumerate(windows):
+        inside = pos[start:end]
+        left = inside - start if start > 0 else np.full(len(inside), np.inf)
+        right = end - 1 - inside if end < length else np.full(len(inside), np.inf)
+        score[w, start:end] = np.minimum(left, right)
+    if (score.max(axis=0) < 0).any():
+        raise ValueError(f"windows {list(windows)} do not cover [0, {length})")
+    owner = score.argmax(axis=0)  # (length,)
+    cuts = np.flatnonzero(np.diff(owner)) + 1
+    bounds = [0, *cuts.tolist(), length]
+    return [(int(owner[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass
+class EmbedStats:
+    """Counters of one Embedder, summed over calls (for logs and benchmarks)."""
+
+    sequences: int = 0
+    residues: int = 0  # residues returned
+    windows: int = 0  # pieces run through the model (= sequences when nothing is windowed)
+    batches: int = 0
+    tokens: int = 0  # real tokens, BOS/EOS included
+    padded_tokens: int = 0  # batch * max length, summed over batches
+    truncated: list[int] = field(default_factory=list)  # indices (per call) of truncated sequences, last call
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Embedder:
+    """Per-residue embeddings of one model's layer, for any number of sequences of any length.
+
+    layer: 0 = token embeddings, n = last layer (after the final layer norm, as fair-esm returns it),
+        negative counts from the end (-1 = last), like esm-extract's --repr_layers.
+    toks_per_batch: token budget per forward, BOS/EOS and padding included (see pack_batches).
+    long_policy for sequences longer than `window` residues:
+        "window": overlapping windows of <= window residues (each with BOS/EOS), stitched so each residue
+            comes from the window where it is farthest from an edge; output has one row per residue.
+        "truncate": only the first `window` residues are embedded; output has `window` rows.
+        "reject": embed() raises ValueError naming them; use too_long() to filter beforehand.
+    attention: "sdpa" (default, fused attention) or "esm" (fair-esm's own forward; reference, slower).
+
+    embed() returns, per sequence, an ordinary (not inference-mode) tensor (L_i, k) on the model's device in
+    the model's dtype: float32 on CPU, bfloat16/float16 on GPU as resolved by load_model.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        layer: int = -1,
+        toks_per_batch: int = 4096,
+        long_policy: str = "window",
+        window: int = 1022,
+        overlap: int | None = None,
+        max_batch_size: int | None = None,
+        attention: str = "sdpa",
+    ):
+        self.loaded = loaded
+        self.model = loaded.model
+        n_layers = self.model.num_layers
+        if not -(n_layers + 1) <= layer <= n_layers:
+            raise ValueError(f"layer must be in [{-(n_layers + 1)}, {n_layers}] for {loaded.spec.name}, got {layer}")
+        self.layer = layer % (n_layers + 1)
+        if long_policy not in LONG_POLICIES:
+            raise ValueError(f"long_policy must be one of {LONG_POLICIES}, got {long_policy!r}")
+        if attention not in ("sdpa", "esm"):
+            raise ValueError(f"attention must be 'sdpa' or 'esm', got {attention!r}")
+        plan_windows(window + 1, window, overlap)  # validates window and overlap
+        if toks_per_batch < 1:
+            raise ValueError(f"toks_per_batch must be positive, got {toks_per_batch}")
+        self.toks_per_batch = toks_per_batch
+        self.long_policy = long_policy
+        self.window = window
+        self.overlap = window // 4 if overlap is None else overlap
+        self.max_batch_size = max_batch_size
+        self.attention = attention
+        self.stats = EmbedStats()
+
+        alphabet = loaded.alphabet
+        self._bos, self._eos, self._pad = alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx
+        self._lookup = np.full(128, -1, dtype=np.int64)  # ASCII code -> token id, -1 = not a residue letter
+        for tok in alphabet.standard_toks:
+            if len(tok) == 1:
+                self._lookup[ord(tok)] = alphabet.get_idx(tok)
+        if self.attention == "sdpa":
+            attn = self.model.layers[0].self_attn if n_layers else None
+            if attn is not None and (attn.rot_emb is None or attn.bias_k is not None):
+                raise ValueError("attention='sdpa' needs an ESM-2 model (rotary, no bias_kv); use attention='esm'")
+
+    @property
+    def width(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    def too_long(self, sequence: str) -> bool:
+        """Longer than one window (what long_policy applies to)."""
+        return len(sequence) > self.window
+
+    def tokenize(self, sequence: str) -> np.ndarray:
+        """(L,) int64 token ids of the residues (no BOS/EOS); ValueError on letters outside the ESM alphabet."""
+        try:
+            codes = np.frombuffer(sequence.encode("ascii"), dtype=np.uint8)
+        except UnicodeEncodeError:
+            codes = None
+        ids = self._lookup[codes] if codes is not None and codes.max(initial=0) < 128 else None
+        if ids is None or (ids < 0).any():
+            bad = sorted({c for c in sequence if not (ord(c) < 128 and self._lookup[ord(c)] >= 0)})
+            raise ValueError(f"characters {bad} are not ESM residue letters (expected upper-case, e.g. ACDEFGHIKLMNPQRSTVWYX)")
+        return ids
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def embed(self, sequences: Sequence[str]) -> list[torch.Tensor]:
+        """One (L_i, k) tensor per sequence, in input order (rows = window rows for truncated sequences)."""
+        if isinstance(sequences, str):
+            raise TypeError("embed() takes a sequence of strings, not one string; wrap it in a list")
+        tokens = []
+        for i, seq in enumerate(sequences):
+            if len(seq) == 0:
+                raise ValueError(f"sequence {i} is empty")
+            try:
+                tokens.append(self.tokenize(seq))
+            except ValueError as e:
+                raise ValueError(f"sequence {i}: {e}") from None
+        lengths = [len(t) for t in tokens]
+        long = [i for i, n in enumerate(lengths) if n > self.window]
+        if long and self.long_policy == "reject":
+            shown = ", ".join(f"{i} ({lengths[i]} residues)" for i in long[:10])
+            more = f" and {len(long) - 10} more" if len(long) > 10 else ""
+            raise ValueError(
+                f"{len(long)} sequence(s) longer than the {self.window}-residue window: {shown}{more}; "
+                f"filter with Embedder.too_long() or use long_policy='window' or 'truncate'"
+            )
+
+        # pieces: (sequence index, start, end) residue ranges, each run through the model as its own sequence
+        pieces: list[tuple[int, int, int]] = []
+        # per sequence: (piece index, start, end) runs whose rows, concatenated, are its output
+        plans: list[list[tuple[int, int, int]]] = []
+        for i, n in enumerate(lengths):
+            if n <= self.window or self.long_policy == "truncate":
+                end = min(n, self.window)
+                plans.append([(len(pieces), 0, end)])
+                pieces.append((i, 0, end))
+            else:
+                windows = plan_windows(n, self.window, self.overlap)
+                first = len(pieces)
+                pieces.extend((i, s, e) for s, e in windows)
+                plans.append([(first + w, a, b) for w, a, b in stitch_plan(windows, n)])
+
+        outputs: list[torch.Tensor | None] = [None] * len(pieces)
+        for batch in pack_batches([e - s for _, s, e in pieces], self.toks_per_batch, self.max_batch_size):
+            batch_tokens = self._batch_tokens([tokens[i][s:e] for i, s, e in (pieces[p] for p in batch)])
+            with torch.inference_mode():
+                hidden = self._forward(batch_tokens.to(self.device, non_blocking=True))  # (B, T, k)
+            # Outside inference mode, clone() gives ordinary tensors that do not pin the whole batch in memory.
+            for row, p in enumerate(batch):
+                _, s, e = pieces[p]
+                outputs[p] = hidden[row, 1 : 1 + e - s].clone()
+            self.stats.batches += 1
+            self.stats.tokens += sum(pieces[p][2] - pieces[p][1] + _EXTRA_TOKENS for p in batch)
+            self.stats.padded_tokens += batch_tokens.numel()
+
+        results: list[torch.Tensor] = []
+        for plan in plans:
+            if len(plan) == 1:
+                results.append(outputs[plan[0][0]])
+            else:
+                results.append(torch.cat([outputs[p][a - pieces[p][1] : b - pieces[p][1]] for p, a, b in plan]))
+        self.stats.sequences += len(lengths)
+        self.stats.residues += sum(r.shape[0] for r in results)
+        self.stats.windows += len(pieces)
+        self.stats.truncated = [i for i in long if self.long_policy == "truncate"]
+        return results
+
+    def _batch_tokens(self, pieces: list[np.ndarray]) -> torch.Tensor:
+        """(B, T) int64: BOS, residues, EOS, then padding."""
+        longest = max(len(p) for p in pieces)
+        out = np.full((len(pieces), longest + _EXTRA_TOKENS), self._pad, dtype=np.int64)
+        for row, ids in enumerate(pieces):
+            out[row, 0] = self._bos
+            out[row, 1 : 1 + len(ids)] = ids
+            out[row, 1 + len(ids)] = self._eos
+        return torch.from_numpy(out)
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, k) hidden states at self.layer."""
+        if self.attention == "esm":
+            return self.model(tokens, repr_layers=[self.layer])["representations"][self.layer]
+        m = self.model
+        padding = tokens.eq(m.padding_idx)  # (B, T)
+        x = m.embed_scale * m.embed_tokens(tokens)  # (B, T, k)
+        if m.token_dropout:
+            # ESM-2 was trained with 15% * 80% of tokens masked and rescales embeddings to match; with no
+            # <mask> tokens in the input this is a constant factor, kept in fair-esm's form for exactness.
+            is_mask = tokens.eq(m.mask_idx)
+            x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+            observed = is_mask.sum(-1).to(x.dtype) / (~padding).sum(-1)
+            x = x * (1 - 0.15 * 0.8) / (1 - observed)[:, None, None]
+        has_padding = bool(padding.any())
+        if has_padding:
+            x = x * (1 - padding.unsqueeze(-1).type_as(x))
+        if self.layer == 0:
+            return x
+        keep = ~padding[:, None, None, :] if has_padding else None  # (B, 1, 1, T): True = attend to this key
+        cos, sin = self._rotary(tokens.shape[1], x)
+        for block in m.layers[: self.layer]:
+            x = self._block(block, x, keep, cos, sin)
+        if self.layer == m.num_layers:
+            x = m.emb_layer_norm_after(x)
+        return x
+
+    def _rotary(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (T, head_dim) rotary tables, computed in float32, cast to the model dtype."""
+        head_dim = self.model.layers[0].self_attn.head_dim
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=like.device).float() / head_dim))
+        t = torch.arange(length, device=like.device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
+
+    @staticmethod
+    def _block(block, x: torch.Tensor, keep, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One pre-LN transformer layer of ESM-2 (esm.modules.TransformerLayer) on x: (B, T, k)."""
+        attn = block.self_attn
+        b, t, k = x.shape
+        heads, head_dim = attn.num_heads, attn.head_dim
+        h = block.self_attn_layer_norm(x)
+        # fair-esm scales q before the rotary rotation; rotation is linear, so this equals SDPA's own scaling.
+        q = (attn.q_proj(h) * attn.scaling).view(b, t, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
+        kk = attn.k_proj(h).view(b, t, heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, heads, head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        kk = kk * cos + _rotate_half(kk) * sin
+        o = F.scaled_dot_product_attention(q, kk, v, attn_mask=keep, scale=1.0)  # (B, H, T, D)
+        x = x + attn.out_proj(o.transpose(1, 2).reshape(b, t, k))
+        h = block.final_layer_norm(x)
+        return x + block.fc2(F.gelu(block.fc1(h)))

@@ -1,0 +1,533 @@
+"""Streaming FASTA reading: plain, gzip and BGZF files, byte-range shards, validation.
+
+A FASTA input is split into shards so that many workers can read one file. Plain and BGZF files are split by byte
+range; plain gzip cannot be entered mid-stream, so it is one shard per file. A record belongs to exactly one shard:
+
+- plain: the shard whose byte range holds the record's '>' byte;
+- BGZF: the shard whose (compressed) byte range holds the start of the BGZF block in which the '>' lies.
+
+A reader seeks to its start, resynchronises on the next line that starts with '>', and reads past its end to finish
+its last record. Reading every shard of a plan therefore yields every record once, whatever the shard size.
+
+Offsets (``Record.offset``, ``Reject.offset``) say where a record's '>' is, in a way that does not depend on the
+sharding:
+
+- plain: byte offset in the file;
+- gzip: byte offset in the decompressed stream;
+- BGZF: the BGZF virtual offset ``block_start << 16 | offset_in_block`` (as htslib and samtools use it), where
+  ``block_start`` is the compressed offset of the block that holds the '>'.
+
+All three grow with the position in the file, so ``(file_index, offset)`` orders records globally.
+
+Validation is the same in every reader. A record is accepted when its sequence, upper-cased, with ASCII spaces and
+tabs inside lines ignored and one trailing '*' removed, is a non-empty string over ``ESM_LETTERS``. Otherwise it
+becomes a ``Reject`` whose reason is ``"<code>: <detail>"``. The first record carrying an id claims it, accepted or
+not; later records with that id are rejected as ``duplicate_id``.
+
+Damage that is not one record's fault (text before the first header, binary bytes, a corrupt or truncated gzip or
+BGZF stream) raises ``FastaFormatError`` when the reader reaches it: records read before the damage have already
+been yielded, but the iteration fails rather than passing them off as the whole file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "ESM_LETTERS",
+    "REJECT_CODES",
+    "FastaFormatError",
+    "Record",
+    "Reject",
+    "Shard",
+    "ValidationOptions",
+    "as_duplicate",
+    "dedupe_key",
+    "detect_format",
+    "plan_shards",
+    "read_fasta",
+    "read_shard",
+]
+
+ESM_LETTERS = "ACDEFGHIKLMNPQRSTVWYXBZUO"
+
+REJECT_CODES = ("empty_sequence", "invalid_characters", "duplicate_id", "too_long", "gaps", "empty_id")
+
+GAP_CHARACTERS = "-."
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One accepted FASTA record."""
+
+    id: str  # first whitespace-delimited token of the header (without '>')
+    description: str  # rest of the header line, stripped ("" if none)
+    sequence: str  # upper-cased, validated, trailing '*' removed
+    path: str  # file it came from
+    offset: int  # where its '>' is (see the module docstring for what offsets mean per format)
+    file_index: int  # position of the file in the input list; (file_index, offset) orders records globally
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """One input record that will not be embedded, and why."""
+
+    id: str
+    path: str
+    offset: int
+    file_index: int
+    reason: str  # "<code>: <detail>", code in REJECT_CODES
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}:{self.offset}"
+
+    @property
+    def code(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class ValidationOptions:
+    remove_gaps: bool = False  # strip '-' and '.' instead of rejecting the record
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A byte range of one input file; ``read_shard`` yields the records that belong to it."""
+
+    path: str
+    file_index: int
+    index: int  # position in the global shard plan
+    fmt: str  # "plain" | "gzip" | "bgzf"
+    start: int  # [start, end): file bytes (compressed bytes for BGZF); gzip shards are always [0, None)
+    end: int | None  # None = end of file
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}@{self.start}-{'eof' if self.end is None else self.end}"
+
+
+class FastaFormatError(ValueError):
+    """The input is not FASTA or its compressed stream is damaged; names the file and where it broke."""
+
+    def __init__(self, path: str | os.PathLike, where: str, detail: str):
+        self.path = str(path)
+        self.where = where
+        self.detail = detail
+        super().__init__(f"{self.path}: {detail} (at {where})")
+
+
+# --------------------------------------------------------------------------------------------------- formats
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_BGZF_MAGIC = b"\x1f\x8b\x08\x04"  # gzip, deflate, FLG.FEXTRA
+_BGZF_MAX_BLOCK = 1 << 16  # BSIZE is 16 bits: a block is at most 64 KiB compressed
+_BGZF_FOOTER = 8  # CRC32 + ISIZE
+
+
+def _check_exists(path: str | os.PathLike) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"FASTA input not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"FASTA input is a directory, not a file: {path}")
+
+
+def _bgzf_block_size(buf: bytes | memoryview, pos: int = 0) -> int | None:
+    """Total size of the BGZF block whose header starts at ``buf[pos]``, or None if it is not a BGZF header.
+
+    Needs the 12 fixed gzip header bytes and the extra field in ``buf``. A header is BGZF when the gzip
+    FEXTRA field holds a 'BC' subfield of length 2 (SAM/BAM specification, section 4.1).
+    """
+    if buf[pos : pos + 4] != _BGZF_MAGIC or len(buf) < pos + 12:
+        return None
+    (xlen,) = struct.unpack_from("<H", buf, pos + 10)
+    extra = buf[pos + 12 : pos + 12 + xlen]
+    if len(extra) < xlen:
+        return None
+    i = 0
+    while i + 4 <= xlen:
+        si1, si2, slen = extra[i], extra[i + 1], struct.unpack_from("<H", extra, i + 2)[0]
+        if si1 == 66 and si2 == 67 and slen == 2 and i + 6 <= xlen:  # 'B', 'C'
+            size = struct.unpack_from("<H", extra, i + 4)[0] + 1
+            # smallest possible block: header, an empty deflate stream (2 bytes), footer
+            return size if size >= 12 + xlen + 2 + _BGZF_FOOTER else None
+        i += 4 + slen
+    return None
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """"plain", "gzip" or "bgzf", from the file's first bytes (not its name)."""
+    _check_exists(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:2] != _GZIP_MAGIC:
+            return "plain"
+        if len(head) == 12 and head[3] & 0x04:  # FEXTRA: read the extra field to look for 'BC'
+            (xlen,) = struct.unpack_from("<H", head, 10)
+            head += f.read(xlen)
+            if _bgzf_block_size(head) is not None:
+                return "bgzf"
+        return "gzip"
+
+
+def plan_shards(paths: str | os.PathLike | Iterable[str | os.PathLike], shard_bytes: int = 64 << 20) -> list[Shard]:
+    """Split the inputs into shards of about ``shard_bytes`` (file bytes; compressed bytes for BGZF).
+
+    Plain gzip files are one shard each. Every file gets at least one shard, empty files included, so that a
+    shard plan also says which files were read.
+    """
+    if shard_bytes <= 0:
+        raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    shards: list[Shard] = []
+    for file_index, path in enumerate(paths):
+        path = str(path)
+        fmt = detect_format(path)
+        size = os.path.getsize(path)
+        if fmt == "gzip" or size <= shard_bytes:
+            ranges = [(0, None)]
+        else:
+            starts = range(0, size, shard_bytes)
+            ranges = [(s, s + shard_bytes if s + shard_bytes < size else None) for s in starts]
+        for start, end in ranges:
+            shards.append(Shard(path, file_index, len(shards), fmt, start, end))
+    return shards
+
+
+# ------------------------------------------------------------------------------------------------ line sources
+# Each source yields (line, offset, owner): the line with its end-of-line bytes, the offset of its first byte
+# (as documented for Record.offset) and the file position that decides which shard owns a header on that line
+# (the byte offset for plain and gzip, the block start for BGZF).
+
+Line = tuple[bytes, int, int]
+
+
+def _plain_lines(path: str, start: int) -> Iterator[Line]:
+    with open(path, "rb", buffering=1 << 20) as f:
+        pos = start
+        if start > 0:
+            # The byte before `start` decides whether `start` begins a line; readline() from there lands on the
+            # first line that starts at or after `start`.
+            f.seek(start - 1)
+            pos = start - 1 + len(f.readline())
+        while line := f.readline():
+            yield line, pos, pos
+            pos += len(line)
+
+
+def _gzip_lines(path: str) -> Iterator[Line]:
+    pos = 0
+    with gzip.open(path, "rb") as f:
+        while True:
+            try:
+                line = f.readline()
+            except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+                raise FastaFormatError(path, f"decompressed byte {pos}", f"corrupt or truncated gzip stream: {e}")
+            if not line:
+                return
+            yield line, pos, pos
+            pos += len(line)
+
+
+class _BgzfFile:
+    """Random access to the BGZF blocks of one file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.size = os.path.getsize(path)
+        self.f = open(path, "rb", buffering=1 << 20)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        self.f.seek(offset)
+        return self.f.read(n)
+
+    def block_at(self, offset: int) -> tuple[bytes, int] | None:
+        """(decompressed data, total block size) of the block at ``offset``; None at end of file."""
+        head = self._pread(offset, 12)
+        if not head:
+            return None
+        if len(head) < 12:
+            raise FastaFormatError(self.path, f"byte {offset}", "truncated BGZF block header")
+        (xlen,) = struct.unpack_from("<H", head, 10)
+        head += self.f.read(xlen)
+        size = _bgzf_block_size(head)
+        if size is None:
+            raise FastaFormatError(self.path, f"byte {offset}", "not a BGZF block header (corrupt BGZF stream)")
+        body = self.f.read(size - len(head))
+        if len(head) + len(body) < size:
+            raise FastaFormatError(
+                self.path, f"byte {offset}", f"truncated BGZF block: {size} bytes announced, file ends first"
+            )
+        crc, isize = struct.unpack_from("<II", body, len(body) - _BGZF_FOOTER)
+        try:
+            data = zlib.decompress(body[: len(body) - _BGZF_FOOTER], -15)
+        except zlib.error as e:
+            raise FastaFormatError(self.path, f"byte {offset}", f"corrupt BGZF block: {e}") from None
+        if len(data) != isize or zlib.crc32(data) != crc:
+            raise FastaFormatError(self.path, f"byte {offset}", "corrupt BGZF block: size or CRC32 mismatch")
+        return data, size
+
+    def first_block_at_or_after(self, start: int, limit: int | None) -> int | None:
+        """Offset of the first intact block starting in [start, limit), or None.
+
+        A candidate counts only if its header is valid, it fits in the file and it decompresses to the size and
+        CRC32 its footer announces: a stray 1f 8b 08 04 inside deflate data passes all of that with negligible
+        probability. The check deliberately does not look at the next block: a damaged block must be skipped
+        here so that the sequential reader of the previous shard runs into it and reports it.
+        """
+        limit = self.size if limit is None else min(limit, self.size)
+        chunk = 4 * _BGZF_MAX_BLOCK
+        base = start
+        while base < limit:
+            buf = self._pread(base, chunk + len(_BGZF_MAGIC) - 1)  # magics straddling the chunk end are found
+            pos = buf.find(_BGZF_MAGIC)
+            while pos != -1 and pos < chunk and base + pos < limit:
+                if self._intact(base + pos):
+                    return base + pos
+                pos = buf.find(_BGZF_MAGIC, pos + 1)
+            base += chunk
+        return None
+
+    def _intact(self, offset: int) -> bool:
+        try:
+            return self.block_at(offset) is not None
+        except FastaFormatError:
+            return False
+
+    def previous_block(self, offset: int) -> int | None:
+        """Start of the block that ends exactly at ``offset`` (a block start), or None if ``offset`` is 0.
+
+        The previous block starts at most 64 KiB earlier; a chain of valid headers from a candidate in that
+        window that lands exactly on ``offset`` identifies it.
+        """
+        if offset == 0:
+            return None
+        lo = max(0, offset - _BGZF_MAX_BLOCK)
+        window = self._pread(lo, offset - lo)
+        pos = window.find(_BGZF_MAGIC)
+        while pos != -1:
+            x, last = pos, None
+            while x < len(window):
+                size = _bgzf_block_size(window, x)
+                if size is None:
+                    break
+                last, x = x, x + size
+            if x == len(window) and last is not None:
+                return lo + last
+            pos = window.find(_BGZF_MAGIC, pos + 1)
+        raise FastaFormatError(self.path, f"byte {offset}", "no BGZF block ends here (corrupt BGZF stream)")
+
+    def starts_line(self, offset: int) -> bool:
+        """Whether the first decompressed byte of the block at ``offset`` begins a line."""
+        while (prev := self.previous_block(offset)) is not None:
+            data = self.block_at(prev)[0]
+            if data:  # an empty block says nothing: look one further back
+                return data.endswith(b"\n")
+            offset = prev
+        return True
+
+
+def _bgzf_lines(path: str, start: int, end: int | None) -> Iterator[Line]:
+    bgzf = _BgzfFile(path)
+    try:
+        if start == 0:
+            block = 0
+            at_line_start = True
+        else:
+            block = bgzf.first_block_at_or_after(start, end)
+            if block is None:
+                return
+            at_line_start = bgzf.starts_line(block)
+        pieces: list[bytes] = []
+        line_voffset = line_block = -1
+        last_isize = -1
+        while (got := bgzf.block_at(block)) is not None:
+            data, size = got
+            last_isize = len(data)
+            pos = 0
+            while pos < len(data):
+                if not pieces:
+                    line_voffset, line_block = block << 16 | pos, block
+                newline = data.find(b"\n", pos)
+                if newline == -1:
+                    pieces.append(data[pos:])
+                    break
+                pieces.append(data[pos : newline + 1])
+                pos = newline + 1
+                if at_line_start:
+                    yield b"".join(pieces), line_voffset, line_block
+                at_line_start = True
+                pieces = []
+            block += size
+        if pieces and at_line_start:
+            yield b"".join(pieces), line_voffset, line_block
+        if last_isize != 0:
+            # bgzip and htslib end every file with an empty block; without it the file was cut at a block boundary
+            raise FastaFormatError(path, f"byte {bgzf.size}", "BGZF file lacks its end-of-file block (truncated?)")
+    finally:
+        bgzf.close()
+
+
+# ----------------------------------------------------------------------------------------------------- parsing
+
+_BINARY = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")  # control bytes other than \t \n \v \f \r
+_LINE_SPACE = re.compile(rb"[ \t\r\n\v\f]+")
+_ALLOWED = ESM_LETTERS.encode()
+_GAPS = GAP_CHARACTERS.encode()
+
+
+def _judge(
+    header: bytes, chunks: list[bytes], path: str, offset: int, file_index: int, options: ValidationOptions
+) -> Record | Reject:
+    text = header[1:].decode("utf-8", "backslashreplace").strip()
+    words = text.split(None, 1)
+    id_ = words[0] if words else ""
+    description = words[1].strip() if len(words) > 1 else ""
+
+    def reject(reason: str) -> Reject:
+        return Reject(id_, path, offset, file_index, reason)
+
+    if not id_:
+        return reject("empty_id: header line has no identifier")
+    seq = _LINE_SPACE.sub(b"", b"".join(chunks)).upper()
+    if seq.endswith(b"*"):
+        seq = seq[:-1]
+    if options.remove_gaps:
+        seq = seq.translate(None, _GAPS)
+    bad = seq.translate(None, _ALLOWED)
+    if bad.translate(None, _GAPS):
+        chars = sorted(set(bad.decode("latin-1")))
+        first = next(i for i, c in enumerate(seq) if c not in _ALLOWED)
+        return reject(f"invalid_characters: {''.join(chars)!r} (first at residue {first + 1})")
+    if bad:
+        return reject(f"gaps: {len(bad)} gap characters ('-' or '.'); set remove_gaps to strip them")
+    if not seq:
+        return reject("empty_sequence: no residues after the header")
+    return Record(id_, description, seq.decode("ascii"), path, offset, file_index)
+
+
+def _records(
+    lines: Iterator[Line],
+    shard: Shard,
+    owns: Callable[[int], bool],
+    options: ValidationOptions,
+) -> Iterator[Record | Reject]:
+    """Group lines into records; yield the records whose header this shard owns, each judged, within-shard
+    duplicates rejected."""
+    header: bytes | None = None
+    offset = 0
+    chunks: list[bytes] = []
+    seen: dict[str, int] = {}
+    first_shard = shard.start == 0
+
+    def finish() -> Record | Reject:
+        item = _judge(header, chunks, shard.path, offset, shard.file_index, options)
+        if item.id:
+            if item.id in seen:
+                return as_duplicate(item, f"{shard.path}:{seen[item.id]}")
+            seen[item.id] = offset
+        return item
+
+    for line, line_offset, owner in lines:
+        if (m := _BINARY.search(line)) is not None:
+            raise FastaFormatError(
+                shard.path, _where(shard, line_offset, m.start()),
+                f"binary content (byte 0x{m.group()[0]:02x}): not a FASTA text file",
+            )
+        if line.startswith(b">"):
+            if header is not None:
+                yield finish()
+            if not owns(owner):
+                return
+            header, offset, chunks = line, line_offset, []
+        elif header is not None:
+            chunks.append(line)
+        elif first_shard:
+            if line.strip():  # text before the first header of the file
+                raise FastaFormatError(
+                    shard.path, _where(shard, line_offset),
+                    "sequence data before the first '>' header: not a FASTA file",
+                )
+        elif not owns(owner):
+            return  # still resynchronising, and already past this shard: no record starts here
+    if header is not None:
+        yield finish()
+
+
+def _where(shard: Shard, line_offset: int, column: int = 0) -> str:
+    """Where byte ``column`` of the line at ``line_offset`` is, in words."""
+    if shard.fmt == "bgzf":  # a line may span blocks: name the line's start
+        return f"column {column} of the line at BGZF virtual offset {line_offset} (block at byte {line_offset >> 16})"
+    if shard.fmt == "gzip":
+        return f"decompressed byte {line_offset + column}"
+    return f"byte {line_offset + column}"
+
+
+def read_shard(shard: Shard, options: ValidationOptions = ValidationOptions()) -> Iterator[Record | Reject]:
+    """Yield the records (accepted or rejected) that belong to ``shard``, in file order.
+
+    Duplicate ids are rejected within the shard (the later record); across shards use ``dedupe_key`` and
+    ``as_duplicate``, or ``read_fasta``.
+    """
+    _check_exists(shard.path)
+    if shard.fmt == "plain":
+        lines = _plain_lines(shard.path, shard.start)
+    elif shard.fmt == "gzip":
+        if shard.start != 0 or shard.end is not None:
+            raise ValueError(f"{shard.path}: a plain gzip file cannot be split; its shard must be [0, None)")
+        lines = _gzip_lines(shard.path)
+    elif shard.fmt == "bgzf":
+        lines = _bgzf_lines(shard.path, shard.start, shard.end)
+    else:
+        raise ValueError(f"unknown FASTA format {shard.fmt!r} (expected plain, gzip or bgzf)")
+    end = shard.end
+    yield from _records(lines, shard, lambda owner: end is None or owner < end, options)
+
+
+def read_fasta(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    options: ValidationOptions = ValidationOptions(),
+    *,
+    shard_bytes: int = 64 << 20,
+) -> Iterator[Record | Reject]:
+    """Every record of every input, in order, duplicate ids rejected across the whole input.
+
+    Keeps one entry per distinct id in memory; for very large inputs the pipeline dedupes after the fact.
+    """
+    first_seen: dict[str, str] = {}
+    for shard in plan_shards(paths, shard_bytes):
+        for item in read_shard(shard, options):
+            if not item.id:
+                yield item
+            elif item.id in first_seen:  # also rewrites within-shard duplicates to point at the first overall
+                yield as_duplicate(item, first_seen[item.id])
+            else:
+                first_seen[item.id] = item.source
+                yield item
+
+
+def dedupe_key(item: Record | Reject) -> tuple[int, int]:
+    """Global input order; of records sharing an id, the one with the smallest key wins."""
+    return item.file_index, item.offset
+
+
+def as_duplicate(item: Record | Reject, first_source: str) -> Reject:
+    """The reject for a later occurrence of an id first seen at ``first_source`` ("path:offset")."""
+    return Reject(item.id, item.path, item.offset, item.file_index, f"duplicate_id: first seen at {first_source}")
+

@@ -1,0 +1,369 @@
+"""The ESM-2 family as data, safe checkpoint loading, and tiny random families for tests and demos.
+
+Checkpoints are fair-esm's ``.pt`` files: a pickled dict ``{"model": state_dict, "cfg": {"model": Namespace}}``
+whose state-dict keys carry fairseq's ``encoder.sentence_encoder.`` / ``encoder.`` prefixes. fair-esm's own loader
+unpickles them with ``weights_only=False`` (arbitrary code execution from a downloaded file, and an error on
+torch >= 2.6). We unpickle with ``weights_only=True`` and allow-list exactly one extra global, ``argparse.Namespace``
+(the type of ``cfg["model"]``), then build fair-esm's ``ESM2`` module from the config ourselves. The
+``-contact-regression.pt`` companion file is never needed: we do not predict contacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import esm
+from esm.model.esm2 import ESM2
+
+HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+
+# Everything a fair-esm ESM-2 checkpoint pickles besides tensors, dicts, lists and scalars (which weights_only
+# already permits). Anything else in a checkpoint is refused with an error that names it.
+CHECKPOINT_SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+# State-dict keys that live in the separate -contact-regression.pt file; tolerated as missing.
+_CONTACT_REGRESSION_KEYS = frozenset({"contact_head.regression.weight", "contact_head.regression.bias"})
+_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
+_VOCAB = 33  # ESM-1b alphabet, shared by every ESM-2 model
+
+
+def esm2_parameter_count(layers: int, width: int, heads: int, vocab: int = _VOCAB) -> int:
+    """Exact number of parameters of fair-esm's ESM2 (embedding table tied with the LM head)."""
+    per_layer = 12 * width * width + 13 * width  # q,k,v,out projections; two layer norms; 4x-wide MLP
+    lm_head = width * width + width + 2 * width + vocab  # dense + layer norm + output bias
+    contact_head = layers * heads + 1
+    return vocab * width + layers * per_layer + 2 * width + lm_head + contact_head
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ESM-2 architecture. `params` is the exact parameter count of fair-esm's module."""
+
+    name: str
+    layers: int
+    width: int
+    heads: int
+    params: int
+
+    @classmethod
+    def of(cls, name: str, layers: int, width: int, heads: int) -> "ModelSpec":
+        return cls(name, layers, width, heads, esm2_parameter_count(layers, width, heads))
+
+
+_FAMILY = (
+    # (README size label, layers, width, heads) from the fair-esm README's model table.
+    ("8M", 6, 320, 20),
+    ("35M", 12, 480, 20),
+    ("150M", 30, 640, 20),
+    ("650M", 33, 1280, 20),
+    ("3B", 36, 2560, 40),
+    ("15B", 48, 5120, 40),
+)
+
+ESM2_FAMILY: dict[str, ModelSpec] = {}
+ESM2_ALIASES: dict[str, str] = {}
+for _label, _layers, _width, _heads in _FAMILY:
+    _name = f"esm2_t{_layers}_{_label}_UR50D"
+    ESM2_FAMILY[_name] = ModelSpec.of(_name, _layers, _width, _heads)
+    ESM2_ALIASES[_label] = _name
+del _label, _layers, _width, _heads, _name
+
+
+def resolve_name(name: str) -> ModelSpec:
+    """Family member by full hub name or size alias ("8M", "650m", "esm2_t33_650M_UR50D")."""
+    if name in ESM2_FAMILY:
+        return ESM2_FAMILY[name]
+    for alias, full in ESM2_ALIASES.items():
+        if name.upper() == alias.upper():
+            return ESM2_FAMILY[full]
+    known = ", ".join(f"{a} ({n})" for a, n in ESM2_ALIASES.items())
+    raise ValueError(f"unknown ESM-2 model {name!r}; known models: {known}, or pass a path to a .pt checkpoint")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # fair-esm ESM2, eval(), on device, in dtype
+    alphabet: esm.data.Alphabet
+    spec: ModelSpec
+    source: str  # hub name or checkpoint path
+    sha256: str  # of the checkpoint file
+    device: torch.device
+    dtype: torch.dtype
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely or is not an ESM-2 checkpoint."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# device and dtype
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """Pick where and in what precision to run.
+
+    Defaults: CUDA if available, in bf16 where the GPU supports it and fp16 otherwise; else CPU in fp32.
+    Both can be overridden ("cpu", "cuda:1", torch.device; "float32"/"fp32", "bf16", "fp16", torch.dtype).
+    fp16 on CPU is refused (several CPU kernels have no half implementation and the rest are slow);
+    bf16 on CPU is allowed with a warning (supported, but usually slower than fp32 without AMX).
+    """
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"invalid device {device!r}: expected e.g. 'cpu', 'cuda', 'cuda:1'") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+
+    if dtype is None:
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    elif isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"invalid dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[key]
+    elif dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"invalid dtype {dtype!r}: expected float32, bfloat16 or float16")
+
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("float16 on CPU is not supported; use dtype='float32' (default) or 'bfloat16'")
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        warnings.warn("bfloat16 on CPU: supported, but usually slower and less accurate than float32", stacklevel=2)
+    return device, dtype
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoint files
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_sha256(path) -> str:
+    """sha256 hex digest of a file, streamed in 1 MiB chunks, cached per (path, mtime, size)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def hub_checkpoint_path(name: str) -> Path:
+    """Where torch.hub (and therefore fair-esm) keeps the downloaded checkpoint of a hub model."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+
+
+def download_checkpoint(name: str) -> Path:
+    """The hub checkpoint file, downloaded from fair-esm's URL into torch.hub's cache unless already there."""
+    spec = resolve_name(name)
+    dst = hub_checkpoint_path(spec.name)
+    if dst.is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    url = HUB_URL.format(name=spec.name)
+    try:
+        # Writes to a temporary file and renames, so an interrupted download never leaves a partial checkpoint.
+        torch.hub.download_url_to_file(url, str(dst), progress=True)
+    except Exception as e:  # urllib raises several unrelated types; all mean the same thing here
+        raise RuntimeError(
+            f"could not download {url} ({e}). Without network access, copy {spec.name}.pt to {dst} "
+            f"or pass the checkpoint's path instead of its name"
+        ) from e
+    return dst
+
+
+def read_checkpoint(path) -> dict:
+    """Unpickle a fair-esm checkpoint with weights_only=True; never executes code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        if not refused:  # not a refused global: a corrupt file or not a pickle at all
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            reason = next((ln for ln in lines if "nsupported" in ln), lines[0] if lines else "")
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {reason}") from e
+        what = f"global {refused[0]!r}"
+        raise CheckpointError(
+            f"refusing to load {path}: it pickles {what}, which is not on rdscale's allow-list "
+            f"({', '.join(t.__module__ + '.' + t.__qualname__ for t in CHECKPOINT_SAFE_GLOBALS)}). "
+            f"Loading it would run code from the file; rdscale never does that. "
+            f"Inspect it with torch.serialization.get_unsafe_globals_in_checkpoint({str(path)!r})."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
+    _check_format(data, path)
+    return data
+
+
+def _check_format(data, path) -> None:
+    if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(
+            f"{path} is not an ESM-2 checkpoint in fair-esm's format: expected a dict with 'model' and 'cfg', "
+            f"found {keys}"
+        )
+    cfg = data["cfg"].get("model") if isinstance(data["cfg"], dict) else None
+    needed = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads")
+    if cfg is None or not all(hasattr(cfg, a) for a in needed):
+        raise CheckpointError(f"{path}: cfg['model'] must have {', '.join(needed)} (an ESM-2 training config)")
+    if not isinstance(data["model"], dict) or not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+        raise CheckpointError(f"{path}: 'model' must be a state dict of tensors")
+
+
+def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
+    """fair-esm's ESM2 from a checkpoint dict (as in esm.pretrained._load_model_and_alphabet_core_v2)."""
+    cfg = data["cfg"]["model"]
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    state = {_PREFIX.sub("", k): v for k, v in data["model"].items()}
+    # Built on the meta device and filled by assignment: no second full-size copy of the weights in memory.
+    with torch.device("meta"):
+        model = ESM2(
+            num_layers=cfg.encoder_layers,
+            embed_dim=cfg.encoder_embed_dim,
+            attention_heads=cfg.encoder_attention_heads,
+            alphabet=alphabet,
+            token_dropout=getattr(cfg, "token_dropout", True),
+        )
+    expected = set(model.state_dict())
+    missing = expected - set(state) - _CONTACT_REGRESSION_KEYS
+    unexpected = set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: state dict does not match an ESM2 with {cfg.encoder_layers} layers, width "
+            f"{cfg.encoder_embed_dim}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{path}: weights do not fit the configured architecture: {e}") from e
+    # The contact head's regression weights (from the separate file) stay unset; zero them so the module is
+    # materialised. Contact prediction from a model loaded here is therefore meaningless, embeddings are exact.
+    if model.contact_head.regression.weight.is_meta:
+        model.contact_head.regression.to_empty(device="cpu")
+        torch.nn.init.zeros_(model.contact_head.regression.weight)
+        torch.nn.init.zeros_(model.contact_head.regression.bias)
+    return model, alphabet
+
+
+def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
+    """Load an ESM-2 model by hub name/alias (downloaded once into torch.hub's cache) or from a local .pt file."""
+    text = str(name_or_path)
+    is_path = isinstance(name_or_path, os.PathLike) or text.endswith(".pt") or os.sep in text or Path(text).exists()
+    if is_path:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        family_spec = None
+    else:
+        family_spec = resolve_name(text)
+        path = download_checkpoint(family_spec.name)
+    device, dtype = resolve_device_dtype(device, dtype)
+
+    data = read_checkpoint(path)
+    model, alphabet = _build_esm2(data, path)
+    spec = ModelSpec.of(
+        family_spec.name if family_spec else path.stem, model.num_layers, model.embed_dim, model.attention_heads
+    )
+    if family_spec is not None and spec != family_spec:
+        raise CheckpointError(f"{path} does not hold {family_spec.name}: its config gives {spec}")
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(
+        model=model,
+        alphabet=alphabet,
+        spec=spec,
+        source=family_spec.name if family_spec else str(path),
+        sha256=checkpoint_sha256(path),
+        device=device,
+        dtype=dtype,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tiny families
+
+def _tiny_cfg(layers: int, width: int, heads: int) -> argparse.Namespace:
+    # The attributes fair-esm reads, plus a few real ESM-2 configs carry, so the file looks like the real thing.
+    return argparse.Namespace(
+        arch="esm2",
+        encoder_layers=layers,
+        encoder_embed_dim=width,
+        encoder_ffn_embed_dim=4 * width,
+        encoder_attention_heads=heads,
+        token_dropout=True,
+        max_positions=1024,
+    )
+
+
+def _shared_residue_features(generator: torch.Generator, rank: int = 8) -> torch.Tensor:
+    """(vocab, rank) latent features shared by every member of a tiny family."""
+    return torch.randn(_VOCAB, rank, generator=generator)
+
+
+def build_tiny_family(out_dir, widths=(32, 48, 64), layers=(2, 3, 4), heads=4, seed=0) -> list[Path]:
+    """Randomly initialised ESM-2 checkpoints in fair-esm's exact file format, smallest first.
+
+    Files are named ``esm2_t{layers}_{width}_tiny.pt``. Member i is initialised from seed ``seed * 1000 + i``
+    (distinct per member, same files for the same arguments; the global RNG is left untouched). To give a
+    reverse-distillation chain something to find, every member's token embeddings share a low-rank component
+    drawn from ``seed`` (a common "residue chemistry"), plus member-specific noise; everything else is
+    fair-esm's default initialisation.
+    """
+    if len(widths) != len(layers):
+        raise ValueError(f"widths and layers must have the same length, got {len(widths)} and {len(layers)}")
+    if any(w % heads or (w // heads) % 2 for w in widths):
+        raise ValueError(f"every width must split into {heads} heads of even size (rotary), got {widths}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shared = _shared_residue_features(torch.Generator().manual_seed(seed))
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    paths = []
+    for i, (width, n_layers) in enumerate(zip(widths, layers)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + i)
+            model = ESM2(num_layers=n_layers, embed_dim=width, attention_heads=heads, alphabet=alphabet)
+            projection = torch.randn(shared.shape[1], width) / shared.shape[1] ** 0.5
+            with torch.no_grad():
+                embed = model.embed_tokens.weight  # (vocab, width), tied with the LM head
+                embed.copy_(shared @ projection + 0.5 * torch.randn_like(embed))
+                embed[alphabet.padding_idx].zero_()
+        state = {}
+        for key, value in model.state_dict().items():
+            if key in _CONTACT_REGRESSION_KEYS:
+                continue  # real checkpoints ship these in a separate file
+            prefix = "encoder." if key.startswith("lm_head.") else "encoder.sentence_encoder."
+            state[prefix + key] = value.detach()  # lm_head.weight stays tied to embed_tokens.weight
+        path = out_dir / f"esm2_t{n_layers}_{width}_tiny.pt"
+        torch.save({"model": state, "cfg": {"model": _tiny_cfg(n_layers, width, heads)}}, path)
+        paths.append(path)
+    return paths

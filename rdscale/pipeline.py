@@ -1,0 +1,263 @@
+"""The driver: plans shards, runs the fit pass and the apply pass through an executor, commits, summarises.
+
+Two executors run the same stages (rdscale/stages.py): `LocalExecutor` in this process (tiny inputs, debugging,
+tests of the logic) and `RayExecutor` (rdscale/ray_backend.py: Ray Data + actor pools, locally or on a cluster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+from .config import Config, ConfigError
+from .fasta import Shard, ValidationOptions, plan_shards
+from .progress import Progress
+from .stages import ApplyStage, FitWorker, iter_row_batches, sample_plan, shard_rows
+from .store import DATA_TABLES, RESIDUES, RunStore, ShardResult, run_schemas, schema_metadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    out_dir: str
+    records: int = 0
+    proteins: int = 0
+    residues: int = 0
+    rejects: int = 0
+    duplicates_moved: int = 0
+    shards_total: int = 0
+    shards_skipped: int = 0  # already committed by an earlier, interrupted run
+    seconds: float = 0.0
+    residues_embedded: int = 0  # by this invocation
+    tables: dict[str, str] = field(default_factory=dict)
+    fit_dir: str | None = None
+
+    def lines(self) -> list[str]:
+        rate = self.residues_embedded / self.seconds if self.seconds > 0 else 0.0
+        out = [
+            f"records: {self.records} (proteins {self.proteins} + rejects {self.rejects})",
+            f"residues: {self.residues}   this run: {self.residues_embedded} in {self.seconds:.1f} s "
+            f"({rate:,.0f} residues/s)",
+            f"shards: {self.shards_total} ({self.shards_skipped} already committed, skipped)",
+        ]
+        if self.duplicates_moved:
+            out.append(f"duplicate ids moved to rejects: {self.duplicates_moved}")
+        if self.fit_dir:
+            out.append(f"fit artifact: {self.fit_dir}")
+        out += [f"{name}: {path}" for name, path in self.tables.items()]
+        return out
+
+
+class Executor(Protocol):
+    def fit_moments(self, models: Sequence[str], cfg: Config, plan: list[tuple[Shard, int]]) -> list[dict]:
+        ...
+
+    def apply(
+        self, cfg: Config, models: Sequence[str], fit_dir: str | None, uris: dict[str, str],
+        schemas: dict[str, Any], shards: Sequence[Shard],
+    ) -> Iterator[tuple[int, int, ShardResult]]:
+        """Yields (shard index, records in that shard, partial result) as batches complete, in any order."""
+        ...
+
+
+class LocalExecutor:
+    """Runs the stages in this process, one batch after another."""
+
+    def fit_moments(self, models, cfg, plan):
+        return [FitWorker(models, cfg).run(plan)]
+
+    def apply(self, cfg, models, fit_dir, uris, schemas, shards):
+        stage = ApplyStage(cfg, models, fit_dir, uris, schemas)
+        options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
+        for shard in shards:
+            rows = shard_rows(shard, options)
+            if not rows:
+                yield shard.index, 0, ShardResult(shard=shard.index, fragments={})
+                continue
+            for batch in iter_row_batches(rows, cfg.output.records_per_batch):
+                out = stage(batch)
+                for s, total, result in zip(out["shard"], out["shard_records"], out["result"]):
+                    yield s, total, ShardResult(**json.loads(result))
+
+
+def make_executor(cfg: Config) -> Executor:
+    if cfg.ray.address == "local":
+        return LocalExecutor()
+    from .ray_backend import RayExecutor
+
+    return RayExecutor(cfg)
+
+
+def plan(cfg: Config) -> list[Shard]:
+    if not cfg.input.paths:
+        raise ConfigError("no input FASTA files: set input.paths in the config or pass --fasta")
+    missing = [p for p in cfg.input.paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"input file(s) not found: {', '.join(missing)}")
+    return plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)))
+
+
+def _check_models(cfg: Config) -> list[str]:
+    if not cfg.models:
+        raise ConfigError("no models: set `models` (the chain, smallest first) in the config or pass --models")
+    return list(cfg.models)
+
+
+def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = None) -> Path:
+    """Fit pass: moments of the chain's embeddings on the sample, merged, solved; writes the fit artifact."""
+    from .artifact import save_fit
+    from .chain import fit_chain
+    from .moments import Moments
+
+    models = _check_models(cfg)
+    if len(models) < 2:
+        raise ConfigError("a fit needs a chain of at least two models (smallest first)")
+    executor = executor or make_executor(cfg)
+    shards = plan(cfg)
+    sample = sample_plan(shards, cfg.fit.sample_sequences)
+    started = time.perf_counter()
+    log.info("fit pass: %d models, sample of up to %d sequences from %d shards",
+             len(models), cfg.fit.sample_sequences, len(sample))
+    parts = executor.fit_moments(models, cfg, sample)
+    merged = Moments.from_arrays(parts[0]["moments"])
+    for part in parts[1:]:
+        merged = merged.merge(Moments.from_arrays(part["moments"]))
+    sequences = sum(p["sequences"] for p in parts)
+    residues = sum(p["residues"] for p in parts)
+    if sequences == 0:
+        raise ConfigError("the fit sample is empty: no accepted sequence was found in the sampled shards")
+    if sequences < cfg.fit.sample_sequences:
+        log.warning("fit sample has %d sequences (asked for %d): the input is smaller than the sample, or the "
+                    "sampled shards ran short", sequences, cfg.fit.sample_sequences)
+    model_info = parts[0]["models"]
+    fit_result = fit_chain(merged, [m["width"] for m in model_info], regression=cfg.fit.regression)
+    fit_dir = Path(out or Path(cfg.output.dir) / "fit")
+    save_fit(
+        fit_result, fit_dir, models=model_info,
+        extra={"sequences": sequences, "residues": residues, "config": cfg.to_dict(),
+               "seconds": time.perf_counter() - started},
+        moments=merged,
+    )
+    log.info("fit artifact written to %s (%d sequences, %d residues)", fit_dir, sequences, residues)
+    return fit_dir
+
+
+def _file_fingerprint(path: str) -> dict[str, Any]:
+    p = Path(path)
+    return {"path": str(p.resolve()), "size": p.stat().st_size}
+
+
+def run_key(cfg: Config, shards: Sequence[Shard], manifest: dict) -> str:
+    """What makes two invocations 'the same run' (safe to resume into the same tables)."""
+    e = cfg.embedding
+    payload = {
+        "inputs": [_file_fingerprint(p) for p in cfg.input.paths],
+        "shards": [s.key for s in shards],
+        "models": [(m.get("name"), m.get("sha256")) for m in manifest.get("models", [])],
+        "fit": manifest.get("tensors_sha256"),
+        "embedding": [e.layer, e.long_policy, e.window, e.overlap],
+        "remove_gaps": cfg.input.remove_gaps,
+        "output": [cfg.output.residues, cfg.output.storage_width],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | None = None,
+          progress: bool = True) -> Summary:
+    """Apply pass: every input record into proteins / residues, or rejects. Resumes an interrupted run in the
+    same output.dir. With one model and no fit, this is plain extraction (`rdscale extract`)."""
+    from .artifact import load_fit
+
+    models = _check_models(cfg)
+    fit_dir = fit_dir or cfg.fit.artifact
+    if fit_dir:
+        fit_obj, manifest = load_fit(fit_dir)
+        names = [m.get("source") or m.get("name") for m in manifest["models"]]
+        if len(names) != len(models):
+            raise ConfigError(
+                f"the fit at {fit_dir} is for a chain of {len(names)} models ({', '.join(names)}), "
+                f"but the config names {len(models)}"
+            )
+        levels = list(fit_obj.levels)
+    elif len(models) == 1:
+        from .models import describe_model
+
+        info = describe_model(models[0])
+        manifest = {"models": [info], "chain": [info["name"]], "fit": None}
+        levels = [info["width"]]
+    else:
+        raise ConfigError("a chain of several models needs a fit: run `rdscale fit` first or use `rdscale run`")
+
+    shards = plan(cfg)
+    key = run_key(cfg, shards, manifest)
+    metadata = schema_metadata(levels, manifest, cfg.to_dict(), key)
+    schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues)
+    store = RunStore(cfg.output.dir, schemas, key)
+    removed = store.recover()
+    done = store.committed()
+    todo = [s for s in shards if s.index not in done]
+    summary = Summary(out_dir=str(store.root), shards_total=len(shards), shards_skipped=len(shards) - len(todo),
+                      fit_dir=str(fit_dir) if fit_dir else None)
+    if removed:
+        log.warning("removed %d rows left by an interrupted commit", removed)
+    started = time.perf_counter()
+    if todo:
+        executor = executor or make_executor(cfg)
+        uris = {name: store.uri(name) for name in schemas}
+        pending: dict[int, ShardResult] = {}
+        keys = {s.index: s.key for s in shards}
+        with Progress(total=len(todo), unit="shard", desc="embedding", enabled=progress) as bar:
+            for index, total, part in executor.apply(cfg, models, str(fit_dir) if fit_dir else None, uris,
+                                                      schemas, todo):
+                acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
+                acc.add(part)
+                summary.residues_embedded += part.residues
+                bar.postfix(records=sum(p.records for p in pending.values()),
+                            residues=summary.residues_embedded)
+                if acc.records == total:
+                    store.commit_shard(pending.pop(index), keys[index])
+                    bar.update(1)
+        if pending:
+            raise RuntimeError(
+                f"{len(pending)} shard(s) did not complete ({sorted(pending)}); their rows were not committed. "
+                "Run the same command again to resume."
+            )
+    summary.duplicates_moved = store.dedupe_across_shards()
+    if cfg.output.compact:
+        store.compact()
+    summary.seconds = time.perf_counter() - started
+    counts = store.counts()
+    summary.records = counts["records"]
+    summary.proteins = counts["proteins"]
+    summary.rejects = counts["rejects"]
+    summary.residues = counts.get(RESIDUES, 0)
+    summary.tables = {name: store.uri(name) for name in DATA_TABLES if name in schemas}
+    if summary.proteins + summary.rejects != summary.records:
+        raise RuntimeError(
+            f"accounting mismatch: {summary.records} input records but {summary.proteins} proteins + "
+            f"{summary.rejects} rejects; the tables in {store.root} are inconsistent"
+        )
+    return summary
+
+
+def run(cfg: Config, executor: Executor | None = None, progress: bool = True) -> Summary:
+    """Fit (unless fit.artifact names an existing fit), then apply."""
+    fit_dir = cfg.fit.artifact
+    if not fit_dir:
+        fit_dir = Path(cfg.output.dir) / "fit"
+        if (fit_dir / "manifest.json").exists():
+            log.info("reusing the fit already in %s (delete it to refit)", fit_dir)
+        else:
+            executor = executor or make_executor(cfg)
+            staging = Path(str(fit_dir) + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            fit(cfg, executor, out=staging)
+            staging.rename(fit_dir)
+    return embed(cfg, fit_dir, executor, progress=progress)

@@ -1,0 +1,388 @@
+"""Prefix / funnel nearest-neighbour search over synthetic rdscale Lance tables (rdscale.search).
+
+The tables are built here with pyarrow + lance.write_dataset in the schema of docs/architecture.md ("store"):
+clustered vectors whose per-dimension scale decays, as in a Matryoshka embedding where early numbers carry most
+of the signal. Ground truth is numpy brute force in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rdscale import search as S
+
+LEVELS = [8, 16, 32]  # chain levels; proteins stored at 32, residues at 16 (narrower storage width d)
+N_PROT = 2000
+N_CLUSTERS = 40
+
+
+def clustered(n, dim, n_clusters, spread, seed):
+    """(n, dim) float32 points around random centres; dimension j scaled by 1/sqrt(1 + j/8)."""
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / np.sqrt(1.0 + np.arange(dim) / 8.0)  # (dim,)
+    centres = rng.standard_normal((n_clusters, dim)) * scale
+    labels = rng.integers(0, n_clusters, n)
+    return (centres[labels] + spread * rng.standard_normal((n, dim)) * scale).astype(np.float32)
+
+
+def fsl(x: np.ndarray, value_type) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x).ravel(), value_type), x.shape[1])
+
+
+def write_proteins(path, x, levels=LEVELS, seed=0, max_rows_per_file=700):
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    tbl = pa.table(
+        {
+            "id": [f"P{i:05d}" for i in range(n)],
+            "description": [f"protein {i}" for i in range(n)],
+            "length": pa.array(rng.integers(30, 600, n), pa.int32()),
+            "sequence": ["M" * 5] * n,
+            "embedding": fsl(x, pa.float32()),
+            "shard": pa.array(np.arange(n) // 500, pa.int32()),
+        }
+    ).replace_schema_metadata({b"rdscale.levels": json.dumps(levels).encode()})
+    return lance.write_dataset(tbl, str(path), max_rows_per_file=max_rows_per_file)
+
+
+def write_residues(path, x16, levels=LEVELS):
+    n = len(x16)
+    tbl = pa.table(
+        {
+            "id": [f"P{i // 10:05d}" for i in range(n)],
+            "pos": pa.array(np.arange(n) % 10, pa.int32()),
+            "aa": ["A"] * n,
+            "embedding": fsl(x16, pa.float16()),
+            "shard": pa.array(np.zeros(n), pa.int32()),
+        }
+    ).replace_schema_metadata({b"rdscale.levels": json.dumps(levels).encode()})
+    return lance.write_dataset(tbl, str(path), max_rows_per_file=600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory with proteins (2000 x 32 float32) and residues (1500 x 16 float16); no indexes."""
+    out = tmp_path_factory.mktemp("search_run")
+    prot = clustered(N_PROT, 32, N_CLUSTERS, spread=0.15, seed=1)
+    res = clustered(1500, 32, 30, spread=0.3, seed=2)[:, :16].astype(np.float16)
+    write_proteins(out / "proteins.lance", prot)
+    write_residues(out / "residues.lance", res)
+    return out, prot, res
+
+
+@pytest.fixture(scope="module")
+def indexed_run(tmp_path_factory, run_dir):
+    """A copy of run_dir with cosine indexes at width 8 (proteins) and 8 (residues), and an l2 one at 16."""
+    src, prot, res = run_dir
+    out = tmp_path_factory.mktemp("search_indexed") / "run"
+    shutil.copytree(src, out)
+    S.build_index(out, table="proteins", width=8, metric="cosine")
+    S.build_index(out, table="proteins", width=16, metric="l2", index_type="IVF_PQ")
+    S.build_index(out, table="residues", width=8, metric="cosine")
+    return out, prot, res
+
+
+def brute_force(x, q, metric):
+    """(nq, n) float64 distances under rdscale.search's convention."""
+    x, q = x.astype(np.float64), q.astype(np.float64)
+    if metric == "cosine":
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        return 1.0 - qn @ xn.T
+    return ((q[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+
+
+def ids_by_query(result: pa.Table, keys=("id",)) -> dict[int, list]:
+    out: dict[int, list] = {}
+    cols = [result.column(c).to_pylist() for c in ("query", *keys)]
+    for qv, *kv in zip(*cols):
+        out.setdefault(qv, []).append(tuple(kv) if len(kv) > 1 else kv[0])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact search
+
+
+@given(
+    table=st.sampled_from(["proteins", "residues"]),
+    level=st.integers(0, 2),
+    k=st.integers(1, 25),
+    metric=st.sampled_from(["cosine", "l2"]),
+    seed=st.integers(0, 2**16),
+)
+def test_exact_search_equals_numpy_brute_force_on_prefix(run_dir, table, level, k, metric, seed):
+    out, prot, res = run_dir
+    stored = prot if table == "proteins" else res.astype(np.float32)
+    width = [w for w in LEVELS if w <= stored.shape[1]][min(level, 1 if table == "residues" else 2)]
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((3, 32)).astype(np.float32)  # full-width queries, truncated by search
+
+    result = S.search(out, q, table=table, width=width, k=k, metric=metric, mode="exact")
+
+    truth = brute_force(stored[:, :width], q[:, :width], metric)  # (3, n)
+    keys = S.TABLES[table]
+    row_of = {f"P{i:05d}": i for i in range(N_PROT)} if table == "proteins" else None
+    assert result.column_names == ["query", *keys, "score", "rank"]
+    for qi in range(3):
+        part = result.filter(pa.compute.equal(result.column("query"), qi))
+        assert part.column("rank").to_pylist() == list(range(1, k + 1))
+        scores = part.column("score").to_numpy()
+        expect = np.sort(truth[qi])[:k]
+        np.testing.assert_allclose(scores, expect, rtol=1e-4, atol=1e-4)
+        # every returned row really has the score claimed (ties may reorder ids, never distances)
+        if table == "proteins":
+            rows = [row_of[i] for i in part.column("id").to_pylist()]
+        else:
+            rows = [int(i[1:]) * 10 + p for i, p in zip(part.column("id").to_pylist(), part.column("pos").to_pylist())]
+        np.testing.assert_allclose(truth[qi, rows], scores, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_search_reads_prefix_column_when_present(indexed_run):
+    """Width 8 has its own column in indexed_run; the answer must not change by reading it instead."""
+    out, prot, _ = indexed_run
+    q = prot[:4] + 0.01
+    result = S.search(out, q, width=8, k=7, metric="l2")
+    truth = brute_force(prot[:, :8], q[:, :8], "l2")
+    np.testing.assert_allclose(
+        result.column("score").to_numpy().reshape(4, 7), np.sort(truth, axis=1)[:, :7], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_filter_excludes_rows_and_ranks_the_rest(run_dir):
+    out, prot, _ = run_dir
+    lengths = lance.dataset(str(out / "proteins.lance")).to_table(columns=["length"]).column("length").to_numpy()
+    q = prot[[3, 70]]
+    result = S.search(out, q, width=16, k=10, filter="length > 300")
+    got = set(result.column("id").to_pylist())
+    assert all(lengths[int(i[1:])] > 300 for i in got)
+    allowed = np.flatnonzero(lengths > 300)
+    truth = brute_force(prot[allowed, :16], q[:, :16], "cosine")
+    np.testing.assert_allclose(
+        result.column("score").to_numpy().reshape(2, 10), np.sort(truth, axis=1)[:, :10], rtol=1e-4, atol=1e-4
+    )
+    # protein 3 itself is only returned when its length passes the filter
+    assert ("P00003" in got) == bool(lengths[3] > 300)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# indexing
+
+
+def test_build_index_adds_prefix_column_without_rewriting_others(run_dir, tmp_path):
+    src, prot, _ = run_dir
+    shutil.copytree(src, tmp_path / "run")
+    before = lance.dataset(str(tmp_path / "run" / "proteins.lance"))
+    files_before = {f.fragment_id: [d.path for d in f.metadata.files] for f in before.get_fragments()}
+
+    info = S.build_index(tmp_path / "run", width=16, metric="cosine")
+
+    ds = lance.dataset(str(tmp_path / "run" / "proteins.lance"))
+    assert info.column == "embedding_p16" and info.width == 16 and info.metric == "cosine"
+    assert ds.schema.field("embedding_p16").type == pa.list_(pa.float32(), 16)
+    for frag in ds.get_fragments():  # old data files kept, one new file per fragment for the new column
+        paths = [d.path for d in frag.metadata.files]
+        assert paths[: len(files_before[frag.fragment_id])] == files_before[frag.fragment_id]
+        assert len(paths) == len(files_before[frag.fragment_id]) + 1
+    prefix = S._embedding_block(ds.to_table(columns=["embedding_p16"]).column("embedding_p16"), 16)
+    np.testing.assert_array_equal(prefix, prot[:, :16])  # raw prefix, not normalised
+    assert json.loads(ds.schema.metadata[b"rdscale.levels"]) == LEVELS  # store's metadata survives
+    assert [i.width for i in S.list_indexes(tmp_path / "run")] == [16]
+
+    version = ds.version
+    again = S.build_index(tmp_path / "run", width=16, metric="cosine")
+    assert again == info
+    assert lance.dataset(str(tmp_path / "run" / "proteins.lance")).version == version  # a no-op
+
+    # a different metric replaces the index on that column (one vector index per column)
+    S.build_index(tmp_path / "run", width=16, metric="l2")
+    assert [(i.width, i.metric) for i in S.list_indexes(tmp_path / "run")] == [(16, "l2")]
+    assert len(lance.dataset(str(tmp_path / "run" / "proteins.lance")).describe_indices()) == 1
+
+
+def test_default_index_params_follow_row_count_and_width():
+    p = S.default_index_params("IVF_PQ", 1_000_000, 1280)
+    assert p == {"num_partitions": 1000, "num_sub_vectors": 160}
+    p = S.default_index_params("IVF_PQ", 50_000, 36)
+    assert 36 % p["num_sub_vectors"] == 0 and p["num_sub_vectors"] <= 36 // 8
+    assert S.default_index_params("IVF_HNSW_SQ", 100, 32) == {"num_partitions": 3}  # n / 32 caps sqrt(n)
+
+
+def test_rows_appended_after_indexing_need_a_new_index(run_dir, tmp_path):
+    src, prot, _ = run_dir
+    shutil.copytree(src, tmp_path / "run")
+    S.build_index(tmp_path / "run", width=8)
+    new = (prot[:1] * -3.0).astype(np.float32)  # far from every stored point in direction
+    extra = write_proteins(tmp_path / "extra.lance", new).to_table()
+    extra = extra.set_column(0, "id", pa.array(["NEW"]))
+    lance.write_dataset(extra, str(tmp_path / "run" / "proteins.lance"), mode="append")
+
+    with pytest.raises(S.MissingIndexError, match="rdscale index"):
+        S.search(tmp_path / "run", new, width=8, mode="ann")
+    assert S.search(tmp_path / "run", new, width=32, k=1).column("id").to_pylist() == ["NEW"]  # exact: fine
+
+    S.build_index(tmp_path / "run", width=8)
+    assert S.search(tmp_path / "run", new, width=8, k=1, mode="ann").column("id").to_pylist() == ["NEW"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ANN and funnel
+
+
+@pytest.mark.slow
+def test_ann_recall_at_10_is_high_with_default_parameters(tmp_path):
+    n, dim = 50_000, 32
+    x = clustered(n, dim, 200, spread=0.5, seed=5)
+    write_proteins(tmp_path / "proteins.lance", x, levels=[16, 32], max_rows_per_file=20_000)
+    t0 = time.perf_counter()
+    S.build_index(tmp_path, width=32)
+    built = time.perf_counter() - t0
+    rng = np.random.default_rng(6)
+    q = x[rng.choice(n, 100, replace=False)] + 0.05 * rng.standard_normal((100, dim)).astype(np.float32)
+
+    exact = S.search(tmp_path, q, width=32, k=10, mode="exact")
+    t0 = time.perf_counter()
+    ann = S.search(tmp_path, q, width=32, k=10, mode="ann")
+    took = time.perf_counter() - t0
+    recall = S.recall_at_k(ann, exact, k=10)
+    print(f"\nANN recall@10 = {recall:.3f} (50k x 32, IVF_HNSW_SQ defaults; build {built:.1f} s, 100 q {took:.2f} s)")
+    assert recall >= 0.9
+
+
+def test_ann_without_index_names_the_command(run_dir):
+    out, prot, _ = run_dir
+    for mode in ("ann", "funnel"):
+        with pytest.raises(S.MissingIndexError, match=r"rdscale index .* --table proteins --width 8 --metric cosine"):
+            S.search(out, prot[:2], width=8, mode=mode)
+
+
+def test_ann_needs_an_index_of_the_same_metric(indexed_run):
+    out, prot, _ = indexed_run
+    with pytest.raises(S.MissingIndexError, match="no l2 vector index at width 8"):
+        S.search(out, prot[:2], width=8, mode="ann", metric="l2")
+    l2 = S.search(out, prot[:2], width=16, mode="ann", metric="l2", k=5, refine_factor=5)
+    exact = S.search(out, prot[:2], width=16, metric="l2", k=5)
+    assert S.recall_at_k(l2, exact, k=5) >= 0.8
+
+
+def test_funnel_equals_exact_full_width_on_well_separated_data(indexed_run):
+    out, prot, _ = indexed_run
+    rng = np.random.default_rng(9)
+    q = prot[rng.choice(N_PROT, 20, replace=False)] + 0.02 * rng.standard_normal((20, 32)).astype(np.float32)
+
+    funnel = S.search(out, q, k=5, mode="funnel", width=8, shortlist=100)
+    exact = S.search(out, q, k=5, mode="exact", width=32)
+    assert ids_by_query(funnel) == ids_by_query(exact)
+    np.testing.assert_allclose(funnel.column("score").to_numpy(), exact.column("score").to_numpy(), atol=1e-5)
+    # the shortlist alone (width 8) orders them differently: the rerank at width 32 is doing work
+    prefix_only = S.search(out, q, k=5, mode="exact", width=8)
+    assert ids_by_query(prefix_only) != ids_by_query(exact)
+
+
+def test_funnel_defaults_to_narrowest_index_and_full_width(indexed_run):
+    out, prot, _ = indexed_run
+    result = S.search(out, prot[:3], k=4, mode="funnel")  # width 8 index, rerank at 32
+    exact = S.search(out, prot[:3], k=4, width=32)
+    assert ids_by_query(result) == ids_by_query(exact)
+
+
+def test_funnel_on_float16_residues_with_filter(indexed_run):
+    out, _, res = indexed_run
+    q = res[[5, 600]].astype(np.float32)
+    result = S.search(out, q, table="residues", k=6, mode="funnel", filter="pos >= 3", shortlist=200)
+    exact = S.search(out, q, table="residues", k=6, width=16, filter="pos >= 3")
+    assert set(result.column("pos").to_pylist()) <= set(range(3, 10))
+    assert ids_by_query(result, ("id", "pos")) == ids_by_query(exact, ("id", "pos"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# query by id
+
+
+@pytest.mark.parametrize("mode", ["exact", "ann", "funnel"])
+def test_query_by_id_returns_that_protein_first(indexed_run, mode):
+    out, _, _ = indexed_run
+    wanted = ["P00042", "P01234"]
+    result = S.search(out, ids=wanted, k=5, mode=mode, width=32 if mode == "exact" else 8)
+    first = result.filter(pa.compute.equal(result.column("rank"), 1))
+    assert first.column("query").to_pylist() == wanted
+    assert first.column("id").to_pylist() == wanted
+    assert np.all(first.column("score").to_numpy() < 1e-3)
+
+    excluded = S.search(out, ids=wanted, k=5, mode=mode, width=32 if mode == "exact" else 8, exclude_self=True)
+    by_query = ids_by_query(excluded)
+    assert all(q not in by_query[q] and len(by_query[q]) == 5 for q in wanted)
+    assert excluded.column("rank").to_pylist() == [1, 2, 3, 4, 5] * 2
+
+
+def test_query_residue_by_id_and_pos(indexed_run):
+    out, _, _ = indexed_run
+    result = S.search(out, ids=[("P00012", 4)], table="residues", width=16, k=3)
+    assert result.column("query").to_pylist()[0] == "P00012:4"
+    assert (result.column("id")[0].as_py(), result.column("pos")[0].as_py()) == ("P00012", 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors
+
+
+def test_clear_errors(run_dir, tmp_path):
+    out, prot, _ = run_dir
+    with pytest.raises(S.SearchError, match="unknown table"):
+        S.search(out, prot[:1], table="genes")
+    with pytest.raises(S.SearchError, match="not a chain level"):
+        S.search(out, prot[:1], width=12)
+    with pytest.raises(S.SearchError, match="exceeds the stored embedding width 16"):
+        S.search(out, prot[:1], table="residues", width=32)
+    with pytest.raises(S.SearchError, match="not a chain level"):
+        S.build_index(out, width=24)
+    with pytest.raises(S.SearchError, match="query vectors are 8 wide .* needs at least 16"):
+        S.search(out, prot[:2, :8], width=16)
+    with pytest.raises(S.SearchError, match="not in the proteins table: nope"):
+        S.search(out, ids=["P00001", "nope"])
+    with pytest.raises(S.SearchError, match="exactly one of"):
+        S.search(out)
+    with pytest.raises(S.SearchError, match="unknown mode"):
+        S.search(out, prot[:1], mode="fast")
+    with pytest.raises(S.SearchError, match="unknown index type"):
+        S.build_index(out, width=8, index_type="KD_TREE")
+    with pytest.raises(S.SearchError, match="no Lance dataset"):
+        S.search(tmp_path / "nowhere", prot[:1])
+
+    empty = write_proteins(tmp_path / "proteins.lance", np.zeros((0, 32), np.float32))
+    assert empty.count_rows() == 0
+    with pytest.raises(S.SearchError, match="empty"):
+        S.build_index(tmp_path, width=8)
+    with pytest.raises(S.SearchError, match="empty"):
+        S.search(tmp_path, prot[:1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output
+
+
+def test_write_results_round_trips_and_formats(run_dir, tmp_path):
+    out, prot, _ = run_dir
+    result = S.search(out, prot[:2], k=3)
+    arrow = S.write_results(result, tmp_path / "r.arrow")
+    assert pa.ipc.open_file(str(arrow)).read_all().equals(result)
+    csv_back = pacsv.read_csv(S.write_results(result, tmp_path / "r.csv"))
+    assert csv_back.column("id").to_pylist() == result.column("id").to_pylist()
+    np.testing.assert_allclose(csv_back.column("score").to_numpy(), result.column("score").to_numpy(), rtol=1e-6)
+    with pytest.raises(S.SearchError, match="cannot tell the format"):
+        S.write_results(result, tmp_path / "r.xlsx")
+
+    text = S.format_results(result, max_rows=4).splitlines()
+    assert text[0].split() == ["query", "id", "score", "rank"]
+    assert len(text) == 2 + 4 + 1 and text[-1] == "... 2 more rows"
+    assert text[2].split()[1] == result.column("id")[0].as_py()
