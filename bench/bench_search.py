@@ -8,7 +8,9 @@ recall@k against exact full-width search and queries per second of
 - ANN with the index on each chain level (the prefix alone),
 - funnel: shortlist with the index on each narrower level, re-rank at the full width.
 
-Prints a table and writes JSON (default bench/results/search.json). Not a test: timings depend on the machine.
+Prints a table and writes JSON (default bench/results/bench_search.json). Not a test: timings depend on the machine.
+Sizes that would not fit the time budget (``--budget-s``, projected from the previous size) are skipped and the
+JSON says so, with the reason. Runs on CPU; rdscale.search does no GPU work (Lance's CPU index is what it drives).
 
     python bench/bench_search.py            # 1e5 and 1e6 vectors, width 1280, levels 320/480/640/1280
     python bench/bench_search.py --quick    # 1e5 only
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -167,6 +170,30 @@ def format_table(rows: list[dict], k: int) -> str:
     return "\n".join(lines)
 
 
+def funnel_summary(rows: list[dict], k: int, target_recall: float = 0.95, target_speedup: float = 10.0) -> dict:
+    """Per size: the fastest funnel configuration with recall@k >= target_recall, its speedup over exact."""
+    by_n, lines = {}, []
+    for n in sorted({r["n"] for r in rows}):
+        exact = next(r for r in rows if r["n"] == n and r["method"] == "exact")
+        good = [r for r in rows if r["n"] == n and r["method"] == "funnel" and r["recall_at_k"] >= target_recall]
+        best = max(good, key=lambda r: r["qps"], default=None)
+        speedup = best["qps"] / exact["qps"] if best else None
+        by_n[str(n)] = {
+            "exact_qps": exact["qps"],
+            "best_funnel": best,
+            "speedup": speedup,
+            "target": f"recall@{k} >= {target_recall} at >= {target_speedup}x exact q/s",
+            "target_met": bool(best and speedup >= target_speedup),
+        }
+        lines.append(
+            f"n={n}: " + (f"best funnel at recall@{k} >= {target_recall}: width {best['width']}, shortlist "
+                          f"{best['shortlist']}, {speedup:.1f}x exact q/s (target {target_speedup}x: "
+                          f"{'met' if speedup >= target_speedup else 'NOT met'})"
+                          if best else f"no funnel configuration reached recall@{k} >= {target_recall}")
+        )
+    return {"by_n": by_n, "lines": lines}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=lambda s: [int(float(v)) for v in s.split(",")], default=[100_000, 1_000_000],
@@ -188,7 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--exact-repeats", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=None, help="where to write the tables (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the tables")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "search.json")
+    p.add_argument("--budget-s", type=float, default=900.0,
+                   help="skip a size whose projected time (linear in n from the previous size) exceeds what is left")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_search.json")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes = [100_000]
@@ -198,21 +227,39 @@ def main(argv=None) -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rdscale_bench_search_"))
     t0 = time.perf_counter()
-    rows = []
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    last: tuple[int, float] | None = None  # (n, seconds) of the last size measured
     for n in args.sizes:
+        left = args.budget_s - (time.perf_counter() - t0)
+        projected = None if last is None else last[1] * n / last[0]
+        if projected is not None and projected > left:
+            reason = (f"projected {projected:.0f} s (linear in n from n={last[0]}: {last[1]:.0f} s) exceeds the "
+                      f"{left:.0f} s left of the {args.budget_s:.0f} s budget on this {os.cpu_count()}-core CPU machine")
+            skipped.append({"n": n, "reason": reason})
+            print(f"[n={n}] skipped: {reason}", flush=True)
+            continue
+        started = time.perf_counter()
         rows += run_size(n, args, workdir)
+        last = (n, time.perf_counter() - started)
     if args.workdir is None and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     table = format_table(rows, args.k)
-    print("\n" + table)
+    summary = funnel_summary(rows, args.k)
+    print("\n" + table + "\n")
+    print("\n".join(summary["lines"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report = {
         "config": config,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+        "device": "cpu",
+        "gpu": None,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "lance": lance.__version__, "numpy": np.__version__},
         "total_seconds": time.perf_counter() - t0,
         "results": rows,
+        "funnel_vs_exact": summary["by_n"],
+        "skipped": skipped,
         "table": table,
     }
     args.out.write_text(json.dumps(report, indent=2))

@@ -1,8 +1,10 @@
 """Fit artifact: a directory holding a fitted chain (DESIGN.md section 5).
 
 Layout:
-    manifest.json         format, versions, models, chain order, regression, sample size, per-step diagnostics,
-                          tensor names and shapes, sha256 of each tensor file
+    manifest.json         format and format_version (what the reader checks), version (the rdscale that wrote it),
+                          models (name, width, sha256, source), chain order, widths, levels, regression, options,
+                          n_residues, n_sequences, steps (per-step diagnostics, StepDiagnostics.to_dict()),
+                          tensors_sha256, files (name, sha256 and shapes of each tensor file), extra
     fit.safetensors       float64 matrices: mean (K,), projection (K, k_m - k_1), W.<i> (k_(i-1), k_i),
                           V.<i> (k_i, k_i - k_(i-1)) for target model i = 2..m
     moments.safetensors   optional: count (1,) int64, mean (K,), comoment (K, K) float64 — the merged fit-pass
@@ -66,7 +68,9 @@ def _sha256(path: Path) -> str:
 
 
 def _json_safe(value: Any) -> Any:
-    """Floats that JSON cannot hold (NaN, inf) become None; numpy scalars become Python numbers."""
+    """Floats that JSON cannot hold (NaN, inf) become None; numpy scalars become Python numbers; paths strings."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, Mapping):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -102,8 +106,8 @@ def save_fit(
     """Write `fit` to `directory` (created if needed; an earlier artifact there is replaced).
 
     models: one dict per chain model, smallest first: name, width, sha256 (of the checkpoint), source.
-    extra: free-form JSON-able facts about the run (e.g. n_sequences, config); `n_sequences` is lifted into the
-        manifest's top level.
+    extra: free-form JSON-able facts about the run (e.g. sequences, residues, config, seconds); the sequence
+        count (`n_sequences`, or `sequences` as the pipeline passes it) is lifted into the manifest's top level.
     moments: the merged fit-pass moments, saved alongside when given (8 K^2 bytes, see the module doc).
     The manifest is written last, so a directory with a manifest.json is a complete artifact.
     """
@@ -153,7 +157,7 @@ def save_fit(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "rdscale_version": rdscale.__version__,
+        "version": rdscale.__version__,
         "models": models,
         "chain": [m["name"] for m in models],
         "widths": list(fit.widths),
@@ -161,12 +165,14 @@ def save_fit(
         "regression": fit.regression,
         "options": fit.options,
         "n_residues": fit.n_residues,
-        "n_sequences": extra.get("n_sequences"),
+        "n_sequences": extra.get("n_sequences", extra.get("sequences")),
         "steps": [step.to_dict() for step in fit.steps],
+        # Identifies the fit's numbers: a resumed run must not mix embeddings from two fits (pipeline.run_key).
+        "tensors_sha256": files["tensors"]["sha256"],
         "files": files,
         "extra": extra,
     }
-    text = json.dumps(_json_safe(manifest), indent=2, sort_keys=False)
+    text = json.dumps(_json_safe(manifest), indent=2, sort_keys=False, allow_nan=False)
     _write_atomic(manifest_path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return out
 
@@ -189,8 +195,7 @@ def _read_manifest(directory: Path) -> dict:
     if version != FORMAT_VERSION:
         raise ArtifactError(
             f"{path} has format_version {version!r}; this rdscale ({rdscale.__version__}) reads version "
-            f"{FORMAT_VERSION}: use the rdscale version that wrote it (rdscale_version "
-            f"{manifest.get('rdscale_version')!r}) or refit"
+            f"{FORMAT_VERSION}: use the rdscale version that wrote it ({manifest.get('version')!r}) or refit"
         )
     for key, kind in (("models", list), ("widths", list), ("regression", str), ("n_residues", int),
                       ("steps", list), ("files", dict)):
@@ -199,9 +204,13 @@ def _read_manifest(directory: Path) -> dict:
                 f"{path} lacks the field {key!r} (or it is not a {kind.__name__}); the artifact is corrupted, "
                 "rerun the fit"
             )
-    if not all(isinstance(w, int) and w > 0 for w in manifest["widths"]):
+    if not all(_is_int(w) and w > 0 for w in manifest["widths"]):
         raise ArtifactError(f"{path} has invalid widths {manifest['widths']!r}; rerun the fit")
     return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _load_checked(directory: Path, entry: Any, what: str) -> dict[str, np.ndarray]:
@@ -268,7 +277,7 @@ def load_fit(
         if not np.isfinite(tensors[name]).all():
             raise ArtifactError(f"tensor {name!r} in {directory / TENSORS} holds NaN or inf; rerun the fit")
     try:
-        steps = [StepDiagnostics.from_dict(_nan_for_none(s)) for s in steps_meta]
+        steps = [StepDiagnostics.from_dict(_step_from_manifest(i, s, widths)) for i, s in enumerate(steps_meta)]
         fit = ChainFit(
             widths=widths,
             regression=manifest["regression"],
@@ -302,14 +311,33 @@ def load_moments(directory: str | os.PathLike, device=None) -> Moments:
     return moments
 
 
-def _nan_for_none(step: Any) -> Any:
-    # _json_safe stored non-finite floats as null; the diagnostics that can be None by design are PCR's.
+_STEP_INTS = ("step", "input_width", "target_width", "new_directions", "components_kept")
+_STEP_FLOATS = ("residual_r2", "residual_variance", "captured_variance", "leakage")  # null = non-finite
+_STEP_OPTIONAL = ("noise_variance", "threshold")  # null by design for OLS
+
+
+def _step_from_manifest(index: int, step: Any, widths: tuple[int, ...]) -> dict[str, Any]:
+    """Validate manifest step `index` (0-based; target model index + 2) and undo _json_safe's null-for-NaN."""
+    where = f"manifest step {index} (target model {index + 2})"
     if not isinstance(step, Mapping):
-        raise ArtifactError("a manifest step is not an object; the artifact is corrupted, rerun the fit")
+        raise ArtifactError(f"{where} is not an object; the artifact is corrupted, rerun the fit")
     out = dict(step)
-    for key in ("residual_r2", "residual_variance", "captured_variance", "leakage"):
-        if key in out and out[key] is None:
-            out[key] = float("nan")
+    for key in _STEP_INTS:
+        if key in out and not _is_int(out[key]):
+            raise ArtifactError(f"{where}: {key!r} is {out[key]!r}, expected an integer; rerun the fit")
+    for key in _STEP_FLOATS + _STEP_OPTIONAL:
+        value = out.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ArtifactError(f"{where}: {key!r} is {value!r}, expected a number; rerun the fit")
+        if key in out:
+            out[key] = float("nan") if value is None and key in _STEP_FLOATS else value
+    expected = {"step": index + 2, "input_width": widths[index], "target_width": widths[index + 1]}
+    for key, want in expected.items():
+        if key in out and out[key] != want:
+            raise ArtifactError(
+                f"{where}: {key!r} is {out[key]!r} but the chain widths {list(widths)} imply {want}; "
+                "the manifest was edited or mixes two fits, rerun the fit"
+            )
     return out
 
 

@@ -25,9 +25,12 @@ j models. Extending a fitted chain with model m+1 later needs only stored full-w
 acc_m = z, so the next step is `fit_chain` on the moments of [z; h_{m+1}] with widths (k_m, k_{m+1}) — its first
 block is z itself, exactly like h_1 here, and its step is the same formula as step m+1 of the long chain.
 
-Sign convention: an eigenvector's sign is arbitrary, so each new direction is flipped to make the largest-magnitude
-entry of its loading in the original x coordinates (the column of Q V_i: (K,)) positive. That loading does not
-depend on the eigensolver, so fits of the same data agree on any machine and any split of the residues.
+Sign convention: an eigenvector's sign is arbitrary, so each column of V_i: (k_i, d_i) is flipped to make its
+largest-magnitude entry positive (entries equal up to round-off count as tied; ties go to the lowest index). The
+sign depends only on V_i in h_i coordinates, not on how r_i is written in terms of x: extending a stored dataset
+fits step m+1 as a 2-block chain on [z; h_{m+1}], whose x coordinates differ from the long chain's while r_{m+1}
+and V_{m+1} are the same, so both give the same new columns, signs included. V_i does not depend on the
+eigensolver (for distinct eigenvalues), so fits of the same data agree on any machine and any split of the residues.
 
 PCR noise edge (Johnstone 2001; the authors' estimate): with p = k_{i-1} and n residues, eigenvalues of C_aa scaled
 by their mean that fall below (1 + sqrt(p/n))^2 are taken as noise; s^2 is the median of those (unscaled), or of
@@ -54,6 +57,7 @@ __all__ = [
     "InsufficientDataError",
     "StepDiagnostics",
     "fit_chain",
+    "fix_signs",
     "johnstone_threshold",
     "pcr_components",
     "residual_directions",
@@ -64,6 +68,8 @@ REGRESSIONS = ("pcr", "ols")
 # Eigenvalues below RCOND * largest are treated as exact zeros (the pseudo-inverse floor). Covariances of float32
 # embeddings carry round-off of order 1e-14 relative in truly dependent directions; real signal sits far above.
 RCOND = 1e-12
+# Relative tolerance under which two entries of a direction count as equal in magnitude for the sign convention.
+SIGN_TIE_TOL = 1e-9
 
 
 class ChainFitError(ValueError):
@@ -320,17 +326,31 @@ def residual_directions(cov: np.ndarray, q_map: np.ndarray, n_new: int) -> tuple
     """Top `n_new` eigenvectors of cov(r) = Q' S Q with deterministic signs.
 
     Returns (V: (k, n_new) orthonormal, their eigenvalues (n_new,) descending, all eigenvalues (k,) descending).
-    Each column of V is flipped so that the largest-|entry| of its x-space loading Q V[:, j] is positive.
+    Signs follow `fix_signs` (in h_i coordinates, so an extension fit on [z; h_i] agrees with the long chain).
     """
     cov_r = q_map.T @ cov @ q_map  # (k, k)
     cov_r = 0.5 * (cov_r + cov_r.T)
     eigvals, eigvecs = np.linalg.eigh(cov_r)
     eigvals, eigvecs = eigvals[::-1], eigvecs[:, ::-1]
-    directions = np.ascontiguousarray(eigvecs[:, :n_new])  # (k, n_new)
-    loading = q_map @ directions  # (K, n_new)
-    pivot = np.abs(loading).argmax(axis=0)
-    signs = np.where(loading[pivot, np.arange(n_new)] < 0, -1.0, 1.0)
-    return directions * signs, eigvals[:n_new].copy(), eigvals
+    directions = fix_signs(eigvecs[:, :n_new])  # (k, n_new)
+    return directions, eigvals[:n_new].copy(), eigvals
+
+
+def fix_signs(vectors: np.ndarray, tie_tol: float = SIGN_TIE_TOL) -> np.ndarray:
+    """vectors: (k, d) -> a copy whose every column has its largest-magnitude entry positive.
+
+    Entries within `tie_tol` (relative) of a column's largest magnitude are tied, and the lowest index among them
+    decides: without the tolerance, a structural tie (two entries equal in exact arithmetic) would be broken by
+    round-off, differently on different machines.
+    """
+    vectors = np.array(vectors, dtype=np.float64, copy=True)  # (k, d)
+    if vectors.size == 0:
+        return vectors
+    magnitude = np.abs(vectors)  # (k, d)
+    top = magnitude.max(axis=0)  # (d,)
+    pivot = (magnitude >= top * (1.0 - tie_tol)).argmax(axis=0)  # (d,) first index that reaches the (tied) top
+    signs = np.where(vectors[pivot, np.arange(vectors.shape[1])] < 0, -1.0, 1.0)  # (d,)
+    return np.ascontiguousarray(vectors * signs)
 
 
 def _leakage(cov: np.ndarray, transform: np.ndarray, new_cols: np.ndarray) -> float:

@@ -175,7 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_VERBS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _extra_verbs() -> list[Callable[[argparse._SubParsersAction], None]]:
+    # Verbs with their own argument sets live beside the modules they drive; each module exposes register(sub).
+    from .cli_eval import register as register_eval
+    from .cli_extend import register as register_extend
+    from .cli_search import register as register_search
+
+    return [register_search, register_eval, register_extend]
+
+
+_EXTRA_VERBS = _extra_verbs()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ class OutputConfig:
     dir: str = "runs/rdscale"
     residues: bool = True  # False: per-protein table only (the scale-friendly option)
     storage_width: int | None = None  # per-residue width stored (a prefix, <= k_m); None: full width
+    residue_dtype: str = "float16"  # float16 (half the bytes) or float32 (exact; needed for bit-level checks)
     records_per_batch: int = 64  # records per Ray Data batch handed to an embedding actor
     compact: bool = True  # compact Lance fragments at the end of a run
 
@@ -60,7 +61,7 @@ class RayConfig:
     gpus_per_actor: float | None = None  # None: 1 when CUDA is visible to the driver, else 0
     cpus_per_actor: float = 1.0
     object_store_mb: int | None = None  # local Ray only
-    max_restarts: int = 3  # an actor that dies is restarted and its batch retried
+    max_restarts: int = 3  # fit-pass actors; apply-pass actors follow Ray Data (restarted, batch retried)
     fault_injection: dict[str, Any] = field(default_factory=dict)  # tests only: {"exit_on_batch": N, "marker": path}
 
 
@@ -92,6 +93,8 @@ class Config:
             raise ConfigError("embedding.toks_per_batch must be at least 8")
         if self.input.shard_mb <= 0:
             raise ConfigError("input.shard_mb must be positive")
+        if self.output.residue_dtype not in ("float16", "float32"):
+            raise ConfigError(f"output.residue_dtype must be float16 or float32, got {self.output.residue_dtype!r}")
         if self.output.storage_width is not None and self.output.storage_width < 1:
             raise ConfigError("output.storage_width must be positive (or null for the full width)")
         if self.ray.num_actors < 1:
@@ -112,8 +115,40 @@ def _build(cls, data: dict[str, Any], where: str):
     kwargs = {}
     for name, value in data.items():
         sub = _SECTIONS.get(name) if cls is Config else None
-        kwargs[name] = _build(sub, value or {}, name) if sub else value
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _build(sub, value or {}, name) if sub else _coerce(value, fields[name].type, key)
     return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """Check a scalar against its field's annotation; numbers given as strings (YAML reads `5e-5` as one) are
+    converted, anything else of the wrong type is a ConfigError naming the key."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    base = annotation.replace("| None", "").strip()
+    if base in ("int", "float"):
+        kind = int if base == "int" else float
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if kind is int and not number.is_integer():
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return kind(number)
+    if base == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if base == "str" and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if base.startswith("list") and not isinstance(value, list):
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    if base.startswith("dict") and not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    return value
 
 
 _SECTIONS = {

@@ -23,6 +23,7 @@ Across datasets, `rd_vs_raw_table` and `scaling_table` give the win rates of the
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import re
 import warnings
@@ -468,7 +469,7 @@ class DMSResult:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DMSResult":
+    def from_dict(cls, data: Mapping[str, Any]) -> DMSResult:
         scores = {
             name: RepresentationScore(
                 name=name,
@@ -498,7 +499,7 @@ def split_singles(n_mutations: np.ndarray, train_fraction: float, seed: int) -> 
         raise DMSError(f"train_fraction must be in (0, 1), got {train_fraction}")
     singles = np.flatnonzero(n_mutations == 1)
     order = np.random.default_rng(seed).permutation(singles)
-    n_train = int(round(train_fraction * singles.size))
+    n_train = round(train_fraction * singles.size)
     train, test = np.sort(order[:n_train]), np.sort(order[n_train:])
     if train.size < 3 or test.size < 3:
         raise DMSError(
@@ -598,7 +599,7 @@ def scaling_table(results: Sequence[DMSResult], metrics: Sequence[str] | None = 
     by_kind = {kind: _by_kind_and_width(results, kind) for kind in ("rd", "raw")}
     widths = sorted(set(by_kind["rd"]) | set(by_kind["raw"]))
     rows = []
-    for small, large in zip(widths, widths[1:]):
+    for small, large in itertools.pairwise(widths):
         row: dict[str, Any] = {"from": small, "to": large}
         for kind, names in by_kind.items():
             for metric in metrics:

@@ -9,6 +9,9 @@
 - `write_report`: dms_results.json, report.md (mean Spearman, the paper's Tables 2 and 3 as win rates, per-dataset
   scores, reconstruction) and scaling.png (score against width, raw and reverse-distilled lines; needs the optional
   `plot` extra, matplotlib, and is skipped with a message without it).
+- `write_reconstruction`: reconstruction.json and reconstruction.md for `rdscale eval reconstruction`.
+
+The command line for all of this is rdscale/cli_eval.py (`rdscale eval reconstruction|dms`).
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ from rdscale.dms import (
 )
 
 __all__ = [
-    "reconstruction_report",
+    "EvaluationError",
+    "format_reconstruction",
     "r2_from_moments",
+    "reconstruction_lines",
+    "reconstruction_report",
     "run_dms",
     "summarise",
+    "write_reconstruction",
     "write_report",
 ]
 
@@ -166,6 +173,11 @@ def _lookup(manifest: Mapping[str, Any], key: str) -> Any:
     return None
 
 
+def _number(value: Any) -> float:
+    # an artifact's manifest stores undefined (non-finite) diagnostics as null
+    return float("nan") if value is None else float(value)
+
+
 def reconstruction_report(fit_or_manifest: Any, moments: Any | None = None) -> list[dict[str, Any]]:
     """One row per chain step: which widths predict which, how, and how well.
 
@@ -210,9 +222,9 @@ def reconstruction_report(fit_or_manifest: Any, moments: Any | None = None) -> l
             "new_directions": int(s.get("new_directions", int(s["target_width"]) - int(s["input_width"]))),
             "regression": regression,
             "components_kept": int(s["components_kept"]),
-            "r2": float(s["residual_r2"]),
-            "captured_variance": float(s["captured_variance"]),
-            "leakage": float(s["leakage"]),
+            "r2": _number(s["residual_r2"]),
+            "captured_variance": _number(s["captured_variance"]),
+            "leakage": _number(s["leakage"]),
         }
         if moments is not None:
             row["r2_ols_concat"] = r2_from_moments(moments, fit_or_manifest.widths, row["step"])
@@ -314,7 +326,7 @@ def _plot(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Pa
         return "no finite Spearman score to plot; scaling.png was not written"
     fig = Figure(figsize=(4.2 * len(shown), 3.6), layout="constrained")
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
-    styles = {"raw": dict(marker="o", label="raw ESM-2"), "rd": dict(marker="s", label="reverse-distilled")}
+    styles = {"raw": {"marker": "o", "label": "raw ESM-2"}, "rd": {"marker": "s", "label": "reverse-distilled"}}
     for ax, metric in zip(axes, shown):
         for kind, style in styles.items():
             pts = sorted((r["width"], r[metric]) for r in summary if r["kind"] == kind and r.get(f"n_{metric}", 0))
@@ -365,11 +377,11 @@ def write_report(
             log.warning("%s", plot_problem)
             lines += [f"_Plot skipped: {plot_problem}._", ""]
         lines += [
-            f"DMS protocol on {len(results)} dataset(s): ridge (penalty by leave-one-out) on "
-            "mutant-minus-wild-type embeddings at the mutated positions, trained on a seeded "
-            f"{results[0].n_train}/{results[0].n_train + _n_test(results[0])} split of the single mutants "
-            f"(first dataset; seed {results[0].seed}); Spearman on the held-out singles and on multiple "
-            "mutants by number of substitutions.",
+            (f"DMS protocol on {len(results)} dataset(s): ridge (penalty by leave-one-out) on "
+             "mutant-minus-wild-type embeddings at the mutated positions, trained on a seeded "
+             f"{results[0].n_train}/{results[0].n_train + _n_test(results[0])} split of the single mutants "
+             f"(first dataset; seed {results[0].seed}); Spearman on the held-out singles and on multiple "
+             "mutants by number of substitutions."),
             "",
             "## Mean Spearman over datasets",
             "",
@@ -409,16 +421,78 @@ def write_report(
              for r in results],
         )
     if reconstruction:
-        lines += ["", "## Reconstruction per chain step", "",
-                  "R^2: linear reconstruction of the larger model from the accumulated smaller ones; captured: "
-                  "fraction of the residual variance kept by the new block; leakage: max |corr| of a new column "
-                  "with the prefix.", ""]
-        lines += _table(
-            ["step", "from widths", "to width", "regression", "components kept", "R^2", "captured", "leakage"],
-            [[str(r["step"]), _fmt(r["from_widths"]), str(r["to_width"]), str(r.get("regression")),
-              str(r["components_kept"]), _fmt(r["r2"]), _fmt(r["captured_variance"]), f"{r['leakage']:.2e}"]
-             for r in reconstruction],
-        )
+        lines += [""] + reconstruction_lines(reconstruction)
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def _reconstruction_cells(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    with_concat = any("r2_ols_concat" in r for r in rows)
+    header = ["step", "from widths", "to width", "regression", "components kept", "R^2", "captured", "leakage"]
+    if with_concat:
+        header.insert(6, "R^2 OLS concat")
+    cells = []
+    for r in rows:
+        row = [str(r["step"]), _fmt(r["from_widths"]), str(r["to_width"]), str(r.get("regression")),
+               str(r["components_kept"]), _fmt(r["r2"]), _fmt(r["captured_variance"]), f"{r['leakage']:.2e}"]
+        if with_concat:
+            row.insert(6, _fmt(r.get("r2_ols_concat", math.nan)))
+        cells.append(row)
+    return header, cells
+
+
+def reconstruction_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The Markdown section for rows of `reconstruction_report` (heading, legend, table)."""
+    legend = ("R^2: linear reconstruction of the larger model from the accumulated smaller ones; captured: "
+              "fraction of the residual variance kept by the new block; leakage: max |corr| of a new column "
+              "with the prefix.")
+    if any("r2_ols_concat" in r for r in rows):
+        legend += (" R^2 OLS concat: least squares on all smaller models side by side, an upper bound on the "
+                   "chain's R^2.")
+    return ["## Reconstruction per chain step", "", legend, ""] + _table(*_reconstruction_cells(rows))
+
+
+def format_reconstruction(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of `reconstruction_report` as an aligned plain-text table for a terminal."""
+    header, cells = _reconstruction_cells(rows)
+    sizes = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, sizes)) for line in [header, *cells])
+
+
+def _json_ready(value: Any) -> Any:
+    # strict JSON has no NaN: undefined diagnostics (e.g. R^2 of a constant block) become null
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_ready(value.item())
+    return value
+
+
+def write_reconstruction(
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    about: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write reconstruction.json ({"about": ..., "steps": rows}) and reconstruction.md into out_dir.
+
+    about: facts shown above the table (fit artifact, models, residues in the sample, ...).
+    """
+    if not rows:
+        raise EvaluationError("nothing to report: no reconstruction rows")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "reconstruction.json", "markdown": out / "reconstruction.md"}
+    about = dict(about or {})
+    paths["json"].write_text(json.dumps(_json_ready({"about": about, "steps": list(rows)}), indent=1) + "\n")
+    lines = ["# rdscale reconstruction report", ""]
+    lines += [f"- {key}: {', '.join(map(str, value)) if isinstance(value, (list, tuple)) else _fmt(value)}"
+              for key, value in about.items()]
+    lines += ["", *reconstruction_lines(rows)]
     paths["markdown"].write_text("\n".join(lines) + "\n")
     return paths
 

@@ -392,6 +392,14 @@ _ALLOWED = ESM_LETTERS.encode()
 _GAPS = GAP_CHARACTERS.encode()
 
 
+def _text(raw: bytes) -> str:
+    """Bytes outside the alphabet as the characters the user typed: UTF-8 if they are, else Latin-1 (never fails)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _judge(
     header: bytes, chunks: list[bytes], path: str, offset: int, file_index: int, options: ValidationOptions
 ) -> Record | Reject:
@@ -412,7 +420,7 @@ def _judge(
         seq = seq.translate(None, _GAPS)
     bad = seq.translate(None, _ALLOWED)
     if bad.translate(None, _GAPS):
-        chars = sorted(set(bad.decode("latin-1")))
+        chars = sorted(set(_text(bad)))
         first = next(i for i, c in enumerate(seq) if c not in _ALLOWED)
         return reject(f"invalid_characters: {''.join(chars)!r} (first at residue {first + 1})")
     if bad:

@@ -86,7 +86,7 @@ def resolve_name(name: str) -> ModelSpec:
         if name.upper() == alias.upper():
             return ESM2_FAMILY[full]
     known = ", ".join(f"{a} ({n})" for a, n in ESM2_ALIASES.items())
-    raise ValueError(f"unknown ESM-2 model {name!r}; known models: {known}, or pass a path to a .pt checkpoint")
+    raise UnknownModelError(f"unknown ESM-2 model {name!r}; known models: {known}, or pass a path to a .pt checkpoint")
 
 
 @dataclass
@@ -104,6 +104,14 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded safely or is not an ESM-2 checkpoint."""
 
 
+class DeviceError(ValueError):
+    """A device or dtype that cannot be used on this machine."""
+
+
+class UnknownModelError(ValueError):
+    """A model name that is neither an ESM-2 hub name/alias nor an existing checkpoint path."""
+
+
 # --------------------------------------------------------------------------------------------------------------
 # device and dtype
 
@@ -111,6 +119,8 @@ _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    # Reference precision: removes the batch-shape-dependent round-off of fp32 kernels (reproducibility checks).
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 
 
@@ -128,12 +138,12 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
-            raise ValueError(f"invalid device {device!r}: expected e.g. 'cpu', 'cuda', 'cuda:1'") from e
+            raise DeviceError(f"invalid device {device!r}: expected e.g. 'cpu', 'cuda', 'cuda:1'") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu'")
+            raise DeviceError(f"device {device} requested but CUDA is not available; use device='cpu'")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise DeviceError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
 
     if dtype is None:
         if device.type == "cuda":
@@ -143,13 +153,13 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     elif isinstance(dtype, str):
         key = dtype.lower().removeprefix("torch.")
         if key not in _DTYPES:
-            raise ValueError(f"invalid dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+            raise DeviceError(f"invalid dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
         dtype = _DTYPES[key]
-    elif dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"invalid dtype {dtype!r}: expected float32, bfloat16 or float16")
+    elif dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise DeviceError(f"invalid dtype {dtype!r}: expected float32, bfloat16, float16 or float64")
 
     if device.type == "cpu" and dtype == torch.float16:
-        raise ValueError("float16 on CPU is not supported; use dtype='float32' (default) or 'bfloat16'")
+        raise DeviceError("float16 on CPU is not supported; use dtype='float32' (default) or 'bfloat16'")
     if device.type == "cpu" and dtype == torch.bfloat16:
         warnings.warn("bfloat16 on CPU: supported, but usually slower and less accurate than float32", stacklevel=2)
     return device, dtype
@@ -199,14 +209,24 @@ def download_checkpoint(name: str) -> Path:
     return dst
 
 
-def read_checkpoint(path) -> dict:
+def _torch_load(path: Path, mmap: bool):
+    if mmap:
+        try:  # zip-format checkpoints map lazily; legacy ones cannot, and are read whole
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(path, mmap: bool = False) -> dict:
     """Unpickle a fair-esm checkpoint with weights_only=True; never executes code from the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = _torch_load(path, mmap)
     except pickle.UnpicklingError as e:
         refused = re.findall(r"GLOBAL ([\w.]+)", str(e))
         if not refused:  # not a refused global: a corrupt file or not a pickle at all
@@ -276,11 +296,31 @@ def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
     return model, alphabet
 
 
+def _is_path(name_or_path) -> bool:
+    text = str(name_or_path)
+    return isinstance(name_or_path, os.PathLike) or text.endswith(".pt") or os.sep in text or Path(text).exists()
+
+
+def describe_model(name_or_path) -> dict:
+    """{name, source, width, layers, sha256} of a model without building it: the family table for a hub name
+    (sha256 None until downloaded), the checkpoint's own config (memory-mapped, weights untouched) for a file."""
+    if not _is_path(name_or_path):
+        spec = resolve_name(str(name_or_path))
+        cached = hub_checkpoint_path(spec.name)
+        sha = checkpoint_sha256(cached) if cached.is_file() else None
+        return {"name": spec.name, "source": spec.name, "width": spec.width, "layers": spec.layers, "sha256": sha}
+    path = Path(str(name_or_path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    cfg = read_checkpoint(path, mmap=True)["cfg"]["model"]
+    return {"name": path.stem, "source": str(path), "width": int(cfg.encoder_embed_dim),
+            "layers": int(cfg.encoder_layers), "sha256": checkpoint_sha256(path)}
+
+
 def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
     """Load an ESM-2 model by hub name/alias (downloaded once into torch.hub's cache) or from a local .pt file."""
     text = str(name_or_path)
-    is_path = isinstance(name_or_path, os.PathLike) or text.endswith(".pt") or os.sep in text or Path(text).exists()
-    if is_path:
+    if _is_path(name_or_path):
         path = Path(text).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")

@@ -76,18 +76,21 @@ class Moments:
             return
         if self._device is None:
             self._device = x.device
-        # float16/bfloat16/float32 -> float64 is exact; every later operation is float64.
-        xb = x.to(device=self._device, dtype=torch.float64)  # (n, K)
-        if not bool(torch.isfinite(xb).all()):
-            bad = int((~torch.isfinite(xb)).any(dim=1).sum())
+        # float16/bfloat16/float32 -> float64 is exact; every later operation is float64. Always a copy, so the
+        # centring below can work in place without touching the caller's tensor.
+        xc = x.to(device=self._device, dtype=torch.float64, copy=True)  # (n, K)
+        batch_mean = xc.mean(dim=0)  # (K,)
+        # A NaN or inf anywhere in a column makes its mean non-finite, so checking K numbers screens n K of them.
+        if not bool(torch.isfinite(batch_mean).all()):
+            bad = int((~torch.isfinite(xc)).any(dim=1).sum())
             raise MomentsError(
                 f"{bad} of {n_batch} rows contain NaN or infinite values; the embeddings are broken upstream "
                 "(check the model dtype: fp16 overflow shows up as inf)"
+                if bad
+                else f"a batch of {n_batch} rows overflows float64 (column sums are infinite); rescale the input"
             )
-        batch_mean = xb.mean(dim=0)  # (K,)
-        xc = xb - batch_mean
-        batch_comoment = xc.T @ xc  # (K, K)
-        self._merge_in(n_batch, batch_mean, batch_comoment)
+        xc -= batch_mean
+        self._merge_in(n_batch, batch_mean, _gram(xc))
 
     def _merge_in(self, n_b: int, mean_b: torch.Tensor, comoment_b: torch.Tensor) -> None:
         """Chan et al.'s pairwise update of (count, mean, comoment) with another partial (n_b, mean_b, comoment_b)."""
@@ -200,6 +203,19 @@ class Moments:
 
     def __repr__(self) -> str:
         return f"Moments(width={self.width}, count={self.count}, device={str(self.device)!r})"
+
+
+def _gram(xc: torch.Tensor) -> torch.Tensor:
+    """xc: (n, K) float64 -> xc' xc: (K, K) float64, the batch's centred co-moment.
+
+    On CPU this goes through numpy (zero-copy): torch's CPU wheels use MKL, whose float64 GEMM ran about 2x slower
+    than numpy's OpenBLAS on the AMD EPYC CI machine (bench/bench_fit.py); numpy also recognises x.T @ x and
+    uses the symmetric rank-k update (half the flops). On GPU torch's cuBLAS path is the fast one.
+    """
+    if xc.device.type == "cpu":
+        xc_np = xc.numpy()
+        return torch.from_numpy(xc_np.T @ xc_np)
+    return xc.T @ xc
 
 
 def merge_all(parts: Iterable[Moments]) -> Moments:

@@ -164,7 +164,7 @@ def run_key(cfg: Config, shards: Sequence[Shard], manifest: dict) -> str:
         "fit": manifest.get("tensors_sha256"),
         "embedding": [e.layer, e.long_policy, e.window, e.overlap],
         "remove_gaps": cfg.input.remove_gaps,
-        "output": [cfg.output.residues, cfg.output.storage_width],
+        "output": [cfg.output.residues, cfg.output.storage_width, cfg.output.residue_dtype],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -198,7 +198,8 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     shards = plan(cfg)
     key = run_key(cfg, shards, manifest)
     metadata = schema_metadata(levels, manifest, cfg.to_dict(), key)
-    schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues)
+    schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
+                          residue_dtype=cfg.output.residue_dtype)
     store = RunStore(cfg.output.dir, schemas, key)
     removed = store.recover()
     done = store.committed()
@@ -213,14 +214,15 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
         uris = {name: store.uri(name) for name in schemas}
         pending: dict[int, ShardResult] = {}
         keys = {s.index: s.key for s in shards}
+        records_seen = 0
         with Progress(total=len(todo), unit="shard", desc="embedding", enabled=progress) as bar:
             for index, total, part in executor.apply(cfg, models, str(fit_dir) if fit_dir else None, uris,
                                                       schemas, todo):
                 acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
                 acc.add(part)
                 summary.residues_embedded += part.residues
-                bar.postfix(records=sum(p.records for p in pending.values()),
-                            residues=summary.residues_embedded)
+                records_seen += part.records
+                bar.postfix(records=records_seen, residues=summary.residues_embedded)
                 if acc.records == total:
                     store.commit_shard(pending.pop(index), keys[index])
                     bar.update(1)

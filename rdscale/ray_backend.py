@@ -112,6 +112,8 @@ class RayExecutor:
             elif cfg.ray.object_store_mb:
                 kwargs["object_store_memory"] = int(cfg.ray.object_store_mb) << 20
             ray.init(**kwargs)
+        # rdscale draws its own per-shard progress; Ray Data's bars would interleave with it.
+        ray.data.DataContext.get_current().enable_progress_bars = False
         self.gpus = self._gpus_per_actor()
 
     def _gpus_per_actor(self) -> float:
@@ -140,11 +142,11 @@ class RayExecutor:
                                    "schemas": schemas},
             batch_size=cfg.output.records_per_batch,
             batch_format="pyarrow",
-            concurrency=cfg.ray.num_actors,
+            # Ray Data restarts a dead actor and retries its batches by default (max_restarts=-1); a retried
+            # batch only rewrites uncommitted fragments, so nothing is lost or duplicated.
+            compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_actors),
             num_gpus=self.gpus,
             num_cpus=cfg.ray.cpus_per_actor,
-            max_restarts=cfg.ray.max_restarts,
-            max_task_retries=cfg.ray.max_restarts,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():

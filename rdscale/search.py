@@ -29,15 +29,11 @@ Conventions
 - Queries are ``(q, w)`` vectors with ``w`` >= the width the mode needs; wider queries are truncated (a prefix of
   a full-width query *is* the query at that width). Or query by stored keys (``ids=``), which looks the
   embeddings up; the query row itself is kept in the results (rank 1, distance ~0) unless ``exclude_self=True``.
-- Sequence queries: embedding FASTA sequences needs the fitted chain and the ESM-2 models (rdscale.embed /
-  rdscale.chain); this module takes precomputed vectors. The hook to wire, in the caller, is::
-
-      def embed_queries(sequences: Sequence[str], fit_dir: str | Path, *, level: int | None = None,
-                        per_residue: bool = False, device=None) -> np.ndarray:
-          '''(q, k_m) float32 protein embeddings (mean over residues of the rd embedding, exactly as stored in
-          proteins.embedding), or with per_residue=True a list of (L_i, d) arrays; truncated to ``level``.'''
-
-  then ``search(run, queries=embed_queries(seqs, run / "fit"), ...)``.
+- Sequence queries: ``embed_sequences`` embeds query sequences the way the run embedded its database (the run's
+  models, fit artifact and embedding settings, read from the table's schema metadata and ``<run>/fit``), and
+  ``search_sequences`` searches with them; per-residue search makes each residue of a query its own query.
+- Command line: ``rdscale index`` / ``rdscale search`` (rdscale/cli_search.py) wrap ``build_index`` and
+  ``search`` / ``search_sequences``; errors meant for the user are ``SearchError``.
 """
 
 from __future__ import annotations
@@ -321,8 +317,14 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
+def run_dir_of(dataset_path: str | Path) -> Path:
+    """The run directory: ``dataset_path`` itself, or the parent of a ``*.lance`` table."""
+    path = Path(dataset_path)
+    return path.parent if path.suffix == ".lance" else path
+
+
 def _index_hint(dataset_path: str | Path, table: str, width: int, metric: str) -> str:
-    return f"rdscale index {dataset_path} --table {table} --width {width} --metric {metric}"
+    return f"rdscale index -o {run_dir_of(dataset_path)} --table {table} --width {width} --metric {metric}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,20 +485,38 @@ def _sql_str(s: str) -> str:
 
 
 def _lookup(ds, table: str, ids) -> tuple[list[str], np.ndarray, list[tuple]]:
-    """Stored embeddings for query keys -> (labels, (nq, full) vectors, key tuples)."""
+    """Stored embeddings for query keys -> (labels, (nq, full) vectors, key tuples).
+
+    Residue keys are (id, pos) pairs, or a bare protein id meaning every residue of that protein (in pos order).
+    """
     if len(ids) == 0:
         raise SearchError("ids= is empty")
+    whole = []  # residues: protein ids whose every residue is a query
     if table == "proteins":
         wanted = [(str(i),) for i in ids]
     else:
         try:
-            wanted = [(str(i), int(p)) for i, p in ids]
-        except (TypeError, ValueError):
-            raise SearchError("residue queries by key need (id, pos) pairs") from None
-    id_list = ", ".join(_sql_str(w[0]) for w in set(wanted))
+            wanted = [(str(i),) if isinstance(i, str) else (str(i[0]), int(i[1])) for i in ids]
+        except (TypeError, ValueError, IndexError):
+            raise SearchError("residue queries by key need (id, pos) pairs or protein ids") from None
+        whole = [w[0] for w in wanted if len(w) == 1]
+    id_list = ", ".join(_sql_str(w) for w in sorted({w[0] for w in wanted}))
     found = ds.to_table(columns=[*TABLES[table], EMBEDDING], filter=f"id IN ({id_list})")
     key_cols = [found.column(c).to_pylist() for c in TABLES[table]]
     where = {tuple(kv): i for i, kv in enumerate(zip(*key_cols))}
+    if whole:
+        positions: dict[str, list[int]] = {}
+        for pid, pos in where:
+            positions.setdefault(pid, []).append(pos)
+        expanded = []
+        for w in wanted:
+            if len(w) == 2:
+                expanded.append(w)
+            elif w[0] in positions:
+                expanded += [(w[0], pos) for pos in sorted(positions[w[0]])]
+            else:
+                expanded.append(w)  # reported as missing below
+        wanted = expanded
     missing = [w for w in wanted if w not in where]
     if missing:
         shown = ", ".join(":".join(map(str, m)) for m in missing[:5])
@@ -619,6 +639,146 @@ def _rank(result: pa.Table, k: int) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# queries from sequences
+
+
+def _run_metadata(ds: lance.LanceDataset, key: str) -> dict:
+    raw = (ds.schema.metadata or {}).get(key.encode())
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise SearchError(f"{ds.uri}: schema metadata {key!r} is not valid JSON; the table was not written by rdscale")
+
+
+def _fit_dir_of(run: Path, manifest: dict, config: dict) -> Path | None:
+    """Where the run's fit artifact is: <run>/fit, else the fit.artifact the run was configured with; None for a
+    single-model (extract) run, which has no fit."""
+    for candidate in (run / "fit", (config.get("fit") or {}).get("artifact")):
+        if candidate and (Path(candidate) / "manifest.json").is_file():
+            return Path(candidate)
+    if len(manifest.get("models", [])) == 1:
+        return None
+    raise SearchError(
+        f"no fit artifact for {run}: neither {run / 'fit'} nor the run's fit.artifact holds a manifest.json; "
+        "sequence queries are embedded through the run's own fitted chain"
+    )
+
+
+def embed_sequences(
+    dataset_path: str | Path,
+    sequences: Sequence[str],
+    *,
+    table: str = "proteins",
+    names: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    device: str | None = None,
+) -> np.ndarray | list[np.ndarray]:
+    """Embed query sequences exactly as the run embedded its database.
+
+    The chain's models (``models`` overrides the checkpoint paths / names recorded in the fit manifest), the fit
+    artifact (``<run>/fit``), and the embedding settings (layer, window, overlap, long-sequence policy) all come
+    from the run, so a sequence that is in the database gets the vector stored for it. Sequences longer than the
+    model window are windowed and stitched as in the pipeline (or truncated / refused, per the run's
+    ``embedding.long_policy``). ``device``: where to run the models (default: a GPU if there is one).
+
+    Returns for ``table="proteins"`` a (q, k_m) float32 array, the mean over residues of the rd embedding (what
+    ``proteins.embedding`` holds); for ``table="residues"`` one (L_i, d) float32 array per sequence, the rd
+    embedding cut to the stored width d and rounded to the stored dtype (what ``residues.embedding`` holds).
+    """
+    import torch
+
+    from .artifact import ArtifactError, load_fit
+    from .config import load_config
+    from .stages import ChainEncoder
+
+    ds = open_table(dataset_path, table)
+    run = run_dir_of(dataset_path)
+    names = [f"seq{i}" for i in range(len(sequences))] if names is None else list(names)
+    if len(sequences) == 0:
+        raise SearchError("no query sequences")
+    if len(names) != len(sequences):
+        raise SearchError(f"{len(names)} names for {len(sequences)} sequences")
+    manifest = _run_metadata(ds, "rdscale.fit_manifest")
+    config = _run_metadata(ds, "rdscale.config")
+    if not manifest.get("models") or not config:
+        raise SearchError(f"{ds.uri} has no rdscale.fit_manifest / rdscale.config schema metadata: it was not "
+                          "written by `rdscale run` / `embed`, so there is no chain to embed queries with")
+    model_names = list(models) if models else [m.get("source") or m.get("name") for m in manifest["models"]]
+    if len(model_names) != len(manifest["models"]):
+        raise SearchError(f"{len(model_names)} models given for a chain of {len(manifest['models'])}")
+    embedding = {**config.get("embedding", {}), "device": device or "auto", "dtype": "auto"}
+    cfg = load_config(None, [f"embedding={json.dumps(embedding)}"])
+
+    window, policy = cfg.embedding.window, cfg.embedding.long_policy
+    long = [(n, len(q)) for n, q in zip(names, sequences) if len(q) > window]
+    if long and policy == "reject":
+        shown = ", ".join(f"{n} ({length} residues)" for n, length in long[:5])
+        raise SearchError(
+            f"query {shown} is longer than the {window}-residue model window, and this run rejected such "
+            "sequences (embedding.long_policy=reject), so the database holds nothing comparable"
+        )
+    fit_dir = _fit_dir_of(run, manifest, config)
+    try:
+        encoder = ChainEncoder(model_names, cfg)
+    except (OSError, ValueError) as err:
+        raise SearchError(
+            f"cannot load the run's models {model_names}: {err}. Pass models= (--models) with their current paths"
+        ) from err
+    fit = None
+    if fit_dir is not None:
+        try:
+            fit, _ = load_fit(fit_dir, expect_models=encoder.model_info())
+        except ArtifactError as err:
+            raise SearchError(f"the models do not match the run's fit at {fit_dir}: {err}") from err
+
+    try:
+        blocks = encoder.blocks(list(sequences))  # [seq][model] (L, k_i) float32
+    except ValueError as err:  # the message names the sequence by position: say which query that is
+        where = str(err).split(":", 1)
+        head = where[0].split()
+        if len(head) == 2 and head[0] == "sequence" and head[1].isdigit():
+            raise SearchError(f"query {names[int(head[1])]}: {where[1].strip()}") from err
+        raise SearchError(f"cannot embed the queries: {err}") from err
+    with torch.no_grad():
+        rd = [(fit.apply(b) if fit is not None else b[0]).float().cpu() for b in blocks]  # [seq] (L, k_m)
+    if table == "proteins":
+        return torch.stack([e.mean(dim=0) for e in rd]).numpy()  # (q, k_m), as proteins.embedding
+    d = stored_width(ds)
+    value_type = ds.schema.field(EMBEDDING).type.value_type
+    store_dtype = np.float16 if value_type == pa.float16() else np.float32
+    return [e[:, :d].numpy().astype(store_dtype).astype(np.float32) for e in rd]  # [seq] (L, d)
+
+
+def search_sequences(
+    dataset_path: str | Path,
+    sequences: Sequence[str] | dict[str, str],
+    *,
+    table: str = "proteins",
+    models: Sequence[str] | None = None,
+    device: str | None = None,
+    **kwargs: Any,
+) -> pa.Table:
+    """``search`` with query sequences, embedded by ``embed_sequences``; ``kwargs`` as for ``search``.
+
+    ``sequences``: {name: sequence} or a list (named seq0, seq1, ...). The ``query`` column holds the name, or
+    ``"name:pos"`` (0-based residue) for per-residue search, where every residue of a query is its own query.
+    """
+    if isinstance(sequences, dict):
+        names, seqs = list(sequences), list(sequences.values())
+    else:
+        seqs = list(sequences)
+        names = [f"seq{i}" for i in range(len(seqs))]
+    vectors = embed_sequences(dataset_path, seqs, table=table, names=names, models=models, device=device)
+    if table == "proteins":
+        labels = names
+    else:
+        labels = [f"{n}:{pos}" for n, v in zip(names, vectors) for pos in range(len(v))]
+        vectors = np.concatenate(vectors, axis=0)  # (sum L, d)
+    result = search(dataset_path, vectors, table=table, **kwargs)
+    return result.set_column(0, "query", pa.array([labels[i] for i in result.column("query").to_pylist()]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # evaluation and output
 
 
@@ -660,10 +820,11 @@ def format_results(result: pa.Table, max_rows: int | None = 50) -> str:
     return "\n".join(out)
 
 
-def write_results(result: pa.Table, path: str | Path) -> Path:
-    """Write results by extension: .arrow / .ipc / .feather (Arrow IPC file), .csv, .parquet."""
+def write_results(result: pa.Table, path: str | Path, fmt: str | None = None) -> Path:
+    """Write results as ``fmt`` ("arrow", "csv" or "parquet"), by default told by the extension: .arrow / .ipc /
+    .feather (Arrow IPC file), .csv, .parquet."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = f".{fmt}" if fmt else path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".arrow", ".ipc", ".feather"):
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, result.schema) as writer:

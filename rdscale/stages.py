@@ -109,9 +109,10 @@ class ChainEncoder:
         return self.long_policy == "reject" and len(sequence) > self.window
 
     def blocks(self, sequences: Sequence[str]) -> list[list[torch.Tensor]]:
-        """-> per sequence, per model: (L, k_i) float32 on the device."""
+        """-> per sequence, per model: (L, k_i) float32 (float64 when the models run in float64) on the device."""
         per_model = [emb.embed(sequences) for emb in self.embedders]  # [model][seq] (L, k_i)
-        return [[per_model[m][s].float() for m in range(len(per_model))] for s in range(len(sequences))]
+        dtype = torch.float64 if self.loaded[0].dtype == torch.float64 else torch.float32
+        return [[per_model[m][s].to(dtype) for m in range(len(per_model))] for s in range(len(sequences))]
 
     def concatenated(self, sequences: Sequence[str]) -> torch.Tensor:
         """-> x: (sum L, K) float32 on the device, the per-residue concatenation [h_1, ..., h_m]."""
@@ -255,7 +256,9 @@ class ApplyStage:
             result.proteins = len(accepted)
             if RESIDUES in self.schemas:
                 d = self.storage_width
-                per_res = [e[:, :d].to(torch.float16).cpu().numpy() for e in rd]
+                # Cast on the device: only the stored prefix, in the stored dtype, crosses to the host.
+                dtype = torch.float16 if self.cfg.output.residue_dtype == "float16" else torch.float32
+                per_res = [e[:, :d].to(dtype).cpu().numpy() for e in rd]
                 tables[RESIDUES] = residues_table(accepted, per_res, shard, self.schemas[RESIDUES])
                 result.residues = sum(len(p) for p in per_res)
         for name, table in tables.items():

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import lance
 import numpy as np
@@ -41,16 +41,22 @@ class StoreError(RuntimeError):
     """The output directory cannot be used for this run; the message says why and what to do."""
 
 
+RESIDUE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
 def run_schemas(
     width: int,
     storage_width: int | None,
     metadata: dict[bytes, bytes],
     residues: bool = True,
+    residue_dtype: str = "float16",
 ) -> dict[str, pa.Schema]:
     """Arrow schemas of a run's tables. width: k_m of the chain; storage_width: per-residue prefix stored."""
     d = width if storage_width is None else storage_width
-    if d > width:
-        raise StoreError(f"output.storage_width={d} exceeds the embedding width {width}")
+    if not 1 <= d <= width:
+        raise StoreError(f"output.storage_width={d} must be between 1 and the embedding width {width}")
+    if residue_dtype not in RESIDUE_DTYPES:
+        raise StoreError(f"output.residue_dtype must be one of {sorted(RESIDUE_DTYPES)}, got {residue_dtype!r}")
     schemas = {
         PROTEINS: pa.schema(
             [
@@ -75,7 +81,7 @@ def run_schemas(
                 ("id", pa.string()),
                 ("pos", pa.int32()),
                 ("aa", pa.string()),
-                ("embedding", pa.list_(pa.float16(), d)),
+                ("embedding", pa.list_(RESIDUE_DTYPES[residue_dtype], d)),
                 ("shard", pa.int32()),
             ],
             metadata=metadata,
@@ -135,18 +141,19 @@ def residues_table(
     """per_residue[i]: (L_i', d) rd embeddings of rows[i], already cut to the storage width (L_i' < L_i only when
     long sequences are truncated)."""
     d = schema.field("embedding").type.list_size
+    value_type = schema.field("embedding").type.value_type
     lengths = [len(e) for e in per_residue]
     total = int(sum(lengths))
     ids = np.repeat(np.array([r["id"] for r in rows], dtype=object), lengths)
     pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]) if total else np.zeros(0, np.int32)
     aa = [ch for r, n in zip(rows, lengths) for ch in r["sequence"][:n]]
-    stacked = np.concatenate(per_residue, axis=0) if total else np.zeros((0, d), np.float16)
+    stacked = np.concatenate(per_residue, axis=0) if total else np.zeros((0, d), np.float32)
     return pa.table(
         {
             "id": pa.array(ids, pa.string()),
             "pos": pa.array(pos, pa.int32()),
             "aa": pa.array(aa, pa.string()),
-            "embedding": _fixed_list(stacked[:, :d].astype(np.float16), pa.float16()),
+            "embedding": _fixed_list(stacked[:, :d].astype(value_type.to_pandas_dtype()), value_type),
             "shard": pa.array(np.full(total, shard, dtype=np.int32)),
         },
         schema=schema,
@@ -171,7 +178,11 @@ def write_table_fragments(uri: str, table: pa.Table) -> list[str]:
     Returns the fragments as JSON so they travel between processes as plain strings."""
     if table.num_rows == 0:
         return []
-    return [f.to_json() for f in write_fragments(table, uri, schema=table.schema)]
+    out = []
+    for frag in write_fragments(table, uri, schema=table.schema):
+        meta = frag.to_json()  # a dict in recent pylance, a str in older releases
+        out.append(meta if isinstance(meta, str) else json.dumps(meta))
+    return out
 
 
 @dataclass
@@ -289,16 +300,14 @@ class RunStore:
         )
         if joined.num_rows == 0:
             return 0
-        already = {
-            (r["id"], r["shard"])
-            for r in rejects.filter(pc.starts_with(rejects["reason"], "duplicate_id")).to_pylist()
-        }
-        new_rejects = [
-            {"id": r["id"], "source": r["source"], "reason": f"duplicate_id: first seen in shard {r['shard_min']}",
-             "shard": r["shard"]}
-            for r in joined.to_pylist()
-            if (r["id"], r["shard"]) not in already
-        ]
+        # A rerun after a kill between writing these rejects and deleting the proteins must not write them twice;
+        # the reason text is specific to this step (the readers' within-shard duplicates word it differently).
+        already = {(r["id"], r["shard"], r["reason"]) for r in rejects.to_pylist()}
+        new_rejects = []
+        for r in joined.to_pylist():
+            reason = f"duplicate_id: first seen in shard {r['shard_min']}"
+            if (r["id"], r["shard"], reason) not in already:
+                new_rejects.append({"id": r["id"], "source": r["source"], "reason": reason, "shard": r["shard"]})
         if new_rejects:
             table = pa.Table.from_pylist(new_rejects, schema=self.schemas[REJECTS])
             lance.write_dataset(table, self.uri(REJECTS), mode="append")
@@ -340,7 +349,3 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         out["version"] = md[META_VERSION].decode()
     return out
 
-
-def iter_rows(tables: Iterable[pa.Table]) -> Iterable[dict[str, Any]]:
-    for t in tables:
-        yield from t.to_pylist()

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Stream a BLAST version 4 protein database (.pin/.phr/.psq) out as FASTA, using only the standard library.
 
-    python scripts/blastdb_to_fasta.py DB [-o OUT.fasta] [--limit N] [--every K] [--min-length A] [--max-length B]
-                                       [--split-id-at CHAR]
+    python scripts/blastdb_to_fasta.py DB [DB ...] [-o OUT.fasta] [--limit N] [--every K] [--min-length A]
+                                       [--max-length B] [--split-id-at CHAR]
 
-DB is the database name as given to makeblastdb (the path without .pin/.phr/.psq). Multi-volume databases are read
-one volume at a time (name.00, name.01, ...); alias files (.pal) and version 5 databases are not supported.
+DB is the database name as given to makeblastdb (the path without .pin/.phr/.psq). Several DBs are written one after
+the other, so a multi-volume database is read by naming its volumes (name.00 name.01 ...); alias files (.pal) and
+version 5 databases are not supported. --every, --min-length and --max-length apply to each DB, --limit to the total.
 
 The format, as written by NCBI makeblastdb (BLAST+ source: objtools/blast/seqdb_reader/seqdbfile.cpp):
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import os
 import struct
 import sys
 from array import array
@@ -284,10 +286,10 @@ def write_fasta(out, items: Iterator[tuple[str, str, str]], width: int = 60) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("db", help="database name: the path without .pin/.phr/.psq")
+    parser.add_argument("db", nargs="+", help="database name(s): the path without .pin/.phr/.psq")
     parser.add_argument("-o", "--output", help="FASTA file to write (default: stdout)")
-    parser.add_argument("--limit", type=int, help="stop after this many sequences")
-    parser.add_argument("--every", type=int, default=1, help="look at every K-th sequence of the database only")
+    parser.add_argument("--limit", type=int, help="stop after this many sequences in all")
+    parser.add_argument("--every", type=int, default=1, help="look at every K-th sequence of each database only")
     parser.add_argument("--min-length", type=int, default=0, help="skip sequences shorter than this")
     parser.add_argument("--max-length", type=int, help="skip sequences longer than this")
     parser.add_argument("--split-id-at", metavar="CHAR",
@@ -296,20 +298,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.every < 1 or args.width < 1:
         parser.error("--every and --width must be positive")
+    if args.limit is not None and args.limit < 0:
+        parser.error("--limit must not be negative")
+    # Open every volume first, so that a wrong name fails before anything is written.
     try:
-        db = open_blastdb(args.db)
-        items = records(db, args.every, args.min_length, args.max_length, args.split_id_at)
-        if args.limit is not None:
-            items = (item for _, item in zip(range(args.limit), items))
-        if args.output:
-            with open(args.output, "w") as out:
-                n = write_fasta(out, items, args.width)
-        else:
-            n = write_fasta(sys.stdout, items, args.width)
+        dbs = [(name, open_blastdb(name)) for name in args.db]
     except BlastDbError as e:
         print(f"blastdb_to_fasta: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {n} of {db.count} sequences from {args.db} ({db.title!r}, {db.date})", file=sys.stderr)
+
+    def items() -> Iterator[tuple[str, str, str]]:
+        for name, db in dbs:
+            try:
+                yield from records(db, args.every, args.min_length, args.max_length, args.split_id_at)
+            except BlastDbError as e:
+                raise BlastDbError(f"{name}: {e}") from None
+
+    chosen = items()
+    if args.limit is not None:
+        chosen = (item for _, item in zip(range(args.limit), chosen))
+    try:
+        if args.output:
+            with open(args.output, "w") as out:
+                n = write_fasta(out, chosen, args.width)
+        else:
+            n = write_fasta(sys.stdout, chosen, args.width)
+    except BlastDbError as e:
+        print(f"blastdb_to_fasta: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `... | head`: the reader has all it wanted
+        # point stdout at /dev/null so that the interpreter's final flush does not fail a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    total = sum(db.count for _, db in dbs)
+    sources = ", ".join(f"{name} ({db.title!r}, {db.date})" for name, db in dbs)
+    print(f"wrote {n} of {total} sequences from {sources}", file=sys.stderr)
     return 0
 
 

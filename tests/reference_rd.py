@@ -51,8 +51,8 @@ def reference_fit(
     blocks: [h_1: (L, k_1), ..., h_m: (L, k_m)].
     Returns {"rd": (L, k_m) rd embedding, "predictions": [acc_{i-1} W_i: (L, k_i) centred],
     "residuals": [r_i: (L, k_i)], "directions": [V_i: (k_i, d_i)], "kept": [components kept]}.
-    With fix_signs, each new column gets the sign convention of rdscale.chain (largest-|entry| of its loading on the
-    centred concatenation x_c positive), found by least squares of the column on x_c.
+    With fix_signs, each V_i column gets the sign convention of rdscale.chain: its largest-magnitude entry (in h_i
+    coordinates) positive, entries within 1e-9 relative of the largest tied, lowest index first.
     """
     hs = [np.asarray(b, dtype=np.float64) for b in blocks]
     n = hs[0].shape[0]
@@ -72,19 +72,26 @@ def reference_fit(
         _, _, rvt = np.linalg.svd(residual, full_matrices=False)
         n_new = hs[i].shape[1] - hs[i - 1].shape[1]
         direction = rvt[:n_new].T  # (k_i, d_i)
+        if fix_signs:
+            direction = _positive_pivot(direction)
         out["predictions"].append(prediction)
         out["residuals"].append(residual)
         out["directions"].append(direction)
         out["kept"].append(int(keep.sum()))
         acc = np.concatenate([acc, residual @ direction], axis=1)
-    rd = np.concatenate([hs[0], acc[:, hs[0].shape[1] :]], axis=1)
-    if fix_signs and len(hs) > 1:
-        x_c = np.concatenate(centred, axis=1)  # (L, K)
-        loading = np.linalg.lstsq(x_c, rd[:, hs[0].shape[1] :], rcond=None)[0]  # (K, k_m - k_1)
-        pivot = np.abs(loading).argmax(axis=0)
-        signs = np.sign(loading[pivot, np.arange(loading.shape[1])])
-        rd[:, hs[0].shape[1] :] *= signs
-    out["rd"] = rd
+    out["rd"] = np.concatenate([hs[0], acc[:, hs[0].shape[1] :]], axis=1)
+    return out
+
+
+def _positive_pivot(direction: np.ndarray) -> np.ndarray:
+    """Flip columns of direction: (k, d) so each one's first entry of (near-)largest magnitude is positive."""
+    out = direction.copy()
+    for j in range(out.shape[1]):
+        column = out[:, j]
+        top = np.abs(column).max()
+        pivot = next(t for t in range(len(column)) if abs(column[t]) >= top * (1 - 1e-9))
+        if column[pivot] < 0:
+            out[:, j] = -column
     return out
 
 

@@ -256,19 +256,66 @@ def test_affine_map_reproduces_apply():
     assert np.all(transform[widths[0] + widths[1] :, : widths[1]] == 0)  # level 2 ignores model 3
 
 
+def _extension_versus_long_chain(blocks, widths, regression):
+    """(long chain fit, 2-block extension fit on [z; h_3], z) for 3-block data, z = level-2 rd embedding stored."""
+    long = fit_chain(_moments(blocks), widths, regression)
+    short = fit_chain(_moments(blocks[:2]), widths[:2], regression)
+    stored = _apply(short, blocks[:2])  # (n, k_2): what a run at level 2 stored, full width
+    ext = fit_chain(_moments([stored, blocks[2]]), widths[1:], regression)
+    return long, ext, stored
+
+
+def _assert_extension_matches(long, ext, stored, blocks, widths):
+    k_2 = widths[1]
+    z = _apply(long, blocks)
+    np.testing.assert_allclose(z[:, :k_2], stored, rtol=0, atol=1e-10 * np.abs(stored).max())  # acc_2 == z
+    assert ext.steps[0].components_kept == long.steps[1].components_kept
+    centred = stored - stored.mean(0)
+    expected_prediction = centred @ long.predictors[1]  # (n, k_3): step 3 of the long chain
+    prediction = centred @ ext.predictors[0]
+    scale = np.abs(expected_prediction).max()
+    np.testing.assert_allclose(prediction, expected_prediction, rtol=0, atol=1e-8 * scale)
+    np.testing.assert_allclose(ext.directions[0], long.directions[1], rtol=0, atol=1e-8)  # V_3, signs included
+    new = _apply(ext, [stored, blocks[2]])[:, k_2:]
+    expected = z[:, k_2:]
+    np.testing.assert_allclose(new, expected, rtol=0, atol=1e-8 * np.abs(expected).max())  # no sign fix-up
+
+
 @pytest.mark.parametrize("regression", ["ols", "pcr"])
 def test_extending_from_a_stored_prefix_equals_the_longer_chain(regression):
     widths = (3, 5, 8)
     blocks = _blocks(widths)
-    long = fit_chain(_moments(blocks), widths, regression)
-    short = fit_chain(_moments(blocks[:2]), widths[:2], regression)
-    stored = _apply(short, blocks[:2])  # what a run at level 2 stored
-    ext = fit_chain(_moments([stored, blocks[2]]), widths[1:], regression)
-    new = _apply(ext, [stored, blocks[2]])[:, widths[1] :]
-    expected = _apply(long, blocks)[:, widths[1] :]
-    signs = np.sign((new * expected).sum(0))  # the sign convention looks at different coordinates
-    np.testing.assert_allclose(new * signs, expected, rtol=0, atol=1e-8 * np.abs(expected).max())
-    assert ext.steps[0].components_kept == long.steps[1].components_kept
+    long, ext, stored = _extension_versus_long_chain(blocks, widths, regression)
+    _assert_extension_matches(long, ext, stored, blocks, widths)
+
+
+@settings(max_examples=12)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    latent=st.integers(3, 12),
+    noise=st.floats(0.1, 1.5),
+    regression=st.sampled_from(["ols", "pcr"]),
+)
+def test_extension_fit_on_stored_embeddings_has_the_long_chains_signs(seed, latent, noise, regression):
+    """The sign convention lives in h_i coordinates, so a 2-block fit on [z; h_3] and the long chain agree exactly."""
+    widths = (4, 6, 9)
+    blocks = correlated_blocks(np.random.default_rng(seed), 1500, widths, latent=latent, noise=noise)
+    long, ext, stored = _extension_versus_long_chain(blocks, widths, regression)
+    _assert_extension_matches(long, ext, stored, blocks, widths)
+
+
+def test_sign_convention_makes_the_largest_entry_positive_and_breaks_ties_by_index():
+    from rdscale.chain import fix_signs
+
+    v = np.array([[0.1, -0.6, 0.5], [-0.9, 0.6, -0.5], [0.3, 0.2, 0.5]])  # (3, 3)
+    fixed = fix_signs(v)
+    np.testing.assert_array_equal(fixed[:, 0], -v[:, 0])  # -0.9 is the largest magnitude
+    np.testing.assert_array_equal(fixed[:, 1], -v[:, 1])  # tie -0.6 / 0.6: the lower index decides
+    np.testing.assert_array_equal(fixed[:, 2], v[:, 2])  # three-way tie: the first entry is already positive
+    nearly = v.copy()
+    nearly[1, 1] = 0.6 * (1 + 1e-14)  # a round-off-sized difference is still a tie
+    np.testing.assert_array_equal(fix_signs(nearly)[:, 1], -nearly[:, 1])
+    np.testing.assert_array_equal(fix_signs(fixed), fixed)  # idempotent
 
 
 # -- errors ----------------------------------------------------------------------------------------------------------

@@ -182,3 +182,14 @@ def test_cuda_batches_accumulate_on_the_gpu():
     np.testing.assert_allclose(m.comoment, comoment, rtol=1e-10, atol=1e-8)
     merged = Moments(WIDTH).merge(m)  # an empty CPU-less accumulator adopts the other side's device
     np.testing.assert_allclose(merged.comoment, m.comoment)
+
+
+def test_update_leaves_the_callers_float64_batch_untouched():
+    # update centres its batch in place; that must be on its own copy, never on the caller's tensor.
+    x = torch.from_numpy(_data().astype(np.float64))
+    before = x.clone()
+    m = Moments(WIDTH)
+    m.update(x)
+    assert torch.equal(x, before)
+    mean, comoment = _exact(before.numpy())
+    np.testing.assert_allclose(m.comoment, comoment, rtol=1e-12, atol=1e-10)

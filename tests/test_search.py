@@ -386,3 +386,181 @@ def test_write_results_round_trips_and_formats(run_dir, tmp_path):
     assert text[0].split() == ["query", "id", "score", "rank"]
     assert len(text) == 2 + 4 + 1 and text[-1] == "... 2 more rows"
     assert text[2].split()[1] == result.column("id")[0].as_py()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line (rdscale index / rdscale search)
+
+
+def rdscale(argv, capsys) -> tuple[int, str, str]:
+    """Run the rdscale CLI in-process with the index/search verbs registered; (exit code, stdout, stderr)."""
+    from rdscale import cli, cli_search
+
+    if cli_search.register not in cli._EXTRA_VERBS:  # until rdscale/cli.py registers it itself
+        cli._EXTRA_VERBS.append(cli_search.register)
+    capsys.readouterr()
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_index_then_funnel_search_by_id_writes_csv_and_arrow(run_dir, tmp_path, capsys):
+    src, _, _ = run_dir
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    code, out, _ = rdscale(["index", "-o", run, "--width", 8, 16], capsys)
+    assert code == 0 and "embedding_p8" in out and "embedding_p16" in out
+    assert [(i.width, i.metric, i.index_type) for i in S.list_indexes(run)] == [
+        (8, "cosine", "IVF_HNSW_SQ"), (16, "cosine", "IVF_HNSW_SQ")]
+
+    argv = ["search", "-o", run, "--id", "P00042", "--width", 8, "--mode", "funnel", "-k", 5,
+            "--csv", tmp_path / "hits.csv", "--arrow", tmp_path / "hits.arrow"]
+    code, out, _ = rdscale(argv, capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["query", "id", "score", "rank"] and len(lines) == 2 + 5
+    assert lines[2].split()[:2] == ["P00042", "P00042"]  # the protein itself comes first
+    api = S.search(run, ids=["P00042"], width=8, mode="funnel", k=5)
+    assert pa.ipc.open_file(str(tmp_path / "hits.arrow")).read_all().equals(api)
+    assert pacsv.read_csv(tmp_path / "hits.csv").column("id").to_pylist() == api.column("id").to_pylist()
+
+
+def test_cli_index_parameters_and_list(run_dir, tmp_path, capsys):
+    src, _, _ = run_dir
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    argv = ["index", "-o", run, "--table", "residues", "--width", 16, "--metric", "l2", "--index-type", "ivf_pq",
+            "--param", "num_partitions=4", "--param", "num_sub_vectors=4"]
+    assert rdscale(argv, capsys)[0] == 0
+    (info,) = S.list_indexes(run, "residues")
+    assert (info.column, info.index_type, info.metric) == ("embedding", "IVF_PQ", "l2")  # 16 = stored width
+    assert info.params == {"num_partitions": 4, "num_sub_vectors": 4}
+    code, out, _ = rdscale(["index", "-o", run, "--list", "--table", "proteins", "residues"], capsys)
+    assert out.splitlines() == ["proteins: no vector indexes",
+                                "residues: width 16 IVF_PQ l2 on embedding (num_partitions=4, num_sub_vectors=4)"]
+
+
+def test_cli_search_by_vector_with_filter_matches_the_api(run_dir, tmp_path, capsys):
+    out_dir, prot, res = run_dir
+    np.save(tmp_path / "q.npy", prot[7])  # one (w,) vector
+    code, out, _ = rdscale(["search", "-o", out_dir, "--vector", tmp_path / "q.npy", "--width", 16, "-k", 4,
+                            "--filter", "length > 100", "--metric", "l2", "--arrow", tmp_path / "r.arrow"], capsys)
+    assert code == 0
+    api = S.search(out_dir, prot[7:8], width=16, k=4, filter="length > 100", metric="l2")
+    assert pa.ipc.open_file(str(tmp_path / "r.arrow")).read_all().equals(api)
+    assert [line.split()[1] for line in out.splitlines()[2:]] == api.column("id").to_pylist()
+
+    # residues by key: ID:POS is one residue, a bare ID every residue of that protein
+    code, out, _ = rdscale(["search", "-o", out_dir, "--table", "residues", "--id", "P00003:2", "P00004",
+                            "-k", 1, "--csv", tmp_path / "r.csv"], capsys)
+    back = pacsv.read_csv(tmp_path / "r.csv")
+    assert back.column("query").to_pylist() == ["P00003:2"] + [f"P00004:{p}" for p in range(10)]
+    assert back.column("id").to_pylist() == ["P00003"] + ["P00004"] * 10  # each residue finds itself
+    assert back.column("pos").to_pylist() == [2, *range(10)]
+
+
+def test_cli_user_errors_exit_1_with_one_line(run_dir, tmp_path, capsys):
+    out_dir, prot, _ = run_dir
+    np.save(tmp_path / "short.npy", prot[:2, :8])
+    (tmp_path / "bad.fa").write_text(">q1\nMKV1LL\n")
+    empty = tmp_path / "empty"
+    write_proteins(empty / "proteins.lance", np.zeros((0, 32), np.float32))
+    cases = [
+        (["search", "-o", out_dir, "--id", "P00001", "--width", 12], "width 12 is not a chain level"),
+        (["search", "-o", out_dir, "--id", "P00001", "--width", 64], "exceeds the stored embedding width 32"),
+        (["search", "-o", out_dir, "--id", "P00001", "--mode", "funnel", "--width", 8],
+         f"run `rdscale index -o {out_dir} --table proteins --width 8 --metric cosine`"),
+        (["search", "-o", out_dir, "--vector", tmp_path / "short.npy", "--width", 16], "8 wide"),
+        (["search", "-o", out_dir, "--vector", tmp_path / "none.npy"], "does not exist"),
+        (["search", "-o", out_dir, "--fasta", tmp_path / "bad.fa"], "bad.fa:0: query q1 cannot be embedded"),
+        (["search", "-o", out_dir, "--id", "nope"], "not in the proteins table: nope"),
+        (["search", "-o", empty, "--id", "x"], "is empty: nothing to search"),
+        (["index", "-o", empty, "--width", 8], "is empty: nothing to index"),
+        (["index", "-o", tmp_path / "nowhere"], "no Lance dataset"),
+    ]
+    for argv, message in cases:
+        code, _, err = rdscale(argv, capsys)
+        assert code == 1, argv
+        assert len(err.strip().splitlines()) == 1 and err.startswith(f"rdscale {argv[0]}: error: "), err
+        assert message in err, (message, err)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a real run: queries embedded through the run's own chain
+
+WINDOW = 60  # small model window so that one database sequence is embedded in overlapping windows
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, tiny_family):
+    """`rdscale.pipeline.run` over 30 random sequences (one of 150 residues, windowed) with the tiny family."""
+    from rdscale.config import load_config
+    from rdscale.pipeline import run
+
+    root = tmp_path_factory.mktemp("real_run")
+    rng = np.random.default_rng(11)
+    letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    seqs = {f"R{i:02d}": "".join(rng.choice(letters, 150 if i == 4 else rng.integers(30, 75))) for i in range(30)}
+    (root / "db.fa").write_text("".join(f">{k} random {i}\n{v}\n" for i, (k, v) in enumerate(seqs.items())))
+    cfg = load_config(None, [
+        "ray.address=local", f"output.dir={root / 'run'}", f"input.paths={json.dumps([str(root / 'db.fa')])}",
+        f"models={json.dumps([str(p) for p in tiny_family])}", f"embedding.window={WINDOW}",
+        "embedding.overlap=16", "fit.sample_sequences=30", "output.storage_width=48",
+    ])
+    run(cfg, progress=False)
+    return root / "run", seqs
+
+
+def test_query_sequence_embedding_is_the_stored_embedding(real_run):
+    run, seqs = real_run
+    stored = lance.dataset(str(run / "proteins.lance")).to_table(columns=["id", "embedding"])
+    names = stored.column("id").to_pylist()
+    vectors = S.embed_sequences(run, [seqs[n] for n in names])  # (30, 64), R04 windowed
+    np.testing.assert_allclose(vectors, S._embedding_block(stored.column("embedding"), 64), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["exact", "funnel"])
+def test_searching_a_database_sequence_returns_that_protein_first(real_run, mode, tmp_path):
+    run, seqs = real_run
+    if mode == "funnel":
+        S.build_index(run, width=32)
+    queries = {name: seqs[name] for name in ("R04", "R00", "R17")}  # R04 is longer than the window
+    result = S.search_sequences(run, queries, k=3, mode=mode, width=32 if mode == "funnel" else None)
+    first = result.filter(pa.compute.equal(result.column("rank"), 1))
+    assert first.column("query").to_pylist() == list(queries)
+    assert first.column("id").to_pylist() == list(queries)
+    assert np.all(first.column("score").to_numpy() < 1e-4)
+
+
+def test_per_residue_sequence_search_finds_each_residue_of_a_windowed_sequence(real_run):
+    run, seqs = real_run
+    result = S.search_sequences(run, {"q": seqs["R04"]}, table="residues", k=1)  # exact at the stored width 48
+    assert result.column("query").to_pylist() == [f"q:{p}" for p in range(150)]
+    assert set(result.column("id").to_pylist()) == {"R04"}
+    assert result.column("pos").to_pylist() == list(range(150))
+
+
+def test_cli_fasta_query_and_sequence_errors(real_run, tmp_path, capsys):
+    run, seqs = real_run
+    (tmp_path / "q.fa").write_text(f">mine\n{seqs['R09']}\n>other\n{seqs['R21'][::-1]}\n")
+    code, out, _ = rdscale(["search", "-o", run, "--fasta", tmp_path / "q.fa", "-k", 2], capsys)
+    assert code == 0
+    assert out.splitlines()[2].split()[:2] == ["mine", "R09"]
+
+    with pytest.raises(S.SearchError, match="models do not match the run's fit"):
+        S.embed_sequences(run, [seqs["R00"]], models=[str(p) for p in reversed(real_run_models(run))])
+
+    # a run that rejected long sequences cannot answer a long query: say so instead of windowing it
+    rejecting = tmp_path / "rejecting"
+    shutil.copytree(run, rejecting, ignore=shutil.ignore_patterns("residues.lance"))
+    ds = lance.dataset(str(rejecting / "proteins.lance"))
+    config = json.loads(ds.schema.metadata[b"rdscale.config"])
+    config["embedding"]["long_policy"] = "reject"
+    ds.update_schema_metadata({"rdscale.config": json.dumps(config)})
+    with pytest.raises(S.SearchError, match=rf"query long \(150 residues\) is longer than the {WINDOW}-residue"):
+        S.search_sequences(rejecting, {"long": seqs["R04"]})
+
+
+def real_run_models(run) -> list[str]:
+    manifest = json.loads(lance.dataset(str(run / "proteins.lance")).schema.metadata[b"rdscale.fit_manifest"])
+    return [m["source"] for m in manifest["models"]]

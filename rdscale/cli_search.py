@@ -1,0 +1,220 @@
+"""`rdscale index` and `rdscale search`: the command-line face of rdscale.search.
+
+`register(sub)` adds both verbs to the CLI's subparsers (rdscale/cli.py lists it in `_EXTRA_VERBS`). A run
+directory (`-o`) holds proteins.lance / residues.lance and the fit artifact; see rdscale/search.py for what widths,
+indexes, modes and scores mean. User errors are `SearchError`s, which the CLI prints as one line (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import search as S
+
+INDEX_EPILOG = """examples:
+  rdscale index -o runs/demo --width 32                 # cosine IVF_HNSW_SQ index on the 32-wide prefix
+  rdscale index -o runs/demo --width 32 64 --metric l2 --index-type IVF_PQ --param num_partitions=16
+  rdscale index -o runs/demo --table residues --width 32
+  rdscale index -o runs/demo --list"""
+
+SEARCH_EPILOG = """examples:
+  rdscale search -o runs/demo --id P69905 --width 32 --mode funnel -k 5
+  rdscale search -o runs/demo --fasta queries.fa -k 10 --csv hits.csv
+  rdscale search -o runs/demo --vector q.npy --mode ann --width 32 --filter "length > 100"
+  rdscale search -o runs/demo --table residues --id P69905:10 -k 5     # one residue; --id P69905: all of them
+
+scores are distances (smaller = closer): cosine -> 1 - cos, l2 -> squared Euclidean."""
+
+
+def _param(text: str) -> tuple[str, object]:
+    """`key=value` with the value parsed as YAML (so 16 -> int, 0.5 -> float)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param {text!r} must look like key=value, e.g. num_partitions=64")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "index",
+        help="vector index on prefix widths (chain levels) of proteins or residues",
+        description="Materialise each requested prefix width as its own column (embedding_p<width>; the stored "
+        "width uses `embedding` itself) and build a Lance vector index on it. Idempotent: an index with the "
+        "same settings that covers every row is kept.",
+        epilog=INDEX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-o", "--out", required=True, help="run directory")
+    p.add_argument("--table", nargs="+", choices=sorted(S.TABLES), default=["proteins"],
+                   help="table(s) to index (default: proteins)")
+    p.add_argument("--width", type=int, nargs="+",
+                   help="prefix width(s) to index, chain levels (default: the narrowest level, for funnel search)")
+    p.add_argument("--metric", choices=S.METRICS, default="cosine", help="distance (default: cosine)")
+    p.add_argument("--index-type", default=S.DEFAULT_INDEX_TYPE, type=str.upper,
+                   help=f"one of {', '.join(S.INDEX_TYPES)} (default: {S.DEFAULT_INDEX_TYPE})")
+    p.add_argument("--param", dest="params", action="append", type=_param, default=[], metavar="KEY=VALUE",
+                   help="index parameter passed to Lance create_index, overriding the defaults derived from the "
+                   "row count (num_partitions, num_sub_vectors, m, ef_construction, sample_rate, ...); repeatable")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even if an identical index exists")
+    p.add_argument("--list", action="store_true", help="list the existing indexes and exit")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser(
+        "search",
+        help="nearest neighbours by protein id, FASTA query or vector; exact, ANN or funnel",
+        description="Top-k nearest rows of the proteins (or residues) table at any prefix width. exact: brute "
+        "force, no index needed. ann: the vector index at --width. funnel: shortlist with the index at --width, "
+        "re-rank the shortlist at --rerank-width (default: the full stored width).",
+        epilog=SEARCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-o", "--out", required=True, help="run directory")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--id", dest="ids", nargs="+", metavar="ID",
+                       help="stored keys: protein ids; for --table residues ID:POS (one residue) or ID (all)")
+    query.add_argument("--fasta", help="FASTA file of query sequences, embedded through the run's fitted chain")
+    query.add_argument("--vector", help=".npy file of query vectors, (w,) or (q, w) with w >= the width searched")
+    p.add_argument("--table", choices=sorted(S.TABLES), default="proteins",
+                   help="search per protein (default) or per residue")
+    p.add_argument("--mode", choices=S.MODES, default="exact", help="exact (default), ann or funnel")
+    p.add_argument("--width", type=int, help="prefix width, a chain level (default: the stored width for exact, "
+                   "the narrowest indexed width for ann / funnel)")
+    p.add_argument("-k", "--k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--metric", choices=S.METRICS, default="cosine", help="distance (default: cosine)")
+    p.add_argument("--filter", help='Lance SQL predicate on the table\'s columns, e.g. "length > 100"')
+    p.add_argument("--shortlist", type=int, help="funnel: candidates taken from the index (default max(10k, 100))")
+    p.add_argument("--rerank-width", type=int, help="funnel: width of the re-rank (default: the stored width)")
+    p.add_argument("--nprobes", type=int, help="ann / funnel: IVF partitions probed (default: Lance's)")
+    p.add_argument("--refine-factor", type=int, help="ann / funnel: re-rank refine_factor * k candidates exactly")
+    p.add_argument("--ef", type=int, help="ann / funnel: HNSW search breadth")
+    p.add_argument("--exclude-self", action="store_true", help="with --id: drop the query row from its results")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="with --fasta: the chain's checkpoints, if they moved since the run (smallest first)")
+    p.add_argument("--device", help="with --fasta: where to embed the queries (cpu, cuda, cuda:N; default auto)")
+    p.add_argument("--csv", help="also write the results as CSV")
+    p.add_argument("--arrow", help="also write the results as an Arrow IPC file")
+    p.add_argument("--max-rows", type=int, default=50, help="rows printed to the terminal (default 50; 0: none)")
+    p.set_defaults(func=cmd_search)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# index
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    if not getattr(args, "verbose", False):  # pylance logs every build at INFO; the line printed below says the same
+        logging.getLogger("pylance").setLevel(logging.WARNING)
+    if args.list:
+        for table in args.table:
+            _print_indexes(args.out, table)
+        return 0
+    params = dict(args.params)
+    for table in args.table:
+        widths = args.width or [S.chain_levels(S.open_table(args.out, table))[0]]
+        for width in widths:
+            started = time.perf_counter()
+            info = S.build_index(args.out, table=table, width=width, index_type=args.index_type,
+                                 metric=args.metric, rebuild=args.rebuild, **params)
+            shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
+            print(f"{table}: {info.index_type} {info.metric} index on {info.column} (width {info.width}, "
+                  f"{info.num_rows} rows; {shown}) in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _print_indexes(run: str, table: str) -> None:
+    infos = S.list_indexes(run, table)
+    if not infos:
+        print(f"{table}: no vector indexes")
+    for info in infos:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
+        print(f"{table}: width {info.width} {info.index_type} {info.metric} on {info.column} ({shown})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# search
+
+
+def parse_residue_key(text: str) -> str | tuple[str, int]:
+    """`ID:POS` -> (ID, POS); a bare `ID` (or one whose last ':' is not followed by a number) -> ID."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and tail.isdigit():
+        return head, int(tail)
+    return text
+
+
+def read_query_fasta(path: str | Path) -> dict[str, str]:
+    """{id: sequence} of a query FASTA file; any record the pipeline would reject is an error naming it."""
+    from .fasta import FastaFormatError, Reject, read_fasta
+
+    path = Path(path)
+    if not path.is_file():
+        raise S.SearchError(f"query FASTA {path} does not exist")
+    queries: dict[str, str] = {}
+    try:
+        for item in read_fasta([str(path)]):
+            if isinstance(item, Reject):
+                raise S.SearchError(f"{item.source}: query {item.id or '(no id)'} cannot be embedded: {item.reason}")
+            queries[item.id] = item.sequence
+    except FastaFormatError as err:
+        raise S.SearchError(str(err)) from err
+    if not queries:
+        raise S.SearchError(f"{path} holds no FASTA records")
+    return queries
+
+
+def read_query_vectors(path: str | Path) -> np.ndarray:
+    """(q, w) float32 from a .npy file (no pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise S.SearchError(f"query vector file {path} does not exist")
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise S.SearchError(f"{path} is not a .npy array of numbers: {err}") from err
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2 or vectors.size == 0 or not np.issubdtype(vectors.dtype, np.number):
+        raise S.SearchError(f"{path}: expected a numeric (w,) or (q, w) array, got {vectors.dtype} {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+        raise S.SearchError(f"{path}: row {bad} holds NaN or inf")
+    return vectors.astype(np.float32)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    common = dict(
+        table=args.table, width=args.width, k=args.k, mode=args.mode, metric=args.metric, filter=args.filter,
+        shortlist=args.shortlist, rerank_width=args.rerank_width, nprobes=args.nprobes,
+        refine_factor=args.refine_factor, ef=args.ef,
+    )
+    if (args.models or args.device) and not args.fasta:
+        raise S.SearchError("--models and --device only apply to --fasta queries")
+    if args.exclude_self and not args.ids:
+        raise S.SearchError("--exclude-self only applies to --id queries")
+    started = time.perf_counter()
+    if args.ids:
+        keys = [parse_residue_key(i) for i in args.ids] if args.table == "residues" else args.ids
+        result = S.search(args.out, ids=keys, exclude_self=args.exclude_self, **common)
+    elif args.fasta:
+        queries = read_query_fasta(args.fasta)
+        result = S.search_sequences(args.out, queries, models=args.models, device=args.device, **common)
+    else:
+        result = S.search(args.out, read_query_vectors(args.vector), **common)
+    took = time.perf_counter() - started
+
+    n_queries = len(set(result.column("query").to_pylist()))
+    print(f"{args.mode} search of {args.table} ({args.metric}, k={args.k}): {n_queries} queries, "
+          f"{result.num_rows} rows in {took:.2f} s", file=sys.stderr)
+    if args.max_rows > 0:
+        print(S.format_results(result, max_rows=args.max_rows))
+    for path, fmt in ((args.csv, "csv"), (args.arrow, "arrow")):
+        if path:
+            print(f"wrote {S.write_results(result, path, fmt)}", file=sys.stderr)
+    return 0
