@@ -183,6 +183,9 @@ def main(argv=None) -> None:
     parser.add_argument("--mem-limit-gb", type=float, default=None,
                         help="run a reference only if its estimated memory is below this (default: 60%% of "
                              "MemAvailable at start)")
+    parser.add_argument("--budget-s", type=float, default=840.0,
+                        help="skip a measurement whose time, projected linearly in L from the same side's previous "
+                             "size, would end the run past this many seconds")
     parser.add_argument("--quick", action="store_true", help="L = 2e4 only")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_fit.json"))
     # worker-only arguments
@@ -211,25 +214,47 @@ def main(argv=None) -> None:
               f"{'ref est GB':>10} | {'time x':>7} {'mem x':>7} | {'rel diff':>8}")
     print(header)
     print("-" * len(header))
+    last = {}  # (family, side) -> (n, wall s of that subprocess, s spent generating + fitting)
+
+    def skip_reason(family: str, side: str, n: int) -> str | None:
+        if (family, side) not in last:
+            return None
+        prev_n, prev_wall, prev_work = last[family, side]
+        # start-up and imports do not grow with L; generating and fitting do
+        projected = (prev_wall - prev_work) + prev_work * n / prev_n
+        if time.perf_counter() - started + projected > args.budget_s:
+            return f"not run (projected {projected:.0f} s from L={prev_n} exceeds the {args.budget_s:.0f} s budget)"
+        return None
+
+    def timed(family, side, widths, n, fit_dir):
+        begun = time.perf_counter()
+        out = _measure(side, widths, n, args, fit_dir)
+        last[family, side] = (n, time.perf_counter() - begun, out["fit_s"] + out["generate_s"])
+        return out
+
     for family in families:
         widths = FAMILIES[family]
         for n in sizes:
+            estimate = reference_bytes(widths, n)
+            row = {"family": family, "widths": list(widths), "K": sum(widths), "n": n,
+                   "onepass_estimate_bytes": onepass_bytes(widths, args.batch), "reference_estimate_bytes": estimate}
             with tempfile.TemporaryDirectory() as fit_dir:
-                one = _measure("onepass", widths, n, args, fit_dir)
-                estimate = reference_bytes(widths, n)
-                row = {"family": family, "widths": list(widths), "K": sum(widths), "n": n, "onepass": one,
-                       "onepass_estimate_bytes": onepass_bytes(widths, args.batch),
-                       "reference_estimate_bytes": estimate}
-                if estimate < limit:
-                    ref = _measure("reference", widths, n, args, fit_dir)
-                    row["reference"] = ref
+                reason = skip_reason(family, "onepass", n)
+                one = {"status": reason} if reason else timed(family, "onepass", widths, n, fit_dir)
+                if estimate >= limit:
+                    ref = {"status": f"not run (would need {estimate / GB:.1f} GB)"}
+                elif reason:
+                    ref = {"status": "not run (the one-pass side did not run, nothing to compare)"}
+                else:
+                    reason = skip_reason(family, "reference", n)
+                    ref = {"status": reason} if reason else timed(family, "reference", widths, n, fit_dir)
+                if "fit_s" in one and "fit_s" in ref:
                     row["time_ratio"] = ref["fit_s"] / one["fit_s"]
                     row["memory_ratio"] = ref["peak_bytes"] / max(one["peak_bytes"], 1)
-                else:
-                    row["reference"] = {"status": f"not run (would need {estimate / GB:.1f} GB)"}
+            row.update(onepass=one, reference=ref)
             rows.append(row)
-            ref = row["reference"]
-            print(f"{family:>14} {row['K']:>5} {n:>8} | {_fmt_s(one):>8} {_fmt_gb(one['peak_bytes']):>9} | "
+            print(f"{family:>14} {row['K']:>5} {n:>8} | "
+                  f"{_fmt_s(one) if 'fit_s' in one else 'skipped':>8} {_fmt_gb(one.get('peak_bytes')):>9} | "
                   f"{_fmt_s(ref) if 'fit_s' in ref else 'not run':>8} {_fmt_gb(ref.get('peak_bytes')):>8} "
                   f"{estimate / GB:>10.2f} | "
                   f"{row.get('time_ratio', float('nan')):>7.1f} {row.get('memory_ratio', float('nan')):>7.1f} | "
@@ -249,6 +274,7 @@ def main(argv=None) -> None:
         "batch": args.batch,
         "max_latent": args.max_latent,
         "reference_memory_limit_bytes": limit,
+        "budget_s": args.budget_s,
         "mem_available_bytes": available,
         "notes": [
             "fit_s excludes generating the synthetic data (generate_s); peak_bytes = VmHWM - VmRSS before the "

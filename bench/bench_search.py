@@ -103,6 +103,9 @@ def timed(fn, repeats: int = 1):
 
 
 def run_size(n: int, args, workdir: Path) -> list[dict]:
+    """All methods on one database size. Each is timed two ways on the same queries, side by side:
+    ``qps``: the whole query batch in one call (exact search amortises its scan over the batch), and
+    ``single_qps``: queries one call at a time (the interactive case; the first ``--single`` queries)."""
     dim, levels, k = args.dim, args.levels, args.k
     centres = make_centres(dim, args.clusters, seed=0)
     run = workdir / f"n{n}"
@@ -115,82 +118,100 @@ def run_size(n: int, args, workdir: Path) -> list[dict]:
     queries = sample(centres, args.queries, args.spread, np.random.default_rng(2))  # held out, same law
     rows: list[dict] = []
 
-    def row(method, width, result, secs, build_s=None, **extra):
+    def measure(method, width, build_s=None, n_single=args.single, **kw):
+        def one_call():
+            return S.search(run, queries, width=width, k=k, mode=method, **kw)
+
+        result, secs = timed(one_call, args.exact_repeats if method == "exact" else 2)
+        t0 = time.perf_counter()
+        for i in range(n_single):
+            S.search(run, queries[i : i + 1], width=width, k=k, mode=method, **kw)
+        single_s = (time.perf_counter() - t0) / max(n_single, 1)
         rec = {
             "n": n,
             "method": method,
             "width": width,
-            "recall_at_k": S.recall_at_k(result, truth, k=k) if result is not None else 1.0,
+            "recall_at_k": S.recall_at_k(result, truth, k=k) if method != "exact" else 1.0,
             "qps": args.queries / secs,
             "seconds": secs,
+            "single_qps": 1.0 / single_s if n_single else None,
+            "single_queries": n_single,
             "index_build_s": build_s,
-            **extra,
+            **{key: v for key, v in kw.items() if key != "rerank_width"},
         }
+        if method == "funnel":
+            rec["rerank_width"] = dim
         rows.append(rec)
-        print(f"[n={n}] {method:<7} width {width:>5}  recall@{k} {rec['recall_at_k']:.3f}  {rec['qps']:9.1f} q/s"
-              + (f"  (index {build_s:.0f} s)" if build_s else "") + (f"  {extra}" if extra else ""), flush=True)
+        print(f"[n={n}] {method:<7} width {width:>5}  recall@{k} {rec['recall_at_k']:.3f}  {rec['qps']:8.1f} q/s "
+              f"batch  {rec['single_qps'] or 0:8.1f} q/s single  {kw}", flush=True)
+        return result
 
-    truth, secs = timed(lambda: S.search(run, queries, width=dim, k=k, mode="exact"), repeats=args.exact_repeats)
-    row("exact", dim, None, secs)
+    truth = measure("exact", dim, n_single=min(args.single, args.exact_single))
 
     build: dict[int, float] = {}
     for w in args.index_levels:
         t0 = time.perf_counter()
         S.build_index(run, width=w, index_type=args.index_type, metric="cosine")
         build[w] = time.perf_counter() - t0
-        print(f"[n={n}] index width {w}: {build[w]:.1f} s", flush=True)
-        found, secs = timed(lambda: S.search(run, queries, width=w, k=k, mode="ann", nprobes=args.nprobes), 2)
-        row("ann", w, found, secs, build[w], nprobes=args.nprobes)
+        print(f"[n={n}] {args.index_type} index width {w}: {build[w]:.1f} s", flush=True)
+        for nprobes in args.nprobes:
+            measure("ann", w, build[w], nprobes=nprobes)
 
     for w in args.index_levels:
         if w >= dim:
             continue
-        for shortlist in args.shortlists:
-            found, secs = timed(
-                lambda: S.search(run, queries, width=w, k=k, mode="funnel", shortlist=shortlist, nprobes=args.nprobes),
-                2,
-            )
-            row("funnel", w, found, secs, build[w], shortlist=shortlist, rerank_width=dim)
+        for nprobes in args.nprobes:
+            for shortlist in args.shortlists:
+                measure("funnel", w, build[w], nprobes=nprobes, shortlist=shortlist)
     if not args.keep:
         shutil.rmtree(run)
     return rows
 
 
 def format_table(rows: list[dict], k: int) -> str:
-    exact_qps = {r["n"]: r["qps"] for r in rows if r["method"] == "exact"}
-    head = f"{'n':>9}  {'method':<7} {'width':>5} {'shortlist':>9}  {f'recall@{k}':>9} {'q/s':>9} {'x exact':>8} {'index s':>8}"
+    exact = {r["n"]: r for r in rows if r["method"] == "exact"}
+    head = (f"{'n':>9}  {'method':<7} {'width':>5} {'nprobes':>7} {'shortlist':>9}  {f'recall@{k}':>9} "
+            f"{'q/s batch':>10} {'x exact':>8} {'q/s single':>11} {'x exact':>8} {'index s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         build = "" if r["index_build_s"] is None else f"{r['index_build_s']:.1f}"
+        single = r["single_qps"] or float("nan")
         lines.append(
-            f"{r['n']:>9}  {r['method']:<7} {r['width']:>5} {str(r.get('shortlist', '')):>9}  "
-            f"{r['recall_at_k']:>9.3f} {r['qps']:>9.1f} {r['qps'] / exact_qps[r['n']]:>8.1f} "
-            f"{build:>8}"
+            f"{r['n']:>9}  {r['method']:<7} {r['width']:>5} {str(r.get('nprobes') or ''):>7} "
+            f"{str(r.get('shortlist') or ''):>9}  {r['recall_at_k']:>9.3f} {r['qps']:>10.1f} "
+            f"{r['qps'] / exact[r['n']]['qps']:>8.1f} {single:>11.1f} "
+            f"{single / (exact[r['n']]['single_qps'] or float('nan')):>8.1f} {build:>8}"
         )
     return "\n".join(lines)
 
 
 def funnel_summary(rows: list[dict], k: int, target_recall: float = 0.95, target_speedup: float = 10.0) -> dict:
-    """Per size: the fastest funnel configuration with recall@k >= target_recall, its speedup over exact."""
+    """Per size and timing mode: the fastest funnel configuration with recall@k >= target_recall, and its
+    speedup over exact full-width search timed the same way."""
     by_n, lines = {}, []
     for n in sorted({r["n"] for r in rows}):
         exact = next(r for r in rows if r["n"] == n and r["method"] == "exact")
         good = [r for r in rows if r["n"] == n and r["method"] == "funnel" and r["recall_at_k"] >= target_recall]
-        best = max(good, key=lambda r: r["qps"], default=None)
-        speedup = best["qps"] / exact["qps"] if best else None
-        by_n[str(n)] = {
-            "exact_qps": exact["qps"],
-            "best_funnel": best,
-            "speedup": speedup,
-            "target": f"recall@{k} >= {target_recall} at >= {target_speedup}x exact q/s",
-            "target_met": bool(best and speedup >= target_speedup),
-        }
-        lines.append(
-            f"n={n}: " + (f"best funnel at recall@{k} >= {target_recall}: width {best['width']}, shortlist "
-                          f"{best['shortlist']}, {speedup:.1f}x exact q/s (target {target_speedup}x: "
-                          f"{'met' if speedup >= target_speedup else 'NOT met'})"
-                          if best else f"no funnel configuration reached recall@{k} >= {target_recall}")
-        )
+        by_n[str(n)] = {"target": f"recall@{k} >= {target_recall} at >= {target_speedup}x exact q/s"}
+        for mode, key in (("batch", "qps"), ("single", "single_qps")):
+            if not exact[key]:
+                continue
+            best = max((r for r in good if r[key]), key=lambda r: r[key], default=None)
+            speedup = best[key] / exact[key] if best else None
+            by_n[str(n)][mode] = {
+                "exact_qps": exact[key],
+                "best_funnel": best,
+                "speedup": speedup,
+                "target_met": bool(best and speedup >= target_speedup),
+            }
+            lines.append(
+                f"n={n}, {mode:<6} ({'one call for all queries' if mode == 'batch' else 'one query per call'}): "
+                + (f"best funnel with recall@{k} >= {target_recall}: width {best['width']}, nprobes "
+                   f"{best['nprobes']}, shortlist {best['shortlist']}: recall {best['recall_at_k']:.3f}, "
+                   f"{best[key]:.1f} q/s = {speedup:.1f}x exact (target {target_speedup}x: "
+                   f"{'met' if speedup >= target_speedup else 'NOT met'})"
+                   if best else f"no funnel configuration reached recall@{k} >= {target_recall}")
+            )
     return {"by_n": by_n, "lines": lines}
 
 
@@ -205,9 +226,14 @@ def main(argv=None) -> int:
     p.add_argument("--index-levels", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="levels to index (default: all levels)")
     p.add_argument("--index-type", default=S.DEFAULT_INDEX_TYPE)
-    p.add_argument("--nprobes", type=int, default=None, help="IVF partitions probed (default: Lance's)")
-    p.add_argument("--shortlists", type=lambda s: [int(v) for v in s.split(",")], default=[100],
-                   help="funnel shortlist sizes, comma separated")
+    p.add_argument("--nprobes", type=lambda s: [int(v) or None for v in s.split(",")], default=[None, 5],
+                   help="IVF partitions probed, comma separated; 0 = Lance's default (default: 0,5)")
+    p.add_argument("--shortlists", type=lambda s: [int(v) for v in s.split(",")], default=[30, 100],
+                   help="funnel shortlist sizes, comma separated (default: 30,100)")
+    p.add_argument("--single", type=int, default=20,
+                   help="queries also timed one call at a time (default 20; 0: skip)")
+    p.add_argument("--exact-single", type=int, default=5,
+                   help="of those, how many for exact search (each scans the whole table; default 5)")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--clusters", type=int, default=1000)

@@ -355,9 +355,12 @@ def fix_signs(vectors: np.ndarray, tie_tol: float = SIGN_TIE_TOL) -> np.ndarray:
 
 def _leakage(cov: np.ndarray, transform: np.ndarray, new_cols: np.ndarray) -> float:
     """max |corr(acc_{i-1} column, new column)| on the fit data, from S alone."""
-    cross = transform.T @ cov @ new_cols  # (p, d)
-    var_old = np.einsum("kp,kl,lp->p", transform, cov, transform)  # (p,)
-    var_new = np.einsum("kd,kl,ld->d", new_cols, cov, new_cols)  # (d,)
+    # Products with S first, then elementwise: a 3-operand einsum runs as a naive K x K x p loop (seconds at K=2720).
+    s_old = cov @ transform  # (K, p)
+    s_new = cov @ new_cols  # (K, d)
+    cross = transform.T @ s_new  # (p, d)
+    var_old = (transform * s_old).sum(axis=0)  # (p,) diag of T' S T
+    var_new = (new_cols * s_new).sum(axis=0)  # (d,)
     scale = np.sqrt(np.outer(np.clip(var_old, 0, None), np.clip(var_new, 0, None)))
     # Columns with no variance (constant on the fit data) correlate with nothing.
     tiny = RCOND * max(float(np.diag(cov).max()), 1e-300)

@@ -77,6 +77,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None) -> "Config":
+        """The inverse of to_dict (e.g. the config recorded in a run's metadata), with optional overrides."""
+        data = json.loads(json.dumps(data))  # a deep copy that the overrides may edit
+        for text in overrides or []:
+            apply_override(data, *parse_override(text))
+        return _build(cls, data, "").validate()
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 

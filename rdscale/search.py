@@ -94,6 +94,9 @@ def open_table(dataset_path: str | Path, table: str = "proteins") -> lance.Lance
     if path.suffix != ".lance":
         path = path / f"{table}.lance"
     if not path.is_dir():
+        if table == "residues" and (path.parent / "proteins.lance").is_dir():
+            raise SearchError(f"the run at {path.parent} has no residues table (it was run with output.residues: "
+                              "false); search --table proteins instead")
         raise SearchError(f"no Lance dataset at {path} (is {dataset_path} an rdscale run directory?)")
     ds = lance.dataset(str(path))
     missing = [c for c in (*TABLES[table], EMBEDDING) if c not in ds.schema.names]

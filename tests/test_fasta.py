@@ -6,6 +6,8 @@ import gzip
 import math
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -225,6 +227,13 @@ def test_characters_outside_the_alphabet_are_rejected(tmp_path, bad):
     assert "residue 3" in item.reason
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_non_ascii_letters_are_named_as_typed(tmp_path, encoding):
+    item = only(write(tmp_path, ">p\nMK\u00e9V\u00e9\n".encode(encoding)))
+    assert item.code == "invalid_characters"
+    assert "'\u00e9'" in item.reason and "residue 3" in item.reason
+
+
 def test_gaps_are_rejected_by_default(tmp_path):
     item = only(write(tmp_path, ">p\nMK-V.L\n"))
     assert isinstance(item, Reject) and item.code == "gaps"
@@ -411,3 +420,28 @@ def test_messy_fasta_counts_match_the_readme():
     items = read_all(EXAMPLES / "messy.fasta")
     assert sum(isinstance(i, Record) for i in items) == accepted
     assert Counter(i.code for i in items if isinstance(i, Reject)) == {k: int(v) for k, v in rejected.items()}
+
+
+def readme_table() -> list[str]:
+    """The outcome column of the README's table of messy.fasta records, in record order."""
+    rows = re.findall(r"^\| (\d+) \| .+ \| (\w+) \|$", (EXAMPLES / "README.md").read_text(), re.MULTILINE)
+    assert [int(n) for n, _ in rows] == list(range(1, len(rows) + 1))
+    return [outcome for _, outcome in rows]
+
+
+def test_messy_fasta_records_match_the_readme_table():
+    items = read_all(EXAMPLES / "messy.fasta")
+    assert ["accepted" if isinstance(i, Record) else i.code for i in items] == readme_table()
+
+
+def test_make_messy_damage_table_agrees_with_the_reader(tmp_path):
+    """make_messy.py counts outcomes from its own table; the reader must agree on any clean input."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "make_messy.py")],
+        input=(EXAMPLES / "example.fasta").read_bytes(), capture_output=True, check=True,
+    )
+    declared = dict(re.findall(r"`?(\w+)`?: (\d+)", done.stderr.decode()))
+    items = read_all(write(tmp_path, done.stdout, "messy.fasta"))
+    assert sum(isinstance(i, Record) for i in items) == int(declared.pop("accepted"))
+    assert Counter(i.code for i in items if isinstance(i, Reject)) == {k: int(v) for k, v in declared.items()}
+    assert not done.stdout.endswith(b"\n")  # the last line has no newline

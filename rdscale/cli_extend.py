@@ -1,0 +1,34 @@
+"""`rdscale extend`: move an embedded run up one chain level with a larger model, without re-embedding."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_extend(args) -> int:
+    from .extend import extend
+
+    summary = extend(
+        args.out, args.model, from_fit=args.from_fit, sample_sequences=args.sample, regression=args.regression,
+        overrides=args.overrides, progress=not args.quiet,
+    )
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extend",
+        help="grow a run to a larger model: append the next chain level without running the smaller models",
+        description="Fits the next chain step from the stored full-width embeddings and the new model (or takes "
+        "it from --from-fit), then writes the wider embedding as a new version of each table's embedding column. "
+        "Resumable: rerun the same command after an interruption.",
+    )
+    p.add_argument("-o", "--out", required=True, help="run directory (holds proteins.lance, residues.lance, fit/)")
+    p.add_argument("--model", required=True, help="the larger model: ESM-2 name (e.g. 3B) or checkpoint path")
+    p.add_argument("--from-fit", help="a fit of the longer chain, fitted together with this run's fit")
+    p.add_argument("--sample", type=int, default=1000, help="proteins whose residues fit the new step (default 1000)")
+    p.add_argument("--regression", choices=("pcr", "ols"), default="pcr")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's recorded config for the new model, e.g. embedding.device=cuda:1")
+    p.set_defaults(func=cmd_extend)

@@ -1,0 +1,469 @@
+"""Grow an embedded run to a larger model without re-embedding it (`rdscale extend`).
+
+A run embedded at level m stores z = acc_m, the accumulated representation that chain step m+1 regresses on. So
+the step needs only z and the new model's h: the new residual block is ([z; h] - mean) @ P, a 2-block `ChainFit`
+on (k_m, k_new) whose first block is z itself. It comes either
+
+- from the stored prefix: moments of [z; h] over a sample of the run's residues, solved by `fit_chain` — the same
+  formula as step m+1 of a long chain fitted from scratch (chain.py's sign convention depends on V only, so the
+  directions agree too); or
+- from a longer fit that already holds the new model, fitted together with this run's fit (`from_fit`): its last
+  step, re-expressed in z coordinates.
+
+Then every residue and protein gets the new embedding, (.., k_new) = [z, new block], written as a new version of
+the `embedding` column (the old version stays readable by version number): the smaller models never run. Per
+protein the new block is ([mean z; mean h] - mean) @ P, the mean of the per-residue blocks (the map is affine).
+
+Resumable: the step artifact is written first and reused; finished Lance fragments are recorded in
+`<run>/extend.partial/` and skipped on restart; the column switch at the end is a Lance commit plus two
+metadata-only operations, each detected and completed on restart.
+
+Extendable runs store the residue table at full width (output.storage_width null). float32 residues extend
+exactly; float16 residues extend within float16 rounding of z.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from .artifact import ArtifactError, load_fit, save_fit
+from .chain import ChainFit, fit_chain
+from .config import Config
+from .moments import Moments
+from .progress import Progress
+from .store import META_LEVELS, META_MANIFEST, PROTEINS, RESIDUES, read_metadata
+
+log = logging.getLogger(__name__)
+
+EMBEDDING = "embedding"
+STAGED = "embedding__extended"  # the new column version while fragments are being written
+EXTENSIONS_KEY = "rdscale.extensions"
+
+
+class ExtendError(RuntimeError):
+    """The run cannot be extended as asked; the message says why and what to do."""
+
+
+@dataclass
+class ExtendSummary:
+    run_dir: str
+    old_width: int
+    new_width: int
+    model: str
+    step_source: str
+    models_loaded: list[str] = field(default_factory=list)
+    proteins: int = 0
+    residues: int = 0
+    fragments_skipped: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        rate = self.residues / self.seconds if self.seconds else 0.0
+        return [
+            f"extended {self.run_dir}: rd.{self.old_width} -> rd.{self.new_width} with {self.model}",
+            f"step: {self.step_source}",
+            f"proteins: {self.proteins}   residues: {self.residues}   ({rate:,.0f} residues/s, "
+            f"{self.fragments_skipped} fragment(s) already done)",
+            f"models run: {', '.join(self.models_loaded) or 'none'}",
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what is there
+
+
+def _open(run: Path, name: str) -> lance.LanceDataset | None:
+    path = run / f"{name}.lance"
+    return lance.dataset(str(path)) if path.exists() else None
+
+
+def _width(ds: lance.LanceDataset, column: str = EMBEDDING) -> int:
+    return ds.schema.field(column).type.list_size
+
+
+def check_extendable(run: Path) -> dict[str, Any]:
+    """The run's levels, manifest and config, or ExtendError saying why it cannot be extended."""
+    proteins = _open(run, PROTEINS)
+    if proteins is None:
+        raise ExtendError(f"{run} holds no rdscale run (no proteins.lance)")
+    meta = read_metadata(run / "proteins.lance")
+    levels = [int(w) for w in meta.get("levels", [])]
+    width = _width(proteins) if EMBEDDING in proteins.schema.names else None
+    if width is None or not levels:
+        raise ExtendError(f"{run}/proteins.lance has no embedding column or no chain levels; is it an rdscale run?")
+    residues = _open(run, RESIDUES)
+    if residues is not None and EMBEDDING in residues.schema.names and _width(residues) < width:
+        raise ExtendError(
+            f"{run}/residues.lance stores a {_width(residues)}-wide prefix of the {width}-wide embedding "
+            f"(output.storage_width={_width(residues)}): the next chain step regresses on the full-width "
+            f"embedding, so this run cannot be extended. Re-run with output.storage_width: null (float32 residues "
+            f"extend exactly, float16 within float16 rounding), or extend per-protein only after deleting "
+            f"residues.lance."
+        )
+    return {"levels": levels, "width": width, "manifest": meta.get("fit_manifest") or {},
+            "config": meta.get("config") or {}, "has_residues": residues is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the step
+
+
+def step_from_longer_fit(longer: ChainFit, width: int) -> ChainFit:
+    """The last step of `longer` (whose second-to-last level is `width`) as a 2-block fit on [z; h_new].
+
+    In the long chain, new block = ((h - mu_h) - (acc - mean acc) W) V with acc = z and mean acc = the offset of z
+    ([mean h_1, 0, ...], chain.py's `affine`), i.e. ([z; h] - [offset; mu_h]) @ [[-W V], [V]]."""
+    if len(longer.widths) < 2 or longer.widths[-2] != width:
+        raise ExtendError(f"the longer fit's chain {longer.widths} does not extend a {width}-wide embedding")
+    k_new = longer.widths[-1]
+    predictor, direction = longer.predictors[-1], longer.directions[-1]  # (width, k_new), (k_new, k_new - width)
+    _, _, offset = _truncate(longer, len(longer.widths) - 1).affine()  # offset: (width,)
+    mean = np.concatenate([offset, longer.mean[-k_new:]])  # (width + k_new,)
+    projection = np.concatenate([-predictor @ direction, direction], axis=0)  # (width + k_new, k_new - width)
+    return ChainFit(
+        widths=(width, k_new), regression=longer.regression, mean=mean, projection=projection,
+        predictors=[predictor], directions=[direction], steps=[longer.steps[-1]], n_residues=longer.n_residues,
+        options=dict(longer.options),
+    )
+
+
+def _truncate(fit: ChainFit, levels: int) -> ChainFit:
+    """The first `levels` levels of a chain fit: a fit of the first `levels` models (level j uses models <= j)."""
+    widths = fit.widths[:levels]
+    k_total = sum(widths)
+    return ChainFit(
+        widths=widths, regression=fit.regression, mean=fit.mean[:k_total],
+        projection=fit.projection[:k_total, : widths[-1] - widths[0]],
+        predictors=fit.predictors[: levels - 1], directions=fit.directions[: levels - 1],
+        steps=fit.steps[: levels - 1], n_residues=fit.n_residues, options=dict(fit.options),
+    )
+
+
+def _check_prefix_fit(longer: ChainFit, base: ChainFit) -> None:
+    m = len(base.widths)
+    if tuple(longer.widths[:m]) != tuple(base.widths) or len(longer.widths) != m + 1:
+        raise ExtendError(f"--from-fit has chain {longer.widths}; this run needs {tuple(base.widths)} + one model")
+    head = _truncate(longer, m)
+    if not (np.allclose(head.mean, base.mean, rtol=1e-9, atol=1e-12)
+            and np.allclose(head.projection, base.projection, rtol=1e-7, atol=1e-9)):
+        raise ExtendError(
+            "the longer fit's first levels differ from this run's fit (fitted on another sample?), so its last "
+            "step does not apply to the stored embeddings; omit --from-fit to fit the step from the stored prefix"
+        )
+
+
+def _sample_ids(proteins: lance.LanceDataset, n: int) -> list[str]:
+    """Up to n protein ids spread evenly over the table (the run is in input order)."""
+    total = proteins.count_rows()
+    if total == 0:
+        raise ExtendError("the run's proteins table is empty: nothing to extend")
+    rows = np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(np.int64))
+    return proteins.take(rows.tolist(), columns=["id"])["id"].to_pylist()
+
+
+def _sql_list(ids: Sequence[str]) -> str:
+    return ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+
+
+def fit_step_from_prefix(run: Path, encoder, sample_sequences: int, regression: str, width: int,
+                         chunk: int = 64) -> tuple[ChainFit, Moments, int]:
+    """Moments of [z; h_new] over the residues of a sample of proteins -> the 2-block step fit."""
+    proteins, residues = _open(run, PROTEINS), _open(run, RESIDUES)
+    if residues is None:
+        raise ExtendError(
+            f"{run} stores per-protein embeddings only: fitting the new step needs per-residue embeddings. "
+            "Pass --from-fit with a fit of the longer chain (fitted together with this run's fit)."
+        )
+    ids = _sample_ids(proteins, sample_sequences)
+    k_new = encoder.widths[0]
+    moments = Moments(width + k_new, device=encoder.device)
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk]
+        seqs = dict(zip(*proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({_sql_list(part)})")
+                        .to_pydict().values()))
+        rows = residues.to_table(columns=["id", "pos", EMBEDDING], filter=f"id IN ({_sql_list(part)})")
+        rows = rows.sort_by([("id", "ascending"), ("pos", "ascending")])
+        z_all = _fsl_numpy(rows[EMBEDDING])  # (n_rows, width)
+        order = sorted(seqs)
+        h = encoder.blocks([seqs[k] for k in order])  # [seq][model] (L, k_new)
+        start = 0
+        z_parts, h_parts = [], []
+        for key, blocks in zip(order, h):
+            n = int(pc.sum(pc.equal(rows["id"], key)).as_py() or 0)
+            z_parts.append(z_all[start : start + n])
+            h_parts.append(blocks[0][:n])
+            start += n
+        z = torch.as_tensor(np.concatenate(z_parts), dtype=h_parts[0].dtype, device=encoder.device)
+        moments.update(torch.cat([z, torch.cat(h_parts)], dim=1))  # (n, width + k_new)
+    return fit_chain(moments, (width, k_new), regression=regression), moments, len(ids)
+
+
+def _fsl_numpy(column) -> np.ndarray:
+    """fixed_size_list column -> (n, w) float32."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+class _ResidueColumn:
+    """merge_columns value function for residue fragments: (id, pos, embedding) batches -> the new embedding.
+
+    Rows of a protein are contiguous and in pos order, so each protein is embedded once, when its first row is
+    seen (its rows may span batches and fragments; the last protein is kept for that). Its mean h is recorded
+    for the proteins pass."""
+
+    def __init__(self, step: ChainFit, encoder, sequences: dict[str, str], out_type: pa.DataType):
+        self.step, self.encoder, self.sequences, self.out_type = step, encoder, sequences, out_type
+        self.width, self.k_new = step.widths
+        self.current: dict[str, torch.Tensor] = {}
+        self.protein_means: dict[str, np.ndarray] = {}
+
+    def _embed(self, ids: list[str]) -> None:
+        missing = [i for i in ids if i not in self.current]
+        if not missing:
+            return
+        unknown = [i for i in missing if i not in self.sequences]
+        if unknown:
+            raise ExtendError(f"residues of {unknown[:3]} have no row in proteins.lance; the run is inconsistent")
+        blocks = self.encoder.blocks([self.sequences[i] for i in missing])
+        keep = {i: self.current[i] for i in ids if i in self.current}
+        for key, b in zip(missing, blocks):
+            keep[key] = b[0]
+            self.protein_means[key] = b[0].double().mean(dim=0).cpu().numpy()
+        self.current = keep
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        ids = batch.column("id").to_pylist()
+        pos = np.asarray(batch.column("pos").to_numpy(zero_copy_only=False), dtype=np.int64)
+        order = list(dict.fromkeys(ids))
+        self._embed(order)
+        h = torch.cat([self.current[i][pos[np.asarray(ids) == i]] for i in order])  # (n, k_new) in row order
+        if 1 + sum(ids[j] != ids[j - 1] for j in range(1, len(ids))) != len(order):
+            raise ExtendError("residue rows of a protein are not contiguous; the residues table was reordered")
+        z = torch.as_tensor(_fsl_numpy(batch.column(EMBEDDING)), dtype=h.dtype, device=h.device)  # (n, width)
+        full = self.step.apply([z, h])  # (n, k_new): [z, new block]
+        full[:, : self.width] = z  # z exactly as stored (apply copies it; this keeps it bit-identical)
+        values = full.cpu().numpy().astype(self.out_type.to_pandas_dtype(), copy=False)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), type=self.out_type), self.k_new)
+        return pa.RecordBatch.from_arrays([column], names=[STAGED])
+
+
+class _ProteinColumn:
+    """merge_columns value function for protein fragments: ([mean z; mean h] - mean) @ P per protein."""
+
+    def __init__(self, step: ChainFit, encoder, means: dict[str, np.ndarray] | None):
+        self.step, self.encoder, self.means = step, encoder, means
+        self.width, self.k_new = step.widths
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        ids = batch.column("id").to_pylist()
+        if self.means is not None:
+            missing = [i for i in ids if i not in self.means]
+            if missing:
+                raise ExtendError(f"proteins {missing[:3]} have no residues in residues.lance; the run is inconsistent")
+            h_mean = np.stack([self.means[i] for i in ids])  # (n, k_new) float64
+        else:
+            seqs = batch.column("sequence").to_pylist()
+            h_mean = np.stack([b[0].double().mean(dim=0).cpu().numpy() for b in self.encoder.blocks(seqs)])
+        z_mean = _fsl_numpy(batch.column(EMBEDDING)).astype(np.float64)  # (n, width)
+        full = self.step.apply([torch.as_tensor(z_mean), torch.as_tensor(h_mean)], dtype=torch.float64).numpy()
+        full[:, : self.width] = z_mean
+        column = pa.FixedSizeListArray.from_arrays(pa.array(full.astype(np.float32).ravel(), pa.float32()), self.k_new)
+        return pa.RecordBatch.from_arrays([column], names=[STAGED])
+
+
+def _extend_table(uri: str, fn, columns: list[str], partial: Path, bar: Progress) -> tuple[int, int]:
+    """New column version for every fragment (skipping those recorded in `partial`), committed as one Merge, then
+    switched in for `embedding`. Returns (rows written, fragments skipped)."""
+    ds = lance.dataset(uri)
+    if STAGED in ds.schema.names:  # killed between the Merge commit and the switch
+        return _switch(ds), 0
+    if any(f.deletion_file() is not None for f in ds.get_fragments()):
+        # Row-aligned new columns need fragments without deletion vectors; compaction materialises deletions.
+        ds.optimize.compact_files(materialize_deletions=True, materialize_deletions_threshold=0.0)
+        ds = lance.dataset(uri)
+        shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    state_file = partial / "version.json"
+    if state_file.exists() and json.loads(state_file.read_text())["version"] != ds.version:
+        shutil.rmtree(partial)  # the table changed since those fragments were written: start over
+        partial.mkdir(parents=True)
+    state_file.write_text(json.dumps({"version": ds.version}))
+    fragments, schema, rows, skipped = [], None, 0, 0
+    all_frags = ds.get_fragments()
+    for i, frag in enumerate(all_frags):
+        done = partial / f"{frag.fragment_id}.json"
+        last = i == len(all_frags) - 1
+        if done.exists() and not (last and schema is None):
+            # Recorded in an earlier attempt. (The last fragment is redone when nothing else was, because the
+            # Merge needs the new schema that only merge_columns returns.)
+            from lance.fragment import FragmentMetadata
+
+            fragments.append(FragmentMetadata.from_json(done.read_text()))
+            skipped += 1
+            bar.update(1)
+            continue
+        meta, schema = frag.merge_columns(fn, columns=columns)
+        as_json = meta.to_json()
+        done.write_text(as_json if isinstance(as_json, str) else json.dumps(as_json))
+        fragments.append(meta)
+        rows += frag.count_rows()
+        bar.update(1)
+    if schema is None:  # an empty table: nothing to write, switch the column type in place
+        return 0, skipped
+    lance.LanceDataset.commit(uri, lance.LanceOperation.Merge(fragments, schema), read_version=ds.version)
+    _switch(lance.dataset(uri))
+    return rows, skipped
+
+
+def _switch(ds: lance.LanceDataset) -> int:
+    """Make the staged column the `embedding` column (two metadata-only steps, each safe to redo)."""
+    if EMBEDDING in ds.schema.names:
+        ds.drop_columns([EMBEDDING])
+    ds.alter_columns({"path": STAGED, "name": EMBEDDING})
+    return ds.count_rows()
+
+
+def _update_metadata(uri: str, levels: list[int], manifest: dict, extension: dict) -> None:
+    ds = lance.dataset(uri)
+    md = {k.decode(): v.decode() for k, v in (ds.schema.metadata or {}).items()}
+    exts = json.loads(md.get(EXTENSIONS_KEY, "[]"))
+    if not any(e["width"] == extension["width"] for e in exts):
+        exts.append(extension)
+    md[META_LEVELS.decode()] = json.dumps(levels)
+    md[META_MANIFEST.decode()] = json.dumps(manifest, sort_keys=True)
+    md[EXTENSIONS_KEY] = json.dumps(exts)
+    ds.update_schema_metadata(md, replace=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the verb
+
+
+def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, sample_sequences: int = 1000,
+           regression: str = "pcr", overrides: Sequence[str] = (), progress: bool = True) -> ExtendSummary:
+    """Move the run in `run_dir` up one chain level with `model` (see the module docstring)."""
+    from .stages import ChainEncoder
+
+    started = time.perf_counter()
+    run = Path(run_dir)
+    info = check_extendable(run)
+    width, levels, manifest = info["width"], info["levels"], info["manifest"]
+    cfg = Config.from_dict(info["config"], list(overrides)) if info["config"] else Config()
+    step_dir = run / f"fit_ext_{width}"
+    partial_root = run / "extend.partial"
+
+    encoder = ChainEncoder([model], cfg)  # the only model this command runs
+    new = encoder.model_info()[0]
+    k_new = new["width"]
+    if k_new <= width:
+        raise ExtendError(f"{model} is {k_new} wide; extending a {width}-wide run needs a wider model")
+    summary = ExtendSummary(run_dir=str(run), old_width=width, new_width=k_new, model=new["name"], step_source="",
+                            models_loaded=[new["source"]])
+
+    if (step_dir / "manifest.json").exists():
+        step, step_manifest = load_fit(step_dir)
+        if step_manifest["models"][-1].get("sha256") not in (None, new["sha256"]) or step.widths != (width, k_new):
+            raise ExtendError(f"{step_dir} holds an extension step for another model; delete it to start over")
+        summary.step_source = f"{step_dir} (from an interrupted extension, reused)"
+    else:
+        if from_fit:
+            longer, longer_manifest = load_fit(from_fit)
+            base_dir = run / "fit"
+            if not (base_dir / "manifest.json").exists():
+                raise ExtendError(f"{run} has no fit/ artifact to check --from-fit against")
+            _check_prefix_fit(longer, load_fit(base_dir)[0])
+            sha = longer_manifest["models"][-1].get("sha256")
+            if sha and new["sha256"] and sha != new["sha256"]:
+                raise ExtendError(f"--from-fit's last model ({longer_manifest['models'][-1].get('name')}) is not "
+                                  f"{model} (checkpoint hashes differ)")
+            step, moments, n_seq = step_from_longer_fit(longer, width), None, None
+            source = f"last step of {from_fit}"
+        else:
+            step, moments, n_seq = fit_step_from_prefix(run, encoder, sample_sequences, regression, width)
+            source = f"fitted on the stored rd.{width} prefix of {n_seq} proteins ({step.n_residues} residues)"
+        staging = Path(str(step_dir) + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        prefix_model = {"name": f"rd.{width}", "width": width, "source": str(run), "sha256": None}
+        save_fit(step, staging, models=[prefix_model, new], moments=moments,
+                 extra={"source": source, "sequences": n_seq})
+        staging.rename(step_dir)
+        summary.step_source = source
+
+    proteins_uri, residues_uri = str(run / "proteins.lance"), str(run / "residues.lance")
+    tables = [RESIDUES, PROTEINS] if info["has_residues"] else [PROTEINS]
+    n_frags = sum(len(lance.dataset(str(run / f"{t}.lance")).get_fragments()) for t in tables)
+    proteins = lance.dataset(proteins_uri)
+    with Progress(total=n_frags, unit="fragment", desc="extending", enabled=progress) as bar:
+        means = None
+        if info["has_residues"]:
+            residues = lance.dataset(residues_uri)
+            if EMBEDDING in residues.schema.names and _width(residues) == k_new:
+                log.info("residues already extended to %d", k_new)
+            else:
+                sequences = dict(zip(*proteins.to_table(columns=["id", "sequence"]).to_pydict().values()))
+                out_type = residues.schema.field(EMBEDDING).type.value_type if EMBEDDING in residues.schema.names \
+                    else residues.schema.field(STAGED).type.value_type
+                fn = _ResidueColumn(step, encoder, sequences, out_type)
+                rows, skipped = _extend_table(residues_uri, fn, ["id", "pos", EMBEDDING],
+                                              partial_root / RESIDUES, bar)
+                summary.residues, summary.fragments_skipped = rows, summary.fragments_skipped + skipped
+                means = fn.protein_means
+        if EMBEDDING in proteins.schema.names and _width(proteins) == k_new:
+            log.info("proteins already extended to %d", k_new)
+        else:
+            if means is not None and len(means) < proteins.count_rows():
+                # Residue fragments done in an earlier attempt were skipped: their proteins' mean h is missing.
+                have = set(means)
+                rest = [i for i in proteins.to_table(columns=["id"])["id"].to_pylist() if i not in have]
+                seqs = dict(zip(*proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({_sql_list(rest)})")
+                                .to_pydict().values()))
+                for key in rest:
+                    means[key] = encoder.blocks([seqs[key]])[0][0].double().mean(dim=0).cpu().numpy()
+            columns = ["id", EMBEDDING] if means is not None else ["id", "sequence", EMBEDDING]
+            rows, skipped = _extend_table(proteins_uri, _ProteinColumn(step, encoder, means), columns,
+                                          partial_root / PROTEINS, bar)
+            summary.proteins, summary.fragments_skipped = rows, summary.fragments_skipped + skipped
+
+    new_manifest = dict(manifest)
+    new_manifest["models"] = list(manifest.get("models", [])) + [new]
+    new_manifest["extensions"] = list(manifest.get("extensions", [])) + [
+        {"width": k_new, "step": str(step_dir), "source": summary.step_source}]
+    extension = {"width": k_new, "model": new, "step": str(step_dir), "from": width}
+    for uri in [residues_uri] * info["has_residues"] + [proteins_uri]:
+        _update_metadata(uri, levels + [k_new], new_manifest, extension)
+    shutil.rmtree(partial_root, ignore_errors=True)
+    summary.proteins = summary.proteins or proteins.count_rows()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def load_query_chain(run_dir: str | Path) -> list[ChainFit]:
+    """The fits that turn per-model embeddings into this run's stored embedding: the base fit, then each
+    extension step in order (for embedding queries the same way)."""
+    run = Path(run_dir)
+    meta = read_metadata(run / "proteins.lance")
+    fits = []
+    if (run / "fit" / "manifest.json").exists():
+        fits.append(load_fit(run / "fit")[0])
+    for ext in (meta.get("fit_manifest") or {}).get("extensions", []):
+        try:
+            fits.append(load_fit(ext["step"])[0])
+        except ArtifactError as err:
+            raise ExtendError(f"extension step {ext['step']} of {run} cannot be read: {err}") from err
+    return fits
