@@ -384,9 +384,9 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     else:
         if from_fit:
             longer, longer_manifest = load_fit(from_fit)
-            base_dir = run / "fit"
+            base_dir = Path(manifest.get("artifact") or run / "fit")
             if not (base_dir / "manifest.json").exists():
-                raise ExtendError(f"{run} has no fit/ artifact to check --from-fit against")
+                raise ExtendError(f"the run's fit artifact ({base_dir}) is gone; cannot check --from-fit against it")
             _check_prefix_fit(longer, load_fit(base_dir)[0])
             sha = longer_manifest["models"][-1].get("sha256")
             if sha and new["sha256"] and sha != new["sha256"]:
@@ -459,8 +459,9 @@ def load_query_chain(run_dir: str | Path) -> list[ChainFit]:
     run = Path(run_dir)
     meta = read_metadata(run / "proteins.lance")
     fits = []
-    if (run / "fit" / "manifest.json").exists():
-        fits.append(load_fit(run / "fit")[0])
+    base = Path((meta.get("fit_manifest") or {}).get("artifact") or run / "fit")
+    if (base / "manifest.json").exists():
+        fits.append(load_fit(base)[0])
     for ext in (meta.get("fit_manifest") or {}).get("extensions", []):
         try:
             fits.append(load_fit(ext["step"])[0])

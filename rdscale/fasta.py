@@ -387,6 +387,7 @@ def _bgzf_lines(path: str, start: int, end: int | None) -> Iterator[Line]:
 # ----------------------------------------------------------------------------------------------------- parsing
 
 _BINARY = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")  # control bytes other than \t \n \v \f \r
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some Windows editors put at the start of text files
 _LINE_SPACE = re.compile(rb"[ \t\r\n\v\f]+")
 _ALLOWED = ESM_LETTERS.encode()
 _GAPS = GAP_CHARACTERS.encode()
@@ -453,6 +454,8 @@ def _records(
         return item
 
     for line, line_offset, owner in lines:
+        if first_shard and line_offset == 0 and line.startswith(_BOM):
+            line, line_offset = line[len(_BOM) :], len(_BOM)  # same block for BGZF: virtual offset 0 << 16 | 3
         if (m := _BINARY.search(line)) is not None:
             raise FastaFormatError(
                 shard.path, _where(shard, line_offset, m.start()),
@@ -470,7 +473,8 @@ def _records(
             if line.strip():  # text before the first header of the file
                 raise FastaFormatError(
                     shard.path, _where(shard, line_offset),
-                    "sequence data before the first '>' header: not a FASTA file",
+                    f"sequence data before the first '>' header: not a FASTA file (the line starts "
+                    f"{_text(line.strip()[:40])!r})",
                 )
         elif not owns(owner):
             return  # still resynchronising, and already past this shard: no record starts here

@@ -179,6 +179,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     fit_dir = fit_dir or cfg.fit.artifact
     if fit_dir:
         fit_obj, manifest = load_fit(fit_dir)
+        manifest = {**manifest, "artifact": str(Path(fit_dir).resolve())}  # where `extend` finds it again
         names = [m.get("source") or m.get("name") for m in manifest["models"]]
         if len(names) != len(models):
             raise ConfigError(

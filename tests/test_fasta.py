@@ -309,6 +309,22 @@ def test_sequence_before_any_header_is_found_whatever_the_sharding(tmp_path):
             list(read_fasta(path, shard_bytes=shard_bytes))
 
 
+def test_other_formats_are_named_in_the_error(tmp_path):
+    path = write(tmp_path, "@read1\nACGT\n+\nIIII\n", "reads.fastq")
+    with pytest.raises(FastaFormatError, match=r"not a FASTA file \(the line starts '@read1'\)"):
+        list(read_fasta(path))
+
+
+def test_utf8_byte_order_mark_is_skipped(tmp_path):
+    path = write(tmp_path, b"\xef\xbb\xbf>p one\nMKV\n>q\nAA\n")
+    p, q = read_all(path)
+    assert (p.id, p.description, p.sequence, p.offset) == ("p", "one", "MKV", 3)
+    assert (q.id, q.offset) == ("q", 14)  # offsets stay file bytes: the BOM counts
+    bgzf = write(tmp_path, b"", "bom.fasta.gz")
+    write_bgzf(bgzf, Path(path).read_bytes(), [5, 0, 7])
+    assert [(r.id, r.sequence) for r in read_fasta(bgzf, shard_bytes=20)] == [("p", "MKV"), ("q", "AA")]
+
+
 def test_binary_content_is_not_fasta(tmp_path):
     path = write(tmp_path, b">p\nMKV\n>q\nMK\x00\x00V\n")
     items = []

@@ -477,6 +477,7 @@ def test_cli_user_errors_exit_1_with_one_line(run_dir, tmp_path, capsys):
         (["search", "-o", empty, "--id", "x"], "is empty: nothing to search"),
         (["index", "-o", empty, "--width", 8], "is empty: nothing to index"),
         (["index", "-o", tmp_path / "nowhere"], "no Lance dataset"),
+        (["search", "-o", empty, "--table", "residues", "--id", "x"], "has no residues table"),
     ]
     for argv, message in cases:
         code, _, err = rdscale(argv, capsys)
@@ -549,6 +550,9 @@ def test_cli_fasta_query_and_sequence_errors(real_run, tmp_path, capsys):
 
     with pytest.raises(S.SearchError, match="models do not match the run's fit"):
         S.embed_sequences(run, [seqs["R00"]], models=[str(p) for p in reversed(real_run_models(run))])
+
+    with pytest.raises(S.SearchError, match=r"query bad: characters \['1'\]"):
+        S.search_sequences(run, {"fine": "MKVL", "bad": "MKV1L"})
 
     # a run that rejected long sequences cannot answer a long query: say so instead of windowing it
     rejecting = tmp_path / "rejecting"
