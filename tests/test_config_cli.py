@@ -1,0 +1,88 @@
+"""Configs are data (yaml.safe_load, checked keys and types); the CLI turns user errors into one line + exit code."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from rdscale.cli import main
+from rdscale.config import Config, ConfigError, load_config
+
+
+def test_unknown_keys_and_bad_types_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("embedding:\n  toks_per_bach: 10\n")
+    with pytest.raises(ConfigError, match="embedding.toks_per_bach"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="embedding.window must be an integer"):
+        load_config(None, ["embedding.window=10.5"])
+    with pytest.raises(ConfigError, match="output.residues must be true or false"):
+        load_config(None, ["output.residues=maybe"])
+    with pytest.raises(ConfigError, match="long_policy"):
+        load_config(None, ["embedding.long_policy=chop"])
+
+
+def test_yaml_numbers_and_overrides(tmp_path):
+    cfg = load_config(None, ["input.shard_mb=5e-5", "ray.address=local", "models=[a.pt, b.pt]"])
+    assert cfg.input.shard_mb == pytest.approx(5e-5) and cfg.ray.address == "local"
+    assert cfg.models == ["a.pt", "b.pt"]
+    again = Config.from_dict(cfg.to_dict(), ["fit.regression=ols"])
+    assert again.input == cfg.input and again.fit.regression == "ols"
+
+
+def test_python_tags_in_yaml_are_refused(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("models: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+
+
+def test_bundled_configs_load():
+    for name in ("demo", "single_gpu", "uniref50_cluster"):
+        cfg = load_config(f"conf/{name}.yaml")
+        assert cfg.models
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_cli_missing_input_is_a_config_error(capsys, tmp_path, tiny_family):
+    code, err = run_cli(capsys, "run", "--local", "--fasta", str(tmp_path / "nope.fasta"),
+                        "--models", *map(str, tiny_family), "-o", str(tmp_path / "o"))
+    assert code == 2 and "nope.fasta" in err
+
+
+def test_cli_corrupt_gzip_names_the_file(capsys, tmp_path, tiny_family):
+    data = gzip.compress(b">a\nMKTAYIAKQR\n" * 200)
+    broken = tmp_path / "broken.fasta.gz"
+    broken.write_bytes(data[: len(data) // 2])
+    code, err = run_cli(capsys, "extract", "--local", "--fasta", str(broken), "--models", str(tiny_family[0]),
+                        "-o", str(tmp_path / "o"))
+    assert code == 1 and "broken.fasta.gz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_not_fasta_and_unknown_model(capsys, tmp_path, tiny_family):
+    notfasta = tmp_path / "table.csv"
+    notfasta.write_text("id,seq\n1,MKT\n")
+    code, err = run_cli(capsys, "extract", "--local", "--fasta", str(notfasta), "--models", str(tiny_family[0]),
+                        "-o", str(tmp_path / "o"))
+    assert code == 1 and "table.csv" in err
+    good = tmp_path / "ok.fasta"
+    good.write_text(">a\nMKTAYIAKQR\n")
+    code, err = run_cli(capsys, "extract", "--local", "--fasta", str(good), "--models", "esm2_t99_1T_UR50D",
+                        "-o", str(tmp_path / "o2"))
+    assert code == 1 and "unknown ESM-2 model" in err
+
+
+def test_cli_extract_then_info(capsys, tmp_path, tiny_family):
+    good = tmp_path / "ok.fasta"
+    good.write_text(">a first\nMKTAYIAKQR\n>b\nmktay*\n>c\nMK1\n")
+    assert main(["-q", "extract", "--local", "--fasta", str(good), "--models", str(tiny_family[0]),
+                 "-o", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "records: 3 (proteins 2 + rejects 1)" in out
+    assert main(["info", "-o", str(tmp_path / "o")]) == 0
+    assert "proteins: 2 rows" in capsys.readouterr().out
