@@ -226,10 +226,10 @@ def main(argv=None) -> int:
     p.add_argument("--index-levels", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="levels to index (default: all levels)")
     p.add_argument("--index-type", default=S.DEFAULT_INDEX_TYPE)
-    p.add_argument("--nprobes", type=lambda s: [int(v) or None for v in s.split(",")], default=[None, 5],
-                   help="IVF partitions probed, comma separated; 0 = Lance's default (default: 0,5)")
-    p.add_argument("--shortlists", type=lambda s: [int(v) for v in s.split(",")], default=[30, 100],
-                   help="funnel shortlist sizes, comma separated (default: 30,100)")
+    p.add_argument("--nprobes", type=lambda s: [int(v) or None for v in s.split(",")], default=[None, 2, 5],
+                   help="IVF partitions probed, comma separated; 0 = Lance's default (default: 0,2,5)")
+    p.add_argument("--shortlists", type=lambda s: [int(v) for v in s.split(",")], default=[20, 30, 100],
+                   help="funnel shortlist sizes, comma separated (default: 20,30,100)")
     p.add_argument("--single", type=int, default=20,
                    help="queries also timed one call at a time (default 20; 0: skip)")
     p.add_argument("--exact-single", type=int, default=5,

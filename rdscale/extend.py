@@ -213,7 +213,7 @@ def fit_step_from_prefix(run: Path, encoder, sample_sequences: int, regression: 
 def _fsl_numpy(column) -> np.ndarray:
     """fixed_size_list column -> (n, w) float32."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), -1)
+    return np.array(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), -1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,3 +468,18 @@ def load_query_chain(run_dir: str | Path) -> list[ChainFit]:
         except ArtifactError as err:
             raise ExtendError(f"extension step {ext['step']} of {run} cannot be read: {err}") from err
     return fits
+
+
+def apply_chain(fits: Sequence[ChainFit], blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-model embeddings [h_1, ..., h_n] of some residues -> the run's stored embedding, through the base fit
+    and then each extension step: z <- step.apply([z, h_next]). blocks: (L, k_i) each; returns (L, width)."""
+    if not fits:
+        return blocks[0].float()
+    base = fits[0]
+    m = len(base.widths)
+    if len(blocks) != m + len(fits) - 1:
+        raise ExtendError(f"{len(blocks)} model outputs for a chain of {m + len(fits) - 1} models")
+    z = base.apply(list(blocks[:m]))  # (L, k_m) float32
+    for step, h in zip(fits[1:], blocks[m:]):
+        z = step.apply([z, h.to(z.dtype)])  # (L, k_next)
+    return z

@@ -270,9 +270,10 @@ def test_ann_needs_an_index_of_the_same_metric(indexed_run):
     out, prot, _ = indexed_run
     with pytest.raises(S.MissingIndexError, match="no l2 vector index at width 8"):
         S.search(out, prot[:2], width=8, mode="ann", metric="l2")
-    l2 = S.search(out, prot[:2], width=16, mode="ann", metric="l2", k=5, refine_factor=5)
-    exact = S.search(out, prot[:2], width=16, metric="l2", k=5)
-    assert S.recall_at_k(l2, exact, k=5) >= 0.8
+    # IVF_PQ's training is randomised: re-ranking 20 k PQ candidates exactly makes recall stable (1.0 in trials)
+    l2 = S.search(out, prot[:20], width=16, mode="ann", metric="l2", k=5, refine_factor=20)
+    exact = S.search(out, prot[:20], width=16, metric="l2", k=5)
+    assert S.recall_at_k(l2, exact, k=5) >= 0.95
 
 
 def test_funnel_equals_exact_full_width_on_well_separated_data(indexed_run):
