@@ -280,6 +280,9 @@ def main(argv=None) -> int:
         "config": config,
         "device": "cpu",
         "gpu": None,
+        "caveats": "CPU only (no GPU on the benchmark machine). q/s depend on the machine and its load: on a "
+                   "shared 2-core box they vary run to run by up to 2x, so compare ratios within one run, "
+                   "where every method is timed side by side on the same queries.",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "lance": lance.__version__, "numpy": np.__version__},
         "total_seconds": time.perf_counter() - t0,
