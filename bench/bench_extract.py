@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
                                                                   "window")[0],
         }
         cli_extra: list[dict] = []
-        cpu_seconds: dict[str, list[float]] = {}
         if not args.no_cli:
             def cli():
                 run = rdscale_cli(checkpoint, args.fasta, args.toks_per_batch, args.threads, scratch)
@@ -183,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             variants[CLI] = cli
         names = list(variants)
         samples: dict[str, list[float]] = {n: [] for n in names}
-        cpu_seconds.update({n: [] for n in names})
+        cpu_seconds: dict[str, list[float]] = {n: [] for n in names}
+        load_before = os.getloadavg()
         residues: dict[str, int] = {}
         failed: dict[str, str] = {}  # the end-to-end command depends on the whole pipeline; report, do not abort
         for rep in range(args.reps):
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  repetition {rep + 1}/{args.reps}: " + ", ".join(f"{n.split(' (')[0]} {samples[n][-1]:.1f}s"
                                                                    for n in names if n not in failed))
         names = [n for n in names if n not in failed]
+        load_after = os.getloadavg()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        # other jobs on the machine: CPU seconds well below wall seconds mean the run shared its cores
+        "load_average_1_5_15_min": {"before": load_before, "after": load_after},
         "threads": args.threads,
         "toks_per_batch": args.toks_per_batch,
         "truncation": TRUNCATION,

@@ -728,11 +728,21 @@ def embed_sequences(
             f"cannot load the run's models {model_names}: {err}. Pass models= (--models) with their current paths"
         ) from err
     fit = None
+    extended = bool(manifest.get("extensions"))
     if fit_dir is not None:
         try:
-            fit, _ = load_fit(fit_dir, expect_models=encoder.model_info())
+            fit, base = load_fit(fit_dir)
+            # An extended run's chain is the base fit's models, then one model per `rdscale extend` step.
+            load_fit(fit_dir, expect_models=encoder.model_info()[: len(base["models"])])
         except ArtifactError as err:
             raise SearchError(f"the models do not match the run's fit at {fit_dir}: {err}") from err
+    if extended:
+        from .extend import ExtendError, apply_chain, load_query_chain
+
+        try:
+            fits = load_query_chain(run)
+        except ExtendError as err:
+            raise SearchError(str(err)) from err
 
     try:
         blocks = encoder.blocks(list(sequences))  # [seq][model] (L, k_i) float32
@@ -743,7 +753,10 @@ def embed_sequences(
             raise SearchError(f"query {names[int(head[1])]}: {where[1].strip()}") from err
         raise SearchError(f"cannot embed the queries: {err}") from err
     with torch.no_grad():
-        rd = [(fit.apply(b) if fit is not None else b[0]).float().cpu() for b in blocks]  # [seq] (L, k_m)
+        if extended:
+            rd = [apply_chain(fits, b).float().cpu() for b in blocks]  # [seq] (L, k_m) of the extended chain
+        else:
+            rd = [(fit.apply(b) if fit is not None else b[0]).float().cpu() for b in blocks]  # [seq] (L, k_m)
     if table == "proteins":
         return torch.stack([e.mean(dim=0) for e in rd]).numpy()  # (q, k_m), as proteins.embedding
     d = stored_width(ds)

@@ -121,3 +121,15 @@ def test_truncated_storage_is_refused(tmp_path, fasta, tiny_family):
     small = two_level_run(tmp_path, fasta, tiny_family, "narrow", **{"output.storage_width": 32})
     with pytest.raises(ExtendError, match="storage_width"):
         extend(small, str(tiny_family[2]), progress=False)
+
+
+def test_search_by_sequence_on_an_extended_run(tmp_path, fasta, tiny_family):
+    from rdscale.search import embed_sequences
+
+    small = two_level_run(tmp_path, fasta, tiny_family, "small")
+    extend(small, str(tiny_family[2]), progress=False)
+    proteins = table(small, "proteins")
+    seqs = proteins["sequence"].to_pylist()[:3]
+    got = embed_sequences(small, seqs)  # (3, 64) through the base fit and the extension step
+    stored = np.asarray(proteins["embedding"].combine_chunks().flatten()).reshape(-1, 64)[:3]
+    np.testing.assert_allclose(got, stored, atol=1e-4)
