@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Write messy.fasta: real protein sequences damaged in every way rdscale's FASTA validation has a rule for.
 
-    python scripts/blastdb_to_fasta.py DB --split-id-at '|' --every 7919 --min-length 30 --max-length 300 \\
-        | python examples/make_messy.py > examples/messy.fasta
+    python scripts/blastdb_to_fasta.py DB --split-id-at '|' --every 4999 --min-length 30 --max-length 300 \\
+        --limit 28 | python examples/make_messy.py > examples/messy.fasta
 
-Reads clean FASTA on stdin (one record per damage below is used, in order), writes the damaged file on stdout and
+(DB and the provenance: examples/README.md.) Reads clean FASTA on stdin (one record per damage below is used, in
+order, then two for duplicate ids and one for the last record), writes the damaged file on stdout and
 prints, on stderr, what rdscale should make of it, counted from DAMAGES (not by running rdscale's reader), in the
 form examples/README.md lists it. Deterministic: same input, same bytes.
 """
