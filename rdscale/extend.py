@@ -43,7 +43,7 @@ from .chain import ChainFit, fit_chain
 from .config import Config
 from .moments import Moments
 from .progress import Progress
-from .store import META_LEVELS, META_MANIFEST, PROTEINS, RESIDUES, read_metadata
+from .store import META_LEVELS, META_MANIFEST, PROTEINS, RESIDUES, read_metadata, sql_in_list
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,6 @@ def _sample_ids(proteins: lance.LanceDataset, n: int) -> list[str]:
     return proteins.take(rows.tolist(), columns=["id"])["id"].to_pylist()
 
 
-def _sql_list(ids: Sequence[str]) -> str:
-    return ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
-
-
 def fit_step_from_prefix(run: Path, encoder, sample_sequences: int, regression: str, width: int,
                          chunk: int = 64) -> tuple[ChainFit, Moments, int]:
     """Moments of [z; h_new] over the residues of a sample of proteins -> the 2-block step fit."""
@@ -191,9 +187,9 @@ def fit_step_from_prefix(run: Path, encoder, sample_sequences: int, regression: 
     moments = Moments(width + k_new, device=encoder.device)
     for i in range(0, len(ids), chunk):
         part = ids[i : i + chunk]
-        seqs = dict(zip(*proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({_sql_list(part)})")
+        seqs = dict(zip(*proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({sql_in_list(part)})")
                         .to_pydict().values()))
-        rows = residues.to_table(columns=["id", "pos", EMBEDDING], filter=f"id IN ({_sql_list(part)})")
+        rows = residues.to_table(columns=["id", "pos", EMBEDDING], filter=f"id IN ({sql_in_list(part)})")
         rows = rows.sort_by([("id", "ascending"), ("pos", "ascending")])
         z_all = _fsl_numpy(rows[EMBEDDING])  # (n_rows, width)
         order = sorted(seqs)
@@ -252,7 +248,8 @@ class _ResidueColumn:
         pos = np.asarray(batch.column("pos").to_numpy(zero_copy_only=False), dtype=np.int64)
         order = list(dict.fromkeys(ids))
         self._embed(order)
-        h = torch.cat([self.current[i][pos[np.asarray(ids) == i]] for i in order])  # (n, k_new) in row order
+        id_array = np.asarray(ids)
+        h = torch.cat([self.current[i][pos[id_array == i]] for i in order])  # (n, k_new) in row order
         if 1 + sum(ids[j] != ids[j - 1] for j in range(1, len(ids))) != len(order):
             raise ExtendError("residue rows of a protein are not contiguous; the residues table was reordered")
         z = torch.as_tensor(_fsl_numpy(batch.column(EMBEDDING)), dtype=h.dtype, device=h.device)  # (n, width)
@@ -431,7 +428,7 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
                 # Residue fragments done in an earlier attempt were skipped: their proteins' mean h is missing.
                 have = set(means)
                 rest = [i for i in proteins.to_table(columns=["id"])["id"].to_pylist() if i not in have]
-                seqs = dict(zip(*proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({_sql_list(rest)})")
+                seqs = dict(zip(*proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({sql_in_list(rest)})")
                                 .to_pydict().values()))
                 for key in rest:
                     means[key] = encoder.blocks([seqs[key]])[0][0].double().mean(dim=0).cpu().numpy()

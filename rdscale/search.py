@@ -49,6 +49,8 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from .store import sql_in_list
+
 TABLES: dict[str, tuple[str, ...]] = {"proteins": ("id",), "residues": ("id", "pos")}  # table -> key columns
 METRICS = ("cosine", "l2")
 MODES = ("exact", "ann", "funnel")
@@ -483,10 +485,6 @@ def _find_index(ds, dataset_path, table: str, width: int | None, metric: str) ->
     )
 
 
-def _sql_str(s: str) -> str:
-    return "'" + str(s).replace("'", "''") + "'"
-
-
 def _lookup(ds, table: str, ids) -> tuple[list[str], np.ndarray, list[tuple]]:
     """Stored embeddings for query keys -> (labels, (nq, full) vectors, key tuples).
 
@@ -503,7 +501,7 @@ def _lookup(ds, table: str, ids) -> tuple[list[str], np.ndarray, list[tuple]]:
         except (TypeError, ValueError, IndexError):
             raise SearchError("residue queries by key need (id, pos) pairs or protein ids") from None
         whole = [w[0] for w in wanted if len(w) == 1]
-    id_list = ", ".join(_sql_str(w) for w in sorted({w[0] for w in wanted}))
+    id_list = sql_in_list(sorted({w[0] for w in wanted}))
     found = ds.to_table(columns=[*TABLES[table], EMBEDDING], filter=f"id IN ({id_list})")
     key_cols = [found.column(c).to_pylist() for c in TABLES[table]]
     where = {tuple(kv): i for i, kv in enumerate(zip(*key_cols))}

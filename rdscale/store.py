@@ -315,7 +315,7 @@ class RunStore:
         for r in joined.to_pylist():
             by_shard.setdefault(r["shard"], []).append(r["id"])
         for shard, ids in by_shard.items():
-            predicate = f"shard = {shard} AND id IN ({', '.join(_sql_str(i) for i in ids)})"
+            predicate = f"shard = {shard} AND id IN ({sql_in_list(ids)})"
             if RESIDUES in self.schemas:
                 self.dataset(RESIDUES).delete(predicate)
             self.dataset(PROTEINS).delete(predicate)
@@ -334,8 +334,14 @@ class RunStore:
         return out
 
 
-def _sql_str(value: str) -> str:
+def sql_str(value: str) -> str:
+    """A string literal for a Lance SQL filter (single quotes doubled)."""
     return "'" + value.replace("'", "''") + "'"
+
+
+def sql_in_list(values) -> str:
+    """`'a', 'b', ...` for an `IN (...)` filter."""
+    return ", ".join(sql_str(v) for v in values)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
