@@ -9,8 +9,8 @@ Same checkpoint, same FASTA, same device, same token budget, same thread count. 
   representations moved to the CPU and ``t[i, 1 : len + 1].clone()`` per sequence. Sequences over 1022
   residues are truncated to 1022, as esm-extract does by default. Per-sequence ``torch.save`` is left out
   (on both sides the tensors are made and then dropped), so the numbers compare the compute.
-- ``rdscale Embedder, truncate``: ``rdscale.embed.Embedder(long_policy="truncate")`` on the sequences read with
-  ``rdscale.fasta.read_fasta``: exactly the baseline's work.
+- ``rdscale Embedder, truncate``: ``rdscale.model.embed.Embedder(long_policy="truncate")`` on the sequences read with
+  ``rdscale.io.fasta.read_fasta``: exactly the baseline's work.
 - ``rdscale Embedder, window``: the default policy: long sequences are embedded in overlapping 1022-residue
   windows, so every residue gets a row (more work per residue returned when the input has long proteins).
 - ``rdscale extract --local`` (end to end, a subprocess): FASTA -> shards -> embeddings -> Lance tables
@@ -24,7 +24,7 @@ children's for the subprocess), which on a machine shared with other jobs is the
 the repetitions.
 
 The checkpoint is a randomly initialised ESM-2 of the 8M model's shape (6 layers, width 320, 20 heads) written by
-``rdscale.models.build_tiny_family`` and loaded with ``rdscale.models.load_model``: the same arithmetic as
+``rdscale.model.loading.build_tiny_family`` and loaded with ``rdscale.model.loading.load_model``: the same arithmetic as
 esm2_t6_8M_UR50D without a download. No GPU here: the JSON says ``"device": "cpu"``, ``"gpu": null``.
 
     python bench/bench_extract.py                                # examples/example.fasta, 3 repetitions
@@ -52,9 +52,9 @@ sys.path.insert(0, str(REPO))
 import esm  # noqa: E402
 import torch  # noqa: E402
 
-from rdscale.embed import Embedder  # noqa: E402
-from rdscale.fasta import Record, read_fasta  # noqa: E402
-from rdscale.models import build_tiny_family, load_model  # noqa: E402
+from rdscale.model.embed import Embedder  # noqa: E402
+from rdscale.io.fasta import Record, read_fasta  # noqa: E402
+from rdscale.model.loading import build_tiny_family, load_model  # noqa: E402
 
 TRUNCATION = 1022  # esm-extract's --truncation_seq_length default, and ESM-2's window
 CLI = "rdscale extract --local (end to end)"
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "toks_per_batch": args.toks_per_batch,
         "truncation": TRUNCATION,
         "model": {"layers": loaded.spec.layers, "width": loaded.spec.width, "heads": loaded.spec.heads,
-                  "weights": "random (rdscale.models.build_tiny_family, seed 0)"},
+                  "weights": "random (rdscale.model.loading.build_tiny_family, seed 0)"},
         "fasta": {"path": str(args.fasta.resolve().relative_to(REPO)) if args.fasta.resolve().is_relative_to(REPO)
                   else str(args.fasta), "sequences": len(records), "residues": sum(lengths),
                   "longer_than_window": sum(n > TRUNCATION for n in lengths)},

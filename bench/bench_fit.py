@@ -86,9 +86,9 @@ def _worker(args) -> None:
     sys.path.insert(0, str(ROOT))
     from reference_rd import SyntheticChain, reference_fit
 
-    from rdscale.artifact import load_fit, save_fit
-    from rdscale.chain import fit_chain
-    from rdscale.moments import Moments
+    from rdscale.fit.artifact import load_fit, save_fit
+    from rdscale.fit.chain import fit_chain
+    from rdscale.fit.moments import Moments
 
     widths = tuple(int(w) for w in args.widths.split(","))
     synth = SyntheticChain(widths, seed=args.seed, latent=args.latent, chunk=args.batch)

@@ -9,7 +9,7 @@ starting a private one. The job is resumable: submitting it again after a failur
 
 import sys
 
-from rdscale.cli import main
+from rdscale.cli.main import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

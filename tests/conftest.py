@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """Three randomly initialised ESM-2 checkpoints (widths 32/48/64) in fair-esm's checkpoint format."""
-    from rdscale.models import build_tiny_family
+    from rdscale.model.loading import build_tiny_family
 
     out = tmp_path_factory.mktemp("tiny_esm2")
     return build_tiny_family(out, widths=(32, 48, 64), layers=(2, 3, 4), seed=0)

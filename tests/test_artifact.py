@@ -15,9 +15,9 @@ import torch
 from reference_rd import correlated_blocks
 from safetensors.numpy import save_file
 
-from rdscale.artifact import ArtifactError, ArtifactMismatchError, load_fit, load_moments, save_fit
-from rdscale.chain import ChainFit, fit_chain
-from rdscale.moments import Moments
+from rdscale.fit.artifact import ArtifactError, ArtifactMismatchError, load_fit, load_moments, save_fit
+from rdscale.fit.chain import ChainFit, fit_chain
+from rdscale.fit.moments import Moments
 
 WIDTHS = (3, 5, 8)
 MODELS = [
@@ -85,7 +85,7 @@ def test_manifest_carries_the_fields_the_pipeline_and_evaluation_read(tmp_path):
     assert isinstance(manifest["version"], str) and manifest["version"]
     assert manifest["tensors_sha256"] == manifest["files"]["tensors"]["sha256"]
     assert manifest["extra"]["config"] == {"out": "/runs/x"}  # paths stored as strings
-    # rdscale.evaluate.reconstruction_report reads these keys from every step.
+    # rdscale.eval.evaluate.reconstruction_report reads these keys from every step.
     assert [s["step"] for s in manifest["steps"]] == [2, 3]
     for step, diag in zip(manifest["steps"], fit.steps):
         assert step == diag.to_dict()

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_rd import correlated_blocks, reference_fit
 
-from rdscale.chain import ChainFitError, InsufficientDataError, fit_chain
-from rdscale.moments import Moments
+from rdscale.fit.chain import ChainFitError, InsufficientDataError, fit_chain
+from rdscale.fit.moments import Moments
 
 WIDTH_SETS = [(3, 5, 8), (4, 6, 9)]
 
@@ -236,7 +236,7 @@ def test_pcr_keeps_the_planted_rank(p, rank):
 
 
 def test_pcr_falls_back_to_variance_share_when_nothing_clears_the_edge():
-    from rdscale.chain import pcr_components
+    from rdscale.fit.chain import pcr_components
 
     eigvals = np.array([1.0, 1.0, 1.0, 1.0])  # flat spectrum: the noise median equals every eigenvalue
     keep, s2, cut = pcr_components(eigvals, n=1000, noise_variance=None, fallback_fraction=0.7)
@@ -305,7 +305,7 @@ def test_extension_fit_on_stored_embeddings_has_the_long_chains_signs(seed, late
 
 
 def test_sign_convention_makes_the_largest_entry_positive_and_breaks_ties_by_index():
-    from rdscale.chain import fix_signs
+    from rdscale.fit.chain import fix_signs
 
     v = np.array([[0.1, -0.6, 0.5], [-0.9, 0.6, -0.5], [0.3, 0.2, 0.5]])  # (3, 3)
     fixed = fix_signs(v)

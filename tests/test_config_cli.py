@@ -6,7 +6,7 @@ import gzip
 
 import pytest
 
-from rdscale.cli import main
+from rdscale.cli.main import main
 from rdscale.config import Config, ConfigError, load_config
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rdscale.dms import (
+from rdscale.eval.dms import (
     AMINO_ACIDS,
     DMSDataset,
     DMSError,

@@ -13,8 +13,8 @@ from esm.data import FastaBatchedDataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rdscale.embed import Embedder, pack_batches, plan_windows, stitch_plan
-from rdscale.models import load_model
+from rdscale.model.embed import Embedder, pack_batches, plan_windows, stitch_plan
+from rdscale.model.loading import load_model
 
 LETTERS = "ACDEFGHIKLMNPQRSTVWYXBZUO"
 TOL = 1e-5

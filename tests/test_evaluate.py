@@ -14,8 +14,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rdscale.chain import fit_chain
-from rdscale.dms import (
+from rdscale.fit.chain import fit_chain
+from rdscale.eval.dms import (
     AMINO_ACIDS,
     DMSResult,
     RepresentationScore,
@@ -25,8 +25,8 @@ from rdscale.dms import (
     make_embed_fn,
     parse_mutant,
 )
-from rdscale.evaluate import EvaluationError, r2_from_moments, reconstruction_report, run_dms, write_report
-from rdscale.moments import Moments
+from rdscale.eval.evaluate import EvaluationError, r2_from_moments, reconstruction_report, run_dms, write_report
+from rdscale.fit.moments import Moments
 
 
 def stacked_blocks(seed: int, widths, n: int, collinear: bool = False):
@@ -282,8 +282,8 @@ def test_run_dms_over_files_writes_the_report(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_chain(tiny_family):
-    from rdscale.embed import Embedder
-    from rdscale.models import load_model
+    from rdscale.model.embed import Embedder
+    from rdscale.model.loading import load_model
 
     models = [load_model(path, device="cpu") for path in tiny_family]
     widths = tuple(m.spec.width for m in models)
@@ -315,7 +315,7 @@ def test_dms_protocol_through_tiny_esm2_and_chain_fit(tiny_chain, tmp_path):
     embed_fn = make_embed_fn(models, fit, toks_per_batch=2048)
     wild_type, mutants, scores = small_dms(7)
     write_dms_csv(tmp_path / "TINY.csv", wild_type, mutants, scores)
-    from rdscale.dms import read_dms_csv
+    from rdscale.eval.dms import read_dms_csv
 
     dataset = read_dms_csv(tmp_path / "TINY.csv", wild_type)
     features = dms_features(dataset, embed_fn, batch_size=32)
@@ -339,13 +339,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-def rdscale_main(monkeypatch):
-    """rdscale.cli.main with the eval verb registered (whether or not cli.py lists it already)."""
-    from rdscale import cli
-    from rdscale.cli_eval import register
+def rdscale_main():
+    """The rdscale CLI's entry point, called in-process."""
+    from rdscale.cli.main import main
 
-    monkeypatch.setattr(cli, "_EXTRA_VERBS", [register])
-    return cli.main
+    return main
 
 
 def random_fasta(path, n: int, seed: int = 0):
@@ -364,7 +362,7 @@ def test_eval_cli_fits_fresh_then_runs_dms_and_writes_the_reports(rdscale_main, 
                          "-o", str(recon)]) == 0
     printed = capsys.readouterr().out
     assert "R^2 OLS concat" in printed and "reconstruction.md" in printed
-    from rdscale.artifact import load_fit
+    from rdscale.fit.artifact import load_fit
 
     fit, manifest = load_fit(recon / "fit")
     assert manifest["extra"]["sequences"] == 30
@@ -440,7 +438,7 @@ def test_eval_cli_refuses_unusable_arguments(rdscale_main, tiny_family, tmp_path
     assert "manifest.json is missing" in capsys.readouterr().err
     widths = (32, 48)
     blocks = stacked_blocks(0, widths, 1000)
-    from rdscale.artifact import save_fit
+    from rdscale.fit.artifact import save_fit
 
     save_fit(fit_chain(moments_of(blocks), widths, "ols"), tmp_path / "fit",
              models=[{"name": "other_a", "width": 32}, {"name": "other_b", "width": 48}])

@@ -6,9 +6,9 @@ import lance
 import numpy as np
 import pytest
 
-import rdscale.models
-from rdscale.extend import ExtendError, extend
-from rdscale.pipeline import LocalExecutor, run
+import rdscale.model.loading
+from rdscale.run.extend import ExtendError, extend
+from rdscale.run.pipeline import LocalExecutor, run
 from test_pipeline import make_cfg, table, write_fasta
 
 
@@ -38,13 +38,13 @@ def two_level_run(tmp_path, fasta, tiny_family, name, **overrides):
 @pytest.fixture
 def loaded_models(monkeypatch):
     seen = []
-    original = rdscale.models.load_model
+    original = rdscale.model.loading.load_model
 
     def spy(name_or_path, *args, **kwargs):
         seen.append(str(name_or_path))
         return original(name_or_path, *args, **kwargs)
 
-    monkeypatch.setattr(rdscale.models, "load_model", spy)
+    monkeypatch.setattr(rdscale.model.loading, "load_model", spy)
     return seen
 
 
@@ -91,7 +91,7 @@ def test_interrupted_extension_resumes_without_loss_or_duplicates(tmp_path, fast
                                                                   monkeypatch):
     small = two_level_run(tmp_path, fasta, tiny_family, "small", **{"output.compact": False})
     assert len(lance.dataset(str(small / "residues.lance")).get_fragments()) > 2
-    import rdscale.extend as ext
+    import rdscale.run.extend as ext
 
     calls = {"n": 0}
     original = ext._ResidueColumn.__call__
@@ -124,7 +124,7 @@ def test_truncated_storage_is_refused(tmp_path, fasta, tiny_family):
 
 
 def test_search_by_sequence_on_an_extended_run(tmp_path, fasta, tiny_family):
-    from rdscale.search import embed_sequences
+    from rdscale.search.core import embed_sequences
 
     small = two_level_run(tmp_path, fasta, tiny_family, "small")
     extend(small, str(tiny_family[2]), progress=False)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rdscale.fasta import (
+from rdscale.io.fasta import (
     ESM_LETTERS,
     REJECT_CODES,
     FastaFormatError,

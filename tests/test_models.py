@@ -13,8 +13,8 @@ import pytest
 import torch
 from esm.model.esm2 import ESM2
 
-from rdscale import models
-from rdscale.models import (
+from rdscale.model import loading as models
+from rdscale.model.loading import (
     ESM2_ALIASES,
     ESM2_FAMILY,
     CheckpointError,

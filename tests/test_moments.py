@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rdscale.moments import Moments, MomentsError, merge_all
+from rdscale.fit.moments import Moments, MomentsError, merge_all
 
 WIDTH = 7
 

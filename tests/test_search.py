@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rdscale import search as S
+from rdscale.search import core as S
 
 LEVELS = [8, 16, 32]  # chain levels; proteins stored at 32, residues at 16 (narrower storage width d)
 N_PROT = 2000
@@ -395,12 +395,10 @@ def test_write_results_round_trips_and_formats(run_dir, tmp_path):
 
 def rdscale(argv, capsys) -> tuple[int, str, str]:
     """Run the rdscale CLI in-process with the index/search verbs registered; (exit code, stdout, stderr)."""
-    from rdscale import cli, cli_search
+    from rdscale.cli.main import main
 
-    if cli_search.register not in cli._EXTRA_VERBS:  # until rdscale/cli.py registers it itself
-        cli._EXTRA_VERBS.append(cli_search.register)
     capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
+    code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -495,9 +493,9 @@ WINDOW = 60  # small model window so that one database sequence is embedded in o
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, tiny_family):
-    """`rdscale.pipeline.run` over 30 random sequences (one of 150 residues, windowed) with the tiny family."""
+    """`rdscale.run.pipeline.run` over 30 random sequences (one of 150 residues, windowed) with the tiny family."""
     from rdscale.config import load_config
-    from rdscale.pipeline import run
+    from rdscale.run.pipeline import run
 
     root = tmp_path_factory.mktemp("real_run")
     rng = np.random.default_rng(11)

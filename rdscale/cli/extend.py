@@ -6,7 +6,7 @@ import argparse
 
 
 def cmd_extend(args) -> int:
-    from .extend import extend
+    from rdscale.run.extend import extend
 
     summary = extend(
         args.out, args.model, from_fit=args.from_fit, sample_sequences=args.sample, regression=args.regression,

@@ -31,8 +31,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 import rdscale
-from rdscale.chain import REGRESSIONS, ChainFit, ChainFitError, StepDiagnostics
-from rdscale.moments import Moments, MomentsError
+from rdscale.fit.chain import REGRESSIONS, ChainFit, ChainFitError, StepDiagnostics
+from rdscale.fit.moments import Moments, MomentsError
 
 __all__ = [
     "FORMAT",

@@ -1,7 +1,7 @@
 """The driver: plans shards, runs the fit pass and the apply pass through an executor, commits, summarises.
 
 Two executors run the same stages (rdscale/stages.py): `LocalExecutor` in this process (tiny inputs, debugging,
-tests of the logic) and `RayExecutor` (rdscale/ray_backend.py: Ray Data + actor pools, locally or on a cluster).
+tests of the logic) and `RayExecutor` (rdscale/cluster/executor.py: Ray Data + actor pools, locally or on a cluster).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
-from .config import Config, ConfigError
-from .fasta import Shard, ValidationOptions, plan_shards
-from .progress import Progress
-from .stages import ApplyStage, FitWorker, iter_row_batches, sample_plan, shard_rows
-from .store import DATA_TABLES, RESIDUES, RunStore, ShardResult, run_schemas, schema_metadata
+from rdscale.config import Config, ConfigError
+from rdscale.io.fasta import Shard, ValidationOptions, plan_shards
+from rdscale.progress import Progress
+from rdscale.run.stages import ApplyStage, FitWorker, iter_row_batches, sample_plan, shard_rows
+from rdscale.io.store import DATA_TABLES, RESIDUES, RunStore, ShardResult, run_schemas, schema_metadata
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class LocalExecutor:
 def make_executor(cfg: Config) -> Executor:
     if cfg.ray.address == "local":
         return LocalExecutor()
-    from .ray_backend import RayExecutor
+    from rdscale.cluster.executor import RayExecutor
 
     return RayExecutor(cfg)
 
@@ -112,9 +112,9 @@ def _check_models(cfg: Config) -> list[str]:
 
 def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = None) -> Path:
     """Fit pass: moments of the chain's embeddings on the sample, merged, solved; writes the fit artifact."""
-    from .artifact import save_fit
-    from .chain import fit_chain
-    from .moments import Moments
+    from rdscale.fit.artifact import save_fit
+    from rdscale.fit.chain import fit_chain
+    from rdscale.fit.moments import Moments
 
     models = _check_models(cfg)
     if len(models) < 2:
@@ -173,7 +173,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
           progress: bool = True) -> Summary:
     """Apply pass: every input record into proteins / residues, or rejects. Resumes an interrupted run in the
     same output.dir. With one model and no fit, this is plain extraction (`rdscale extract`)."""
-    from .artifact import load_fit
+    from rdscale.fit.artifact import load_fit
 
     models = _check_models(cfg)
     fit_dir = fit_dir or cfg.fit.artifact
@@ -188,7 +188,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
             )
         levels = list(fit_obj.levels)
     elif len(models) == 1:
-        from .models import describe_model
+        from rdscale.model.loading import describe_model
 
         info = describe_model(models[0])
         manifest = {"models": [info], "chain": [info["name"]], "fit": None}

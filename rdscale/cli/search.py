@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import search as S
+from rdscale.search import core as S
 
 INDEX_EPILOG = """examples:
   rdscale index -o runs/demo --width 32                 # cosine IVF_HNSW_SQ index on the 32-wide prefix
@@ -151,7 +151,7 @@ def parse_residue_key(text: str) -> str | tuple[str, int]:
 
 def read_query_fasta(path: str | Path) -> dict[str, str]:
     """{id: sequence} of a query FASTA file; any record the pipeline would reject is an error naming it."""
-    from .fasta import FastaFormatError, Reject, read_fasta
+    from rdscale.io.fasta import FastaFormatError, Reject, read_fasta
 
     path = Path(path)
     if not path.is_file():

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata, write_fragments
 
-from . import __version__
+from rdscale import __version__
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rdscale.moments import Moments
+from rdscale.fit.moments import Moments
 
 __all__ = [
     "ChainFit",

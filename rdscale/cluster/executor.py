@@ -22,10 +22,10 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from .config import Config
-from .fasta import Shard, ValidationOptions
-from .stages import ROW_FIELDS, ApplyStage, FitWorker, rows_to_columns, shard_rows
-from .store import ShardResult
+from rdscale.config import Config
+from rdscale.io.fasta import Shard, ValidationOptions
+from rdscale.run.stages import ROW_FIELDS, ApplyStage, FitWorker, rows_to_columns, shard_rows
+from rdscale.io.store import ShardResult
 
 log = logging.getLogger(__name__)
 

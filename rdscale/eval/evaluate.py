@@ -5,7 +5,7 @@
   Equal to least squares on the stacked residues, without stacking them.
 - `reconstruction_report`: one row per chain step from a ChainFit's diagnostics, a fit artifact's manifest, or the
   artifact directory (reads manifest.json; never unpickles anything).
-- `run_dms`: rdscale.dms.evaluate_dms over ProteinGym CSV files, then `write_report`.
+- `run_dms`: rdscale.eval.dms.evaluate_dms over ProteinGym CSV files, then `write_report`.
 - `write_report`: dms_results.json, report.md (mean Spearman, the paper's Tables 2 and 3 as win rates, per-dataset
   scores, reconstruction) and scaling.png (score against width, raw and reverse-distilled lines; needs the optional
   `plot` extra, matplotlib, and is skipped with a message without it).
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from rdscale.dms import (
+from rdscale.eval.dms import (
     DMSResult,
     EmbedFn,
     evaluate_dms,
@@ -73,7 +73,7 @@ def _covariance_and_count(moments: Any) -> tuple[np.ndarray, int | None]:
     if hasattr(moments, "covariance"):
         return np.asarray(moments.covariance(), dtype=np.float64), int(moments.count)
     raise EvaluationError(
-        f"expected rdscale.moments.Moments, its to_arrays() dict or a (K, K) covariance, got {type(moments).__name__}"
+        f"expected rdscale.fit.moments.Moments, its to_arrays() dict or a (K, K) covariance, got {type(moments).__name__}"
     )
 
 
@@ -129,7 +129,7 @@ def r2_from_moments(
     if regression == "pcr":
         if count is None:
             raise EvaluationError("PCR's noise edge depends on the residue count: pass Moments, not a covariance")
-        from rdscale.chain import pcr_components
+        from rdscale.fit.chain import pcr_components
 
         keep, _, _ = pcr_components(eigvals, count, "pcr")
     else:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from rdscale.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
-    """The config with flags applied, as every rdscale verb reads it (see rdscale.cli._load)."""
+    """The config with flags applied, as every rdscale verb reads it (see rdscale.cli.main._load)."""
     overrides = list(args.overrides) + list(extra)
     if getattr(args, "fasta", None):
         overrides.append(f"input.paths={json.dumps(args.fasta)}")
@@ -105,8 +105,8 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
 
 
 def cmd_reconstruction(args: argparse.Namespace) -> int:
-    from .artifact import load_fit, load_moments
-    from .evaluate import format_reconstruction, reconstruction_report, write_reconstruction
+    from rdscale.fit.artifact import load_fit, load_moments
+    from rdscale.eval.evaluate import format_reconstruction, reconstruction_report, write_reconstruction
 
     fresh = bool(args.config or args.fasta)
     if args.fit and fresh:
@@ -150,7 +150,7 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
 
 def _fresh_fit(cfg: Config, out: Path) -> tuple[Path, Path]:
     """Fit the chain on the config's sample in this process -> (artifact dir, report dir)."""
-    from .pipeline import LocalExecutor, fit
+    from rdscale.run.pipeline import LocalExecutor, fit
 
     log.info("fitting %s on up to %d sequences of %s", " -> ".join(cfg.models), cfg.fit.sample_sequences,
              ", ".join(cfg.input.paths))
@@ -158,10 +158,10 @@ def _fresh_fit(cfg: Config, out: Path) -> tuple[Path, Path]:
 
 
 def cmd_dms(args: argparse.Namespace) -> int:
-    from .artifact import load_fit
-    from .dms import make_embed_fn
-    from .evaluate import reconstruction_report, run_dms, summarise, write_report
-    from .models import load_model
+    from rdscale.fit.artifact import load_fit
+    from rdscale.eval.dms import make_embed_fn
+    from rdscale.eval.evaluate import reconstruction_report, run_dms, summarise, write_report
+    from rdscale.model.loading import load_model
 
     missing = [p for p in args.csv if not Path(p).is_file()]
     if missing:

@@ -21,9 +21,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .config import Config
-from .fasta import Record, Reject, Shard, ValidationOptions, read_shard
-from .store import (
+from rdscale.config import Config
+from rdscale.io.fasta import Record, Reject, Shard, ValidationOptions, read_shard
+from rdscale.io.store import (
     PROTEINS,
     REJECTS,
     RESIDUES,
@@ -76,8 +76,8 @@ class ChainEncoder:
     """The chain's models, loaded once, on one device. `models` smallest first."""
 
     def __init__(self, models: Sequence[str], cfg: Config):
-        from .embed import Embedder
-        from .models import load_model
+        from rdscale.model.embed import Embedder
+        from rdscale.model.loading import load_model
 
         e = cfg.embedding
         device = None if e.device == "auto" else e.device
@@ -135,7 +135,7 @@ class FitWorker:
     """Fit pass: accumulates the moments of [h_1, ..., h_m] over its share of the sample, on its device."""
 
     def __init__(self, models: Sequence[str], cfg: Config):
-        from .moments import Moments
+        from rdscale.fit.moments import Moments
 
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
@@ -191,7 +191,7 @@ class ApplyStage:
         uris: dict[str, str],
         schemas: dict[str, Any],
     ):
-        from .artifact import load_fit
+        from rdscale.fit.artifact import load_fit
 
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)

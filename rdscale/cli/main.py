@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .config import Config, ConfigError, load_config
+from rdscale import __version__
+from rdscale.config import Config, ConfigError, load_config
 
 log = logging.getLogger("rdscale")
 
@@ -58,7 +58,7 @@ def _print_summary(summary, query_hint: bool = True) -> None:
 
 
 def cmd_extract(args) -> int:
-    from .pipeline import embed
+    from rdscale.run.pipeline import embed
 
     cfg = _load(args)
     if len(cfg.models) != 1:
@@ -68,11 +68,11 @@ def cmd_extract(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from .pipeline import fit
+    from rdscale.run.pipeline import fit
 
     cfg = _load(args)
     fit_dir = fit(cfg, out=args.fit_out)
-    from .artifact import load_fit
+    from rdscale.fit.artifact import load_fit
 
     _, manifest = load_fit(fit_dir)
     print(f"fit artifact: {fit_dir}")
@@ -82,7 +82,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .pipeline import embed
+    from rdscale.run.pipeline import embed
 
     cfg = _load(args)
     fit_dir = args.fit or cfg.fit.artifact
@@ -93,7 +93,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run
+    from rdscale.run.pipeline import run
 
     cfg = _load(args)
     _print_summary(run(cfg, progress=not args.quiet))
@@ -103,7 +103,7 @@ def cmd_run(args) -> int:
 def cmd_info(args) -> int:
     import lance
 
-    from .store import read_metadata
+    from rdscale.io.store import read_metadata
 
     root = Path(args.out)
     if not (root / "proteins.lance").exists():
@@ -120,7 +120,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_make_tiny_family(args) -> int:
-    from .models import build_tiny_family
+    from rdscale.model.loading import build_tiny_family
 
     paths = build_tiny_family(args.dir, widths=tuple(args.widths), layers=tuple(args.layers), seed=args.seed)
     for p in paths:
@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_verbs() -> list[Callable[[argparse._SubParsersAction], None]]:
     # Verbs with their own argument sets live beside the modules they drive; each module exposes register(sub).
-    from .cli_eval import register as register_eval
-    from .cli_extend import register as register_extend
-    from .cli_search import register as register_search
+    from rdscale.cli.eval import register as register_eval
+    from rdscale.cli.extend import register as register_extend
+    from rdscale.cli.search import register as register_search
 
     return [register_search, register_eval, register_extend]
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one clear line, not a traceback
-        from .errors import user_facing
+        from rdscale.errors import user_facing
 
         message = user_facing(err)
         if message is None:

@@ -38,12 +38,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .artifact import ArtifactError, load_fit, save_fit
-from .chain import ChainFit, fit_chain
-from .config import Config
-from .moments import Moments
-from .progress import Progress
-from .store import META_LEVELS, META_MANIFEST, PROTEINS, RESIDUES, read_metadata, sql_in_list
+from rdscale.fit.artifact import ArtifactError, load_fit, save_fit
+from rdscale.fit.chain import ChainFit, fit_chain
+from rdscale.config import Config
+from rdscale.fit.moments import Moments
+from rdscale.progress import Progress
+from rdscale.io.store import META_LEVELS, META_MANIFEST, PROTEINS, RESIDUES, read_metadata, sql_in_list
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def _update_metadata(uri: str, levels: list[int], manifest: dict, extension: dic
 def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, sample_sequences: int = 1000,
            regression: str = "pcr", overrides: Sequence[str] = (), progress: bool = True) -> ExtendSummary:
     """Move the run in `run_dir` up one chain level with `model` (see the module docstring)."""
-    from .stages import ChainEncoder
+    from rdscale.run.stages import ChainEncoder
 
     started = time.perf_counter()
     run = Path(run_dir)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rdscale.models import LoadedModel
+from rdscale.model.loading import LoadedModel
 
 LONG_POLICIES = ("window", "truncate", "reject")
 _EXTRA_TOKENS = 2  # BOS and EOS around every sequence

@@ -49,7 +49,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
-from .store import sql_in_list
+from rdscale.io.store import sql_in_list
 
 TABLES: dict[str, tuple[str, ...]] = {"proteins": ("id",), "residues": ("id", "pos")}  # table -> key columns
 METRICS = ("cosine", "l2")
@@ -688,9 +688,9 @@ def embed_sequences(
     """
     import torch
 
-    from .artifact import ArtifactError, load_fit
-    from .config import load_config
-    from .stages import ChainEncoder
+    from rdscale.fit.artifact import ArtifactError, load_fit
+    from rdscale.config import load_config
+    from rdscale.run.stages import ChainEncoder
 
     ds = open_table(dataset_path, table)
     run = run_dir_of(dataset_path)
@@ -735,7 +735,7 @@ def embed_sequences(
         except ArtifactError as err:
             raise SearchError(f"the models do not match the run's fit at {fit_dir}: {err}") from err
     if extended:
-        from .extend import ExtendError, apply_chain, load_query_chain
+        from rdscale.run.extend import ExtendError, apply_chain, load_query_chain
 
         try:
             fits = load_query_chain(run)

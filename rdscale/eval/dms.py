@@ -635,15 +635,15 @@ def _all_metrics(results: Sequence[DMSResult]) -> list[str]:
 
 
 def make_embed_fn(models: Sequence[Any], fit: Any | None = None, **embedder_options: Any) -> EmbedFn:
-    """An `EmbedFn` over loaded ESM-2 models (rdscale.models.LoadedModel, smallest first) and optionally a ChainFit.
+    """An `EmbedFn` over loaded ESM-2 models (rdscale.model.loading.LoadedModel, smallest first) and optionally a ChainFit.
 
     Keys: "raw:<model name>" for every model and, with a fit, "rd:<level width>" for every level of the chain
     (the rd level at the smallest width equals the smallest raw model, by construction). `embedder_options` go to
-    rdscale.embed.Embedder (toks_per_batch, long_policy, ...). Arrays are float32 on the host.
+    rdscale.model.embed.Embedder (toks_per_batch, long_policy, ...). Arrays are float32 on the host.
     """
     import torch
 
-    from rdscale.embed import Embedder
+    from rdscale.model.embed import Embedder
 
     models = list(models)
     if not models:

@@ -1,0 +1,1 @@
+"""Input and output: streaming FASTA shards (`fasta`) and the run's Lance tables (`store`)."""
