@@ -52,8 +52,8 @@ sys.path.insert(0, str(REPO))
 import esm  # noqa: E402
 import torch  # noqa: E402
 
-from rdscale.model.embed import Embedder  # noqa: E402
 from rdscale.io.fasta import Record, read_fasta  # noqa: E402
+from rdscale.model.embed import Embedder  # noqa: E402
 from rdscale.model.loading import build_tiny_family, load_model  # noqa: E402
 
 TRUNCATION = 1022  # esm-extract's --truncation_seq_length default, and ESM-2's window

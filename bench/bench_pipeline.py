@@ -34,11 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rdscale.config import load_config  # noqa: E402
-from rdscale.run.extend import extend  # noqa: E402
 from rdscale.io.fasta import Record, read_fasta  # noqa: E402
 from rdscale.model.loading import build_tiny_family, esm2_parameter_count  # noqa: E402
+from rdscale.run.extend import extend  # noqa: E402
 from rdscale.run.pipeline import LocalExecutor, embed, fit  # noqa: E402
-
 
 
 def cfg_for(tmp: Path, fasta: Path, models, out: str, **extra):

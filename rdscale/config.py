@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from rdscale.errors import RdscaleError
 
-class ConfigError(ValueError):
+
+class ConfigError(RdscaleError, ValueError):
     """A configuration file or override that cannot be used; the message says which key and why."""
 
 

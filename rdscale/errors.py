@@ -1,27 +1,17 @@
-"""Which exceptions are the user's to fix (bad input, bad config, bad artifact), and their one-line message.
+"""The error contract: every exception meant for a user derives from `RdscaleError`, and the CLI prints it as one
+line (naming the file, key, id or location at fault and what to do); `-v` shows the traceback.
+
+Module-specific errors (ConfigError, FastaFormatError, StoreError, ...) subclass `RdscaleError` and, for
+compatibility with callers that catch built-in types, ValueError or RuntimeError as well.
 
 Errors raised inside Ray workers arrive wrapped (RayTaskError, UserCodeException); the CLI unwraps them so a
 corrupt FASTA file on a cluster reads the same as on a laptop."""
 
 from __future__ import annotations
 
-_USER_ERROR_NAMES = {
-    "FastaFormatError",
-    "StoreError",
-    "ArtifactError",
-    "CheckpointError",
-    "UnknownModelError",
-    "DeviceError",
-    "MomentsError",
-    "ChainFitError",
-    "EvaluationError",
-    "DMSError",
-    "ConfigError",
-    "SearchError",
-    "DMSFormatError",
-    "ExtendError",
-    "FileNotFoundError",
-}
+
+class RdscaleError(Exception):
+    """An error the user can act on: bad input, config, location, artifact or run. Its message is one line."""
 
 
 def _chain(err: BaseException):
@@ -35,7 +25,7 @@ def _chain(err: BaseException):
 def user_facing(err: BaseException) -> str | None:
     """The message to print for an error the user can act on, or None for a bug (show the traceback)."""
     for e in _chain(err):
-        for cls in type(e).__mro__:
-            if cls.__name__ in _USER_ERROR_NAMES:
-                return str(e).strip().splitlines()[-1] if "RayTaskError" in type(e).__name__ else str(e)
+        if isinstance(e, (RdscaleError, FileNotFoundError)):
+            text = str(e).strip()
+            return text.splitlines()[-1] if "RayTaskError" in type(e).__name__ else text
     return None

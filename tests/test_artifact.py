@@ -15,7 +15,13 @@ import torch
 from reference_rd import correlated_blocks
 from safetensors.numpy import save_file
 
-from rdscale.fit.artifact import ArtifactError, ArtifactMismatchError, load_fit, load_moments, save_fit
+from rdscale.fit.artifact import (
+    ArtifactError,
+    ArtifactMismatchError,
+    load_fit,
+    load_moments,
+    save_fit,
+)
 from rdscale.fit.chain import ChainFit, fit_chain
 from rdscale.fit.moments import Moments
 

@@ -14,7 +14,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rdscale.fit.chain import fit_chain
 from rdscale.eval.dms import (
     AMINO_ACIDS,
     DMSResult,
@@ -25,7 +24,14 @@ from rdscale.eval.dms import (
     make_embed_fn,
     parse_mutant,
 )
-from rdscale.eval.evaluate import EvaluationError, r2_from_moments, reconstruction_report, run_dms, write_report
+from rdscale.eval.evaluate import (
+    EvaluationError,
+    r2_from_moments,
+    reconstruction_report,
+    run_dms,
+    write_report,
+)
+from rdscale.fit.chain import fit_chain
 from rdscale.fit.moments import Moments
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import lance
 import numpy as np
 import pytest
+from test_pipeline import make_cfg, table, write_fasta
 
 import rdscale.model.loading
 from rdscale.run.extend import ExtendError, extend
 from rdscale.run.pipeline import LocalExecutor, run
-from test_pipeline import make_cfg, table, write_fasta
 
 
 def embeddings(run_dir, name):

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from bgzf_util import write_bgzf  # tests/ is on sys.path under pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,7 +31,6 @@ from rdscale.io.fasta import (
     read_fasta,
     read_shard,
 )
-from bgzf_util import write_bgzf  # tests/ is on sys.path under pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

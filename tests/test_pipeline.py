@@ -15,12 +15,12 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from rdscale.fit.artifact import load_fit
 from rdscale.config import load_config
+from rdscale.fit.artifact import load_fit
 from rdscale.io.fasta import Reject, read_fasta
+from rdscale.io.store import RunStore, read_metadata
 from rdscale.run.pipeline import LocalExecutor, embed, fit, run
 from rdscale.run.stages import ChainEncoder
-from rdscale.io.store import RunStore, read_metadata
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 

@@ -105,8 +105,12 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
 
 
 def cmd_reconstruction(args: argparse.Namespace) -> int:
+    from rdscale.eval.evaluate import (
+        format_reconstruction,
+        reconstruction_report,
+        write_reconstruction,
+    )
     from rdscale.fit.artifact import load_fit, load_moments
-    from rdscale.eval.evaluate import format_reconstruction, reconstruction_report, write_reconstruction
 
     fresh = bool(args.config or args.fasta)
     if args.fit and fresh:
@@ -158,9 +162,14 @@ def _fresh_fit(cfg: Config, out: Path) -> tuple[Path, Path]:
 
 
 def cmd_dms(args: argparse.Namespace) -> int:
-    from rdscale.fit.artifact import load_fit
     from rdscale.eval.dms import make_embed_fn
-    from rdscale.eval.evaluate import reconstruction_report, run_dms, summarise, write_report
+    from rdscale.eval.evaluate import (
+        reconstruction_report,
+        run_dms,
+        summarise,
+        write_report,
+    )
+    from rdscale.fit.artifact import load_fit
     from rdscale.model.loading import load_model
 
     missing = [p for p in args.csv if not Path(p).is_file()]

@@ -24,8 +24,14 @@ from ray.data.datasource import Datasource, ReadTask
 
 from rdscale.config import Config
 from rdscale.io.fasta import Shard, ValidationOptions
-from rdscale.run.stages import ROW_FIELDS, ApplyStage, FitWorker, rows_to_columns, shard_rows
 from rdscale.io.store import ShardResult
+from rdscale.run.stages import (
+    ROW_FIELDS,
+    ApplyStage,
+    FitWorker,
+    rows_to_columns,
+    shard_rows,
+)
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from rdscale.errors import RdscaleError
+
 __all__ = [
     "AMINO_ACIDS",
     "DMSDataset",
@@ -74,7 +76,7 @@ RELATIVE_ALPHAS = np.logspace(-5, 3, 33)
 EmbedFn = Callable[[list[str]], Mapping[str, Sequence[np.ndarray]]]
 
 
-class DMSError(ValueError):
+class DMSError(RdscaleError, ValueError):
     """A DMS dataset that cannot be evaluated (too few variants, inconsistent embeddings, bad wild type)."""
 
 

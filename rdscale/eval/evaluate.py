@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from rdscale.errors import RdscaleError
 from rdscale.eval.dms import (
     DMSResult,
     EmbedFn,
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 _RCOND = 1e-12
 
 
-class EvaluationError(ValueError):
+class EvaluationError(RdscaleError, ValueError):
     """Inputs the evaluation cannot use (wrong widths, unknown step, unreadable manifest)."""
 
 
@@ -318,7 +319,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _plot(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path) -> str | None:
     """Write the scaling plot; returns None on success, else why it was skipped."""
     try:
-        from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+        from matplotlib.figure import (
+            Figure,  # no pyplot: no global figure state, no GUI backend
+        )
     except ImportError:
         return "matplotlib is not installed (pip install 'rdscale[plot]'); scaling.png was not written"
     shown = [m for m in metrics if any(r.get(f"n_{m}", 0) for r in summary)][:4]

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 import rdscale
+from rdscale.errors import RdscaleError
 from rdscale.fit.chain import REGRESSIONS, ChainFit, ChainFitError, StepDiagnostics
 from rdscale.fit.moments import Moments, MomentsError
 
@@ -51,7 +52,7 @@ TENSORS = "fit.safetensors"
 MOMENTS = "moments.safetensors"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(RdscaleError, ValueError):
     """A fit artifact is missing, corrupted, or from an unsupported format version."""
 
 

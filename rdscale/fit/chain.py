@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rdscale.errors import RdscaleError
 from rdscale.fit.moments import Moments
 
 __all__ = [
@@ -72,7 +73,7 @@ RCOND = 1e-12
 SIGN_TIE_TOL = 1e-9
 
 
-class ChainFitError(ValueError):
+class ChainFitError(RdscaleError, ValueError):
     """The chain cannot be fitted or applied as asked (bad widths, mismatched moments, wrong inputs)."""
 
 

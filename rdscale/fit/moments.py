@@ -21,12 +21,14 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
+from rdscale.errors import RdscaleError
+
 __all__ = ["Moments", "MomentsError", "merge_all"]
 
 _ARRAY_KEYS = ("count", "mean", "comoment")
 
 
-class MomentsError(ValueError):
+class MomentsError(RdscaleError, ValueError):
     """Bad input to a moments accumulator (wrong width, non-finite values, malformed arrays)."""
 
 

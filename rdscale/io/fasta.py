@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rdscale.errors import RdscaleError
+
 __all__ = [
     "ESM_LETTERS",
     "REJECT_CODES",
@@ -121,7 +123,7 @@ class Shard:
         return f"{self.path}@{self.start}-{'eof' if self.end is None else self.end}"
 
 
-class FastaFormatError(ValueError):
+class FastaFormatError(RdscaleError, ValueError):
     """The input is not FASTA or its compressed stream is damaged; names the file and where it broke."""
 
     def __init__(self, path: str | os.PathLike, where: str, detail: str):

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata, write_fragments
 
 from rdscale import __version__
+from rdscale.errors import RdscaleError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ META_VERSION = b"rdscale.version"
 META_RUN_KEY = b"rdscale.run_key"
 
 
-class StoreError(RuntimeError):
+class StoreError(RdscaleError, RuntimeError):
     """The output directory cannot be used for this run; the message says why and what to do."""
 
 

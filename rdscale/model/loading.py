@@ -19,10 +19,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import esm
+import torch
 from esm.model.esm2 import ESM2
+
+from rdscale.errors import RdscaleError
 
 HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 
@@ -100,15 +101,15 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RdscaleError, ValueError):
     """A checkpoint file that cannot be loaded safely or is not an ESM-2 checkpoint."""
 
 
-class DeviceError(ValueError):
+class DeviceError(RdscaleError, ValueError):
     """A device or dtype that cannot be used on this machine."""
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(RdscaleError, ValueError):
     """A model name that is neither an ESM-2 hub name/alias nor an existing checkpoint path."""
 
 

@@ -38,12 +38,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from rdscale.config import Config
+from rdscale.errors import RdscaleError
 from rdscale.fit.artifact import ArtifactError, load_fit, save_fit
 from rdscale.fit.chain import ChainFit, fit_chain
-from rdscale.config import Config
 from rdscale.fit.moments import Moments
+from rdscale.io.store import (
+    META_LEVELS,
+    META_MANIFEST,
+    PROTEINS,
+    RESIDUES,
+    read_metadata,
+    sql_in_list,
+)
 from rdscale.progress import Progress
-from rdscale.io.store import META_LEVELS, META_MANIFEST, PROTEINS, RESIDUES, read_metadata, sql_in_list
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,7 @@ STAGED = "embedding__extended"  # the new column version while fragments are bei
 EXTENSIONS_KEY = "rdscale.extensions"
 
 
-class ExtendError(RuntimeError):
+class ExtendError(RdscaleError, RuntimeError):
     """The run cannot be extended as asked; the message says why and what to do."""
 
 

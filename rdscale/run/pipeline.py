@@ -17,9 +17,22 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from rdscale.config import Config, ConfigError
 from rdscale.io.fasta import Shard, ValidationOptions, plan_shards
+from rdscale.io.store import (
+    DATA_TABLES,
+    RESIDUES,
+    RunStore,
+    ShardResult,
+    run_schemas,
+    schema_metadata,
+)
 from rdscale.progress import Progress
-from rdscale.run.stages import ApplyStage, FitWorker, iter_row_batches, sample_plan, shard_rows
-from rdscale.io.store import DATA_TABLES, RESIDUES, RunStore, ShardResult, run_schemas, schema_metadata
+from rdscale.run.stages import (
+    ApplyStage,
+    FitWorker,
+    iter_row_batches,
+    sample_plan,
+    shard_rows,
+)
 
 log = logging.getLogger(__name__)
 

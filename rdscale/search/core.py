@@ -49,6 +49,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from rdscale.errors import RdscaleError
 from rdscale.io.store import sql_in_list
 
 TABLES: dict[str, tuple[str, ...]] = {"proteins": ("id",), "residues": ("id", "pos")}  # table -> key columns
@@ -62,7 +63,7 @@ INDEXES_KEY = "rdscale.indexes"
 _SCAN_ROWS = 32768  # rows per batch of the exact scan: (32768, 1280) float32 is 168 MB
 
 
-class SearchError(ValueError):
+class SearchError(RdscaleError, ValueError):
     """Bad input to indexing or search: the message says what is wrong and what to do instead."""
 
 
@@ -688,8 +689,8 @@ def embed_sequences(
     """
     import torch
 
-    from rdscale.fit.artifact import ArtifactError, load_fit
     from rdscale.config import load_config
+    from rdscale.fit.artifact import ArtifactError, load_fit
     from rdscale.run.stages import ChainEncoder
 
     ds = open_table(dataset_path, table)
