@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,25 +93,66 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def validate(self) -> "Config":
-        if self.embedding.long_policy not in ("window", "truncate", "reject"):
-            raise ConfigError(
-                f"embedding.long_policy must be window, truncate or reject, not {self.embedding.long_policy!r}"
-            )
-        if self.fit.regression not in ("pcr", "ols"):
-            raise ConfigError(f"fit.regression must be pcr or ols, not {self.fit.regression!r}")
-        if self.fit.sample_sequences < 1:
-            raise ConfigError("fit.sample_sequences must be at least 1")
-        if self.embedding.toks_per_batch < 8:
-            raise ConfigError("embedding.toks_per_batch must be at least 8")
-        if self.input.shard_mb <= 0:
-            raise ConfigError("input.shard_mb must be positive")
-        if self.output.residue_dtype not in ("float16", "float32"):
-            raise ConfigError(f"output.residue_dtype must be float16 or float32, got {self.output.residue_dtype!r}")
-        if self.output.storage_width is not None and self.output.storage_width < 1:
-            raise ConfigError("output.storage_width must be positive (or null for the full width)")
-        if self.ray.num_actors < 1:
-            raise ConfigError("ray.num_actors must be at least 1")
+        """Every value checked here, when the config is loaded, before anything is created or run."""
+        for problem in _problems(self):
+            raise ConfigError(problem)
         return self
+
+
+# Largest values accepted; each is far beyond any real run and keeps a typo from allocating without bound.
+MAX_WINDOW = 1022  # ESM-2 was trained on 1024 positions: 1022 residues + BOS/EOS
+MAX_SHARD_MB = 1 << 20  # 1 TiB shards
+MAX_TOKS_PER_BATCH = 1 << 24
+MAX_RECORDS_PER_BATCH = 1 << 20
+MAX_LAYER = 1000
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16", "float64", "fp64")
+
+
+def _problems(cfg: "Config"):
+    """Yields what is wrong with a config, one message per value, naming the key, the value and the range."""
+
+    def between(key, value, low, high, what="an integer"):
+        if value is not None and not low <= value <= high:
+            yield f"{key} must be {what} in [{low}, {high}], got {value!r}"
+
+    if not all(isinstance(m, str) and m.strip() for m in cfg.models):
+        yield f"models must be a list of model names or checkpoint paths, got {cfg.models!r}"
+    if not all(isinstance(p, str) and p.strip() for p in cfg.input.paths):
+        yield f"input.paths must be a list of file paths, got {cfg.input.paths!r}"
+    if not 0 < cfg.input.shard_mb <= MAX_SHARD_MB:
+        yield f"input.shard_mb must be in (0, {MAX_SHARD_MB}] megabytes, got {cfg.input.shard_mb!r}"
+    e = cfg.embedding
+    yield from between("embedding.layer", e.layer, -MAX_LAYER, MAX_LAYER)
+    yield from between("embedding.toks_per_batch", e.toks_per_batch, 8, MAX_TOKS_PER_BATCH)
+    if e.long_policy not in ("window", "truncate", "reject"):
+        yield f"embedding.long_policy must be window, truncate or reject, not {e.long_policy!r}"
+    yield from between("embedding.window", e.window, 1, MAX_WINDOW)
+    if not 0 <= e.overlap < e.window:
+        yield f"embedding.overlap must be in [0, embedding.window) = [0, {e.window}), got {e.overlap!r}"
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", e.device):
+        yield f"embedding.device must be one of {', '.join(DEVICES)}, got {e.device!r}"
+    if e.dtype.lower() not in DTYPES:
+        yield f"embedding.dtype must be one of {', '.join(DTYPES)}, got {e.dtype!r}"
+    if cfg.fit.regression not in ("pcr", "ols"):
+        yield f"fit.regression must be pcr or ols, not {cfg.fit.regression!r}"
+    yield from between("fit.sample_sequences", cfg.fit.sample_sequences, 1, 1 << 40)
+    if cfg.fit.artifact is not None and not cfg.fit.artifact.strip():
+        yield "fit.artifact must be a directory or null"
+    o = cfg.output
+    if not o.dir.strip():
+        yield "output.dir must name a directory"
+    if o.residue_dtype not in ("float16", "float32"):
+        yield f"output.residue_dtype must be float16 or float32, got {o.residue_dtype!r}"
+    yield from between("output.storage_width", o.storage_width, 1, 1 << 20,
+                       "an integer (or null for the full width)")
+    yield from between("output.records_per_batch", o.records_per_batch, 1, MAX_RECORDS_PER_BATCH)
+    r = cfg.ray
+    yield from between("ray.num_actors", r.num_actors, 1, 1 << 20)
+    yield from between("ray.gpus_per_actor", r.gpus_per_actor, 0, 1024, "a number")
+    yield from between("ray.cpus_per_actor", r.cpus_per_actor, 0, 1 << 16, "a number")
+    yield from between("ray.object_store_mb", r.object_store_mb, 1, 1 << 30)
+    yield from between("ray.max_restarts", r.max_restarts, -1, 1 << 20)
 
 
 def _build(cls, data: dict[str, Any], where: str):
@@ -147,6 +190,8 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         if kind is int and not number.is_integer():
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return kind(number)
@@ -175,8 +220,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    if not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"override {text!r}: the key must look like section.key")
+    try:
+        value = safe_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
+    except ConfigError as err:
+        raise ConfigError(f"override {text!r}: {err}") from None
     return key.strip().split("."), value
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing what a config never needs but an attacker or a typo can use: anchors/aliases
+    (an alias bomb expands without bound when the config is serialised) and more than MAX_CONFIG_BYTES."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is {len(text):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ConfigError(f"{where}: YAML anchors and aliases (&name, *name) are not allowed in a config; "
+                                  "write the values out")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"{where} is not valid YAML: {reason}") from None
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -195,9 +264,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist (bundled configs live in conf/)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p} is not valid YAML: {err}") from err
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {p} cannot be read: {err}") from None
+        data = safe_yaml(text, str(p)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must hold a mapping at the top level")
         _resolve_relative_paths(data, p.parent)

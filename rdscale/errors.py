@@ -9,6 +9,8 @@ corrupt FASTA file on a cluster reads the same as on a laptop."""
 
 from __future__ import annotations
 
+import errno
+
 
 class RdscaleError(Exception):
     """An error the user can act on: bad input, config, location, artifact or run. Its message is one line."""
@@ -22,10 +24,74 @@ def _chain(err: BaseException):
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
 
 
+# OS errors a user causes by where they point rdscale (not bugs): named path + what to do.
+_OS_REASONS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EISDIR: "is a directory, expected a file",
+    errno.ENOTDIR: "not a directory",
+    errno.EEXIST: "already exists",
+    errno.ENOENT: "no such file or directory",
+    errno.ENAMETOOLONG: "file name too long",
+}
+# Arrow and Lance re-raise OS failures as OSError subclasses without an errno; their text still says which.
+_OS_TEXTS = {
+    "No space left on device": "no space left on device",
+    "Read-only file system": "read-only file system",
+    "Permission denied": "permission denied",
+    "Disk quota exceeded": "disk quota exceeded",
+}
+
+
+def _os_message(err: OSError) -> str | None:
+    reason = _OS_REASONS.get(err.errno) if err.errno is not None else None
+    if reason is None:
+        text = str(err)
+        reason = next((why for marker, why in _OS_TEXTS.items() if marker in text), None)
+        if reason is None:
+            return None
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
+        return f"{reason}: {first}"
+    path = err.filename
+    where = f"{path}: " if path is not None else ""
+    if err.filename2 is not None:
+        where = f"{path} -> {err.filename2}: "
+    hint = {
+        errno.EACCES: "check its permissions or choose another location",
+        errno.EPERM: "check its permissions or choose another location",
+        errno.EROFS: "choose a writable location",
+        errno.ENOSPC: "free space or choose another location; rerun the same command to resume",
+        errno.EDQUOT: "free space or choose another location; rerun the same command to resume",
+    }.get(err.errno)
+    return f"{where}{reason}" + (f" ({hint})" if hint else "")
+
+
 def user_facing(err: BaseException) -> str | None:
     """The message to print for an error the user can act on, or None for a bug (show the traceback)."""
     for e in _chain(err):
-        if isinstance(e, (RdscaleError, FileNotFoundError)):
+        if isinstance(e, RdscaleError):
             text = str(e).strip()
-            return text.splitlines()[-1] if "RayTaskError" in type(e).__name__ else text
+            return _one_line(text.splitlines()[-1] if "RayTaskError" in type(e).__name__ else text)
+    for e in _chain(err):  # an OS error the user caused, only if no RdscaleError explains it better
+        if isinstance(e, FileNotFoundError) and e.errno is None:  # raised by rdscale with its own message
+            return _one_line(str(e))
+        if isinstance(e, OSError):
+            message = _os_message(e)
+            if message is not None:
+                return _one_line(message)
     return None
+
+
+def exit_code(err: BaseException) -> int:
+    """2 for a configuration or usage error, 1 for any other user error."""
+    from rdscale.config import ConfigError
+
+    return 2 if any(isinstance(e, ConfigError) for e in _chain(err)) else 1
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return " ".join(lines) if len(lines) <= 3 else lines[0] + " ..."

@@ -1,6 +1,6 @@
 """`rdscale eval reconstruction` and `rdscale eval dms`: the evaluation verbs (issue 6).
 
-`register(sub)` adds the verb `eval` to the CLI's subparsers (rdscale/cli.py lists it in `_EXTRA_VERBS`). Both
+`register(sub)` adds the verb `eval` to the CLI's subparsers (rdscale/cli/main.py registers it when `eval` is run). Both
 sub-verbs read the same YAML config as every other verb (`-c`, overridable by flags and `--set`), and raise the
 errors rdscale/errors.py lists as the user's to fix, so the CLI prints one line and exits 1.
 
@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the residual variance the new block captures. Reads a fit artifact (--fit), or fits one "
                         "on a FASTA sample in this process (-c and/or --fasta --models).",
                         epilog=_EPILOG_RECON, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--fit", help="fit artifact directory (written by `rdscale fit`)")
+    r.add_argument("run", nargs="?", metavar="RUN", help="a run directory: evaluate its fit artifact (RUN/fit)")
+    r.add_argument("--fit", metavar="DIR", help="fit artifact directory (written by `rdscale fit`)")
     r.add_argument("--fasta", nargs="+", metavar="FILE", help="fit fresh on a sample of these FASTA files")
     r.add_argument("--sample", type=int, metavar="N", help="fresh fit: sequences in the sample (fit.sample_sequences)")
     r.add_argument("--regression", choices=("pcr", "ols"), help="fresh fit: fit.regression")
@@ -81,8 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ProteinGym substitution CSVs (dataset name = file stem)")
     d.add_argument("--wild-type", required=True, metavar="FASTA",
                    help="wild-type FASTA (one record, or one per dataset named by its file stem) or a sequence")
-    d.add_argument("--fit", help="fit artifact of the same models: adds the rd levels (default: fit.artifact, else "
-                   "<output.dir>/fit if it exists)")
+    d.add_argument("run", nargs="?", metavar="RUN", help="a run directory: score its chain (models and fit "
+                   "recorded in RUN/fit) unless --models / --fit say otherwise")
+    d.add_argument("--fit", metavar="DIR", help="fit artifact of the same models: adds the rd levels (default: "
+                   "RUN/fit, else fit.artifact, else <output.dir>/fit if it exists)")
     _common_args(d)
     d.add_argument("-o", "--out", required=True, help="report directory")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/test split of the singles (default 0)")
@@ -104,6 +107,25 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     return load_config(args.config, overrides)
 
 
+def _apply_run(args: argparse.Namespace, models: bool = False) -> None:
+    """RUN (a run directory) -> --fit RUN/fit, and with models=True its chain's checkpoints as --models."""
+    if not args.run:
+        return
+    fit_dir = Path(args.run) / "fit"
+    manifest_path = fit_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise ConfigError(f"{args.run} holds no fit artifact ({manifest_path} is missing); give --fit DIR instead")
+    if args.fit and Path(args.fit) != fit_dir:
+        raise ConfigError(f"two fits given: RUN {args.run} (its fit/) and --fit {args.fit}; give one")
+    args.fit = str(fit_dir)
+    if models and not args.models and not args.config:
+        try:
+            recorded = json.loads(manifest_path.read_text())["models"]
+            args.models = [m.get("source") or m["name"] for m in recorded]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{manifest_path} does not list the chain's models ({err}); pass --models") from err
+
+
 def cmd_reconstruction(args: argparse.Namespace) -> int:
     from rdscale.eval.evaluate import (
         format_reconstruction,
@@ -112,6 +134,7 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
     )
     from rdscale.fit.artifact import load_fit, load_moments
 
+    _apply_run(args)
     fresh = bool(args.config or args.fasta)
     if args.fit and fresh:
         raise ConfigError("--fit reads an existing artifact and -c/--fasta fit a fresh one; give one of the two")
@@ -172,6 +195,7 @@ def cmd_dms(args: argparse.Namespace) -> int:
     from rdscale.fit.artifact import load_fit
     from rdscale.model.loading import load_model
 
+    _apply_run(args, models=True)
     missing = [p for p in args.csv if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"DMS CSV file(s) not found: {', '.join(missing)}")

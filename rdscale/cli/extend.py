@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from rdscale.cli.args import add_fit_argument, add_run_argument
+
 
 def cmd_extend(args) -> int:
     from rdscale.run.extend import extend
 
     summary = extend(
-        args.out, args.model, from_fit=args.from_fit, sample_sequences=args.sample, regression=args.regression,
+        args.out, args.model, from_fit=args.fit, sample_sequences=args.sample, regression=args.regression,
         overrides=args.overrides, progress=not args.quiet,
     )
     print("\n".join(summary.lines()))
@@ -21,12 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "extend",
         help="grow a run to a larger model: append the next chain level without running the smaller models",
         description="Fits the next chain step from the stored full-width embeddings and the new model (or takes "
-        "it from --from-fit), then writes the wider embedding as a new version of each table's embedding column. "
+        "it from --fit), then writes the wider embedding as a new version of each table's embedding column. "
         "Resumable: rerun the same command after an interruption.",
     )
-    p.add_argument("-o", "--out", required=True, help="run directory (holds proteins.lance, residues.lance, fit/)")
+    add_run_argument(p, help="run directory (holds proteins.lance, residues.lance, fit/)")
     p.add_argument("--model", required=True, help="the larger model: ESM-2 name (e.g. 3B) or checkpoint path")
-    p.add_argument("--from-fit", help="a fit of the longer chain, fitted together with this run's fit")
+    add_fit_argument(p, "take the new step from this fit of the longer chain (fitted together with this run's fit) "
+                     "instead of fitting it", "--from-fit")
     p.add_argument("--sample", type=int, default=1000, help="proteins whose residues fit the new step (default 1000)")
     p.add_argument("--regression", choices=("pcr", "ols"), default="pcr")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Callable
 
 from rdscale import __version__
+from rdscale.cli.args import (
+    add_fit_argument,
+    add_global_flags,
+    add_global_flags_everywhere,
+    add_run_argument,
+    check_output_location,
+    resolve_run,
+)
 from rdscale.config import Config, ConfigError, load_config
 
 log = logging.getLogger("rdscale")
@@ -71,7 +79,7 @@ def cmd_fit(args) -> int:
     from rdscale.run.pipeline import fit
 
     cfg = _load(args)
-    fit_dir = fit(cfg, out=args.fit_out)
+    fit_dir = fit(cfg, out=args.fit)
     from rdscale.fit.artifact import load_fit
 
     _, manifest = load_fit(fit_dir)
@@ -119,6 +127,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    import yaml
+
+    cfg = _load(args)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False), end="")
+    return 0
+
+
 def cmd_make_tiny_family(args) -> int:
     from rdscale.model.loading import build_tiny_family
 
@@ -128,7 +144,27 @@ def cmd_make_tiny_family(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Verbs whose parsers live in another module (each exposes register(sub)); the module is imported only when its
+# verb is the one being run, so `rdscale --help` never imports Lance, torch, Ray or the search stack.
+_GROUPS = {"index": "search", "search": "search", "eval": "eval", "extend": "extend"}
+_GROUP_HELP = {
+    "index": "vector index on prefix widths (chain levels) of proteins or residues",
+    "search": "nearest neighbours by protein id, FASTA query or vector; exact, ANN or funnel",
+    "eval": "evaluate a chain: reconstruction R^2 per step, DMS Spearman, scaling report",
+    "extend": "grow a run to a larger model: append the next chain level without running the smaller models",
+}
+_WRITERS = ("extract", "fit", "embed", "run")  # verbs that create an output directory
+
+
+def _register_group(sub: argparse._SubParsersAction, group: str) -> None:
+    import importlib
+
+    importlib.import_module(f"rdscale.cli.{group}").register(sub)
+
+
+def build_parser(verb: str | None = None, full: bool = True) -> argparse.ArgumentParser:
+    """The CLI's parser. With full=False only `verb`'s own module is imported (the others get a placeholder that
+    carries their one-line help), which is what `main` uses; full=True builds every verb (tests, docs)."""
     parser = argparse.ArgumentParser(
         prog="rdscale",
         description="Embed protein databases with the ESM-2 family and reverse distillation (nested, Matryoshka "
@@ -136,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"rdscale {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("extract", help="one model over FASTA files -> per-residue + per-protein embeddings in Lance",
@@ -147,20 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="fit pass: moments on a sample, solve the chain, write the fit artifact")
     _config_args(p)
-    p.add_argument("--fit-out", help="where to write the artifact (default: <output.dir>/fit)")
+    add_fit_argument(p, "where to write the artifact (default: <output.dir>/fit)", "--fit-out")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("embed", help="apply pass: reverse-distilled embeddings of every record into Lance (resumable)")
     _config_args(p)
-    p.add_argument("--fit", help="fit artifact directory (default: fit.artifact, else <output.dir>/fit)")
+    add_fit_argument(p, "fit artifact directory (default: fit.artifact, else <output.dir>/fit)")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("run", help="fit, then embed: the whole pipeline (resumable)")
     _config_args(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("config", help="print the effective config (file + flags + --set) as YAML; runs nothing",
+                       description="Loads and validates the config exactly as `rdscale run` would, applies the "
+                       "flags and every --set, and prints the result as YAML.")
+    _config_args(p)
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("info", help="what a run directory holds")
-    p.add_argument("-o", "--out", required=True, help="run directory")
+    add_run_argument(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("make-tiny-family", help="write a tiny random ESM-2 family (offline demo and tests)")
@@ -170,48 +211,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_family)
 
-    for register in _EXTRA_VERBS:
-        register(sub)
+    done: set[str] = set()
+    wanted = set(_GROUPS.values()) if full else {_GROUPS.get(verb)}
+    for name, group in _GROUPS.items():
+        if group in wanted:
+            if group not in done:
+                _register_group(sub, group)
+                done.add(group)
+        elif name not in sub.choices:
+            sub.add_parser(name, help=_GROUP_HELP[name], add_help=False)  # never parsed: main builds the real one
+    add_global_flags_everywhere(parser)
     return parser
 
 
-def _extra_verbs() -> list[Callable[[argparse._SubParsersAction], None]]:
-    # Verbs with their own argument sets live beside the modules they drive; each module exposes register(sub).
-    from rdscale.cli.eval import register as register_eval
-    from rdscale.cli.extend import register as register_extend
-    from rdscale.cli.search import register as register_search
-
-    return [register_search, register_eval, register_extend]
-
-
-_EXTRA_VERBS = _extra_verbs()
+def _find_verb(argv: list[str]) -> str | None:
+    """The first argument that is not a global flag (those take no value)."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_find_verb(argv), full=False)
     args = parser.parse_args(argv)
+    resolve_run(args, parser)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    created = None
     try:
+        if args.verb in _WRITERS:
+            created = _check_outputs(args)
         return args.func(args)
-    except ConfigError as err:
-        print(f"rdscale {args.verb}: configuration error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"rdscale {args.verb}: interrupted; committed shards are kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one clear line, not a traceback
-        from rdscale.errors import user_facing
+        from rdscale.errors import exit_code, user_facing
 
         message = user_facing(err)
         if message is None:
             raise
-        print(f"rdscale {args.verb}: error: {message}", file=sys.stderr)
-        return 1
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        _remove_if_empty(created)
+        code = exit_code(err)
+        kind = "configuration error" if code == 2 else "error"
+        print(f"rdscale {args.verb}: {kind}: {message}", file=sys.stderr)
+        return code
+
+
+def _check_outputs(args: argparse.Namespace) -> list[Path]:
+    """Before any pass starts: every location the verb will write can be written. Returns the directories that
+    did not exist yet, so that a failed command leaves no half-made (empty) output directory behind."""
+    cfg = _load(args)
+    targets = [cfg.output.dir]
+    if getattr(args, "fit", None) and args.verb == "fit":
+        targets.append(args.fit)
+    fresh = []
+    for target in targets:
+        check_output_location(target)
+        if "://" not in str(target) and not Path(target).exists():
+            fresh.append(Path(target))
+    return fresh
+
+
+def _remove_if_empty(created: list[Path] | None) -> None:
+    """Remove the output directories this command created, when the failure left nothing committed in them."""
+    import shutil
+
+    for path in created or []:
+        if not path.is_dir():
+            continue
+        # worth keeping (resumable): a finished fit artifact or a committed shard (a ledger data file)
+        committed = any(path.rglob("manifest.json")) or any(path.glob("shards.lance/data/*"))
+        if not committed:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,6 @@
 """`rdscale index` and `rdscale search`: the command-line face of rdscale.search.
 
-`register(sub)` adds both verbs to the CLI's subparsers (rdscale/cli.py lists it in `_EXTRA_VERBS`). A run
+`register(sub)` adds both verbs to the CLI's subparsers (rdscale/cli/main.py registers it when `index` or `search` is run). A run
 directory (`-o`) holds proteins.lance / residues.lance and the fit artifact; see rdscale/search.py for what widths,
 indexes, modes and scores mean. User errors are `SearchError`s, which the CLI prints as one line (exit 1).
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rdscale.cli.args import add_run_argument
 from rdscale.search import core as S
 
 INDEX_EPILOG = """examples:
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=INDEX_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-o", "--out", required=True, help="run directory")
+    add_run_argument(p)
     p.add_argument("--table", nargs="+", choices=sorted(S.TABLES), default=["proteins"],
                    help="table(s) to index (default: proteins)")
     p.add_argument("--width", type=int, nargs="+",
@@ -75,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=SEARCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-o", "--out", required=True, help="run directory")
+    add_run_argument(p)
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--id", dest="ids", nargs="+", metavar="ID",
                        help="stored keys: protein ids; for --table residues ID:POS (one residue) or ID (all)")
