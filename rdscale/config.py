@@ -109,7 +109,7 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16", "float64", "fp64")
 
 
-def _problems(cfg: "Config"):
+def _problems(cfg: Config):
     """Yields what is wrong with a config, one message per value, naming the key, the value and the range."""
 
     def between(key, value, low, high, what="an integer"):

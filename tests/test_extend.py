@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import lance
 import numpy as np
 import pytest
-from test_pipeline import make_cfg, table, write_fasta
+from helpers import make_cfg, table, write_fasta
 
 import rdscale.model.loading
 from rdscale.run.extend import ExtendError, extend
@@ -75,7 +77,7 @@ def test_extension_equals_the_chain_from_scratch(tmp_path, fasta, tiny_family, f
     np.testing.assert_allclose(new_res_emb, ref_res_emb, atol=atol, rtol=0)
     np.testing.assert_allclose(new_prot_emb, ref_prot_emb, atol=atol, rtol=0)
     meta = lance.dataset(str(small / "proteins.lance")).schema.metadata
-    assert b"48, 64" in meta[b"rdscale.levels"] or b"48,64" in meta[b"rdscale.levels"].replace(b" ", b"")
+    assert json.loads(meta[b"rdscale.levels"]) == [32, 48, 64]
 
 
 def test_from_a_longer_fit_matches_and_needs_no_sample(tmp_path, fasta, tiny_family, full_chain, loaded_models):

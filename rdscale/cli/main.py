@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
 
 from rdscale import __version__
 from rdscale.cli.args import (

@@ -171,28 +171,33 @@ def read_wild_type(source: str | Path, dataset: str | None = None) -> str:
                 f"wild type {str(source)[:40]!r} is neither an existing FASTA file nor a protein sequence"
             )
         return sequence
-    records: dict[str, list[str]] = {}
-    current = None
-    with open(path) as handle:
-        for line in handle:
-            line = line.strip()
-            if line.startswith(">"):
-                current = line[1:].split(maxsplit=1)[0] if line[1:].strip() else ""
-                records[current] = []
-            elif line and current is not None:
-                records[current].append(line)
-    if not records:
+    from rdscale.io.fasta import FastaFormatError, Reject, read_fasta
+
+    records: dict[str, str] = {}  # id -> sequence, validated by the pipeline's own FASTA reader
+    refused: dict[str, str] = {}  # id -> why the reader rejected it
+    try:
+        for item in read_fasta([str(path)]):
+            if isinstance(item, Reject):
+                refused.setdefault(item.id, item.reason)
+            else:
+                records[item.id] = item.sequence
+    except FastaFormatError as err:
+        raise DMSError(f"wild type: {err}") from err
+    ids = list(dict.fromkeys([*records, *refused]))
+    if not ids:
         raise DMSError(f"{path} holds no FASTA record for the wild type")
-    if len(records) == 1:
-        chosen = next(iter(records))
-    elif dataset is not None and dataset in records:
+    if len(ids) == 1:
+        chosen = ids[0]
+    elif dataset is not None and dataset in ids:
         chosen = dataset
     else:
         raise DMSError(
-            f"{path} holds {len(records)} records; name the one to use: a record id must equal the dataset name "
-            f"{dataset!r} (ids: {', '.join(list(records)[:5])}{', ...' if len(records) > 5 else ''})"
+            f"{path} holds {len(ids)} records; name the one to use: a record id must equal the dataset name "
+            f"{dataset!r} (ids: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
         )
-    sequence = "".join(records[chosen]).upper().rstrip("*")
+    if chosen not in records:
+        raise DMSError(f"{path} record {chosen!r} is not a protein sequence ({refused[chosen]})")
+    sequence = records[chosen]
     bad = set(sequence) - _SEQUENCE_LETTERS
     if not sequence or bad:
         raise DMSError(f"{path} record {chosen!r} is not a protein sequence (bad letters: {sorted(bad)})")

@@ -109,6 +109,10 @@ class DeviceError(RdscaleError, ValueError):
     """A device or dtype that cannot be used on this machine."""
 
 
+class HubError(RdscaleError, RuntimeError):
+    """A hub checkpoint that could not be downloaded (no network, proxy, server error)."""
+
+
 class UnknownModelError(RdscaleError, ValueError):
     """A model name that is neither an ESM-2 hub name/alias nor an existing checkpoint path."""
 
@@ -203,9 +207,10 @@ def download_checkpoint(name: str) -> Path:
         # Writes to a temporary file and renames, so an interrupted download never leaves a partial checkpoint.
         torch.hub.download_url_to_file(url, str(dst), progress=True)
     except Exception as e:  # urllib raises several unrelated types; all mean the same thing here
-        raise RuntimeError(
-            f"could not download {url} ({e}). Without network access, copy {spec.name}.pt to {dst} "
-            f"or pass the checkpoint's path instead of its name"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise HubError(
+            f"could not download {spec.name} from {url} ({reason}). Without network access, copy {spec.name}.pt to "
+            f"{dst} or pass the checkpoint's path instead of its name"
         ) from e
     return dst
 
@@ -225,6 +230,7 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _check_magic(path)
     try:
         with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
             data = _torch_load(path, mmap)
@@ -241,10 +247,27 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
             f"Loading it would run code from the file; rdscale never does that. "
             f"Inspect it with torch.serialization.get_unsafe_globals_in_checkpoint({str(path)!r})."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        reason = " ".join(str(e).split()[:30]) or type(e).__name__
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {reason}") from e
     _check_format(data, path)
     return data
+
+
+def _check_magic(path: Path) -> None:
+    """A torch checkpoint is a zip archive (torch >= 1.6) or a pickle (legacy); anything else is refused before
+    torch reads it, with a message that says what the file looks like."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint: the file is empty (an interrupted download or copy?)"
+        )
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return
+    looks = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
+    raise CheckpointError(f"{path} is not a readable torch checkpoint: it starts with {looks} ({head!r}), not a zip "
+                          "archive or a pickle")
 
 
 def _check_format(data, path) -> None:
@@ -267,6 +290,7 @@ def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
     cfg = data["cfg"]["model"]
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
     state = {_PREFIX.sub("", k): v for k, v in data["model"].items()}
+    _check_config_against_weights(cfg, state, path)
     # Built on the meta device and filled by assignment: no second full-size copy of the weights in memory.
     with torch.device("meta"):
         model = ESM2(
@@ -295,6 +319,34 @@ def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
         torch.nn.init.zeros_(model.contact_head.regression.weight)
         torch.nn.init.zeros_(model.contact_head.regression.bias)
     return model, alphabet
+
+
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+
+
+def _check_config_against_weights(cfg, state: dict, path) -> None:
+    """The checkpoint's config must describe its own weights before any module is built: a config claiming 1e8
+    layers (or a width the embedding matrix does not have) would otherwise build that model first."""
+    values = {}
+    for name in ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path}: cfg['model'].{name} must be a positive integer, got {value!r}")
+        values[name] = value
+    layers, width, heads = values["encoder_layers"], values["encoder_embed_dim"], values["encoder_attention_heads"]
+    found = {int(m.group(1)) for k in state if (m := _LAYER_KEY.match(k))}
+    if found != set(range(layers)):
+        raise CheckpointError(
+            f"{path}: weights do not fit its config: it says {layers} layers but the weights hold {len(found)} "
+            f"(layer indices {min(found, default=None)}..{max(found, default=None)})"
+        )
+    embed = state.get("embed_tokens.weight")
+    if embed is None or tuple(embed.shape) != (_VOCAB, width):
+        shape = None if embed is None else tuple(embed.shape)
+        raise CheckpointError(f"{path}: weights do not fit its config: it says width {width} but embed_tokens.weight has shape {shape} "
+                              f"(expected ({_VOCAB}, {width}))")
+    if width % heads:
+        raise CheckpointError(f"{path}: width {width} is not divisible by its {heads} attention heads")
 
 
 def _is_path(name_or_path) -> bool:

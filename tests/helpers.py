@@ -1,0 +1,50 @@
+"""Helpers shared by several test modules (FASTA writers, configs, table readers); not tests themselves."""
+
+from __future__ import annotations
+
+import random
+
+import lance
+
+from rdscale.config import load_config
+
+AA = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def write_fasta(path, n=24, seed=0, long_every=None, wrap=60):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            length = rng.randint(15, 90)
+            if long_every and i % long_every == long_every - 1:
+                length = 260  # longer than the test window (120): exercises windowing
+            seq = "".join(rng.choice(AA) for _ in range(length))
+            f.write(f">sp|P{i:05d}|PROT{i} protein {i}\n")
+            for j in range(0, length, wrap):
+                f.write(seq[j : j + wrap] + "\n")
+    return path
+
+
+def make_cfg(tmp_path, fasta, models, out="run", **overrides):
+    settings = {
+        "input.shard_mb": 0.0004,  # ~400-byte shards: about ten shards per test file
+        "embedding.window": 120,
+        "embedding.overlap": 30,
+        "embedding.toks_per_batch": 1024,
+        "fit.sample_sequences": 1000,
+        "fit.regression": "pcr",
+        "output.residue_dtype": "float32",
+        "output.records_per_batch": 8,
+        "ray.address": "local",
+        **overrides,
+    }
+    items = [f"{k}={v}" for k, v in settings.items()]
+    items += [f"input.paths={[str(p) for p in (fasta if isinstance(fasta, list) else [fasta])]}",
+              f"models={[str(m) for m in models]}", f"output.dir={tmp_path / out}"]
+    return load_config(None, items)
+
+
+def table(run_dir, name, columns=None):
+    t = lance.dataset(str(run_dir / f"{name}.lance")).to_table(columns=columns)
+    keys = [("id", "ascending")] + ([("pos", "ascending")] if "pos" in t.column_names else [])
+    return t.sort_by(keys)
