@@ -10,6 +10,7 @@ corrupt FASTA file on a cluster reads the same as on a laptop."""
 from __future__ import annotations
 
 import errno
+import re
 
 
 class RdscaleError(Exception):
@@ -46,6 +47,9 @@ _OS_TEXTS = {
 }
 
 
+_MISSING_TABLE_FILE = re.compile(r"Not found: (\S+?\.lance)\b")
+
+
 def _os_message(err: OSError) -> str | None:
     reason = _OS_REASONS.get(err.errno) if err.errno is not None else None
     if reason is None:
@@ -75,6 +79,11 @@ def user_facing(err: BaseException) -> str | None:
         if isinstance(e, RdscaleError):
             text = str(e).strip()
             return _one_line(text.splitlines()[-1] if "RayTaskError" in type(e).__name__ else text)
+    for e in _chain(err):  # Lance (as OSError or ArrowInvalid): a data file its manifest lists is gone
+        missing = _MISSING_TABLE_FILE.search(str(e))
+        if missing:
+            return (f"/{missing.group(1).lstrip('/')} is missing: the table is damaged (a file deleted or "
+                    "half-copied); restore it, or run again into a new output directory")
     for e in _chain(err):  # an OS error the user caused, only if no RdscaleError explains it better
         if isinstance(e, FileNotFoundError) and e.errno is None:  # raised by rdscale with its own message
             return _one_line(str(e))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,13 @@ log = logging.getLogger("rdscale")
 
 EPILOG = """configs: conf/demo.yaml (offline demo, tiny models), conf/single_gpu.yaml (real ESM-2 8M->650M on one
 GPU), conf/uniref50_cluster.yaml (ray job submit on a GPU cluster). Docs: README.md."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the verb, like every other error (`--help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _config_args(p: argparse.ArgumentParser, fasta: bool = True, out: bool = True) -> None:
@@ -59,7 +67,7 @@ def _print_summary(summary, query_hint: bool = True) -> None:
     print("\n".join(summary.lines()))
     if query_hint:
         print(
-            "\nnext: rdscale index -o {0} --width <level>   then   rdscale search -o {0} --id <protein id>\n"
+            "\nnext: rdscale index {0} --width <level>   then   rdscale search {0} --id <protein id>\n"
             "      or in Python: lance.dataset('{1}').to_table()".format(summary.out_dir, summary.tables.get("proteins"))
         )
 
@@ -164,7 +172,7 @@ def _register_group(sub: argparse._SubParsersAction, group: str) -> None:
 def build_parser(verb: str | None = None, full: bool = True) -> argparse.ArgumentParser:
     """The CLI's parser. With full=False only `verb`'s own module is imported (the others get a placeholder that
     carries their one-line help), which is what `main` uses; full=True builds every verb (tests, docs)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rdscale",
         description="Embed protein databases with the ESM-2 family and reverse distillation (nested, Matryoshka "
         "embeddings), store them in Lance, search them at any prefix width.",
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb in _WRITERS:
             created = _check_outputs(args)
+            _quiet_ray(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"rdscale {args.verb}: interrupted; committed shards are kept, rerun the same command to resume",
@@ -276,12 +285,40 @@ def _check_outputs(args: argparse.Namespace) -> list[Path]:
     targets = [cfg.output.dir]
     if getattr(args, "fit", None) and args.verb == "fit":
         targets.append(args.fit)
+    _check_layer(cfg)
     fresh = []
     for target in targets:
         check_output_location(target)
         if "://" not in str(target) and not Path(target).exists():
             fresh.append(Path(target))
     return fresh
+
+
+def _check_layer(cfg: Config) -> None:
+    """embedding.layer against each model's depth, from the checkpoint's config (no model is built)."""
+    if not cfg.models:
+        return
+    from rdscale.model.loading import describe_model
+
+    layer = cfg.embedding.layer
+    for model in cfg.models:
+        layers = describe_model(model)["layers"]
+        if not -(layers + 1) <= layer <= layers:
+            raise ConfigError(f"embedding.layer must be in [{-(layers + 1)}, {layers}] for {model} ({layers} "
+                              f"layers; 0 = token embeddings, -1 = last), got {layer}")
+
+
+def _quiet_ray(args: argparse.Namespace) -> None:
+    """A Ray run's terminal shows rdscale's progress and summary; Ray's own notices go to a log file (-v: both)."""
+    if args.verbose or _load(args).ray.address == "local":
+        return
+    import tempfile
+    import time
+
+    from rdscale.progress import route_ray_notices
+
+    path = Path(tempfile.gettempdir()) / f"rdscale-{args.verb}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.info("Ray's own messages: %s", route_ray_notices(path))
 
 
 def _remove_if_empty(created: list[Path] | None) -> None:

@@ -123,8 +123,10 @@ def _check_models(cfg: Config) -> list[str]:
     return list(cfg.models)
 
 
-def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = None) -> Path:
-    """Fit pass: moments of the chain's embeddings on the sample, merged, solved; writes the fit artifact."""
+def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = None,
+        final: str | Path | None = None) -> Path:
+    """Fit pass: moments of the chain's embeddings on the sample, merged, solved; writes the fit artifact.
+    `final`: where the artifact ends up when `out` is a staging directory (only for the log line)."""
     from rdscale.fit.artifact import save_fit
     from rdscale.fit.chain import fit_chain
     from rdscale.fit.moments import Moments
@@ -158,7 +160,7 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
                "seconds": time.perf_counter() - started},
         moments=merged,
     )
-    log.info("fit artifact written to %s (%d sequences, %d residues)", fit_dir, sequences, residues)
+    log.info("fit artifact written to %s (%d sequences, %d residues)", final or fit_dir, sequences, residues)
     return fit_dir
 
 
@@ -274,6 +276,6 @@ def run(cfg: Config, executor: Executor | None = None, progress: bool = True) ->
             executor = executor or make_executor(cfg)
             staging = Path(str(fit_dir) + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
-            fit(cfg, executor, out=staging)
+            fit(cfg, executor, out=staging, final=fit_dir)
             staging.rename(fit_dir)
     return embed(cfg, fit_dir, executor, progress=progress)
