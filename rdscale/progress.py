@@ -74,7 +74,7 @@ def route_ray_notices(log_file: str | Path) -> Path:
     """Send Ray's INFO lines (execution plans, "Starting execution") and its known notices to `log_file` instead of
     the terminal, so a Ray run's terminal shows rdscale's progress and summary. Call before ray.init."""
     import ray
-    import ray.data  # noqa: F401 - configures the ray.data loggers, which are then filtered below
+    import ray.data  # configures the ray.data loggers, which are then filtered below
 
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)

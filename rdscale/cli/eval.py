@@ -18,9 +18,10 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rdscale.config import Config, ConfigError, load_config
+if TYPE_CHECKING:  # imported when a sub-verb runs, not for --help
+    from rdscale.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,15 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
         overrides.append(f"models={json.dumps(args.models)}")
     if args.device:
         overrides.append(f"embedding.device={args.device}")
+    from rdscale.config import load_config
+
     return load_config(args.config, overrides)
 
 
 def _apply_run(args: argparse.Namespace, models: bool = False) -> None:
     """RUN (a run directory) -> --fit RUN/fit, and with models=True its chain's checkpoints as --models."""
+    from rdscale.config import ConfigError
+
     if not args.run:
         return
     fit_dir = Path(args.run) / "fit"
@@ -127,6 +132,7 @@ def _apply_run(args: argparse.Namespace, models: bool = False) -> None:
 
 
 def cmd_reconstruction(args: argparse.Namespace) -> int:
+    from rdscale.config import ConfigError
     from rdscale.eval.evaluate import (
         format_reconstruction,
         reconstruction_report,
@@ -185,6 +191,7 @@ def _fresh_fit(cfg: Config, out: Path) -> tuple[Path, Path]:
 
 
 def cmd_dms(args: argparse.Namespace) -> int:
+    from rdscale.config import ConfigError
     from rdscale.eval.dms import make_embed_fn
     from rdscale.eval.evaluate import (
         reconstruction_report,

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rdscale import __version__
 from rdscale.cli.args import (
@@ -19,7 +20,9 @@ from rdscale.cli.args import (
     check_output_location,
     resolve_run,
 )
-from rdscale.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # the config module (yaml, dataclasses) is imported when a verb runs, not for --help
+    from rdscale.config import Config
 
 log = logging.getLogger("rdscale")
 
@@ -60,6 +63,8 @@ def _load(args: argparse.Namespace) -> Config:
         overrides.append(f"embedding.device={args.device}")
     if getattr(args, "local", False):
         overrides.append("ray.address=local")
+    from rdscale.config import load_config
+
     return load_config(args.config, overrides)
 
 
@@ -77,6 +82,8 @@ def cmd_extract(args) -> int:
 
     cfg = _load(args)
     if len(cfg.models) != 1:
+        from rdscale.config import ConfigError
+
         raise ConfigError(f"extract embeds with one model; got {len(cfg.models)} (use `rdscale run` for a chain)")
     _print_summary(embed(cfg, fit_dir=None, progress=not args.quiet))
     return 0
@@ -122,6 +129,8 @@ def cmd_info(args) -> int:
 
     root = Path(args.out)
     if not (root / "proteins.lance").exists():
+        from rdscale.config import ConfigError
+
         raise ConfigError(f"{root} holds no rdscale run (no proteins.lance)")
     for name in ("proteins", "residues", "rejects"):
         path = root / f"{name}.lance"
@@ -298,6 +307,7 @@ def _check_layer(cfg: Config) -> None:
     """embedding.layer against each model's depth, from the checkpoint's config (no model is built)."""
     if not cfg.models:
         return
+    from rdscale.config import ConfigError
     from rdscale.model.loading import describe_model
 
     layer = cfg.embedding.layer
