@@ -205,6 +205,11 @@ CASES = {
     "eval-reconstruction/missing-fit": lambda f, out: ["eval", "reconstruction", "--fit", f["missing"]],
     "eval-reconstruction/run-without-fit": lambda f, out: ["eval", "reconstruction", f["dir"]],
     "eval-reconstruction/fit-is-a-file": lambda f, out: ["eval", "reconstruction", "--fit", f["file"]],
+    "eval-dms/out-is-a-file": lambda f, out: ["eval", "dms", "--csv", f["csv_garbage"], "--wild-type", "MKT",
+                                              "--models", *f["models"][:1], "-o", f["file"]],
+    "eval-reconstruction/out-is-a-file": lambda f, out: ["eval", "reconstruction", f["run"], "-o", f["file"]],
+    "extract/hub-unreachable": lambda f, out: ["extract", "--local", "--fasta", f["fasta"], "--models", "8M",
+                                               "-o", out],
     "eval-dms/missing-csv": lambda f, out: ["eval", "dms", "--csv", f["missing"], "--wild-type", "MKT",
                                             "--models", *f["models"][:1], "-o", out],
     "eval-dms/garbage-csv": lambda f, out: ["eval", "dms", "--csv", f["csv_garbage"], "--wild-type", "MKT",
@@ -222,8 +227,17 @@ def _expand(item, f):
     return item
 
 
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A hub that cannot be reached (a real connection refused), and an empty torch.hub cache."""
+    import rdscale.model.loading as loading
+
+    monkeypatch.setattr(loading, "HUB_URL", "http://127.0.0.1:9/fair-esm/{name}.pt")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line(case, world, tmp_path, capsys):
+def test_bad_input_is_one_line(case, world, tmp_path, capsys, offline_hub):
     out = tmp_path / "out"
     argv = [_expand(a, world) for a in CASES[case](world, out)]
     before = {p.name for p in world["dir"].iterdir()}
@@ -255,6 +269,22 @@ def test_run_is_positional_with_o_as_alias(world, capsys):
     assert a[0] == b[0] == 0 and a[1] == b[1]
     code, _, err = invoke(capsys, ["info", world["run"], "-o", world["dir"]])
     assert code == 2 and "two runs" in err
+
+
+def test_hub_failure_is_one_line_that_says_what_to_do(world, tmp_path, capsys, offline_hub):
+    code, _, err = invoke(capsys, writer("extract", models=1)(world, tmp_path / "o")[:5] + ["8M", "-o",
+                                                                                             tmp_path / "o"])
+    assert_one_line(code, err, "hub")
+    assert "could not download esm2_t6_8M_UR50D" in err and "copy esm2_t6_8M_UR50D.pt to" in err
+
+
+def test_verbs_read_a_run_given_positionally(world, capsys):
+    code, out, err = invoke(capsys, ["search", world["run"], "--id", "sp|P00000|PROT0", "-k", "2"])
+    assert code == 0, err
+    assert "sp|P00000|PROT0" in out
+    code, out, err = invoke(capsys, ["eval", "reconstruction", world["run"]])
+    assert code == 0, err
+    assert f"fit artifact: {world['run'] / 'fit'}" in out
 
 
 def test_fit_is_one_spelling_old_spellings_hidden(capsys):

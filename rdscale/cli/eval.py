@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rdscale.cli.args import check_output_location
+
 if TYPE_CHECKING:  # imported when a sub-verb runs, not for --help
     from rdscale.config import Config
 
@@ -151,12 +153,15 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
         if args.fasta or args.sample or args.regression or args.models:
             raise ConfigError("--models, --sample and --regression describe a fresh fit; --fit reads a finished one")
         fit_dir, out = Path(args.fit), Path(args.out) if args.out else None
+        if out is not None:
+            check_output_location(out, "report directory")
     else:
         if args.sample is not None and args.sample < 1:
             raise ConfigError(f"--sample must be at least 1, got {args.sample}")
         extra = [f"fit.sample_sequences={args.sample}"] if args.sample else []
         extra += [f"fit.regression={args.regression}"] if args.regression else []
         cfg = _load(args, extra)
+        check_output_location(args.out or Path(cfg.output.dir) / "eval-reconstruction", "report directory")
         # never <output.dir>/fit itself: that artifact belongs to the run whose embeddings were made with it
         fit_dir, out = _fresh_fit(cfg, Path(args.out) if args.out else Path(cfg.output.dir) / "eval-reconstruction")
 
@@ -210,6 +215,7 @@ def cmd_dms(args: argparse.Namespace) -> int:
         raise ConfigError(f"--train-fraction must be between 0 and 1, got {args.train_fraction}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_output_location(args.out, "report directory")
     cfg = _load(args)
     if not cfg.models:
         raise ConfigError("no models: pass --models M1 M2 ... (smallest first) or set `models` in the config")
