@@ -3,8 +3,8 @@
 Measured side by side in one process, on the same FASTA and checkpoints:
 
 - `rdscale run`'s apply pass (every chain model + apply + Lance writes) vs `rdscale extract` with the largest model
-  alone and with each model alone: the chain's overhead over the largest model, beside the FLOP bound of DESIGN.md
-  section 7 (sum of parameters / largest);
+  alone and with each model alone: the chain's overhead over the largest model, beside the FLOP bound of docs/method.md
+  ("Cost": sum of parameters / largest);
 - Lance write throughput (residues/s of writing the tables alone) vs embedding throughput;
 - `rdscale extend` (new model only) vs re-running the whole chain, beside its FLOP expectation
   (params of the new model / sum of params).

@@ -1,4 +1,4 @@
-"""Fit artifact: a directory holding a fitted chain (DESIGN.md section 5).
+"""Fit artifact: a directory holding a fitted chain (docs/architecture.md, "moments / chain / artifact").
 
 Layout:
     manifest.json         format and format_version (what the reader checks), version (the rdscale that wrote it),

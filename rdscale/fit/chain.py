@@ -1,4 +1,4 @@
-"""Closed-form chained reverse distillation from moments (DESIGN.md sections 2 and 3), and its application.
+"""Closed-form chained reverse distillation from moments (docs/method.md), and its application.
 
 Notation (one residue): x = [h_1; ...; h_m] is the concatenation of the chain's per-residue embeddings, widths
 k_1 < ... < k_m, K = sum k_i; x_c = x - mean. S = cov(x): (K, K). E_i: (K, k_i) selects block i of x.

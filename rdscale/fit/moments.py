@@ -1,4 +1,4 @@
-"""One-pass float64 moments of the concatenated per-residue embeddings (DESIGN.md section 3).
+"""One-pass float64 moments of the concatenated per-residue embeddings (docs/method.md, "Why one pass is enough").
 
 For every residue the chain sees x = [h_1; h_2; ...; h_m] (width K = sum of the model widths). The whole chained
 fit is a function of three numbers of the fit sample: the residue count n, the mean of x and its centred co-moment

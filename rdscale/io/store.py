@@ -1,4 +1,4 @@
-"""Lance tables of a run: proteins, residues, rejects (DESIGN.md section 5), plus a ledger of committed shards.
+"""Lance tables of a run: proteins, residues, rejects (docs/architecture.md, "store"), and a ledger of shards.
 
 Writes are split the way Lance intends for distributed jobs: workers write data files (`write_fragments`, which
 returns small fragment descriptions) and the driver commits them, one input shard at a time, with
