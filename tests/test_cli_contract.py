@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from helpers import write_fasta
 
 from rdscale.cli.main import main
@@ -200,6 +202,7 @@ CASES = {
                                             "--mode", "funnel", "--width", "32"],
     "extend/missing-run": lambda f, out: ["extend", f["missing"], "--model", f["models"][2]],
     "extend/table-deleted": lambda f, out: ["extend", f["run_no_proteins"], "--model", f["models"][2]],
+    "extend/half-written": lambda f, out: ["extend", f["run_half"], "--model", f["models"][2]],
     "extend/missing-checkpoint": lambda f, out: ["extend", f["run"], "--model", f["missing"].with_suffix(".pt")],
     "extend/plain-text-checkpoint": lambda f, out: ["extend", f["run"], "--model", f["plain_pt"]],
     "eval-reconstruction/missing-fit": lambda f, out: ["eval", "reconstruction", "--fit", f["missing"]],
@@ -430,3 +433,56 @@ def test_log_names_the_final_fit_location_not_the_staging_one(tmp_path, tiny_fam
     written = [r.getMessage() for r in caplog.records if "fit artifact written" in r.getMessage()]
     assert written and all(".partial" not in m for m in written)
     assert str(tmp_path / "r" / "fit") in written[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config values: whatever a user types, a Config that holds its ranges or one ConfigError
+
+
+def _config_keys():
+    import dataclasses
+
+    from rdscale.config import _SECTIONS, Config
+
+    keys = [f.name for f in dataclasses.fields(Config) if f.name not in _SECTIONS]
+    for section, cls in _SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.integers(-5, 5), max_size=3), st.dictionaries(st.text(max_size=3),
+                                                                                  st.integers(), max_size=2),
+)
+
+
+@given(key=st.sampled_from(_config_keys()), value=_VALUES)
+def test_any_override_gives_a_valid_config_or_a_config_error(key, value):
+    import json
+    import math
+
+    from rdscale.config import ConfigError, load_config
+
+    text = "null" if value is None else json.dumps(value) if not isinstance(value, float) or math.isfinite(value) \
+        else {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan")
+    try:
+        cfg = load_config(None, [f"{key}={text}"])
+    except ConfigError as err:
+        assert str(err) and "\n" not in str(err).strip()
+        return
+    e, o = cfg.embedding, cfg.output
+    assert 1 <= e.window <= 1022 and 0 <= e.overlap < e.window and 8 <= e.toks_per_batch
+    assert o.records_per_batch >= 1 and (o.storage_width is None or o.storage_width >= 1)
+    assert 0 < cfg.input.shard_mb <= 1 << 20 and math.isfinite(cfg.input.shard_mb)
+    assert cfg.ray.num_actors >= 1 and o.residue_dtype in ("float16", "float32")
+
+
+@given(raw=st.text(max_size=40))
+def test_any_set_text_is_accepted_or_one_config_error(raw):
+    from rdscale.config import ConfigError, load_config
+
+    try:
+        load_config(None, [raw])
+    except ConfigError as err:
+        assert str(err)
