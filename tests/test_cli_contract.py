@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_fasta
 from hypothesis import given
 from hypothesis import strategies as st
-from helpers import write_fasta
 
 from rdscale.cli.main import main
 from rdscale.errors import RdscaleError, user_facing
@@ -233,7 +233,7 @@ def _expand(item, f):
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """A hub that cannot be reached (a real connection refused), and an empty torch.hub cache."""
-    import rdscale.model.loading as loading
+    from rdscale.model import loading
 
     monkeypatch.setattr(loading, "HUB_URL", "http://127.0.0.1:9/fair-esm/{name}.pt")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
