@@ -50,31 +50,47 @@ _OS_TEXTS = {
 _MISSING_TABLE_FILE = re.compile(r"Not found: (\S+?\.lance)\b")
 
 
-def _os_message(err: OSError) -> str | None:
-    reason = _OS_REASONS.get(err.errno) if err.errno is not None else None
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (Lance, safetensors) report an errno
+_HINTS = {
+    errno.EACCES: "check its permissions or choose another location",
+    errno.EPERM: "check its permissions or choose another location",
+    errno.EROFS: "choose a writable location",
+    errno.ENOSPC: "free space or choose another location; rerun the same command to resume",
+    errno.EDQUOT: "free space or choose another location; rerun the same command to resume",
+}
+
+
+def _os_message(err: BaseException, where: str | None = None) -> str | None:
+    """One line for an OS failure the user caused: an OSError with an errno, or any library error whose text
+    carries one ("(os error 28)", "No space left on device"). `where`: the location being written, named when
+    the error itself names no path."""
+    code = err.errno if isinstance(err, OSError) else None
+    text = str(err)
+    if code is None:
+        rust = _RUST_OS_ERROR.search(text)
+        code = int(rust.group(1)) if rust else None
+    reason = _OS_REASONS.get(code) if code is not None else None
     if reason is None:
-        text = str(err)
         reason = next((why for marker, why in _OS_TEXTS.items() if marker in text), None)
-        if reason is None:
+        if reason is None or not isinstance(err, OSError) and code is None:
             return None
+    path = getattr(err, "filename", None)
+    if path is not None:
+        place = f"{path}: "
+        if getattr(err, "filename2", None) is not None:
+            place = f"{path} -> {err.filename2}: "
+    elif where:
+        place = f"writing {where}: "
+    else:
         first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
-        return f"{reason}: {first}"
-    path = err.filename
-    where = f"{path}: " if path is not None else ""
-    if err.filename2 is not None:
-        where = f"{path} -> {err.filename2}: "
-    hint = {
-        errno.EACCES: "check its permissions or choose another location",
-        errno.EPERM: "check its permissions or choose another location",
-        errno.EROFS: "choose a writable location",
-        errno.ENOSPC: "free space or choose another location; rerun the same command to resume",
-        errno.EDQUOT: "free space or choose another location; rerun the same command to resume",
-    }.get(err.errno)
-    return f"{where}{reason}" + (f" ({hint})" if hint else "")
+        place = f"{first}: " if reason.lower() not in first.lower() else ""
+    hint = _HINTS.get(code) or next((h for c, h in _HINTS.items() if _OS_REASONS[c] == reason), None)
+    return f"{place}{reason}" + (f" ({hint})" if hint else "")
 
 
-def user_facing(err: BaseException) -> str | None:
-    """The message to print for an error the user can act on, or None for a bug (show the traceback)."""
+def user_facing(err: BaseException, where: str | None = None) -> str | None:
+    """The message to print for an error the user can act on, or None for a bug (show the traceback).
+    `where`: the output location the command writes, named in OS errors that name no path themselves."""
     for e in _chain(err):
         if isinstance(e, RdscaleError):
             text = str(e).strip()
@@ -87,10 +103,9 @@ def user_facing(err: BaseException) -> str | None:
     for e in _chain(err):  # an OS error the user caused, only if no RdscaleError explains it better
         if isinstance(e, FileNotFoundError) and e.errno is None:  # raised by rdscale with its own message
             return _one_line(str(e))
-        if isinstance(e, OSError):
-            message = _os_message(e)
-            if message is not None:
-                return _one_line(message)
+        message = _os_message(e, where)
+        if message is not None:
+            return _one_line(message)
     return None
 
 

@@ -375,6 +375,52 @@ def test_output_on_a_read_only_location(tmp_path, world, capsys):
         locked.chmod(0o700)
 
 
+def _mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
+                          check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def small_filesystems(tmp_path):
+    """Real small and read-only file systems (tmpfs mounts), unmounted afterwards."""
+    mounted = []
+
+    def make(name: str, options: str) -> Path:
+        where = tmp_path / name
+        _mount_tmpfs(where, options)
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_output_on_a_read_only_file_system(world, capsys, small_filesystems):
+    ro = small_filesystems("ro", "ro,size=64k")
+    code, _, err = invoke(capsys, writer("run")(world, ro / "out"))
+    assert_one_line(code, err, "read-only")
+    assert "read-only file system" in err and str(ro / "out") in err
+
+
+@pytest.mark.parametrize("size, committed", [("64k", False), ("2m", True)])
+def test_full_disk_is_one_line_and_resumable_work_is_kept(world, capsys, small_filesystems, size, committed):
+    """64k fills up while the fit artifact is written (a Rust error, "os error 28"); 2m after the fit, while the
+    tables are written (Lance). The first leaves nothing behind; the second keeps the fit to resume from."""
+    fs = small_filesystems(f"full{size}", f"size={size}")
+    example = ROOT / "examples" / "example.fasta"  # 120 proteins: 7.5 MB of float32 residues at width 48
+    argv = ["run", "--local", "--fasta", example, "--models", *world["models"][:2], "-o", fs / "out",
+            "--set", "output.residue_dtype=float32", "--set", "input.shard_mb=0.01", "--set", "fit.sample_sequences=20"]
+    code, _, err = invoke(capsys, argv)
+    assert_one_line(code, err, "enospc")
+    assert f"writing {fs / 'out'}: no space left on device" in err and "rerun the same command" in err
+    assert (fs / "out" / "fit" / "manifest.json").is_file() == committed
+    assert (fs / "out").exists() == committed
+
+
 def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 

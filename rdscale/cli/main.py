@@ -260,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    created = None
+    targets, created = [], []
     try:
         if args.verb in _WRITERS:
-            created = _check_outputs(args)
+            targets, created = _check_outputs(args)
             _quiet_ray(args)
         return args.func(args)
     except KeyboardInterrupt:
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one clear line, not a traceback
         from rdscale.errors import exit_code, user_facing
 
-        message = user_facing(err)
+        message = user_facing(err, where=", ".join(map(str, targets)) or None)
         if message is None:
             raise
         if args.verbose:
@@ -287,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-def _check_outputs(args: argparse.Namespace) -> list[Path]:
-    """Before any pass starts: every location the verb will write can be written. Returns the directories that
-    did not exist yet, so that a failed command leaves no half-made (empty) output directory behind."""
+def _check_outputs(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
+    """Before any pass starts: every location the verb will write can be written. Returns those locations and
+    the directories among them that did not exist yet, so that a failed command leaves no half-made output
+    directory behind."""
     cfg = _load(args)
     targets = [cfg.output.dir]
     if getattr(args, "fit", None) and args.verb == "fit":
@@ -300,7 +301,7 @@ def _check_outputs(args: argparse.Namespace) -> list[Path]:
         check_output_location(target)
         if "://" not in str(target) and not Path(target).exists():
             fresh.append(Path(target))
-    return fresh
+    return [str(t) for t in targets], fresh
 
 
 def _check_layer(cfg: Config) -> None:
@@ -331,11 +332,11 @@ def _quiet_ray(args: argparse.Namespace) -> None:
     log.info("Ray's own messages: %s", route_ray_notices(path))
 
 
-def _remove_if_empty(created: list[Path] | None) -> None:
+def _remove_if_empty(created: list[Path]) -> None:
     """Remove the output directories this command created, when the failure left nothing committed in them."""
     import shutil
 
-    for path in created or []:
+    for path in created:
         if not path.is_dir():
             continue
         # worth keeping (resumable): a finished fit artifact or a committed shard (a ledger data file)

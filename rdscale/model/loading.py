@@ -335,7 +335,8 @@ def _check_config_against_weights(cfg, state: dict, path) -> None:
         values[name] = value
     layers, width, heads = values["encoder_layers"], values["encoder_embed_dim"], values["encoder_attention_heads"]
     found = {int(m.group(1)) for k in state if (m := _LAYER_KEY.match(k))}
-    if found != set(range(layers)):
+    # (count, min, max) equal to those of 0..layers-1 means the same set, without building one of size `layers`
+    if len(found) != layers or (found and (min(found), max(found)) != (0, layers - 1)):
         raise CheckpointError(
             f"{path}: weights do not fit its config: it says {layers} layers but the weights hold {len(found)} "
             f"(layer indices {min(found, default=None)}..{max(found, default=None)})"
