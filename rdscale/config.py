@@ -109,6 +109,14 @@ class Config:
             raise ConfigError("output.storage_width must be positive (or null for the full width)")
         if self.ray.num_actors < 1:
             raise ConfigError("ray.num_actors must be at least 1")
+        if self.output.records_per_batch < 1:
+            raise ConfigError(f"output.records_per_batch must be at least 1, got {self.output.records_per_batch}")
+        if self.embedding.window < 1 or not 0 <= self.embedding.overlap < self.embedding.window:
+            raise ConfigError("embedding.window must be positive and embedding.overlap between 0 and window - 1")
+        if self.ray.cpus_per_actor < 0 or (self.ray.gpus_per_actor is not None and self.ray.gpus_per_actor < 0):
+            raise ConfigError("ray.cpus_per_actor and ray.gpus_per_actor must not be negative")
+        if self.ray.max_restarts < -1 or (self.ray.object_store_mb is not None and self.ray.object_store_mb < 1):
+            raise ConfigError("ray.max_restarts must be -1 or more and ray.object_store_mb positive")
         return self
 
 

@@ -33,6 +33,15 @@ def _config_args(p: argparse.ArgumentParser, fasta: bool = True, out: bool = Tru
                    help="override any config key, e.g. --set embedding.toks_per_batch=8192 (repeatable)")
 
 
+def _resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redo-changed", action="store_true",
+                   help="an input file changed under committed shards: redo exactly those shards (and shards whose "
+                   "byte range moved) instead of refusing")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the previous output in output.dir (tables; for run also the fit) and start over, "
+                   "e.g. after changing the models")
+
+
 def _load(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     if getattr(args, "fasta", None):
@@ -88,7 +97,8 @@ def cmd_embed(args) -> int:
     fit_dir = args.fit or cfg.fit.artifact
     if not fit_dir and len(cfg.models) > 1:
         fit_dir = str(Path(cfg.output.dir) / "fit")
-    _print_summary(embed(cfg, fit_dir=fit_dir, progress=not args.quiet))
+    _print_summary(embed(cfg, fit_dir=fit_dir, progress=not args.quiet, redo_changed=args.redo_changed,
+                         restart=args.restart))
     return 0
 
 
@@ -96,7 +106,7 @@ def cmd_run(args) -> int:
     from rdscale.run.pipeline import run
 
     cfg = _load(args)
-    _print_summary(run(cfg, progress=not args.quiet))
+    _print_summary(run(cfg, progress=not args.quiet, restart=args.restart, redo_changed=args.redo_changed))
     return 0
 
 
@@ -153,10 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="apply pass: reverse-distilled embeddings of every record into Lance (resumable)")
     _config_args(p)
     p.add_argument("--fit", help="fit artifact directory (default: fit.artifact, else <output.dir>/fit)")
+    _resume_args(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("run", help="fit, then embed: the whole pipeline (resumable)")
     _config_args(p)
+    _resume_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("info", help="what a run directory holds")

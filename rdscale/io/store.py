@@ -11,6 +11,8 @@ Every row carries `shard` (its index in the run's shard plan) for that recovery 
 
 from __future__ import annotations
 
+import datetime
+import errno
 import json
 import logging
 from dataclasses import dataclass
@@ -98,6 +100,11 @@ LEDGER_SCHEMA = pa.schema(
         ("proteins", pa.int64()),
         ("rejects", pa.int64()),
         ("residues", pa.int64()),
+        # What the shard was made of (rdscale.run.integrity): a digest of its records as read, and the input file's
+        # size and mtime then, so a rerun notices an input edited in place.
+        ("digest", pa.string()),
+        ("file_size", pa.int64()),
+        ("file_mtime_ns", pa.int64()),
     ]
 )
 
@@ -196,10 +203,18 @@ class ShardResult:
     proteins: int = 0
     rejects: int = 0
     residues: int = 0
+    digest: str = ""  # of the shard's records as the reader saw them (rdscale.run.integrity.records_digest)
 
     def add(self, other: "ShardResult") -> None:
         for name, frags in other.fragments.items():
             self.fragments.setdefault(name, []).extend(frags)
+        if other.digest:
+            if self.digest and other.digest != self.digest:
+                raise StoreError(
+                    f"shard {self.shard} was read twice with different content (the input changed during the run); "
+                    "run the same command again"
+                )
+            self.digest = other.digest
         self.records += other.records
         self.proteins += other.proteins
         self.rejects += other.rejects
@@ -213,6 +228,7 @@ class RunStore:
         self.root = Path(out_dir)
         self.schemas = schemas
         self.run_key = run_key
+        self.lease = None  # rdscale.io.lease.WriterLease: when set, every change checks it is still held
         self.root.mkdir(parents=True, exist_ok=True)
         for name, schema in schemas.items():
             self._open_or_create(name, schema)
@@ -242,8 +258,15 @@ class RunStore:
         table = self.dataset(LEDGER).to_table()
         return {row["shard"]: row for row in table.to_pylist()}
 
+    def _check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
+
     def recover(self) -> int:
-        """Delete rows left by shards that never reached the ledger (a run killed mid-commit). Returns rows deleted."""
+        """Delete rows left by shards that never reached the ledger (a run killed mid-commit), and data files no
+        table version references (fragments of shards that failed before their commit). Only the lease holder may
+        do this: another writer's uncommitted shard looks exactly like a dead one's. Returns rows deleted."""
+        self._check_lease()
         done = sorted(self.committed())
         deleted = 0
         for name in self.schemas:
@@ -254,10 +277,51 @@ class RunStore:
                 log.warning("removing %d rows of uncommitted shards from %s", stray, name)
                 ds.delete(predicate)
                 deleted += stray
+        self.cleanup_orphans()
         return deleted
 
-    def commit_shard(self, result: ShardResult, key: str) -> None:
-        """Driver side: make one shard's fragments visible, table by table, then record it in the ledger."""
+    def cleanup_orphans(self) -> int:
+        """Delete data files that no version of a table references (written by workers of a shard that never
+        committed). Keeps every version. Returns files removed; a failure is a warning (they only waste space)."""
+        self._check_lease()
+        removed = 0
+        for name in (*self.schemas, LEDGER):
+            try:
+                stats = self.dataset(name).cleanup_old_versions(
+                    older_than=datetime.timedelta(days=36500), delete_unverified=True
+                )
+                removed += int(getattr(stats, "data_files_removed", 0) or 0)
+            except Exception as err:  # noqa: BLE001 - cleanup is best effort
+                log.warning("could not remove orphan data files of %s: %s", self.uri(name), one_line(err))
+        if removed:
+            log.info("removed %d orphan data file(s) of uncommitted shards", removed)
+        return removed
+
+    def forget_shards(self, shards: Sequence[int]) -> int:
+        """Delete every row of `shards` and then their ledger rows (to redo them). Returns table rows deleted."""
+        self._check_lease()
+        if not shards:
+            return 0
+        predicate = f"shard IN ({', '.join(str(int(s)) for s in shards)})"
+        deleted = 0
+        for name in self.schemas:
+            ds = self.dataset(name)
+            n = ds.count_rows(filter=predicate)
+            if n:
+                ds.delete(predicate)
+                deleted += n
+        self.dataset(LEDGER).delete(predicate)
+        return deleted
+
+    def commit_shard(self, result: ShardResult, key: str, fingerprint: dict[str, Any] | None = None) -> bool:
+        """Driver side: make one shard's fragments visible, table by table, then record it in the ledger.
+        Idempotent: a shard already in the ledger is not committed again (its new fragments stay orphans, removed by
+        `cleanup_orphans`). Returns whether this call committed it. fingerprint: digest, file_size, file_mtime_ns."""
+        self._check_lease()
+        if self.dataset(LEDGER).count_rows(filter=f"shard = {int(result.shard)}"):
+            log.warning("shard %d is already committed; not committing it twice", result.shard)
+            return False
+        fp = fingerprint or {}
         for name, frags in result.fragments.items():
             if not frags:
                 continue
@@ -272,10 +336,14 @@ class RunStore:
                 "proteins": pa.array([result.proteins], pa.int64()),
                 "rejects": pa.array([result.rejects], pa.int64()),
                 "residues": pa.array([result.residues], pa.int64()),
+                "digest": [fp.get("digest") or result.digest or None],
+                "file_size": pa.array([fp.get("file_size")], pa.int64()),
+                "file_mtime_ns": pa.array([fp.get("file_mtime_ns")], pa.int64()),
             },
             schema=LEDGER_SCHEMA,
         )
         lance.write_dataset(row, self.uri(LEDGER), mode="append")
+        return True
 
     def write_and_commit(self, result: ShardResult, tables: dict[str, pa.Table], key: str) -> None:
         """Single-process convenience: write the tables' fragments here and commit them as one shard."""
@@ -322,11 +390,23 @@ class RunStore:
             self.dataset(PROTEINS).delete(predicate)
         return joined.num_rows
 
-    def compact(self) -> None:
+    def compact(self) -> bool:
+        """Merge small fragments. Only an optimisation: a failure (disk full, say) leaves the committed tables as
+        they were and is reported as a warning, not as a failed run. Returns whether every table was compacted."""
+        self._check_lease()
+        ok = True
         for name in self.schemas:
-            ds = self.dataset(name)
-            if len(ds.get_fragments()) > 1:
-                ds.optimize.compact_files()
+            try:
+                ds = self.dataset(name)
+                if len(ds.get_fragments()) > 1:
+                    ds.optimize.compact_files()
+            except Exception as err:  # noqa: BLE001 - see docstring
+                ok = False
+                log.warning("compaction of %s failed, the table is intact but fragmented: %s", self.uri(name),
+                            one_line(err))
+        if not ok:
+            self.cleanup_orphans()
+        return ok
 
     def counts(self) -> dict[str, int]:
         out = {name: self.dataset(name).count_rows() for name in self.schemas}
@@ -356,3 +436,88 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         out["version"] = md[META_VERSION].decode()
     return out
 
+
+
+# ------------------------------------------------------------------------------------------ errors and status
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: Lance's IO errors carry a Rust source location after the message."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(", /")[0].replace("LanceError(IO): ", "")
+
+
+_STORAGE_PROBLEMS = (
+    (errno.ENOSPC, "no space left on device"),
+    (errno.EDQUOT, "disk quota exceeded"),
+    (errno.EACCES, "permission denied"),
+    (errno.EPERM, "operation not permitted"),
+    (errno.EROFS, "read-only file system"),
+)
+
+
+def storage_error(err: BaseException, location: str | Path) -> StoreError | None:
+    """A one-line StoreError naming `location` when `err` (or what caused it, also inside Ray's wrappers) is a
+    storage problem a user can fix (disk full, quota, permissions, read-only); None for anything else."""
+    from rdscale.errors import _chain
+
+    for e in _chain(err):
+        code = getattr(e, "errno", None)
+        text = str(e).lower()
+        for number, words in _STORAGE_PROBLEMS:
+            if code == number or words in text or f"os error {number})" in text:
+                return StoreError(
+                    f"cannot write to {location}: {words}; free space or fix access, then run the same command "
+                    "again (committed shards are kept)"
+                )
+    return None
+
+
+def run_status(root: str | Path) -> dict[str, Any]:
+    """What a reader needs to know about a run directory: {'committed': sorted shard indices in the ledger,
+    'planned': number of shards of the run's plan (None for runs written before plans were recorded),
+    'complete': bool}. Readers must read only committed shards' rows (`committed_filter`)."""
+    root = Path(root)
+    ledger = root / f"{LEDGER}.lance"
+    committed = sorted(lance.dataset(str(ledger)).to_table(columns=["shard"])["shard"].to_pylist()) \
+        if ledger.exists() else []
+    planned = None
+    plan_file = root / PLAN_FILE
+    if plan_file.exists():
+        try:
+            planned = int(json.loads(plan_file.read_text())["shards"])
+        except (ValueError, KeyError, TypeError):
+            planned = None
+    complete = planned is not None and set(range(planned)) <= set(committed)
+    if planned is None and ledger.exists():
+        complete = True  # a run from before plans were recorded: nothing to compare against
+    return {"committed": committed, "planned": planned, "complete": complete}
+
+
+def incomplete_message(status: dict[str, Any]) -> str | None:
+    if status["complete"]:
+        return None
+    return f"incomplete: {len(status['committed'])} of {status['planned']} shards committed"
+
+
+def committed_filter(root: str | Path) -> str | None:
+    """A Lance filter selecting the rows of committed shards only, or None when every row is committed (a complete
+    run, after recovery). Rows of a shard whose ledger row is missing belong to a commit in progress or an
+    interrupted one and must not be read."""
+    status = run_status(root)
+    if status["complete"] and _no_stray_rows(Path(root), status["committed"]):
+        return None
+    done = status["committed"]
+    return f"shard IN ({', '.join(map(str, done))})" if done else "shard < -2147483647"
+
+
+def _no_stray_rows(root: Path, done: list[int]) -> bool:
+    if not done:
+        return False
+    path = root / f"{PROTEINS}.lance"
+    if not path.exists():
+        return True
+    return lance.dataset(str(path)).count_rows(filter=f"shard NOT IN ({', '.join(map(str, done))})") == 0
+
+
+PLAN_FILE = "run_plan.json"
