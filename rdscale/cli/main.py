@@ -118,10 +118,18 @@ def cmd_info(args) -> int:
     root = Path(args.out)
     if not (root / "proteins.lance").exists():
         raise ConfigError(f"{root} holds no rdscale run (no proteins.lance)")
+    from rdscale.io.store import committed_filter, incomplete_message, missing_data_files, run_status
+
+    status = run_status(root)
+    where = committed_filter(root)  # rows of committed shards only
+    if incomplete_message(status):
+        print(f"{incomplete_message(status)} (rerun the same command to finish; counts below are of those shards)")
     for name in ("proteins", "residues", "rejects"):
         path = root / f"{name}.lance"
         if path.exists():
-            print(f"{name}: {lance.dataset(str(path)).count_rows()} rows  ({path})")
+            print(f"{name}: {lance.dataset(str(path)).count_rows(filter=where)} rows  ({path})")
+            for missing in missing_data_files(path)[:3]:
+                print(f"damaged: data file {missing} is missing; run `rdscale verify {root}`")
     meta = read_metadata(root / "proteins.lance")
     print(f"levels (prefix widths): {meta.get('levels')}")
     models = (meta.get("fit_manifest") or {}).get("models", [])
@@ -192,8 +200,9 @@ def _extra_verbs() -> list[Callable[[argparse._SubParsersAction], None]]:
     from rdscale.cli.eval import register as register_eval
     from rdscale.cli.extend import register as register_extend
     from rdscale.cli.search import register as register_search
+    from rdscale.cli.verify import register as register_verify
 
-    return [register_search, register_eval, register_extend]
+    return [register_search, register_eval, register_extend, register_verify]
 
 
 _EXTRA_VERBS = _extra_verbs()

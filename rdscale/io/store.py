@@ -15,6 +15,8 @@ import datetime
 import errno
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -322,12 +324,15 @@ class RunStore:
             log.warning("shard %d is already committed; not committing it twice", result.shard)
             return False
         fp = fingerprint or {}
+        fault_point("before_tables")
         for name, frags in result.fragments.items():
             if not frags:
                 continue
             ds = self.dataset(name)
             op = lance.LanceOperation.Append([FragmentMetadata.from_json(f) for f in frags])
             lance.LanceDataset.commit(self.uri(name), op, read_version=ds.version)
+            fault_point("between_tables")
+        fault_point("before_ledger")
         row = pa.table(
             {
                 "shard": pa.array([result.shard], pa.int32()),
@@ -343,6 +348,7 @@ class RunStore:
             schema=LEDGER_SCHEMA,
         )
         lance.write_dataset(row, self.uri(LEDGER), mode="append")
+        fault_point("after_ledger")
         return True
 
     def write_and_commit(self, result: ShardResult, tables: dict[str, pa.Table], key: str) -> None:
@@ -390,6 +396,27 @@ class RunStore:
             self.dataset(PROTEINS).delete(predicate)
         return joined.num_rows
 
+    def drop_derived_columns(self) -> list[str]:
+        """Drop columns that readers added after the run wrote its rows (prefix columns of `rdscale index` and
+        their vector indexes): rows added since read them as null, so an index built before a resume would
+        silently miss the new rows. Dropping is metadata-only; `rdscale index` builds them again. Returns
+        'table.column' of what was dropped."""
+        self._check_lease()
+        dropped = []
+        for name, schema in self.schemas.items():
+            ds = self.dataset(name)
+            extra = [c for c in ds.schema.names if c not in schema.names]
+            if extra:
+                for index in ds.describe_indices() if hasattr(ds, "describe_indices") else []:
+                    if set(getattr(index, "field_names", []) or []) & set(extra):
+                        ds.drop_index(index.name)
+                self.dataset(name).drop_columns(extra)
+                dropped += [f"{name}.{c}" for c in extra]
+        if dropped:
+            log.warning("rows were added to the run: dropped the derived column(s) %s (and their indexes); run "
+                        "`rdscale index` again", ", ".join(dropped))
+        return dropped
+
     def compact(self) -> bool:
         """Merge small fragments. Only an optimisation: a failure (disk full, say) leaves the committed tables as
         they were and is reported as a warning, not as a failed run. Returns whether every table was compacted."""
@@ -413,6 +440,28 @@ class RunStore:
         ledger = self.dataset(LEDGER).to_table(columns=["records"])
         out["records"] = int(pc.sum(ledger["records"]).as_py() or 0)
         return out
+
+
+FAULT_HOOKS: dict[str, Any] = {}  # tests: point -> callable, run when the commit protocol reaches that point
+_FAULT_SEEN: dict[str, int] = {}
+
+
+def fault_point(point: str) -> None:
+    """Test hook at each step of a shard's commit. In-process tests register callables in FAULT_HOOKS; a test that
+    runs rdscale as a subprocess sets RDSCALE_FAULT="<point>:<n>" to kill the process (exit 77, no cleanup) the n-th
+    time it reaches <point>, and RDSCALE_FAULT_SLEEP=<seconds> to slow every commit down."""
+    hook = FAULT_HOOKS.get(point)
+    if hook is not None:
+        hook()
+    spec = os.environ.get("RDSCALE_FAULT")
+    if spec:
+        name, _, count = spec.partition(":")
+        if name == point:
+            _FAULT_SEEN[point] = _FAULT_SEEN.get(point, 0) + 1
+            if _FAULT_SEEN[point] == int(count or 1):
+                os._exit(77)
+    if point == "before_tables" and os.environ.get("RDSCALE_FAULT_SLEEP"):
+        time.sleep(float(os.environ["RDSCALE_FAULT_SLEEP"]))
 
 
 def sql_str(value: str) -> str:
@@ -521,3 +570,31 @@ def _no_stray_rows(root: Path, done: list[int]) -> bool:
 
 
 PLAN_FILE = "run_plan.json"
+
+
+def reader_filter(table_uri: str | Path, user_filter: str | None = None) -> str | None:
+    """For readers of a run's table (search, index): `user_filter` narrowed to the rows of committed shards, with a
+    warning when the run is incomplete. Tables outside an rdscale run directory are returned unfiltered."""
+    root = Path(str(table_uri)).parent
+    if not (root / f"{LEDGER}.lance").exists():
+        return user_filter
+    status = run_status(root)
+    why = incomplete_message(status)
+    if why:
+        log.warning("%s is %s; reading the committed shards' rows only", root, why)
+    committed = committed_filter(root)
+    if committed is None:
+        return user_filter
+    return committed if not user_filter else f"({committed}) AND ({user_filter})"
+
+
+def missing_data_files(table_uri: str | Path) -> list[str]:
+    """Data files the table's current version references but that are gone (a damaged run)."""
+    ds = lance.dataset(str(table_uri))
+    missing = []
+    for fragment in ds.get_fragments():
+        for data_file in fragment.data_files():
+            path = Path(str(table_uri)) / "data" / data_file.path
+            if "://" not in str(table_uri) and not path.exists():
+                missing.append(str(path))
+    return missing

@@ -277,6 +277,8 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
                 f"{len(pending)} shard(s) did not complete ({sorted(pending)}); their rows were not committed. "
                 "Run the same command again to resume."
             )
+    if todo:
+        store.drop_derived_columns()  # an index built before this resume does not cover the new rows
     check_complete(store, shards)  # the plan, not only the shards that started
     summary.duplicates_moved = store.dedupe_across_shards()
     if cfg.output.compact and not store.compact():
