@@ -351,11 +351,11 @@ class RunStore:
         fault_point("after_ledger")
         return True
 
-    def write_and_commit(self, result: ShardResult, tables: dict[str, pa.Table], key: str) -> None:
+    def write_and_commit(self, result: ShardResult, tables: dict[str, pa.Table], key: str) -> bool:
         """Single-process convenience: write the tables' fragments here and commit them as one shard."""
         for name, table in tables.items():
             result.fragments.setdefault(name, []).extend(write_table_fragments(self.uri(name), table))
-        self.commit_shard(result, key)
+        return self.commit_shard(result, key)
 
     def dedupe_across_shards(self) -> int:
         """Reject later occurrences of an id already seen in an earlier shard (the readers reject duplicates

@@ -1,0 +1,565 @@
+"""Exactly-once output: a run knows what it is made of, one writer at a time, changed inputs never mixed in.
+
+Each scenario of issue 16 is a test here: inputs edited in place (same size; a record moving across a shard
+boundary either way), other models on a rerun, nonsense batch settings, a run missing shards of its plan, extend of
+an interrupted run, readers and an index on a partial run, two writers (together, staggered, after a kill -9),
+disk full at three moments; then `rdscale verify`. Most run in-process with the LocalExecutor (the same stages as
+Ray); the writers are real subprocesses of the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lance
+import pyarrow as pa
+import pytest
+from test_pipeline import StopAfter, make_cfg, snapshot, write_fasta  # tests/ is on sys.path under pytest
+
+from rdscale.config import ConfigError, load_config
+from rdscale.fit.artifact import ArtifactMismatchError
+from rdscale.io import store as store_mod
+from rdscale.io.fasta import plan_shards, read_fasta
+from rdscale.io.lease import LEASE_NAME, LeaseError, LeaseInfo, WriterLease, read_lease
+from rdscale.io.store import LEDGER, StoreError, committed_filter, run_status
+from rdscale.run.integrity import InputChangedError
+from rdscale.run.pipeline import LocalExecutor, embed, fit, run
+from rdscale.run.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD = int(0.0004 * (1 << 20))  # make_cfg's shard size in bytes
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_family):
+    """One clean input and one fit of the tiny family on it, shared by the module (fitting costs seconds)."""
+    tmp = tmp_path_factory.mktemp("once_base")
+    fasta = write_fasta(tmp / "in.fasta", n=24, seed=3)
+    cfg = make_cfg(tmp, fasta, tiny_family, "unused")
+    fit_dir = fit(cfg, LocalExecutor(), out=tmp / "fit")
+    return fasta, fit_dir
+
+
+def cfg_for(tmp, fasta, models, fit_dir, out="run", **kw):
+    return make_cfg(tmp, fasta, models, out, **{"fit.artifact": str(fit_dir), **kw})
+
+
+def fresh(tmp, fasta, models, fit_dir, out="fresh"):
+    cfg = cfg_for(tmp, fasta, models, fit_dir, out)
+    embed(cfg, None, LocalExecutor(), progress=False)
+    return snapshot(tmp / out)
+
+
+def ledger_rows(run_dir) -> int:
+    return lance.dataset(str(Path(run_dir) / f"{LEDGER}.lance")).count_rows()
+
+
+def orphan_files(run_dir) -> int:
+    """Data files on disk that no version of their table references."""
+    n = 0
+    for table in Path(run_dir).glob("*.lance"):
+        ds = lance.dataset(str(table))
+        referenced = set()
+        for v in ds.versions():
+            for frag in lance.dataset(str(table), version=v["version"]).get_fragments():
+                referenced |= {d.path for d in frag.data_files()}
+        n += len({p.name for p in (table / "data").glob("*.lance")} - referenced)
+    return n
+
+
+def edit_same_size(path: Path, old: bytes, new: bytes, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    assert len(old) == len(new) and data[at : at + len(old)] == old
+    data[at : at + len(old)] = new
+    before = path.stat().st_mtime_ns
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before + 2_000_000_000, before + 2_000_000_000))  # coarse-mtime filesystems too
+
+
+# ------------------------------------------------------------------------------------------- run identity
+
+
+def test_input_edited_in_place_same_size_is_refused_then_redone(tmp_path, tiny_family, base):
+    src, fit_dir = base
+    fasta = tmp_path / "in.fasta"
+    shutil.copy(src, fasta)
+    cfg = cfg_for(tmp_path, fasta, tiny_family, fit_dir)
+    with pytest.raises(KeyboardInterrupt):
+        embed(cfg, None, StopAfter(3), progress=False)
+    committed = run_status(tmp_path / "run")["committed"]
+    assert committed == [0, 1, 2]
+    # One residue changed in a committed shard (record 0) and one in an uncommitted shard (the last record).
+    records = list(read_fasta(fasta))
+    text = fasta.read_bytes()
+    first_seq_at = text.index(b"\n", records[0].offset) + 1
+    last_seq_at = text.index(b"\n", records[-1].offset) + 1
+    for at in (first_seq_at, last_seq_at):
+        old = text[at : at + 1]
+        edit_same_size(fasta, old, b"W" if old != b"W" else b"A", at)
+        text = fasta.read_bytes()
+
+    with pytest.raises(InputChangedError) as err:
+        embed(cfg, None, LocalExecutor(), progress=False)
+    message = str(err.value)
+    assert str(fasta) in message and "\n" not in message and "--redo-changed" in message
+    assert run_status(tmp_path / "run")["committed"] == [0, 1, 2]  # the refusal touched nothing
+
+    summary = embed(cfg, None, LocalExecutor(), progress=False, redo_changed=True)
+    assert summary.records == 24
+    assert snapshot(tmp_path / "run") == fresh(tmp_path, fasta, tiny_family, fit_dir)
+    assert verify(tmp_path / "run") == []
+
+
+def _boundary_case(fasta: Path, direction: str) -> tuple[int, int, int]:
+    """(shard index i whose end is crossed, offset to shorten/lengthen at, bytes) for a header that moves across the
+    boundary between shards i and i+1 when the record before it shrinks ("back") or grows ("forward")."""
+    records = list(read_fasta(fasta))
+    shards = plan_shards([str(fasta)], SHARD)
+    text = fasta.read_bytes()
+    for shard in shards[1:-2]:
+        b = shard.start
+        for prev, rec in zip(records, records[1:]):
+            seq_len = len(prev.sequence)
+            if direction == "back" and b <= rec.offset < b + 30 and seq_len > rec.offset - b + 5:
+                cut = rec.offset - b + 1  # the header lands at b - 1: shard i now owns it
+                return shard.index - 1, text.index(b"\n", prev.offset) + 1, cut
+            if direction == "forward" and b - 30 <= rec.offset < b:
+                return shard.index - 1, text.index(b"\n", prev.offset) + 1, b - rec.offset  # lands at b
+    pytest.skip(f"no header near a shard boundary in this input ({direction})")
+
+
+@pytest.mark.parametrize("direction", ["back", "forward"])
+def test_record_moving_across_a_shard_boundary(tmp_path, tiny_family, base, direction):
+    """Same file size, but a header crosses the boundary after a committed shard: before, the rerun lost the record
+    (back) or embedded it twice (forward)."""
+    src, fit_dir = base
+    fasta = tmp_path / "in.fasta"
+    shutil.copy(src, fasta)
+    shard, at, n = _boundary_case(fasta, direction)
+    cfg = cfg_for(tmp_path, fasta, tiny_family, fit_dir)
+    with pytest.raises(KeyboardInterrupt):
+        embed(cfg, None, StopAfter(shard + 1), progress=False)
+    assert run_status(tmp_path / "run")["committed"] == list(range(shard + 1))
+
+    # Shrink (or grow) the record before the header by n residues; the last record grows (or shrinks) by as much,
+    # keeping the size. Line lengths change, which FASTA allows.
+    data = fasta.read_bytes()
+    last_seq = data.rindex(b"\n>") + 1
+    last_seq = data.index(b"\n", last_seq) + 1
+    if direction == "back":
+        data = data[:at] + data[at + n :]
+        last_seq -= n
+        data = data[:last_seq] + b"A" * n + data[last_seq:]
+    else:
+        data = data[:at] + b"A" * n + data[at:]
+        last_seq += n
+        data = data[:last_seq] + data[last_seq + n :]
+    assert len(data) == src.stat().st_size
+    fasta.write_bytes(data)
+    records = list(read_fasta(fasta))
+    assert len(records) == 24 and all(not hasattr(r, "reason") for r in records)
+
+    with pytest.raises(InputChangedError, match=str(fasta)):
+        embed(cfg, None, LocalExecutor(), progress=False)
+    summary = embed(cfg, None, LocalExecutor(), progress=False, redo_changed=True)
+    assert (summary.records, summary.proteins, summary.rejects) == (24, 24, 0)
+    assert snapshot(tmp_path / "run") == fresh(tmp_path, fasta, tiny_family, fit_dir)
+    assert verify(tmp_path / "run") == []
+
+
+def test_other_models_refused_unless_restart(tmp_path, tiny_family, base):
+    """`run` into a folder whose fit/ came from other checkpoints of the same widths, after a complete run and after
+    an interrupted one: refused; `embed` and ApplyStage check the fit's models too; --restart starts over."""
+    from rdscale.model.loading import build_tiny_family
+    from rdscale.run.stages import ApplyStage
+
+    src, _ = base
+    other = build_tiny_family(tmp_path / "other", widths=(32, 48, 64), layers=(2, 3, 4), seed=1)
+    cfg_a = make_cfg(tmp_path, src, tiny_family, "run")
+    cfg_b = make_cfg(tmp_path, src, other, "run")
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_a, StopAfter(2), progress=False)
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ArtifactMismatchError, match="other models"):
+        run(cfg_b, LocalExecutor(), progress=False)
+    with pytest.raises(ArtifactMismatchError, match="sha256"):
+        embed(cfg_b, tmp_path / "run" / "fit", LocalExecutor(), progress=False)
+    with pytest.raises(ArtifactMismatchError):
+        ApplyStage(cfg_b, other, str(tmp_path / "run" / "fit"), {}, {})
+    assert snapshot(tmp_path / "run") == before and not (tmp_path / "run" / LEASE_NAME).exists()
+
+    summary = run(cfg_b, LocalExecutor(), progress=False, restart=True)
+    assert summary.shards_skipped == 0 and summary.records == 24
+    meta = store_mod.read_metadata(tmp_path / "run" / "proteins.lance")
+    from rdscale.model.loading import checkpoint_sha256
+
+    assert [m["sha256"] for m in meta["fit_manifest"]["models"]] == [checkpoint_sha256(p) for p in other]
+    assert verify(tmp_path / "run") == []
+    with pytest.raises(ArtifactMismatchError):  # and the first models are now the other ones
+        run(cfg_a, LocalExecutor(), progress=False)
+
+
+@pytest.mark.parametrize("key,value", [("output.records_per_batch", -1), ("output.records_per_batch", 0),
+                                       ("embedding.overlap", 5000), ("ray.cpus_per_actor", -1)])
+def test_nonsense_settings_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key.split(".")[1]):
+        load_config(None, [f"{key}={value}"])
+
+
+class SkipShard(LocalExecutor):
+    """An executor that silently never delivers one shard (a lost read task): the run must not call itself done."""
+
+    def __init__(self, skip):
+        self.skip = skip
+
+    def apply(self, cfg, models, fit_dir, uris, schemas, shards):
+        yield from super().apply(cfg, models, fit_dir, uris, schemas, [s for s in shards if s.index != self.skip])
+
+
+def test_completion_is_checked_against_the_plan(tmp_path, tiny_family, base):
+    src, fit_dir = base
+    cfg = cfg_for(tmp_path, src, tiny_family, fit_dir)
+    n = len(plan_shards([str(src)], SHARD))
+    with pytest.raises(StoreError, match=f"incomplete: {n - 1} of {n} shards committed"):
+        embed(cfg, None, SkipShard(2), progress=False)
+    assert run_status(tmp_path / "run") == {"committed": [i for i in range(n) if i != 2], "planned": n,
+                                            "complete": False}
+    embed(cfg, None, LocalExecutor(), progress=False)
+    assert run_status(tmp_path / "run")["complete"] and verify(tmp_path / "run") == []
+
+
+def test_commit_of_a_committed_shard_is_a_no_op(tmp_path, tiny_family, base):
+    from rdscale.io.store import RunStore, ShardResult
+
+    src, fit_dir = base
+    cfg = cfg_for(tmp_path, src, tiny_family, fit_dir)
+    embed(cfg, None, LocalExecutor(), progress=False)
+    before = snapshot(tmp_path / "run")
+    ds = lance.dataset(str(tmp_path / "run" / "proteins.lance"))
+    schemas = {name: lance.dataset(str(tmp_path / "run" / f"{name}.lance")).schema
+               for name in ("proteins", "residues", "rejects")}
+    key = (ds.schema.metadata or {})[b"rdscale.run_key"].decode()
+    store = RunStore(tmp_path / "run", schemas, key)
+    with WriterLease(tmp_path / "run") as lease:
+        store.lease = lease
+        rows = ds.to_table(filter="shard = 1")
+        assert not store.write_and_commit(ShardResult(shard=1, fragments={}, records=rows.num_rows,
+                                                      proteins=rows.num_rows), {"proteins": rows}, "k")
+        assert orphan_files(tmp_path / "run") >= 1
+        store.cleanup_orphans()
+    assert snapshot(tmp_path / "run") == before and orphan_files(tmp_path / "run") == 0
+
+
+# ------------------------------------------------------------------------------------------- one writer
+
+
+def test_lease_refuses_a_live_owner_and_takes_over_stale_ones(tmp_path):
+    loc = tmp_path / "run"
+    with WriterLease(loc, renew_every=0.05) as first:
+        with pytest.raises(LeaseError, match=f"pid {os.getpid()} on {socket.gethostname()}") as err:
+            WriterLease(loc).acquire()
+        assert "\n" not in str(err.value)
+        time.sleep(0.2)
+        assert read_lease(loc).renewed > first.info.started  # the heartbeat renews it
+    assert read_lease(loc) is None  # released
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = loc / LEASE_NAME
+    now = time.time()
+    stale = [
+        LeaseInfo("a", socket.gethostname(), dead.pid, None, now, now),  # owner dead on this host
+        LeaseInfo("b", "elsewhere", 1, None, now - 1000, now - 1000),  # not renewed for too long
+    ]
+    for info in stale:
+        path.write_bytes(info.encode())
+        with WriterLease(loc, stale_after=60) as lease:
+            assert read_lease(loc).run_id == lease.run_id
+    path.write_bytes(LeaseInfo("c", "elsewhere", 1, None, now, time.time()).encode())  # alive elsewhere
+    with pytest.raises(LeaseError, match="elsewhere"):
+        WriterLease(loc, stale_after=60).acquire()
+
+
+def test_lease_is_exclusive_under_a_race(tmp_path):
+    """Eight processes race for one stale lease (dead owner) and for a free one: exactly one wins each time."""
+    code = (
+        "import sys, time; from rdscale.io.lease import WriterLease, LeaseError\n"
+        "t = float(sys.argv[2]); time.sleep(max(0.0, t - time.time()))\n"
+        "try:\n    l = WriterLease(sys.argv[1], renew_every=0).acquire(); print('won'); time.sleep(1.5)\n"
+        "except LeaseError:\n    print('lost')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for stale in (False, True):
+        loc = tmp_path / f"race{stale}"
+        if stale:
+            dead = subprocess.Popen([sys.executable, "-c", "pass"])
+            dead.wait()
+            loc.mkdir()
+            (loc / LEASE_NAME).write_bytes(
+                LeaseInfo("x", socket.gethostname(), dead.pid, None, time.time(), time.time()).encode())
+        start = time.time() + 2.0
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(loc), str(start)], env=env,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(8)]
+        outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+        assert sorted(outs) == ["lost"] * 7 + ["won"], outs
+
+
+def _cli_config(tmp_path, fasta, models, fit_dir, out) -> Path:
+    cfg = {
+        "models": [str(m) for m in models],
+        "input": {"paths": [str(fasta)], "shard_mb": 0.0004},
+        "embedding": {"window": 120, "overlap": 30, "toks_per_batch": 1024},
+        "fit": {"artifact": str(fit_dir)},
+        "output": {"dir": str(out), "residue_dtype": "float32", "records_per_batch": 8},
+    }
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _rdscale(config, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "rdscale", "-q", "embed", "-c", str(config), "--local"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_writers_together_staggered_and_after_a_kill(tmp_path, tiny_family, base):
+    src, fit_dir = base
+    reference = fresh(tmp_path, src, tiny_family, fit_dir)
+    out = tmp_path / "run"
+    config = _cli_config(tmp_path, src, tiny_family, fit_dir, out)
+    slow = {"RDSCALE_FAULT_SLEEP": "0.2"}
+
+    # Started together: one writes, the other refuses with one line naming the owner.
+    a, b = _rdscale(config, slow), _rdscale(config, slow)
+    results = [(p.wait(timeout=240), p.stderr.read()) for p in (a, b)]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 1], results
+    refusal = next(err for rc, err in results if rc == 1).strip().splitlines()
+    assert len(refusal) == 1 and "being written by another rdscale process (pid" in refusal[0]
+    assert snapshot(out) == reference and verify(out) == []
+
+    # Staggered: the second starts while the first is committing.
+    shutil.rmtree(out)
+    a = _rdscale(config, {"RDSCALE_FAULT_SLEEP": "0.6"})
+    deadline = time.time() + 120
+    while not ((out / f"{LEDGER}.lance").exists() and ledger_rows(out) >= 1) and time.time() < deadline:
+        time.sleep(0.1)
+    b = _rdscale(config)
+    assert b.wait(timeout=120) == 1 and "another rdscale process" in b.stderr.read()
+    assert a.wait(timeout=240) == 0
+    assert snapshot(out) == reference and verify(out) == []
+
+    # kill -9 between the tables' commits and the ledger row: the lease is left behind, owned by a dead pid;
+    # the next writer takes it over, recovers and ends exactly like an uninterrupted run.
+    shutil.rmtree(out)
+    a = _rdscale(config, {"RDSCALE_FAULT": "before_ledger:3"})
+    assert a.wait(timeout=240) == 77
+    assert read_lease(out) is not None and ledger_rows(out) == 2
+    b = _rdscale(config)
+    assert b.wait(timeout=240) == 0, b.stderr.read()
+    assert snapshot(out) == reference and verify(out) == [] and orphan_files(out) == 0
+
+
+# ------------------------------------------------------------------------------------------- storage errors
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs (needs root; skipped with the reason elsewhere)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or 'mount failed'}): disk-full tests need root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(mnt: Path) -> None:
+    """Write a filler file until the filesystem is full."""
+    with open(mnt / "filler", "ab") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+
+
+class FillAfter(LocalExecutor):
+    """Fills the disk after handing over `n` batch results (n = None: after the last one)."""
+
+    def __init__(self, mnt, n=None):
+        self.mnt, self.n = mnt, n
+
+    def apply(self, *args, **kwargs):
+        for i, item in enumerate(super().apply(*args, **kwargs)):
+            if i == self.n:
+                fill(self.mnt)
+            yield item
+        if self.n is None:
+            fill(self.mnt)
+
+
+@pytest.mark.parametrize("moment", ["writing_fragments", "committing_ledger", "compaction"])
+def test_disk_full(tmp_path, tiny_family, base, small_disk, moment):
+    src, fit_dir = base
+    reference = fresh(tmp_path, src, tiny_family, fit_dir)
+    out = small_disk / "run"
+    cfg = cfg_for(tmp_path, src, tiny_family, fit_dir)
+    cfg.output.dir = str(out)
+    if moment == "compaction":
+        summary = embed(cfg, None, FillAfter(small_disk), progress=False)
+        assert any("compaction failed" in w for w in summary.warnings)
+        (small_disk / "filler").unlink()
+        assert verify(out) == [] and snapshot(out) == reference
+        return
+    if moment == "writing_fragments":
+        executor = FillAfter(small_disk, 3)
+    else:
+        executor = LocalExecutor()
+        calls = []
+        store_mod.FAULT_HOOKS["before_ledger"] = lambda: calls.append(1) or (len(calls) == 3 and fill(small_disk))
+    try:
+        with pytest.raises(StoreError) as err:
+            embed(cfg, None, executor, progress=False)
+    finally:
+        store_mod.FAULT_HOOKS.clear()
+    message = str(err.value)
+    assert "no space left on device" in message and str(out) in message and "\n" not in message
+    (small_disk / "filler").unlink()
+    embed(cfg, None, LocalExecutor(), progress=False)
+    assert snapshot(out) == reference and verify(out) == [] and orphan_files(out) == 0
+
+
+def test_read_only_location_is_one_line(tmp_path, tiny_family, base):
+    if os.geteuid() == 0:
+        mnt = tmp_path / "ro"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)]).returncode != 0:
+            pytest.skip("cannot mount a read-only tmpfs")
+    else:
+        mnt = tmp_path / "ro"
+        mnt.mkdir(mode=0o555)
+    try:
+        src, fit_dir = base
+        cfg = cfg_for(tmp_path, src, tiny_family, fit_dir)
+        cfg.output.dir = str(mnt / "run")
+        with pytest.raises(StoreError, match=f"cannot write to {mnt / 'run'}: (read-only file system|permission)"):
+            embed(cfg, None, LocalExecutor(), progress=False)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# ------------------------------------------------------------------------------------------- readers, extend
+
+
+@pytest.fixture
+def partial_run(tmp_path, tiny_family, base):
+    """A run killed after committing two shards, with the rows of a third committed to the tables but not to the
+    ledger (killed between the two)."""
+    src, fit_dir = base
+    cfg = cfg_for(tmp_path, src, tiny_family, fit_dir)
+    calls = []
+
+    def die():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    store_mod.FAULT_HOOKS["before_ledger"] = die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            embed(cfg, None, LocalExecutor(), progress=False)
+    finally:
+        store_mod.FAULT_HOOKS.clear()
+    return cfg, tmp_path / "run"
+
+
+def test_readers_of_a_partial_run(partial_run, capsys):
+    from rdscale.cli.main import main
+    from rdscale.search import search
+
+    cfg, out = partial_run
+    status = run_status(out)
+    assert status["committed"] == [0, 1] and not status["complete"]
+    proteins = lance.dataset(str(out / "proteins.lance"))
+    committed_rows = proteins.count_rows(filter=committed_filter(out))
+    assert proteins.count_rows() > committed_rows > 0  # the third shard's rows are in the table
+
+    assert main(["info", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"incomplete: 2 of {status['planned']} shards committed" in printed
+    assert f"proteins: {committed_rows} rows" in printed
+
+    vec = proteins.to_table(columns=["embedding"], limit=1)["embedding"].to_numpy(zero_copy_only=False)[0]
+    hits = search(out, vec[None, :], k=100, mode="exact")
+    shard_of = dict(zip(*proteins.to_table(columns=["id", "shard"]).to_pydict().values()))
+    assert len(hits) == committed_rows and {shard_of[i] for i in hits["id"].to_pylist()} == {0, 1}
+
+
+def test_extend_refuses_an_interrupted_run(partial_run, tiny_family):
+    from rdscale.run.extend import ExtendError, extend
+
+    cfg, out = partial_run
+    with pytest.raises(ExtendError, match="incomplete: 2 of"):
+        extend(out, str(tiny_family[-1]), progress=False)
+    embed(cfg, None, LocalExecutor(), progress=False)  # the run can still be finished
+    assert verify(out) == []
+
+
+def test_index_built_before_a_resume_is_not_silently_partial(partial_run):
+    from rdscale.search import MissingIndexError, build_index, search
+
+    cfg, out = partial_run
+    build_index(out, width=32, index_type="IVF_FLAT")
+    embed(cfg, None, LocalExecutor(), progress=False)  # resume: rows added, compacted
+    proteins = lance.dataset(str(out / "proteins.lance")).to_table(columns=["id", "embedding", "shard"])
+    last = proteins.filter(pa.compute.equal(proteins["shard"], max(proteins["shard"].to_pylist())))
+    vec = last["embedding"].to_numpy(zero_copy_only=False)[0][None, :]
+    with pytest.raises(MissingIndexError):
+        search(out, vec, k=1, mode="ann", width=32)
+    build_index(out, width=32, index_type="IVF_FLAT")
+    hits = search(out, vec, k=1, mode="ann", width=32)
+    assert hits["id"][0].as_py() == last["id"][0].as_py()
+
+
+# ------------------------------------------------------------------------------------------- verify
+
+
+def test_verify_finds_what_is_wrong(tmp_path, tiny_family, base):
+    from rdscale.cli.main import main
+
+    src, fit_dir = base
+    fasta = tmp_path / "in.fasta"
+    shutil.copy(src, fasta)
+    cfg = cfg_for(tmp_path, fasta, tiny_family, fit_dir)
+    embed(cfg, None, LocalExecutor(), progress=False)
+    out = tmp_path / "run"
+    assert main(["verify", str(out)]) == 0
+
+    residues = lance.dataset(str(out / "residues.lance"))
+    lance.write_dataset(residues.to_table(limit=1), residues.uri, mode="append")
+    proteins = lance.dataset(str(out / "proteins.lance"))
+    gone = proteins.to_table(columns=["id", "source"], limit=1).to_pylist()[0]
+    proteins.delete(f"id = '{gone['id']}'")
+    problems = verify(out)
+    assert any("(id, pos) stored more than once" in p for p in problems)
+    assert any(gone["source"] in p and "neither proteins nor rejects" in p for p in problems)
+    assert main(["verify", str(out)]) == 1
+
+    text = fasta.read_bytes()
+    at = text.index(b"\n") + 1
+    edit_same_size(fasta, text[at : at + 1], b"W" if text[at : at + 1] != b"W" else b"A", at)
+    assert any("changed since the shard was embedded" in p for p in verify(out))
