@@ -392,7 +392,7 @@ def test_s3_conditional_put_and_lease(s3_server, monkeypatch):
 def _cli_config(tmp_path, fasta, models, fit_dir, out) -> Path:
     cfg = {
         "models": [str(m) for m in models],
-        "input": {"paths": [str(fasta)], "shard_mb": 0.0006},
+        "input": {"paths": [str(fasta)], "shard_mb": 0.0004},
         "embedding": {"window": 120, "overlap": 30, "toks_per_batch": 1024},
         "fit": {"artifact": str(fit_dir)},
         "output": {"dir": str(out), "residue_dtype": "float32", "records_per_batch": 8},
@@ -413,25 +413,34 @@ def test_two_writers_together_staggered_and_after_a_kill(tmp_path, tiny_family, 
     reference = fresh(tmp_path, src, tiny_family, fit_dir)
     out = tmp_path / "run"
     config = _cli_config(tmp_path, src, tiny_family, fit_dir, out)
-    slow = {"RDSCALE_FAULT_SLEEP": "0.2"}
+    hold = tmp_path / "hold"
+    held = {"RDSCALE_FAULT_HOLD": str(hold)}  # the writer waits after each ledger commit while this file exists
 
-    # Started together: one writes, the other refuses with one line naming the owner.
-    a, b = _rdscale(config, slow), _rdscale(config, slow)
-    results = [(p.wait(timeout=240), p.stderr.read()) for p in (a, b)]
-    codes = sorted(rc for rc, _ in results)
-    assert codes == [0, 1], results
-    refusal = next(err for rc, err in results if rc == 1).strip().splitlines()
-    assert len(refusal) == 1 and "being written by another rdscale process (pid" in refusal[0]
+    # Started together: one writes (and is held mid-run), the other refuses with one line naming the owner.
+    hold.touch()
+    a, b = _rdscale(config, held), _rdscale(config, held)
+    deadline = time.time() + 180
+    while a.poll() is None and b.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    loser, winner = (a, b) if a.poll() is not None else (b, a)
+    assert loser.wait() == 1 and winner.poll() is None  # the winner cannot finish while held
+    refusal = loser.stderr.read().strip().splitlines()
+    assert len(refusal) == 1 and "being written by another rdscale process (pid" in refusal[0], refusal
+    assert f"pid {winner.pid} " in refusal[0]
+    hold.unlink()
+    assert winner.wait(timeout=240) == 0
     assert snapshot(out) == reference and verify(out) == []
 
-    # Staggered: the second starts while the first is committing.
+    # Staggered: the second starts while the first is between two commits.
     shutil.rmtree(out)
-    a = _rdscale(config, {"RDSCALE_FAULT_SLEEP": "0.6"})
-    deadline = time.time() + 120
-    while not ((out / f"{LEDGER}.lance").exists() and ledger_rows(out) >= 1) and time.time() < deadline:
+    hold.touch()
+    a = _rdscale(config, held)
+    while not ((out / f"{LEDGER}.lance").exists() and ledger_rows(out) >= 1) and time.time() < deadline + 120:
         time.sleep(0.1)
     b = _rdscale(config)
-    assert b.wait(timeout=120) == 1 and "another rdscale process" in b.stderr.read()
+    assert b.wait(timeout=120) == 1 and f"another rdscale process (pid {a.pid} " in b.stderr.read()
+    assert a.poll() is None
+    hold.unlink()
     assert a.wait(timeout=240) == 0
     assert snapshot(out) == reference and verify(out) == []
 
@@ -734,3 +743,17 @@ def test_kills_reruns_and_second_writers_never_lose_or_double_a_record(small_cas
         assert verify(out) == [] and orphan_files(out) == 0
 
     check()
+
+
+@pytest.mark.ray
+def test_ray_workers_record_the_same_shard_digests(ray_session, small_case, tiny_family):
+    """The digest is computed where the shard is read (a Ray Data read task) and reaches the ledger intact."""
+    from rdscale.cluster.executor import RayExecutor
+
+    tmp, fasta, fit_a, _, reference = small_case
+    cfg = cfg_for(tmp, fasta, tiny_family, fit_a, "ray")
+    embed(cfg, None, RayExecutor(cfg), progress=False)
+    local = lance.dataset(str(tmp / "reference" / f"{LEDGER}.lance")).to_table(columns=["shard", "digest"])
+    remote = lance.dataset(str(tmp / "ray" / f"{LEDGER}.lance")).to_table(columns=["shard", "digest"])
+    assert sorted(remote.to_pylist(), key=lambda r: r["shard"]) == sorted(local.to_pylist(), key=lambda r: r["shard"])
+    assert all(remote["digest"].to_pylist()) and snapshot(tmp / "ray") == reference

@@ -452,7 +452,8 @@ _FAULT_SEEN: dict[str, int] = {}
 def fault_point(point: str) -> None:
     """Test hook at each step of a shard's commit. In-process tests register callables in FAULT_HOOKS; a test that
     runs rdscale as a subprocess sets RDSCALE_FAULT="<point>:<n>" to kill the process (exit 77, no cleanup) the n-th
-    time it reaches <point>, and RDSCALE_FAULT_SLEEP=<seconds> to slow every commit down."""
+    time it reaches <point>, RDSCALE_FAULT_SLEEP=<seconds> to slow every commit down, and RDSCALE_FAULT_HOLD=<file>
+    to hold the writer after each ledger commit while <file> exists."""
     hook = FAULT_HOOKS.get(point)
     if hook is not None:
         hook()
@@ -465,6 +466,10 @@ def fault_point(point: str) -> None:
                 os._exit(77)
     if point == "before_tables" and os.environ.get("RDSCALE_FAULT_SLEEP"):
         time.sleep(float(os.environ["RDSCALE_FAULT_SLEEP"]))
+    hold = os.environ.get("RDSCALE_FAULT_HOLD")
+    if hold and point == "after_ledger":
+        while os.path.exists(hold):  # a test holds the writer here (lease held, one shard committed)
+            time.sleep(0.05)
 
 
 def sql_str(value: str) -> str:
@@ -581,6 +586,10 @@ def reader_filter(table_uri: str | Path, user_filter: str | None = None) -> str 
     root = Path(str(table_uri)).parent
     if not (root / f"{LEDGER}.lance").exists():
         return user_filter
+    missing = missing_data_files(table_uri)
+    if missing:
+        raise StoreError(f"{table_uri} is damaged: {len(missing)} data file(s) are missing (e.g. {missing[0]}); "
+                         f"run `rdscale verify {root}`, then rerun the run into a new output.dir")
     status = run_status(root)
     why = incomplete_message(status)
     if why:
