@@ -20,7 +20,12 @@ from pathlib import Path
 import lance
 import pyarrow as pa
 import pytest
-from test_pipeline import StopAfter, make_cfg, snapshot, write_fasta  # tests/ is on sys.path under pytest
+from test_pipeline import (  # tests/ is on sys.path under pytest
+    StopAfter,
+    make_cfg,
+    snapshot,
+    write_fasta,
+)
 
 from rdscale.config import ConfigError, load_config
 from rdscale.fit.artifact import ArtifactMismatchError

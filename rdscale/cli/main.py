@@ -118,7 +118,12 @@ def cmd_info(args) -> int:
     root = Path(args.out)
     if not (root / "proteins.lance").exists():
         raise ConfigError(f"{root} holds no rdscale run (no proteins.lance)")
-    from rdscale.io.store import committed_filter, incomplete_message, missing_data_files, run_status
+    from rdscale.io.store import (
+        committed_filter,
+        incomplete_message,
+        missing_data_files,
+        run_status,
+    )
 
     status = run_status(root)
     where = committed_filter(root)  # rows of committed shards only
