@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,15 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
     models = _check_models(cfg)
     if len(models) < 2:
         raise ConfigError("a fit needs a chain of at least two models (smallest first)")
+    if out is None:  # <output.dir>/fit belongs to the run there: write it under the run's lease, staged
+        with writing(cfg.output.dir) as lease:
+            root = Path(cfg.output.dir)
+            staging = fit(cfg, executor, out=root / f"fit.partial.{lease.run_id}")
+            lease.check()
+            if (root / "fit").exists():
+                shutil.rmtree(root / "fit")
+            staging.rename(root / "fit")
+            return root / "fit"
     executor = executor or make_executor(cfg)
     shards = plan(cfg)
     sample = sample_plan(shards, cfg.fit.sample_sequences)
