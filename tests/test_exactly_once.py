@@ -762,3 +762,36 @@ def test_ray_workers_record_the_same_shard_digests(ray_session, small_case, tiny
     remote = lance.dataset(str(tmp / "ray" / f"{LEDGER}.lance")).to_table(columns=["shard", "digest"])
     assert sorted(remote.to_pylist(), key=lambda r: r["shard"]) == sorted(local.to_pylist(), key=lambda r: r["shard"])
     assert all(remote["digest"].to_pylist()) and snapshot(tmp / "ray") == reference
+
+
+def test_damaged_run_and_cli_flags(tmp_path, tiny_family, base, capsys):
+    """The CLI's --redo-changed reaches the pipeline; a run missing a data file is reported by info, refused by
+    search with one line, and listed by verify (before: old row count in info, a Lance traceback in search)."""
+    from rdscale.cli.main import main
+    from rdscale.search import search
+
+    src, fit_dir = base
+    fasta = tmp_path / "in.fasta"
+    shutil.copy(src, fasta)
+    out = tmp_path / "run"
+    config = _cli_config(tmp_path, fasta, tiny_family, fit_dir, out)
+    assert main(["-q", "embed", "-c", str(config), "--local"]) == 0
+    text = fasta.read_bytes()
+    at = text.index(b"\n") + 1
+    edit_same_size(fasta, text[at : at + 1], b"W" if text[at : at + 1] != b"W" else b"A", at)
+    capsys.readouterr()
+    assert main(["-q", "embed", "-c", str(config), "--local"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--redo-changed" in err[0] and str(fasta) in err[0]
+    assert main(["-q", "embed", "-c", str(config), "--local", "--redo-changed"]) == 0
+    assert verify(out) == []
+
+    current = lance.dataset(str(out / "proteins.lance")).get_fragments()[0].data_files()[0].path
+    data_file = out / "proteins.lance" / "data" / current
+    data_file.unlink()
+    capsys.readouterr()
+    assert main(["info", "-o", str(out)]) == 0
+    assert f"damaged: data file {data_file} is missing" in capsys.readouterr().out
+    with pytest.raises(StoreError, match="damaged"):
+        search(out, ids=["sp|P00001|PROT1"], k=3)
+    assert any("is missing" in p for p in verify(out))

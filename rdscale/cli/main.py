@@ -126,15 +126,17 @@ def cmd_info(args) -> int:
     )
 
     status = run_status(root)
-    where = committed_filter(root)  # rows of committed shards only
+    paths = [root / f"{name}.lance" for name in ("proteins", "residues", "rejects")]
+    missing = {path: missing_data_files(path) for path in paths if path.exists()}
+    where = None if any(missing.values()) else committed_filter(root)  # rows of committed shards only
     if incomplete_message(status):
         print(f"{incomplete_message(status)} (rerun the same command to finish; counts below are of those shards)")
-    for name in ("proteins", "residues", "rejects"):
-        path = root / f"{name}.lance"
-        if path.exists():
-            print(f"{name}: {lance.dataset(str(path)).count_rows(filter=where)} rows  ({path})")
-            for missing in missing_data_files(path)[:3]:
-                print(f"damaged: data file {missing} is missing; run `rdscale verify {root}`")
+    for path, gone in missing.items():
+        if gone:
+            print(f"{path.stem}: damaged, {len(gone)} data file(s) missing  ({path})")
+            print("\n".join(f"damaged: data file {g} is missing; run `rdscale verify {root}`" for g in gone[:3]))
+        else:
+            print(f"{path.stem}: {lance.dataset(str(path)).count_rows(filter=where)} rows  ({path})")
     meta = read_metadata(root / "proteins.lance")
     print(f"levels (prefix widths): {meta.get('levels')}")
     models = (meta.get("fit_manifest") or {}).get("models", [])
