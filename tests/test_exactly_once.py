@@ -795,3 +795,14 @@ def test_damaged_run_and_cli_flags(tmp_path, tiny_family, base, capsys):
     with pytest.raises(StoreError, match="damaged"):
         search(out, ids=["sp|P00001|PROT1"], k=3)
     assert any("is missing" in p for p in verify(out))
+
+
+def test_a_taker_that_died_mid_takeover_does_not_lock_the_run(tmp_path):
+    loc = tmp_path / "run"
+    loc.mkdir()
+    now = time.time()
+    (loc / LEASE_NAME).write_bytes(LeaseInfo("old", socket.gethostname(), _dead_pid(), None, now, now).encode())
+    marker = loc / f"{LEASE_NAME}.takeover-old"  # left by a process killed between its marker and its lease
+    marker.write_bytes(LeaseInfo("taker", socket.gethostname(), _dead_pid(), None, now, now).encode())
+    with WriterLease(loc, renew_every=0) as lease:
+        assert read_lease(loc).run_id == lease.run_id and not marker.exists()

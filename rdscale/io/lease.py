@@ -251,6 +251,11 @@ class WriterLease:
                 )
             marker = f"{self.path}.takeover-{owner.run_id if owner else 'unreadable'}"
             if not self.backend.create_exclusive(marker, info.encode()):
+                taker_raw = self.backend.read(marker)
+                taker = LeaseInfo.parse(taker_raw) if taker_raw is not None else None
+                if taker_raw is not None and (taker is None or taker.stale(time.time(), self.stale_after)):
+                    self.backend.delete(marker)  # its taker died mid-takeover: the next round may take over
+                    continue
                 raise LeaseError(f"{self.location}: another process is taking over the stale writer lease "
                                  f"({why}); try again in a moment")
             try:
