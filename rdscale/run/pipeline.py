@@ -289,7 +289,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
             )
     if todo:
         store.drop_derived_columns()  # an index built before this resume does not cover the new rows
-    check_complete(store, shards)  # the plan, not only the shards that started
+    check_complete(store, shards, accounting=False)  # the plan, not only the shards that started
     summary.duplicates_moved = store.dedupe_across_shards()
     if cfg.output.compact and not store.compact():
         summary.warnings.append("compaction failed (see the log); the tables are complete but fragmented")
