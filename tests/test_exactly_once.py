@@ -610,6 +610,10 @@ def test_extend_refuses_an_interrupted_run(partial_run, tiny_family):
         extend(out, str(tiny_family[-1]), progress=False)
     embed(cfg, None, LocalExecutor(), progress=False)  # the run can still be finished
     assert verify(out) == []
+    from rdscale.cli.main import main
+
+    with WriterLease(out, renew_every=0):  # another writer holds the run: `rdscale extend` refuses at once
+        assert main(["-q", "extend", "-o", str(out), "--model", str(tiny_family[-1])]) == 1
 
 
 def test_index_built_before_a_resume_is_not_silently_partial(partial_run):
