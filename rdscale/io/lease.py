@@ -14,6 +14,7 @@ plugs in without touching the protocol.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -56,7 +57,28 @@ class LocalLeaseBackend:
     """POSIX filesystem: `O_EXCL` create, rename-over for renewal (readers never see a half-written lease)."""
 
     def create_exclusive(self, path: str, payload: bytes) -> bool:
+        """The content is written to a private file first and then hard-linked into place (link fails when the
+        name exists, like O_EXCL), so no reader ever sees an empty or half-written lease."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as err:  # a filesystem without hard links: O_EXCL, with a moment of empty content
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            return self._create_excl(path, payload)
+        finally:
+            os.unlink(tmp)
+        return True
+
+    @staticmethod
+    def _create_excl(path: str, payload: bytes) -> bool:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
