@@ -116,7 +116,7 @@ def test_input_edited_in_place_same_size_is_refused_then_redone(tmp_path, tiny_f
     assert run_status(tmp_path / "run")["committed"] == [0, 1, 2]  # the refusal touched nothing
 
     summary = embed(cfg, None, LocalExecutor(), progress=False, redo_changed=True)
-    assert summary.records == 24
+    assert summary.records == 24 and summary.shards_skipped == 2  # exactly the changed shard 0 was redone
     assert snapshot(tmp_path / "run") == fresh(tmp_path, fasta, tiny_family, fit_dir)
     assert verify(tmp_path / "run") == []
 
