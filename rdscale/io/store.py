@@ -446,29 +446,19 @@ class RunStore:
 
 
 FAULT_HOOKS: dict[str, Any] = {}  # tests: point -> callable, run when the commit protocol reaches that point
-_FAULT_SEEN: dict[str, int] = {}
 
 
 def fault_point(point: str) -> None:
-    """Test hook at each step of a shard's commit. In-process tests register callables in FAULT_HOOKS; a test that
-    runs rdscale as a subprocess sets RDSCALE_FAULT="<point>:<n>" to kill the process (exit 77, no cleanup) the n-th
-    time it reaches <point>, RDSCALE_FAULT_SLEEP=<seconds> to slow every commit down, and RDSCALE_FAULT_HOLD=<file>
-    to hold the writer after each ledger commit while <file> exists."""
+    """Test hook at each step of a shard's commit (before_tables, between_tables, before_ledger, after_ledger).
+    In-process tests register callables in FAULT_HOOKS (to interrupt, fill the disk, start a second writer); a test
+    that runs rdscale as a subprocess sets RDSCALE_FAULT_HOLD=<file> to hold the writer after each ledger commit
+    while <file> exists (lease held, so another writer, a kill -9 or a takeover can be staged deterministically)."""
     hook = FAULT_HOOKS.get(point)
     if hook is not None:
         hook()
-    spec = os.environ.get("RDSCALE_FAULT")
-    if spec:
-        name, _, count = spec.partition(":")
-        if name == point:
-            _FAULT_SEEN[point] = _FAULT_SEEN.get(point, 0) + 1
-            if _FAULT_SEEN[point] == int(count or 1):
-                os._exit(77)
-    if point == "before_tables" and os.environ.get("RDSCALE_FAULT_SLEEP"):
-        time.sleep(float(os.environ["RDSCALE_FAULT_SLEEP"]))
     hold = os.environ.get("RDSCALE_FAULT_HOLD")
     if hold and point == "after_ledger":
-        while os.path.exists(hold):  # a test holds the writer here (lease held, one shard committed)
+        while os.path.exists(hold):
             time.sleep(0.05)
 
 
