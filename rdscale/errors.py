@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import re
+from pathlib import Path
 
 
 class RdscaleError(Exception):
@@ -86,6 +87,24 @@ def _os_message(err: BaseException, where: str | None = None) -> str | None:
         place = f"{first}: " if reason.lower() not in first.lower() else ""
     hint = _HINTS.get(code) or next((h for c, h in _HINTS.items() if _OS_REASONS[c] == reason), None)
     return f"{place}{reason}" + (f" ({hint})" if hint else "")
+
+
+_WRITE_PROBLEMS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_problem(err: BaseException, where: str | Path) -> str | None:
+    """One line for a failure to write `where` that the user can fix (disk full, quota, permissions, read-only),
+    found anywhere in the cause chain (also inside Ray's wrappers); None for anything else."""
+    for e in _chain(err):
+        code = getattr(e, "errno", None)
+        if code is None:
+            rust = _RUST_OS_ERROR.search(str(e))
+            code = int(rust.group(1)) if rust else None
+        if code is None:
+            code = next((c for c in _WRITE_PROBLEMS if _OS_REASONS[c] in str(e).lower()), None)
+        if code in _WRITE_PROBLEMS:
+            return f"writing {where}: {_OS_REASONS[code]} ({_HINTS[code]})"
+    return None
 
 
 def user_facing(err: BaseException, where: str | None = None) -> str | None:

@@ -9,11 +9,13 @@ from rdscale.cli.args import add_fit_argument, add_run_argument
 
 def cmd_extend(args) -> int:
     from rdscale.run.extend import extend
+    from rdscale.run.integrity import writing
 
-    summary = extend(
-        args.out, args.model, from_fit=args.fit, sample_sequences=args.sample, regression=args.regression,
-        overrides=args.overrides, progress=not args.quiet,
-    )
+    with writing(args.out):  # the run's writer lease: never beside a `run`/`embed` into the same folder
+        summary = extend(
+            args.out, args.model, from_fit=args.fit, sample_sequences=args.sample, regression=args.regression,
+            overrides=args.overrides, progress=not args.quiet,
+        )
     print("\n".join(summary.lines()))
     return 0
 

@@ -51,6 +51,15 @@ def _config_args(p: argparse.ArgumentParser, fasta: bool = True, out: bool = Tru
                    help="override any config key, e.g. --set embedding.toks_per_batch=8192 (repeatable)")
 
 
+def _resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redo-changed", action="store_true",
+                   help="an input file changed under committed shards: redo exactly those shards (and shards whose "
+                   "byte range moved) instead of refusing")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the previous output in output.dir (tables; for run also the fit) and start over, "
+                   "e.g. after changing the models")
+
+
 def _load(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     if getattr(args, "fasta", None):
@@ -110,7 +119,8 @@ def cmd_embed(args) -> int:
     fit_dir = args.fit or cfg.fit.artifact
     if not fit_dir and len(cfg.models) > 1:
         fit_dir = str(Path(cfg.output.dir) / "fit")
-    _print_summary(embed(cfg, fit_dir=fit_dir, progress=not args.quiet))
+    _print_summary(embed(cfg, fit_dir=fit_dir, progress=not args.quiet, redo_changed=args.redo_changed,
+                         restart=args.restart))
     return 0
 
 
@@ -118,7 +128,7 @@ def cmd_run(args) -> int:
     from rdscale.run.pipeline import run
 
     cfg = _load(args)
-    _print_summary(run(cfg, progress=not args.quiet))
+    _print_summary(run(cfg, progress=not args.quiet, restart=args.restart, redo_changed=args.redo_changed))
     return 0
 
 
@@ -132,10 +142,25 @@ def cmd_info(args) -> int:
         from rdscale.config import ConfigError
 
         raise ConfigError(f"{root} holds no rdscale run (no proteins.lance)")
-    for name in ("proteins", "residues", "rejects"):
-        path = root / f"{name}.lance"
-        if path.exists():
-            print(f"{name}: {lance.dataset(str(path)).count_rows()} rows  ({path})")
+    from rdscale.io.store import (
+        committed_filter,
+        incomplete_message,
+        missing_data_files,
+        run_status,
+    )
+
+    status = run_status(root)
+    paths = [root / f"{name}.lance" for name in ("proteins", "residues", "rejects")]
+    missing = {path: missing_data_files(path) for path in paths if path.exists()}
+    where = None if any(missing.values()) else committed_filter(root)  # rows of committed shards only
+    if incomplete_message(status):
+        print(f"{incomplete_message(status)} (rerun the same command to finish; counts below are of those shards)")
+    for path, gone in missing.items():
+        if gone:
+            print(f"{path.stem}: damaged, {len(gone)} data file(s) missing  ({path})")
+            print("\n".join(f"damaged: data file {g} is missing; run `rdscale verify {root}`" for g in gone[:3]))
+        else:
+            print(f"{path.stem}: {lance.dataset(str(path)).count_rows(filter=where)} rows  ({path})")
     meta = read_metadata(root / "proteins.lance")
     print(f"levels (prefix widths): {meta.get('levels')}")
     models = (meta.get("fit_manifest") or {}).get("models", [])
@@ -162,12 +187,13 @@ def cmd_make_tiny_family(args) -> int:
 
 # Verbs whose parsers live in another module (each exposes register(sub)); the module is imported only when its
 # verb is the one being run, so `rdscale --help` never imports Lance, torch, Ray or the search stack.
-_GROUPS = {"index": "search", "search": "search", "eval": "eval", "extend": "extend"}
+_GROUPS = {"index": "search", "search": "search", "eval": "eval", "extend": "extend", "verify": "verify"}
 _GROUP_HELP = {
     "index": "vector index on prefix widths (chain levels) of proteins or residues",
     "search": "nearest neighbours by protein id, FASTA query or vector; exact, ANN or funnel",
     "eval": "evaluate a chain: reconstruction R^2 per step, DMS Spearman, scaling report",
     "extend": "grow a run to a larger model: append the next chain level without running the smaller models",
+    "verify": "check a run against its inputs: every record in exactly one of proteins/rejects, no duplicates",
 }
 _WRITERS = ("extract", "fit", "embed", "run")  # verbs that create an output directory
 
@@ -204,10 +230,12 @@ def build_parser(verb: str | None = None, full: bool = True) -> argparse.Argumen
     p = sub.add_parser("embed", help="apply pass: reverse-distilled embeddings of every record into Lance (resumable)")
     _config_args(p)
     add_fit_argument(p, "fit artifact directory (default: fit.artifact, else <output.dir>/fit)")
+    _resume_args(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("run", help="fit, then embed: the whole pipeline (resumable)")
     _config_args(p)
+    _resume_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("config", help="print the effective config (file + flags + --set) as YAML; runs nothing",

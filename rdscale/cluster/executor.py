@@ -45,6 +45,7 @@ ROW_SCHEMA = pa.schema(
         ("sequence", pa.string()),
         ("source", pa.string()),
         ("reason", pa.string()),
+        ("shard_digest", pa.string()),
     ]
 )
 assert tuple(ROW_SCHEMA.names) == ROW_FIELDS
@@ -77,7 +78,8 @@ def _shard_reader(shard: Shard, options: ValidationOptions, rows_per_block: int)
             # An empty shard still reports itself so the driver can commit it (zero records).
             yield pa.table(
                 {"shard": [shard.index], "shard_records": [0], "accepted": [False], "id": [""],
-                 "description": [""], "sequence": [""], "source": [""], "reason": ["__empty_shard__"]},
+                 "description": [""], "sequence": [""], "source": [""], "reason": ["__empty_shard__"],
+                 "shard_digest": [""]},
                 schema=ROW_SCHEMA,
             )
             return

@@ -11,8 +11,11 @@ Every row carries `shard` (its index in the run's shard plan) for that recovery 
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -98,6 +101,11 @@ LEDGER_SCHEMA = pa.schema(
         ("proteins", pa.int64()),
         ("rejects", pa.int64()),
         ("residues", pa.int64()),
+        # What the shard was made of (rdscale.run.integrity): a digest of its records as read, and the input file's
+        # size and mtime then, so a rerun notices an input edited in place.
+        ("digest", pa.string()),
+        ("file_size", pa.int64()),
+        ("file_mtime_ns", pa.int64()),
     ]
 )
 
@@ -196,10 +204,18 @@ class ShardResult:
     proteins: int = 0
     rejects: int = 0
     residues: int = 0
+    digest: str = ""  # of the shard's records as the reader saw them (rdscale.run.integrity.records_digest)
 
     def add(self, other: "ShardResult") -> None:
         for name, frags in other.fragments.items():
             self.fragments.setdefault(name, []).extend(frags)
+        if other.digest:
+            if self.digest and other.digest != self.digest:
+                raise StoreError(
+                    f"shard {self.shard} was read twice with different content (the input changed during the run); "
+                    "run the same command again"
+                )
+            self.digest = other.digest
         self.records += other.records
         self.proteins += other.proteins
         self.rejects += other.rejects
@@ -213,6 +229,7 @@ class RunStore:
         self.root = Path(out_dir)
         self.schemas = schemas
         self.run_key = run_key
+        self.lease = None  # rdscale.io.lease.WriterLease: when set, every change checks it is still held
         self.root.mkdir(parents=True, exist_ok=True)
         for name, schema in schemas.items():
             self._open_or_create(name, schema)
@@ -242,8 +259,18 @@ class RunStore:
         table = self.dataset(LEDGER).to_table()
         return {row["shard"]: row for row in table.to_pylist()}
 
+    def _check_lease(self, required: bool = False) -> None:
+        if self.lease is not None:
+            self.lease.check()
+        elif required:
+            raise StoreError(f"{self.root}: recovery deletes rows of unrecorded shards and must hold the run's writer "
+                             "lease (rdscale.io.lease.WriterLease); set RunStore.lease first")
+
     def recover(self) -> int:
-        """Delete rows left by shards that never reached the ledger (a run killed mid-commit). Returns rows deleted."""
+        """Delete rows left by shards that never reached the ledger (a run killed mid-commit), and data files no
+        table version references (fragments of shards that failed before their commit). Only the lease holder may
+        do this: another writer's uncommitted shard looks exactly like a dead one's. Returns rows deleted."""
+        self._check_lease(required=True)
         done = sorted(self.committed())
         deleted = 0
         for name in self.schemas:
@@ -254,16 +281,60 @@ class RunStore:
                 log.warning("removing %d rows of uncommitted shards from %s", stray, name)
                 ds.delete(predicate)
                 deleted += stray
+        self.cleanup_orphans()
         return deleted
 
-    def commit_shard(self, result: ShardResult, key: str) -> None:
-        """Driver side: make one shard's fragments visible, table by table, then record it in the ledger."""
+    def cleanup_orphans(self) -> int:
+        """Delete data files that no version of a table references (written by workers of a shard that never
+        committed). Keeps every version. Returns files removed; a failure is a warning (they only waste space)."""
+        self._check_lease(required=True)
+        removed = 0
+        for name in (*self.schemas, LEDGER):
+            try:
+                stats = self.dataset(name).cleanup_old_versions(
+                    older_than=datetime.timedelta(days=36500), delete_unverified=True
+                )
+                removed += int(getattr(stats, "data_files_removed", 0) or 0)
+            except Exception as err:  # noqa: BLE001 - cleanup is best effort
+                log.warning("could not remove orphan data files of %s: %s", self.uri(name), one_line(err))
+        if removed:
+            log.info("removed %d orphan data file(s) of uncommitted shards", removed)
+        return removed
+
+    def forget_shards(self, shards: Sequence[int]) -> int:
+        """Delete every row of `shards` and then their ledger rows (to redo them). Returns table rows deleted."""
+        self._check_lease(required=True)
+        if not shards:
+            return 0
+        predicate = f"shard IN ({', '.join(str(int(s)) for s in shards)})"
+        deleted = 0
+        for name in self.schemas:
+            ds = self.dataset(name)
+            n = ds.count_rows(filter=predicate)
+            if n:
+                ds.delete(predicate)
+                deleted += n
+        self.dataset(LEDGER).delete(predicate)
+        return deleted
+
+    def commit_shard(self, result: ShardResult, key: str, fingerprint: dict[str, Any] | None = None) -> bool:
+        """Driver side: make one shard's fragments visible, table by table, then record it in the ledger.
+        Idempotent: a shard already in the ledger is not committed again (its new fragments stay orphans, removed by
+        `cleanup_orphans`). Returns whether this call committed it. fingerprint: digest, file_size, file_mtime_ns."""
+        self._check_lease()
+        if self.dataset(LEDGER).count_rows(filter=f"shard = {int(result.shard)}"):
+            log.warning("shard %d is already committed; not committing it twice", result.shard)
+            return False
+        fp = fingerprint or {}
+        fault_point("before_tables")
         for name, frags in result.fragments.items():
             if not frags:
                 continue
             ds = self.dataset(name)
             op = lance.LanceOperation.Append([FragmentMetadata.from_json(f) for f in frags])
             lance.LanceDataset.commit(self.uri(name), op, read_version=ds.version)
+            fault_point("between_tables")
+        fault_point("before_ledger")
         row = pa.table(
             {
                 "shard": pa.array([result.shard], pa.int32()),
@@ -272,16 +343,21 @@ class RunStore:
                 "proteins": pa.array([result.proteins], pa.int64()),
                 "rejects": pa.array([result.rejects], pa.int64()),
                 "residues": pa.array([result.residues], pa.int64()),
+                "digest": [fp.get("digest") or result.digest or None],
+                "file_size": pa.array([fp.get("file_size")], pa.int64()),
+                "file_mtime_ns": pa.array([fp.get("file_mtime_ns")], pa.int64()),
             },
             schema=LEDGER_SCHEMA,
         )
         lance.write_dataset(row, self.uri(LEDGER), mode="append")
+        fault_point("after_ledger")
+        return True
 
-    def write_and_commit(self, result: ShardResult, tables: dict[str, pa.Table], key: str) -> None:
+    def write_and_commit(self, result: ShardResult, tables: dict[str, pa.Table], key: str) -> bool:
         """Single-process convenience: write the tables' fragments here and commit them as one shard."""
         for name, table in tables.items():
             result.fragments.setdefault(name, []).extend(write_table_fragments(self.uri(name), table))
-        self.commit_shard(result, key)
+        return self.commit_shard(result, key)
 
     def dedupe_across_shards(self) -> int:
         """Reject later occurrences of an id already seen in an earlier shard (the readers reject duplicates
@@ -322,17 +398,67 @@ class RunStore:
             self.dataset(PROTEINS).delete(predicate)
         return joined.num_rows
 
-    def compact(self) -> None:
-        for name in self.schemas:
+    def drop_derived_columns(self) -> list[str]:
+        """Drop columns that readers added after the run wrote its rows (prefix columns of `rdscale index` and
+        their vector indexes): rows added since read them as null, so an index built before a resume would
+        silently miss the new rows. Dropping is metadata-only; `rdscale index` builds them again. Returns
+        'table.column' of what was dropped."""
+        self._check_lease()
+        dropped = []
+        for name, schema in self.schemas.items():
             ds = self.dataset(name)
-            if len(ds.get_fragments()) > 1:
-                ds.optimize.compact_files()
+            extra = [c for c in ds.schema.names if c not in schema.names]
+            if extra:
+                for index in ds.describe_indices() if hasattr(ds, "describe_indices") else []:
+                    if set(getattr(index, "field_names", []) or []) & set(extra):
+                        ds.drop_index(index.name)
+                self.dataset(name).drop_columns(extra)
+                dropped += [f"{name}.{c}" for c in extra]
+        if dropped:
+            log.warning("rows were added to the run: dropped the derived column(s) %s (and their indexes); run "
+                        "`rdscale index` again", ", ".join(dropped))
+        return dropped
+
+    def compact(self) -> bool:
+        """Merge small fragments. Only an optimisation: a failure (disk full, say) leaves the committed tables as
+        they were and is reported as a warning, not as a failed run. Returns whether every table was compacted."""
+        self._check_lease()
+        ok = True
+        for name in self.schemas:
+            try:
+                ds = self.dataset(name)
+                if len(ds.get_fragments()) > 1:
+                    ds.optimize.compact_files()
+            except Exception as err:  # noqa: BLE001 - see docstring
+                ok = False
+                log.warning("compaction of %s failed, the table is intact but fragmented: %s", self.uri(name),
+                            one_line(err))
+        if not ok:
+            self.cleanup_orphans()
+        return ok
 
     def counts(self) -> dict[str, int]:
         out = {name: self.dataset(name).count_rows() for name in self.schemas}
         ledger = self.dataset(LEDGER).to_table(columns=["records"])
         out["records"] = int(pc.sum(ledger["records"]).as_py() or 0)
         return out
+
+
+FAULT_HOOKS: dict[str, Any] = {}  # tests: point -> callable, run when the commit protocol reaches that point
+
+
+def fault_point(point: str) -> None:
+    """Test hook at each step of a shard's commit (before_tables, between_tables, before_ledger, after_ledger).
+    In-process tests register callables in FAULT_HOOKS (to interrupt, fill the disk, start a second writer); a test
+    that runs rdscale as a subprocess sets RDSCALE_FAULT_HOLD=<file> to hold the writer after each ledger commit
+    while <file> exists (lease held, so another writer, a kill -9 or a takeover can be staged deterministically)."""
+    hook = FAULT_HOOKS.get(point)
+    if hook is not None:
+        hook()
+    hold = os.environ.get("RDSCALE_FAULT_HOLD")
+    if hold and point == "after_ledger":
+        while os.path.exists(hold):
+            time.sleep(0.05)
 
 
 def sql_str(value: str) -> str:
@@ -356,3 +482,104 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         out["version"] = md[META_VERSION].decode()
     return out
 
+
+
+# ------------------------------------------------------------------------------------------ errors and status
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: Lance's IO errors carry a Rust source location after the message."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(", /")[0].replace("LanceError(IO): ", "")
+
+
+def storage_error(err: BaseException, location: str | Path) -> StoreError | None:
+    """A one-line StoreError naming `location` when `err` (or what caused it, also inside Ray's wrappers) is a
+    storage problem a user can fix (disk full, quota, permissions, read-only); None for anything else. The wording
+    is the error contract's own (rdscale.errors.write_problem), so a CLI user sees the same line either way."""
+    from rdscale.errors import write_problem
+
+    message = write_problem(err, location)
+    return StoreError(message) if message else None
+
+
+def run_status(root: str | Path) -> dict[str, Any]:
+    """What a reader needs to know about a run directory: {'committed': sorted shard indices in the ledger,
+    'planned': number of shards of the run's plan (None for runs written before plans were recorded),
+    'complete': bool}. Readers must read only committed shards' rows (`committed_filter`)."""
+    root = Path(root)
+    ledger = root / f"{LEDGER}.lance"
+    committed = sorted(lance.dataset(str(ledger)).to_table(columns=["shard"])["shard"].to_pylist()) \
+        if ledger.exists() else []
+    planned = None
+    plan_file = root / PLAN_FILE
+    if plan_file.exists():
+        try:
+            planned = int(json.loads(plan_file.read_text())["shards"])
+        except (ValueError, KeyError, TypeError):
+            planned = None
+    complete = planned is not None and set(range(planned)) <= set(committed)
+    if planned is None and ledger.exists():
+        complete = True  # a run from before plans were recorded: nothing to compare against
+    return {"committed": committed, "planned": planned, "complete": complete}
+
+
+def incomplete_message(status: dict[str, Any]) -> str | None:
+    if status["complete"]:
+        return None
+    return f"incomplete: {len(status['committed'])} of {status['planned']} shards committed"
+
+
+def committed_filter(root: str | Path) -> str | None:
+    """A Lance filter selecting the rows of committed shards only, or None when every row is committed (a complete
+    run, after recovery). Rows of a shard whose ledger row is missing belong to a commit in progress or an
+    interrupted one and must not be read."""
+    status = run_status(root)
+    if status["complete"] and _no_stray_rows(Path(root), status["committed"]):
+        return None
+    done = status["committed"]
+    return f"shard IN ({', '.join(map(str, done))})" if done else "shard < -2147483647"
+
+
+def _no_stray_rows(root: Path, done: list[int]) -> bool:
+    if not done:
+        return False
+    path = root / f"{PROTEINS}.lance"
+    if not path.exists():
+        return True
+    return lance.dataset(str(path)).count_rows(filter=f"shard NOT IN ({', '.join(map(str, done))})") == 0
+
+
+PLAN_FILE = "run_plan.json"
+
+
+def reader_filter(table_uri: str | Path, user_filter: str | None = None) -> str | None:
+    """For readers of a run's table (search, index): `user_filter` narrowed to the rows of committed shards, with a
+    warning when the run is incomplete. Tables outside an rdscale run directory are returned unfiltered."""
+    root = Path(str(table_uri)).parent
+    if not (root / f"{LEDGER}.lance").exists():
+        return user_filter
+    missing = missing_data_files(table_uri)
+    if missing:
+        raise StoreError(f"{table_uri} is damaged: {len(missing)} data file(s) are missing (e.g. {missing[0]}); "
+                         f"run `rdscale verify {root}`, then rerun the run into a new output.dir")
+    status = run_status(root)
+    why = incomplete_message(status)
+    if why:
+        log.warning("%s is %s; reading the committed shards' rows only", root, why)
+    committed = committed_filter(root)
+    if committed is None:
+        return user_filter
+    return committed if not user_filter else f"({committed}) AND ({user_filter})"
+
+
+def missing_data_files(table_uri: str | Path) -> list[str]:
+    """Data files the table's current version references but that are gone (a damaged run)."""
+    ds = lance.dataset(str(table_uri))
+    missing = []
+    for fragment in ds.get_fragments():
+        for data_file in fragment.data_files():
+            path = Path(str(table_uri)) / "data" / data_file.path
+            if "://" not in str(table_uri) and not path.exists():
+                missing.append(str(path))
+    return missing

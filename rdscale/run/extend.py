@@ -367,6 +367,11 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
 
     started = time.perf_counter()
     run = Path(run_dir)
+    from rdscale.io.store import incomplete_message, run_status
+
+    if (run / "shards.lance").exists() and (why := incomplete_message(run_status(run))):
+        # Extending a partial run would change the tables' schema under the shards still to be embedded.
+        raise ExtendError(f"{run} is {why}; finish the run first (rerun the same `rdscale run` command), then extend")
     info = check_extendable(run)
     width, levels, manifest = info["width"], info["levels"], info["manifest"]
     cfg = Config.from_dict(info["config"], list(overrides)) if info["config"] else Config()

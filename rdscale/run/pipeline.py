@@ -17,15 +17,29 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from rdscale.config import Config, ConfigError
 from rdscale.io.fasta import Shard, ValidationOptions, plan_shards
+from rdscale.io.lease import WriterLease
 from rdscale.io.store import (
     DATA_TABLES,
     RESIDUES,
     RunStore,
     ShardResult,
+    StoreError,
     run_schemas,
     schema_metadata,
 )
 from rdscale.progress import Progress
+from rdscale.run.integrity import (
+    EMPTY_DIGEST,
+    check_complete,
+    check_fit_models,
+    clear_run,
+    clear_stale_staging,
+    fingerprints,
+    refuse_or_redo,
+    shard_key,
+    write_plan,
+    writing,
+)
 from rdscale.run.stages import (
     ApplyStage,
     FitWorker,
@@ -51,6 +65,7 @@ class Summary:
     residues_embedded: int = 0  # by this invocation
     tables: dict[str, str] = field(default_factory=dict)
     fit_dir: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         rate = self.residues_embedded / self.seconds if self.seconds > 0 else 0.0
@@ -65,6 +80,7 @@ class Summary:
         if self.fit_dir:
             out.append(f"fit artifact: {self.fit_dir}")
         out += [f"{name}: {path}" for name, path in self.tables.items()]
+        out += [f"warning: {w}" for w in self.warnings]
         return out
 
 
@@ -134,6 +150,15 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
     models = _check_models(cfg)
     if len(models) < 2:
         raise ConfigError("a fit needs a chain of at least two models (smallest first)")
+    if out is None:  # <output.dir>/fit belongs to the run there: write it under the run's lease, staged
+        with writing(cfg.output.dir) as lease:
+            root = Path(cfg.output.dir)
+            staging = fit(cfg, executor, out=root / f"fit.partial.{lease.run_id}")
+            lease.check()
+            if (root / "fit").exists():
+                shutil.rmtree(root / "fit")
+            staging.rename(root / "fit")
+            return root / "fit"
     executor = executor or make_executor(cfg)
     shards = plan(cfg)
     sample = sample_plan(shards, cfg.fit.sample_sequences)
@@ -165,16 +190,17 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
 
 
 def _file_fingerprint(path: str) -> dict[str, Any]:
-    p = Path(path)
-    return {"path": str(p.resolve()), "size": p.stat().st_size}
+    return {"path": str(Path(path).resolve())}
 
 
 def run_key(cfg: Config, shards: Sequence[Shard], manifest: dict) -> str:
-    """What makes two invocations 'the same run' (safe to resume into the same tables)."""
+    """What makes two invocations 'the same run' (safe to resume into the same tables): which input files, models,
+    fit and settings. What the inputs held is checked shard by shard against the ledger (rdscale.run.integrity),
+    so an input edited in place is refused by name, or its changed shards redone, rather than mixed in."""
     e = cfg.embedding
     payload = {
         "inputs": [_file_fingerprint(p) for p in cfg.input.paths],
-        "shards": [s.key for s in shards],
+        "shard_bytes": int(cfg.input.shard_mb * (1 << 20)),
         "models": [(m.get("name"), m.get("sha256")) for m in manifest.get("models", [])],
         "fit": manifest.get("tensors_sha256"),
         "embedding": [e.layer, e.long_policy, e.window, e.overlap],
@@ -185,15 +211,24 @@ def run_key(cfg: Config, shards: Sequence[Shard], manifest: dict) -> str:
 
 
 def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | None = None,
-          progress: bool = True) -> Summary:
+          progress: bool = True, *, lease: WriterLease | None = None, redo_changed: bool = False,
+          restart: bool = False) -> Summary:
     """Apply pass: every input record into proteins / residues, or rejects. Resumes an interrupted run in the
-    same output.dir. With one model and no fit, this is plain extraction (`rdscale extract`)."""
+    same output.dir. With one model and no fit, this is plain extraction (`rdscale extract`).
+    Holds the run's writer lease throughout (`lease`: one the caller already holds). redo_changed: redo committed
+    shards whose input changed instead of refusing; restart: delete the previous tables first (not the fit)."""
     from rdscale.fit.artifact import load_fit
+    from rdscale.model.loading import describe_model
 
+    if lease is None:
+        with writing(cfg.output.dir) as held:
+            return embed(cfg, fit_dir, executor, progress, lease=held, redo_changed=redo_changed, restart=restart)
+    if restart:
+        clear_run(Path(cfg.output.dir), keep_fit=True)
     models = _check_models(cfg)
     fit_dir = fit_dir or cfg.fit.artifact
     if fit_dir:
-        fit_obj, manifest = load_fit(fit_dir)
+        fit_obj, manifest = load_fit(fit_dir, expect_models=[describe_model(m) for m in models])
         manifest = {**manifest, "artifact": str(Path(fit_dir).resolve())}  # where `extend` finds it again
         names = [m.get("source") or m.get("name") for m in manifest["models"]]
         if len(names) != len(models):
@@ -217,7 +252,12 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
                           residue_dtype=cfg.output.residue_dtype)
     store = RunStore(cfg.output.dir, schemas, key)
+    store.lease = lease
     removed = store.recover()
+    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
+    refuse_or_redo(store, shards, options, redo=redo_changed)
+    write_plan(store, shards)
+    stats = fingerprints(shards)
     done = store.committed()
     todo = [s for s in shards if s.index not in done]
     summary = Summary(out_dir=str(store.root), shards_total=len(shards), shards_skipped=len(shards) - len(todo),
@@ -229,7 +269,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
         executor = executor or make_executor(cfg)
         uris = {name: store.uri(name) for name in schemas}
         pending: dict[int, ShardResult] = {}
-        keys = {s.index: s.key for s in shards}
+        keys = {s.index: shard_key(s) for s in shards}
         records_seen = 0
         with Progress(total=len(todo), unit="shard", desc="embedding", enabled=progress) as bar:
             for index, total, part in executor.apply(cfg, models, str(fit_dir) if fit_dir else None, uris,
@@ -240,16 +280,21 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
                 records_seen += part.records
                 bar.postfix(records=records_seen, residues=summary.residues_embedded)
                 if acc.records == total:
-                    store.commit_shard(pending.pop(index), keys[index])
+                    result = pending.pop(index)
+                    digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
+                    store.commit_shard(result, keys[index], {**stats[index], "digest": digest})
                     bar.update(1)
         if pending:
-            raise RuntimeError(
+            raise StoreError(
                 f"{len(pending)} shard(s) did not complete ({sorted(pending)}); their rows were not committed. "
                 "Run the same command again to resume."
             )
+    if todo:
+        store.drop_derived_columns()  # an index built before this resume does not cover the new rows
+    check_complete(store, shards, accounting=False)  # the plan, not only the shards that started
     summary.duplicates_moved = store.dedupe_across_shards()
-    if cfg.output.compact:
-        store.compact()
+    if cfg.output.compact and not store.compact():
+        summary.warnings.append("compaction failed (see the log); the tables are complete but fragmented")
     summary.seconds = time.perf_counter() - started
     counts = store.counts()
     summary.records = counts["records"]
@@ -257,25 +302,30 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     summary.rejects = counts["rejects"]
     summary.residues = counts.get(RESIDUES, 0)
     summary.tables = {name: store.uri(name) for name in DATA_TABLES if name in schemas}
-    if summary.proteins + summary.rejects != summary.records:
-        raise RuntimeError(
-            f"accounting mismatch: {summary.records} input records but {summary.proteins} proteins + "
-            f"{summary.rejects} rejects; the tables in {store.root} are inconsistent"
-        )
+    check_complete(store, shards)  # and again after the duplicates moved between tables
+    store.cleanup_orphans()
     return summary
 
 
-def run(cfg: Config, executor: Executor | None = None, progress: bool = True) -> Summary:
-    """Fit (unless fit.artifact names an existing fit), then apply."""
-    fit_dir = cfg.fit.artifact
-    if not fit_dir:
-        fit_dir = Path(cfg.output.dir) / "fit"
-        if (fit_dir / "manifest.json").exists():
-            log.info("reusing the fit already in %s (delete it to refit)", fit_dir)
-        else:
-            executor = executor or make_executor(cfg)
-            staging = Path(str(fit_dir) + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            fit(cfg, executor, out=staging, final=fit_dir)
-            staging.rename(fit_dir)
-    return embed(cfg, fit_dir, executor, progress=progress)
+def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *, restart: bool = False,
+        redo_changed: bool = False) -> Summary:
+    """Fit (unless fit.artifact names an existing fit), then apply; one writer at a time (the run's lease).
+    A fit already in <output.dir>/fit is reused only when it was made from the config's models."""
+    with writing(cfg.output.dir) as lease:
+        root = Path(cfg.output.dir)
+        if restart:
+            clear_run(root)
+        fit_dir = cfg.fit.artifact
+        if not fit_dir:
+            fit_dir = root / "fit"
+            if (fit_dir / "manifest.json").exists():
+                check_fit_models(fit_dir, _check_models(cfg))
+                log.info("reusing the fit already in %s (made from the same models)", fit_dir)
+            else:
+                executor = executor or make_executor(cfg)
+                staging = root / f"fit.partial.{lease.run_id}"  # per run: never shared with another writer
+                clear_stale_staging(root)
+                fit(cfg, executor, out=staging, final=fit_dir)
+                lease.check()
+                staging.rename(fit_dir)
+        return embed(cfg, fit_dir, executor, progress=progress, lease=lease, redo_changed=redo_changed)

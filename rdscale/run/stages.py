@@ -33,30 +33,40 @@ from rdscale.io.store import (
     residues_table,
     write_table_fragments,
 )
+from rdscale.run.integrity import RecordsDigest
 
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = ("shard", "shard_records", "accepted", "id", "description", "sequence", "source", "reason")
+ROW_FIELDS = (
+    "shard", "shard_records", "accepted", "id", "description", "sequence", "source", "reason", "shard_digest",
+)
 
 
-def _record_row(item: Record | Reject, shard: Shard, total: int) -> dict[str, Any]:
+def _record_row(item: Record | Reject, shard: Shard, total: int, digest: str = "") -> dict[str, Any]:
     if isinstance(item, Reject):
         return {
             "shard": shard.index, "shard_records": total, "accepted": False, "id": item.id,
             "description": "", "sequence": "", "source": item.source, "reason": item.reason,
+            "shard_digest": digest,
         }
     return {
         "shard": shard.index, "shard_records": total, "accepted": True, "id": item.id,
         "description": item.description, "sequence": item.sequence,
-        "source": f"{item.path}:{item.offset}", "reason": "",
+        "source": f"{item.path}:{item.offset}", "reason": "", "shard_digest": digest,
     }
 
 
 def shard_rows(shard: Shard, options: ValidationOptions) -> list[dict[str, Any]]:
     """Every record of a shard as a row. The shard is read whole (bounded by the shard size, not the file size)
-    because each row must carry the shard's record count."""
-    items = list(read_shard(shard, options))
-    return [_record_row(item, shard, len(items)) for item in items]
+    because each row must carry the shard's record count, and the digest of what was read (the run's ledger keeps
+    it to notice an input edited under committed shards)."""
+    digest = RecordsDigest()
+    items = []
+    for item in read_shard(shard, options):
+        digest.update(item)
+        items.append(item)
+    text = digest.hexdigest()
+    return [_record_row(item, shard, len(items), text) for item in items]
 
 
 def rows_to_columns(rows: Sequence[dict[str, Any]]) -> dict[str, list]:
@@ -195,7 +205,8 @@ class ApplyStage:
 
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
-        self.fit = load_fit(fit_dir)[0] if fit_dir else None
+        # The fit must come from these very models (names, widths, checkpoint digests), or its numbers mean nothing.
+        self.fit = load_fit(fit_dir, expect_models=self.encoder.model_info())[0] if fit_dir else None
         if self.fit is None and len(models) != 1:
             raise ValueError("a chain of several models needs a fit artifact to apply")
         self.uris = uris
@@ -245,7 +256,8 @@ class ApplyStage:
             for r in rows
             if r["accepted"] and self.encoder.too_long(r["sequence"])
         ]
-        result = ShardResult(shard=shard, fragments={}, records=len(rows), rejects=len(rejected))
+        result = ShardResult(shard=shard, fragments={}, records=len(rows), rejects=len(rejected),
+                             digest=rows[0].get("shard_digest") or "" if rows else "")
         tables = {}
         if rejected:
             tables[REJECTS] = rejects_table(rejected, shard, self.schemas[REJECTS])

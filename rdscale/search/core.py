@@ -50,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 
 from rdscale.errors import RdscaleError
-from rdscale.io.store import sql_in_list
+from rdscale.io.store import reader_filter, sql_in_list
 
 TABLES: dict[str, tuple[str, ...]] = {"proteins": ("id",), "residues": ("id", "pos")}  # table -> key columns
 METRICS = ("cosine", "l2")
@@ -258,6 +258,7 @@ def build_index(
         raise SearchError(f"unknown index type {index_type!r}; expected one of {INDEX_TYPES}")
     metric = _check_metric(metric)
     ds = open_table(dataset_path, table)
+    reader_filter(ds.uri)  # warns when the run is incomplete (embed drops derived columns when it adds rows)
     num_rows = ds.count_rows()
     if num_rows == 0:
         raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
@@ -405,6 +406,7 @@ def search(
     if k < 1:
         raise SearchError(f"k must be >= 1, got {k}")
     ds = open_table(dataset_path, table)
+    filter = reader_filter(ds.uri, filter)  # only rows of shards in the run's ledger; warns when incomplete
     if ds.count_rows() == 0:
         raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to search")
     full = stored_width(ds)

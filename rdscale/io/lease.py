@@ -1,0 +1,354 @@
+"""One writer per run: an exclusive lease file in the run location.
+
+The lease is a small JSON file (`<run>/_writer.lease`) created with an atomic create-if-absent: `O_CREAT|O_EXCL`
+on a local or POSIX filesystem, a conditional put (`If-None-Match: *`) on S3-compatible object storage. It names
+its owner (host, pid, process start time, a run id, when it started and when it was last renewed). A heartbeat
+thread renews it while the run lives. A second writer refuses with one line naming the owner, unless the lease is
+stale: its owner's pid is dead on this host, or it was not renewed for `stale_after` seconds. A stale lease is taken
+over through a takeover marker (itself created exclusively, named after the stale owner's run id), so two writers
+that find the same stale lease cannot both take it.
+
+Storage is behind `LeaseBackend` (`create_exclusive`, `read`, `write`, `delete`), so an object-storage location
+plugs in without touching the protocol.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from rdscale.errors import RdscaleError
+
+log = logging.getLogger(__name__)
+
+LEASE_NAME = "_writer.lease"
+RENEW_SECONDS = float(os.environ.get("RDSCALE_LEASE_RENEW_S", "10"))
+STALE_SECONDS = float(os.environ.get("RDSCALE_LEASE_STALE_S", "120"))
+
+
+class LeaseError(RdscaleError, RuntimeError):
+    """Another writer holds the run, or this writer lost its lease; the message names the owner."""
+
+
+class LeaseBackend(Protocol):
+    def create_exclusive(self, path: str, payload: bytes) -> bool:
+        """Create `path` holding `payload` only if it does not exist; True when this call created it."""
+
+    def read(self, path: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+
+    def write(self, path: str, payload: bytes) -> None:
+        """Replace the file's content (used to renew a lease this process owns)."""
+
+    def delete(self, path: str) -> None:
+        """Remove the file; no error when it is already gone."""
+
+
+class LocalLeaseBackend:
+    """POSIX filesystem: `O_EXCL` create, rename-over for renewal (readers never see a half-written lease)."""
+
+    def create_exclusive(self, path: str, payload: bytes) -> bool:
+        """The content is written to a private file first and then hard-linked into place (link fails when the
+        name exists, like O_EXCL), so no reader ever sees an empty or half-written lease."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as err:  # a filesystem without hard links: O_EXCL, with a moment of empty content
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            return self._create_excl(path, payload)
+        finally:
+            os.unlink(tmp)
+        return True
+
+    @staticmethod
+    def _create_excl(path: str, payload: bytes) -> bool:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, path: str, payload: bytes) -> None:
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        Path(tmp).write_bytes(payload)
+        os.replace(tmp, path)
+
+    def delete(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class S3LeaseBackend:
+    """S3-compatible object storage through boto3: create-if-absent is a PUT with `If-None-Match: *` (AWS S3,
+    MinIO, SeaweedFS and Ceph honour it; a store that ignores it would let two writers in, so check yours with
+    `tests/test_exactly_once.py::test_s3_conditional_put`). `path` is `s3://bucket/key`."""
+
+    def __init__(self, client=None, **client_kwargs):
+        if client is None:
+            try:
+                import boto3
+            except ImportError as err:  # pragma: no cover - depends on the install
+                raise LeaseError("a run on S3 needs boto3 for its writer lease: pip install 'rdscale[s3]'") from err
+            client = boto3.client("s3", **client_kwargs)
+        self.client = client
+
+    @staticmethod
+    def _split(path: str) -> tuple[str, str]:
+        rest = path.split("://", 1)[1]
+        bucket, _, key = rest.partition("/")
+        return bucket, key
+
+    def create_exclusive(self, path: str, payload: bytes) -> bool:
+        bucket, key = self._split(path)
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=payload, IfNoneMatch="*")
+        except self.client.exceptions.ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return False
+            raise
+        return True
+
+    def read(self, path: str) -> bytes | None:
+        bucket, key = self._split(path)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+        except self.client.exceptions.ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+
+    def write(self, path: str, payload: bytes) -> None:
+        bucket, key = self._split(path)
+        self.client.put_object(Bucket=bucket, Key=key, Body=payload)
+
+    def delete(self, path: str) -> None:
+        bucket, key = self._split(path)
+        self.client.delete_object(Bucket=bucket, Key=key)
+
+
+def backend_for(location: str) -> LeaseBackend:
+    if "://" in location and not location.startswith("file://"):
+        if location.startswith("s3://"):
+            return S3LeaseBackend()
+        raise LeaseError(f"no writer lease implementation for {location.split('://')[0]}:// locations yet")
+    return LocalLeaseBackend()
+
+
+def _join(location: str, name: str) -> str:
+    return location.rstrip("/") + "/" + name
+
+
+def _proc_start(pid: int) -> str | None:
+    """The kernel's start time of a process (clock ticks since boot): with the pid, it names one process even
+    after the pid is reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):  # exited, not yet reaped
+            return False
+    except (OSError, IndexError):
+        pass
+    if start is not None and _proc_start(pid) not in (None, start):
+        return False  # the pid was reused by another process
+    return True
+
+
+@dataclass
+class LeaseInfo:
+    run_id: str
+    host: str
+    pid: int
+    proc_start: str | None
+    started: float
+    renewed: float
+
+    @classmethod
+    def parse(cls, raw: bytes) -> LeaseInfo | None:
+        try:
+            d = json.loads(raw)
+            return cls(str(d["run_id"]), str(d["host"]), int(d["pid"]), d.get("proc_start"),
+                       float(d["started"]), float(d["renewed"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    def describe(self) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+        return f"pid {self.pid} on {self.host}, started {started} (run id {self.run_id})"
+
+    def stale(self, now: float, stale_after: float) -> str | None:
+        """Why this lease is stale, or None when its owner may still be writing."""
+        if self.host == socket.gethostname() and not _pid_alive(self.pid, self.proc_start):
+            return f"its owner (pid {self.pid} on {self.host}) is no longer running"
+        if now - self.renewed > stale_after:
+            return f"it was last renewed {now - self.renewed:.0f} s ago (stale after {stale_after:.0f} s)"
+        return None
+
+
+class WriterLease:
+    """The exclusive right to write one run location. Use as a context manager, or acquire()/release()."""
+
+    def __init__(self, location: str | os.PathLike, backend: LeaseBackend | None = None,
+                 renew_every: float | None = None, stale_after: float | None = None):
+        self.location = str(location)
+        self.path = _join(self.location, LEASE_NAME)
+        self.backend = backend or backend_for(self.location)
+        self.renew_every = RENEW_SECONDS if renew_every is None else renew_every
+        self.stale_after = STALE_SECONDS if stale_after is None else stale_after
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.info: LeaseInfo | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: str | None = None
+
+    def _mine(self) -> LeaseInfo:
+        now = time.time()
+        return LeaseInfo(self.run_id, socket.gethostname(), os.getpid(), _proc_start(os.getpid()), now, now)
+
+    def acquire(self) -> WriterLease:
+        info = self._mine()
+        for _ in range(3):
+            if self.backend.create_exclusive(self.path, info.encode()):
+                self.info = info
+                self._start_heartbeat()
+                return self
+            raw = self.backend.read(self.path)
+            if raw is None:
+                continue  # released between our create and read: try again
+            owner = LeaseInfo.parse(raw)
+            why = "its content is unreadable" if owner is None else owner.stale(time.time(), self.stale_after)
+            if why is None:
+                raise LeaseError(
+                    f"{self.location} is being written by another rdscale process ({owner.describe()}); wait for "
+                    f"it to finish, or stop it (its lease {self.path} is taken over once stale)"
+                )
+            marker = f"{self.path}.takeover-{owner.run_id if owner else 'unreadable'}"
+            if not self.backend.create_exclusive(marker, info.encode()):
+                taker_raw = self.backend.read(marker)
+                taker = LeaseInfo.parse(taker_raw) if taker_raw is not None else None
+                if taker_raw is not None and (taker is None or taker.stale(time.time(), self.stale_after)):
+                    self.backend.delete(marker)  # its taker died mid-takeover: the next round may take over
+                    continue
+                raise LeaseError(f"{self.location}: another process is taking over the stale writer lease "
+                                 f"({why}); try again in a moment")
+            try:
+                # Re-read under the marker: only the marker's winner deletes, and only the lease it judged stale.
+                if self.backend.read(self.path) == raw:
+                    log.warning("taking over the writer lease of %s: %s", self.location, why)
+                    self.backend.delete(self.path)
+                if self.backend.create_exclusive(self.path, info.encode()):
+                    self.info = info
+                    self._start_heartbeat()
+                    return self
+            finally:
+                self.backend.delete(marker)
+        raise LeaseError(f"{self.location}: could not acquire the writer lease {self.path}; try again")
+
+    def _start_heartbeat(self) -> None:
+        if self.renew_every <= 0:
+            return
+        self._thread = threading.Thread(target=self._beat, name="rdscale-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            try:
+                self.renew()
+            except LeaseError as err:
+                self.lost = str(err)
+                log.error("%s", err)
+                return
+            except OSError as err:  # a transient storage hiccup: retry on the next beat
+                log.warning("could not renew the writer lease %s: %s", self.path, err)
+
+    def renew(self) -> None:
+        self.check()
+        assert self.info is not None
+        self.info.renewed = time.time()
+        self.backend.write(self.path, self.info.encode())
+
+    def check(self) -> None:
+        """Raise LeaseError unless this process still holds the lease (call before every commit)."""
+        if self.info is None:
+            raise LeaseError(f"{self.location}: writing without the writer lease")
+        if self.lost:
+            raise LeaseError(self.lost)
+        raw = self.backend.read(self.path)
+        owner = LeaseInfo.parse(raw) if raw is not None else None
+        if owner is None or owner.run_id != self.run_id:
+            who = owner.describe() if owner else "nobody"
+            raise LeaseError(f"{self.location}: this process lost its writer lease (now held by {who}); "
+                             "stopping without committing more")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.info is not None and not self.lost:
+            raw = self.backend.read(self.path)
+            owner = LeaseInfo.parse(raw) if raw is not None else None
+            if owner is not None and owner.run_id == self.run_id:
+                self.backend.delete(self.path)
+        self.info = None
+
+    def __enter__(self) -> WriterLease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def read_lease(location: str | os.PathLike) -> LeaseInfo | None:
+    """Who holds the writer lease of a run location (None when nobody does)."""
+    location = str(location)
+    raw = backend_for(location).read(_join(location, LEASE_NAME))
+    return LeaseInfo.parse(raw) if raw is not None else None
