@@ -37,6 +37,10 @@ class EmbeddingConfig:
     overlap: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    forward: str = "fast"  # fast (packed, no padding: rdscale.model.fast_esm) | plain (padded batches)
+    attention: str = "auto"  # fast forward's attention: auto | flash | varlen | nested | padded
+    # per-model token budgets, smallest model first; null: toks_per_batch scaled by k_largest / k_i (at most 8x)
+    toks_per_batch_per_model: list[int] | None = None
 
 
 @dataclass
@@ -53,7 +57,8 @@ class OutputConfig:
     storage_width: int | None = None  # per-residue width stored (a prefix, <= k_m); None: full width
     residue_dtype: str = "float16"  # float16 (half the bytes) or float32 (exact; needed for bit-level checks)
     records_per_batch: int = 64  # records per Ray Data batch handed to an embedding actor
-    compact: bool = True  # compact Lance fragments at the end of a run
+    compact: bool = False  # compact Lance fragments at the end of a run (else later: `rdscale compact DIR`)
+    overlap_writes: bool = True  # build Arrow tables and write fragments on a writer thread during the forward
 
 
 @dataclass
@@ -101,6 +106,15 @@ class Config:
             raise ConfigError("fit.sample_sequences must be at least 1")
         if self.embedding.toks_per_batch < 8:
             raise ConfigError("embedding.toks_per_batch must be at least 8")
+        if self.embedding.forward not in ("fast", "plain"):
+            raise ConfigError(f"embedding.forward must be fast or plain, not {self.embedding.forward!r}")
+        if self.embedding.attention not in ("auto", "flash", "varlen", "nested", "padded"):
+            raise ConfigError("embedding.attention must be auto, flash, varlen, nested or padded, "
+                              f"not {self.embedding.attention!r}")
+        per_model = self.embedding.toks_per_batch_per_model
+        if per_model is not None and (len(per_model) != len(self.models) or min(per_model, default=8) < 8):
+            raise ConfigError(f"embedding.toks_per_batch_per_model must list one budget (>= 8) per model "
+                              f"({len(self.models)}), got {per_model}")
         if self.input.shard_mb <= 0:
             raise ConfigError("input.shard_mb must be positive")
         if self.output.residue_dtype not in ("float16", "float32"):

@@ -1,0 +1,235 @@
+"""A packed (no padding) ESM-2 forward with fair-esm's weights and arithmetic.
+
+The sequences of a batch are laid end to end: tokens (N,) with BOS/EOS around every sequence and
+`cu_seqlens` (B + 1,) marking where each starts. Every matrix product (q/k/v, out, fc1, fc2) runs on the (N, k)
+packed activations, so no FLOP is spent on padding. The differences from fair-esm's `ESM2.forward` are
+arithmetic re-associations only:
+
+- q, k, v come from one GEMM with the three projections concatenated (the layer's own weights, re-pointed to
+  views of the fused matrix: no second copy in memory);
+- fair-esm scales q by head_dim**-0.5 before the rotary rotation; the rotation is linear, so the scale is folded
+  into q's rotary tables, and q and k are rotated together in one pass over (N, 2, H, D);
+- rotary tables are computed in float32 and cast (as Embedder's SDPA path does; fair-esm builds them in the model
+  dtype, which rounds positions above 256 in bfloat16);
+- with no <mask> token in the input, token dropout's rescaling is the constant 1 - 0.15 * 0.8 (as in fair-esm).
+
+In float32 the output equals fair-esm's to ~1e-6. Attention is computed per sequence by one of:
+
+- "flash": FlashAttention's varlen kernel (package flash-attn; CUDA, fp16/bf16);
+- "varlen": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16);
+- "nested": SDPA on a jagged nested tensor (any device; on CUDA it dispatches to the fused varlen kernels);
+- "padded": pure PyTorch: the packed q/k/v are scattered into a (B, H, T, D) batch padded to a bucketed shape
+  (T rounded up to a multiple of 64, B to a multiple of 4) and SDPA runs with a key-padding mask. Only the
+  attention sees padding; the bucketing bounds the number of distinct shapes a run plans.
+"auto" picks flash, then varlen, then nested on CUDA in half precision, and padded otherwise (CPU, float32/64).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "flash", "varlen", "nested", "padded")
+T_BUCKET = 64
+B_BUCKET = 4
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend "auto" means here, or a clear ValueError when a named one cannot run on this device/dtype."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    half = dtype in (torch.float16, torch.bfloat16)
+    cuda = device.type == "cuda"
+    have_flash = importlib.util.find_spec("flash_attn") is not None
+    if backend == "auto":
+        if cuda and half and have_flash:
+            return "flash"
+        if cuda and half and _varlen_attn() is not None:
+            return "varlen"
+        if cuda:
+            return "nested"
+        return "padded"
+    if backend == "flash" and not (cuda and half and have_flash):
+        raise ValueError("attention backend 'flash' needs the flash-attn package, CUDA and float16/bfloat16")
+    if backend == "varlen" and not (cuda and half and _varlen_attn() is not None):
+        raise ValueError("attention backend 'varlen' needs torch.nn.attention.varlen, CUDA and float16/bfloat16")
+    return backend
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pack_by_tokens(lengths, toks_per_batch: int) -> list[list[int]]:
+    """Indices grouped so that each batch's real tokens (residues + BOS/EOS) fit `toks_per_batch`; sorted by
+    length (ties by index) so the padded attention fallback pads little. An over-budget sequence is a batch of
+    its own. Every index appears exactly once."""
+    if toks_per_batch < 1:
+        raise ValueError(f"toks_per_batch must be positive, got {toks_per_batch}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    used = 0
+    for i in order:
+        cost = lengths[i] + 2
+        if batch and used + cost > toks_per_batch:
+            batches.append(batch)
+            batch, used = [], 0
+        batch.append(i)
+        used += cost
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class FastESM2:
+    """Packed forward of a fair-esm ESM2 (`esm.model.esm2.ESM2`), returning hidden states at any layer."""
+
+    def __init__(self, model, attention: str = "auto"):
+        self.model = model
+        first = model.layers[0].self_attn if model.num_layers else None
+        if first is not None and (first.rot_emb is None or first.bias_k is not None):
+            raise ValueError("the fast forward needs an ESM-2 model (rotary embeddings, no bias_kv)")
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.attention = resolve_attention(attention, self.device, self.dtype)
+        self.heads = first.num_heads if first is not None else 1
+        self.head_dim = first.head_dim if first is not None else model.embed_dim
+        self.scaling = first.scaling if first is not None else 1.0
+        self.qkv = [self._fuse(layer.self_attn) for layer in model.layers]  # [(w (3k, k), b (3k,))]
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: (positions, 2, 1, D)
+
+    @staticmethod
+    def _fuse(attn) -> tuple[torch.Tensor, torch.Tensor]:
+        """One (3k, k) weight and (3k,) bias; q/k/v_proj are re-pointed to views of them (same values)."""
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        weight = torch.cat([p.weight.detach() for p in projections])
+        bias = torch.cat([p.bias.detach() for p in projections])
+        k = attn.embed_dim
+        for i, p in enumerate(projections):
+            p.weight.data = weight[i * k : (i + 1) * k]
+            p.bias.data = bias[i * k : (i + 1) * k]
+        return weight, bias
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (N, 2, 1, D) for q (scaled) and k at the given positions, in the model dtype."""
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        if self._tables is None or self._tables[0].shape[0] < needed:
+            size = max(needed, 1024)
+            d = self.head_dim
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=self.device).float() / d))
+            t = torch.arange(size, device=self.device, dtype=torch.float32)
+            emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)  # (size, D)
+            scale = torch.tensor([self.scaling, 1.0], device=self.device)[None, :, None, None]  # q, k
+            cos = (emb.cos()[:, None, None, :] * scale).to(self.dtype)
+            sin = (emb.sin()[:, None, None, :] * scale).to(self.dtype)
+            self._tables = (cos, sin)
+        cos, sin = self._tables
+        return cos[positions], sin[positions]
+
+    # ---------------------------------------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, cu_seqlens: list[int], layer: int) -> torch.Tensor:
+        """tokens: (N,) ids on the device, BOS ... EOS per sequence, sequences back to back;
+        cu_seqlens: B + 1 host ints (0, end of sequence 1, ..., N). -> (N, k) hidden states at `layer`
+        (0 = scaled token embeddings, num_layers = after the final layer norm)."""
+        m = self.model
+        x = m.embed_scale * m.embed_tokens(tokens)  # (N, k)
+        if m.token_dropout:
+            # fair-esm's rescaling with zero observed <mask> tokens (the tokenizer never produces one)
+            x = x * (1 - 0.15 * 0.8)
+        if layer == 0:
+            return x
+        lengths = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+        starts = torch.tensor(cu_seqlens[:-1], dtype=torch.int64)
+        seq_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (N,)
+        positions = (torch.arange(cu_seqlens[-1]) - starts[seq_of]).to(self.device)  # (N,)
+        cos, sin = self._rotary(positions)
+        attend = self._attention_fn(cu_seqlens, lengths, seq_of, positions)
+        for i, block in enumerate(m.layers[:layer]):
+            x = self._block(block, self.qkv[i], x, cos, sin, attend)
+        if layer == m.num_layers:
+            x = m.emb_layer_norm_after(x)
+        return x
+
+    __call__ = forward
+
+    def _block(self, block, qkv_weights, x, cos, sin, attend) -> torch.Tensor:
+        """One pre-LN ESM-2 layer on packed x: (N, k)."""
+        n, k = x.shape
+        h = block.self_attn_layer_norm(x)
+        qkv = F.linear(h, *qkv_weights).view(n, 3, self.heads, self.head_dim)  # (N, 3, H, D)
+        qk = qkv[:, :2]
+        half = self.head_dim // 2
+        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)  # fair-esm's rotate_half
+        qk = qk * cos + rotated * sin  # (N, 2, H, D); q's scale is in its tables
+        o = attend(qk[:, 0], qk[:, 1], qkv[:, 2])  # (N, H, D)
+        x = x + block.self_attn.out_proj(o.reshape(n, k))
+        h = block.final_layer_norm(x)
+        return x + block.fc2(F.gelu(block.fc1(h)))
+
+    # ------------------------------------------------------------------------------------------------ attention
+
+    def _attention_fn(self, cu_seqlens, lengths, seq_of, positions):
+        """A function (q, k, v: (N, H, D)) -> (N, H, D) attending within each sequence; the per-batch index
+        work is done once here, not per layer."""
+        longest = max(lengths)
+        if self.attention in ("flash", "varlen"):
+            cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=self.device)
+            if self.attention == "flash":
+                from flash_attn import flash_attn_varlen_func
+
+                return lambda q, k, v: flash_attn_varlen_func(
+                    q, k, v, cu, cu, longest, longest, softmax_scale=1.0)
+            varlen_attn = _varlen_attn()
+            return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest, scale=1.0)
+        if self.attention == "nested":
+            offsets = torch.tensor(cu_seqlens, dtype=torch.int64, device=self.device)
+
+            def nested(q, k, v):
+                def nt(t):  # (N, H, D) -> jagged (B, H, j, D)
+                    return torch.nested.nested_tensor_from_jagged(
+                        t.contiguous(), offsets, max_seqlen=longest, min_seqlen=min(lengths)).transpose(1, 2)
+
+                o = F.scaled_dot_product_attention(nt(q), nt(k), nt(v), scale=1.0)
+                return o.transpose(1, 2).values()
+
+            return nested
+        # padded: bucketed (B, T) so that a run sees a bounded set of attention shapes
+        b_pad, t_pad = round_up(len(lengths), B_BUCKET), round_up(longest, T_BUCKET)
+        slot = (seq_of.to(self.device) * t_pad + positions)  # (N,) flat index into (B * T)
+        valid = torch.zeros(b_pad, t_pad, dtype=torch.bool)
+        for row, n in enumerate(lengths):
+            valid[row, :n] = True
+        valid[len(lengths):, 0] = True  # bucket-filler rows attend to one (zero) key instead of none (NaN)
+        keep = valid.to(self.device)[:, None, None, :]  # (B, 1, 1, T)
+
+        def padded(q, k, v):
+            n, heads, d = q.shape
+            buf = q.new_zeros(b_pad * t_pad, 3, heads, d)
+            buf[slot] = torch.stack((q, k, v), dim=1)
+            qp, kp, vp = buf.view(b_pad, t_pad, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep, scale=1.0)
+            return o.transpose(1, 2).reshape(b_pad * t_pad, heads, d)[slot]
+
+        return padded
+
+
+def packed_flops_per_token(layers: int, width: int, context: float) -> float:
+    """Forward FLOPs per token of an ESM-2 layer stack (2 per multiply-add): 24 k^2 per layer for the GEMMs
+    (q, k, v, out: 4 k^2; fc1, fc2: 8 k^2; times 2) plus 4 k * context for attention scores and values."""
+    return layers * (24.0 * width * width + 4.0 * width * context)
+
+
+__all__ = ["ATTENTION_BACKENDS", "FastESM2", "pack_by_tokens", "packed_flops_per_token", "resolve_attention",
+           "round_up"]
