@@ -192,3 +192,25 @@ def test_a_kill_on_the_writer_thread_resumes_exactly(fitted, tiny_family):
     full = run_embed(tmp, fasta, tiny_family, fit_dir, "full")
     assert snapshot(tmp / "killed") == snapshot(tmp / "full")
     assert resumed.records == full.records and resumed.residues == full.residues
+
+
+# ------------------------------------------------------------------------------------------------- compaction
+
+
+def test_compact_verb_merges_fragments_and_keeps_every_row(fitted, tiny_family, capsys):
+    from rdscale.cli.main import main
+
+    tmp, fasta, fit_dir = fitted
+    run_embed(tmp, fasta, tiny_family, fit_dir, "to_compact")
+    run_dir = tmp / "to_compact"
+    before = snapshot(run_dir)
+    fragments = len(lance.dataset(str(run_dir / "residues.lance")).get_fragments())
+    assert fragments > 1  # output.compact is false by default: the run left its chunk fragments
+    assert main(["compact", str(run_dir), "--cleanup"]) == 0
+    assert f"residues: {fragments} -> 1 fragments" in capsys.readouterr().out
+    assert len(lance.dataset(str(run_dir / "residues.lance")).get_fragments()) == 1
+    assert snapshot(run_dir) == before
+    # a compacted run still resumes as finished: nothing is embedded again
+    again = run_embed(tmp, fasta, tiny_family, fit_dir, "to_compact")
+    assert again.shards_skipped == again.shards_total and again.residues_embedded == 0
+    assert main(["compact", str(tmp / "nothing_here")]) == 2  # one-line configuration error

@@ -119,6 +119,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    from rdscale.run.compact import compact_run
+
+    for name, r in compact_run(args.run, cleanup=args.cleanup, target_rows=args.target_rows).items():
+        print(f"{name}: {r['fragments_before']} -> {r['fragments_after']} fragments, {r['rows']} rows")
+    return 0
+
+
 def cmd_make_tiny_family(args) -> int:
     from rdscale.model.loading import build_tiny_family
 
@@ -162,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a run directory holds")
     p.add_argument("-o", "--out", required=True, help="run directory")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("compact", help="merge a finished run's small Lance fragments (runs no longer compact at "
+                       "the end)", description="Compact the proteins, residues, rejects and ledger tables of a run "
+                       "directory. Rows are unchanged. Do not run it while a run writes into the directory.")
+    p.add_argument("run", help="run directory (output.dir)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="also delete the data files of older table versions (frees disk; no time travel back)")
+    p.add_argument("--target-rows", type=int, default=None, help="rows per compacted fragment (Lance default)")
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("make-tiny-family", help="write a tiny random ESM-2 family (offline demo and tests)")
     p.add_argument("dir", help="output directory for the checkpoints")
