@@ -108,6 +108,7 @@ class FastESM2:
         self.scaling = first.scaling if first is not None else 1.0
         self.qkv = [self._fuse(layer.self_attn) for layer in model.layers]  # [(w (3k, k), b (3k,))]
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: (positions, 2, 1, D)
+        self.attention_shapes: set[tuple[int, int]] = set()  # (B, T) planned by the padded backend so far
 
     @staticmethod
     def _fuse(attn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,6 +208,7 @@ class FastESM2:
             return nested
         # padded: bucketed (B, T) so that a run sees a bounded set of attention shapes
         b_pad, t_pad = round_up(len(lengths), B_BUCKET), round_up(longest, T_BUCKET)
+        self.attention_shapes.add((b_pad, t_pad))
         slot = (seq_of.to(self.device) * t_pad + positions)  # (N,) flat index into (B * T)
         valid = torch.zeros(b_pad, t_pad, dtype=torch.bool)
         for row, n in enumerate(lengths):
