@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -172,17 +173,46 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
+def digest_cache_dir() -> Path:
+    """Where checkpoint digests are remembered across processes: $RDSCALE_CACHE_DIR, else
+    $XDG_CACHE_HOME/rdscale, else ~/.cache/rdscale; a `sha256/` folder inside it."""
+    base = os.environ.get("RDSCALE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rdscale"
+    return Path(base) / "sha256"
+
+
+def _digest_record(path: Path) -> Path:
+    return digest_cache_dir() / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+
+
 def checkpoint_sha256(path) -> str:
-    """sha256 hex digest of a file, streamed in 1 MiB chunks, cached per (path, mtime, size)."""
+    """sha256 hex digest of a file, streamed in 1 MiB chunks. Cached per (path, mtime, size) in this process and
+    in a small JSON record per file under digest_cache_dir(), so a multi-GB checkpoint is hashed once per
+    machine, not once per load; a record whose size or mtime differs from the file's is ignored (re-hashed)."""
     path = Path(path).resolve()
     st = path.stat()
     key = (str(path), st.st_mtime_ns, st.st_size)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
+    if key in _SHA_CACHE:
+        return _SHA_CACHE[key]
+    record = _digest_record(path)
+    try:
+        saved = json.loads(record.read_text())
+        if (saved.get("path"), saved.get("mtime_ns"), saved.get("size")) == key and len(saved.get("sha256", "")) == 64:
+            _SHA_CACHE[key] = saved["sha256"]
+            return saved["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass  # no record, unreadable or not ours: hash the file
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    _SHA_CACHE[key] = h.hexdigest()
+    try:  # best effort: a read-only home only costs the re-hash next time
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": key[0], "mtime_ns": key[1], "size": key[2], "sha256": _SHA_CACHE[key]}))
+        tmp.replace(record)
+    except OSError:
+        pass
     return _SHA_CACHE[key]
 
 
@@ -331,7 +361,9 @@ def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
         path = download_checkpoint(family_spec.name)
     device, dtype = resolve_device_dtype(device, dtype)
 
-    data = read_checkpoint(path)
+    # Memory-mapped: weights go from the page cache straight to the device in the target dtype (model.to below),
+    # with no full host copy of the file first.
+    data = read_checkpoint(path, mmap=True)
     model, alphabet = _build_esm2(data, path)
     spec = ModelSpec.of(
         family_spec.name if family_spec else path.stem, model.num_layers, model.embed_dim, model.attention_heads
