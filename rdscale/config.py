@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rdscale.errors import RdscaleError
 
 
@@ -188,6 +186,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value parsed as YAML, so 3 -> int, null -> None, [a,b] -> list)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
+    import yaml  # here, not at module level: the library path (bench/bench_gpu.py) runs without PyYAML
+
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else None
     return key.strip().split("."), value
@@ -205,6 +205,8 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
+        import yaml
+
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist (bundled configs live in conf/)")

@@ -186,11 +186,11 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
           progress: bool = True) -> Summary:
     """Apply pass: every input record into proteins / residues, or rejects. Resumes an interrupted run in the
     same output.dir. With one model and no fit, this is plain extraction (`rdscale extract`)."""
-    from rdscale.fit.artifact import load_fit
-
     models = _check_models(cfg)
     fit_dir = fit_dir or cfg.fit.artifact
     if fit_dir:
+        from rdscale.fit.artifact import load_fit
+
         fit_obj, manifest = load_fit(fit_dir)
         manifest = {**manifest, "artifact": str(Path(fit_dir).resolve())}  # where `extend` finds it again
         names = [m.get("source") or m.get("name") for m in manifest["models"]]

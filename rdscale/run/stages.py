@@ -207,11 +207,13 @@ class ApplyStage:
         uris: dict[str, str],
         schemas: dict[str, Any],
     ):
-        from rdscale.fit.artifact import load_fit
-
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
-        self.fit = load_fit(fit_dir)[0] if fit_dir else None
+        self.fit = None
+        if fit_dir:  # imported only here: extraction runs without safetensors installed
+            from rdscale.fit.artifact import load_fit
+
+            self.fit = load_fit(fit_dir)[0]
         if self.fit is None and len(models) != 1:
             raise ValueError("a chain of several models needs a fit artifact to apply")
         self.uris = uris
