@@ -16,8 +16,8 @@ Rows of the table (residues/s = per-residue rows produced per second; MFU = usef
 - `forward plain` / `forward fast`: `Embedder.embed` alone (padded batches vs packed, unpadded batches);
 - `extract`: `rdscale.run.pipeline.embed` with one model (what `rdscale extract --local` runs): FASTA -> shards ->
   forward -> Arrow -> Lance fragments -> commit, at three outputs: per-residue full width, per-residue prefix
-  640 in float16, per-protein only; `cold` is the first extract in the process (model load and first-shape
-  costs included), the others are warm;
+  640 in float16, per-protein only; `cold` runs the first of them in a fresh process (CUDA context, model load,
+  first-shape costs included), the others are warm;
 - `fit pass`: the chain's forwards plus float64 moments on the device over `--fit-sequences` sequences;
 - `rd chain`: every model of the chain (per-model token budgets) plus the fitted map, against the largest
   model's fast forward alone on the same sequences; the FLOP bound is the chain's FLOPs over the largest's.
@@ -77,6 +77,7 @@ def parse_args(argv):
     p.add_argument("--max-seconds", type=float, default=540.0, help="skip remaining rows after this long")
     p.add_argument("--no-strict-imports", action="store_true", help="do not refuse packages the path must not need")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--cold-extract", nargs=3, metavar=("CHECKPOINT", "FASTA", "ATTENTION"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.local:
         p.error("only --local is supported: the benchmark measures one device in this process")
@@ -95,7 +96,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.no_strict_imports:
         refuse_unneeded_packages()
-    return Bench(args).run()
+    bench = Bench(args)
+    if args.cold_extract:  # internal: one extract in a fresh process (the cold row), result as JSON on stdout
+        checkpoint, fasta, bench.attention = args.cold_extract
+        lengths = [len(s) for s in bench.read_fasta_sequences(Path(fasta))]
+        row = bench.extract("extract cold, prefix 640 fp16", Path(checkpoint), Path(fasta), True,
+                            min(640, bench.shapes["650M"][1]), lengths)
+        shutil.rmtree(bench.scratch, ignore_errors=True)
+        print("COLD " + json.dumps(row))
+        return 0
+    return bench.run()
 
 
 class Bench:
@@ -116,6 +126,7 @@ class Bench:
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             self.shapes = REAL_SHAPES
         self.rows: list[dict] = []
+        self.attention = "auto"  # until pick_attention has measured the backends
         self.skipped: list[str] = []
         self.checks: dict = {}
         self.scratch = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
@@ -166,6 +177,34 @@ class Bench:
         return row
 
     # ------------------------------------------------------------------------------------------------- inputs
+
+    @staticmethod
+    def read_fasta_sequences(path: Path) -> list[str]:
+        from rdscale.io.fasta import Record, read_fasta
+
+        return [r.sequence for r in read_fasta(path) if isinstance(r, Record)]
+
+    def cold_extract(self, checkpoint: Path, fasta: Path) -> dict | None:
+        """The cold row: the same extract in a fresh process (CUDA context, model load, first shapes included)."""
+        import subprocess
+
+        command = [sys.executable, str(Path(__file__).resolve()), "--local", "--cold-extract", str(checkpoint),
+                   str(fasta), self.attention, "--toks-per-batch", str(self.args.toks_per_batch)]
+        command += ["--smoke"] if self.args.smoke else []
+        command += ["--no-strict-imports"] if self.args.no_strict_imports else []
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("COLD ")), None)
+        if done.returncode != 0 or line is None:
+            self.skipped.append(f"extract cold failed: {done.stderr[-1500:]}")
+            print(f"  extract cold FAILED: {done.stderr[-500:]}")
+            return None
+        row = json.loads(line[5:])
+        row["process_wall_seconds"] = time.perf_counter() - start
+        self.rows.append(row)
+        print(f"  {row['variant']:<44} {row['model']:<8} {row['residues']:>10,} {row['seconds']:>8.2f}s "
+              f"{row['residues_per_s']:>12,.0f}/s  (fresh process)")
+        return row
 
     def sequences(self) -> list[tuple[str, str]]:
         from rdscale.io.fasta import Record, read_fasta
@@ -220,7 +259,8 @@ class Bench:
     def embed_rows(self, loaded, seqs, forward, label, names, budget=None):
         from rdscale.model.embed import Embedder
 
-        emb = Embedder(loaded, toks_per_batch=budget or self.args.toks_per_batch, forward=forward)
+        emb = Embedder(loaded, toks_per_batch=budget or self.args.toks_per_batch, forward=forward,
+                       fast_attention=self.attention)
         strs = [s for _, s in seqs]
         seconds, out = self.timed(lambda: emb.embed(strs))
         residues = sum(t.shape[0] for t in out)
@@ -272,9 +312,10 @@ class Bench:
             models=[str(checkpoint)],
             input=InputConfig(paths=[str(fasta)], shard_mb=64.0),
             embedding=EmbeddingConfig(toks_per_batch=self.args.toks_per_batch, device=self.device.type,
-                                      dtype=str(self.dtype).removeprefix("torch.")),
+                                      dtype=str(self.dtype).removeprefix("torch."), attention=self.attention),
+            # one call per shard: the writer is drained once per call, so fewer calls overlap more
             output=OutputConfig(dir=str(out_dir), residues=residues_setting, storage_width=width,
-                                residue_dtype="float16", records_per_batch=1024),
+                                residue_dtype="float16", records_per_batch=8192),
             ray=RayConfig(address="local"),
         ).validate()
         wall, summary = self.timed(lambda: embed(cfg, executor=LocalExecutor(), progress=False))
@@ -295,7 +336,8 @@ class Bench:
         models = [loaded[n] for n in names]
         widths = [m.spec.width for m in models]
         budgets = model_budgets(self.args.toks_per_batch, widths)
-        embedders = [Embedder(m, toks_per_batch=b, forward="fast") for m, b in zip(models, budgets)]
+        embedders = [Embedder(m, toks_per_batch=b, forward="fast", fast_attention=self.attention)
+                     for m, b in zip(models, budgets)]
         strs = [s for _, s in seqs]
 
         # fit pass: forwards + float64 moments of the concatenation, on the device
@@ -338,6 +380,46 @@ class Bench:
         fit_row["rate_vs_chain_apply"] = fit_row["residues_per_s"] / row["residues_per_s"]
         return row
 
+    def pick_attention(self, loaded, seqs) -> str:
+        """Try every attention backend of the fast forward that can run here: its output against the plain
+        forward (run dtype), its speed on a subset; the fastest that agrees is used for the rest of the run."""
+        from rdscale.model.embed import Embedder
+        from rdscale.model.fast_esm import ATTENTION_BACKENDS, resolve_attention
+
+        probe = [s for _, s in seqs[:24]]
+        subset, total = [], 0
+        for _, s in seqs:
+            if total >= max(self.args.residues // 10, 1):
+                break
+            subset.append(s)
+            total += len(s)
+        reference = Embedder(loaded, forward="plain").embed(probe)
+        scale = max(float(r.float().abs().max()) for r in reference)
+        results, best = {}, None
+        for backend in ATTENTION_BACKENDS[1:]:
+            try:
+                resolve_attention(backend, self.device, self.dtype)
+                emb = Embedder(loaded, forward="fast", fast_attention=backend, toks_per_batch=self.args.toks_per_batch)
+                out = emb.embed(probe)
+                diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(out, reference))
+                emb.embed(subset[:8])  # warm-up
+                seconds, _ = self.timed(lambda: emb.embed(subset))
+                ok = diff == diff and diff <= 0.05 * scale  # finite, and within low-precision noise
+                results[backend] = {"max_abs_diff_vs_plain": diff, "plain_max_abs": scale, "agrees": ok,
+                                    "residues_per_s_on_subset": total / seconds}
+                if ok and (best is None or seconds < results[best]["seconds"]):
+                    best = backend
+                results[backend]["seconds"] = seconds
+            except Exception as e:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
+                results[backend] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        self.checks["attention_backends_650M"] = results
+        chosen = best or "padded"
+        self.checks["attention_used"] = chosen
+        print(f"  attention backends: " + ", ".join(
+            f"{b}: {r.get('residues_per_s_on_subset', 0):,.0f}/s diff {r.get('max_abs_diff_vs_plain', float('nan')):.3g}"
+            if "error" not in r else f"{b}: unavailable" for b, r in results.items()) + f"  -> {chosen}")
+        return chosen
+
     # -------------------------------------------------------------------------------------------------- main
 
     def run(self) -> int:
@@ -355,23 +437,17 @@ class Bench:
         print(f"  {'variant':<44} {'model':<8} {'residues':>10} {'time':>9} {'rate':>14} {'model':>11} {'MFU':>6}")
 
         try:
-            # cold: the first extract of the process (checkpoint digest, load, first shapes all included)
             ckpt = self.save_checkpoint(self.build("650M"), self.scratch / "esm2_650M_random.pt")
-            self.extract("extract cold, prefix 640 fp16", ckpt, fasta, True, min(640, self.shapes["650M"][1]), lengths)
             loaded = {}
             for name in ("8M", "35M", "150M", "650M"):
                 loaded[name] = self.build(name)
             # correctness in the run dtype: fast vs plain forward on a few sequences
             from rdscale.model.embed import Embedder
 
-            probe = [s for _, s in seqs[:16]]
-            a = Embedder(loaded["650M"], forward="fast").embed(probe)
-            b = Embedder(loaded["650M"], forward="plain").embed(probe)
-            self.checks["fast_vs_plain_max_abs_diff_650M"] = max(float((x.float() - y.float()).abs().max())
-                                                                  for x, y in zip(a, b))
-            self.checks["fast_vs_plain_max_abs_650M"] = max(float(y.float().abs().max()) for y in b)
+            self.attention = self.pick_attention(loaded["650M"], seqs)
             self.embed_rows(loaded["650M"], seqs, "fast", "forward fast (warm-up)", ["650M"])
             self.rows.pop()
+            cold = self.cold_extract(ckpt, fasta)
             alone = {}
             for forward in ("plain", "fast"):
                 if not self.over_time(f"forward {forward} 650M"):
@@ -384,9 +460,8 @@ class Bench:
                     row = self.extract(label, ckpt, fasta, residues_setting, w, lengths)
                     if "fast" in alone:
                         row["rate_vs_forward_fast"] = row["residues_per_s"] / alone["fast"]["residues_per_s"]
-            cold = next(r for r in self.rows if r["variant"].startswith("extract cold"))
             warm = next((r for r in self.rows if r["variant"] == "extract warm, prefix 640 fp16"), None)
-            if warm:
+            if warm and cold:
                 cold["cold_seconds_vs_warm"] = cold["seconds"] / warm["seconds"]
             for name in ("8M", "35M", "150M"):
                 if not self.over_time(f"forward fast {name}"):

@@ -18,9 +18,10 @@ In float32 the output equals fair-esm's to ~1e-6. Attention is computed per sequ
 - "flash": FlashAttention's varlen kernel (package flash-attn; CUDA, fp16/bf16);
 - "varlen": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16);
 - "nested": SDPA on a jagged nested tensor (any device; on CUDA it dispatches to the fused varlen kernels);
-- "padded": pure PyTorch: the packed q/k/v are scattered into a (B, H, T, D) batch padded to a bucketed shape
-  (T rounded up to a multiple of 64, B to a multiple of 4) and SDPA runs with a key-padding mask. Only the
-  attention sees padding; the bucketing bounds the number of distinct shapes a run plans.
+- "padded": pure PyTorch: the sequences are grouped by length bucket (T rounded up to a multiple of 64), each
+  group's q/k/v scattered into a (B, H, T, D) batch and SDPA run with a key-padding mask (on CUDA B is rounded
+  up to a multiple of 4 too). Only the attention sees padding (< 64 per sequence); the bucketing bounds the
+  number of distinct shapes a run plans.
 "auto" picks flash, then varlen, then nested on CUDA in half precision, and padded otherwise (CPU, float32/64).
 """
 
@@ -122,9 +123,9 @@ class FastESM2:
             p.bias.data = bias[i * k : (i + 1) * k]
         return weight, bias
 
-    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: (N, 2, 1, D) for q (scaled) and k at the given positions, in the model dtype."""
-        needed = int(positions.max()) + 1 if positions.numel() else 1
+    def _rotary(self, positions: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (N, 2, 1, D) for q (scaled) and k at the given positions (all < needed), in the model dtype.
+        `needed` comes from the host, so no device synchronisation happens here."""
         if self._tables is None or self._tables[0].shape[0] < needed:
             size = max(needed, 1024)
             d = self.head_dim
@@ -154,8 +155,8 @@ class FastESM2:
         lengths = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
         starts = torch.tensor(cu_seqlens[:-1], dtype=torch.int64)
         seq_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (N,)
-        positions = (torch.arange(cu_seqlens[-1]) - starts[seq_of]).to(self.device)  # (N,)
-        cos, sin = self._rotary(positions)
+        positions = (torch.arange(cu_seqlens[-1]) - starts[seq_of]).to(self.device, non_blocking=True)  # (N,)
+        cos, sin = self._rotary(positions, max(lengths))
         attend = self._attention_fn(cu_seqlens, lengths, seq_of, positions)
         for i, block in enumerate(m.layers[:layer]):
             x = self._block(block, self.qkv[i], x, cos, sin, attend)
@@ -206,23 +207,41 @@ class FastESM2:
                 return o.transpose(1, 2).values()
 
             return nested
-        # padded: bucketed (B, T) so that a run sees a bounded set of attention shapes
-        b_pad, t_pad = round_up(len(lengths), B_BUCKET), round_up(longest, T_BUCKET)
-        self.attention_shapes.add((b_pad, t_pad))
-        slot = (seq_of.to(self.device) * t_pad + positions)  # (N,) flat index into (B * T)
-        valid = torch.zeros(b_pad, t_pad, dtype=torch.bool)
-        for row, n in enumerate(lengths):
-            valid[row, :n] = True
-        valid[len(lengths):, 0] = True  # bucket-filler rows attend to one (zero) key instead of none (NaN)
-        keep = valid.to(self.device)[:, None, None, :]  # (B, 1, 1, T)
+        # padded: sequences grouped by length bucket (T rounded up to T_BUCKET), one SDPA call per group, so only
+        # attention sees padding (< T_BUCKET per sequence) and a run sees a bounded set of attention shapes. On CUDA
+        # the group size is bucketed too (shape plans are per shape there; on a CPU extra rows only cost time).
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(round_up(n, T_BUCKET), []).append(i)
+        plans = []
+        for t_pad, members in sorted(groups.items()):
+            b_pad = round_up(len(members), B_BUCKET) if self.device.type == "cuda" else len(members)
+            self.attention_shapes.add((b_pad, t_pad))
+            tokens = torch.cat([torch.arange(cu_seqlens[i], cu_seqlens[i + 1]) for i in members])  # packed rows
+            slot = torch.cat([row * t_pad + torch.arange(lengths[i]) for row, i in enumerate(members)])  # padded rows
+            keep = None
+            if b_pad != len(members) or any(lengths[i] != t_pad for i in members):
+                valid = torch.zeros(b_pad, t_pad, dtype=torch.bool)
+                for row, i in enumerate(members):
+                    valid[row, : lengths[i]] = True
+                valid[len(members):, 0] = True  # bucket-filler rows attend to one (zero) key, not none (NaN)
+                keep = valid.to(self.device)[:, None, None, :]  # (B, 1, 1, T)
+            plans.append((tokens.to(self.device), slot.to(self.device), keep, b_pad, t_pad))
 
         def padded(q, k, v):
             n, heads, d = q.shape
-            buf = q.new_zeros(b_pad * t_pad, 3, heads, d)
-            buf[slot] = torch.stack((q, k, v), dim=1)
-            qp, kp, vp = buf.view(b_pad, t_pad, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep, scale=1.0)
-            return o.transpose(1, 2).reshape(b_pad * t_pad, heads, d)[slot]
+            qkv = torch.stack((q, k, v), dim=1)  # (N, 3, H, D)
+            out = torch.empty_like(q) if len(plans) > 1 else None
+            for tokens, slot, keep, b_pad, t_pad in plans:
+                buf = qkv.new_zeros(b_pad * t_pad, 3, heads, d)
+                buf[slot] = qkv if out is None else qkv[tokens]
+                qp, kp, vp = buf.view(b_pad, t_pad, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D)
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep, scale=1.0)
+                o = o.transpose(1, 2).reshape(b_pad * t_pad, heads, d)[slot]
+                if out is None:
+                    return o
+                out[tokens] = o
+            return out
 
         return padded
 
