@@ -11,6 +11,7 @@ torch >= 2.6). We unpickle with ``weights_only=True`` and allow-list exactly one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -292,13 +293,31 @@ def _check_format(data, path) -> None:
         raise CheckpointError(f"{path}: 'model' must be a state dict of tensors")
 
 
+@contextlib.contextmanager
+def _skip_init():
+    """torch.nn.init's in-place initialisers as no-ops while a module is built whose values the checkpoint
+    replaces anyway: random initialisation of a 3B model costs seconds and touches every page of its memory."""
+    init = torch.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for n in names:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
+
+
 def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
     """fair-esm's ESM2 from a checkpoint dict (as in esm.pretrained._load_model_and_alphabet_core_v2)."""
     cfg = data["cfg"]["model"]
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
     state = {_PREFIX.sub("", k): v for k, v in data["model"].items()}
-    # Built on the meta device and filled by assignment: no second full-size copy of the weights in memory.
-    with torch.device("meta"):
+    # Built with uninitialised storage (never touched, so never resident) and filled by assignment: no second
+    # full-size copy of the weights in memory. Not on the meta device: meta tensors run torch's Python reference
+    # kernels, whose first use imports torch._dynamo and sympy (seconds of CPU per process, for nothing).
+    with torch.device("cpu"), _skip_init():
         model = ESM2(
             num_layers=cfg.encoder_layers,
             embed_dim=cfg.encoder_embed_dim,
@@ -318,10 +337,9 @@ def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches
         raise CheckpointError(f"{path}: weights do not fit the configured architecture: {e}") from e
-    # The contact head's regression weights (from the separate file) stay unset; zero them so the module is
-    # materialised. Contact prediction from a model loaded here is therefore meaningless, embeddings are exact.
-    if model.contact_head.regression.weight.is_meta:
-        model.contact_head.regression.to_empty(device="cpu")
+    # The contact head's regression weights (from the separate file) stay unset; zero them so the module holds
+    # defined values. Contact prediction from a model loaded here is therefore meaningless, embeddings are exact.
+    if "contact_head.regression.weight" not in state:
         torch.nn.init.zeros_(model.contact_head.regression.weight)
         torch.nn.init.zeros_(model.contact_head.regression.bias)
     return model, alphabet
