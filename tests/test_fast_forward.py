@@ -153,3 +153,26 @@ def test_backends_that_need_a_gpu_are_refused_with_a_reason_on_cpu():
             resolve_attention(backend, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="must be one of"):
         resolve_attention("xformers", torch.device("cpu"), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ per-model budgets
+
+
+def test_smaller_models_of_a_chain_take_larger_token_budgets():
+    from rdscale.run.stages import model_budgets
+
+    assert model_budgets(16384, [320, 480, 640, 1280]) == [65536, 43690, 32768, 16384]
+    assert model_budgets(1000, [8, 2560]) == [8000, 1000]  # at most 8x
+    assert model_budgets(4096, [64]) == [4096]  # extract: one model, the budget as given
+    assert model_budgets(4096, [32, 64], explicit=[100, 200]) == [100, 200]
+
+
+def test_per_model_budgets_must_match_the_chain():
+    from rdscale.config import ConfigError, load_config
+
+    cfg = load_config(None, ["models=[a, b]", "embedding.toks_per_batch_per_model=[9000, 4000]"])
+    assert cfg.embedding.toks_per_batch_per_model == [9000, 4000]
+    with pytest.raises(ConfigError, match="one budget"):
+        load_config(None, ["models=[a, b]", "embedding.toks_per_batch_per_model=[9000]"])
+    with pytest.raises(ConfigError, match="embedding.forward"):
+        load_config(None, ["embedding.forward=turbo"])
