@@ -176,3 +176,36 @@ def test_per_model_budgets_must_match_the_chain():
         load_config(None, ["models=[a, b]", "embedding.toks_per_batch_per_model=[9000]"])
     with pytest.raises(ConfigError, match="embedding.forward"):
         load_config(None, ["embedding.forward=turbo"])
+
+
+# ------------------------------------------------------------------------------------- the GPU benchmark's path
+
+BARE_EXTRACT = """
+import sys
+sys.path.insert(0, "bench")
+import bench_gpu
+bench_gpu.refuse_unneeded_packages()  # ray, yaml, safetensors, scipy, ... now raise ModuleNotFoundError
+from rdscale.config import Config, EmbeddingConfig, InputConfig, OutputConfig, RayConfig
+from rdscale.run.pipeline import LocalExecutor, embed
+cfg = Config(models=[sys.argv[1]], input=InputConfig(paths=[sys.argv[2]]),
+             embedding=EmbeddingConfig(device="cpu", toks_per_batch=256),
+             output=OutputConfig(dir=sys.argv[3], storage_width=16), ray=RayConfig(address="local")).validate()
+summary = embed(cfg, executor=LocalExecutor(), progress=False)
+assert summary.proteins == 12 and summary.residues > 0, summary
+assert sys.modules.get("ray") is None and sys.modules.get("yaml") is None and sys.modules.get("safetensors") is None
+print("OK", summary.residues)
+"""
+
+
+def test_extract_runs_where_only_torch_numpy_pyarrow_lance_and_fair_esm_exist(tiny_family, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_pipeline import write_fasta
+
+    fasta = write_fasta(tmp_path / "in.fasta", n=12, seed=2)
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", BARE_EXTRACT, str(tiny_family[0]), str(fasta), str(tmp_path / "out")],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
