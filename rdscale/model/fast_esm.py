@@ -194,7 +194,8 @@ class FastESM2:
                 return lambda q, k, v: flash_attn_varlen_func(
                     q, k, v, cu, cu, longest, longest, softmax_scale=1.0)
             varlen_attn = _varlen_attn()
-            return lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest, scale=1.0)
+            return lambda q, k, v: varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest,
+                                               longest, scale=1.0)
         if self.attention == "nested":
             offsets = torch.tensor(cu_seqlens, dtype=torch.int64, device=self.device)
 
