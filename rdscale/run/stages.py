@@ -5,8 +5,9 @@
 - `ChainEncoder`: every model of the chain resident on one device; sequences -> per-model embeddings, moments of
   the concatenation (fit pass) or reverse-distilled embeddings (apply pass).
 - `FitWorker`: accumulates moments over a list of sample assignments (fit pass).
-- `ApplyStage`: a batch of rows -> Lance fragments of proteins / residues / rejects, written where the actor runs;
-  returns only small fragment descriptions (apply pass).
+- `ApplyStage`: a batch of rows -> Lance fragments of proteins / residues / rejects, written where the actor runs
+  (chunk by chunk, by a writer thread while the next chunk runs through the models: rdscale/run/writer.py);
+  returns only small fragment descriptions, once all of them are written (apply pass).
 """
 
 from __future__ import annotations
