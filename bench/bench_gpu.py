@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO))
 
 # Packages the benchmark's path must not need. Refused at import time (--strict-imports, the default), so a run on
 # a full development environment proves the path works on a bare GPU machine too.
-NOT_NEEDED = ("ray", "yaml", "safetensors", "scipy", "tqdm", "faiss", "duckdb", "polars", "hypothesis", "httpx")
+NOT_NEEDED = ("ray", "yaml", "safetensors", "scipy", "tqdm", "faiss", "duckdb", "polars", "hypothesis", "httpx",
+              "lance_namespace")
 
 
 def refuse_unneeded_packages() -> None:
