@@ -301,12 +301,17 @@ class Bench:
 
         seconds, residues = self.timed(run)
         lengths = [min(1022, len(s)) for _, s in subset]
-        del model
         return self.add("fair-esm autocast loop (esm-extract)", name, residues, seconds, self.flops([name], lengths),
                         note="toks_per_batch/4 (esm-extract's memory use at this budget), truncation 1022")
 
     def extract(self, label, checkpoint, fasta, residues_setting, width, lengths):
-        from rdscale.config import Config, EmbeddingConfig, InputConfig, OutputConfig, RayConfig
+        from rdscale.config import (
+            Config,
+            EmbeddingConfig,
+            InputConfig,
+            OutputConfig,
+            RayConfig,
+        )
         from rdscale.run.pipeline import LocalExecutor, embed
 
         out_dir = self.scratch / f"run_{len(self.rows)}"
@@ -409,7 +414,7 @@ class Bench:
                 out = emb.embed(probe)
                 diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(out, reference))
                 emb.embed(subset[:8])  # warm-up
-                seconds, _ = self.timed(lambda: emb.embed(subset))
+                seconds, _ = self.timed(lambda emb=emb: emb.embed(subset))
                 ok = diff == diff and diff <= 0.05 * scale  # finite, and within low-precision noise
                 results[backend] = {"max_abs_diff_vs_plain": diff, "plain_max_abs": scale, "agrees": ok,
                                     "residues_per_s_on_subset": total / seconds}
@@ -421,7 +426,7 @@ class Bench:
         self.checks["attention_backends_650M"] = results
         chosen = best or "padded"
         self.checks["attention_used"] = chosen
-        print(f"  attention backends: " + ", ".join(
+        print("  attention backends: " + ", ".join(
             f"{b}: {r.get('residues_per_s_on_subset', 0):,.0f}/s diff {r.get('max_abs_diff_vs_plain', float('nan')):.3g}"
             if "error" not in r else f"{b}: unavailable" for b, r in results.items()) + f"  -> {chosen}")
         return chosen
@@ -447,9 +452,7 @@ class Bench:
             loaded = {}
             for name in ("8M", "35M", "150M", "650M"):
                 loaded[name] = self.build(name)
-            # correctness in the run dtype: fast vs plain forward on a few sequences
-            from rdscale.model.embed import Embedder
-
+            # attention backends of the fast forward: each checked against the plain forward, fastest agreeing used
             self.attention = self.pick_attention(loaded["650M"], seqs)
             self.embed_rows(loaded["650M"], seqs, "fast", "forward fast (warm-up)", ["650M"])
             self.rows.pop()

@@ -18,7 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rdscale.model.embed import Embedder, plan_windows, stitch_plan
-from rdscale.model.fast_esm import B_BUCKET, T_BUCKET, FastESM2, pack_by_tokens, resolve_attention
+from rdscale.model.fast_esm import (
+    B_BUCKET,
+    T_BUCKET,
+    FastESM2,
+    pack_by_tokens,
+    resolve_attention,
+)
 from rdscale.model.loading import load_model
 
 AA = "ACDEFGHIKLMNPQRSTVWYXBZUO"
