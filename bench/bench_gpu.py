@@ -20,7 +20,9 @@ Rows of the table (residues/s = per-residue rows produced per second; MFU = usef
   first-shape costs included), the others are warm;
 - `fit pass`: the chain's forwards plus float64 moments on the device over `--fit-sequences` sequences;
 - `rd chain`: every model of the chain (per-model token budgets) plus the fitted map, against the largest
-  model's fast forward alone on the same sequences; the FLOP bound is the chain's FLOPs over the largest's.
+  model's fast forward alone on the same sequences; the FLOP bound is the chain's FLOPs over the largest's;
+- `forward fast + torch.compile` (last, if time is left; `--no-compile` and `--smoke` skip it): the elementwise
+  work fused.
 
     python bench/bench_gpu.py --local                    # on a GPU machine: writes bench/results/bench_gpu.json
     python bench/bench_gpu.py --local --smoke            # CPU check with tiny shapes (bench_gpu_smoke_cpu.json)
@@ -76,6 +78,7 @@ def parse_args(argv):
     p.add_argument("--toks-per-batch", type=int, default=None, help="token budget (default 32,768; smoke 1,024)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (bf16 H100/H200: 989)")
     p.add_argument("--max-seconds", type=float, default=540.0, help="skip remaining rows after this long")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (the last row)")
     p.add_argument("--no-strict-imports", action="store_true", help="do not refuse packages the path must not need")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cold-extract", nargs=3, metavar=("CHECKPOINT", "FASTA", "ATTENTION"), help=argparse.SUPPRESS)
@@ -258,11 +261,14 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------------- variants
 
-    def embed_rows(self, loaded, seqs, forward, label, names, budget=None):
+    def embed_rows(self, loaded, seqs, forward, label, names, budget=None, compile=False):
         from rdscale.model.embed import Embedder
 
         emb = Embedder(loaded, toks_per_batch=budget or self.args.toks_per_batch, forward=forward,
-                       fast_attention=self.attention)
+                       fast_attention=self.attention, compile=compile)
+        if compile:  # compile (and first-run autotuning) outside the timed pass, reported separately
+            seconds, _ = self.timed(lambda: emb.embed([s for _, s in seqs[:64]]))
+            self.checks[f"compile_seconds_{names[-1]}"] = seconds
         strs = [s for _, s in seqs]
         seconds, out = self.timed(lambda: emb.embed(strs))
         residues = sum(t.shape[0] for t in out)
@@ -501,6 +507,13 @@ class Bench:
                           for f in ("plain", "fast") if not self.over_time(f"forward {f} 3B")}
                 if "fast" in alone3 and not self.over_time("rd.3B"):
                     self.chain("rd.3B", loaded, subset, alone3["fast"])
+            # last, so that it only spends time that is left: torch.compile of the elementwise work
+            if not (args.no_compile or args.smoke) and not self.over_time("forward fast + torch.compile 650M"):
+                try:
+                    self.embed_rows(loaded["650M"], seqs, "fast", "forward fast + torch.compile", ["650M"],
+                                    compile=True)
+                except Exception as e:  # noqa: BLE001 - an optional variant; the rest of the report stands
+                    self.skipped.append(f"forward fast + torch.compile: {type(e).__name__}: {str(e)[:300]}")
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
 

@@ -37,6 +37,7 @@ class EmbeddingConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     forward: str = "fast"  # fast (packed, no padding: rdscale.model.fast_esm) | plain (padded batches)
     attention: str = "auto"  # fast forward's attention: auto | flash | varlen | nested | padded
+    compile: bool = False  # torch.compile the fast forward's elementwise work (pays on GPUs; compiles once per model)
     # per-model token budgets, smallest model first; null: toks_per_batch scaled by k_largest / k_i (at most 8x)
     toks_per_batch_per_model: list[int] | None = None
 

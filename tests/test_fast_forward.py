@@ -215,3 +215,17 @@ def test_extract_runs_where_only_torch_numpy_pyarrow_lance_and_fair_esm_exist(ti
     done = subprocess.run([sys.executable, "-c", BARE_EXTRACT, str(tiny_family[0]), str(fasta), str(tmp_path / "out")],
                           cwd=repo, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_compiled_fast_forward_equals_fair_esm(fair_esm, loaded):
+    """torch.compile of the elementwise work (embedding.compile): same numbers; one compile serves every batch
+    shape (dynamic token count). Compiling takes ~10-30 s on a CPU."""
+    lm = loaded[1]
+    rng = random.Random(8)
+    sequences = [protein(rng, rng.randint(3, 120)) for _ in range(7)]
+    embedder = Embedder(lm, toks_per_batch=300, forward="fast", compile=True)
+    for batch in (sequences, sequences[:2]):
+        ours = embedder.embed(batch)
+        for a, b in zip(ours, fair_esm_batch(fair_esm, lm, batch, lm.spec.layers)):
+            torch.testing.assert_close(a, b, atol=TOL, rtol=0)

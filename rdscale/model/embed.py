@@ -131,6 +131,7 @@ class Embedder:
         tokens only) or "plain" (padded (B, T) batches, the forward below; budget counts padding too).
         Ignored with attention="esm".
     fast_attention: attention backend of the fast forward (rdscale.model.fast_esm.ATTENTION_BACKENDS).
+    compile: fuse the fast forward's elementwise work with torch.compile (first batch compiles, tens of seconds).
 
     embed() returns, per sequence, an ordinary (not inference-mode) tensor (L_i, k) on the model's device in
     the model's dtype: float32 on CPU, bfloat16/float16 on GPU as resolved by load_model.
@@ -148,6 +149,7 @@ class Embedder:
         attention: str = "sdpa",
         forward: str = "fast",
         fast_attention: str = "auto",
+        compile: bool = False,
     ):
         self.loaded = loaded
         self.model = loaded.model
@@ -176,7 +178,7 @@ class Embedder:
         if self.forward == "fast":
             from rdscale.model.fast_esm import FastESM2
 
-            self._fast = FastESM2(self.model, attention=fast_attention)
+            self._fast = FastESM2(self.model, attention=fast_attention, compile=compile)
 
         alphabet = loaded.alphabet
         self._bos, self._eos, self._pad = alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx

@@ -96,7 +96,7 @@ def pack_by_tokens(lengths, toks_per_batch: int) -> list[list[int]]:
 class FastESM2:
     """Packed forward of a fair-esm ESM2 (`esm.model.esm2.ESM2`), returning hidden states at any layer."""
 
-    def __init__(self, model, attention: str = "auto"):
+    def __init__(self, model, attention: str = "auto", compile: bool = False):
         self.model = model
         first = model.layers[0].self_attn if model.num_layers else None
         if first is not None and (first.rot_emb is None or first.bias_k is not None):
@@ -110,6 +110,12 @@ class FastESM2:
         self.qkv = [self._fuse(layer.self_attn) for layer in model.layers]  # [(w (3k, k), b (3k,))]
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: (positions, 2, 1, D)
         self.attention_shapes: set[tuple[int, int]] = set()  # (B, T) planned by the padded backend so far
+        # The elementwise work around the GEMMs (layer norms, rotary, residual adds, GELU) as two pure functions of
+        # tensors; compile=True fuses them with torch.compile (dynamic token count: one graph per model width).
+        self._pre, self._post = _pre_attention, _post_attention
+        if compile:
+            self._pre = torch.compile(_pre_attention, dynamic=True)
+            self._post = torch.compile(_post_attention, dynamic=True)
 
     @staticmethod
     def _fuse(attn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,17 +174,11 @@ class FastESM2:
 
     def _block(self, block, qkv_weights, x, cos, sin, attend) -> torch.Tensor:
         """One pre-LN ESM-2 layer on packed x: (N, k)."""
-        n, k = x.shape
-        h = block.self_attn_layer_norm(x)
-        qkv = F.linear(h, *qkv_weights).view(n, 3, self.heads, self.head_dim)  # (N, 3, H, D)
-        qk = qkv[:, :2]
-        half = self.head_dim // 2
-        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)  # fair-esm's rotate_half
-        qk = qk * cos + rotated * sin  # (N, 2, H, D); q's scale is in its tables
-        o = attend(qk[:, 0], qk[:, 1], qkv[:, 2])  # (N, H, D)
-        x = x + block.self_attn.out_proj(o.reshape(n, k))
-        h = block.final_layer_norm(x)
-        return x + block.fc2(F.gelu(block.fc1(h)))
+        ln1, ln2, out = block.self_attn_layer_norm, block.final_layer_norm, block.self_attn.out_proj
+        q, k, v = self._pre(x, ln1.weight, ln1.bias, ln1.eps, *qkv_weights, cos, sin, self.heads, self.head_dim)
+        o = attend(q, k, v)  # (N, H, D)
+        return self._post(x, o, out.weight, out.bias, ln2.weight, ln2.bias, ln2.eps,
+                          block.fc1.weight, block.fc1.bias, block.fc2.weight, block.fc2.bias)
 
     # ------------------------------------------------------------------------------------------------ attention
 
@@ -245,6 +245,26 @@ class FastESM2:
             return out
 
         return padded
+
+
+def _pre_attention(x, ln_w, ln_b, eps: float, qkv_w, qkv_b, cos, sin, heads: int, head_dim: int):
+    """x: (N, k) -> q, k, v: (N, H, D), rotary applied (q's scale is in its cos/sin tables)."""
+    n = x.shape[0]
+    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+    qkv = F.linear(h, qkv_w, qkv_b).view(n, 3, heads, head_dim)  # (N, 3, H, D)
+    qk = qkv[:, :2]
+    half = head_dim // 2
+    rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)  # fair-esm's rotate_half
+    qk = qk * cos + rotated * sin  # (N, 2, H, D)
+    return qk[:, 0], qk[:, 1], qkv[:, 2]
+
+
+def _post_attention(x, o, out_w, out_b, ln_w, ln_b, eps: float, fc1_w, fc1_b, fc2_w, fc2_b):
+    """x: (N, k), attention output o: (N, H, D) -> the layer's output (N, k)."""
+    n, k = x.shape
+    x = x + F.linear(o.reshape(n, k), out_w, out_b)
+    h = F.layer_norm(x, (k,), ln_w, ln_b, eps)
+    return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
 def packed_flops_per_token(layers: int, width: int, context: float) -> float:

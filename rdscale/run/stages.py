@@ -91,6 +91,7 @@ class ChainEncoder:
             Embedder(
                 lm, layer=e.layer, toks_per_batch=budget, long_policy=e.long_policy,
                 window=e.window, overlap=e.overlap, forward=e.forward, fast_attention=e.attention,
+                compile=e.compile,
             )
             for lm, budget in zip(self.loaded, self.budgets)
         ]
