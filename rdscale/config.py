@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rdscale.errors import RdscaleError
 
 
@@ -39,6 +37,11 @@ class EmbeddingConfig:
     overlap: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    forward: str = "fast"  # fast (packed, no padding: rdscale.model.fast_esm) | plain (padded batches)
+    attention: str = "auto"  # fast forward's attention: auto | flash | varlen | nested | padded
+    compile: bool = False  # torch.compile the fast forward's elementwise work (pays on GPUs; compiles once per model)
+    # per-model token budgets, smallest model first; null: toks_per_batch scaled by k_largest / k_i (at most 8x)
+    toks_per_batch_per_model: list[int] | None = None
 
 
 @dataclass
@@ -55,7 +58,8 @@ class OutputConfig:
     storage_width: int | None = None  # per-residue width stored (a prefix, <= k_m); None: full width
     residue_dtype: str = "float16"  # float16 (half the bytes) or float32 (exact; needed for bit-level checks)
     records_per_batch: int = 64  # records per Ray Data batch handed to an embedding actor
-    compact: bool = True  # compact Lance fragments at the end of a run
+    compact: bool = False  # compact Lance fragments at the end of a run (else later: `rdscale compact DIR`)
+    overlap_writes: bool = True  # build Arrow tables and write fragments on a writer thread during the forward
 
 
 @dataclass
@@ -134,6 +138,14 @@ def _problems(cfg: Config):
         yield f"embedding.device must be one of {', '.join(DEVICES)}, got {e.device!r}"
     if e.dtype.lower() not in DTYPES:
         yield f"embedding.dtype must be one of {', '.join(DTYPES)}, got {e.dtype!r}"
+    if e.forward not in ("fast", "plain"):
+        yield f"embedding.forward must be fast or plain, not {e.forward!r}"
+    if e.attention not in ("auto", "flash", "varlen", "nested", "padded"):
+        yield f"embedding.attention must be auto, flash, varlen, nested or padded, not {e.attention!r}"
+    per_model = e.toks_per_batch_per_model
+    if per_model is not None and (len(per_model) != len(cfg.models) or min(per_model, default=8) < 8):
+        yield (f"embedding.toks_per_batch_per_model must list one budget (>= 8) per model ({len(cfg.models)}), "
+               f"got {per_model}")
     if cfg.fit.regression not in ("pcr", "ols"):
         yield f"fit.regression must be pcr or ols, not {cfg.fit.regression!r}"
     yield from between("fit.sample_sequences", cfg.fit.sample_sequences, 1, 1 << 40)
@@ -219,6 +231,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value parsed as YAML, so 3 -> int, null -> None, [a,b] -> list)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
+    import yaml  # here, not at module level: the library path (bench/bench_gpu.py) runs without PyYAML
+
     key, raw = text.split("=", 1)
     if not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError(f"override {text!r}: the key must look like section.key")
@@ -260,6 +274,8 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
+        import yaml
+
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist (bundled configs live in conf/)")

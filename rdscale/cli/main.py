@@ -176,6 +176,17 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_compact(args) -> int:
+    from rdscale.run.compact import compact_run
+    from rdscale.run.integrity import writing
+
+    with writing(args.out):  # the writer lease: never while a run writes into the same directory
+        results = compact_run(args.out, cleanup=args.cleanup, target_rows=args.target_rows)
+    for name, r in results.items():
+        print(f"{name}: {r['fragments_before']} -> {r['fragments_after']} fragments, {r['rows']} rows")
+    return 0
+
+
 def cmd_make_tiny_family(args) -> int:
     from rdscale.model.loading import build_tiny_family
 
@@ -247,6 +258,15 @@ def build_parser(verb: str | None = None, full: bool = True) -> argparse.Argumen
     p = sub.add_parser("info", help="what a run directory holds")
     add_run_argument(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("compact", help="merge a finished run's small Lance fragments (runs no longer compact at "
+                       "the end)", description="Compact the proteins, residues, rejects and ledger tables of a run "
+                       "directory. Rows are unchanged. Holds the run's writer lease: refused while a run writes into the directory.")
+    add_run_argument(p)
+    p.add_argument("--cleanup", action="store_true",
+                   help="also delete the data files of older table versions (frees disk; no time travel back)")
+    p.add_argument("--target-rows", type=int, default=None, help="rows per compacted fragment (Lance default)")
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("make-tiny-family", help="write a tiny random ESM-2 family (offline demo and tests)")
     p.add_argument("dir", help="output directory for the checkpoints")

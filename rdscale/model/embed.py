@@ -127,6 +127,11 @@ class Embedder:
         "truncate": only the first `window` residues are embedded; output has `window` rows.
         "reject": embed() raises ValueError naming them; use too_long() to filter beforehand.
     attention: "sdpa" (default, fused attention) or "esm" (fair-esm's own forward; reference, slower).
+    forward: "fast" (default: packed batches without padding, rdscale.model.fast_esm; token budget counts real
+        tokens only) or "plain" (padded (B, T) batches, the forward below; budget counts padding too).
+        Ignored with attention="esm".
+    fast_attention: attention backend of the fast forward (rdscale.model.fast_esm.ATTENTION_BACKENDS).
+    compile: fuse the fast forward's elementwise work with torch.compile (first batch compiles, tens of seconds).
 
     embed() returns, per sequence, an ordinary (not inference-mode) tensor (L_i, k) on the model's device in
     the model's dtype: float32 on CPU, bfloat16/float16 on GPU as resolved by load_model.
@@ -142,6 +147,9 @@ class Embedder:
         overlap: int | None = None,
         max_batch_size: int | None = None,
         attention: str = "sdpa",
+        forward: str = "fast",
+        fast_attention: str = "auto",
+        compile: bool = False,
     ):
         self.loaded = loaded
         self.model = loaded.model
@@ -162,7 +170,15 @@ class Embedder:
         self.overlap = window // 4 if overlap is None else overlap
         self.max_batch_size = max_batch_size
         self.attention = attention
+        if forward not in ("fast", "plain"):
+            raise ValueError(f"forward must be 'fast' or 'plain', got {forward!r}")
+        self.forward = forward if attention == "sdpa" else "plain"
         self.stats = EmbedStats()
+        self._fast = None
+        if self.forward == "fast":
+            from rdscale.model.fast_esm import FastESM2
+
+            self._fast = FastESM2(self.model, attention=fast_attention, compile=compile)
 
         alphabet = loaded.alphabet
         self._bos, self._eos, self._pad = alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx
@@ -239,7 +255,9 @@ class Embedder:
                 plans.append([(first + w, a, b) for w, a, b in stitch_plan(windows, n)])
 
         outputs: list[torch.Tensor | None] = [None] * len(pieces)
-        for batch in pack_batches([e - s for _, s, e in pieces], self.toks_per_batch, self.max_batch_size):
+        if self._fast is not None:
+            self._embed_packed(tokens, pieces, outputs)
+        for batch in [] if self._fast is not None else pack_batches([e - s for _, s, e in pieces], self.toks_per_batch, self.max_batch_size):
             batch_tokens = self._batch_tokens([tokens[i][s:e] for i, s, e in (pieces[p] for p in batch)])
             with torch.inference_mode():
                 hidden = self._forward(batch_tokens.to(self.device, non_blocking=True))  # (B, T, k)
@@ -262,6 +280,27 @@ class Embedder:
         self.stats.windows += len(pieces)
         self.stats.truncated = [i for i in long if self.long_policy == "truncate"]
         return results
+
+    def _embed_packed(self, tokens, pieces, outputs) -> None:
+        """Fast path: pieces packed back to back under the token budget, no padding; fills outputs[p]."""
+        from rdscale.model.fast_esm import pack_by_tokens
+
+        for batch in pack_by_tokens([e - s for _, s, e in pieces], self.toks_per_batch):
+            ids, cu = [], [0]
+            for p in batch:
+                i, s, e = pieces[p]
+                ids += [np.array([self._bos]), tokens[i][s:e], np.array([self._eos])]
+                cu.append(cu[-1] + e - s + _EXTRA_TOKENS)
+            flat = torch.from_numpy(np.concatenate(ids))  # (N,)
+            with torch.inference_mode():
+                hidden = self._fast(flat.to(self.device, non_blocking=True), cu, self.layer)  # (N, k)
+            # Outside inference mode, clone() gives ordinary tensors, each owning its memory (a kept output does
+            # not pin the batch).
+            for p, a, b in zip(batch, cu[:-1], cu[1:]):
+                outputs[p] = hidden[a + 1 : b - 1].clone()  # (L, k): BOS and EOS dropped
+            self.stats.batches += 1
+            self.stats.tokens += cu[-1]
+            self.stats.padded_tokens += cu[-1]
 
     def _batch_tokens(self, pieces: list[np.ndarray]) -> torch.Tensor:
         """(B, T) int64: BOS, residues, EOS, then padding."""

@@ -11,7 +11,9 @@ torch >= 2.6). We unpickle with ``weights_only=True`` and allow-list exactly one
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -176,17 +178,46 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
+def digest_cache_dir() -> Path:
+    """Where checkpoint digests are remembered across processes: $RDSCALE_CACHE_DIR, else
+    $XDG_CACHE_HOME/rdscale, else ~/.cache/rdscale; a `sha256/` folder inside it."""
+    base = os.environ.get("RDSCALE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rdscale"
+    return Path(base) / "sha256"
+
+
+def _digest_record(path: Path) -> Path:
+    return digest_cache_dir() / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+
+
 def checkpoint_sha256(path) -> str:
-    """sha256 hex digest of a file, streamed in 1 MiB chunks, cached per (path, mtime, size)."""
+    """sha256 hex digest of a file, streamed in 1 MiB chunks. Cached per (path, mtime, size) in this process and
+    in a small JSON record per file under digest_cache_dir(), so a multi-GB checkpoint is hashed once per
+    machine, not once per load; a record whose size or mtime differs from the file's is ignored (re-hashed)."""
     path = Path(path).resolve()
     st = path.stat()
     key = (str(path), st.st_mtime_ns, st.st_size)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
+    if key in _SHA_CACHE:
+        return _SHA_CACHE[key]
+    record = _digest_record(path)
+    try:
+        saved = json.loads(record.read_text())
+        if (saved.get("path"), saved.get("mtime_ns"), saved.get("size")) == key and len(saved.get("sha256", "")) == 64:
+            _SHA_CACHE[key] = saved["sha256"]
+            return saved["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass  # no record, unreadable or not ours: hash the file
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    _SHA_CACHE[key] = h.hexdigest()
+    try:  # best effort: a read-only home only costs the re-hash next time
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": key[0], "mtime_ns": key[1], "size": key[2], "sha256": _SHA_CACHE[key]}))
+        tmp.replace(record)
+    except OSError:
+        pass
     return _SHA_CACHE[key]
 
 
@@ -285,14 +316,32 @@ def _check_format(data, path) -> None:
         raise CheckpointError(f"{path}: 'model' must be a state dict of tensors")
 
 
+@contextlib.contextmanager
+def _skip_init():
+    """torch.nn.init's in-place initialisers as no-ops while a module is built whose values the checkpoint
+    replaces anyway: random initialisation of a 3B model costs seconds and touches every page of its memory."""
+    init = torch.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for n in names:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)
+
+
 def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
     """fair-esm's ESM2 from a checkpoint dict (as in esm.pretrained._load_model_and_alphabet_core_v2)."""
     cfg = data["cfg"]["model"]
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
     state = {_PREFIX.sub("", k): v for k, v in data["model"].items()}
     _check_config_against_weights(cfg, state, path)
-    # Built on the meta device and filled by assignment: no second full-size copy of the weights in memory.
-    with torch.device("meta"):
+    # Built with uninitialised storage (never touched, so never resident) and filled by assignment: no second
+    # full-size copy of the weights in memory. Not on the meta device: meta tensors run torch's Python reference
+    # kernels, whose first use imports torch._dynamo and sympy (seconds of CPU per process, for nothing).
+    with torch.device("cpu"), _skip_init():
         model = ESM2(
             num_layers=cfg.encoder_layers,
             embed_dim=cfg.encoder_embed_dim,
@@ -312,10 +361,9 @@ def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches
         raise CheckpointError(f"{path}: weights do not fit the configured architecture: {e}") from e
-    # The contact head's regression weights (from the separate file) stay unset; zero them so the module is
-    # materialised. Contact prediction from a model loaded here is therefore meaningless, embeddings are exact.
-    if model.contact_head.regression.weight.is_meta:
-        model.contact_head.regression.to_empty(device="cpu")
+    # The contact head's regression weights (from the separate file) stay unset; zero them so the module holds
+    # defined values. Contact prediction from a model loaded here is therefore meaningless, embeddings are exact.
+    if "contact_head.regression.weight" not in state:
         torch.nn.init.zeros_(model.contact_head.regression.weight)
         torch.nn.init.zeros_(model.contact_head.regression.bias)
     return model, alphabet
@@ -384,7 +432,9 @@ def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
         path = download_checkpoint(family_spec.name)
     device, dtype = resolve_device_dtype(device, dtype)
 
-    data = read_checkpoint(path)
+    # Memory-mapped: weights go from the page cache straight to the device in the target dtype (model.to below),
+    # with no full host copy of the file first.
+    data = read_checkpoint(path, mmap=True)
     model, alphabet = _build_esm2(data, path)
     spec = ModelSpec.of(
         family_spec.name if family_spec else path.stem, model.num_layers, model.embed_dim, model.attention_heads

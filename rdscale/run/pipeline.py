@@ -217,7 +217,6 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     same output.dir. With one model and no fit, this is plain extraction (`rdscale extract`).
     Holds the run's writer lease throughout (`lease`: one the caller already holds). redo_changed: redo committed
     shards whose input changed instead of refusing; restart: delete the previous tables first (not the fit)."""
-    from rdscale.fit.artifact import load_fit
     from rdscale.model.loading import describe_model
 
     if lease is None:
@@ -228,6 +227,8 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     models = _check_models(cfg)
     fit_dir = fit_dir or cfg.fit.artifact
     if fit_dir:
+        from rdscale.fit.artifact import load_fit  # here: extraction runs without safetensors
+
         fit_obj, manifest = load_fit(fit_dir, expect_models=[describe_model(m) for m in models])
         manifest = {**manifest, "artifact": str(Path(fit_dir).resolve())}  # where `extend` finds it again
         names = [m.get("source") or m.get("name") for m in manifest["models"]]

@@ -5,8 +5,9 @@
 - `ChainEncoder`: every model of the chain resident on one device; sequences -> per-model embeddings, moments of
   the concatenation (fit pass) or reverse-distilled embeddings (apply pass).
 - `FitWorker`: accumulates moments over a list of sample assignments (fit pass).
-- `ApplyStage`: a batch of rows -> Lance fragments of proteins / residues / rejects, written where the actor runs;
-  returns only small fragment descriptions (apply pass).
+- `ApplyStage`: a batch of rows -> Lance fragments of proteins / residues / rejects, written where the actor runs
+  (chunk by chunk, by a writer thread while the next chunk runs through the models: rdscale/run/writer.py);
+  returns only small fragment descriptions, once all of them are written (apply pass).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from rdscale.io.store import (
     write_table_fragments,
 )
 from rdscale.run.integrity import RecordsDigest
+from rdscale.run.writer import ChunkWriter
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +95,18 @@ class ChainEncoder:
         device = None if e.device == "auto" else e.device
         dtype = None if e.dtype == "auto" else e.dtype
         self.loaded = [load_model(m, device=device, dtype=dtype) for m in models]
+        self.budgets = model_budgets(e.toks_per_batch, [lm.spec.width for lm in self.loaded],
+                                     e.toks_per_batch_per_model)
         self.embedders = [
             Embedder(
-                lm, layer=e.layer, toks_per_batch=e.toks_per_batch, long_policy=e.long_policy,
-                window=e.window, overlap=e.overlap,
+                lm, layer=e.layer, toks_per_batch=budget, long_policy=e.long_policy,
+                window=e.window, overlap=e.overlap, forward=e.forward, fast_attention=e.attention,
+                compile=e.compile,
             )
-            for lm in self.loaded
+            for lm, budget in zip(self.loaded, self.budgets)
         ]
+        # Apply-stage chunk: the largest budget, so every model runs its own full batches on it.
+        self.chunk_tokens = max(self.budgets)
         self.window = e.window
         self.long_policy = e.long_policy
         self.widths = [lm.spec.width for lm in self.loaded]
@@ -127,6 +134,17 @@ class ChainEncoder:
     def concatenated(self, sequences: Sequence[str]) -> torch.Tensor:
         """-> x: (sum L, K) float32 on the device, the per-residue concatenation [h_1, ..., h_m]."""
         return torch.cat([torch.cat(b, dim=1) for b in self.blocks(sequences)], dim=0)
+
+
+def model_budgets(toks_per_batch: int, widths: Sequence[int], explicit: Sequence[int] | None = None,
+                  max_scale: float = 8.0) -> list[int]:
+    """Token budget per model of a chain. A model's FLOPs and activation memory per token grow with its width, so
+    smaller models take budgets scaled by k_largest / k_i (at most `max_scale`x): fewer, larger batches keep a
+    small model from being launch-bound. One model (extract): toks_per_batch as given."""
+    if explicit is not None:
+        return [int(b) for b in explicit]
+    top = max(widths)
+    return [int(toks_per_batch * min(max_scale, top / w)) for w in widths]
 
 
 def sample_plan(shards: Sequence[Shard], n_sequences: int) -> list[tuple[Shard, int]]:
@@ -201,12 +219,15 @@ class ApplyStage:
         uris: dict[str, str],
         schemas: dict[str, Any],
     ):
-        from rdscale.fit.artifact import load_fit
-
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
-        # The fit must come from these very models (names, widths, checkpoint digests), or its numbers mean nothing.
-        self.fit = load_fit(fit_dir, expect_models=self.encoder.model_info())[0] if fit_dir else None
+        self.fit = None
+        if fit_dir:  # imported only here: extraction runs without safetensors installed
+            from rdscale.fit.artifact import load_fit
+
+            # The fit must come from these very models (names, widths, checkpoint digests), or its numbers
+            # mean nothing.
+            self.fit = load_fit(fit_dir, expect_models=self.encoder.model_info())[0]
         if self.fit is None and len(models) != 1:
             raise ValueError("a chain of several models needs a fit artifact to apply")
         self.uris = uris
@@ -214,6 +235,7 @@ class ApplyStage:
         self.storage_width = schemas[RESIDUES].field("embedding").type.list_size if RESIDUES in schemas else 0
         self.batches_seen = 0
         self.fault = dict(cfg.ray.fault_injection or {})
+        self.writer = ChunkWriter(overlap=cfg.output.overlap_writes, max_pending=2)
 
     def rd_embeddings(self, sequences: Sequence[str]) -> list[torch.Tensor]:
         """-> per sequence (L, k_m) float32: the reverse-distilled embedding (or the one model's, for extract)."""
@@ -225,9 +247,11 @@ class ApplyStage:
         rd = self.fit.apply(stacked)  # (sum L, k_m)
         return list(torch.split(rd, lengths, dim=0))
 
-    def _maybe_fail(self) -> None:
-        """Test hook: exit the process on the N-th batch, once per marker file, to exercise actor restarts."""
-        n = self.fault.get("exit_on_batch")
+    def _maybe_fail(self, key: str = "exit_on_batch") -> None:
+        """Test hook: exit the process on the N-th batch, once per marker file, to exercise actor restarts
+        (`exit_on_batch`: as the batch arrives; `exit_in_writer_on_batch`: on the writer thread, after the
+        batch's first fragments are written and before the stage returns them)."""
+        n = self.fault.get(key)
         marker = self.fault.get("marker")
         if n is not None and self.batches_seen == int(n) and marker and not os.path.exists(marker):
             Path(marker).write_text("killed")
@@ -258,24 +282,88 @@ class ApplyStage:
         ]
         result = ShardResult(shard=shard, fragments={}, records=len(rows), rejects=len(rejected),
                              digest=rows[0].get("shard_digest") or "" if rows else "")
-        tables = {}
         if rejected:
-            tables[REJECTS] = rejects_table(rejected, shard, self.schemas[REJECTS])
-        if accepted:
-            rd = self.rd_embeddings([r["sequence"] for r in accepted])  # [seq] (L, k_m) float32
-            means = torch.stack([e.mean(dim=0) for e in rd]).cpu().numpy()  # (n, k_m)
-            tables[PROTEINS] = proteins_table(accepted, means, shard, self.schemas[PROTEINS])
-            result.proteins = len(accepted)
+            self.writer.submit(lambda: {REJECTS: write_table_fragments(
+                self.uris[REJECTS], rejects_table(rejected, shard, self.schemas[REJECTS]))})
+        # Chunk by chunk: the writer thread builds and writes chunk i while chunk i+1 runs through the models.
+        for chunk in chunk_rows(accepted, self.encoder.chunk_tokens, self.encoder.window):
+            job, residues = self._chunk_job(shard, chunk)
+            self.writer.submit(job)
+            result.proteins += len(chunk)
             if RESIDUES in self.schemas:
-                d = self.storage_width
-                # Cast on the device: only the stored prefix, in the stored dtype, crosses to the host.
-                dtype = torch.float16 if self.cfg.output.residue_dtype == "float16" else torch.float32
-                per_res = [e[:, :d].to(dtype).cpu().numpy() for e in rd]
-                tables[RESIDUES] = residues_table(accepted, per_res, shard, self.schemas[RESIDUES])
-                result.residues = sum(len(p) for p in per_res)
-        for name, table in tables.items():
-            result.fragments[name] = write_table_fragments(self.uris[name], table)
+                result.residues += residues
+        # Every fragment of this call is written before its description leaves the stage (commit protocol).
+        for fragments in self.writer.drain():
+            for name, frags in fragments.items():
+                result.fragments.setdefault(name, []).extend(frags)
         return result
+
+    def _chunk_job(self, shard: int, chunk: list[dict[str, Any]]):
+        """Run the chunk's forward here; return (the job that turns its output into written fragments, the
+        number of per-residue rows it writes)."""
+        rd = self.rd_embeddings([r["sequence"] for r in chunk])  # [seq] (L, k_m) on the device
+        means = torch.stack([e.mean(dim=0) for e in rd])  # (n, k_m)
+        per_res = None
+        if RESIDUES in self.schemas:
+            d = self.storage_width
+            # Cast on the device: only the stored prefix, in the stored dtype, crosses to the host.
+            dtype = torch.float16 if self.cfg.output.residue_dtype == "float16" else torch.float32
+            per_res = torch.cat([e[:, :d] for e in rd]).to(dtype)  # (sum L, d)
+        lengths = [e.shape[0] for e in rd]
+        host, ready = _to_host_async([means, per_res])
+
+        def job() -> dict[str, list[str]]:
+            if ready is not None:
+                ready.synchronize()  # the copies were queued behind the forward; wait here, not in the caller
+            means_h, per_res_h = (t.numpy() if t is not None else None for t in host)
+            tables = {PROTEINS: proteins_table(chunk, means_h.astype(np.float32, copy=False), shard,
+                                               self.schemas[PROTEINS])}
+            if per_res_h is not None:
+                tables[RESIDUES] = residues_table(chunk, np.split(per_res_h, np.cumsum(lengths)[:-1]), shard,
+                                                  self.schemas[RESIDUES])
+            # Written on the writer thread; the caller only collects the fragment descriptions.
+            fragments = {}
+            for name, t in tables.items():
+                fragments[name] = write_table_fragments(self.uris[name], t)
+                self._maybe_fail("exit_in_writer_on_batch")
+            return fragments
+
+        return job, sum(lengths)
+
+
+def chunk_rows(rows: Sequence[dict[str, Any]], chunk_tokens: int, window: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive groups of rows of about `chunk_tokens` tokens (BOS/EOS per window included); a row larger
+    than that is a chunk of its own. Input order is kept."""
+    chunk: list[dict[str, Any]] = []
+    tokens = 0
+    for row in rows:
+        n = len(row["sequence"])
+        cost = n + 2 * max(1, -(-n // max(1, window)))
+        if chunk and tokens + cost > chunk_tokens:
+            yield chunk
+            chunk, tokens = [], 0
+        chunk.append(row)
+        tokens += cost
+    if chunk:
+        yield chunk
+
+
+def _to_host_async(tensors: list[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], Any]:
+    """Host copies of device tensors. On CUDA the copies go to pinned memory without blocking and an event marks
+    their completion (returned; None on CPU), so the caller can queue the next forward at once."""
+    if not any(t is not None and t.is_cuda for t in tensors):
+        return [t.cpu() if t is not None else None for t in tensors], None
+    host = []
+    for t in tensors:
+        if t is None:
+            host.append(None)
+            continue
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        host.append(h)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def iter_row_batches(rows: Sequence[dict[str, Any]], size: int) -> Iterator[dict[str, list]]:
