@@ -1,0 +1,136 @@
+"""Ray on a real cluster: paths resolved on the driver, resources placed by the cluster, nothing starves, a node
+lost mid-run, `ray job submit`, and the driver's memory bounded (dedupe, moments merge).
+
+Separate clusters (`ray.cluster_utils.Cluster`, `ray start --head`) run in subprocesses so that they never clash
+with the test session's own Ray (`ray_session`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rdscale.config import load_config
+from test_pipeline import assert_same_tables, make_cfg, write_fasta
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+# ------------------------------------------------------------------------------------------------ config paths
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    conf = tmp_path / "project" / "conf"
+    conf.mkdir(parents=True)
+    path = conf / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": ["../models/a.pt", "sub/b.pt", "esm2_t6_8M_UR50D", "650M", "/abs/c.pt"],
+        "input": {"paths": ["../data/x.fasta", "/abs/y.fasta", "s3://bucket/z.fasta"]},
+        "fit": {"artifact": "../fits/f"},
+        "output": {"dir": "../runs/out"},
+    }))
+    monkeypatch.chdir(tmp_path)  # the cwd must not matter
+    cfg = load_config(path)
+    project = tmp_path / "project"
+    assert cfg.models == [str(project / "models/a.pt"), str(conf / "sub/b.pt"), "esm2_t6_8M_UR50D", "650M",
+                          "/abs/c.pt"]
+    assert cfg.input.paths == [str(project / "data/x.fasta"), "/abs/y.fasta", "s3://bucket/z.fasta"]
+    assert cfg.fit.artifact == str(project / "fits/f")
+    assert cfg.output.dir == str(project / "runs/out")
+    # Paths from the command line are relative to the current directory; the default output.dir too.
+    cfg = load_config(path, ["output.dir=here", "input.paths=[a.fasta]"])
+    assert cfg.output.dir == str(tmp_path / "here") and cfg.input.paths == [str(tmp_path / "a.fasta")]
+    assert load_config(None, []).output.dir == str(tmp_path / "runs/rdscale")
+
+
+def test_bundled_demo_config_runs_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "conf" / "demo.yaml")
+    assert cfg.input.paths == [str(ROOT / "examples" / "example.fasta")]
+    assert Path(cfg.input.paths[0]).is_file()
+    assert cfg.models[0] == str(ROOT / "models" / "tiny" / "esm2_t2_32_tiny.pt")
+    assert cfg.output.dir == str(ROOT / "runs" / "demo")
+
+
+# ------------------------------------------------------------------------------------------------ resources
+
+
+@pytest.fixture(scope="module")
+def small_fasta(tmp_path_factory):
+    return write_fasta(tmp_path_factory.mktemp("cl_fa") / "small.fasta", n=12, seed=5)
+
+
+@pytest.fixture(scope="module")
+def local_small(tmp_path_factory, small_fasta, tiny_family):
+    from rdscale.run.pipeline import LocalExecutor, run
+
+    tmp = tmp_path_factory.mktemp("cl_local")
+    cfg = make_cfg(tmp, small_fasta, tiny_family)
+    run(cfg, LocalExecutor(), progress=False)
+    return tmp / "run"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_actors_taking_every_cpu_do_not_starve_the_readers(ray_session, tmp_path, small_fasta, tiny_family,
+                                                           local_small):
+    from rdscale.run.pipeline import run
+
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    cfg = make_cfg(tmp_path, small_fasta, tiny_family, "all_cpus",
+                   **{"ray.address": None, "ray.num_actors": cpus, "ray.cpus_per_actor": 1,
+                      "fit.artifact": str(local_small / "fit")})
+    summary = run(cfg, progress=False)
+    assert summary.shards_total > cpus  # more read tasks than CPUs: they must not wait for a free CPU
+    assert_same_tables(tmp_path / "all_cpus", local_small)
+
+
+@pytest.mark.ray
+def test_gpus_come_from_the_cluster_and_impossible_requests_are_refused(ray_session, tmp_path, tiny_family,
+                                                                        small_fasta, capsys):
+    from rdscale.cli.main import main
+    from rdscale.cluster.executor import RayExecutor, ResourceError
+
+    cfg = make_cfg(tmp_path, small_fasta, tiny_family, **{"ray.address": None})
+    # The session cluster has no GPU: actors are CPU actors whatever the driver's CUDA says.
+    assert RayExecutor(cfg).gpus == 0.0
+    for key, value in (("ray.gpus_per_actor", 2), ("ray.cpus_per_actor", 64)):
+        cfg = make_cfg(tmp_path, small_fasta, tiny_family, **{"ray.address": None, key: value})
+        with pytest.raises(ResourceError, match="no node of the Ray cluster can hold one actor"):
+            RayExecutor(cfg)
+    code = main(["embed", "--fasta", str(small_fasta), "--models", str(tiny_family[0]), "-o", str(tmp_path / "o"),
+                 "--set", "ray.gpus_per_actor=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "ray.gpus_per_actor=2" in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_node_cluster_relative_paths_node_loss_and_extend(tmp_path, tiny_family):
+    """Head + one node, one "GPU" and one CPU each (a subprocess: its own Ray). See tests/cluster_child.py."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster_child.py"), str(tmp_path / "w"),
+                           *map(str, tiny_family)], capture_output=True, text=True, env=_child_env(), timeout=580)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    report = json.loads(lines[-1][len("RESULT "):])
+    assert "error" not in report, report["error"]
+    assert report["gpus_per_actor"] == 1.0  # from the cluster's nodes, not the driver's (absent) CUDA
+    assert report["resolved_output"] == str(tmp_path / "w" / "project" / "runs" / "out")
+    assert report["relative"]["ok"] and report["relative"]["proteins"] == 24
+    node_loss = report["node_loss"]
+    assert node_loss["ok"], "the worker node was not removed"
+    # The rerun ends with exactly the uninterrupted run's rows (checked in the child: assert_same_tables).
+    assert node_loss["skipped_on_rerun"] == node_loss["committed_before_rerun"]
