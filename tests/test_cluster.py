@@ -134,3 +134,83 @@ def test_two_node_cluster_relative_paths_node_loss_and_extend(tmp_path, tiny_fam
     assert node_loss["ok"], "the worker node was not removed"
     # The rerun ends with exactly the uninterrupted run's rows (checked in the child: assert_same_tables).
     assert node_loss["skipped_on_rerun"] == node_loss["committed_before_rerun"]
+
+
+# ------------------------------------------------------------------------------------------------ ray job submit
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta):
+    """`ray start --head` (job server on free ports, token authentication), then the README's submit command on
+    the demo config with the checkpoints and the output as absolute paths; the job's tables must be complete."""
+    import shutil
+    import signal
+    import tempfile
+    import time
+
+    import httpx
+    import lance
+
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    temp = Path(tempfile.mkdtemp(prefix="rdj", dir="/tmp"))  # short: Ray's socket paths live under it
+    token = temp / "auth_token"
+    import secrets
+
+    token.write_text(secrets.token_hex(32))
+    env = _child_env()
+    # Token authentication, with a token file of this test's own (never ~/.ray/auth_token).
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         "--include-dashboard=true", f"--ray-client-server-port={client}", "--num-cpus=2", "--num-gpus=0",
+         f"--temp-dir={temp / 'ray'}", "--disable-usage-stats"],
+        env=env, stdout=open(temp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    out = tmp_path / "job_out"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{dash}/api/version", timeout=2).status_code:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert head.poll() is None, (temp / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the head's job server did not come up"
+            time.sleep(1)
+        cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+               "python", "jobs/rdscale_job.py", "run", "-c", "conf/demo.yaml", "--fasta", str(small_fasta),
+               "--models", *map(str, tiny_family), "-o", str(out)]
+        for _ in range(30):  # the job server answers before the head's agent can take jobs
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480, check=False)
+            log = proc.stdout + proc.stderr
+            if "No available agent" not in log:
+                break
+            time.sleep(2)
+        assert proc.returncode == 0 and "succeeded" in log, log[-4000:]
+        job_log = log[log.index("Running entrypoint"):]
+        assert "records: 12 (proteins 12 + rejects 0)" in job_log
+        assert "embedding: " in job_log  # rdscale's own progress line
+        for notice in ("streaming_executor", "Progress bars disabled", "Execution plan"):
+            assert notice not in job_log, f"Ray notice {notice!r} in the job log:\n{job_log}"
+        proteins = lance.dataset(str(out / "proteins.lance")).to_table()
+        residues = lance.dataset(str(out / "residues.lance")).count_rows()
+        assert proteins.num_rows == 12 and residues == sum(proteins["length"].to_pylist())
+        assert (out / "fit" / "manifest.json").exists()
+    finally:
+        head.send_signal(signal.SIGTERM)  # what `ray stop` does, limited to the processes this test started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -155,8 +155,11 @@ class RayExecutor:
             elif cfg.ray.object_store_mb:
                 kwargs["object_store_memory"] = int(cfg.ray.object_store_mb) << 20
             ray.init(**kwargs)
-        # rdscale draws its own per-shard progress; Ray Data's bars would interleave with it.
+        # rdscale draws its own per-shard progress; Ray Data's bars would interleave with it, and its per-dataset
+        # notices (execution plan, "progress bars disabled", ...) would bury rdscale's lines in a job log.
         ray.data.DataContext.get_current().enable_progress_bars = False
+        if not logging.getLogger("rdscale").isEnabledFor(logging.DEBUG):
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
         self.gpus = self._gpus_per_actor()
         self._check_placeable()
         self._warn_local_paths()
