@@ -214,3 +214,125 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ driver memory
+
+
+def synthetic_store(root, n_ids: int, seed: int = 0, shards: int = 50):
+    """A run store holding n_ids protein rows (no embeddings worth the name: width 1, no residues) spread over
+    `shards` shards, with known cross-shard duplicates among proteins and between proteins and rejects.
+    Returns (store, expected moved (id, shard) set, expected first shard per moved id)."""
+    import lance
+    import numpy as np
+    import pyarrow as pa
+
+    from rdscale.io.store import PROTEINS, REJECTS, RunStore, run_schemas, schema_metadata
+
+    rng = np.random.default_rng(seed)
+    schemas = run_schemas(1, None, schema_metadata([1], {}, {}, "k"), residues=False)
+    store = RunStore(root, schemas, "k")
+    ids = np.array([f"UPI{i:010d}" for i in range(n_ids)], dtype=object)
+    shard = np.sort(rng.integers(0, shards, n_ids)).astype(np.int32)
+    # Duplicates: 0.1% of ids appear again in a later shard (some twice), plus ids repeated among the rejects.
+    dup = rng.choice(n_ids, n_ids // 1000, replace=False)
+    extra_ids = np.concatenate([ids[dup], ids[dup[: len(dup) // 4]]])
+    extra_shard = np.concatenate([np.minimum(shard[dup] + 1 + rng.integers(0, 3, len(dup)), shards + 2),
+                                  np.full(len(dup) // 4, shards + 3)]).astype(np.int32)
+    p_ids = np.concatenate([ids, extra_ids])
+    p_shard = np.concatenate([shard, extra_shard])
+    n = len(p_ids)
+    lance.write_dataset(pa.table({
+        "id": pa.array(p_ids, pa.string()), "description": pa.array([""] * n), "length": pa.array(np.ones(n, np.int32)),
+        "sequence": pa.array(["M"] * n), "source": pa.array([f"f:{i}" for i in range(n)]),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n, np.float32)), 1),
+        "shard": pa.array(p_shard)}, schema=schemas[PROTEINS]), store.uri(PROTEINS), mode="append")
+    # Rejects: ids that a protein in a later shard repeats (the protein must move) and unrelated rejects.
+    rej_src = rng.choice(n_ids, n_ids // 2000, replace=False)
+    rej_ids = np.concatenate([ids[rej_src], np.array([f"BAD{i}" for i in range(100)], dtype=object)])
+    rej_shard = np.concatenate([shard[rej_src] - 1, np.zeros(100, np.int32)]).astype(np.int32)
+    lance.write_dataset(pa.table({"id": pa.array(rej_ids, pa.string()), "source": pa.array(["r"] * len(rej_ids)),
+                                  "reason": pa.array(["invalid_characters"] * len(rej_ids)),
+                                  "shard": pa.array(rej_shard)}, schema=schemas[REJECTS]),
+                        store.uri(REJECTS), mode="append")
+    # The expected answer, the slow obvious way.
+    first: dict[str, int] = {}
+    for i, s in zip(np.concatenate([p_ids, rej_ids]), np.concatenate([p_shard, rej_shard])):
+        first[i] = min(first.get(i, s), s)
+    moved = {(i, int(s)) for i, s in zip(p_ids, p_shard) if s > first[i]}
+    return store, moved, first
+
+
+@pytest.mark.timeout(300)
+def test_dedupe_of_a_million_ids_is_exact_with_bounded_driver_memory(tmp_path):
+    import threading
+
+    import lance
+    import psutil
+
+    store, moved, first = synthetic_store(tmp_path / "run", 1_000_000)
+    before_rejects = lance.dataset(store.uri("rejects")).count_rows()
+    before_proteins = lance.dataset(store.uri("proteins")).count_rows()
+    proc, peak, stop = psutil.Process(), [0], threading.Event()
+    base = proc.memory_info().rss
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        n = store.dedupe_across_shards(rows_per_partition=100_000)  # ~11 partitions spilled to disk
+    finally:
+        stop.set()
+        sampler.join()
+    peak_mb = (peak[0] - base) / 2**20
+    print(f"\ndedupe of {before_proteins:,} protein ids: driver peak +{peak_mb:.0f} MB over {base / 2**20:.0f} MB")
+    assert n == len(moved) > 1000
+    proteins = lance.dataset(store.uri("proteins")).to_table(columns=["id", "shard"])
+    left = set(zip(proteins["id"].to_pylist(), proteins["shard"].to_pylist()))
+    assert len(left) == proteins.num_rows == before_proteins - len(moved)
+    assert not (left & moved)
+    rejects = lance.dataset(store.uri("rejects")).to_table()
+    added = rejects.filter(pa_compute().starts_with(rejects["reason"], "duplicate_id"))
+    got = {(i, s, r) for i, s, r in zip(added["id"].to_pylist(), added["shard"].to_pylist(),
+                                        added["reason"].to_pylist())}
+    assert got == {(i, s, f"duplicate_id: first seen in shard {first[i]}") for i, s in moved}
+    assert rejects.num_rows == before_rejects + len(moved)
+    # Collecting every id would take far more: 1e6 ids alone are ~60 MB as Python strings; partitions keep it low.
+    assert peak_mb < 150, f"driver peak +{peak_mb:.0f} MB"
+    # Idempotent: a second pass finds nothing to move and writes nothing.
+    assert store.dedupe_across_shards(rows_per_partition=100_000) == 0
+    assert lance.dataset(store.uri("rejects")).count_rows() == rejects.num_rows
+
+
+def pa_compute():
+    import pyarrow.compute as pc
+
+    return pc
+
+
+def test_dedupe_partitions_agree_with_one_partition_and_survive_a_kill(tmp_path):
+    """Same result for 1 and many partitions; a pass killed after writing its rejects is completed by a rerun."""
+    import lance
+
+    results = []
+    for parts_rows in (10**9, 700):
+        store, moved, _ = synthetic_store(tmp_path / f"r{parts_rows}", 20_000, seed=1)
+        assert store.dedupe_across_shards(rows_per_partition=parts_rows) == len(moved)
+        t = lance.dataset(store.uri("rejects")).to_table().sort_by([("id", "ascending"), ("shard", "ascending"),
+                                                                    ("reason", "ascending")])
+        results.append(t.to_pylist())
+    assert results[0] == results[1]
+    # Killed between the two steps: the rejects are written but the proteins not deleted.
+    store, moved, _ = synthetic_store(tmp_path / "killed", 20_000, seed=1)
+    store.dedupe_across_shards(rows_per_partition=700)
+    done = lance.dataset(store.uri("rejects")).to_table()
+    store2, _, _ = synthetic_store(tmp_path / "killed2", 20_000, seed=1)
+    lance.write_dataset(done.filter(pa_compute().starts_with(done["reason"], "duplicate_id")),
+                        store2.uri("rejects"), mode="append")
+    assert store2.dedupe_across_shards(rows_per_partition=700) == len(moved)
+    again = lance.dataset(store2.uri("rejects")).to_table()
+    assert sorted(again.to_pylist(), key=str) == sorted(done.to_pylist(), key=str)
