@@ -123,6 +123,25 @@ def main() -> int:
         report["node_loss"] = {"ok": removed.is_set(), "first_error": first_error,
                                "committed_before_rerun": committed_before, "skipped_on_rerun": summary.shards_skipped,
                                "shards": summary.shards_total}
+
+        # -- extend through the cluster equals the in-process extend -------------------------------------------
+        import shutil
+
+        from rdscale.run.extend import extend
+
+        small = work / "project" / "runs" / "small_local"
+        run(load_config(config, [f"output.dir={small}", "ray.address=local", f"models={json.dumps(models[:2])}",
+                                 "output.records_per_batch=2", "input.shard_mb=0.0002", "output.compact=false"]),
+            LocalExecutor(), progress=False)  # small batches and shards: several fragments per table
+        through = work / "project" / "runs" / "small_cluster"
+        shutil.copytree(small, through)
+        extend(small, models[2], progress=False, local=True)
+        t0 = time.time()
+        summary = extend(through, models[2], progress=False, local=False)
+        report["extend_seconds"] = round(time.time() - t0, 1)
+        assert_same_tables(through, small)
+        report["extend"] = {"ok": True, "new_width": summary.new_width, "residues": summary.residues,
+                            "fragments": len(lance.dataset(str(through / "residues.lance")).get_fragments())}
     except Exception:
         report["error"] = traceback.format_exc()
     finally:

@@ -134,6 +134,8 @@ def test_two_node_cluster_relative_paths_node_loss_and_extend(tmp_path, tiny_fam
     assert node_loss["ok"], "the worker node was not removed"
     # The rerun ends with exactly the uninterrupted run's rows (checked in the child: assert_same_tables).
     assert node_loss["skipped_on_rerun"] == node_loss["committed_before_rerun"]
+    # extend through the cluster's actors equals the in-process extend (assert_same_tables in the child).
+    assert report["extend"]["ok"] and report["extend"]["new_width"] == 64 and report["extend"]["residues"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ ray job submit

@@ -125,6 +125,17 @@ def _is_local_path(text: str) -> bool:
     return "://" not in str(text)
 
 
+def tree_merge(workers: Sequence[Any]) -> dict:
+    """Merge the accumulators held by `workers` (actors with `export() -> arrays` and `absorb(arrays)`) as a binary
+    tree: in round r, actor i absorbs actor i + 2^r's accumulator, handed actor to actor through the object store.
+    ceil(log2 n) rounds; the driver receives only the final (K, K) accumulator."""
+    n, step = len(workers), 1
+    while step < n:
+        ray.get([workers[i].absorb.remote(workers[i + step].export.remote()) for i in range(0, n - step, 2 * step)])
+        step *= 2
+    return ray.get(workers[0].export.remote())
+
+
 class _FitActor(FitWorker):
     """FitWorker that keeps its accumulator for a merge tree instead of returning it."""
 
@@ -226,12 +237,7 @@ class RayExecutor:
         try:
             # A restarted actor reruns its whole share (the task is retried), so these counts are always complete.
             counts = ray.get([w.accumulate.remote(share) for w, share in zip(workers, shares)])
-            step = 1
-            while step < n:
-                ray.get([workers[i].absorb.remote(workers[i + step].export.remote())
-                         for i in range(0, n - step, 2 * step)])
-                step *= 2
-            merged = ray.get(workers[0].export.remote())
+            merged = tree_merge(workers)
         finally:
             for w in workers:
                 ray.kill(w)
@@ -261,3 +267,47 @@ class RayExecutor:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 yield int(row["shard"]), int(row["shard_records"]), ShardResult(**json.loads(row["result"]))
+
+    # -- extend: the new model in actors over the stored run's fragments ------------------------------------------
+
+    def _extend_actors(self, model: str, cfg: Config, n: int) -> list:
+        from rdscale.run.extend import FragmentExtender
+
+        cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor, max_restarts=cfg.ray.max_restarts,
+                         max_task_retries=cfg.ray.max_restarts)(FragmentExtender)
+        return [cls.remote(model, cfg) for _ in range(max(1, n))]
+
+    def extend_fit_step(self, model: str, cfg: Config, run: str, sample: int, regression: str, width: int):
+        """The extension step fitted on a sample of the run, in one actor (the new model may not fit the driver)."""
+        actor = self._extend_actors(model, cfg, 1)[0]
+        try:
+            return ray.get(actor.fit_step.remote(run, sample, regression, width))
+        finally:
+            ray.kill(actor)
+
+    def extend_runner(self, model, cfg, table, uri, step, out_type, proteins_uri):
+        """A runner for rdscale.run.extend._extend_table: fragments spread over `ray.num_actors` actors, yielded
+        as they finish. Only fragment descriptions (and the schema) travel back to the driver."""
+
+        def runner(fragment_ids: list[int], version: int):
+            actors = self._extend_actors(model, cfg, min(cfg.ray.num_actors, len(fragment_ids)))
+            step_ref = ray.put(step)
+            pending = {}
+            queue = list(fragment_ids)
+            try:
+                for actor in actors:  # one fragment in flight per actor: the next goes to whoever finishes
+                    if queue:
+                        ref = actor.fragment.remote(table, uri, version, queue.pop(0), step_ref, out_type, proteins_uri)
+                        pending[ref] = actor
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    actor = pending.pop(done[0])
+                    yield ray.get(done[0])
+                    if queue:
+                        ref = actor.fragment.remote(table, uri, version, queue.pop(0), step_ref, out_type, proteins_uri)
+                        pending[ref] = actor
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+
+        return runner
