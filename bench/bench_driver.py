@@ -160,7 +160,7 @@ def child_moments(k: int, method: str, actors: int) -> dict:
     from rdscale.cluster.executor import tree_merge
     from rdscale.fit.moments import Moments
 
-    ray.init(num_cpus=actors, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(address="local", num_cpus=actors, include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=max(200 * MB, 3 * actors * 8 * k * k))
 
     @ray.remote(num_cpus=1)
@@ -256,7 +256,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                            "python": platform.python_version()},
-                               "rows_per_partition": 2_000_000, "results": rows}, indent=1))
+                               "rows_per_partition": 1_000_000, "results": rows}, indent=1))
     print(f"wrote {out}")
     return 0
 

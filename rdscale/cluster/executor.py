@@ -163,8 +163,12 @@ class RayExecutor:
                 kwargs["address"] = address
                 # Worker notices (actor start-up, autoscaler lines) would drown rdscale's own progress in a job log.
                 kwargs["log_to_driver"] = os.environ.get("RDSCALE_RAY_WORKER_LOGS", "0") == "1"
-            elif cfg.ray.object_store_mb:
-                kwargs["object_store_memory"] = int(cfg.ray.object_store_mb) << 20
+            else:
+                # A private Ray: never a cluster that some other `ray start` left running on this machine (which
+                # ray.init() without an address would join).
+                kwargs["address"] = "local"
+                if cfg.ray.object_store_mb:
+                    kwargs["object_store_memory"] = int(cfg.ray.object_store_mb) << 20
             ray.init(**kwargs)
         # rdscale draws its own per-shard progress; Ray Data's bars would interleave with it, and its per-dataset
         # notices (execution plan, "progress bars disabled", ...) would bury rdscale's lines in a job log.

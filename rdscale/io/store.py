@@ -283,7 +283,7 @@ class RunStore:
             result.fragments.setdefault(name, []).extend(write_table_fragments(self.uri(name), table))
         self.commit_shard(result, key)
 
-    def dedupe_across_shards(self, rows_per_partition: int = 2_000_000, scratch: str | Path | None = None) -> int:
+    def dedupe_across_shards(self, rows_per_partition: int = 1_000_000, scratch: str | Path | None = None) -> int:
         """Reject later occurrences of an id already seen in an earlier shard (the readers reject duplicates
         within a shard). 'Earlier' is shard order, which is input order. Idempotent, so safe to rerun after a kill.
         Returns the number of proteins moved to the rejects table.
@@ -314,23 +314,35 @@ class RunStore:
         moved_t = pa.concat_tables(moved)  # (id, shard): proteins to delete
         new_t = pa.concat_tables(new)  # (id, shard, reason): rejects not written by an earlier, killed attempt
         # Write the rejects first, then delete: a kill in between leaves rows a rerun recognises (see above).
-        for shard, ids, reasons in _by_shard(new_t):
-            source = {}
-            for chunk in range(0, len(ids), 10_000):
-                part = ids[chunk : chunk + 10_000]
-                got = self.dataset(PROTEINS).to_table(
-                    columns=["id", "source"], filter=f"shard = {shard} AND id IN ({sql_in_list(part)})")
-                source.update(zip(got["id"].to_pylist(), got["source"].to_pylist()))
-            table = pa.table({"id": ids, "source": [source[i] for i in ids], "reason": reasons,
-                              "shard": pa.array([shard] * len(ids), pa.int32())}, schema=self.schemas[REJECTS])
+        if new_t.num_rows:
+            wanted = pc.unique(new_t["id"]).to_pylist()
+            source: dict[tuple[str, int], str] = {}
+            for i in range(0, len(wanted), 20_000):  # one scan per 20,000 duplicate ids, not one per shard
+                got = self.dataset(PROTEINS).to_table(columns=["id", "shard", "source"],
+                                                      filter=f"id IN ({sql_in_list(wanted[i : i + 20_000])})")
+                source.update(zip(zip(got["id"].to_pylist(), got["shard"].to_pylist()), got["source"].to_pylist()))
+            ids, shards = new_t["id"].to_pylist(), new_t["shard"].to_pylist()
+            table = pa.table({"id": ids, "source": [source[k] for k in zip(ids, shards)], "reason": new_t["reason"],
+                              "shard": pa.array(shards, pa.int32())}, schema=self.schemas[REJECTS])
             lance.write_dataset(table, self.uri(REJECTS), mode="append")
+        # One delete (a scan of each table) per ~20,000 ids, whatever the number of shards they are spread over.
+        clauses, size = [], 0
         for shard, ids, _ in _by_shard(moved_t):
-            for chunk in range(0, len(ids), 10_000):
-                predicate = f"shard = {shard} AND id IN ({sql_in_list(ids[chunk : chunk + 10_000])})"
-                if RESIDUES in self.schemas:
-                    self.dataset(RESIDUES).delete(predicate)
-                self.dataset(PROTEINS).delete(predicate)
+            for chunk in range(0, len(ids), 20_000):
+                part = ids[chunk : chunk + 20_000]
+                clauses.append(f"(shard = {shard} AND id IN ({sql_in_list(part)}))")
+                size += len(part)
+                if size >= 20_000:
+                    self._delete(" OR ".join(clauses))
+                    clauses, size = [], 0
+        if clauses:
+            self._delete(" OR ".join(clauses))
         return moved_t.num_rows
+
+    def _delete(self, predicate: str) -> None:
+        if RESIDUES in self.schemas:
+            self.dataset(RESIDUES).delete(predicate)
+        self.dataset(PROTEINS).delete(predicate)
 
     def compact(self) -> None:
         for name in self.schemas:
