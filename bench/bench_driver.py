@@ -66,7 +66,13 @@ def build_store(root: Path, n: int, shards: int = 64, seed: int = 0) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from rdscale.io.store import PROTEINS, REJECTS, RunStore, run_schemas, schema_metadata
+    from rdscale.io.store import (
+        PROTEINS,
+        REJECTS,
+        RunStore,
+        run_schemas,
+        schema_metadata,
+    )
 
     rng = np.random.default_rng(seed)
     schemas = run_schemas(1, None, schema_metadata([1], {}, {}, "bench"), residues=False)

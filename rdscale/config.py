@@ -61,7 +61,7 @@ class OutputConfig:
 class RayConfig:
     address: str | None = None  # None: start a local Ray (or join RAY_ADDRESS when set); "auto": join a cluster
     num_actors: int = 1  # embedding actors (one per GPU on a cluster)
-    gpus_per_actor: float | None = None  # None: 1 when CUDA is visible to the driver, else 0
+    gpus_per_actor: float | None = None  # None: 1 when some node of the Ray cluster has a GPU, else 0
     cpus_per_actor: float = 1.0
     object_store_mb: int | None = None  # local Ray only
     max_restarts: int = 3  # fit-pass actors; apply-pass actors follow Ray Data (restarted, batch retried)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipeline import assert_same_tables, make_cfg, write_fasta
 
 from rdscale.config import load_config
-from test_pipeline import assert_same_tables, make_cfg, write_fasta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,14 +122,15 @@ def test_gpus_come_from_the_cluster_and_impossible_requests_are_refused(ray_sess
 def test_two_node_cluster_relative_paths_node_loss_and_extend(tmp_path, tiny_family):
     """Head + one node, one "GPU" and one CPU each (a subprocess: its own Ray). See tests/cluster_child.py."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster_child.py"), str(tmp_path / "w"),
-                           *map(str, tiny_family)], capture_output=True, text=True, env=_child_env(), timeout=580)
+                           *map(str, tiny_family)], capture_output=True, text=True, env=_child_env(), timeout=580,
+                          check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     report = json.loads(lines[-1][len("RESULT "):])
     assert "error" not in report, report["error"]
     assert report["gpus_per_actor"] == 1.0  # from the cluster's nodes, not the driver's (absent) CUDA
     assert report["resolved_output"] == str(tmp_path / "w" / "project" / "runs" / "out")
-    assert report["relative"]["ok"] and report["relative"]["proteins"] == 24
+    assert report["relative"]["ok"] and report["relative"]["proteins"] == report["local_proteins"] == 14
     node_loss = report["node_loss"]
     assert node_loss["ok"], "the worker node was not removed"
     # The rerun ends with exactly the uninterrupted run's rows (checked in the child: assert_same_tables).
@@ -172,12 +173,16 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
     # Token authentication, with a token file of this test's own (never ~/.ray/auth_token).
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_USAGE_STATS_ENABLED": "0"})
-    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    # Every port Ray would otherwise take at a fixed default (client server 10001, dashboard agent 52365) is a free
+    # one, so that this head never collides with another Ray on the machine.
+    gcs, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
+    head_log = open(temp / "head.log", "w")  # noqa: SIM115 - open for the head's whole life, closed below
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--include-dashboard=true", f"--ray-client-server-port={client}", "--num-cpus=2", "--num-gpus=0",
+         "--include-dashboard=true", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", "--num-gpus=0",
          f"--temp-dir={temp / 'ray'}", "--disable-usage-stats"],
-        env=env, stdout=open(temp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
     out = tmp_path / "job_out"
     try:
         deadline = time.time() + 120
@@ -215,6 +220,7 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        head_log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -229,7 +235,13 @@ def synthetic_store(root, n_ids: int, seed: int = 0, shards: int = 50):
     import numpy as np
     import pyarrow as pa
 
-    from rdscale.io.store import PROTEINS, REJECTS, RunStore, run_schemas, schema_metadata
+    from rdscale.io.store import (
+        PROTEINS,
+        REJECTS,
+        RunStore,
+        run_schemas,
+        schema_metadata,
+    )
 
     rng = np.random.default_rng(seed)
     schemas = run_schemas(1, None, schema_metadata([1], {}, {}, "k"), residues=False)
@@ -338,3 +350,27 @@ def test_dedupe_partitions_agree_with_one_partition_and_survive_a_kill(tmp_path)
     assert store2.dedupe_across_shards(rows_per_partition=700) == len(moved)
     again = lance.dataset(store2.uri("rejects")).to_table()
     assert sorted(again.to_pylist(), key=str) == sorted(done.to_pylist(), key=str)
+
+
+def test_job_entry_point_refuses_paths_inside_the_upload(tmp_path, monkeypatch, tiny_family):
+    """In a `--working-dir` upload, an output directory there (deleted after the job) or a checkpoint that did
+    not travel (git-ignored models/) is one line, not a failure deep in an actor."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rdscale_job", ROOT / "jobs" / "rdscale_job.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    upload = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_x"
+    (upload / "conf").mkdir(parents=True)
+    (upload / "conf" / "demo.yaml").write_text(yaml.safe_dump(
+        {"models": ["../models/tiny/a.pt"], "input": {"paths": ["../examples/e.fasta"]},
+         "output": {"dir": "../runs/demo"}}))
+    monkeypatch.chdir(upload)
+    problem = job.check_paths(["run", "-c", "conf/demo.yaml"])
+    assert problem.startswith("output.dir ") and "inside the job's uploaded working directory" in problem
+    problem = job.check_paths(["run", "-c", "conf/demo.yaml", "-o", str(tmp_path / "shared" / "out")])
+    assert problem.startswith("checkpoint ") and "was not uploaded" in problem
+    assert job.check_paths(["run", "-c", "conf/demo.yaml", "-o", str(tmp_path / "out"),
+                            "--models", *map(str, tiny_family)]) is None
+    monkeypatch.chdir(tmp_path)  # not in an upload: nothing to say
+    assert job.check_paths(["run", "-c", str(upload / "conf" / "demo.yaml")]) is None

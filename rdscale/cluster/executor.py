@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import ray

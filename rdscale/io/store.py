@@ -402,7 +402,7 @@ class _IdPartitions:
         self.memory: list[pa.RecordBatch] = []
         self.writers: dict[int, Any] = {}
 
-    def __enter__(self) -> "_IdPartitions":
+    def __enter__(self):
         import tempfile
 
         if self.parts > 1:
