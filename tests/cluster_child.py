@@ -93,6 +93,7 @@ def main() -> int:
         lost_dir = work / "project" / "runs" / "lost"
         cfg = load_config(config, [f"output.dir={lost_dir}", f"fit.artifact={fit_dir}"])
         removed = threading.Event()
+        at_removal = {}
 
         def remove_after_first_commit():
             ledger = lost_dir / "shards.lance"
@@ -104,6 +105,7 @@ def main() -> int:
                 except (OSError, ValueError):  # the ledger is being created
                     time.sleep(0.05)
                 time.sleep(0.05)
+            at_removal["committed"] = lance.dataset(str(ledger)).count_rows()
             cluster.remove_node(worker)
             removed.set()
 
@@ -121,6 +123,7 @@ def main() -> int:
         summary = run(cfg, RayExecutor(cfg), progress=False)
         assert_same_tables(lost_dir, local_dir)
         report["node_loss"] = {"ok": removed.is_set(), "first_error": first_error,
+                               "committed_at_removal": at_removal.get("committed"),
                                "committed_before_rerun": committed_before, "skipped_on_rerun": summary.shards_skipped,
                                "shards": summary.shards_total}
 

@@ -133,6 +133,7 @@ def test_two_node_cluster_relative_paths_node_loss_and_extend(tmp_path, tiny_fam
     assert report["relative"]["ok"] and report["relative"]["proteins"] == report["local_proteins"] == 14
     node_loss = report["node_loss"]
     assert node_loss["ok"], "the worker node was not removed"
+    assert node_loss["committed_at_removal"] < node_loss["shards"], "the node went after the run, not during it"
     # The rerun ends with exactly the uninterrupted run's rows (checked in the child: assert_same_tables).
     assert node_loss["skipped_on_rerun"] == node_loss["committed_before_rerun"]
     # extend through the cluster's actors equals the in-process extend (assert_same_tables in the child).
