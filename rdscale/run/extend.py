@@ -411,7 +411,9 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     from rdscale.run.stages import ChainEncoder
 
     started = time.perf_counter()
-    run = Path(run_dir)
+    run = Path(run_dir).absolute()  # actors (maybe on other nodes) never see the driver's working directory
+    if "://" not in str(model) and (str(model).endswith(".pt") or "/" in str(model)):
+        model = str(Path(model).expanduser().absolute())  # a checkpoint path, not a hub name
     info = check_extendable(run)
     width, levels, manifest = info["width"], info["levels"], info["manifest"]
     cfg = Config.from_dict(info["config"], list(overrides)) if info["config"] else Config()
