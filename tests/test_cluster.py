@@ -160,7 +160,6 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
     import signal
     import tempfile
     import time
-
     import urllib.error
     import urllib.request
 
