@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ class OutputConfig:
 class RayConfig:
     address: str | None = None  # None: start a local Ray (or join RAY_ADDRESS when set); "auto": join a cluster
     num_actors: int = 1  # embedding actors (one per GPU on a cluster)
-    gpus_per_actor: float | None = None  # None: 1 when CUDA is visible to the driver, else 0
+    gpus_per_actor: float | None = None  # None: 1 when some node of the Ray cluster has a GPU, else 0
     cpus_per_actor: float = 1.0
     object_store_mb: int | None = None  # local Ray only
     max_restarts: int = 3  # fit-pass actors; apply-pass actors follow Ray Data (restarted, batch retried)
@@ -231,7 +232,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], value parsed as YAML, so 3 -> int, null -> None, [a,b] -> list)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
-    import yaml  # here, not at module level: the library path (bench/bench_gpu.py) runs without PyYAML
 
     key, raw = text.split("=", 1)
     if not key.strip() or any(not part for part in key.strip().split(".")):
@@ -249,6 +249,8 @@ MAX_CONFIG_BYTES = 1 << 20
 def safe_yaml(text: str, where: str) -> Any:
     """yaml.safe_load, refusing what a config never needs but an attacker or a typo can use: anchors/aliases
     (an alias bomb expands without bound when the config is serialised) and more than MAX_CONFIG_BYTES."""
+    import yaml  # here, not at module level: the library path (bench/bench_gpu.py) runs without PyYAML
+
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{where} is {len(text):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
     try:
@@ -274,7 +276,6 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
-        import yaml
 
         p = Path(path)
         if not p.is_file():
@@ -289,22 +290,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _resolve_relative_paths(data, p.parent)
     for text in overrides or []:
         apply_override(data, *parse_override(text))
+    _resolve_relative_paths(data, Path.cwd(), default_output=True)  # the rest came from the command line
     return _build(Config, data, "").validate()
 
 
-def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
-    """Input files named relative to a config resolve against the repository/config location, not the cwd,
-    when the cwd-relative path does not exist (so `rdscale run -c conf/demo.yaml` works from anywhere)."""
-    paths = (data.get("input") or {}).get("paths")
-    if not isinstance(paths, list):
-        return
-    resolved = []
-    for item in paths:
-        candidate = Path(str(item))
-        if not candidate.is_absolute() and not candidate.exists():
-            for root in (base, base.parent):
-                if (root / candidate).exists():
-                    candidate = root / candidate
-                    break
-        resolved.append(str(candidate))
-    data["input"]["paths"] = resolved
+def _is_local_path(text: str) -> bool:
+    """A filesystem path (not `s3://...`-style URI)."""
+    return "://" not in text
+
+
+def _is_model_path(text: str) -> bool:
+    """A model entry that names a checkpoint file rather than an ESM-2 hub name (`650M`, `esm2_t33_650M_UR50D`);
+    the same rule as rdscale.model.loading, minus the existence check (the file may be elsewhere)."""
+    return _is_local_path(text) and (text.endswith(".pt") or "/" in text or "\\" in text)
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path, default_output: bool = False) -> None:
+    """Make every relative local path of a config absolute, against `base`: the config file's folder for paths
+    written in the file, the current directory for paths given on the command line. Runs on the driver, so the
+    Ray actors (whose working directory is not the driver's, and may be on another node) only ever see absolute
+    paths. Covers input.paths, model checkpoints (entries that look like files; hub names stay), fit.artifact and
+    output.dir. URIs (`s3://...`) are left alone."""
+    base = Path(base).absolute()
+    if default_output and isinstance(data.get("output", {}), dict):
+        data.setdefault("output", {}).setdefault("dir", OutputConfig.dir)
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and _is_local_path(value):
+            p = Path(value).expanduser()
+            return os.path.normpath(p if p.is_absolute() else base / p)
+        return value
+
+    section = data.get("input")
+    if isinstance(section, dict) and isinstance(section.get("paths"), list):
+        section["paths"] = [fix(p) for p in section["paths"]]
+    if isinstance(data.get("models"), list):
+        data["models"] = [fix(m) if isinstance(m, str) and _is_model_path(m) else m for m in data["models"]]
+    for name, key in (("fit", "artifact"), ("output", "dir")):
+        section = data.get(name)
+        if isinstance(section, dict) and section.get(key) is not None:
+            section[key] = fix(section[key])

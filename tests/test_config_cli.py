@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import pytest
 
@@ -26,7 +27,7 @@ def test_unknown_keys_and_bad_types_name_the_key(tmp_path):
 def test_yaml_numbers_and_overrides(tmp_path):
     cfg = load_config(None, ["input.shard_mb=5e-5", "ray.address=local", "models=[a.pt, b.pt]"])
     assert cfg.input.shard_mb == pytest.approx(5e-5) and cfg.ray.address == "local"
-    assert cfg.models == ["a.pt", "b.pt"]
+    assert cfg.models == [os.path.abspath("a.pt"), os.path.abspath("b.pt")]  # command-line paths: from the cwd
     again = Config.from_dict(cfg.to_dict(), ["fit.regression=ols"])
     assert again.input == cfg.input and again.fit.regression == "ols"
 

@@ -12,12 +12,11 @@ import lance
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-import torch
 from helpers import make_cfg, table, write_fasta
 
 from rdscale.fit.artifact import load_fit
 from rdscale.io.fasta import Reject, read_fasta
-from rdscale.io.store import RunStore, read_metadata
+from rdscale.io.store import read_metadata
 from rdscale.run.pipeline import LocalExecutor, embed, fit, run
 from rdscale.run.stages import ChainEncoder
 

@@ -14,7 +14,7 @@ def cmd_extend(args) -> int:
     with writing(args.out):  # the run's writer lease: never beside a `run`/`embed` into the same folder
         summary = extend(
             args.out, args.model, from_fit=args.fit, sample_sequences=args.sample, regression=args.regression,
-            overrides=args.overrides, progress=not args.quiet,
+            overrides=args.overrides, progress=not args.quiet, local=args.local,
         )
     print("\n".join(summary.lines()))
     return 0
@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "instead of fitting it", "--from-fit")
     p.add_argument("--sample", type=int, default=1000, help="proteins whose residues fit the new step (default 1000)")
     p.add_argument("--regression", choices=("pcr", "ols"), default="pcr")
+    p.add_argument("--local", action="store_true",
+                   help="run the new model in this process instead of in Ray actors over the run's fragments")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's recorded config for the new model, e.g. embedding.device=cuda:1")
     p.set_defaults(func=cmd_extend)

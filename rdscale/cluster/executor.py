@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -23,6 +24,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from rdscale.config import Config
+from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Shard, ValidationOptions
 from rdscale.io.store import ShardResult
 from rdscale.run.stages import (
@@ -109,6 +111,51 @@ class _ApplyActor(ApplyStage):
         return out
 
 
+class ResourceError(RdscaleError, ValueError):
+    """A resource request no node of the Ray cluster can satisfy; the message says what to change."""
+
+
+# Read tasks and side tasks (dedupe partitions, merges) take no whole CPU: on a cluster whose CPUs all went to the
+# actor pool (or whose free CPU is split across nodes in fractions) a task asking for one CPU is never scheduled.
+SIDE_TASK_CPUS = 0
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def _is_local_path(text: str) -> bool:
+    return "://" not in str(text)
+
+
+def tree_merge(workers: Sequence[Any]) -> dict:
+    """Merge the accumulators held by `workers` (actors with `export() -> arrays` and `absorb(arrays)`) as a binary
+    tree: in round r, actor i absorbs actor i + 2^r's accumulator, handed actor to actor through the object store.
+    ceil(log2 n) rounds; the driver receives only the final (K, K) accumulator."""
+    n, step = len(workers), 1
+    while step < n:
+        ray.get([workers[i].absorb.remote(workers[i + step].export.remote()) for i in range(0, n - step, 2 * step)])
+        step *= 2
+    return ray.get(workers[0].export.remote())
+
+
+class _FitActor(FitWorker):
+    """FitWorker that keeps its accumulator for a merge tree instead of returning it."""
+
+    def accumulate(self, assignments) -> dict[str, Any]:
+        out = self.run(assignments)
+        out.pop("moments")
+        return out
+
+    def export(self) -> dict:
+        return self.moments.to_arrays()
+
+    def absorb(self, arrays: dict) -> None:
+        from rdscale.fit.moments import Moments
+
+        self.moments = self.moments.merge(Moments.from_arrays(arrays, device=self.moments.device))
+
+
 class RayExecutor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -117,33 +164,101 @@ class RayExecutor:
             address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
             if address:
                 kwargs["address"] = address
-            elif cfg.ray.object_store_mb:
-                kwargs["object_store_memory"] = int(cfg.ray.object_store_mb) << 20
+                # Worker notices (actor start-up, autoscaler lines) would drown rdscale's own progress in a job log.
+                kwargs["log_to_driver"] = os.environ.get("RDSCALE_RAY_WORKER_LOGS", "0") == "1"
+            else:
+                # A private Ray: never a cluster that some other `ray start` left running on this machine (which
+                # ray.init() without an address would join).
+                kwargs["address"] = "local"
+                if cfg.ray.object_store_mb:
+                    kwargs["object_store_memory"] = int(cfg.ray.object_store_mb) << 20
             ray.init(**kwargs)
-        # rdscale draws its own per-shard progress; Ray Data's bars would interleave with it.
+        # rdscale draws its own per-shard progress; Ray Data's bars would interleave with it, and its per-dataset
+        # notices (execution plan, "progress bars disabled", ...) would bury rdscale's lines in a job log.
         ray.data.DataContext.get_current().enable_progress_bars = False
+        if not logging.getLogger("rdscale").isEnabledFor(logging.DEBUG):
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
         self.gpus = self._gpus_per_actor()
+        self._check_placeable()
+        self._warn_local_paths()
 
     def _gpus_per_actor(self) -> float:
+        """Explicit `ray.gpus_per_actor`, else from the cluster (not from the driver, which on a cluster is usually
+        a head node without a GPU): 1 per actor when some node has a GPU, else 0 (CPU actors)."""
         if self.cfg.ray.gpus_per_actor is not None:
             return float(self.cfg.ray.gpus_per_actor)
-        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        most = max((n.get("GPU", 0.0) for n in _alive_nodes()), default=0.0)
+        return 1.0 if most >= 1 else (most if most > 0 else 0.0)
+
+    def _check_placeable(self) -> None:
+        """Refuse a per-actor request no alive node can hold (Ray would wait for it forever). An autoscaling
+        cluster adds nodes on demand: RDSCALE_AUTOSCALER=1 turns the refusal into a warning."""
+        cpus, gpus = float(self.cfg.ray.cpus_per_actor), self.gpus
+        nodes = _alive_nodes()
+        fits = [n for n in nodes if n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus]
+        if fits:
+            # How many actors the nodes hold at once (each node on its own: an actor cannot span nodes).
+            slots = sum(int(min(n.get("CPU", 0.0) / cpus if cpus else 1e9,
+                                n.get("GPU", 0.0) / gpus if gpus else 1e9)) for n in fits)
+            if slots < self.cfg.ray.num_actors:
+                log.warning("ray.num_actors=%d but the cluster's nodes hold %d actors of %g CPU and %g GPU at once; "
+                            "the rest wait for resources", self.cfg.ray.num_actors, slots, cpus, gpus)
+            return
+        most_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+        most_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+        message = (f"no node of the Ray cluster can hold one actor with ray.cpus_per_actor={cpus:g} and "
+                   f"ray.gpus_per_actor={gpus:g} (the largest node has {most_cpu:g} CPU, {most_gpu:g} GPU; "
+                   f"{len(nodes)} node(s)); lower them")
+        if os.environ.get("RDSCALE_AUTOSCALER") == "1":
+            log.warning("%s, or wait for the autoscaler (RDSCALE_AUTOSCALER=1)", message)
+            return
+        raise ResourceError(message)
+
+    def _warn_local_paths(self) -> None:
+        if len(_alive_nodes()) < 2:
+            return
+        local = [p for p in [*self.cfg.input.paths, self.cfg.output.dir] if _is_local_path(p)]
+        if local:
+            log.warning("a %d-node cluster reads and writes local paths (%s): every node must see them at the same "
+                        "path (a shared filesystem), or use object storage", len(_alive_nodes()),
+                        ", ".join(local[:3]) + (" ..." if len(local) > 3 else ""))
 
     def fit_moments(self, models: Sequence[str], cfg: Config, plan: list[tuple[Shard, int]]) -> list[dict]:
+        """Moments of the fit sample, merged as a binary tree on the actors: actor i absorbs actor i + step's
+        accumulator (passed actor to actor through the object store), so the driver only ever receives the one
+        merged (K, K) accumulator, whatever the number of actors."""
+        for attempt in range(2):
+            result = self._fit_tree(models, cfg, plan)
+            if result is not None:
+                return [result]
+            log.warning("a fit actor was restarted during the moments merge and lost its accumulator; "
+                        "redoing the fit pass" + (" once more" if attempt == 0 else ""))
+        raise RuntimeError("the fit pass lost an actor's accumulator twice; run the same command again")
+
+    def _fit_tree(self, models, cfg, plan) -> dict | None:
         n = max(1, min(cfg.ray.num_actors, len(plan)))
         worker_cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor,
-                                max_restarts=cfg.ray.max_restarts, max_task_retries=cfg.ray.max_restarts)(FitWorker)
+                                max_restarts=cfg.ray.max_restarts, max_task_retries=cfg.ray.max_restarts)(_FitActor)
         workers = [worker_cls.remote(models, cfg) for _ in range(n)]
         shares = [plan[i::n] for i in range(n)]
         try:
-            return ray.get([w.run.remote(share) for w, share in zip(workers, shares)])
+            # A restarted actor reruns its whole share (the task is retried), so these counts are always complete.
+            counts = ray.get([w.accumulate.remote(share) for w, share in zip(workers, shares)])
+            merged = tree_merge(workers)
         finally:
             for w in workers:
                 ray.kill(w)
+        residues = sum(c["residues"] for c in counts)
+        if int(merged["count"]) != residues:
+            # An actor that died after accumulating restarts empty; its retried export/absorb would drop rows.
+            return None
+        return {"moments": merged, "sequences": sum(c["sequences"] for c in counts), "residues": residues,
+                "models": counts[0]["models"]}
 
     def apply(self, cfg, models, fit_dir, uris, schemas, shards) -> Iterator[tuple[int, int, ShardResult]]:
         options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
-        ds = ray.data.read_datasource(FastaDatasource(shards, options), override_num_blocks=len(shards))
+        ds = ray.data.read_datasource(FastaDatasource(shards, options), override_num_blocks=len(shards),
+                                      num_cpus=SIDE_TASK_CPUS)
         ds = ds.map_batches(
             _ApplyActor,
             fn_constructor_kwargs={"cfg": cfg, "models": list(models), "fit_dir": fit_dir, "uris": uris,
@@ -159,3 +274,47 @@ class RayExecutor:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 yield int(row["shard"]), int(row["shard_records"]), ShardResult(**json.loads(row["result"]))
+
+    # -- extend: the new model in actors over the stored run's fragments ------------------------------------------
+
+    def _extend_actors(self, model: str, cfg: Config, n: int) -> list:
+        from rdscale.run.extend import FragmentExtender
+
+        cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor, max_restarts=cfg.ray.max_restarts,
+                         max_task_retries=cfg.ray.max_restarts)(FragmentExtender)
+        return [cls.remote(model, cfg) for _ in range(max(1, n))]
+
+    def extend_fit_step(self, model: str, cfg: Config, run: str, sample: int, regression: str, width: int):
+        """The extension step fitted on a sample of the run, in one actor (the new model may not fit the driver)."""
+        actor = self._extend_actors(model, cfg, 1)[0]
+        try:
+            return ray.get(actor.fit_step.remote(run, sample, regression, width))
+        finally:
+            ray.kill(actor)
+
+    def extend_runner(self, model, cfg, table, uri, step, out_type, proteins_uri):
+        """A runner for rdscale.run.extend._extend_table: fragments spread over `ray.num_actors` actors, yielded
+        as they finish. Only fragment descriptions (and the schema) travel back to the driver."""
+
+        def runner(fragment_ids: list[int], version: int):
+            actors = self._extend_actors(model, cfg, min(cfg.ray.num_actors, len(fragment_ids)))
+            step_ref = ray.put(step)
+            pending = {}
+            queue = list(fragment_ids)
+            try:
+                for actor in actors:  # one fragment in flight per actor: the next goes to whoever finishes
+                    if queue:
+                        ref = actor.fragment.remote(table, uri, version, queue.pop(0), step_ref, out_type, proteins_uri)
+                        pending[ref] = actor
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    actor = pending.pop(done[0])
+                    yield ray.get(done[0])
+                    if queue:
+                        ref = actor.fragment.remote(table, uri, version, queue.pop(0), step_ref, out_type, proteins_uri)
+                        pending[ref] = actor
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+
+        return runner

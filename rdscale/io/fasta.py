@@ -40,7 +40,6 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from rdscale.errors import RdscaleError
 

@@ -365,44 +365,66 @@ class RunStore:
             result.fragments.setdefault(name, []).extend(write_table_fragments(self.uri(name), table))
         return self.commit_shard(result, key)
 
-    def dedupe_across_shards(self) -> int:
+    def dedupe_across_shards(self, rows_per_partition: int = 1_000_000, scratch: str | Path | None = None) -> int:
         """Reject later occurrences of an id already seen in an earlier shard (the readers reject duplicates
         within a shard). 'Earlier' is shard order, which is input order. Idempotent, so safe to rerun after a kill.
-        Returns the number of proteins moved to the rejects table."""
-        proteins = self.dataset(PROTEINS).to_table(columns=["id", "shard", "source"])
-        rejects = self.dataset(REJECTS).to_table(columns=["id", "shard", "reason"])
-        if proteins.num_rows == 0:
+        Returns the number of proteins moved to the rejects table.
+
+        Bounded memory: the (id, shard) pairs of both tables are streamed from Lance and hash-partitioned by id
+        into ceil(rows / rows_per_partition) partitions, spilled to `scratch` (a temporary folder by default) when
+        there is more than one; every occurrence of an id lands in the same partition, so each partition is
+        deduplicated on its own. The driver holds one partition (about rows_per_partition rows) plus the
+        duplicates found, never every id of the run."""
+        n_proteins = self.dataset(PROTEINS).count_rows()
+        if n_proteins == 0:
             return 0
-        seen = pa.concat_tables([proteins.select(["id", "shard"]), rejects.select(["id", "shard"])])
-        first = seen.group_by("id").aggregate([("shard", "min"), ("shard", "count")])
-        first = first.filter(pc.greater(first["shard_count"], 1))
-        if first.num_rows == 0:
+        total = n_proteins + self.dataset(REJECTS).count_rows()
+        parts = max(1, -(-total // max(1, int(rows_per_partition))))
+        moved, new = [], []
+        with _IdPartitions(parts, scratch) as partitions:
+            for name in (PROTEINS, REJECTS):
+                columns = ["id", "shard"] + (["reason"] if name == REJECTS else [])
+                for batch in self.dataset(name).to_batches(columns=columns, batch_size=1 << 16):
+                    partitions.add(batch, protein=name == PROTEINS)
+            for part in partitions:
+                found = _duplicates_in_partition(part)
+                if found is not None:
+                    moved.append(found[0])
+                    new.append(found[1])
+        if not moved:
             return 0
-        joined = proteins.join(first, "id").filter(
-            pc.greater(pc.field("shard"), pc.field("shard_min"))
-        )
-        if joined.num_rows == 0:
-            return 0
-        # A rerun after a kill between writing these rejects and deleting the proteins must not write them twice;
-        # the reason text is specific to this step (the readers' within-shard duplicates word it differently).
-        already = {(r["id"], r["shard"], r["reason"]) for r in rejects.to_pylist()}
-        new_rejects = []
-        for r in joined.to_pylist():
-            reason = f"duplicate_id: first seen in shard {r['shard_min']}"
-            if (r["id"], r["shard"], reason) not in already:
-                new_rejects.append({"id": r["id"], "source": r["source"], "reason": reason, "shard": r["shard"]})
-        if new_rejects:
-            table = pa.Table.from_pylist(new_rejects, schema=self.schemas[REJECTS])
+        moved_t = pa.concat_tables(moved)  # (id, shard): proteins to delete
+        new_t = pa.concat_tables(new)  # (id, shard, reason): rejects not written by an earlier, killed attempt
+        # Write the rejects first, then delete: a kill in between leaves rows a rerun recognises (see above).
+        if new_t.num_rows:
+            wanted = pc.unique(new_t["id"]).to_pylist()
+            source: dict[tuple[str, int], str] = {}
+            for i in range(0, len(wanted), 20_000):  # one scan per 20,000 duplicate ids, not one per shard
+                got = self.dataset(PROTEINS).to_table(columns=["id", "shard", "source"],
+                                                      filter=f"id IN ({sql_in_list(wanted[i : i + 20_000])})")
+                source.update(zip(zip(got["id"].to_pylist(), got["shard"].to_pylist()), got["source"].to_pylist()))
+            ids, shards = new_t["id"].to_pylist(), new_t["shard"].to_pylist()
+            table = pa.table({"id": ids, "source": [source[k] for k in zip(ids, shards)], "reason": new_t["reason"],
+                              "shard": pa.array(shards, pa.int32())}, schema=self.schemas[REJECTS])
             lance.write_dataset(table, self.uri(REJECTS), mode="append")
-        by_shard: dict[int, list[str]] = {}
-        for r in joined.to_pylist():
-            by_shard.setdefault(r["shard"], []).append(r["id"])
-        for shard, ids in by_shard.items():
-            predicate = f"shard = {shard} AND id IN ({sql_in_list(ids)})"
-            if RESIDUES in self.schemas:
-                self.dataset(RESIDUES).delete(predicate)
-            self.dataset(PROTEINS).delete(predicate)
-        return joined.num_rows
+        # One delete (a scan of each table) per ~20,000 ids, whatever the number of shards they are spread over.
+        clauses, size = [], 0
+        for shard, ids, _ in _by_shard(moved_t):
+            for chunk in range(0, len(ids), 20_000):
+                part = ids[chunk : chunk + 20_000]
+                clauses.append(f"(shard = {shard} AND id IN ({sql_in_list(part)}))")
+                size += len(part)
+                if size >= 20_000:
+                    self._delete(" OR ".join(clauses))
+                    clauses, size = [], 0
+        if clauses:
+            self._delete(" OR ".join(clauses))
+        return moved_t.num_rows
+
+    def _delete(self, predicate: str) -> None:
+        if RESIDUES in self.schemas:
+            self.dataset(RESIDUES).delete(predicate)
+        self.dataset(PROTEINS).delete(predicate)
 
     def drop_derived_columns(self) -> list[str]:
         """Drop columns that readers added after the run wrote its rows (prefix columns of `rdscale index` and
@@ -465,6 +487,135 @@ def fault_point(point: str) -> None:
     if hold and point == "after_ledger":
         while os.path.exists(hold):
             time.sleep(0.05)
+
+
+DUPLICATE_REASON = "duplicate_id: first seen in shard "
+_PARTITION_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("protein", pa.bool_()),
+                               ("reason", pa.string())])
+
+
+def id_partition(ids: pa.Array, parts: int) -> np.ndarray:
+    """Partition index in [0, parts) of every id: a 64-bit polynomial hash of its UTF-8 bytes, vectorised (no
+    Python loop per id), then mixed. ids: (n,) string array -> (n,) int64. Equal ids always get equal indexes."""
+    ids = pc.fill_null(ids, "").cast(pa.large_string())
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    n = len(ids)
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset : ids.offset + n + 1]
+    data = ids.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)  # (n,)
+    first = int(offsets[0])
+    byte = data[first : int(offsets[-1])].astype(np.uint64)  # (total bytes,)
+    starts = offsets[:-1] - first  # (n,)
+    h = np.zeros(n, dtype=np.uint64)
+    if byte.size:
+        where = np.arange(byte.size, dtype=np.int64) - np.repeat(starts, lengths)  # byte position within its id
+        powers = np.cumprod(np.full(int(lengths.max()), 0x100000001B3, dtype=np.uint64))  # wraps mod 2^64
+        nonempty = lengths > 0
+        with np.errstate(over="ignore"):
+            h[nonempty] = np.add.reduceat(byte * powers[where], starts[nonempty])
+    with np.errstate(over="ignore"):  # splitmix64 finaliser: spread the bits before the modulo
+        h ^= (h >> np.uint64(30)) ^ lengths.astype(np.uint64)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return (h % np.uint64(parts)).astype(np.int64)
+
+
+class _IdPartitions:
+    """(id, shard, protein?, reason) rows split by `id_partition`: in memory for one partition, else one Arrow IPC
+    file per partition in a scratch folder (deleted on exit). Iterating yields one partition's table at a time."""
+
+    def __init__(self, parts: int, scratch: str | Path | None = None):
+        self.parts = parts
+        self.scratch = scratch
+        self.memory: list[pa.RecordBatch] = []
+        self.writers: dict[int, Any] = {}
+
+    def __enter__(self):
+        import tempfile
+
+        if self.parts > 1:
+            self._tmp = tempfile.TemporaryDirectory(prefix="rdscale-dedupe-", dir=self.scratch)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        if self.parts > 1:
+            self._tmp.cleanup()
+
+    def _path(self, p: int) -> Path:
+        return Path(self._tmp.name) / f"part-{p:05d}.arrow"
+
+    def add(self, batch: pa.RecordBatch, protein: bool) -> None:
+        n = batch.num_rows
+        if n == 0:
+            return
+        reason = batch.column("reason") if "reason" in batch.schema.names else pa.nulls(n, pa.string())
+        rows = pa.record_batch([batch.column("id").cast(pa.string()), batch.column("shard").cast(pa.int32()),
+                                pa.array(np.full(n, protein)), reason.cast(pa.string())], schema=_PARTITION_SCHEMA)
+        if self.parts == 1:
+            self.memory.append(rows)
+            return
+        index = id_partition(rows.column("id"), self.parts)  # (n,)
+        order = np.argsort(index, kind="stable")
+        bounds = np.searchsorted(index[order], np.arange(self.parts + 1))
+        ordered = rows.take(pa.array(order))
+        for p in range(self.parts):
+            lo, hi = int(bounds[p]), int(bounds[p + 1])
+            if hi > lo:
+                if p not in self.writers:
+                    self.writers[p] = pa.ipc.new_stream(str(self._path(p)), _PARTITION_SCHEMA)
+                self.writers[p].write_batch(ordered.slice(lo, hi - lo))
+
+    def __iter__(self):
+        if self.parts == 1:
+            yield pa.Table.from_batches(self.memory, schema=_PARTITION_SCHEMA)
+            self.memory = []
+            return
+        for writer in self.writers.values():
+            writer.close()
+        done, self.writers = sorted(self.writers), {}
+        for p in done:
+            with pa.ipc.open_stream(str(self._path(p))) as reader:
+                table = reader.read_all()
+            self._path(p).unlink()
+            yield table
+
+
+def _duplicates_in_partition(part: pa.Table) -> tuple[pa.Table, pa.Table] | None:
+    """part: (id, shard, protein, reason) rows of one id partition -> (proteins to move: (id, shard), reject rows
+    still to write: (id, shard, reason)), or None when the partition holds no duplicate."""
+    first = part.group_by("id").aggregate([("shard", "min"), ("shard", "count")])
+    first = first.filter(pc.greater(first["shard_count"], 1)).select(["id", "shard_min"])
+    if first.num_rows == 0:
+        return None
+    proteins = part.filter(part["protein"]).select(["id", "shard"])
+    joined = proteins.join(first, "id").filter(pc.greater(pc.field("shard"), pc.field("shard_min")))
+    if joined.num_rows == 0:
+        return None
+    reason = pc.binary_join_element_wise(DUPLICATE_REASON, pc.cast(joined["shard_min"], pa.string()), "")
+    wanted = pa.table({"id": joined["id"], "shard": joined["shard"], "reason": reason})
+    # A rerun after a kill between writing these rejects and deleting the proteins must not write them twice.
+    written = part.filter(pc.invert(part["protein"])).select(["id", "shard", "reason"])
+    new = wanted.join(written, ["id", "shard", "reason"], join_type="left anti")
+    return joined.select(["id", "shard"]), new
+
+
+def _by_shard(table: pa.Table):
+    """(shard, ids, reasons or None) per shard of an (id, shard[, reason]) table, shards ascending."""
+    table = table.sort_by([("shard", "ascending"), ("id", "ascending")])
+    shards = table["shard"].to_numpy()
+    if not len(shards):
+        return
+    cuts = np.flatnonzero(np.diff(shards)) + 1
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(shards)]):
+        chunk = table.slice(int(lo), int(hi - lo))
+        reasons = chunk["reason"].to_pylist() if "reason" in chunk.column_names else None
+        yield int(shards[lo]), chunk["id"].to_pylist(), reasons
 
 
 def sql_str(value: str) -> str:

@@ -292,9 +292,14 @@ class _ProteinColumn:
         return pa.RecordBatch.from_arrays([column], names=[STAGED])
 
 
-def _extend_table(uri: str, fn, columns: list[str], partial: Path, bar: Progress) -> tuple[int, int]:
+def _extend_table(uri: str, fn, columns: list[str], partial: Path, bar: Progress, runner=None) -> tuple[int, int]:
     """New column version for every fragment (skipping those recorded in `partial`), committed as one Merge, then
-    switched in for `embedding`. Returns (rows written, fragments skipped)."""
+    switched in for `embedding`. Returns (rows written, fragments skipped).
+
+    runner: None to compute the fragments here with `fn`; else runner(fragment_ids, version) yields
+    (fragment_id, fragment metadata JSON, schema) as they finish, in any order (the executor's actors)."""
+    from lance.fragment import FragmentMetadata
+
     ds = lance.dataset(uri)
     if STAGED in ds.schema.names:  # killed between the Merge commit and the switch
         return _switch(ds), 0
@@ -309,31 +314,67 @@ def _extend_table(uri: str, fn, columns: list[str], partial: Path, bar: Progress
         shutil.rmtree(partial)  # the table changed since those fragments were written: start over
         partial.mkdir(parents=True)
     state_file.write_text(json.dumps({"version": ds.version}))
-    fragments, schema, rows, skipped = [], None, 0, 0
     all_frags = ds.get_fragments()
-    for i, frag in enumerate(all_frags):
-        done = partial / f"{frag.fragment_id}.json"
-        last = i == len(all_frags) - 1
-        if done.exists() and not (last and schema is None):
-            # Recorded in an earlier attempt. (The last fragment is redone when nothing else was, because the
-            # Merge needs the new schema that only merge_columns returns.)
-            from lance.fragment import FragmentMetadata
+    if not all_frags:  # an empty table: nothing to write
+        return 0, 0
+    # Fragments recorded in an earlier attempt are skipped. (The last fragment is redone when nothing else is,
+    # because the Merge needs the new schema that only merge_columns returns.)
+    todo = [f for f in all_frags if not (partial / f"{f.fragment_id}.json").exists()] or [all_frags[-1]]
+    skipped = len(all_frags) - len(todo)
+    bar.update(skipped)
+    rows_of = {f.fragment_id: f for f in todo}
+    schema, rows = None, 0
 
-            fragments.append(FragmentMetadata.from_json(done.read_text()))
-            skipped += 1
-            bar.update(1)
-            continue
-        meta, schema = frag.merge_columns(fn, columns=columns)
-        as_json = meta.to_json()
-        done.write_text(as_json if isinstance(as_json, str) else json.dumps(as_json))
-        fragments.append(meta)
-        rows += frag.count_rows()
+    def record(fragment_id: int, as_json) -> None:
+        nonlocal rows
+        (partial / f"{fragment_id}.json").write_text(as_json if isinstance(as_json, str) else json.dumps(as_json))
+        rows += rows_of[fragment_id].count_rows()
         bar.update(1)
-    if schema is None:  # an empty table: nothing to write, switch the column type in place
-        return 0, skipped
+
+    if runner is None:
+        for frag in todo:
+            meta, schema = frag.merge_columns(fn, columns=columns)
+            record(frag.fragment_id, meta.to_json())
+    else:
+        for fragment_id, as_json, schema in runner([f.fragment_id for f in todo], ds.version):
+            record(fragment_id, as_json)
+    fragments = [FragmentMetadata.from_json((partial / f"{f.fragment_id}.json").read_text()) for f in all_frags]
     lance.LanceDataset.commit(uri, lance.LanceOperation.Merge(fragments, schema), read_version=ds.version)
     _switch(lance.dataset(uri))
     return rows, skipped
+
+
+class FragmentExtender:
+    """One executor actor's share of `extend` (plain Python; rdscale.cluster.executor runs it in Ray actors): the
+    new model loaded once, then whole Lance fragments given the new embedding column (uncommitted; the driver
+    commits them all as one Merge), or the step fitted on a sample."""
+
+    def __init__(self, model: str, cfg: Config):
+        from rdscale.run.stages import ChainEncoder
+
+        self.encoder = ChainEncoder([model], cfg)
+
+    def fit_step(self, run: str, sample_sequences: int, regression: str, width: int):
+        return fit_step_from_prefix(Path(run), self.encoder, sample_sequences, regression, width)
+
+    def fragment(self, table: str, uri: str, version: int, fragment_id: int, step: ChainFit,
+                 out_type: pa.DataType | None, proteins_uri: str) -> tuple[int, str, pa.Schema]:
+        frag = lance.dataset(uri, version=version).get_fragment(fragment_id)
+        if table == RESIDUES:
+            ids = pc.unique(frag.to_table(columns=["id"])["id"]).to_pylist()
+            proteins, sequences = lance.dataset(proteins_uri), {}
+            for i in range(0, len(ids), 5000):
+                got = proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({sql_in_list(ids[i:i + 5000])})")
+                sequences.update(zip(got["id"].to_pylist(), got["sequence"].to_pylist()))
+            fn, columns = _ResidueColumn(step, self.encoder, sequences, out_type), ["id", "pos", EMBEDDING]
+        else:
+            # Per-protein mean h from the sequence (a second pass of the new model over each protein): the
+            # residue pass's means are spread over the actors, and gathering them would put O(proteins x k_new)
+            # on the driver.
+            fn, columns = _ProteinColumn(step, self.encoder, None), ["id", "sequence", EMBEDDING]
+        meta, schema = frag.merge_columns(fn, columns=columns)
+        as_json = meta.to_json()
+        return fragment_id, as_json if isinstance(as_json, str) else json.dumps(as_json), schema
 
 
 def _switch(ds: lance.LanceDataset) -> int:
@@ -361,12 +402,18 @@ def _update_metadata(uri: str, levels: list[int], manifest: dict, extension: dic
 
 
 def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, sample_sequences: int = 1000,
-           regression: str = "pcr", overrides: Sequence[str] = (), progress: bool = True) -> ExtendSummary:
-    """Move the run in `run_dir` up one chain level with `model` (see the module docstring)."""
+           regression: str = "pcr", overrides: Sequence[str] = (), progress: bool = True,
+           local: bool | None = None) -> ExtendSummary:
+    """Move the run in `run_dir` up one chain level with `model` (see the module docstring).
+
+    local: True runs the new model in this process; False through the Ray executor (actors over the stored
+    fragments, like `embed`); None follows the run's recorded `ray.address` (`local` = in-process)."""
     from rdscale.run.stages import ChainEncoder
 
     started = time.perf_counter()
-    run = Path(run_dir)
+    run = Path(run_dir).absolute()  # actors (maybe on other nodes) never see the driver's working directory
+    if "://" not in str(model) and (str(model).endswith(".pt") or "/" in str(model)):
+        model = str(Path(model).expanduser().absolute())  # a checkpoint path, not a hub name
     from rdscale.io.store import incomplete_message, run_status
 
     if (run / "shards.lance").exists() and (why := incomplete_message(run_status(run))):
@@ -378,8 +425,21 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     step_dir = run / f"fit_ext_{width}"
     partial_root = run / "extend.partial"
 
-    encoder = ChainEncoder([model], cfg)  # the only model this command runs
-    new = encoder.model_info()[0]
+    if local is True:
+        cfg.ray.address = "local"
+    elif local is False and cfg.ray.address == "local":
+        cfg.ray.address = None  # the run was embedded in-process; extend it through Ray all the same
+    executor = None
+    if cfg.ray.address == "local":
+        encoder = ChainEncoder([model], cfg)  # the only model this command runs
+        new = encoder.model_info()[0]
+    else:
+        from rdscale.model.loading import describe_model
+        from rdscale.run.pipeline import make_executor
+
+        encoder = None  # the new model runs in the executor's actors only
+        new = describe_model(model)
+        executor = make_executor(cfg)
     k_new = new["width"]
     if k_new <= width:
         raise ExtendError(f"{model} is {k_new} wide; extending a {width}-wide run needs a wider model")
@@ -405,7 +465,11 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
             step, moments, n_seq = step_from_longer_fit(longer, width), None, None
             source = f"last step of {from_fit}"
         else:
-            step, moments, n_seq = fit_step_from_prefix(run, encoder, sample_sequences, regression, width)
+            if executor is None:
+                step, moments, n_seq = fit_step_from_prefix(run, encoder, sample_sequences, regression, width)
+            else:
+                step, moments, n_seq = executor.extend_fit_step(model, cfg, str(run), sample_sequences, regression,
+                                                                width)
             source = f"fitted on the stored rd.{width} prefix of {n_seq} proteins ({step.n_residues} residues)"
         staging = Path(str(step_dir) + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
@@ -426,14 +490,18 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
             if EMBEDDING in residues.schema.names and _width(residues) == k_new:
                 log.info("residues already extended to %d", k_new)
             else:
-                sequences = dict(zip(*proteins.to_table(columns=["id", "sequence"]).to_pydict().values()))
                 out_type = residues.schema.field(EMBEDDING).type.value_type if EMBEDDING in residues.schema.names \
                     else residues.schema.field(STAGED).type.value_type
-                fn = _ResidueColumn(step, encoder, sequences, out_type)
-                rows, skipped = _extend_table(residues_uri, fn, ["id", "pos", EMBEDDING],
-                                              partial_root / RESIDUES, bar)
+                if executor is None:
+                    sequences = dict(zip(*proteins.to_table(columns=["id", "sequence"]).to_pydict().values()))
+                    fn = _ResidueColumn(step, encoder, sequences, out_type)
+                    rows, skipped = _extend_table(residues_uri, fn, ["id", "pos", EMBEDDING],
+                                                  partial_root / RESIDUES, bar)
+                    means = fn.protein_means
+                else:
+                    runner = executor.extend_runner(model, cfg, RESIDUES, residues_uri, step, out_type, proteins_uri)
+                    rows, skipped = _extend_table(residues_uri, None, [], partial_root / RESIDUES, bar, runner)
                 summary.residues, summary.fragments_skipped = rows, summary.fragments_skipped + skipped
-                means = fn.protein_means
         if EMBEDDING in proteins.schema.names and _width(proteins) == k_new:
             log.info("proteins already extended to %d", k_new)
         else:
@@ -446,8 +514,10 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
                 for key in rest:
                     means[key] = encoder.blocks([seqs[key]])[0][0].double().mean(dim=0).cpu().numpy()
             columns = ["id", EMBEDDING] if means is not None else ["id", "sequence", EMBEDDING]
+            runner = None if executor is None else \
+                executor.extend_runner(model, cfg, PROTEINS, proteins_uri, step, None, proteins_uri)
             rows, skipped = _extend_table(proteins_uri, _ProteinColumn(step, encoder, means), columns,
-                                          partial_root / PROTEINS, bar)
+                                          partial_root / PROTEINS, bar, runner)
             summary.proteins, summary.fragments_skipped = rows, summary.fragments_skipped + skipped
 
     new_manifest = dict(manifest)

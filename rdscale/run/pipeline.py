@@ -227,7 +227,9 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     models = _check_models(cfg)
     fit_dir = fit_dir or cfg.fit.artifact
     if fit_dir:
-        from rdscale.fit.artifact import load_fit  # here: extraction runs without safetensors
+        from rdscale.fit.artifact import (
+            load_fit,  # here: extraction runs without safetensors
+        )
 
         fit_obj, manifest = load_fit(fit_dir, expect_models=[describe_model(m) for m in models])
         manifest = {**manifest, "artifact": str(Path(fit_dir).resolve())}  # where `extend` finds it again

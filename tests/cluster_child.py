@@ -1,0 +1,158 @@
+"""Run by tests/test_cluster.py in a subprocess: a real two-node Ray cluster (`ray.cluster_utils.Cluster`, head +
+one node, each declaring one "GPU" and one CPU) that must not clash with the test session's own Ray.
+
+    python tests/cluster_child.py WORKDIR MODEL... > result.json
+
+Checks, each reported in the JSON on stdout (the parent test asserts):
+- `relative`: a config file with relative paths, run with the current directory elsewhere, through the cluster
+  (two actors of half a CPU and one GPU each: every node keeps half a CPU free, no whole CPU anywhere), equals
+  the --local run of the same config;
+- `node_loss`: the worker node removed mid-run; the same command rerun (after a replacement node joined) ends with
+  exactly the rows of the uninterrupted run;
+- `extend`: `extend` through the cluster equals the in-process extend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lance
+import yaml
+from test_pipeline import assert_same_tables, write_fasta
+
+
+def main() -> int:
+    work = Path(sys.argv[1])
+    models = sys.argv[2:]
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {}
+    # The config and its inputs live in conf_dir and are named relative to it.
+    conf_dir = work / "project" / "conf"
+    conf_dir.mkdir(parents=True)
+    (work / "project" / "data").mkdir()
+    (work / "project" / "models").mkdir()
+    write_fasta(work / "project" / "data" / "in.fasta", n=14, seed=3, long_every=8)
+    rel_models = []
+    for m in models:
+        dst = work / "project" / "models" / Path(m).name
+        dst.write_bytes(Path(m).read_bytes())
+        rel_models.append(f"../models/{dst.name}")
+    settings = {
+        "models": rel_models,
+        "input": {"paths": ["../data/in.fasta"], "shard_mb": 0.0004},
+        "embedding": {"window": 120, "overlap": 30, "toks_per_batch": 1024},
+        "fit": {"sample_sequences": 1000},
+        "output": {"dir": "../runs/out", "residue_dtype": "float32", "records_per_batch": 4},
+        "ray": {"num_actors": 2, "cpus_per_actor": 0.5},
+    }
+    config = conf_dir / "rel.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    os.chdir(elsewhere)
+
+    from rdscale.config import load_config
+    from rdscale.run.pipeline import LocalExecutor, run
+
+    local_dir = work / "project" / "runs" / "local"
+    local = run(load_config(config, [f"output.dir={local_dir}", "ray.address=local"]), LocalExecutor(), progress=False)
+    report["local_proteins"] = local.proteins
+    fit_dir = str(local_dir / "fit")
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1,
+                                                            "object_store_memory": 80 << 20})
+    worker = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 << 20)
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cluster.wait_for_nodes()
+    try:
+        # -- relative paths, two nodes, equal to --local -----------------------------------------------------
+        from rdscale.cluster.executor import RayExecutor
+
+        cfg = load_config(config)  # relative paths resolved against conf/, not the cwd (elsewhere/)
+        executor = RayExecutor(cfg)
+        report["gpus_per_actor"] = executor.gpus
+        report["resolved_output"] = cfg.output.dir
+        t0 = time.time()
+        summary = run(cfg, executor, progress=False)
+        report["relative_seconds"] = round(time.time() - t0, 1)
+        assert_same_tables(Path(cfg.output.dir), local_dir)
+        report["relative"] = {"ok": True, "proteins": summary.proteins}
+
+        # -- a worker node removed mid-run, then the same command again ----------------------------------------
+        lost_dir = work / "project" / "runs" / "lost"
+        cfg = load_config(config, [f"output.dir={lost_dir}", f"fit.artifact={fit_dir}"])
+        removed = threading.Event()
+        at_removal = {}
+
+        def remove_after_first_commit():
+            ledger = lost_dir / "shards.lance"
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                try:
+                    if ledger.exists() and lance.dataset(str(ledger)).count_rows() >= 1:
+                        break
+                except (OSError, ValueError):  # the ledger is being created
+                    time.sleep(0.05)
+                time.sleep(0.05)
+            at_removal["committed"] = lance.dataset(str(ledger)).count_rows()
+            cluster.remove_node(worker)
+            removed.set()
+
+        killer = threading.Thread(target=remove_after_first_commit, daemon=True)
+        killer.start()
+        first_error = None
+        try:
+            run(cfg, RayExecutor(cfg), progress=False)
+        except Exception as err:  # noqa: BLE001 - the run may fail when its actor's node goes; the rerun must repair it
+            first_error = f"{type(err).__name__}: {str(err)[:200]}"
+        killer.join(timeout=130)
+        committed_before = lance.dataset(str(lost_dir / "shards.lance")).count_rows()
+        cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 << 20)
+        cluster.wait_for_nodes()
+        summary = run(cfg, RayExecutor(cfg), progress=False)
+        assert_same_tables(lost_dir, local_dir)
+        report["node_loss"] = {"ok": removed.is_set(), "first_error": first_error,
+                               "committed_at_removal": at_removal.get("committed"),
+                               "committed_before_rerun": committed_before, "skipped_on_rerun": summary.shards_skipped,
+                               "shards": summary.shards_total}
+
+        # -- extend through the cluster equals the in-process extend -------------------------------------------
+        import shutil
+
+        from rdscale.run.extend import extend
+
+        small = work / "project" / "runs" / "small_local"
+        run(load_config(config, [f"output.dir={small}", "ray.address=local", f"models={json.dumps(models[:2])}",
+                                 "output.records_per_batch=2", "input.shard_mb=0.0002", "output.compact=false"]),
+            LocalExecutor(), progress=False)  # small batches and shards: several fragments per table
+        through = work / "project" / "runs" / "small_cluster"
+        shutil.copytree(small, through)
+        extend(small, models[2], progress=False, local=True)
+        t0 = time.time()
+        summary = extend(through, models[2], progress=False, local=False)
+        report["extend_seconds"] = round(time.time() - t0, 1)
+        assert_same_tables(through, small)
+        report["extend"] = {"ok": True, "new_width": summary.new_width, "residues": summary.residues,
+                            "fragments": len(lance.dataset(str(through / "residues.lance")).get_fragments())}
+    except Exception:  # noqa: BLE001 - reported to the parent test, which fails with it
+        report["error"] = traceback.format_exc()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print("RESULT " + json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
