@@ -68,6 +68,14 @@ class RayConfig:
 
 
 @dataclass
+class StorageConfig:
+    # Object-store options for s3:// gs:// az:// locations, passed to Lance as given and mapped onto pyarrow (e.g.
+    # aws_endpoint, region, allow_http). Credentials are better left to the environment (AWS_ACCESS_KEY_ID, ...);
+    # this section is never written into table metadata, fit manifests or logs.
+    options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
 class Config:
     models: list[str] = field(default_factory=list)  # the chain, smallest first (hub names or checkpoint paths)
     input: InputConfig = field(default_factory=InputConfig)
@@ -75,6 +83,7 @@ class Config:
     fit: FitConfig = field(default_factory=FitConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,6 +176,7 @@ _SECTIONS = {
     "fit": FitConfig,
     "output": OutputConfig,
     "ray": RayConfig,
+    "storage": StorageConfig,
 }
 
 
@@ -214,6 +224,9 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         return
     resolved = []
     for item in paths:
+        if "://" in str(item):  # a URI (s3://, file://, ...) is taken as it is
+            resolved.append(str(item))
+            continue
         candidate = Path(str(item))
         if not candidate.is_absolute() and not candidate.exists():
             for root in (base, base.parent):

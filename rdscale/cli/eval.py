@@ -121,7 +121,10 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
     if args.fit:
         if args.fasta or args.sample or args.regression or args.models:
             raise ConfigError("--models, --sample and --regression describe a fresh fit; --fit reads a finished one")
-        fit_dir, out = Path(args.fit), Path(args.out) if args.out else None
+        from rdscale.io.location import is_remote
+
+        fit_dir = args.fit if is_remote(args.fit) else Path(args.fit)
+        out = Path(args.out) if args.out else None
     else:
         if args.sample is not None and args.sample < 1:
             raise ConfigError(f"--sample must be at least 1, got {args.sample}")
@@ -189,7 +192,9 @@ def cmd_dms(args: argparse.Namespace) -> int:
 
     fit, reconstruction = None, None
     fit_dir = args.fit or cfg.fit.artifact
-    default_fit = Path(cfg.output.dir) / "fit"
+    from rdscale.io.runs import default_fit as _default_fit
+
+    default_fit = _default_fit(cfg.output.dir)
     if not fit_dir and len(loaded) > 1 and (default_fit / "manifest.json").is_file():
         fit_dir = default_fit  # where `rdscale run` / `rdscale fit` put it, as `rdscale embed` looks
         log.info("using the fit artifact %s (output.dir/fit)", fit_dir)

@@ -20,13 +20,15 @@ GPU), conf/uniref50_cluster.yaml (ray job submit on a GPU cluster). Docs: README
 
 
 def _config_args(p: argparse.ArgumentParser, fasta: bool = True, out: bool = True) -> None:
-    p.add_argument("-c", "--config", help="YAML config (see conf/); flags below override it")
+    p.add_argument("-c", "--config", help="YAML config file, or the name of a packaged one (demo, single_gpu, "
+                   "uniref50_cluster, demo_s3); flags below override it")
     if fasta:
-        p.add_argument("--fasta", nargs="+", metavar="FILE", help="input FASTA files (plain, .gz or BGZF)")
+        p.add_argument("--fasta", nargs="+", metavar="FILE",
+                       help="input FASTA files (plain, .gz or BGZF; local paths or s3:// gs:// az:// URIs)")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="the chain, smallest first: ESM-2 names (esm2_t6_8M_UR50D or 8M) or checkpoint paths")
     if out:
-        p.add_argument("-o", "--out", help="output directory (output.dir)")
+        p.add_argument("-o", "--out", help="output directory or object-store prefix, e.g. s3://bucket/run (output.dir)")
     p.add_argument("--device", help="embedding.device: auto, cpu, cuda, cuda:N")
     p.add_argument("--local", action="store_true", help="run in this process without Ray (small inputs, debugging)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -87,7 +89,9 @@ def cmd_embed(args) -> int:
     cfg = _load(args)
     fit_dir = args.fit or cfg.fit.artifact
     if not fit_dir and len(cfg.models) > 1:
-        fit_dir = str(Path(cfg.output.dir) / "fit")
+        from rdscale.io.runs import default_fit
+
+        fit_dir = str(default_fit(cfg.output.dir))
     _print_summary(embed(cfg, fit_dir=fit_dir, progress=not args.quiet))
     return 0
 
@@ -101,18 +105,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import lance
+    from rdscale.io.runs import DATA_TABLES, Run
 
-    from rdscale.io.store import read_metadata
-
-    root = Path(args.out)
-    if not (root / "proteins.lance").exists():
-        raise ConfigError(f"{root} holds no rdscale run (no proteins.lance)")
-    for name in ("proteins", "residues", "rejects"):
-        path = root / f"{name}.lance"
-        if path.exists():
-            print(f"{name}: {lance.dataset(str(path)).count_rows()} rows  ({path})")
-    meta = read_metadata(root / "proteins.lance")
+    run = Run(args.out)
+    if not run.has_table("proteins"):
+        raise ConfigError(f"{run} holds no rdscale run (no proteins.lance)")
+    for name in DATA_TABLES:
+        if run.has_table(name):
+            print(f"{name}: {run.dataset(name).count_rows()} rows  ({run.table_uri(name)})")
+    meta = run.metadata()
     print(f"levels (prefix widths): {meta.get('levels')}")
     models = (meta.get("fit_manifest") or {}).get("models", [])
     print("models: " + ", ".join(f"{m.get('name')} ({m.get('width')})" for m in models))
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("info", help="what a run directory holds")
-    p.add_argument("-o", "--out", required=True, help="run directory")
+    p.add_argument("-o", "--out", required=True, help="run directory or object-store prefix (s3://bucket/run)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("make-tiny-family", help="write a tiny random ESM-2 family (offline demo and tests)")

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Protocol, Sequence
 
 from rdscale.config import Config, ConfigError
 from rdscale.io.fasta import Shard, ValidationOptions, plan_shards
+from rdscale.io.location import Location, set_storage_options
+from rdscale.io.runs import Run, default_fit, recorded_config
 from rdscale.io.store import (
     DATA_TABLES,
     RESIDUES,
@@ -109,12 +111,14 @@ def make_executor(cfg: Config) -> Executor:
 
 
 def plan(cfg: Config) -> list[Shard]:
+    set_storage_options(cfg.storage.options)
     if not cfg.input.paths:
         raise ConfigError("no input FASTA files: set input.paths in the config or pass --fasta")
-    missing = [p for p in cfg.input.paths if not Path(p).is_file()]
+    missing = [p for p in cfg.input.paths if not Location.parse(p).is_file()]
     if missing:
         raise ConfigError(f"input file(s) not found: {', '.join(missing)}")
-    return plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)))
+    return plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
+                       index_dir=Run(cfg.output.dir).gzip_index)
 
 
 def _check_models(cfg: Config) -> list[str]:
@@ -151,20 +155,23 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
                     "sampled shards ran short", sequences, cfg.fit.sample_sequences)
     model_info = parts[0]["models"]
     fit_result = fit_chain(merged, [m["width"] for m in model_info], regression=cfg.fit.regression)
-    fit_dir = Path(out or Path(cfg.output.dir) / "fit")
+    fit_dir = Location.parse(out) if out else default_fit(cfg.output.dir)
     save_fit(
         fit_result, fit_dir, models=model_info,
-        extra={"sequences": sequences, "residues": residues, "config": cfg.to_dict(),
+        extra={"sequences": sequences, "residues": residues, "config": recorded_config(cfg.to_dict()),
                "seconds": time.perf_counter() - started},
         moments=merged,
     )
     log.info("fit artifact written to %s (%d sequences, %d residues)", fit_dir, sequences, residues)
-    return fit_dir
+    return Path(fit_dir.path) if fit_dir.is_local else fit_dir  # a remote artifact stays a Location
 
 
 def _file_fingerprint(path: str) -> dict[str, Any]:
-    p = Path(path)
-    return {"path": str(p.resolve()), "size": p.stat().st_size}
+    loc = Location.parse(path)
+    if loc.is_local:
+        p = Path(loc.path)
+        return {"path": str(p.resolve()), "size": p.stat().st_size}
+    return {"path": loc.uri, "size": loc.size()}
 
 
 def run_key(cfg: Config, shards: Sequence[Shard], manifest: dict) -> str:
@@ -188,11 +195,13 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     same output.dir. With one model and no fit, this is plain extraction (`rdscale extract`)."""
     from rdscale.fit.artifact import load_fit
 
+    set_storage_options(cfg.storage.options)
     models = _check_models(cfg)
     fit_dir = fit_dir or cfg.fit.artifact
     if fit_dir:
         fit_obj, manifest = load_fit(fit_dir)
-        manifest = {**manifest, "artifact": str(Path(fit_dir).resolve())}  # where `extend` finds it again
+        # where `extend` and `search` find it again: relative to the run when inside it (a copied run still works)
+        manifest = {**manifest, "artifact": Run(cfg.output.dir).ref(_absolute(fit_dir))}
         names = [m.get("source") or m.get("name") for m in manifest["models"]]
         if len(names) != len(models):
             raise ConfigError(
@@ -211,7 +220,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
 
     shards = plan(cfg)
     key = run_key(cfg, shards, manifest)
-    metadata = schema_metadata(levels, manifest, cfg.to_dict(), key)
+    metadata = schema_metadata(levels, manifest, recorded_config(cfg.to_dict()), key)
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
                           residue_dtype=cfg.output.residue_dtype)
     store = RunStore(cfg.output.dir, schemas, key)
@@ -265,15 +274,24 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
 
 def run(cfg: Config, executor: Executor | None = None, progress: bool = True) -> Summary:
     """Fit (unless fit.artifact names an existing fit), then apply."""
+    set_storage_options(cfg.storage.options)
     fit_dir = cfg.fit.artifact
     if not fit_dir:
-        fit_dir = Path(cfg.output.dir) / "fit"
-        if (fit_dir / "manifest.json").exists():
+        fit_loc = default_fit(cfg.output.dir)
+        fit_dir = str(fit_loc)
+        if fit_loc.join("manifest.json").is_file():
             log.info("reusing the fit already in %s (delete it to refit)", fit_dir)
-        else:
+        elif fit_loc.is_local:
             executor = executor or make_executor(cfg)
             staging = Path(str(fit_dir) + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
-            fit(cfg, executor, out=staging)
+            fit(cfg, executor, out=str(staging))
             staging.rename(fit_dir)
+        else:  # no renames on object stores: the manifest, written last, marks a complete artifact
+            fit(cfg, executor or make_executor(cfg), out=fit_loc)
     return embed(cfg, fit_dir, executor, progress=progress)
+
+
+def _absolute(where: str | Path | Location) -> Location:
+    loc = Location.parse(where)
+    return Location("file", str(Path(loc.path).resolve())) if loc.is_local else loc

@@ -136,7 +136,9 @@ class FitWorker:
 
     def __init__(self, models: Sequence[str], cfg: Config):
         from rdscale.fit.moments import Moments
+        from rdscale.io.location import set_storage_options
 
+        set_storage_options(cfg.storage.options)
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
         self.moments = Moments(sum(self.encoder.widths), device=self.encoder.device)
@@ -192,10 +194,15 @@ class ApplyStage:
         schemas: dict[str, Any],
     ):
         from rdscale.fit.artifact import load_fit
+        from rdscale.io.location import is_remote, set_storage_options
 
+        set_storage_options(cfg.storage.options)
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
-        self.fit = load_fit(fit_dir)[0] if fit_dir else None
+        # checkpoints fetched from an object store must be the ones the fit was made with (sha256 in the manifest)
+        expect = [{"sha256": m["sha256"] if is_remote(m["source"]) else None} for m in self.encoder.model_info()]
+        self.fit = load_fit(fit_dir, expect_models=expect if fit_dir and len(expect) > 1 else None)[0] \
+            if fit_dir else None
         if self.fit is None and len(models) != 1:
             raise ValueError("a chain of several models needs a fit artifact to apply")
         self.uris = uris
