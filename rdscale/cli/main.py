@@ -107,9 +107,7 @@ def cmd_run(args) -> int:
 def cmd_info(args) -> int:
     from rdscale.io.runs import DATA_TABLES, Run
 
-    run = Run(args.out)
-    if not run.has_table("proteins"):
-        raise ConfigError(f"{run} holds no rdscale run (no proteins.lance)")
+    run = Run(args.out).require()
     for name in DATA_TABLES:
         if run.has_table(name):
             print(f"{name}: {run.dataset(name).count_rows()} rows  ({run.table_uri(name)})")

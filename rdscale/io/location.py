@@ -114,6 +114,8 @@ class Location:
             raise LocationError(
                 f"{raw}: unknown location scheme {m.group(1)!r}; use a local path, file://, s3://, gs:// or az://"
             )
+        if rest.startswith("/"):
+            rest = ""
         rest = re.sub(r"/+", "/", rest).strip("/")
         if not rest or rest.startswith("."):
             raise LocationError(f"{raw}: no bucket in the location (expected {scheme}://bucket/key)")
@@ -255,6 +257,9 @@ class Location:
                 kwargs["region"] = region
             access = _first(o.get("aws_access_key_id"), o.get("access_key_id"))
             secret = _first(o.get("aws_secret_access_key"), o.get("secret_access_key"))
+            if access or secret:  # one half from the options, the other from the environment
+                access = access or os.environ.get("AWS_ACCESS_KEY_ID")
+                secret = secret or os.environ.get("AWS_SECRET_ACCESS_KEY")
             if access and secret:
                 kwargs["access_key"], kwargs["secret_key"] = access, secret
                 token = _first(o.get("aws_session_token"), o.get("session_token"))
@@ -307,11 +312,12 @@ class Location:
             return LocationError(f"{self.uri}: cannot reach the object store{where} (connection failed or timed "
                                  f"out after {MAX_RETRIES} attempts); check the endpoint and the network")
         if isinstance(exc, FileNotFoundError) or "not found" in low or "does not exist" in low:
-            return self._missing()
+            return self.not_found_error()
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         return LocationError(f"{self.uri}: cannot {action}: {first[:300]}")
 
-    def _missing(self) -> LocationError:
+    def not_found_error(self) -> LocationError:
+        """The error for a location that is not there: names a missing bucket, else the missing object."""
         if not self.is_local:
             try:
                 import pyarrow.fs as pafs
@@ -362,7 +368,7 @@ class Location:
                 raise self.error(err) from None
         info = self.info()
         if info.type != pafs.FileType.File:
-            raise self._missing() if info.type == pafs.FileType.NotFound else LocationError(
+            raise self.not_found_error() if info.type == pafs.FileType.NotFound else LocationError(
                 f"{self.uri} is a directory, not a file")
         return int(info.size)
 
@@ -487,7 +493,7 @@ class Location:
         target, stamp_file = os.path.join(folder, self.name or "object"), os.path.join(folder, "stamp.json")
         remote = self.info()
         if remote.type.name != "File":
-            raise self._missing() if remote.type.name == "NotFound" else LocationError(
+            raise self.not_found_error() if remote.type.name == "NotFound" else LocationError(
                 f"{self.uri} is a directory, not a file")
         stamp = {"uri": self.uri, "size": remote.size, "mtime_ns": remote.mtime_ns}
         with open(os.path.join(folder, ".lock"), "w") as lock:

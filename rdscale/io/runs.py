@@ -138,6 +138,10 @@ class Run:
     def require(self) -> "Run":
         """This run, or a LocationError if there is no rdscale run here."""
         if not self.has_table(PROTEINS):
+            if not self.location.is_local:
+                missing = self.location.not_found_error()
+                if "bucket" in str(missing):
+                    raise missing
             raise LocationError(f"{self.uri} holds no rdscale run (no proteins.lance)")
         return self
 

@@ -115,6 +115,9 @@ def plan(cfg: Config) -> list[Shard]:
     if not cfg.input.paths:
         raise ConfigError("no input FASTA files: set input.paths in the config or pass --fasta")
     missing = [p for p in cfg.input.paths if not Location.parse(p).is_file()]
+    for p in missing:
+        if not Location.parse(p).is_local:  # name a missing bucket as such
+            raise ConfigError(f"input file not found: {Location.parse(p).not_found_error()}")
     if missing:
         raise ConfigError(f"input file(s) not found: {', '.join(missing)}")
     return plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
