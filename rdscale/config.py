@@ -201,9 +201,7 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (bundled configs live in conf/)")
+        p = resolve_config_path(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
@@ -214,6 +212,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         apply_override(data, *parse_override(text))
     return _build(Config, data, "").validate()
+
+
+PACKAGED_CONFIGS = Path(__file__).parent / "conf"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped inside the package (rdscale/conf/*.yaml): `-c demo` works from a wheel."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: `path` itself if it exists, else the packaged config of that name (`demo`, `demo.yaml` or
+    the repository's old spelling `conf/demo.yaml`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    if str(p.parent) in (".", "conf") and (PACKAGED_CONFIGS / name).is_file():
+        return PACKAGED_CONFIGS / name
+    raise ConfigError(f"config file {p} does not exist (packaged configs: {', '.join(packaged_configs())})")
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
@@ -229,7 +247,7 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
             continue
         candidate = Path(str(item))
         if not candidate.is_absolute() and not candidate.exists():
-            for root in (base, base.parent):
+            for root in (base, base.parent, base.parent.parent):  # packaged configs: rdscale/conf -> repo
                 if (root / candidate).exists():
                     candidate = root / candidate
                     break

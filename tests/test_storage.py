@@ -300,7 +300,7 @@ def test_truncated_plain_gzip_is_refused(tmp_path):
 
 
 def test_gzip_run_killed_after_some_shards_resumes(tmp_path, tiny_family):
-    text = _fasta_text(1500, seed=3, lengths=(8, 30), pad=150)
+    text = _fasta_text(1100, seed=3, lengths=(8, 30), pad=220)
     gz = tmp_path / "db.fasta.gz"
     gz.write_bytes(gzip.compress(text.encode()))
     (tmp_path / "db.fasta").write_text(text)
@@ -357,3 +357,16 @@ def test_bad_locations_one_line_errors(s3, capsys, tmp_path, monkeypatch):
     line = _one_line_error(capsys, "info", "-o", s3.uri("runs", "r1"))
     assert "cannot reach" in line and s3.uri("runs", "r1") in line
     assert time.monotonic() - started < 30
+
+
+def test_packaged_configs_resolve_by_name(tmp_path, monkeypatch):
+    from rdscale.config import ConfigError, load_config, packaged_configs
+
+    monkeypatch.chdir(tmp_path)  # not the repository: the configs come from the package
+    assert {"demo", "demo_s3", "single_gpu", "uniref50_cluster"} <= set(packaged_configs())
+    cfg = load_config("demo_s3")
+    assert cfg.output.dir.startswith("s3://") and all(m.startswith("s3://") for m in cfg.models)
+    assert cfg.input.paths == ["s3://rdscale-demo/in/example.fasta"]
+    assert load_config("conf/demo.yaml").models == load_config("demo").models
+    with pytest.raises(ConfigError, match="packaged configs: demo"):
+        load_config("no_such_config")

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 _EPILOG_RECON = """examples:
   rdscale eval reconstruction --fit runs/demo/fit -o runs/demo/eval
-  rdscale eval reconstruction -c conf/demo.yaml --sample 200 -o runs/recon
+  rdscale eval reconstruction -c demo --sample 200 -o runs/recon
   rdscale eval reconstruction --fasta db.fa --models 8M 35M 150M --sample 500 --regression ols -o runs/recon
 writes <out>/reconstruction.json and <out>/reconstruction.md (and, when fitting fresh, the artifact in <out>/fit)."""
 
@@ -34,14 +34,14 @@ _EPILOG_DMS = """examples:
   rdscale eval dms --csv examples/dms/TOY_SYNTH.csv --wild-type examples/dms/wild_types.fasta \\
       --models models/tiny/esm2_t2_32_tiny.pt models/tiny/esm2_t3_48_tiny.pt models/tiny/esm2_t4_64_tiny.pt \\
       --fit runs/demo/fit -o runs/dms
-  rdscale eval dms -c conf/single_gpu.yaml --csv ProteinGym/*.csv --wild-type ProteinGym_wild_types.fasta -o runs/dms
+  rdscale eval dms -c single_gpu --csv ProteinGym/*.csv --wild-type ProteinGym_wild_types.fasta -o runs/dms
 CSV columns: mutant (e.g. A23V:G45D, 1-based), mutated_sequence, DMS_score. --wild-type: one FASTA record for
 all files, or one record per file whose id is the file's stem (the ProteinGym DMS_id), or a literal sequence.
 writes <out>/dms_results.json, <out>/report.md (Tables 2 and 3 as win rates) and <out>/scaling.png."""
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", help="YAML config (see conf/): models, embedding options; flags override it")
+    p.add_argument("-c", "--config", help="YAML config file or packaged config name (demo, single_gpu, ...): models, embedding options; flags override it")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="the chain, smallest first: ESM-2 names (esm2_t6_8M_UR50D or 8M) or checkpoint paths")
     p.add_argument("--device", help="embedding.device: auto, cpu, cuda, cuda:N")

@@ -15,8 +15,9 @@ from rdscale.config import Config, ConfigError, load_config
 
 log = logging.getLogger("rdscale")
 
-EPILOG = """configs: conf/demo.yaml (offline demo, tiny models), conf/single_gpu.yaml (real ESM-2 8M->650M on one
-GPU), conf/uniref50_cluster.yaml (ray job submit on a GPU cluster). Docs: README.md."""
+EPILOG = """packaged configs (-c NAME): demo (offline demo, tiny models), demo_s3 (the demo with input, checkpoints and
+output on S3), single_gpu (real ESM-2 8M->650M on one GPU), uniref50_cluster (ray job submit on a GPU cluster); or
+-c path/to/file.yaml. Locations may be local paths or s3:// gs:// az:// URIs. Docs: README.md."""
 
 
 def _config_args(p: argparse.ArgumentParser, fasta: bool = True, out: bool = True) -> None:
