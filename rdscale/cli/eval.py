@@ -132,6 +132,10 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
         extra += [f"fit.regression={args.regression}"] if args.regression else []
         cfg = _load(args, extra)
         # never <output.dir>/fit itself: that artifact belongs to the run whose embeddings were made with it
+        from rdscale.io.location import is_remote
+
+        if not args.out and is_remote(cfg.output.dir):
+            raise ConfigError(f"output.dir is {cfg.output.dir}: pass -o with a local directory for the report")
         fit_dir, out = _fresh_fit(cfg, Path(args.out) if args.out else Path(cfg.output.dir) / "eval-reconstruction")
 
     fit, manifest = load_fit(fit_dir)
@@ -175,6 +179,12 @@ def cmd_dms(args: argparse.Namespace) -> int:
     from rdscale.fit.artifact import load_fit
     from rdscale.model.loading import load_model
 
+    from rdscale.io.location import Location, is_remote
+
+    # DMS inputs on an object store are fetched once into the local cache (they are small)
+    args.csv = [Location.parse(p).local_copy() if is_remote(p) else p for p in args.csv]
+    if args.wild_type and is_remote(args.wild_type):
+        args.wild_type = Location.parse(args.wild_type).local_copy()
     missing = [p for p in args.csv if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"DMS CSV file(s) not found: {', '.join(missing)}")
