@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from rdscale.config import load_config  # noqa: E402
-from rdscale.io.fasta import Record, Reject, plan_shards, read_fasta, read_shard  # noqa: E402
-from rdscale.io.location import Location  # noqa: E402
-from rdscale.model.loading import build_tiny_family  # noqa: E402
-from rdscale.run.pipeline import LocalExecutor, embed, fit  # noqa: E402
+from rdscale.config import load_config
+from rdscale.io.fasta import Record, plan_shards, read_fasta, read_shard
+from rdscale.io.location import Location
+from rdscale.model.loading import build_tiny_family
+from rdscale.run.pipeline import LocalExecutor, embed, fit
 
 
 def _cfg(fasta: str, models, out: str, **extra):

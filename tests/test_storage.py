@@ -312,10 +312,10 @@ def test_gzip_run_killed_after_some_shards_resumes(tmp_path, tiny_family):
            "--set", "output.records_per_batch=16", "--set", "output.residues=false"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     kill = ["--set", f"ray.fault_injection={{exit_on_batch: 40, marker: {marker}}}"]
-    first = subprocess.run(cmd + kill, env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(cmd + kill, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode != 0 and marker.exists()
     committed = open_dataset(Run(out).table("shards")).count_rows()
-    second = subprocess.run(cmd + kill, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd + kill, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     shards_line = next(line for line in second.stdout.splitlines() if line.startswith("shards:"))
     total = int(shards_line.split()[1])
@@ -384,7 +384,7 @@ def test_ray_executor_run_on_s3(s3_runs, s3, tiny_family, tmp_path):
            "--set", "ray.cpus_per_actor=1"]
     cmd[cmd.index("--fit"):cmd.index("--fit") + 2] = ["--set", f"fit.artifact={s3_runs['local'] / 'fit'}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local", "RDSCALE_CACHE_DIR": str(tmp_path / "c")}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for table, keys in (("proteins", ["id"]), ("residues", ["id", "pos"])):
         a, b = _rows(s3_runs["local"], table, keys), _rows(out, table, keys)

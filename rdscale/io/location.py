@@ -21,8 +21,9 @@ import os
 import posixpath
 import re
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from rdscale.errors import RdscaleError
 
@@ -97,7 +98,7 @@ class Location:
     # ------------------------------------------------------------------------------------------- construction
 
     @classmethod
-    def parse(cls, text: "str | os.PathLike | Location") -> "Location":
+    def parse(cls, text: str | os.PathLike | Location) -> Location:
         if isinstance(text, Location):
             return text
         raw = os.fspath(text)
@@ -153,13 +154,13 @@ class Location:
         return posixpath.basename(self.path) if not self.is_local else os.path.basename(self.path)
 
     @property
-    def parent(self) -> "Location":
+    def parent(self) -> Location:
         if self.is_local:
             return Location("file", os.path.dirname(self.path) or ".")
         head = posixpath.dirname(self.path)
         return Location(self.scheme, head or self.path)
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         """A location below this one; `parts` are relative (a part with '..' or an absolute part is refused)."""
         out = self.path
         for part in parts:
@@ -173,14 +174,14 @@ class Location:
 
     child = join
 
-    def __truediv__(self, part: str) -> "Location":
+    def __truediv__(self, part: str) -> Location:
         return self.join(part)
 
-    def with_suffix_name(self, suffix: str) -> "Location":
+    def with_suffix_name(self, suffix: str) -> Location:
         """This location with `suffix` appended to its last name (fit -> fit.partial)."""
         return Location(self.scheme, self.path + suffix)
 
-    def relative_to(self, base: "Location | str") -> str | None:
+    def relative_to(self, base: Location | str) -> str | None:
         """This location as a relative name below `base` ("fit", "fit_ext_64"), or None if it is not below it."""
         base = Location.parse(base)
         if base.scheme != self.scheme:
@@ -192,7 +193,7 @@ class Location:
         prefix = b.rstrip("/") + "/"
         return a[len(prefix):] if a.startswith(prefix) else None
 
-    def resolve(self, ref: "str | None") -> "Location | None":
+    def resolve(self, ref: str | None) -> Location | None:
         """A reference recorded relative to this location (or absolute / a URI) as a Location."""
         if not ref:
             return None
@@ -381,7 +382,7 @@ class Location:
         return {"uri": self.uri, "size": info.size,
                 "mtime_ns": info.mtime_ns if info.mtime is not None else None}
 
-    def list(self) -> list["Location"]:
+    def list(self) -> list[Location]:
         """The entries directly below this location (empty if there are none)."""
         import pyarrow.fs as pafs
 
@@ -468,7 +469,7 @@ class Location:
         except OSError as err:
             raise self.error(err, "delete it") from None
 
-    def copy_tree_to(self, dest: "Location") -> None:
+    def copy_tree_to(self, dest: Location) -> None:
         """Copy every file below this location to the same relative names below `dest`."""
         import pyarrow.fs as pafs
 
@@ -517,7 +518,7 @@ class Location:
                 json.dump(stamp, fh)
         return target
 
-    def walk(self) -> Iterator["Location"]:
+    def walk(self) -> Iterator[Location]:
         """Every file below this location."""
         import pyarrow.fs as pafs
 

@@ -61,18 +61,18 @@ def fit_ext_name(width: int) -> str:
     return f"fit_ext_{width}"
 
 
-def default_fit(out: "str | Location") -> Location:
+def default_fit(out: str | Location) -> Location:
     """`<out>/fit`: where `rdscale fit` / `run` write the fit and `embed`, `eval`, `search` look for it."""
     return Location.parse(out).join(FIT)
 
 
-def dataset_exists(where: "str | Location") -> bool:
+def dataset_exists(where: str | Location) -> bool:
     """Whether a Lance dataset is at `where` (it has a `_versions` directory)."""
     loc = Location.parse(where)
     return loc.join("_versions").is_dir()
 
 
-def open_dataset(where: "str | Location", version: int | str | None = None):
+def open_dataset(where: str | Location, version: int | str | None = None):
     """The Lance dataset at `where` (a `*.lance` location), opened with the location's storage options."""
     import lance
 
@@ -91,7 +91,7 @@ def recorded_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg_dict.items() if k != "storage"}
 
 
-def read_metadata(where: "str | Location", ds=None) -> dict[str, Any]:
+def read_metadata(where: str | Location, ds=None) -> dict[str, Any]:
     """The rdscale metadata of a run's table (proteins.lance etc.), decoded: levels, fit_manifest, config,
     version, extensions."""
     md = (ds if ds is not None else open_dataset(where)).schema.metadata or {}
@@ -109,7 +109,7 @@ def read_metadata(where: "str | Location", ds=None) -> dict[str, Any]:
 class Run:
     """A run at a location (a local directory or an object-store prefix)."""
 
-    def __init__(self, location: "str | Location"):
+    def __init__(self, location: str | Location):
         self.location = Location.parse(location)
 
     def __repr__(self) -> str:
@@ -135,7 +135,7 @@ class Run:
     def dataset(self, name: str, version: int | str | None = None):
         return open_dataset(self.table(name), version=version)
 
-    def require(self) -> "Run":
+    def require(self) -> Run:
         """This run, or a LocationError if there is no rdscale run here."""
         if not self.has_table(PROTEINS):
             if not self.location.is_local:
@@ -165,7 +165,7 @@ class Run:
     def gzip_index(self) -> Location:
         return self.location.join(GZIP_INDEX_DIR)
 
-    def ref(self, loc: "str | Location") -> str:
+    def ref(self, loc: str | Location) -> str:
         """How the run records a location: relative to the run when it is inside it, else as given."""
         loc = Location.parse(loc)
         rel = loc.relative_to(self.location)
