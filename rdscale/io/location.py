@@ -254,6 +254,11 @@ class Location:
                 kwargs["scheme"] = scheme if host else "https"
             region = _first(o.get("aws_region"), o.get("region"), os.environ.get("AWS_REGION"),
                             os.environ.get("AWS_DEFAULT_REGION"))
+            if not region and not endpoint:  # real AWS, no region configured: ask where the bucket lives
+                try:
+                    region = pafs.resolve_s3_region(self.bucket)
+                except OSError:
+                    region = None
             if region:
                 kwargs["region"] = region
             access = _first(o.get("aws_access_key_id"), o.get("access_key_id"))
