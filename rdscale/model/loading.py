@@ -11,12 +11,12 @@ torch >= 2.6). We unpickle with ``weights_only=True`` and allow-list exactly one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import pickle
 import re
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
