@@ -288,6 +288,24 @@ def test_plain_gzip_split_into_many_shards_matches_uncompressed(tmp_path, s3, mo
     assert got_s3 == got
 
 
+def test_plain_and_bgzf_on_s3_split_exactly_as_local(tmp_path, s3):
+    """Byte-range shards of an object are read with ranged reads and give the records of the same local file."""
+    from bgzf_util import write_bgzf
+
+    text = _fasta_text(1200, seed=5).encode()
+    plain, bgzf = tmp_path / "p.fasta", tmp_path / "b.fasta.gz"
+    plain.write_bytes(text)
+    write_bgzf(bgzf, text, block_sizes=[7000] * (len(text) // 7000 + 1))
+    for path in (plain, bgzf):
+        uri = s3.uri("split", path.name)
+        Location.parse(uri).write_bytes(path.read_bytes())
+        local_shards, local_items = _items([str(path)], 20_000)
+        remote_shards, remote_items = _items([uri], 20_000)
+        assert len(local_shards) > 4 and [(s.fmt, s.start, s.end) for s in remote_shards] == \
+            [(s.fmt, s.start, s.end) for s in local_shards]
+        assert remote_items == local_items and len(remote_items) == 1200
+
+
 def test_truncated_plain_gzip_is_refused(tmp_path):
     data = gzip.compress(_fasta_text(3000).encode())
     bad = tmp_path / "cut.fasta.gz"
