@@ -151,6 +151,7 @@ def run(args, tmp: Path, server) -> dict:
 
     result = {
         "platform": platform.platform(), "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average_at_end": os.getloadavg(),  # other jobs on the machine make every rate noisy
         "s3_server": "SeaweedFS weed mini on localhost",
         "apply_pass": {"records": len(items), "residues": residues, "repeats": args.repeats,
                        "residues_per_s": rates, "best_local": best["local"], "best_s3": best["s3"],
