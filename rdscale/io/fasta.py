@@ -160,12 +160,13 @@ def _check_exists(path: str | os.PathLike) -> None:
         raise IsADirectoryError(f"FASTA input is a directory, not a file: {path}")
 
 
-def _open(path: str | os.PathLike, buffer_size: int = 1 << 20):
-    """A seekable binary reader of a local file or an object (ranged reads, never the whole object at once)."""
+def _open(path: str | os.PathLike, buffer_size: int | None = None):
+    """A seekable binary reader of a local file or an object (ranged reads of `buffer_size` bytes, 8 MiB by
+    default for objects; never the whole object at once)."""
     loc = Location.parse(path)
     if loc.is_local:
-        return open(path, "rb", buffering=buffer_size)
-    return loc.open(buffer_size=max(buffer_size, 8 << 20))
+        return open(path, "rb", buffering=buffer_size or 1 << 20)
+    return loc.open(buffer_size=buffer_size or 8 << 20)
 
 
 def _bgzf_block_size(buf: bytes | memoryview, pos: int = 0) -> int | None:
@@ -305,7 +306,7 @@ class _BgzfFile:
     def __init__(self, path: str):
         self.path = path
         self.size = Location.parse(path).size()
-        self.f = _open(path)
+        self.f = _open(path, 1 << 20)  # BGZF readers also seek back a block: keep each ranged read small
 
     def close(self) -> None:
         self.f.close()
