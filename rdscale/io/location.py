@@ -177,10 +177,6 @@ class Location:
     def __truediv__(self, part: str) -> Location:
         return self.join(part)
 
-    def with_suffix_name(self, suffix: str) -> Location:
-        """This location with `suffix` appended to its last name (fit -> fit.partial)."""
-        return Location(self.scheme, self.path + suffix)
-
     def relative_to(self, base: Location | str) -> str | None:
         """This location as a relative name below `base` ("fit", "fit_ext_64"), or None if it is not below it."""
         base = Location.parse(base)
