@@ -40,6 +40,7 @@ def ray_session():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a private cluster: never join a `ray start` head running on this machine
             num_cpus=2,
             object_store_memory=200 * 1024 * 1024,
             include_dashboard=False,
