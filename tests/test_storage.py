@@ -396,14 +396,16 @@ def test_ray_executor_run_on_s3(s3_runs, s3, tiny_family, tmp_path):
     """The Ray executor (its own private Ray, in a subprocess so it does not clash with the session's) writes
     an S3 run whose rows equal the local run's."""
     out = s3.uri("runs", "ray")
-    cmd = [sys.executable, "-m", "rdscale", "-q", "run", "--fasta", s3.uri("in", "in.fasta"),
+    secret = s3.env()["AWS_SECRET_ACCESS_KEY"]
+    cmd = [sys.executable, "-m", "rdscale", "-v", "-q", "run", "--fasta", s3.uri("in", "in.fasta"),
            "--models", *s3_runs["models_s3"], "-o", out, "--fit", str(s3_runs["local"] / "fit"),
            "--set", "output.residue_dtype=float32", "--set", "input.shard_mb=0.004",
-           "--set", "ray.cpus_per_actor=1"]
+           "--set", "ray.cpus_per_actor=1", "--set", f"storage.options={{aws_secret_access_key: {secret}}}"]
     cmd[cmd.index("--fit"):cmd.index("--fit") + 2] = ["--set", f"fit.artifact={s3_runs['local'] / 'fit'}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local", "RDSCALE_CACHE_DIR": str(tmp_path / "c")}
     done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert secret not in done.stdout + done.stderr  # debug logging on: options are never logged
     for table, keys in (("proteins", ["id"]), ("residues", ["id", "pos"])):
         a, b = _rows(s3_runs["local"], table, keys), _rows(out, table, keys)
         assert a[keys[0]].to_pylist() == b[keys[0]].to_pylist()
