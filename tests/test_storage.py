@@ -411,3 +411,24 @@ def test_ray_executor_run_on_s3(s3_runs, s3, tiny_family, tmp_path):
         assert a[keys[0]].to_pylist() == b[keys[0]].to_pylist()
         np.testing.assert_allclose(np.asarray(b["embedding"].to_pylist(), np.float32),
                                    np.asarray(a["embedding"].to_pylist(), np.float32), atol=1e-5, rtol=0)
+
+
+def test_run_finds_its_fits_relative_to_itself(tmp_path):
+    """Recorded references resolve against the run; a copy beside the run wins over an absolute path recorded by
+    an older run; an external fit recorded absolutely is used when the run has none of its own."""
+    run = Run(tmp_path / "moved_run")
+    for sub in ("fit", "fit_ext_64"):
+        (tmp_path / "moved_run" / sub).mkdir(parents=True)
+        (tmp_path / "moved_run" / sub / "manifest.json").write_text("{}")
+    assert run.fit_location({"artifact": "fit"}, {}) == run.fit
+    assert run.fit_location({"artifact": "/old/place/run/fit"}, {}) == run.fit
+    ext = {"extensions": [{"width": 80, "step": "fit_ext_64"}, {"width": 64, "step": "/old/place/run/fit_ext_64"}]}
+    assert run.extension_steps(ext) == [run.fit_ext(64), run.fit_ext(64)]
+    external = tmp_path / "shared_fit"
+    external.mkdir()
+    (external / "manifest.json").write_text("{}")
+    bare = Run(tmp_path / "bare_run")
+    assert bare.fit_location({"artifact": str(external)}, {}) == Location.parse(str(external))
+    assert bare.fit_location({}, {"fit": {"artifact": str(external)}}) == Location.parse(str(external))
+    assert bare.fit_location({"artifact": "fit"}, {}) is None
+    assert run.ref(run.fit_ext(64)) == "fit_ext_64" and run.ref(str(external)) == str(external)

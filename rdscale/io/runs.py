@@ -180,10 +180,13 @@ class Run:
         `<run>/fit`, else the `fit.artifact` it was configured with; None when none of them holds a manifest."""
         if manifest is None or config is None:
             meta = self.metadata()
-            manifest = meta.get("fit_manifest") or {} if manifest is None else manifest
-            config = meta.get("config") or {} if config is None else config
+            if manifest is None:
+                manifest = meta.get("fit_manifest") or {}
+            if config is None:
+                config = meta.get("config") or {}
         recorded = manifest.get("artifact")
-        configured = self.resolve((config.get("fit") or {}).get("artifact"))
+        artifact = (config.get("fit") or {}).get("artifact")  # as the user gave it (relative to their cwd)
+        configured = Location.parse(artifact) if artifact else None
         if recorded and "://" not in str(recorded) and not str(recorded).startswith("/"):
             candidates = [self.resolve(recorded), self.fit, configured]
         else:  # an external fit, or a run recorded before references were relative: a copy beside the run wins
