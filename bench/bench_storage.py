@@ -5,7 +5,9 @@ here as the tests do):
 
 - the apply pass (`rdscale embed`, LocalExecutor, the same fit) writing to local disk vs to S3 with the FASTA and
   the checkpoints on S3 too: residues/s and their ratio (target: S3 within 15% of local). Best of `--repeats`
-  alternating runs, so a noisy neighbour hits both sides;
+  alternating runs, so a noisy neighbour hits both sides. Two input sizes (`--records` and `--scale` times as
+  many): the difference gives each side's marginal rate (what a database-sized run sees) and its fixed cost per
+  run (table creation, recovery, dedupe, compaction: a handful of requests on S3);
 - the Lance fragment (data file) sizes the S3 run leaves behind;
 - plain gzip: seek-point index build time (one sequential pass), then reading every record with one sequential
   reader (the unsplit file) vs the indexed shards read by `--workers` processes: records/s and the ratio.
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--gzip-mb", type=float, default=48.0, help="decompressed size of the synthetic plain gzip")
     ap.add_argument("--shard-mb", type=float, default=4.0, help="gzip shard size (decompressed MiB)")
     ap.add_argument("--workers", type=int, default=2, help="parallel gzip shard readers (processes)")
+    ap.add_argument("--scale", type=int, default=4, help="the larger input is this many copies of the records")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_storage.json"))
     args = ap.parse_args()
@@ -93,12 +96,15 @@ def main() -> None:
 
 def run(args, tmp: Path, server) -> dict:
     items = [r for r in read_fasta([args.fasta]) if isinstance(r, Record)][: args.records]
-    fasta = tmp / "in.fasta"
-    fasta.write_text("".join(f">{r.id} {r.description}\n{r.sequence}\n" for r in items))
-    residues = sum(len(r.sequence) for r in items)
+    sizes = {}
+    for label, copies in (("small", 1), ("large", args.scale)):
+        fasta = tmp / f"in_{label}.fasta"
+        fasta.write_text("".join(f">{r.id}_{c} {r.description}\n{r.sequence}\n" for c in range(copies) for r in items))
+        uri = server.uri("in", fasta.name)
+        Location.parse(uri).write_bytes(fasta.read_bytes())
+        sizes[label] = (fasta, uri, copies * sum(len(r.sequence) for r in items))
+    fasta = sizes["small"][0]
     models = build_tiny_family(tmp / "models")
-    fasta_s3 = server.uri("in", "in.fasta")
-    Location.parse(fasta_s3).write_bytes(fasta.read_bytes())
     models_s3 = []
     for m in models:
         models_s3.append(server.uri("models", m.name))
@@ -106,22 +112,29 @@ def run(args, tmp: Path, server) -> dict:
     fit_dir = fit(_cfg(str(fasta), models, str(tmp / "fit_run"), **{"fit.sample_sequences": 100}),
                   LocalExecutor(), out=tmp / "fit")
 
-    rates = {"local": [], "s3": []}
+    times = {(side, label): [] for side in ("local", "s3") for label in sizes}
     s3_out = None
     for rep in range(args.repeats):
-        for side in ("local", "s3"):
-            if side == "local":
-                cfg = _cfg(str(fasta), models, str(tmp / f"local{rep}"))
-            else:
-                s3_out = server.uri("runs", f"s3_{rep}")
-                cfg = _cfg(fasta_s3, models_s3, s3_out)
-            started = time.perf_counter()
-            summary = embed(cfg, fit_dir=str(fit_dir), executor=LocalExecutor(), progress=False)
-            seconds = time.perf_counter() - started
-            assert summary.residues == residues, (summary.residues, residues)
-            rates[side].append(residues / seconds)
-    best = {k: max(v) for k, v in rates.items()}
+        for label, (path, uri, residues) in sizes.items():
+            for side in ("local", "s3"):
+                if side == "local":
+                    cfg = _cfg(str(path), models, str(tmp / f"local_{label}_{rep}"))
+                else:
+                    s3_out = server.uri("runs", f"s3_{label}_{rep}")
+                    cfg = _cfg(uri, models_s3, s3_out)
+                started = time.perf_counter()
+                summary = embed(cfg, fit_dir=str(fit_dir), executor=LocalExecutor(), progress=False)
+                times[side, label].append(time.perf_counter() - started)
+                assert summary.residues == residues, (summary.residues, residues)
+    best_t = {k: min(v) for k, v in times.items()}
+    res_small, res_large = sizes["small"][2], sizes["large"][2]
+    rates = {f"{side}_{label}": sizes[label][2] / best_t[side, label] for side, label in best_t}
+    marginal = {side: (res_large - res_small) / max(1e-9, best_t[side, "large"] - best_t[side, "small"])
+                for side in ("local", "s3")}
+    fixed = {side: best_t[side, "small"] - res_small / marginal[side] for side in ("local", "s3")}
+    best = {"local": rates["local_large"], "s3": rates["s3_large"]}
     ratio = best["s3"] / best["local"]
+    residues = res_large
 
     frag_sizes = {}
     for table in ("proteins", "residues", "rejects"):
@@ -153,9 +166,14 @@ def run(args, tmp: Path, server) -> dict:
         "platform": platform.platform(), "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_average_at_end": os.getloadavg(),  # other jobs on the machine make every rate noisy
         "s3_server": "SeaweedFS weed mini on localhost",
-        "apply_pass": {"records": len(items), "residues": residues, "repeats": args.repeats,
-                       "residues_per_s": rates, "best_local": best["local"], "best_s3": best["s3"],
-                       "s3_over_local": ratio, "target": ">= 0.85"},
+        "apply_pass": {"records": {"small": len(items), "large": len(items) * args.scale},
+                       "residues": {"small": res_small, "large": res_large}, "repeats": args.repeats,
+                       "seconds": {f"{side}_{label}": v for (side, label), v in times.items()},
+                       "residues_per_s_best": rates, "s3_over_local_large": ratio,
+                       "s3_over_local_small": rates["s3_small"] / rates["local_small"],
+                       "marginal_residues_per_s": marginal,
+                       "s3_over_local_marginal": marginal["s3"] / marginal["local"],
+                       "fixed_seconds_per_run": fixed, "target": ">= 0.85"},
         "lance_data_files_s3_run": frag_sizes,
         "gzip": {"decompressed_bytes": len(raw), "compressed_bytes": gz.stat().st_size, "records": n_records,
                  "shards": len(shards), "shard_mb": args.shard_mb, "index_build_s": build_s,
@@ -163,9 +181,13 @@ def run(args, tmp: Path, server) -> dict:
                  "sequential_records_per_s": seq / seq_s, "parallel_records_per_s": par / par_s,
                  "parallel_over_sequential": seq_s / par_s},
     }
-    print(f"apply pass, {len(items)} records / {residues} residues, tiny 32/48/64 chain, best of {args.repeats}:")
-    print(f"  {'local disk':<28} {best['local']:>10,.0f} residues/s")
-    print(f"  {'S3 (FASTA, models, output)':<28} {best['s3']:>10,.0f} residues/s   ratio {ratio:.2f} (target >= 0.85)")
+    print(f"apply pass, tiny 32/48/64 chain, best of {args.repeats} alternating runs (residues/s):")
+    print(f"  {'':<28} {f'{res_small} res':>12} {f'{res_large} res':>12} {'marginal':>12} {'fixed s/run':>12}")
+    for side, name in (("local", "local disk"), ("s3", "S3 (FASTA, models, output)")):
+        print(f"  {name:<28} {rates[side + '_small']:>12,.0f} {rates[side + '_large']:>12,.0f} "
+              f"{marginal[side]:>12,.0f} {fixed[side]:>12.2f}")
+    print(f"  S3 / local: small {rates['s3_small'] / rates['local_small']:.2f}, large {ratio:.2f}, marginal "
+          f"{marginal['s3'] / marginal['local']:.2f} (target >= 0.85)")
     print("Lance data files of the S3 run:")
     for table, f in frag_sizes.items():
         print(f"  {table:<9} {f['files']:>3} files, {f['bytes_total']:>10,} bytes (min {f['bytes_min']:,}, "
