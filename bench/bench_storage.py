@@ -63,8 +63,10 @@ def _synthetic_fasta(target_bytes: int, seed: int = 0) -> bytes:
     return "".join(out).encode()
 
 
-def _count_shard(shard) -> int:
-    return sum(1 for _ in read_shard(shard))
+def _count_shard(shard) -> tuple[int, float]:
+    cpu0 = time.process_time()
+    n = sum(1 for _ in read_shard(shard))
+    return n, time.process_time() - cpu0
 
 
 def main() -> None:
@@ -153,13 +155,16 @@ def run(args, tmp: Path, server) -> dict:
     shards = plan_shards([str(gz)], shard_bytes, index_dir=tmp / "gzip_index")
     build_s = time.perf_counter() - started
     index_bytes = sum(p.stat().st_size for p in (tmp / "gzip_index").glob("*.gzidx"))
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     seq = sum(1 for _ in read_fasta([str(gz)], shard_bytes=1 << 62))  # the unsplit file: one reader
-    seq_s = time.perf_counter() - started
-    started = time.perf_counter()
+    seq_s, seq_cpu = time.perf_counter() - started, time.process_time() - cpu0
     with ProcessPoolExecutor(args.workers) as pool:
-        par = sum(pool.map(_count_shard, shards))
-    par_s = time.perf_counter() - started
+        list(pool.map(abs, range(args.workers)))  # workers started before the clock
+        started = time.perf_counter()
+        par, par_cpu = 0, 0.0
+        for n, cpu in pool.map(_count_shard, shards):
+            par, par_cpu = par + n, par_cpu + cpu
+        par_s = time.perf_counter() - started
     assert seq == par == n_records, (seq, par, n_records)
 
     result = {
@@ -179,7 +184,10 @@ def run(args, tmp: Path, server) -> dict:
                  "shards": len(shards), "shard_mb": args.shard_mb, "index_build_s": build_s,
                  "index_bytes": index_bytes, "sequential_s": seq_s, "parallel_s": par_s, "workers": args.workers,
                  "sequential_records_per_s": seq / seq_s, "parallel_records_per_s": par / par_s,
-                 "parallel_over_sequential": seq_s / par_s},
+                 "parallel_over_sequential": seq_s / par_s,
+                 # CPU per record: equal means W free cores read W times faster (the wall ratio needs idle cores)
+                 "sequential_cpu_s": seq_cpu, "parallel_cpu_s_total": par_cpu,
+                 "cpu_per_record_indexed_over_sequential": par_cpu / max(seq_cpu, 1e-9)},
     }
     print(f"apply pass, tiny 32/48/64 chain, best of {args.repeats} alternating runs (residues/s):")
     print(f"  {'':<28} {f'{res_small} res':>12} {f'{res_large} res':>12} {'marginal':>12} {'fixed s/run':>12}")
@@ -197,7 +205,9 @@ def run(args, tmp: Path, server) -> dict:
     print(f"  index build (one pass)   {build_s:8.2f} s   {len(shards)} shards, index {index_bytes:,} bytes")
     print(f"  one sequential reader    {seq_s:8.2f} s   {g['sequential_records_per_s']:>10,.0f} records/s")
     print(f"  {args.workers} shard readers         {par_s:8.2f} s   {g['parallel_records_per_s']:>10,.0f} records/s"
-          f"   x{g['parallel_over_sequential']:.2f}")
+          f"   x{g['parallel_over_sequential']:.2f} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    print(f"  CPU seconds: sequential {seq_cpu:.2f}, shard readers together {par_cpu:.2f} "
+          f"(x{g['cpu_per_record_indexed_over_sequential']:.2f} per record)")
     return result
 
 
