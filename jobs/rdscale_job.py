@@ -1,7 +1,7 @@
 """Entry point for `ray job submit`: runs one rdscale verb inside the cluster's driver.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/rdscale_job.py run -c conf/demo.yaml --models $PWD/models/tiny/*.pt -o /shared/runs/demo
+        python jobs/rdscale_job.py run -c demo --models $PWD/models/tiny/*.pt -o /shared/runs/demo
 
 It is the CLI itself, with `ray.address=auto` forced so the job joins the cluster it was submitted to instead of
 starting a private one. The job is resumable: submitting it again after a failure skips committed shards.

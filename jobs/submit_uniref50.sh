@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the cluster dashboard, e.g. http://127.0.0.1:8265}"
 ray job submit --address "$RAY_ADDRESS" --working-dir . \
   --runtime-env-json '{"excludes": [".venv", "runs", "models", ".git"], "env_vars": {"RDSCALE_AUTOSCALER": "1"}}' \
-  -- python jobs/rdscale_job.py run -c conf/uniref50_cluster.yaml "$@"
+  -- python jobs/rdscale_job.py run -c uniref50_cluster "$@"

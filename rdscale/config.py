@@ -75,6 +75,14 @@ class RayConfig:
 
 
 @dataclass
+class StorageConfig:
+    # Object-store options for s3:// gs:// az:// locations, passed to Lance as given and mapped onto pyarrow (e.g.
+    # aws_endpoint, region, allow_http). Credentials are better left to the environment (AWS_ACCESS_KEY_ID, ...);
+    # this section is never written into table metadata, fit manifests or logs.
+    options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
 class Config:
     models: list[str] = field(default_factory=list)  # the chain, smallest first (hub names or checkpoint paths)
     input: InputConfig = field(default_factory=InputConfig)
@@ -82,6 +90,7 @@ class Config:
     fit: FitConfig = field(default_factory=FitConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,6 +234,7 @@ _SECTIONS = {
     "fit": FitConfig,
     "output": OutputConfig,
     "ray": RayConfig,
+    "storage": StorageConfig,
 }
 
 
@@ -276,10 +286,7 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
-
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (bundled configs live in conf/)")
+        p = resolve_config_path(path)
         try:
             text = p.read_text()
         except (OSError, UnicodeDecodeError) as err:
@@ -287,11 +294,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = safe_yaml(text, str(p)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must hold a mapping at the top level")
-        _resolve_relative_paths(data, p.parent)
+        # Paths in a config file are relative to its folder; a packaged config (`-c demo`) has no folder a user
+        # knows, so its paths are relative to the current directory (the repository root for the demo).
+        _resolve_relative_paths(data, Path.cwd() if p.parent == PACKAGED_CONFIGS else p.parent)
     for text in overrides or []:
         apply_override(data, *parse_override(text))
     _resolve_relative_paths(data, Path.cwd(), default_output=True)  # the rest came from the command line
     return _build(Config, data, "").validate()
+
+
+PACKAGED_CONFIGS = Path(__file__).parent / "conf"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped inside the package (rdscale/conf/*.yaml): `-c demo` works from a wheel."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: `path` itself if it exists, else the packaged config of that name (`demo`, `demo.yaml` or
+    the repository's old spelling `conf/demo.yaml`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    if str(p.parent) in (".", "conf") and (PACKAGED_CONFIGS / name).is_file():
+        return PACKAGED_CONFIGS / name
+    raise ConfigError(f"config file {p} does not exist (packaged configs: {', '.join(packaged_configs())})")
 
 
 def _is_local_path(text: str) -> bool:

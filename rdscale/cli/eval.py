@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 _EPILOG_RECON = """examples:
   rdscale eval reconstruction --fit runs/demo/fit -o runs/demo/eval
-  rdscale eval reconstruction -c conf/demo.yaml --sample 200 -o runs/recon
+  rdscale eval reconstruction -c demo --sample 200 -o runs/recon
   rdscale eval reconstruction --fasta db.fa --models 8M 35M 150M --sample 500 --regression ols -o runs/recon
 writes <out>/reconstruction.json and <out>/reconstruction.md (and, when fitting fresh, the artifact in <out>/fit)."""
 
@@ -37,14 +37,14 @@ _EPILOG_DMS = """examples:
   rdscale eval dms --csv examples/dms/TOY_SYNTH.csv --wild-type examples/dms/wild_types.fasta \\
       --models models/tiny/esm2_t2_32_tiny.pt models/tiny/esm2_t3_48_tiny.pt models/tiny/esm2_t4_64_tiny.pt \\
       --fit runs/demo/fit -o runs/dms
-  rdscale eval dms -c conf/single_gpu.yaml --csv ProteinGym/*.csv --wild-type ProteinGym_wild_types.fasta -o runs/dms
+  rdscale eval dms -c single_gpu --csv ProteinGym/*.csv --wild-type ProteinGym_wild_types.fasta -o runs/dms
 CSV columns: mutant (e.g. A23V:G45D, 1-based), mutated_sequence, DMS_score. --wild-type: one FASTA record for
 all files, or one record per file whose id is the file's stem (the ProteinGym DMS_id), or a literal sequence.
 writes <out>/dms_results.json, <out>/report.md (Tables 2 and 3 as win rates) and <out>/scaling.png."""
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", help="YAML config (see conf/): models, embedding options; flags override it")
+    p.add_argument("-c", "--config", help="YAML config file or packaged config name (demo, single_gpu, ...): models, embedding options; flags override it")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="the chain, smallest first: ESM-2 names (esm2_t6_8M_UR50D or 8M) or checkpoint paths")
     p.add_argument("--device", help="embedding.device: auto, cpu, cuda, cuda:N")
@@ -118,11 +118,14 @@ def _apply_run(args: argparse.Namespace, models: bool = False) -> None:
 
     if not args.run:
         return
-    fit_dir = Path(args.run) / "fit"
-    manifest_path = fit_dir / "manifest.json"
+    from rdscale.io.runs import default_fit
+
+    fit_loc = default_fit(args.run)
+    fit_dir = Path(fit_loc.path) if fit_loc.is_local else fit_loc.uri
+    manifest_path = fit_loc.join("manifest.json")
     if not manifest_path.is_file():
         raise ConfigError(f"{args.run} holds no fit artifact ({manifest_path} is missing); give --fit DIR instead")
-    if args.fit and Path(args.fit) != fit_dir:
+    if args.fit and str(args.fit).rstrip("/") != str(fit_dir).rstrip("/"):
         raise ConfigError(f"two fits given: RUN {args.run} (its fit/) and --fit {args.fit}; give one")
     args.fit = str(fit_dir)
     if models and not args.models and not args.config:
@@ -152,7 +155,10 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
     if args.fit:
         if args.fasta or args.sample or args.regression or args.models:
             raise ConfigError("--models, --sample and --regression describe a fresh fit; --fit reads a finished one")
-        fit_dir, out = Path(args.fit), Path(args.out) if args.out else None
+        from rdscale.io.location import is_remote
+
+        fit_dir = args.fit if is_remote(args.fit) else Path(args.fit)
+        out = Path(args.out) if args.out else None
         if out is not None:
             check_output_location(out, "report directory")
     else:
@@ -163,6 +169,10 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
         cfg = _load(args, extra)
         check_output_location(args.out or Path(cfg.output.dir) / "eval-reconstruction", "report directory")
         # never <output.dir>/fit itself: that artifact belongs to the run whose embeddings were made with it
+        from rdscale.io.location import is_remote
+
+        if not args.out and is_remote(cfg.output.dir):
+            raise ConfigError(f"output.dir is {cfg.output.dir}: pass -o with a local directory for the report")
         fit_dir, out = _fresh_fit(cfg, Path(args.out) if args.out else Path(cfg.output.dir) / "eval-reconstruction")
 
     fit, manifest = load_fit(fit_dir)
@@ -208,6 +218,13 @@ def cmd_dms(args: argparse.Namespace) -> int:
     from rdscale.model.loading import load_model
 
     _apply_run(args, models=True)
+
+    from rdscale.io.location import Location, is_remote
+
+    # DMS inputs on an object store are fetched once into the local cache (they are small)
+    args.csv = [Location.parse(p).local_copy() if is_remote(p) else p for p in args.csv]
+    if args.wild_type and is_remote(args.wild_type):
+        args.wild_type = Location.parse(args.wild_type).local_copy()
     missing = [p for p in args.csv if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"DMS CSV file(s) not found: {', '.join(missing)}")
@@ -226,7 +243,9 @@ def cmd_dms(args: argparse.Namespace) -> int:
 
     fit, reconstruction = None, None
     fit_dir = args.fit or cfg.fit.artifact
-    default_fit = Path(cfg.output.dir) / "fit"
+    from rdscale.io.runs import default_fit as _default_fit
+
+    default_fit = _default_fit(cfg.output.dir)
     if not fit_dir and len(loaded) > 1 and (default_fit / "manifest.json").is_file():
         fit_dir = default_fit  # where `rdscale run` / `rdscale fit` put it, as `rdscale embed` looks
         log.info("using the fit artifact %s (output.dir/fit)", fit_dir)

@@ -26,8 +26,9 @@ if TYPE_CHECKING:  # the config module (yaml, dataclasses) is imported when a ve
 
 log = logging.getLogger("rdscale")
 
-EPILOG = """configs: conf/demo.yaml (offline demo, tiny models), conf/single_gpu.yaml (real ESM-2 8M->650M on one
-GPU), conf/uniref50_cluster.yaml (ray job submit on a GPU cluster). Docs: README.md."""
+EPILOG = """packaged configs (-c NAME): demo (offline demo, tiny models), demo_s3 (the demo with input, checkpoints and
+output on S3), single_gpu (real ESM-2 8M->650M on one GPU), uniref50_cluster (ray job submit on a GPU cluster); or
+-c path/to/file.yaml. Locations may be local paths or s3:// gs:// az:// URIs. Docs: README.md."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,13 +39,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_args(p: argparse.ArgumentParser, fasta: bool = True, out: bool = True) -> None:
-    p.add_argument("-c", "--config", help="YAML config (see conf/); flags below override it")
+    p.add_argument("-c", "--config", help="YAML config file, or the name of a packaged one (demo, single_gpu, "
+                   "uniref50_cluster, demo_s3); flags below override it")
     if fasta:
-        p.add_argument("--fasta", nargs="+", metavar="FILE", help="input FASTA files (plain, .gz or BGZF)")
+        p.add_argument("--fasta", nargs="+", metavar="FILE",
+                       help="input FASTA files (plain, .gz or BGZF; local paths or s3:// gs:// az:// URIs)")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="the chain, smallest first: ESM-2 names (esm2_t6_8M_UR50D or 8M) or checkpoint paths")
     if out:
-        p.add_argument("-o", "--out", help="output directory (output.dir)")
+        p.add_argument("-o", "--out", help="output directory or object-store prefix, e.g. s3://bucket/run (output.dir)")
     p.add_argument("--device", help="embedding.device: auto, cpu, cuda, cuda:N")
     p.add_argument("--local", action="store_true", help="run in this process without Ray (small inputs, debugging)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -118,7 +121,9 @@ def cmd_embed(args) -> int:
     cfg = _load(args)
     fit_dir = args.fit or cfg.fit.artifact
     if not fit_dir and len(cfg.models) > 1:
-        fit_dir = str(Path(cfg.output.dir) / "fit")
+        from rdscale.io.runs import default_fit
+
+        fit_dir = str(default_fit(cfg.output.dir))
     _print_summary(embed(cfg, fit_dir=fit_dir, progress=not args.quiet, redo_changed=args.redo_changed,
                          restart=args.restart))
     return 0
@@ -133,19 +138,31 @@ def cmd_run(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from rdscale.io.runs import DATA_TABLES, Run
+
+    run = Run(args.out).require()
+    if not run.location.is_local:  # the ledger checks below read local files
+        for name in DATA_TABLES:
+            if run.has_table(name):
+                print(f"{name}: {run.dataset(name).count_rows()} rows  ({run.table_uri(name)})")
+        meta = run.metadata()
+    else:
+        meta = _local_info(Path(run.location.path))
+    print(f"levels (prefix widths): {meta.get('levels')}")
+    models = (meta.get("fit_manifest") or {}).get("models", [])
+    print("models: " + ", ".join(f"{m.get('name')} ({m.get('width')})" for m in models))
+    return 0
+
+
+def _local_info(root: Path) -> dict:
+    """Row counts of a local run's committed shards, with what is incomplete or damaged; returns its metadata."""
     import lance
 
-    from rdscale.io.store import read_metadata
-
-    root = Path(args.out)
-    if not (root / "proteins.lance").exists():
-        from rdscale.config import ConfigError
-
-        raise ConfigError(f"{root} holds no rdscale run (no proteins.lance)")
     from rdscale.io.store import (
         committed_filter,
         incomplete_message,
         missing_data_files,
+        read_metadata,
         run_status,
     )
 
@@ -161,11 +178,7 @@ def cmd_info(args) -> int:
             print("\n".join(f"damaged: data file {g} is missing; run `rdscale verify {root}`" for g in gone[:3]))
         else:
             print(f"{path.stem}: {lance.dataset(str(path)).count_rows(filter=where)} rows  ({path})")
-    meta = read_metadata(root / "proteins.lance")
-    print(f"levels (prefix widths): {meta.get('levels')}")
-    models = (meta.get("fit_manifest") or {}).get("models", [])
-    print("models: " + ", ".join(f"{m.get('name')} ({m.get('width')})" for m in models))
-    return 0
+    return read_metadata(root / "proteins.lance")
 
 
 def cmd_config(args) -> int:
@@ -256,7 +269,7 @@ def build_parser(verb: str | None = None, full: bool = True) -> argparse.Argumen
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("info", help="what a run directory holds")
-    add_run_argument(p)
+    add_run_argument(p, "run directory or object-store prefix (s3://bucket/run)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("compact", help="merge a finished run's small Lance fragments (runs no longer compact at "

@@ -22,7 +22,9 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import rdscale
 from rdscale.errors import RdscaleError
 from rdscale.fit.chain import REGRESSIONS, ChainFit, ChainFitError, StepDiagnostics
 from rdscale.fit.moments import Moments, MomentsError
+from rdscale.io.location import Location, is_remote
 
 __all__ = [
     "FORMAT",
@@ -135,8 +138,10 @@ def save_fit(
         raise ArtifactMismatchError(
             f"moments of width {moments.width} do not belong to a fit of input width {fit.input_width}"
         )
+    if is_remote(directory):
+        return _save_remote(Location.parse(directory), fit, models, extra, moments)
 
-    out = Path(directory)
+    out = Path(Location.parse(directory).path) if isinstance(directory, (str, Location)) else Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     if manifest_path.exists():  # the old manifest must not vouch for new tensor files while they are written
@@ -176,6 +181,53 @@ def save_fit(
     text = json.dumps(_json_safe(manifest), indent=2, sort_keys=False, allow_nan=False)
     _write_atomic(manifest_path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return out
+
+
+def _save_remote(loc: Location, fit: ChainFit, models, extra, moments) -> Location:
+    """Write the artifact locally, then upload it: data files first, the manifest last (object stores have no
+    rename; a location with a manifest.json is a complete artifact, as on disk)."""
+    with tempfile.TemporaryDirectory(prefix="rdscale-fit-") as tmp:
+        save_fit(fit, tmp, models, extra, moments)
+        manifest = loc.join(MANIFEST)
+        if manifest.exists():
+            manifest.delete()
+        for name in (TENSORS, MOMENTS):
+            if (Path(tmp) / name).is_file():
+                loc.join(name).write_bytes((Path(tmp) / name).read_bytes())
+            elif loc.join(name).exists():
+                loc.join(name).delete()
+        manifest.write_bytes((Path(tmp) / MANIFEST).read_bytes())
+    return loc
+
+
+@contextmanager
+def _local_copy(directory) -> Iterator[Path]:
+    """The artifact as a local directory: itself, or a temporary copy of a remote one (manifest and the files it
+    names), with error messages naming the remote location."""
+    if not is_remote(directory):
+        yield Path(Location.parse(directory).path) if isinstance(directory, (str, Location)) else Path(directory)
+        return
+    loc = Location.parse(directory)
+    with tempfile.TemporaryDirectory(prefix="rdscale-fit-") as tmp:
+        manifest = loc.join(MANIFEST)
+        if not manifest.is_file():
+            raise ArtifactError(f"{manifest} is missing: {loc} is not a fit artifact, or saving it was interrupted; "
+                                "rerun the fit")
+        data = manifest.read_bytes()
+        (Path(tmp) / MANIFEST).write_bytes(data)
+        try:
+            files = json.loads(data).get("files") or {}
+        except (ValueError, AttributeError):
+            files = {}
+        for entry in files.values() if isinstance(files, dict) else []:
+            name = entry.get("file") if isinstance(entry, Mapping) else None
+            if isinstance(name, str) and name and "/" not in name and name not in (".", "..") \
+                    and loc.join(name).is_file():
+                (Path(tmp) / name).write_bytes(loc.join(name).read_bytes())
+        try:
+            yield Path(tmp)
+        except ArtifactError as err:
+            raise type(err)(str(err).replace(tmp, loc.uri)) from None
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -244,7 +296,11 @@ def load_fit(
         artifact's models (count, order, name, width, or a checkpoint hash when both sides have one) raises
         ArtifactMismatchError.
     """
-    directory = Path(directory)
+    with _local_copy(directory) as local:
+        return _load_fit(local, expect_models)
+
+
+def _load_fit(directory: Path, expect_models) -> tuple[ChainFit, dict]:
     manifest = _read_manifest(directory)
     widths = tuple(int(w) for w in manifest["widths"])
     models = manifest["models"]
@@ -297,7 +353,11 @@ def load_fit(
 
 def load_moments(directory: str | os.PathLike, device=None) -> Moments:
     """The merged fit-pass moments saved with an artifact (save_fit(..., moments=...))."""
-    directory = Path(directory)
+    with _local_copy(directory) as local:
+        return _load_moments(local, device)
+
+
+def _load_moments(directory: Path, device) -> Moments:
     manifest = _read_manifest(directory)
     entry = manifest["files"].get("moments")
     if entry is None:

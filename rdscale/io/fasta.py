@@ -1,9 +1,12 @@
 """Streaming FASTA reading: plain, gzip and BGZF files, byte-range shards, validation.
 
 A FASTA input is split into shards so that many workers can read one file. Plain and BGZF files are split by byte
-range; plain gzip cannot be entered mid-stream, so it is one shard per file. A record belongs to exactly one shard:
+range; plain gzip cannot be entered mid-stream, so it is one shard per file unless `plan_shards` is given an
+`index_dir`: then a seek-point index (rdscale/io/gzindex.py, one sequential pass, stored and reused) splits it by
+decompressed byte range like a plain file. Inputs may be local paths or object-store URIs (s3://, gs://, az://),
+read with ranged reads through `rdscale.io.location.Location`. A record belongs to exactly one shard:
 
-- plain: the shard whose byte range holds the record's '>' byte;
+- plain, and gzip split by an index: the shard whose (decompressed) byte range holds the record's '>' byte;
 - BGZF: the shard whose (compressed) byte range holds the start of the BGZF block in which the '>' lies.
 
 A reader seeks to its start, resynchronises on the next line that starts with '>', and reads past its end to finish
@@ -42,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from rdscale.errors import RdscaleError
+from rdscale.io.location import Location
 
 __all__ = [
     "ESM_LETTERS",
@@ -114,8 +118,9 @@ class Shard:
     file_index: int
     index: int  # position in the global shard plan
     fmt: str  # "plain" | "gzip" | "bgzf"
-    start: int  # [start, end): file bytes (compressed bytes for BGZF); gzip shards are always [0, None)
+    start: int  # [start, end): file bytes (compressed bytes for BGZF, decompressed bytes for indexed gzip)
     end: int | None  # None = end of file
+    gzip_index: str | None = None  # plain gzip: the seek-point index that lets the shard start mid-stream (else [0, None))
 
     @property
     def key(self) -> str:
@@ -141,10 +146,26 @@ _BGZF_FOOTER = 8  # CRC32 + ISIZE
 
 
 def _check_exists(path: str | os.PathLike) -> None:
+    loc = Location.parse(path)
+    if not loc.is_local:
+        if loc.is_dir():
+            raise IsADirectoryError(f"FASTA input is a directory, not a file: {path}")
+        if not loc.is_file():
+            raise loc.error(FileNotFoundError(f"FASTA input not found: {path}"))
+        return
     if not os.path.exists(path):
         raise FileNotFoundError(f"FASTA input not found: {path}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"FASTA input is a directory, not a file: {path}")
+
+
+def _open(path: str | os.PathLike, buffer_size: int | None = None):
+    """A seekable binary reader of a local file or an object (ranged reads of `buffer_size` bytes, 8 MiB by
+    default for objects; never the whole object at once)."""
+    loc = Location.parse(path)
+    if loc.is_local:
+        return open(path, "rb", buffering=buffer_size or 1 << 20)
+    return loc.open(buffer_size=buffer_size or 8 << 20)
 
 
 def _bgzf_block_size(buf: bytes | memoryview, pos: int = 0) -> int | None:
@@ -173,7 +194,7 @@ def _bgzf_block_size(buf: bytes | memoryview, pos: int = 0) -> int | None:
 def detect_format(path: str | os.PathLike) -> str:
     """"plain", "gzip" or "bgzf", from the file's first bytes (not its name)."""
     _check_exists(path)
-    with open(path, "rb") as f:
+    with _open(path, 1 << 16) as f:
         head = f.read(12)
         if head[:2] != _GZIP_MAGIC:
             return "plain"
@@ -185,11 +206,17 @@ def detect_format(path: str | os.PathLike) -> str:
         return "gzip"
 
 
-def plan_shards(paths: str | os.PathLike | Iterable[str | os.PathLike], shard_bytes: int = 64 << 20) -> list[Shard]:
+def plan_shards(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    shard_bytes: int = 64 << 20,
+    index_dir: str | os.PathLike | Location | None = None,
+) -> list[Shard]:
     """Split the inputs into shards of about ``shard_bytes`` (file bytes; compressed bytes for BGZF).
 
-    Plain gzip files are one shard each. Every file gets at least one shard, empty files included, so that a
-    shard plan also says which files were read.
+    Plain gzip files are one shard each, unless ``index_dir`` is given: then a plain gzip file larger than
+    ``shard_bytes`` is indexed (or its stored index reused) and split at seek points about ``shard_bytes``
+    decompressed bytes apart. Every file gets at least one shard, empty files included, so that a shard plan
+    also says which files were read.
     """
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
@@ -199,14 +226,20 @@ def plan_shards(paths: str | os.PathLike | Iterable[str | os.PathLike], shard_by
     for file_index, path in enumerate(paths):
         path = str(path)
         fmt = detect_format(path)
-        size = os.path.getsize(path)
-        if fmt == "gzip" or size <= shard_bytes:
+        size = Location.parse(path).size()
+        gz_index = None
+        if fmt == "gzip" and index_dir is not None and size > shard_bytes:
+            from rdscale.io.gzindex import seek_points, spacing_for
+
+            gz_index, points, _ = seek_points(path, index_dir, spacing_for(shard_bytes))
+            ranges = [(p, points[i + 1] if i + 1 < len(points) else None) for i, p in enumerate(points)]
+        elif fmt == "gzip" or size <= shard_bytes:
             ranges = [(0, None)]
         else:
             starts = range(0, size, shard_bytes)
             ranges = [(s, s + shard_bytes if s + shard_bytes < size else None) for s in starts]
         for start, end in ranges:
-            shards.append(Shard(path, file_index, len(shards), fmt, start, end))
+            shards.append(Shard(path, file_index, len(shards), fmt, start, end, gz_index))
     return shards
 
 
@@ -218,8 +251,8 @@ def plan_shards(paths: str | os.PathLike | Iterable[str | os.PathLike], shard_by
 Line = tuple[bytes, int, int]
 
 
-def _plain_lines(path: str, start: int) -> Iterator[Line]:
-    with open(path, "rb", buffering=1 << 20) as f:
+def _plain_lines(path: str, start: int, opened=None) -> Iterator[Line]:
+    with (opened if opened is not None else _open(path)) as f:
         pos = start
         if start > 0:
             # The byte before `start` decides whether `start` begins a line; readline() from there lands on the
@@ -231,9 +264,30 @@ def _plain_lines(path: str, start: int) -> Iterator[Line]:
             pos += len(line)
 
 
+def _indexed_gzip_lines(path: str, start: int, index: str) -> Iterator[Line]:
+    """Lines of the decompressed stream from `start` on (resynchronised like a plain file), via the index."""
+    from rdscale.io.gzindex import open_at
+
+    gz, raw = open_at(path, index)
+    pos = start
+    try:
+        lines = _plain_lines(path, start, opened=gz)
+        while True:
+            try:
+                item = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, OSError, ValueError, zlib.error) as e:
+                raise FastaFormatError(path, f"decompressed byte {pos}", f"corrupt or truncated gzip stream: {e}")
+            pos = item[1] + len(item[0])
+            yield item
+    finally:
+        raw.close()
+
+
 def _gzip_lines(path: str) -> Iterator[Line]:
     pos = 0
-    with gzip.open(path, "rb") as f:
+    with _open(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
         while True:
             try:
                 line = f.readline()
@@ -250,8 +304,8 @@ class _BgzfFile:
 
     def __init__(self, path: str):
         self.path = path
-        self.size = os.path.getsize(path)
-        self.f = open(path, "rb", buffering=1 << 20)
+        self.size = Location.parse(path).size()
+        self.f = _open(path, 1 << 20)  # BGZF readers also seek back a block: keep each ranged read small
 
     def close(self) -> None:
         self.f.close()
@@ -503,9 +557,12 @@ def read_shard(shard: Shard, options: ValidationOptions = ValidationOptions()) -
     _check_exists(shard.path)
     if shard.fmt == "plain":
         lines = _plain_lines(shard.path, shard.start)
+    elif shard.fmt == "gzip" and shard.gzip_index is not None:
+        lines = _indexed_gzip_lines(shard.path, shard.start, shard.gzip_index)
     elif shard.fmt == "gzip":
         if shard.start != 0 or shard.end is not None:
-            raise ValueError(f"{shard.path}: a plain gzip file cannot be split; its shard must be [0, None)")
+            raise ValueError(f"{shard.path}: a plain gzip file cannot be split without a seek-point index; "
+                             "its shard must be [0, None)")
         lines = _gzip_lines(shard.path)
     elif shard.fmt == "bgzf":
         lines = _bgzf_lines(shard.path, shard.start, shard.end)

@@ -28,17 +28,25 @@ from lance.fragment import FragmentMetadata, write_fragments
 
 from rdscale import __version__
 from rdscale.errors import RdscaleError
+from rdscale.io.location import Location
+from rdscale.io.runs import (  # noqa: F401 - re-exported: table names and metadata keys live with the run
+    DATA_TABLES,
+    LEDGER,
+    META_CONFIG,
+    META_LEVELS,
+    META_MANIFEST,
+    META_RUN_KEY,
+    META_VERSION,
+    PROTEINS,
+    REJECTS,
+    RESIDUES,
+    Run,
+    dataset_exists,
+    open_dataset,
+)
+from rdscale.io.runs import read_metadata as _read_metadata
 
 log = logging.getLogger(__name__)
-
-PROTEINS, RESIDUES, REJECTS, LEDGER = "proteins", "residues", "rejects", "shards"
-DATA_TABLES = (PROTEINS, RESIDUES, REJECTS)
-
-META_MANIFEST = b"rdscale.fit_manifest"
-META_LEVELS = b"rdscale.levels"
-META_CONFIG = b"rdscale.config"
-META_VERSION = b"rdscale.version"
-META_RUN_KEY = b"rdscale.run_key"
 
 
 class StoreError(RdscaleError, RuntimeError):
@@ -194,7 +202,8 @@ def write_table_fragments(uri: str, table: pa.Table) -> list[str]:
     if table.num_rows == 0:
         return []
     out = []
-    for frag in write_fragments(table, uri, schema=table.schema):
+    options = Location.parse(uri).storage_options or None
+    for frag in write_fragments(table, uri, schema=table.schema, storage_options=options):
         meta = frag.to_json()  # a dict in recent pylance, a str in older releases
         out.append(meta if isinstance(meta, str) else json.dumps(meta))
     return out
@@ -231,23 +240,28 @@ class ShardResult:
 class RunStore:
     """The Lance tables of one run directory, opened by the driver."""
 
-    def __init__(self, out_dir: str | Path, schemas: dict[str, pa.Schema], run_key: str):
-        self.root = Path(out_dir)
+    def __init__(self, out_dir: str | Path | Location, schemas: dict[str, pa.Schema], run_key: str):
+        self.run = Run(out_dir)
+        self.root = self.run.location
         self.schemas = schemas
         self.run_key = run_key
         self.lease = None  # rdscale.io.lease.WriterLease: when set, every change checks it is still held
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir()
         for name, schema in schemas.items():
             self._open_or_create(name, schema)
         self._open_or_create(LEDGER, LEDGER_SCHEMA.with_metadata({META_RUN_KEY: run_key.encode()}))
 
     def uri(self, name: str) -> str:
-        return str(self.root / f"{name}.lance")
+        return self.run.table_uri(name)
+
+    @property
+    def _options(self) -> dict[str, str] | None:
+        return self.root.storage_options or None
 
     def _open_or_create(self, name: str, schema: pa.Schema) -> None:
         uri = self.uri(name)
-        if Path(uri).exists():
-            found = lance.dataset(uri).schema
+        if dataset_exists(uri):
+            found = self.dataset(name).schema
             key = (found.metadata or {}).get(META_RUN_KEY, b"").decode()
             if key != self.run_key:
                 raise StoreError(
@@ -255,10 +269,15 @@ class RunStore:
                     f"settings). Choose a new output.dir, or delete {self.root} to start over."
                 )
             return
-        lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, []))
+        try:
+            lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, []), storage_options=self._options)
+        except (OSError, ValueError) as err:
+            if self.root.is_local:
+                raise
+            raise Location.parse(uri).error(err, "create the Lance dataset") from None
 
     def dataset(self, name: str) -> lance.LanceDataset:
-        return lance.dataset(self.uri(name))
+        return open_dataset(self.uri(name))
 
     def committed(self) -> dict[int, dict[str, Any]]:
         """Ledger rows of the shards whose output is complete, by shard index."""
@@ -338,7 +357,7 @@ class RunStore:
                 continue
             ds = self.dataset(name)
             op = lance.LanceOperation.Append([FragmentMetadata.from_json(f) for f in frags])
-            lance.LanceDataset.commit(self.uri(name), op, read_version=ds.version)
+            lance.LanceDataset.commit(self.uri(name), op, read_version=ds.version, storage_options=self._options)
             fault_point("between_tables")
         fault_point("before_ledger")
         row = pa.table(
@@ -355,7 +374,7 @@ class RunStore:
             },
             schema=LEDGER_SCHEMA,
         )
-        lance.write_dataset(row, self.uri(LEDGER), mode="append")
+        lance.write_dataset(row, self.uri(LEDGER), mode="append", storage_options=self._options)
         fault_point("after_ledger")
         return True
 
@@ -406,7 +425,7 @@ class RunStore:
             ids, shards = new_t["id"].to_pylist(), new_t["shard"].to_pylist()
             table = pa.table({"id": ids, "source": [source[k] for k in zip(ids, shards)], "reason": new_t["reason"],
                               "shard": pa.array(shards, pa.int32())}, schema=self.schemas[REJECTS])
-            lance.write_dataset(table, self.uri(REJECTS), mode="append")
+            lance.write_dataset(table, self.uri(REJECTS), mode="append", storage_options=self._options)
         # One delete (a scan of each table) per ~20,000 ids, whatever the number of shards they are spread over.
         clauses, size = [], 0
         for shard, ids, _ in _by_shard(moved_t):
@@ -628,16 +647,9 @@ def sql_in_list(values) -> str:
     return ", ".join(sql_str(v) for v in values)
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The rdscale metadata of a run's table (proteins.lance etc.), decoded."""
-    md = lance.dataset(str(path)).schema.metadata or {}
-    out: dict[str, Any] = {}
-    for key in (META_LEVELS, META_MANIFEST, META_CONFIG):
-        if key in md:
-            out[key.decode().split(".", 1)[1]] = json.loads(md[key])
-    if META_VERSION in md:
-        out["version"] = md[META_VERSION].decode()
-    return out
+def read_metadata(path: str | Path | Location) -> dict[str, Any]:
+    """The rdscale metadata of a run's table (proteins.lance etc.), decoded (see rdscale.io.runs)."""
+    return _read_metadata(path)
 
 
 

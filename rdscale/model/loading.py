@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -403,9 +404,22 @@ def _is_path(name_or_path) -> bool:
     return isinstance(name_or_path, os.PathLike) or text.endswith(".pt") or os.sep in text or Path(text).exists()
 
 
+def _fetched(name_or_path) -> tuple[object, str | None]:
+    """A checkpoint URI (s3://, gs://, az://) -> (its copy in this node's cache, the URI); anything else as is."""
+    from rdscale.io.location import Location, is_remote
+
+    if not is_remote(name_or_path):
+        return name_or_path, None
+    return Path(Location.parse(name_or_path).local_copy()), str(name_or_path)
+
+
 def describe_model(name_or_path) -> dict:
     """{name, source, width, layers, sha256} of a model without building it: the family table for a hub name
-    (sha256 None until downloaded), the checkpoint's own config (memory-mapped, weights untouched) for a file."""
+    (sha256 None until downloaded), the checkpoint's own config (memory-mapped, weights untouched) for a file.
+    A checkpoint URI is fetched once per node into a local cache; its source stays the URI."""
+    name_or_path, uri = _fetched(name_or_path)
+    if uri is not None:
+        return {**describe_model(name_or_path), "source": uri}
     if not _is_path(name_or_path):
         spec = resolve_name(str(name_or_path))
         cached = hub_checkpoint_path(spec.name)
@@ -420,7 +434,12 @@ def describe_model(name_or_path) -> dict:
 
 
 def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
-    """Load an ESM-2 model by hub name/alias (downloaded once into torch.hub's cache) or from a local .pt file."""
+    """Load an ESM-2 model by hub name/alias (downloaded once into torch.hub's cache), from a local .pt file, or
+    from a checkpoint URI (fetched once per node into a local cache; `source` stays the URI)."""
+    name_or_path, uri = _fetched(name_or_path)
+    if uri is not None:
+        loaded = load_model(name_or_path, device=device, dtype=dtype)
+        return dataclasses.replace(loaded, source=uri)
     text = str(name_or_path)
     if _is_path(name_or_path):
         path = Path(text).expanduser()

@@ -43,12 +43,13 @@ from rdscale.errors import RdscaleError
 from rdscale.fit.artifact import ArtifactError, load_fit, save_fit
 from rdscale.fit.chain import ChainFit, fit_chain
 from rdscale.fit.moments import Moments
+from rdscale.io.location import Location
+from rdscale.io.runs import EXTENSIONS_KEY, Run, open_dataset
 from rdscale.io.store import (
     META_LEVELS,
     META_MANIFEST,
     PROTEINS,
     RESIDUES,
-    read_metadata,
     sql_in_list,
 )
 from rdscale.progress import Progress
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 EMBEDDING = "embedding"
 STAGED = "embedding__extended"  # the new column version while fragments are being written
-EXTENSIONS_KEY = "rdscale.extensions"
 
 
 class ExtendError(RdscaleError, RuntimeError):
@@ -92,21 +92,21 @@ class ExtendSummary:
 # what is there
 
 
-def _open(run: Path, name: str) -> lance.LanceDataset | None:
-    path = run / f"{name}.lance"
-    return lance.dataset(str(path)) if path.exists() else None
+def _open(run: Run, name: str) -> lance.LanceDataset | None:
+    return run.dataset(name) if run.has_table(name) else None
 
 
 def _width(ds: lance.LanceDataset, column: str = EMBEDDING) -> int:
     return ds.schema.field(column).type.list_size
 
 
-def check_extendable(run: Path) -> dict[str, Any]:
+def check_extendable(run: Run | str | Path) -> dict[str, Any]:
     """The run's levels, manifest and config, or ExtendError saying why it cannot be extended."""
+    run = run if isinstance(run, Run) else Run(run)
     proteins = _open(run, PROTEINS)
     if proteins is None:
         raise ExtendError(f"{run} holds no rdscale run (no proteins.lance)")
-    meta = read_metadata(run / "proteins.lance")
+    meta = run.metadata()
     levels = [int(w) for w in meta.get("levels", [])]
     width = _width(proteins) if EMBEDDING in proteins.schema.names else None
     if width is None or not levels:
@@ -181,7 +181,7 @@ def _sample_ids(proteins: lance.LanceDataset, n: int) -> list[str]:
     return proteins.take(rows.tolist(), columns=["id"])["id"].to_pylist()
 
 
-def fit_step_from_prefix(run: Path, encoder, sample_sequences: int, regression: str, width: int,
+def fit_step_from_prefix(run: Run, encoder, sample_sequences: int, regression: str, width: int,
                          chunk: int = 64) -> tuple[ChainFit, Moments, int]:
     """Moments of [z; h_new] over the residues of a sample of proteins -> the 2-block step fit."""
     proteins, residues = _open(run, PROTEINS), _open(run, RESIDUES)
@@ -292,7 +292,7 @@ class _ProteinColumn:
         return pa.RecordBatch.from_arrays([column], names=[STAGED])
 
 
-def _extend_table(uri: str, fn, columns: list[str], partial: Path, bar: Progress, runner=None) -> tuple[int, int]:
+def _extend_table(uri: str, fn, columns: list[str], partial: Location, bar: Progress, runner=None) -> tuple[int, int]:
     """New column version for every fragment (skipping those recorded in `partial`), committed as one Merge, then
     switched in for `embedding`. Returns (rows written, fragments skipped).
 
@@ -300,19 +300,19 @@ def _extend_table(uri: str, fn, columns: list[str], partial: Path, bar: Progress
     (fragment_id, fragment metadata JSON, schema) as they finish, in any order (the executor's actors)."""
     from lance.fragment import FragmentMetadata
 
-    ds = lance.dataset(uri)
+    ds = open_dataset(uri)
     if STAGED in ds.schema.names:  # killed between the Merge commit and the switch
         return _switch(ds), 0
     if any(f.deletion_file() is not None for f in ds.get_fragments()):
         # Row-aligned new columns need fragments without deletion vectors; compaction materialises deletions.
         ds.optimize.compact_files(materialize_deletions=True, materialize_deletions_threshold=0.0)
-        ds = lance.dataset(uri)
-        shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True, exist_ok=True)
+        ds = open_dataset(uri)
+        partial.delete()
+    partial.mkdir()
     state_file = partial / "version.json"
     if state_file.exists() and json.loads(state_file.read_text())["version"] != ds.version:
-        shutil.rmtree(partial)  # the table changed since those fragments were written: start over
-        partial.mkdir(parents=True)
+        partial.delete()  # the table changed since those fragments were written: start over
+        partial.mkdir()
     state_file.write_text(json.dumps({"version": ds.version}))
     all_frags = ds.get_fragments()
     if not all_frags:  # an empty table: nothing to write
@@ -339,8 +339,9 @@ def _extend_table(uri: str, fn, columns: list[str], partial: Path, bar: Progress
         for fragment_id, as_json, schema in runner([f.fragment_id for f in todo], ds.version):
             record(fragment_id, as_json)
     fragments = [FragmentMetadata.from_json((partial / f"{f.fragment_id}.json").read_text()) for f in all_frags]
-    lance.LanceDataset.commit(uri, lance.LanceOperation.Merge(fragments, schema), read_version=ds.version)
-    _switch(lance.dataset(uri))
+    lance.LanceDataset.commit(uri, lance.LanceOperation.Merge(fragments, schema), read_version=ds.version,
+                              storage_options=Location.parse(uri).storage_options or None)
+    _switch(open_dataset(uri))
     return rows, skipped
 
 
@@ -386,7 +387,7 @@ def _switch(ds: lance.LanceDataset) -> int:
 
 
 def _update_metadata(uri: str, levels: list[int], manifest: dict, extension: dict) -> None:
-    ds = lance.dataset(uri)
+    ds = open_dataset(uri)
     md = {k.decode(): v.decode() for k, v in (ds.schema.metadata or {}).items()}
     exts = json.loads(md.get(EXTENSIONS_KEY, "[]"))
     if not any(e["width"] == extension["width"] for e in exts):
@@ -411,19 +412,22 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     from rdscale.run.stages import ChainEncoder
 
     started = time.perf_counter()
-    run = Path(run_dir).absolute()  # actors (maybe on other nodes) never see the driver's working directory
+    run = Run(run_dir if "://" in str(run_dir) else Path(run_dir).absolute())  # actors never see our cwd
     if "://" not in str(model) and (str(model).endswith(".pt") or "/" in str(model)):
         model = str(Path(model).expanduser().absolute())  # a checkpoint path, not a hub name
-    from rdscale.io.store import incomplete_message, run_status
+    if run.location.is_local:
+        from rdscale.io.store import incomplete_message, run_status
 
-    if (run / "shards.lance").exists() and (why := incomplete_message(run_status(run))):
-        # Extending a partial run would change the tables' schema under the shards still to be embedded.
-        raise ExtendError(f"{run} is {why}; finish the run first (rerun the same `rdscale run` command), then extend")
+        root = Path(run.location.path)
+        if (root / "shards.lance").exists() and (why := incomplete_message(run_status(root))):
+            # Extending a partial run would change the tables' schema under the shards still to be embedded.
+            raise ExtendError(f"{root} is {why}; finish the run first (rerun the same `rdscale run` command), "
+                              "then extend")
     info = check_extendable(run)
     width, levels, manifest = info["width"], info["levels"], info["manifest"]
     cfg = Config.from_dict(info["config"], list(overrides)) if info["config"] else Config()
-    step_dir = run / f"fit_ext_{width}"
-    partial_root = run / "extend.partial"
+    step_dir = run.fit_ext(width)
+    partial_root = run.location / "extend.partial"
 
     if local is True:
         cfg.ray.address = "local"
@@ -446,7 +450,7 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     summary = ExtendSummary(run_dir=str(run), old_width=width, new_width=k_new, model=new["name"], step_source="",
                             models_loaded=[new["source"]])
 
-    if (step_dir / "manifest.json").exists():
+    if (step_dir / "manifest.json").is_file():
         step, step_manifest = load_fit(step_dir)
         if step_manifest["models"][-1].get("sha256") not in (None, new["sha256"]) or step.widths != (width, k_new):
             raise ExtendError(f"{step_dir} holds an extension step for another model; delete it to start over")
@@ -454,9 +458,10 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     else:
         if from_fit:
             longer, longer_manifest = load_fit(from_fit)
-            base_dir = Path(manifest.get("artifact") or run / "fit")
-            if not (base_dir / "manifest.json").exists():
-                raise ExtendError(f"the run's fit artifact ({base_dir}) is gone; cannot check --from-fit against it")
+            base_dir = run.fit_location(manifest, info["config"])
+            if base_dir is None:
+                raise ExtendError(f"the run's fit artifact ({run.resolve(manifest.get('artifact')) or run.fit}) is "
+                                  "gone; cannot check --from-fit against it")
             _check_prefix_fit(longer, load_fit(base_dir)[0])
             sha = longer_manifest["models"][-1].get("sha256")
             if sha and new["sha256"] and sha != new["sha256"]:
@@ -471,22 +476,27 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
                 step, moments, n_seq = executor.extend_fit_step(model, cfg, str(run), sample_sequences, regression,
                                                                 width)
             source = f"fitted on the stored rd.{width} prefix of {n_seq} proteins ({step.n_residues} residues)"
-        staging = Path(str(step_dir) + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        prefix_model = {"name": f"rd.{width}", "width": width, "source": str(run), "sha256": None}
-        save_fit(step, staging, models=[prefix_model, new], moments=moments,
-                 extra={"source": source, "sequences": n_seq})
-        staging.rename(step_dir)
+        # the prefix "model" is this run; named relatively so a copied run's step does not point elsewhere
+        prefix_model = {"name": f"rd.{width}", "width": width, "source": ".", "sha256": None}
+        if step_dir.is_local:
+            staging = Path(str(step_dir) + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            save_fit(step, staging, models=[prefix_model, new], moments=moments,
+                     extra={"source": source, "sequences": n_seq})
+            staging.rename(step_dir.path)
+        else:  # no renames on object stores: the manifest, written last, marks a complete artifact
+            save_fit(step, step_dir, models=[prefix_model, new], moments=moments,
+                     extra={"source": source, "sequences": n_seq})
         summary.step_source = source
 
-    proteins_uri, residues_uri = str(run / "proteins.lance"), str(run / "residues.lance")
+    proteins_uri, residues_uri = run.table_uri(PROTEINS), run.table_uri(RESIDUES)
     tables = [RESIDUES, PROTEINS] if info["has_residues"] else [PROTEINS]
-    n_frags = sum(len(lance.dataset(str(run / f"{t}.lance")).get_fragments()) for t in tables)
-    proteins = lance.dataset(proteins_uri)
+    n_frags = sum(len(run.dataset(t).get_fragments()) for t in tables)
+    proteins = open_dataset(proteins_uri)
     with Progress(total=n_frags, unit="fragment", desc="extending", enabled=progress) as bar:
         means = None
         if info["has_residues"]:
-            residues = lance.dataset(residues_uri)
+            residues = open_dataset(residues_uri)
             if EMBEDDING in residues.schema.names and _width(residues) == k_new:
                 log.info("residues already extended to %d", k_new)
             else:
@@ -523,11 +533,11 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     new_manifest = dict(manifest)
     new_manifest["models"] = list(manifest.get("models", [])) + [new]
     new_manifest["extensions"] = list(manifest.get("extensions", [])) + [
-        {"width": k_new, "step": str(step_dir), "source": summary.step_source}]
-    extension = {"width": k_new, "model": new, "step": str(step_dir), "from": width}
+        {"width": k_new, "step": run.ref(step_dir), "source": summary.step_source}]
+    extension = {"width": k_new, "model": new, "step": run.ref(step_dir), "from": width}
     for uri in [residues_uri] * info["has_residues"] + [proteins_uri]:
         _update_metadata(uri, levels + [k_new], new_manifest, extension)
-    shutil.rmtree(partial_root, ignore_errors=True)
+    partial_root.delete()
     summary.proteins = summary.proteins or proteins.count_rows()
     summary.seconds = time.perf_counter() - started
     return summary
@@ -536,17 +546,18 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
 def load_query_chain(run_dir: str | Path) -> list[ChainFit]:
     """The fits that turn per-model embeddings into this run's stored embedding: the base fit, then each
     extension step in order (for embedding queries the same way)."""
-    run = Path(run_dir)
-    meta = read_metadata(run / "proteins.lance")
+    run = Run(run_dir)
+    meta = run.metadata()
+    manifest = meta.get("fit_manifest") or {}
     fits = []
-    base = Path((meta.get("fit_manifest") or {}).get("artifact") or run / "fit")
-    if (base / "manifest.json").exists():
+    base = run.fit_location(manifest, meta.get("config") or {})
+    if base is not None:
         fits.append(load_fit(base)[0])
-    for ext in (meta.get("fit_manifest") or {}).get("extensions", []):
+    for step in run.extension_steps(manifest):
         try:
-            fits.append(load_fit(ext["step"])[0])
+            fits.append(load_fit(step)[0])
         except ArtifactError as err:
-            raise ExtendError(f"extension step {ext['step']} of {run} cannot be read: {err}") from err
+            raise ExtendError(f"extension step {step} of {run} cannot be read: {err}") from err
     return fits
 
 

@@ -18,6 +18,8 @@ from typing import Any, Iterator, Protocol, Sequence
 from rdscale.config import Config, ConfigError
 from rdscale.io.fasta import Shard, ValidationOptions, plan_shards
 from rdscale.io.lease import WriterLease
+from rdscale.io.location import Location, set_storage_options
+from rdscale.io.runs import Run, default_fit, recorded_config
 from rdscale.io.store import (
     DATA_TABLES,
     RESIDUES,
@@ -125,12 +127,17 @@ def make_executor(cfg: Config) -> Executor:
 
 
 def plan(cfg: Config) -> list[Shard]:
+    set_storage_options(cfg.storage.options)
     if not cfg.input.paths:
         raise ConfigError("no input FASTA files: set input.paths in the config or pass --fasta")
-    missing = [p for p in cfg.input.paths if not Path(p).is_file()]
+    missing = [p for p in cfg.input.paths if not Location.parse(p).is_file()]
+    for p in missing:
+        if not Location.parse(p).is_local:  # name a missing bucket as such
+            raise ConfigError(f"input file not found: {Location.parse(p).not_found_error()}")
     if missing:
         raise ConfigError(f"input file(s) not found: {', '.join(missing)}")
-    return plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)))
+    return plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
+                       index_dir=Run(cfg.output.dir).gzip_index)
 
 
 def _check_models(cfg: Config) -> list[str]:
@@ -178,19 +185,20 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
                     "sampled shards ran short", sequences, cfg.fit.sample_sequences)
     model_info = parts[0]["models"]
     fit_result = fit_chain(merged, [m["width"] for m in model_info], regression=cfg.fit.regression)
-    fit_dir = Path(out or Path(cfg.output.dir) / "fit")
+    fit_dir = Location.parse(out) if out else default_fit(cfg.output.dir)
     save_fit(
         fit_result, fit_dir, models=model_info,
-        extra={"sequences": sequences, "residues": residues, "config": cfg.to_dict(),
+        extra={"sequences": sequences, "residues": residues, "config": recorded_config(cfg.to_dict()),
                "seconds": time.perf_counter() - started},
         moments=merged,
     )
     log.info("fit artifact written to %s (%d sequences, %d residues)", final or fit_dir, sequences, residues)
-    return fit_dir
+    return Path(fit_dir.path) if fit_dir.is_local else fit_dir  # a remote artifact stays a Location
 
 
 def _file_fingerprint(path: str) -> dict[str, Any]:
-    return {"path": str(Path(path).resolve())}
+    loc = Location.parse(path)
+    return {"path": str(Path(loc.path).resolve()) if loc.is_local else loc.uri}
 
 
 def run_key(cfg: Config, shards: Sequence[Shard], manifest: dict) -> str:
@@ -219,11 +227,12 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     shards whose input changed instead of refusing; restart: delete the previous tables first (not the fit)."""
     from rdscale.model.loading import describe_model
 
+    set_storage_options(cfg.storage.options)
     if lease is None:
         with writing(cfg.output.dir) as held:
             return embed(cfg, fit_dir, executor, progress, lease=held, redo_changed=redo_changed, restart=restart)
     if restart:
-        clear_run(Path(cfg.output.dir), keep_fit=True)
+        _clear(cfg.output.dir, keep_fit=True)
     models = _check_models(cfg)
     fit_dir = fit_dir or cfg.fit.artifact
     if fit_dir:
@@ -232,7 +241,8 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
         )
 
         fit_obj, manifest = load_fit(fit_dir, expect_models=[describe_model(m) for m in models])
-        manifest = {**manifest, "artifact": str(Path(fit_dir).resolve())}  # where `extend` finds it again
+        # where `extend` and `search` find it again: relative to the run when inside it (a copied run still works)
+        manifest = {**manifest, "artifact": Run(cfg.output.dir).ref(_absolute(fit_dir))}
         names = [m.get("source") or m.get("name") for m in manifest["models"]]
         if len(names) != len(models):
             raise ConfigError(
@@ -251,7 +261,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
 
     shards = plan(cfg)
     key = run_key(cfg, shards, manifest)
-    metadata = schema_metadata(levels, manifest, cfg.to_dict(), key)
+    metadata = schema_metadata(levels, manifest, recorded_config(cfg.to_dict()), key)
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
                           residue_dtype=cfg.output.residue_dtype)
     store = RunStore(cfg.output.dir, schemas, key)
@@ -314,21 +324,40 @@ def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *,
         redo_changed: bool = False) -> Summary:
     """Fit (unless fit.artifact names an existing fit), then apply; one writer at a time (the run's lease).
     A fit already in <output.dir>/fit is reused only when it was made from the config's models."""
+    set_storage_options(cfg.storage.options)
     with writing(cfg.output.dir) as lease:
-        root = Path(cfg.output.dir)
         if restart:
-            clear_run(root)
+            _clear(cfg.output.dir)
         fit_dir = cfg.fit.artifact
         if not fit_dir:
-            fit_dir = root / "fit"
-            if (fit_dir / "manifest.json").exists():
-                check_fit_models(fit_dir, _check_models(cfg))
-                log.info("reusing the fit already in %s (made from the same models)", fit_dir)
-            else:
+            fit_loc = default_fit(cfg.output.dir)
+            if fit_loc.join("manifest.json").is_file():
+                check_fit_models(fit_loc.path if fit_loc.is_local else fit_loc, _check_models(cfg))
+                log.info("reusing the fit already in %s (made from the same models)", fit_loc)
+            elif fit_loc.is_local:
+                root = Path(cfg.output.dir)
                 executor = executor or make_executor(cfg)
                 staging = root / f"fit.partial.{lease.run_id}"  # per run: never shared with another writer
                 clear_stale_staging(root)
-                fit(cfg, executor, out=staging, final=fit_dir)
+                fit(cfg, executor, out=staging, final=fit_loc.path)
                 lease.check()
-                staging.rename(fit_dir)
+                staging.rename(fit_loc.path)
+            else:  # no renames on object stores: the manifest, written last, marks a complete artifact
+                fit(cfg, executor or make_executor(cfg), out=fit_loc)
+                lease.check()
+            fit_dir = str(fit_loc) if not fit_loc.is_local else fit_loc.path
         return embed(cfg, fit_dir, executor, progress=progress, lease=lease, redo_changed=redo_changed)
+
+
+def _clear(out_dir: str, keep_fit: bool = False) -> None:
+    """--restart: delete what rdscale wrote into the run (local), or refuse on an object store."""
+    loc = Location.parse(out_dir)
+    if not loc.is_local:
+        raise ConfigError(f"--restart is not supported on object storage: delete {loc.uri} yourself (every object "
+                          "under that prefix), then run again")
+    clear_run(Path(loc.path), keep_fit=keep_fit)
+
+
+def _absolute(where: str | Path | Location) -> Location:
+    loc = Location.parse(where)
+    return Location("file", str(Path(loc.path).resolve())) if loc.is_local else loc

@@ -164,7 +164,9 @@ class FitWorker:
 
     def __init__(self, models: Sequence[str], cfg: Config):
         from rdscale.fit.moments import Moments
+        from rdscale.io.location import set_storage_options
 
+        set_storage_options(cfg.storage.options)
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
         self.moments = Moments(sum(self.encoder.widths), device=self.encoder.device)
@@ -219,6 +221,9 @@ class ApplyStage:
         uris: dict[str, str],
         schemas: dict[str, Any],
     ):
+        from rdscale.io.location import set_storage_options
+
+        set_storage_options(cfg.storage.options)
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
         self.fit = None

@@ -50,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 
 from rdscale.errors import RdscaleError
+from rdscale.io.location import Location
 from rdscale.io.store import reader_filter, sql_in_list
 
 TABLES: dict[str, tuple[str, ...]] = {"proteins": ("id",), "residues": ("id", "pos")}  # table -> key columns
@@ -93,15 +94,17 @@ def open_table(dataset_path: str | Path, table: str = "proteins") -> lance.Lance
     """The Lance dataset of ``table`` in run directory ``dataset_path`` (or ``dataset_path`` itself if it is one)."""
     if table not in TABLES:
         raise SearchError(f"unknown table {table!r}; expected one of {sorted(TABLES)}")
-    path = Path(dataset_path)
-    if path.suffix != ".lance":
+    from rdscale.io.runs import dataset_exists, open_dataset
+
+    path = Location.parse(dataset_path)  # a local directory or an object-store prefix
+    if not path.name.endswith(".lance"):
         path = path / f"{table}.lance"
-    if not path.is_dir():
-        if table == "residues" and (path.parent / "proteins.lance").is_dir():
+    if not dataset_exists(path):
+        if table == "residues" and dataset_exists(path.parent / "proteins.lance"):
             raise SearchError(f"the run at {path.parent} has no residues table (it was run with output.residues: "
                               "false); search --table proteins instead")
         raise SearchError(f"no Lance dataset at {path} (is {dataset_path} an rdscale run directory?)")
-    ds = lance.dataset(str(path))
+    ds = open_dataset(path)
     missing = [c for c in (*TABLES[table], EMBEDDING) if c not in ds.schema.names]
     if missing:
         raise SearchError(f"{path} lacks column(s) {missing}: is it really the {table!r} table?")
@@ -265,7 +268,7 @@ def build_index(
     width = check_width(ds, width)
 
     column = materialize_prefix(ds, width)
-    ds = lance.dataset(ds.uri)  # the version with the new column
+    ds = _reopen(ds)  # the version with the new column
     resolved = {**default_index_params(index_type, num_rows, width), **params}
     if resolved["num_partitions"] > num_rows:
         raise SearchError(f"num_partitions={resolved['num_partitions']} exceeds the {num_rows} rows of {table}")
@@ -289,7 +292,7 @@ def build_index(
             ds.drop_index(other_name)
     ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved)
 
-    ds = lance.dataset(ds.uri)
+    ds = _reopen(ds)
     record = {**_recorded_indexes(ds), column: _jsonable(asdict(info))}
     ds.update_schema_metadata({INDEXES_KEY: json.dumps(record, sort_keys=True)})
     return info
@@ -324,8 +327,19 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def run_dir_of(dataset_path: str | Path) -> Path:
-    """The run directory: ``dataset_path`` itself, or the parent of a ``*.lance`` table."""
+def _reopen(ds: lance.LanceDataset) -> lance.LanceDataset:
+    """The latest version of ``ds``, opened with its location's storage options."""
+    from rdscale.io.runs import open_dataset
+
+    return open_dataset(ds.uri)
+
+
+def run_dir_of(dataset_path: str | Path) -> Path | Location:
+    """The run directory: ``dataset_path`` itself, or the parent of a ``*.lance`` table (a Location for
+    object-store runs)."""
+    loc = Location.parse(dataset_path)
+    if not loc.is_local:
+        return loc.parent if loc.name.endswith(".lance") else loc
     path = Path(dataset_path)
     return path.parent if path.suffix == ".lance" else path
 
@@ -655,15 +669,17 @@ def _run_metadata(ds: lance.LanceDataset, key: str) -> dict:
 
 
 def _fit_dir_of(run: Path, manifest: dict, config: dict) -> Path | None:
-    """Where the run's fit artifact is: <run>/fit, else the fit.artifact the run was configured with; None for a
-    single-model (extract) run, which has no fit."""
-    for candidate in (run / "fit", (config.get("fit") or {}).get("artifact")):
-        if candidate and (Path(candidate) / "manifest.json").is_file():
-            return Path(candidate)
+    """Where the run's fit artifact is (rdscale.io.runs.Run.fit_location: the recorded one, relative to the run,
+    else <run>/fit, else the configured fit.artifact); None for a single-model (extract) run, which has no fit."""
+    from rdscale.io.runs import Run
+
+    found = Run(run).fit_location(manifest, config)
+    if found is not None:
+        return Path(found.path) if found.is_local else found
     if len(manifest.get("models", [])) == 1:
         return None
     raise SearchError(
-        f"no fit artifact for {run}: neither {run / 'fit'} nor the run's fit.artifact holds a manifest.json; "
+        f"no fit artifact for {run}: neither {Location.parse(run) / 'fit'} nor the run's fit.artifact holds a manifest.json; "
         "sequence queries are embedded through the run's own fitted chain"
     )
 
