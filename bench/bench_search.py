@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rdscale.search import core as S  # noqa: E402
+from rdscale import search as S  # noqa: E402
 
 
 def decay(dim: int) -> np.ndarray:
