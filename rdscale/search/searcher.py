@@ -336,6 +336,7 @@ class Searcher:
         k = min(int(k), n)  # a table holds no more neighbours than rows: never ask an index for more
         shortlist = _positive("shortlist", shortlist)
         nprobes, ef = _positive("nprobes", nprobes), _positive("ef", ef)
+        ef = None if ef is None else min(ef, n)  # a search breadth beyond the row count buys nothing
         refine_factor = _positive("refine_factor", refine_factor)
 
         index = None
@@ -449,7 +450,7 @@ class Searcher:
         if nprobes is not None:
             nearest["nprobes"] = min(nprobes, int(params.get("num_partitions", nprobes)))
         if ef is not None:
-            nearest["ef"] = min(ef, max(self.num_rows, k))
+            nearest["ef"] = max(ef, k)
         if refine_factor is not None:
             nearest["refine_factor"] = max(1, min(refine_factor, self.num_rows // max(k, 1)))
         found = self.ds.to_table(columns=["_distance"], nearest=nearest, filter=filter, prefilter=True,
