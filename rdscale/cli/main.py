@@ -180,8 +180,9 @@ def _extra_verbs() -> list[Callable[[argparse._SubParsersAction], None]]:
     from rdscale.cli.eval import register as register_eval
     from rdscale.cli.extend import register as register_extend
     from rdscale.cli.search import register as register_search
+    from rdscale.cli.serve import register as register_serve
 
-    return [register_search, register_eval, register_extend]
+    return [register_search, register_eval, register_extend, register_serve]
 
 
 _EXTRA_VERBS = _extra_verbs()

@@ -39,6 +39,7 @@ from rdscale.search.tables import (
     MODES,
     TABLES,
     IndexInfo,
+    KeyNotFoundError,
     MissingIndexError,
     SearchError,
     _check_metric,
@@ -111,7 +112,7 @@ class Searcher:
         self._filters: dict[str, np.ndarray] = {}
         self._faiss: dict[str, Any] = {}
         self._indexes: list[IndexInfo] | None = None
-        self._protein_pos: dict[str, int] | None = None
+        self._protein_codes: tuple[np.ndarray, pa.Array] | None = None  # residues: (n,) protein code, names
         self._embedder = None
 
     def refresh(self) -> None:
@@ -276,7 +277,7 @@ class Searcher:
             missing = [w for w, a in zip(wanted, at) if np.isnan(a)] if at.dtype.kind == "f" else []
             if missing:
                 shown = ", ".join(missing[:5])
-                raise SearchError(f"{len(missing)} query key(s) not in the proteins table: {shown}")
+                raise KeyNotFoundError(f"{len(missing)} query key(s) not in the proteins table: {shown}")
             positions = at.astype(np.int64)
             labels = wanted
         else:
@@ -300,7 +301,7 @@ class Searcher:
             missing = [w for w in expanded if w not in where]
             if missing:
                 shown = ", ".join(":".join(map(str, m)) for m in missing[:5])
-                raise SearchError(f"{len(missing)} query key(s) not in the residues table: {shown}")
+                raise KeyNotFoundError(f"{len(missing)} query key(s) not in the residues table: {shown}")
             positions = np.array([where[w] for w in expanded], dtype=np.int64)
             labels = [":".join(map(str, w)) for w in expanded]
         return labels, self.vectors(positions, self.full_width), positions
@@ -323,10 +324,14 @@ class Searcher:
         exclude_self: bool = False,
         backend: str | None = None,
         labels: Sequence[str] | None = None,
+        aggregate: str | None = None,
+        residue_hits: int | None = None,
     ) -> pa.Table:
         """As ``rdscale.search.search`` (see there), on this searcher's table. ``backend``: "faiss" or "lance" to
         pick the index for ann / funnel (default: the narrowest index for the metric, FAISS first at equal width).
-        ``labels``: names for the rows of ``queries`` (the ``query`` column then holds them)."""
+        ``labels``: names for the rows of ``queries`` (the ``query`` column then holds them).
+        ``aggregate="proteins"`` (residues table only): take ``residue_hits`` residue hits per query residue
+        (default max(10 k, 100)) and aggregate them per query protein to protein hits (see ``_aggregate``)."""
         if mode not in MODES:
             raise SearchError(f"unknown mode {mode!r}; expected one of {MODES}")
         metric = _check_metric(metric)
@@ -338,6 +343,16 @@ class Searcher:
         nprobes, ef = _positive("nprobes", nprobes), _positive("ef", ef)
         ef = None if ef is None else min(ef, n)  # a search breadth beyond the row count buys nothing
         refine_factor = _positive("refine_factor", refine_factor)
+        residue_hits = _positive("residue_hits", residue_hits)
+        k_out = k
+        if aggregate is not None:
+            if aggregate != "proteins":
+                raise SearchError(f"unknown aggregate {aggregate!r}; expected 'proteins'")
+            if self.table != "residues":
+                raise SearchError("aggregate='proteins' applies to residue search (table residues)")
+            k = min(residue_hits or max(10 * k, 100), n)
+        elif residue_hits is not None:
+            raise SearchError("residue_hits only applies with aggregate='proteins'")
 
         index = None
         if mode == "exact":
@@ -387,6 +402,8 @@ class Searcher:
                 raise SearchError(f"shortlist ({n_short}) must be at least k ({k_fetch})")
             dist, pos = self._ann(q, index, n_short, filter, rows, nprobes, ef, refine_factor)
             dist, pos = self._rerank(q[:, :rerank_width], pos, metric, k_fetch)
+        if aggregate is not None:
+            return self._aggregate(dist, pos, k, k_out, labels, self_pos if exclude_self else None)
         return self._table(dist, pos, k, labels, self_pos if exclude_self else None)
 
     def search_sequences(self, sequences: Sequence[str] | dict[str, str], **kwargs: Any) -> pa.Table:
@@ -504,6 +521,48 @@ class Searcher:
         out["rank"] = pa.array(rank[qi, col].astype(np.int32), pa.int32())
         # how many queries were asked, also when a filter leaves some (or all) of them without a hit
         return pa.table(out).replace_schema_metadata({NUM_QUERIES_KEY: str(len(dist))})
+
+    def _aggregate(self, dist, pos, k_res: int, k: int, labels, self_pos) -> pa.Table:
+        """Residue hits -> protein hits, per query protein (labels ``name:pos`` group by ``name``; unlabelled
+        vector queries are each their own group): ``score`` = the best (smallest) residue distance to any residue
+        of the protein, ``hits`` = how many (query residue, protein residue) pairs among each query residue's
+        ``k_res`` nearest fell on it; top ``k`` proteins per group by score, then by hits."""
+        valid = (pos >= 0) & np.isfinite(dist)
+        if self_pos is not None:
+            valid &= pos != np.asarray(self_pos)[:, None]
+        valid &= np.cumsum(valid, axis=1) <= k_res
+        if labels is None:
+            group_names = [str(i) for i in range(len(dist))]
+            group = np.arange(len(dist))
+        else:
+            heads = [str(lbl).rpartition(":")[0] or str(lbl) for lbl in labels]
+            group_names = list(dict.fromkeys(heads))
+            where = {g: i for i, g in enumerate(group_names)}
+            group = np.array([where[h] for h in heads])
+        with self._lock:
+            if self._protein_codes is None:
+                enc = pc.dictionary_encode(self.key_columns()["id"])
+                self._protein_codes = (enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary)
+        codes, names = self._protein_codes
+        qi, col = np.nonzero(valid)
+        g, prot, d = group[qi], codes[pos[qi, col]], dist[qi, col]
+        pair = g * (len(names) + 1) + prot
+        uniq, inverse, counts = np.unique(pair, return_inverse=True, return_counts=True)
+        best = np.full(len(uniq), np.inf)
+        np.minimum.at(best, inverse, d)
+        ug, up = uniq // (len(names) + 1), uniq % (len(names) + 1)
+        order = np.lexsort((-counts, best, ug))
+        ug, up, best, counts = ug[order], up[order], best[order], counts[order]
+        rank = np.arange(len(ug)) - np.searchsorted(ug, ug, side="left") + 1
+        keep = rank <= k
+        table = pa.table({
+            "query": pa.array(group_names, pa.string()).take(pa.array(ug[keep], pa.int64())),
+            "id": names.take(pa.array(up[keep], pa.int64())),
+            "score": pa.array(best[keep].astype(np.float32), pa.float32()),
+            "hits": pa.array(counts[keep].astype(np.int32), pa.int32()),
+            "rank": pa.array(rank[keep].astype(np.int32), pa.int32()),
+        })
+        return table.replace_schema_metadata({NUM_QUERIES_KEY: str(len(group_names))})
 
 
 def _pad(qi: np.ndarray, pos: np.ndarray, dist: np.ndarray, nq: int) -> tuple[np.ndarray, np.ndarray]:

@@ -40,6 +40,10 @@ class SearchError(RdscaleError, ValueError):
     """Bad input to indexing or search: the message says what is wrong and what to do instead."""
 
 
+class KeyNotFoundError(SearchError):
+    """A query key (protein id, or id:pos) that the table does not hold."""
+
+
 class MissingIndexError(SearchError):
     """mode="ann"/"funnel" needs a vector index that has not been built (the message names the command)."""
 
