@@ -74,19 +74,23 @@ def default_faiss_params(index_type: str, num_rows: int, width: int) -> dict[str
     return params
 
 
-def _stream(ds: lance.LanceDataset, width: int, batch_rows: int = _BUILD_ROWS):
+def _stream(ds: lance.LanceDataset, width: int, batch_rows: int = _BUILD_ROWS, fragments: list | None = None):
     """(b, width) float32 blocks of the prefix, in scan order."""
     column = prefix_column(width, stored_width(ds))
     if not _column_is_complete(ds, column):
         column = EMBEDDING
-    for batch in ds.to_batches(columns=[column], batch_size=batch_rows):
+    for batch in ds.scanner(columns=[column], batch_size=batch_rows, fragments=fragments).to_batches():
         if batch.num_rows:
             yield np.ascontiguousarray(_embedding_block(batch.column(column), width), dtype=np.float32)
 
 
-def _sample(ds: lance.LanceDataset, width: int, n: int, num_rows: int, seed: int = 0) -> np.ndarray:
-    """(n, width) float32 training rows drawn uniformly from the table."""
+def _sample(ds: lance.LanceDataset, width: int, n: int, num_rows: int, seed: int = 0,
+            fragments: list | None = None) -> np.ndarray:
+    """(n, width) float32 training rows drawn uniformly from the table (or from ``fragments``)."""
     rows = np.sort(np.random.default_rng(seed).choice(num_rows, size=min(n, num_rows), replace=False))
+    if fragments is not None:  # a partition: read it (training sets are small next to what indexing streams)
+        col = ds.scanner(columns=[EMBEDDING], fragments=fragments).to_table().column(EMBEDDING)
+        return np.ascontiguousarray(_embedding_block(col, width)[rows], dtype=np.float32)
     taken = ds.take(rows.tolist(), columns=[EMBEDDING])
     return np.ascontiguousarray(_embedding_block(taken.column(EMBEDDING), width), dtype=np.float32)
 
@@ -122,32 +126,7 @@ def build_faiss_index(
                                                                             table_layout(ds)):
             return info
 
-    ip = metric == "cosine"
-    faiss_metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
-    if index_type == "HNSW":
-        index = faiss.IndexHNSWFlat(width, int(resolved["m"]), faiss_metric)
-        index.hnsw.efConstruction = int(resolved["ef_construction"])
-    else:
-        nlist = int(resolved["nlist"])
-        if nlist < 1 or nlist > num_rows:
-            raise SearchError(f"nlist={nlist} must be between 1 and the {num_rows} rows of {table}")
-        quantizer = faiss.IndexFlat(width, faiss_metric)
-        if index_type == "IVF_FLAT":
-            index = faiss.IndexIVFFlat(quantizer, width, nlist, faiss_metric)
-        else:
-            pq_m = int(resolved["pq_m"])
-            if width % pq_m:
-                raise SearchError(f"pq_m={pq_m} must divide the width {width}")
-            index = faiss.IndexIVFPQ(quantizer, width, nlist, pq_m, int(resolved["pq_bits"]), faiss_metric)
-        train = _sample(ds, width, max(64 * nlist, 256 * 64), num_rows)
-        index.train(unit_rows(train) if ip else train)
-        index.nprobe = int(resolved["nprobe"])
-    added = 0
-    for block in _stream(ds, width):
-        index.add(unit_rows(block) if ip else block)
-        added += len(block)
-    if added != num_rows:  # the table changed under us: do not store an index whose labels are off
-        raise SearchError(f"{table} changed while indexing ({added} rows read, {num_rows} expected); rerun")
+    index = build_in_memory(ds, width, index_type, metric, resolved, table=table)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     faiss.write_index(index, str(tmp))
@@ -156,6 +135,42 @@ def build_faiss_index(
               "num_rows": num_rows, "layout": table_layout(ds), "file": path.name}
     sidecar.write_text(json.dumps(record, indent=1))
     return info
+
+
+def build_in_memory(ds: lance.LanceDataset, width: int, index_type: str, metric: str, params: dict[str, Any],
+                    table: str = "table", fragments: list | None = None):
+    """A FAISS index over the width-``width`` prefix of ``ds`` (or of its ``fragments`` only, in that order),
+    streamed in batches; labels are row positions in that scan order."""
+    faiss = import_faiss()
+    frags = fragments if fragments is not None else ds.get_fragments()
+    num_rows = sum(f.count_rows() for f in frags)
+    ip = metric == "cosine"
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
+    if index_type == "HNSW":
+        index = faiss.IndexHNSWFlat(width, int(params["m"]), faiss_metric)
+        index.hnsw.efConstruction = int(params["ef_construction"])
+    else:
+        nlist = int(params["nlist"])
+        if nlist < 1 or nlist > num_rows:
+            raise SearchError(f"nlist={nlist} must be between 1 and the {num_rows} rows of {table}")
+        quantizer = faiss.IndexFlat(width, faiss_metric)
+        if index_type == "IVF_FLAT":
+            index = faiss.IndexIVFFlat(quantizer, width, nlist, faiss_metric)
+        else:
+            pq_m = int(params["pq_m"])
+            if width % pq_m:
+                raise SearchError(f"pq_m={pq_m} must divide the width {width}")
+            index = faiss.IndexIVFPQ(quantizer, width, nlist, pq_m, int(params["pq_bits"]), faiss_metric)
+        train = _sample(ds, width, max(64 * nlist, 256 * 64), num_rows, fragments=fragments)
+        index.train(unit_rows(train) if ip else train)
+        index.nprobe = int(params["nprobe"])
+    added = 0
+    for block in _stream(ds, width, fragments=fragments):
+        index.add(unit_rows(block) if ip else block)
+        added += len(block)
+    if added != num_rows:  # the table changed under us: do not keep an index whose labels are off
+        raise SearchError(f"{table} changed while indexing ({added} rows read, {num_rows} expected); rerun")
+    return index
 
 
 def list_faiss_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:

@@ -89,17 +89,28 @@ class Searcher:
     """
 
     def __init__(self, dataset_path: str | Path, table: str = "proteins", *, resident: bool = True,
-                 models: Sequence[str] | None = None, device: str | None = None):
+                 models: Sequence[str] | None = None, device: str | None = None,
+                 fragments: Sequence[int] | None = None, build: Sequence[dict] = ()):
         self.dataset_path = dataset_path
         self.table = table
-        self.resident = resident
+        self.resident = resident or fragments is not None
+        self.fragment_ids = None if fragments is None else [int(f) for f in fragments]
+        self._build = list(build)
         self._models, self._device = models, device
         self._lock = threading.RLock()
         self._open()
 
     def _open(self) -> None:
         self.ds = open_table(self.dataset_path, self.table)
-        self.num_rows = self.ds.count_rows()
+        # a partition (sharded search): these fragments only, in this order; its indexes are built in memory
+        self._frags = None
+        if self.fragment_ids is not None:
+            known = {f.fragment_id: f for f in self.ds.get_fragments()}
+            missing = [f for f in self.fragment_ids if f not in known]
+            if missing:
+                raise SearchError(f"{self.ds.uri} has no fragment(s) {missing}")
+            self._frags = [known[f] for f in self.fragment_ids]
+        self.num_rows = self.ds.count_rows() if self._frags is None else sum(f.count_rows() for f in self._frags)
         if self.num_rows == 0:
             raise SearchError(f"the {self.table} table at {self.ds.uri} is empty: nothing to search")
         self.full_width = stored_width(self.ds)
@@ -114,6 +125,29 @@ class Searcher:
         self._indexes: list[IndexInfo] | None = None
         self._protein_codes: tuple[np.ndarray, pa.Array] | None = None  # residues: (n,) protein code, names
         self._embedder = None
+        self._memory_indexes: list[IndexInfo] = []
+        for spec in self._build:
+            self.build_memory_index(**spec)
+
+    def build_memory_index(self, width: int | None = None, index_type: str = F.DEFAULT_FAISS_INDEX_TYPE,
+                           metric: str = "cosine", **params: Any) -> IndexInfo:
+        """A FAISS index over this searcher's rows (its partition, or the table), held in memory only."""
+        metric = _check_metric(metric)
+        width = check_width(self.ds, width)
+        index_type = index_type.upper()
+        if index_type not in F.FAISS_INDEX_TYPES:
+            raise SearchError(f"unknown faiss index type {index_type!r}; expected one of {F.FAISS_INDEX_TYPES}")
+        resolved = {**F.default_faiss_params(index_type, self.num_rows, width), **params}
+        index = F.build_in_memory(self.ds, width, index_type, metric, resolved, self.table,
+                                  fragments=self._frags)
+        name = f"memory:{self.table}.p{width}.{metric}"
+        info = IndexInfo(self.table, width, prefix_column(width, self.full_width), name, index_type, metric,
+                         self.num_rows, resolved, backend="faiss")
+        with self._lock:
+            self._faiss[name] = index
+            self._memory_indexes = [i for i in self._memory_indexes if i.index_name != name] + [info]
+            self._indexes = None
+        return info
 
     def refresh(self) -> None:
         """Reopen the table at its latest version (drops everything cached)."""
@@ -137,7 +171,7 @@ class Searcher:
     def key_columns(self) -> dict[str, pa.Array]:
         with self._lock:
             if self._key_cols is None:
-                tbl = self.ds.to_table(columns=list(self.keys), with_row_id=True)
+                tbl = self.ds.scanner(columns=list(self.keys), with_row_id=True, fragments=self._frags).to_table()
                 self._key_cols = {c: tbl.column(c).combine_chunks() for c in self.keys}
                 rowids = tbl.column("_rowid").to_numpy()
                 order = np.argsort(rowids, kind="stable")
@@ -152,7 +186,8 @@ class Searcher:
             if self._raw is None:
                 out = None
                 start = 0
-                for batch in self.ds.to_batches(columns=[EMBEDDING], batch_size=_SCAN_ROWS):
+                scan = self.ds.scanner(columns=[EMBEDDING], batch_size=_SCAN_ROWS, fragments=self._frags)
+                for batch in scan.to_batches():
                     block = _embedding_block(batch.column(EMBEDDING), self.full_width)
                     if out is None:
                         out = np.empty((self.num_rows, self.full_width), dtype=block.dtype)
@@ -209,7 +244,8 @@ class Searcher:
         with self._lock:
             if filter not in self._filters:
                 try:
-                    found = self.ds.to_table(columns=[], filter=filter, with_row_id=True)
+                    scan = self.ds.scanner(columns=[], filter=filter, with_row_id=True, fragments=self._frags)
+                    found = scan.to_table()
                 except Exception as err:  # noqa: BLE001 - Lance raises ValueError/OSError/RuntimeError for bad SQL
                     raise SearchError(f"bad filter {filter!r}: {_lance_message(err)}") from None
                 rows = np.sort(self.positions_of_rowids(found.column("_rowid").to_numpy()))
@@ -222,12 +258,16 @@ class Searcher:
         """Vector indexes of the table, both backends, narrowest first (FAISS before Lance at equal width)."""
         with self._lock:
             if self._indexes is None:
-                infos = L._live_indexes(self.ds, self.table) + F.list_faiss_indexes(self.ds, self.table)
+                infos = list(self._memory_indexes)
+                if self._frags is None:  # on-disk indexes label rows of the whole table
+                    infos += L._live_indexes(self.ds, self.table) + F.list_faiss_indexes(self.ds, self.table)
                 self._indexes = sorted(infos, key=lambda i: (i.width, i.metric, i.backend != "faiss"))
             return self._indexes
 
     def _faiss_index(self, info: IndexInfo):
         with self._lock:
+            if info.index_name.startswith("memory:"):
+                return self._faiss[info.index_name]
             if info.index_name not in self._faiss:
                 self._faiss[info.index_name] = F.load_faiss_index(self.ds, info)
             return self._faiss[info.index_name]
@@ -250,6 +290,8 @@ class Searcher:
         for info in live:
             if info.width != width:
                 continue
+            if info.index_name.startswith("memory:"):
+                return info
             fresh = (F.is_fresh(self.ds, info) if info.backend == "faiss"
                      else _column_is_complete(self.ds, info.column))
             if fresh:
