@@ -257,3 +257,65 @@ def test_faiss_errors(run_dir, tmp_path):
         S.build_index(src, width=8, backend="annoy")
     with pytest.raises(S.MissingIndexError, match="no faiss cosine vector index .* --backend faiss"):
         S.search(src, ids=["P00001"], mode="ann", backend="faiss")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compressed per-residue search: IVF-PQ on a residue prefix, exact re-rank from the stored float16 rows
+
+
+@pytest.fixture(scope="module")
+def residue_run(tmp_path_factory):
+    from test_search import write_residues
+
+    out = tmp_path_factory.mktemp("residue_run")
+    res = clustered(12_000, 32, 120, spread=0.3, seed=5).astype(np.float16)  # stored at width 32, float16
+    write_residues(out / "residues.lance", res)
+    write_proteins(out / "proteins.lance", clustered(1200, 32, 10, 0.3, seed=6))
+    S.build_index(out, table="residues", width=16, backend="faiss", index_type="IVF_PQ")
+    return out, res
+
+
+def test_residue_ivf_pq_funnel_reranks_exactly_from_float16_rows(residue_run):
+    out, res = residue_run
+    (info,) = S.list_indexes(out, "residues")
+    assert (info.backend, info.index_type, info.width) == ("faiss", "IVF_PQ", 16)
+    index_bytes = F.faiss_path(out, "residues", 16, "cosine").stat().st_size
+    assert index_bytes < res.nbytes  # compressed: smaller than the stored float16 rows themselves
+    q = res[np.random.default_rng(0).choice(len(res), 40, replace=False)].astype(np.float32)
+    searcher = Searcher(out, "residues", resident=False)  # candidates read from the table, not held
+    truth = searcher.search(q, k=10)
+    found = searcher.search(q, k=10, mode="funnel", shortlist=200, nprobes=8)
+    assert S.recall_at_k(found, truth, k=10) >= 0.9
+    # re-ranked scores are the exact full-width distances of the stored float16 rows
+    x = res.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rows = [int(i[1:]) * 10 + p for i, p in zip(found.column("id").to_pylist(), found.column("pos").to_pylist())]
+    qn = q.astype(np.float64) / np.linalg.norm(q, axis=1, keepdims=True)
+    want = 1.0 - np.einsum("nw,nw->n", x[rows], qn[found.column("query").to_numpy()])
+    np.testing.assert_allclose(found.column("score").to_numpy(), want, atol=1e-5)
+
+
+def test_residue_hits_aggregate_to_proteins(residue_run, capsys):
+    out, _ = residue_run
+    searcher = Searcher(out, "residues")
+    agg = searcher.search(ids=["P00042"], k=5, aggregate="proteins", residue_hits=30)
+    raw = searcher.search(ids=["P00042"], k=30)  # each of the 10 residues of P00042: its 30 nearest residues
+    best: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for pid, score in zip(raw.column("id").to_pylist(), raw.column("score").to_pylist()):
+        best[pid] = min(best.get(pid, np.inf), score)
+        count[pid] = count.get(pid, 0) + 1
+    want = sorted(best, key=lambda p: (best[p], -count[p]))[:5]
+    assert agg.column_names == ["query", "id", "score", "hits", "rank"]
+    assert agg.column("query").to_pylist() == ["P00042"] * 5
+    assert agg.column("id").to_pylist() == want
+    assert agg.column("hits").to_pylist() == [count[p] for p in want]
+    np.testing.assert_allclose(agg.column("score").to_numpy(), [best[p] for p in want], atol=1e-7)
+    assert agg.column("id")[0].as_py() == "P00042"
+
+    code, text, err = rdscale(["search", "-o", out, "--table", "residues", "--id", "P00042", "--aggregate",
+                               "proteins", "--residue-hits", 30, "-k", 5], capsys)
+    assert code == 0 and text.splitlines()[0].split() == ["query", "id", "score", "hits", "rank"], (text, err)
+    assert [line.split()[1] for line in text.splitlines()[2:]] == want
+    with pytest.raises(S.SearchError, match="applies to residue search"):
+        Searcher(out).search(ids=["P00001"], aggregate="proteins")
