@@ -115,6 +115,7 @@ class Searcher:
             raise SearchError(f"the {self.table} table at {self.ds.uri} is empty: nothing to search")
         self.full_width = stored_width(self.ds)
         self.levels = chain_levels(self.ds)
+        self._found_index: dict[tuple, IndexInfo] = {}  # (width, metric, backend) -> index, for this version
         self.keys = TABLES[self.table]
         self._key_cols: dict[str, pa.Array] | None = None  # key column -> (n,) array in scan order
         self._rowid_sorted: tuple[np.ndarray, np.ndarray] | None = None  # (sorted row ids, their positions)
@@ -133,7 +134,7 @@ class Searcher:
                            metric: str = "cosine", **params: Any) -> IndexInfo:
         """A FAISS index over this searcher's rows (its partition, or the table), held in memory only."""
         metric = _check_metric(metric)
-        width = check_width(self.ds, width)
+        width = self.width(width)
         index_type = index_type.upper()
         if index_type not in F.FAISS_INDEX_TYPES:
             raise SearchError(f"unknown faiss index type {index_type!r}; expected one of {F.FAISS_INDEX_TYPES}")
@@ -147,6 +148,7 @@ class Searcher:
             self._faiss[name] = index
             self._memory_indexes = [i for i in self._memory_indexes if i.index_name != name] + [info]
             self._indexes = None
+            self._found_index.clear()
         return info
 
     def refresh(self) -> None:
@@ -209,7 +211,7 @@ class Searcher:
         """Load now what exact search at ``width`` needs (else it loads on the first query)."""
         self.key_columns()
         if self.resident:
-            self._prepared_rows(check_width(self.ds, width), _check_metric(metric))
+            self._prepared_rows(self.width(width), _check_metric(metric))
         return self
 
     def positions_of_rowids(self, rowids: np.ndarray) -> np.ndarray:
@@ -272,11 +274,28 @@ class Searcher:
                 self._faiss[info.index_name] = F.load_faiss_index(self.ds, info)
             return self._faiss[info.index_name]
 
+    def width(self, width: int | None) -> int:
+        """``width`` validated against the chain levels (None = the stored width); cached per searcher."""
+        if width is None:
+            return self.full_width
+        if isinstance(width, (int, np.integer)) and not isinstance(width, bool) and int(width) in self.levels:
+            return int(width)
+        return check_width(self.ds, width)  # raises the error that says what is wrong
+
     def find_index(self, width: int | None, metric: str, backend: str | None = None) -> IndexInfo:
+        key = (width, metric, backend)
+        found = self._found_index.get(key)
+        if found is None:
+            found = self._find_index(width, metric, backend)
+            with self._lock:
+                self._found_index[key] = found
+        return found
+
+    def _find_index(self, width: int | None, metric: str, backend: str | None = None) -> IndexInfo:
         if backend is not None and backend not in BACKENDS:
             raise SearchError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if width is not None:
-            width = check_width(self.ds, width)
+            width = self.width(width)
         live = [i for i in self.indexes() if i.metric == metric and backend in (None, i.backend)]
         what = f"{backend + ' ' if backend else ''}{metric} vector index"
         hint = f"rdscale index -o {run_dir_of(self.dataset_path)} --table {self.table} --width {{}} --metric " + metric
@@ -398,13 +417,13 @@ class Searcher:
 
         index = None
         if mode == "exact":
-            width = check_width(self.ds, width)
+            width = self.width(width)
         else:
             index = self.find_index(width, metric, backend)
             width = index.width
         need = width
         if mode == "funnel":
-            rerank_width = check_width(self.ds, rerank_width)
+            rerank_width = self.width(rerank_width)
             if rerank_width < width:
                 raise SearchError(f"rerank_width {rerank_width} is narrower than the shortlist width {width}")
             need = rerank_width
