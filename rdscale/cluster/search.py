@@ -79,6 +79,8 @@ class ShardedSearcher:
         """As ``Searcher.search`` (same options and result table), merged over the shards."""
         if (queries is None) == (ids is None):
             raise SearchError("give exactly one of queries= (vectors) or ids= (stored keys)")
+        if options.get("aggregate") is not None:
+            raise SearchError("aggregate= is not supported by sharded search: a protein's residues may span shards")
         labels, self_keys = None, None
         if ids is not None:
             labels, q, _ = self._lookup.lookup(ids)
