@@ -354,7 +354,9 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--spread", type=float, default=0.6, help="within-cluster noise relative to the centre scale")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="FAISS / BLAS threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="FAISS threads (default: the cores this process may use; numpy's BLAS follows "
+                   "OMP_NUM_THREADS, so set both alike for a fair comparison)")
     p.add_argument("--workdir", type=Path, default=None, help="where to write the tables (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the tables")
     p.add_argument("--budget-s", type=float, default=1500.0,
@@ -368,6 +370,7 @@ def main(argv=None) -> int:
     faiss.omp_set_num_threads(args.threads)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rdscale_bench_search_"))
+    load_start = os.getloadavg()
     t0 = time.perf_counter()
     rows: list[dict] = []
     skipped: list[dict] = [{
@@ -415,9 +418,10 @@ def main(argv=None) -> int:
         "caveats": "CPU only. q/s depend on the machine and its load (a shared machine, other jobs running): "
                    "compare ratios within one run, where every method is timed on the same queries.",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "threads": args.threads, "lance": lance.__version__, "numpy": np.__version__,
+                    "threads": args.threads, "blas_threads": os.environ.get("OMP_NUM_THREADS"), "lance": lance.__version__, "numpy": np.__version__,
                     "faiss": faiss.__version__},
         "total_seconds": time.perf_counter() - t0,
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         "results": rows,
         "targets": summary,
         "server": server,

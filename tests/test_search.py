@@ -574,3 +574,39 @@ def test_cli_fasta_query_and_sequence_errors(real_run, tmp_path, capsys):
 def real_run_models(run) -> list[str]:
     manifest = json.loads(lance.dataset(str(run / "proteins.lance")).schema.metadata[b"rdscale.fit_manifest"])
     return [m["source"] for m in manifest["models"]]
+
+
+def test_searcher_and_service_answer_sequence_queries_like_the_cli(real_run, tmp_path, capsys):
+    """One Searcher loads the chain once and answers sequence queries as `rdscale search --fasta` does; the
+    server's service (rdscale serve) gives the same rows, per protein and per residue (aggregated)."""
+    from rdscale.search.searcher import Searcher
+    from rdscale.search.service import SearchService
+
+    run, seqs = real_run
+    queries = {"mine": seqs["R09"], "other": seqs["R21"][::-1]}
+    (tmp_path / "q.fa").write_text("".join(f">{k}\n{v}\n" for k, v in queries.items()))
+    code, _, _ = rdscale(["search", "-o", run, "--fasta", tmp_path / "q.fa", "-k", 3, "--csv", tmp_path / "h.csv"],
+                         capsys)
+    assert code == 0
+    cli = pacsv.read_csv(tmp_path / "h.csv")
+    searcher = Searcher(run)
+    first = searcher.search_sequences(queries, k=3)
+    again = searcher.search_sequences(queries, k=3)  # the chain stays loaded: same answer, no reload
+    assert searcher._embedder is not None
+    for got in (first, again):
+        assert got.column("query").to_pylist() == cli.column("query").to_pylist()
+        assert got.column("id").to_pylist() == cli.column("id").to_pylist()
+        np.testing.assert_allclose(got.column("score").to_numpy(), cli.column("score").to_numpy(), atol=1e-4)
+
+    service = SearchService(run)
+    body = service.search({"sequences": queries, "k": 3})
+    assert body["queries"] == 2
+    assert [(h["query"], h["id"]) for h in body["hits"]] == list(zip(cli.column("query").to_pylist(),
+                                                                      cli.column("id").to_pylist()))
+    agg = service.search({"table": "residues", "sequences": {"mine": seqs["R09"]}, "k": 2, "aggregate": "proteins"})
+    assert agg["queries"] == 1 and agg["hits"][0]["id"] == "R09" and agg["hits"][0]["hits"] >= len(seqs["R09"])
+
+
+def test_cli_serve_bad_run_is_one_line(tmp_path, capsys):
+    code, _, err = rdscale(["serve", tmp_path / "nowhere", "--port", 1], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "no Lance dataset" in err, err
