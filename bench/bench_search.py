@@ -418,7 +418,8 @@ def main(argv=None) -> int:
         "caveats": "CPU only. q/s depend on the machine and its load (a shared machine, other jobs running): "
                    "compare ratios within one run, where every method is timed on the same queries.",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "threads": args.threads, "blas_threads": os.environ.get("OMP_NUM_THREADS"), "lance": lance.__version__, "numpy": np.__version__,
+                    "threads": args.threads, "blas_threads": os.environ.get("OMP_NUM_THREADS"),
+                    "lance": lance.__version__, "numpy": np.__version__,
                     "faiss": faiss.__version__},
         "total_seconds": time.perf_counter() - t0,
         "load_average": {"start": load_start, "end": os.getloadavg()},
