@@ -234,6 +234,9 @@ def test_faiss_filter_exclude_self_and_stale_index(run_dir, tmp_path):
     assert all(lengths[int(i[1:])] > 300 for i in funnel.column("id").to_pylist())
     assert ids_by_query(funnel) == ids_by_query(exact)
 
+    for mode in ("ann", "funnel"):  # a filter keeping a handful of rows: found, not lost in the graph
+        few = S.search(run, q, k=3, mode=mode, filter="id IN ('P00042', 'P01999', 'P00500')")
+        assert sorted(ids_by_query(few)[0]) == ["P00042", "P00500", "P01999"]
     excluded = S.search(run, ids=["P00042"], k=4, mode="ann", exclude_self=True)
     assert "P00042" not in excluded.column("id").to_pylist() and excluded.num_rows == 4
 

@@ -56,6 +56,7 @@ from rdscale.search.tables import (
 _SCAN_ROWS = 32768  # rows per streamed batch (non-resident exact search)
 _RERANK_QUERIES = 64  # queries per re-rank block: (64, shortlist, width) float32 candidates at a time
 _FILTER_CACHE = 16
+_FEW_ROWS = 1024  # ann / funnel with a filter keeping at most this many rows (or 4 k) scan them exactly
 NUM_QUERIES_KEY = "rdscale.num_queries"  # result-table schema metadata: the number of queries asked
 
 
@@ -520,6 +521,11 @@ class Searcher:
     def _ann(self, q, index: IndexInfo, k: int, filter, rows, nprobes, ef, refine_factor):
         if rows is not None and len(rows) == 0:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        if rows is not None and len(rows) <= max(4 * k, _FEW_ROWS):
+            # a filter that keeps few rows: a graph or list search could miss them; exact over them is cheap
+            x, x_sq = E.prepare_rows(self.vectors(rows, index.width), index.metric)
+            d, i = E.topk(q[:, : index.width], x, x_sq, k)
+            return d, rows[i]
         if index.backend == "faiss":
             return F.faiss_search(self._faiss_index(index), index, q, k, nprobes=nprobes, ef=ef, rows=rows,
                                   n_total=self.num_rows)
@@ -544,11 +550,15 @@ class Searcher:
         dist = np.full(cand.shape, np.inf, np.float32)
         valid = cand >= 0
         if self.resident:
-            x = self.matrix()
+            x, _ = self._prepared_rows(width, metric)  # cosine: unit rows, normalised once, not per query
+            qp = E.unit_rows(q) if metric == "cosine" else q
             for s in range(0, nq, _RERANK_QUERIES):
                 c = cand[s : s + _RERANK_QUERIES]
-                rows = x[np.where(c >= 0, c, 0), :width]  # (b, shortlist, width)
-                dist[s : s + _RERANK_QUERIES] = E.rerank(q[s : s + _RERANK_QUERIES], rows, metric)
+                rows = x[np.where(c >= 0, c, 0)]  # (b, shortlist, width)
+                if metric == "cosine":
+                    dist[s : s + _RERANK_QUERIES] = 1.0 - np.einsum("qsw,qw->qs", rows, qp[s : s + _RERANK_QUERIES])
+                else:
+                    dist[s : s + _RERANK_QUERIES] = E.rerank(q[s : s + _RERANK_QUERIES], rows, metric)
         else:
             flat = np.unique(cand[valid])
             block = self.vectors(flat, width)  # (u, width): each candidate read once
