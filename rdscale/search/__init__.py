@@ -7,10 +7,13 @@ many queries. Modules, by job:
 - tables: opening a run's tables, widths (chain levels), prefix columns, errors, conventions;
 - exact: distances and the blocked-GEMM exact top-k;
 - lance_index / faiss_index: the two index backends (`rdscale index --backend {lance,faiss}`);
-- searcher: `Searcher`, `search`, `build_index`, `list_indexes`;
+- searcher: `Searcher` (also residue hits -> protein hits, `aggregate="proteins"`), `search`, `build_index`,
+  `list_indexes`;
 - sequences: embedding query sequences through the run's chain;
-- aggregate: residue hits -> protein hits;
+- service: the JSON query service behind `rdscale serve` (rdscale.cluster.serve puts it on Ray Serve);
 - results: recall, formatting, writing results.
+
+Sharded search over Ray actors lives in rdscale.cluster.search (Ray code stays in rdscale.cluster).
 """
 
 from rdscale.search.results import format_results, recall_at_k, write_results  # noqa: F401
