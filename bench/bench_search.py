@@ -120,22 +120,26 @@ def per_query_ms(fn, queries: np.ndarray, n: int) -> float:
 
 def interleaved(fns, queries: np.ndarray, n_single: int, rounds: int = 3):
     """Time several methods alternately, so that all see the same machine load: batch calls round-robin
-    ``rounds`` times (best of each), then single queries alternating per query (mean of each).
+    ``rounds`` times (best of each), then single queries alternating per query (mean of each); who goes first
+    rotates, since a query repeated right after another method's call finds the CPU caches warm.
     Returns (results of the last batch call, batch seconds, single-query ms), each a list in ``fns`` order."""
     best = [float("inf")] * len(fns)
     out = [None] * len(fns)
-    for _ in range(rounds):
-        for j, fn in enumerate(fns):
+    for r in range(rounds):
+        for j in list(range(len(fns)))[r % len(fns):] + list(range(len(fns)))[: r % len(fns)]:
             t0 = time.perf_counter()
-            out[j] = fn(queries)
+            out[j] = fns[j](queries)
             best[j] = min(best[j], time.perf_counter() - t0)
     total = [0.0] * len(fns)
     for fn in fns:
         fn(queries[:1])  # warm
     for i in range(n_single):
-        for j, fn in enumerate(fns):
+        # the same query right after another method's call finds the caches warm: rotate who goes first
+        order = list(range(len(fns)))
+        order = order[i % len(fns):] + order[: i % len(fns)]
+        for j in order:
             t0 = time.perf_counter()
-            fn(queries[i : i + 1])
+            fns[j](queries[i : i + 1])
             total[j] += time.perf_counter() - t0
     return out, best, [t / max(n_single, 1) * 1e3 for t in total]
 
