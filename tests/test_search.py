@@ -19,7 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rdscale.search import core as S
+from rdscale import search as S
+from rdscale.search import lance_index as LI
+from rdscale.search import tables as T
 
 LEVELS = [8, 16, 32]  # chain levels; proteins stored at 32, residues at 16 (narrower storage width d)
 N_PROT = 2000
@@ -131,7 +133,7 @@ def test_exact_search_equals_numpy_brute_force_on_prefix(run_dir, table, level, 
     result = S.search(out, q, table=table, width=width, k=k, metric=metric, mode="exact")
 
     truth = brute_force(stored[:, :width], q[:, :width], metric)  # (3, n)
-    keys = S.TABLES[table]
+    keys = T.TABLES[table]
     row_of = {f"P{i:05d}": i for i in range(N_PROT)} if table == "proteins" else None
     assert result.column_names == ["query", *keys, "score", "rank"]
     for qi in range(3):
@@ -194,7 +196,7 @@ def test_build_index_adds_prefix_column_without_rewriting_others(run_dir, tmp_pa
         paths = [d.path for d in frag.metadata.files]
         assert paths[: len(files_before[frag.fragment_id])] == files_before[frag.fragment_id]
         assert len(paths) == len(files_before[frag.fragment_id]) + 1
-    prefix = S._embedding_block(ds.to_table(columns=["embedding_p16"]).column("embedding_p16"), 16)
+    prefix = T._embedding_block(ds.to_table(columns=["embedding_p16"]).column("embedding_p16"), 16)
     np.testing.assert_array_equal(prefix, prot[:, :16])  # raw prefix, not normalised
     assert json.loads(ds.schema.metadata[b"rdscale.levels"]) == LEVELS  # store's metadata survives
     assert [i.width for i in S.list_indexes(tmp_path / "run")] == [16]
@@ -211,11 +213,11 @@ def test_build_index_adds_prefix_column_without_rewriting_others(run_dir, tmp_pa
 
 
 def test_default_index_params_follow_row_count_and_width():
-    p = S.default_index_params("IVF_PQ", 1_000_000, 1280)
+    p = LI.default_index_params("IVF_PQ", 1_000_000, 1280)
     assert p == {"num_partitions": 1000, "num_sub_vectors": 160}
-    p = S.default_index_params("IVF_PQ", 50_000, 36)
+    p = LI.default_index_params("IVF_PQ", 50_000, 36)
     assert 36 % p["num_sub_vectors"] == 0 and p["num_sub_vectors"] <= 36 // 8
-    assert S.default_index_params("IVF_HNSW_SQ", 100, 32) == {"num_partitions": 3}  # n / 32 caps sqrt(n)
+    assert LI.default_index_params("IVF_HNSW_SQ", 100, 32) == {"num_partitions": 3}  # n / 32 caps sqrt(n)
 
 
 def test_rows_appended_after_indexing_need_a_new_index(run_dir, tmp_path):
@@ -407,10 +409,14 @@ def test_cli_index_then_funnel_search_by_id_writes_csv_and_arrow(run_dir, tmp_pa
     src, _, _ = run_dir
     run = tmp_path / "run"
     shutil.copytree(src, run)
-    code, out, _ = rdscale(["index", "-o", run, "--width", 8, 16], capsys)
-    assert code == 0 and "embedding_p8" in out and "embedding_p16" in out
-    assert [(i.width, i.metric, i.index_type) for i in S.list_indexes(run)] == [
-        (8, "cosine", "IVF_HNSW_SQ"), (16, "cosine", "IVF_HNSW_SQ")]
+    code, out, _ = rdscale(["index", "-o", run, "--width", 8, 16], capsys)  # default backend: faiss
+    assert code == 0 and "indexes/proteins.p8.cosine.faiss" in out and "indexes/proteins.p16.cosine.faiss" in out
+    assert [(i.width, i.metric, i.index_type, i.backend) for i in S.list_indexes(run)] == [
+        (8, "cosine", "HNSW", "faiss"), (16, "cosine", "HNSW", "faiss")]
+    code, out, _ = rdscale(["index", "-o", run, "--width", 8, "--backend", "lance"], capsys)
+    assert code == 0 and "embedding_p8" in out
+    assert [(i.width, i.index_type, i.backend) for i in S.list_indexes(run)] == [
+        (8, "HNSW", "faiss"), (8, "IVF_HNSW_SQ", "lance"), (16, "HNSW", "faiss")]
 
     argv = ["search", "-o", run, "--id", "P00042", "--width", 8, "--mode", "funnel", "-k", 5,
             "--csv", tmp_path / "hits.csv", "--arrow", tmp_path / "hits.arrow"]
@@ -428,7 +434,8 @@ def test_cli_index_parameters_and_list(run_dir, tmp_path, capsys):
     src, _, _ = run_dir
     run = tmp_path / "run"
     shutil.copytree(src, run)
-    argv = ["index", "-o", run, "--table", "residues", "--width", 16, "--metric", "l2", "--index-type", "ivf_pq",
+    argv = ["index", "-o", run, "--table", "residues", "--width", 16, "--metric", "l2", "--backend", "lance",
+            "--index-type", "ivf_pq",
             "--param", "num_partitions=4", "--param", "num_sub_vectors=4"]
     assert rdscale(argv, capsys)[0] == 0
     (info,) = S.list_indexes(run, "residues")
@@ -436,7 +443,7 @@ def test_cli_index_parameters_and_list(run_dir, tmp_path, capsys):
     assert info.params == {"num_partitions": 4, "num_sub_vectors": 4}
     code, out, _ = rdscale(["index", "-o", run, "--list", "--table", "proteins", "residues"], capsys)
     assert out.splitlines() == ["proteins: no vector indexes",
-                                "residues: width 16 IVF_PQ l2 on embedding (num_partitions=4, num_sub_vectors=4)"]
+                                "residues: width 16 lance IVF_PQ l2 on embedding (num_partitions=4, num_sub_vectors=4)"]
 
 
 def test_cli_search_by_vector_with_filter_matches_the_api(run_dir, tmp_path, capsys):
@@ -516,7 +523,7 @@ def test_query_sequence_embedding_is_the_stored_embedding(real_run):
     stored = lance.dataset(str(run / "proteins.lance")).to_table(columns=["id", "embedding"])
     names = stored.column("id").to_pylist()
     vectors = S.embed_sequences(run, [seqs[n] for n in names])  # (30, 64), R04 windowed
-    np.testing.assert_allclose(vectors, S._embedding_block(stored.column("embedding"), 64), atol=1e-4)
+    np.testing.assert_allclose(vectors, T._embedding_block(stored.column("embedding"), 64), atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["exact", "funnel"])
@@ -567,3 +574,39 @@ def test_cli_fasta_query_and_sequence_errors(real_run, tmp_path, capsys):
 def real_run_models(run) -> list[str]:
     manifest = json.loads(lance.dataset(str(run / "proteins.lance")).schema.metadata[b"rdscale.fit_manifest"])
     return [m["source"] for m in manifest["models"]]
+
+
+def test_searcher_and_service_answer_sequence_queries_like_the_cli(real_run, tmp_path, capsys):
+    """One Searcher loads the chain once and answers sequence queries as `rdscale search --fasta` does; the
+    server's service (rdscale serve) gives the same rows, per protein and per residue (aggregated)."""
+    from rdscale.search.searcher import Searcher
+    from rdscale.search.service import SearchService
+
+    run, seqs = real_run
+    queries = {"mine": seqs["R09"], "other": seqs["R21"][::-1]}
+    (tmp_path / "q.fa").write_text("".join(f">{k}\n{v}\n" for k, v in queries.items()))
+    code, _, _ = rdscale(["search", "-o", run, "--fasta", tmp_path / "q.fa", "-k", 3, "--csv", tmp_path / "h.csv"],
+                         capsys)
+    assert code == 0
+    cli = pacsv.read_csv(tmp_path / "h.csv")
+    searcher = Searcher(run)
+    first = searcher.search_sequences(queries, k=3)
+    again = searcher.search_sequences(queries, k=3)  # the chain stays loaded: same answer, no reload
+    assert searcher._embedder is not None
+    for got in (first, again):
+        assert got.column("query").to_pylist() == cli.column("query").to_pylist()
+        assert got.column("id").to_pylist() == cli.column("id").to_pylist()
+        np.testing.assert_allclose(got.column("score").to_numpy(), cli.column("score").to_numpy(), atol=1e-4)
+
+    service = SearchService(run)
+    body = service.search({"sequences": queries, "k": 3})
+    assert body["queries"] == 2
+    assert [(h["query"], h["id"]) for h in body["hits"]] == list(zip(cli.column("query").to_pylist(),
+                                                                      cli.column("id").to_pylist()))
+    agg = service.search({"table": "residues", "sequences": {"mine": seqs["R09"]}, "k": 2, "aggregate": "proteins"})
+    assert agg["queries"] == 1 and agg["hits"][0]["id"] == "R09" and agg["hits"][0]["hits"] >= len(seqs["R09"])
+
+
+def test_cli_serve_bad_run_is_one_line(tmp_path, capsys):
+    code, _, err = rdscale(["serve", tmp_path / "nowhere", "--port", 1], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "no Lance dataset" in err, err

@@ -211,13 +211,15 @@ def cmd_make_tiny_family(args) -> int:
 
 # Verbs whose parsers live in another module (each exposes register(sub)); the module is imported only when its
 # verb is the one being run, so `rdscale --help` never imports Lance, torch, Ray or the search stack.
-_GROUPS = {"index": "search", "search": "search", "eval": "eval", "extend": "extend", "verify": "verify"}
+_GROUPS = {"index": "search", "search": "search", "eval": "eval", "extend": "extend", "verify": "verify",
+           "serve": "serve"}
 _GROUP_HELP = {
     "index": "vector index on prefix widths (chain levels) of proteins or residues",
     "search": "nearest neighbours by protein id, FASTA query or vector; exact, ANN or funnel",
     "eval": "evaluate a chain: reconstruction R^2 per step, DMS Spearman, scaling report",
     "extend": "grow a run to a larger model: append the next chain level without running the smaller models",
     "verify": "check a run against its inputs: every record in exactly one of proteins/rejects, no duplicates",
+    "serve": "HTTP query server for a run (Ray Serve): search by id, sequence or vector, JSON in and out",
 }
 _WRITERS = ("extract", "fit", "embed", "run")  # verbs that create an output directory
 

@@ -1,7 +1,7 @@
 """`rdscale index` and `rdscale search`: the command-line face of rdscale.search.
 
 `register(sub)` adds both verbs to the CLI's subparsers (rdscale/cli/main.py registers it when `index` or `search` is run). A run
-directory (`-o`) holds proteins.lance / residues.lance and the fit artifact; see rdscale/search.py for what widths,
+directory (RUN, or `-o`) holds proteins.lance / residues.lance and the fit artifact; see rdscale/search/ for what widths,
 indexes, modes and scores mean. User errors are `SearchError`s, which the CLI prints as one line (exit 1).
 """
 
@@ -16,12 +16,20 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rdscale import search as S
 from rdscale.cli.args import add_run_argument
-from rdscale.search import core as S
+from rdscale.search.faiss_index import (
+    DEFAULT_FAISS_INDEX_TYPE,
+    FAISS_INDEX_TYPES,
+    INDEX_DIR,
+)
+from rdscale.search.searcher import Searcher, num_queries
 
 INDEX_EPILOG = """examples:
-  rdscale index -o runs/demo --width 32                 # cosine IVF_HNSW_SQ index on the 32-wide prefix
-  rdscale index -o runs/demo --width 32 64 --metric l2 --index-type IVF_PQ --param num_partitions=16
+  rdscale index -o runs/demo --width 32                 # cosine FAISS HNSW index on the 32-wide prefix
+  rdscale index -o runs/demo --width 32 --backend lance # Lance IVF_HNSW_SQ index on column embedding_p32
+  rdscale index -o runs/demo --table residues --width 16 --index-type IVF_PQ   # compact per-residue index
+  rdscale index -o runs/demo --width 32 64 --metric l2 --backend lance --index-type IVF_PQ --param num_partitions=16
   rdscale index -o runs/demo --table residues --width 32
   rdscale index -o runs/demo --list"""
 
@@ -46,9 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "index",
         help="vector index on prefix widths (chain levels) of proteins or residues",
-        description="Materialise each requested prefix width as its own column (embedding_p<width>; the stored "
-        "width uses `embedding` itself) and build a Lance vector index on it. Idempotent: an index with the "
-        "same settings that covers every row is kept.",
+        description="Build a vector index on each requested prefix width. --backend faiss (default): a FAISS "
+        "index (HNSW, IVF_FLAT or IVF_PQ) streamed from the table into <run>/indexes/ (relative to the run, so "
+        "the run stays relocatable). --backend lance: materialise the prefix as its own column "
+        "(embedding_p<width>; the stored width uses `embedding` itself) and build a Lance index on it. "
+        "Idempotent: an index with the same settings that covers every row is kept.",
         epilog=INDEX_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -58,11 +68,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, nargs="+",
                    help="prefix width(s) to index, chain levels (default: the narrowest level, for funnel search)")
     p.add_argument("--metric", choices=S.METRICS, default="cosine", help="distance (default: cosine)")
-    p.add_argument("--index-type", default=S.DEFAULT_INDEX_TYPE, type=str.upper,
-                   help=f"one of {', '.join(S.INDEX_TYPES)} (default: {S.DEFAULT_INDEX_TYPE})")
+    p.add_argument("--backend", choices=S.BACKENDS, default="faiss",
+                   help="faiss (default: faster at equal recall, see bench/results/bench_search.json) or lance")
+    p.add_argument("--index-type", type=str.upper,
+                   help=f"faiss: one of {', '.join(FAISS_INDEX_TYPES)} (default {DEFAULT_FAISS_INDEX_TYPE}); "
+                   f"lance: one of {', '.join(S.INDEX_TYPES)} (default {S.DEFAULT_INDEX_TYPE})")
     p.add_argument("--param", dest="params", action="append", type=_param, default=[], metavar="KEY=VALUE",
-                   help="index parameter passed to Lance create_index, overriding the defaults derived from the "
-                   "row count (num_partitions, num_sub_vectors, m, ef_construction, sample_rate, ...); repeatable")
+                   help="index parameter overriding the defaults derived from the row count; faiss: m, "
+                   "ef_construction (HNSW), nlist, nprobe, pq_m, pq_bits (IVF); lance: passed to create_index "
+                   "(num_partitions, num_sub_vectors, m, ef_construction, sample_rate, ...); repeatable")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if an identical index exists")
     p.add_argument("--list", action="store_true", help="list the existing indexes and exit")
     p.set_defaults(func=cmd_index)
@@ -95,6 +109,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobes", type=int, help="ann / funnel: IVF partitions probed (default: Lance's)")
     p.add_argument("--refine-factor", type=int, help="ann / funnel: re-rank refine_factor * k candidates exactly")
     p.add_argument("--ef", type=int, help="ann / funnel: HNSW search breadth")
+    p.add_argument("--backend", choices=S.BACKENDS,
+                   help="ann / funnel: the index to use (default: the narrowest for the metric; faiss first)")
+    p.add_argument("--aggregate", choices=["proteins"],
+                   help="with --table residues: aggregate residue hits to proteins (best residue score per "
+                   "protein, and the number of its residues hit); --residue-hits residue hits per query residue")
+    p.add_argument("--residue-hits", type=int,
+                   help="with --aggregate: residue hits taken per query residue (default max(10k, 100))")
     p.add_argument("--exclude-self", action="store_true", help="with --id: drop the query row from its results")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="with --fasta: the chain's checkpoints, if they moved since the run (smallest first)")
@@ -122,9 +143,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         for width in widths:
             started = time.perf_counter()
             info = S.build_index(args.out, table=table, width=width, index_type=args.index_type,
-                                 metric=args.metric, rebuild=args.rebuild, **params)
+                                 metric=args.metric, rebuild=args.rebuild, backend=args.backend, **params)
             shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
-            print(f"{table}: {info.index_type} {info.metric} index on {info.column} (width {info.width}, "
+            where = f"{INDEX_DIR}/{info.index_name}" if info.backend == "faiss" else info.column
+            print(f"{table}: {info.backend} {info.index_type} {info.metric} index on {where} (width {info.width}, "
                   f"{info.num_rows} rows; {shown}) in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -135,7 +157,8 @@ def _print_indexes(run: str, table: str) -> None:
         print(f"{table}: no vector indexes")
     for info in infos:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
-        print(f"{table}: width {info.width} {info.index_type} {info.metric} on {info.column} ({shown})")
+        where = info.index_name if info.backend == "faiss" else info.column
+        print(f"{table}: width {info.width} {info.backend} {info.index_type} {info.metric} on {where} ({shown})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,24 +216,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     common = dict(
         table=args.table, width=args.width, k=args.k, mode=args.mode, metric=args.metric, filter=args.filter,
         shortlist=args.shortlist, rerank_width=args.rerank_width, nprobes=args.nprobes,
-        refine_factor=args.refine_factor, ef=args.ef,
+        refine_factor=args.refine_factor, ef=args.ef, backend=args.backend,
     )
+    if args.aggregate:
+        common.update(aggregate=args.aggregate, residue_hits=args.residue_hits)
+    elif args.residue_hits is not None:
+        raise S.SearchError("--residue-hits only applies with --aggregate proteins")
     if (args.models or args.device) and not args.fasta:
         raise S.SearchError("--models and --device only apply to --fasta queries")
     if args.exclude_self and not args.ids:
         raise S.SearchError("--exclude-self only applies to --id queries")
     started = time.perf_counter()
+    table = common.pop("table")
+    # one searcher for all the queries: the table, its index and the chain are opened once; not resident, since
+    # one command reads the table once anyway (streamed for exact search, candidate rows only for the funnel)
+    searcher = Searcher(args.out, table, resident=False, models=args.models, device=args.device)
     if args.ids:
-        keys = [parse_residue_key(i) for i in args.ids] if args.table == "residues" else args.ids
-        result = S.search(args.out, ids=keys, exclude_self=args.exclude_self, **common)
+        keys = [parse_residue_key(i) for i in args.ids] if table == "residues" else args.ids
+        result = searcher.search(ids=keys, exclude_self=args.exclude_self, **common)
     elif args.fasta:
-        queries = read_query_fasta(args.fasta)
-        result = S.search_sequences(args.out, queries, models=args.models, device=args.device, **common)
+        result = searcher.search_sequences(read_query_fasta(args.fasta), **common)
     else:
-        result = S.search(args.out, read_query_vectors(args.vector), **common)
+        result = searcher.search(read_query_vectors(args.vector), **common)
     took = time.perf_counter() - started
 
-    n_queries = len(set(result.column("query").to_pylist()))
+    n_queries = num_queries(result)
     print(f"{args.mode} search of {args.table} ({args.metric}, k={args.k}): {n_queries} queries, "
           f"{result.num_rows} rows in {took:.2f} s", file=sys.stderr)
     if args.max_rows > 0:

@@ -1,18 +1,34 @@
 """Nearest-neighbour search over a run's tables at any chain-level prefix width: exact, ANN and funnel.
 
 The public face is `search(...)` (by id or vector) and `search_sequences(...)` (by sequence, embedded through the
-run's own chain).
+run's own chain), both one-shot; `Searcher(run)` keeps the table, its indexes and the embedding matrix open for
+many queries. Modules, by job:
+
+- tables: opening a run's tables, widths (chain levels), prefix columns, errors, conventions;
+- exact: distances and the blocked-GEMM exact top-k;
+- lance_index / faiss_index: the two index backends (`rdscale index --backend {lance,faiss}`);
+- searcher: `Searcher` (also residue hits -> protein hits, `aggregate="proteins"`), `search`, `build_index`,
+  `list_indexes`;
+- sequences: embedding query sequences through the run's chain;
+- service: the JSON query service behind `rdscale serve` (rdscale.cluster.serve puts it on Ray Serve);
+- results: recall, formatting, writing results.
+
+Sharded search over Ray actors lives in rdscale.cluster.search (Ray code stays in rdscale.cluster).
 """
 
-from rdscale.search.core import (  # noqa: F401
+from rdscale.search.results import format_results, recall_at_k, write_results  # noqa: F401
+from rdscale.search.searcher import Searcher, build_index, list_indexes, search  # noqa: F401
+from rdscale.search.sequences import QueryEmbedder, embed_sequences, search_sequences  # noqa: F401
+from rdscale.search.tables import (  # noqa: F401
+    BACKENDS,
+    DEFAULT_INDEX_TYPE,
+    INDEX_TYPES,
+    METRICS,
+    MODES,
+    TABLES,
+    IndexInfo,
     MissingIndexError,
     SearchError,
-    build_index,
-    embed_sequences,
-    format_results,
-    list_indexes,
-    recall_at_k,
-    search,
-    search_sequences,
-    write_results,
+    chain_levels,
+    open_table,
 )

@@ -1,0 +1,71 @@
+"""`rdscale serve RUN`: the query server (rdscale.cluster.serve) for a lab: HTTP JSON search on Ray Serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rdscale.cli.args import add_run_argument
+
+SERVE_EPILOG = """examples:
+  rdscale serve runs/demo --port 8000
+  curl -s localhost:8000/search -H 'content-type: application/json' \\
+       -d '{"ids": ["P69905"], "k": 5, "mode": "funnel"}'
+  curl -s localhost:8000/search -d '{"sequences": {"q1": "MKTAYIAKQR"}, "k": 10}'
+  curl -s localhost:8000/search -d '{"vectors": [[0.1, 0.2, ...]], "width": 320, "mode": "ann"}'
+  open http://localhost:8000/docs                        # the OpenAPI schema: /openapi.json
+
+answers: {"queries": n, "hits": [{"query", "id", ["pos"], "score", "rank"}, ...]}, the rows `rdscale search`
+prints; errors: 4xx with {"error": "<one line>"}."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP query server over a run (Ray Serve): search by id, sequence or vector, JSON in and out",
+        description="Start a Ray Serve deployment whose replicas each keep the run's tables, indexes and "
+        "embedding matrices in memory, behind an HTTP endpoint (POST /search, GET /info, schema at /openapi.json "
+        "and /docs). Runs until interrupted (Ctrl-C).",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_argument(p, "run directory (holds proteins.lance, residues.lance, indexes/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, default=1, help="searcher replicas across the cluster (default 1)")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
+    p.add_argument("--table", nargs="+", choices=["proteins", "residues"],
+                   help="tables to serve (default: every table the run has)")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="for sequence queries: the chain's checkpoints, if they moved since the run")
+    p.add_argument("--device", help="for sequence queries: where to embed them (cpu, cuda, cuda:N; default auto)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (e.g. auto); default: a local Ray instance in this process")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rdscale.search.tables import SearchError, open_table
+
+    if args.replicas < 1 or args.num_cpus < 0:
+        raise SearchError("--replicas must be >= 1 and --num-cpus >= 0")
+    for table in args.table or ["proteins"]:
+        open_table(args.out, table)  # a wrong path is one line here, not a replica's traceback
+    import ray
+
+    from rdscale.cluster import serve as server
+
+    ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+    url = server.start(args.out, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
+                       tables=args.table, models=args.models, device=args.device)
+    print(f"rdscale serve: {args.out} at {url} (POST /search, GET /info, schema {url}/docs); Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0

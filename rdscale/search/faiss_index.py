@@ -1,0 +1,242 @@
+"""FAISS vector indexes on a chain-level prefix (the ``faiss`` backend of ``rdscale index``; extra ``rdscale[faiss]``).
+
+An index is built by streaming the prefix of the ``embedding`` column out of the Lance table in batches (the
+prefix column ``embedding_p<w>`` when it exists) and lives inside the run directory, so the run stays
+relocatable: ``<run>/indexes/<table>.p<width>.<metric>.faiss`` plus a JSON sidecar (same name, ``.json``) with
+the index type, parameters, the metric and the table layout it was built from (row count and fragments, to tell
+a stale index). The sidecar holds no paths. FAISS labels are row positions in the table's scan order (fragment
+by fragment), the same positions a ``Searcher`` keeps its resident matrix in.
+
+Index types: ``HNSW`` (IndexHNSWFlat; graph search, no training; the default), ``IVF_FLAT`` (inverted lists
+over exact vectors) and ``IVF_PQ`` (inverted lists over product-quantised codes: compact, for large tables and
+residues). Cosine indexes hold unit-normalised prefixes and search by inner product (distance ``1 - ip``); l2
+indexes hold the raw prefixes (distance: squared Euclidean).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lance
+import numpy as np
+
+from rdscale.search.exact import unit_rows
+from rdscale.search.tables import (
+    EMBEDDING,
+    IndexInfo,
+    SearchError,
+    _column_is_complete,
+    _embedding_block,
+    _jsonable,
+    prefix_column,
+    run_dir_of,
+    stored_width,
+)
+
+FAISS_INDEX_TYPES = ("HNSW", "IVF_FLAT", "IVF_PQ")
+DEFAULT_FAISS_INDEX_TYPE = "HNSW"
+INDEX_DIR = "indexes"
+_BUILD_ROWS = 16384  # rows streamed per add() batch
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise SearchError("the faiss backend needs faiss-cpu: pip install 'rdscale[faiss]' (or use --backend lance)")
+    return faiss
+
+
+def faiss_path(run: Path, table: str, width: int, metric: str) -> Path:
+    return Path(run) / INDEX_DIR / f"{table}.p{width}.{metric}.faiss"
+
+
+def table_layout(ds: lance.LanceDataset) -> list[list[int]]:
+    """[[fragment id, rows], ...] in scan order: what the FAISS labels (row positions) refer to."""
+    return [[f.fragment_id, f.count_rows()] for f in ds.get_fragments()]
+
+
+def default_faiss_params(index_type: str, num_rows: int, width: int) -> dict[str, int]:
+    """HNSW: m=32 links, ef_construction=80. IVF: nlist ~ sqrt(n) (at most n / 39, the rows FAISS wants per
+    centroid to train), nprobe = max(1, nlist / 16). PQ: m = width / 8 sub-quantisers (a divisor of width), 8 bits."""
+    if index_type == "HNSW":
+        return {"m": 32, "ef_construction": 80}
+    nlist = max(1, min(round(math.sqrt(num_rows)), num_rows // 39))
+    params = {"nlist": nlist, "nprobe": max(1, nlist // 16)}
+    if index_type == "IVF_PQ":
+        target = max(1, width // 8)
+        params["pq_m"] = max(m for m in range(1, target + 1) if width % m == 0)
+        params["pq_bits"] = 8 if num_rows >= 39 * 256 else 4
+    return params
+
+
+def _stream(ds: lance.LanceDataset, width: int, batch_rows: int = _BUILD_ROWS, fragments: list | None = None):
+    """(b, width) float32 blocks of the prefix, in scan order."""
+    column = prefix_column(width, stored_width(ds))
+    if not _column_is_complete(ds, column):
+        column = EMBEDDING
+    for batch in ds.scanner(columns=[column], batch_size=batch_rows, fragments=fragments).to_batches():
+        if batch.num_rows:
+            yield np.ascontiguousarray(_embedding_block(batch.column(column), width), dtype=np.float32)
+
+
+def _sample(ds: lance.LanceDataset, width: int, n: int, num_rows: int, seed: int = 0,
+            fragments: list | None = None) -> np.ndarray:
+    """(n, width) float32 training rows drawn uniformly from the table (or from ``fragments``)."""
+    rows = np.sort(np.random.default_rng(seed).choice(num_rows, size=min(n, num_rows), replace=False))
+    if fragments is not None:  # a partition: read it (training sets are small next to what indexing streams)
+        col = ds.scanner(columns=[EMBEDDING], fragments=fragments).to_table().column(EMBEDDING)
+        return np.ascontiguousarray(_embedding_block(col, width)[rows], dtype=np.float32)
+    taken = ds.take(rows.tolist(), columns=[EMBEDDING])
+    return np.ascontiguousarray(_embedding_block(taken.column(EMBEDDING), width), dtype=np.float32)
+
+
+def build_faiss_index(
+    ds: lance.LanceDataset,
+    table: str,
+    width: int,
+    index_type: str = DEFAULT_FAISS_INDEX_TYPE,
+    metric: str = "cosine",
+    rebuild: bool = False,
+    **params: Any,
+) -> IndexInfo:
+    """Build (or keep, if an identical fresh one exists) the FAISS index of ``table`` at prefix ``width``."""
+    faiss = import_faiss()
+    index_type = index_type.upper()
+    if index_type not in FAISS_INDEX_TYPES:
+        raise SearchError(f"unknown faiss index type {index_type!r}; expected one of {FAISS_INDEX_TYPES}")
+    num_rows = ds.count_rows()
+    resolved = {**default_faiss_params(index_type, num_rows, width), **params}
+    unknown = set(resolved) - set(default_faiss_params(index_type, max(num_rows, 10_000), width))
+    if unknown:
+        raise SearchError(f"unknown {index_type} parameter(s) {sorted(unknown)}; expected "
+                          f"{sorted(default_faiss_params(index_type, 10_000, width))}")
+    run = run_dir_of(ds.uri)
+    path = faiss_path(run, table, width, metric)
+    info = IndexInfo(table, width, prefix_column(width, stored_width(ds)), path.name, index_type, metric, num_rows,
+                     _jsonable(resolved), backend="faiss")
+    sidecar = path.with_suffix(".json")
+    if not rebuild and path.is_file() and sidecar.is_file():
+        old = json.loads(sidecar.read_text())
+        if (old.get("index_type"), old.get("params"), old.get("layout")) == (index_type, info.params,
+                                                                            table_layout(ds)):
+            return info
+
+    index = build_in_memory(ds, width, index_type, metric, resolved, table=table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+    record = {"table": table, "width": width, "metric": metric, "index_type": index_type, "params": info.params,
+              "num_rows": num_rows, "layout": table_layout(ds), "file": path.name}
+    sidecar.write_text(json.dumps(record, indent=1))
+    return info
+
+
+def build_in_memory(ds: lance.LanceDataset, width: int, index_type: str, metric: str, params: dict[str, Any],
+                    table: str = "table", fragments: list | None = None):
+    """A FAISS index over the width-``width`` prefix of ``ds`` (or of its ``fragments`` only, in that order),
+    streamed in batches; labels are row positions in that scan order."""
+    faiss = import_faiss()
+    frags = fragments if fragments is not None else ds.get_fragments()
+    num_rows = sum(f.count_rows() for f in frags)
+    ip = metric == "cosine"
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
+    if index_type == "HNSW":
+        index = faiss.IndexHNSWFlat(width, int(params["m"]), faiss_metric)
+        index.hnsw.efConstruction = int(params["ef_construction"])
+    else:
+        nlist = int(params["nlist"])
+        if nlist < 1 or nlist > num_rows:
+            raise SearchError(f"nlist={nlist} must be between 1 and the {num_rows} rows of {table}")
+        quantizer = faiss.IndexFlat(width, faiss_metric)
+        if index_type == "IVF_FLAT":
+            index = faiss.IndexIVFFlat(quantizer, width, nlist, faiss_metric)
+        else:
+            pq_m = int(params["pq_m"])
+            if width % pq_m:
+                raise SearchError(f"pq_m={pq_m} must divide the width {width}")
+            index = faiss.IndexIVFPQ(quantizer, width, nlist, pq_m, int(params["pq_bits"]), faiss_metric)
+        train = _sample(ds, width, max(64 * nlist, 256 * 64), num_rows, fragments=fragments)
+        index.train(unit_rows(train) if ip else train)
+        index.nprobe = int(params["nprobe"])
+    added = 0
+    for block in _stream(ds, width, fragments=fragments):
+        index.add(unit_rows(block) if ip else block)
+        added += len(block)
+    if added != num_rows:  # the table changed under us: do not keep an index whose labels are off
+        raise SearchError(f"{table} changed while indexing ({added} rows read, {num_rows} expected); rerun")
+    return index
+
+
+def list_faiss_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
+    """FAISS indexes of ``table`` in its run directory (fresh or stale; see ``is_fresh``)."""
+    out = []
+    folder = run_dir_of(ds.uri) / INDEX_DIR
+    if not folder.is_dir():
+        return out
+    full = stored_width(ds)
+    for sidecar in sorted(folder.glob(f"{table}.p*.json")):
+        try:
+            rec = json.loads(sidecar.read_text())
+        except json.JSONDecodeError:
+            continue
+        if rec.get("table") != table or not (folder / str(rec.get("file"))).is_file():
+            continue
+        width = int(rec["width"])
+        out.append(IndexInfo(table, width, prefix_column(width, full), rec["file"], rec["index_type"],
+                             rec["metric"], int(rec["num_rows"]), rec.get("params", {}), backend="faiss"))
+    return sorted(out, key=lambda i: (i.width, i.metric))
+
+
+def is_fresh(ds: lance.LanceDataset, info: IndexInfo) -> bool:
+    """True if the table still has the layout the index was built from (its labels still mean the same rows)."""
+    sidecar = (run_dir_of(ds.uri) / INDEX_DIR / info.index_name).with_suffix(".json")
+    try:
+        return json.loads(sidecar.read_text()).get("layout") == table_layout(ds)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_faiss_index(ds: lance.LanceDataset, info: IndexInfo):
+    faiss = import_faiss()
+    path = run_dir_of(ds.uri) / INDEX_DIR / info.index_name
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise SearchError(f"cannot read the faiss index {path}: {str(err).splitlines()[0]}; rebuild it") from err
+
+
+def faiss_search(index, info: IndexInfo, q: np.ndarray, k: int, nprobes: int | None = None, ef: int | None = None,
+                 rows: np.ndarray | None = None, n_total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """((nq, k) distances, (nq, k) row positions, -1 where fewer were found) of raw queries ``q`` (nq, width).
+
+    ``rows``: restrict to these positions (a filter; FAISS skips the others while searching). ``ef`` (HNSW search
+    breadth, default max(64, k)) and ``nprobes`` (IVF lists probed, default the index's) are per call."""
+    faiss = import_faiss()
+    q = np.ascontiguousarray(q[:, : info.width], dtype=np.float32)
+    if info.metric == "cosine":
+        q = unit_rows(q)
+    sel = None
+    if rows is not None:
+        bitmap = np.zeros(int(n_total), dtype=bool)
+        bitmap[rows] = True
+        packed = np.packbits(bitmap, bitorder="little")
+        sel = faiss.IDSelectorBitmap(int(n_total), faiss.swig_ptr(packed))
+    if info.index_type == "HNSW":
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = int(max(ef or 64, k))
+    else:
+        params = faiss.SearchParametersIVF()
+        ivf = faiss.extract_index_ivf(index)
+        params.nprobe = int(min(nprobes or ivf.nprobe, ivf.nlist))
+    if sel is not None:
+        params.sel = sel
+    dist, labels = index.search(q, int(k), params=params)
+    if info.metric == "cosine":
+        dist = 1.0 - dist
+    return dist.astype(np.float32), labels.astype(np.int64)

@@ -1,0 +1,199 @@
+"""Lance's own vector indexes on prefix columns (the ``lance`` backend of ``rdscale index``).
+
+Lance ANN indexes are per column, so ``build_index`` materialises the prefix of width ``w`` as its own column
+``embedding_p{w}`` (same dtype as ``embedding``: float32 for proteins, float16 for residues). The values are the
+raw first ``w`` numbers, *not* normalised: the same column then serves ``cosine`` and ``l2`` indexes, and Lance
+normalises internally for cosine. The stored width needs no copy: its index is on ``embedding``. Searches discover
+indexes from Lance's own index list (column -> width, index type, metric); ``build_index`` also records its
+parameters in the schema metadata key ``rdscale.indexes`` (JSON, by column).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+from rdscale.io.store import reader_filter
+from rdscale.search.tables import (
+    DEFAULT_INDEX_TYPE,
+    EMBEDDING,
+    INDEX_TYPES,
+    INDEXES_KEY,
+    IndexInfo,
+    SearchError,
+    _check_metric,
+    _column_is_complete,
+    _embedding_block,
+    _jsonable,
+    check_width,
+    open_table,
+    prefix_column,
+    reopen,
+    run_dir_of,
+    stored_width,
+)
+
+# indexing
+
+
+def materialize_prefix(ds: lance.LanceDataset, width: int) -> str:
+    """Add the prefix column for ``width`` (if missing or stale) without rewriting the other columns.
+
+    Returns the column name. Idempotent: a complete prefix column is left alone; one that misses rows appended
+    later (they read null) is dropped and re-added (dropping is metadata-only in Lance).
+    """
+    full = stored_width(ds)
+    column = prefix_column(width, full)
+    if column == EMBEDDING or _column_is_complete(ds, column):
+        return column
+    if column in ds.schema.names:
+        ds.drop_columns([column])
+    value_type = ds.schema.field(EMBEDDING).type.value_type
+    out_field = pa.field(column, pa.list_(value_type, width))
+
+    @lance.batch_udf(output_schema=pa.schema([out_field]))
+    def take_prefix(batch: pa.RecordBatch) -> pa.RecordBatch:
+        block = np.ascontiguousarray(_embedding_block(batch.column(EMBEDDING), width))  # (b, width)
+        values = pa.array(block.ravel(), type=value_type)
+        return pa.record_batch([pa.FixedSizeListArray.from_arrays(values, width)], schema=pa.schema([out_field]))
+
+    ds.add_columns(take_prefix, read_columns=[EMBEDDING])
+    return column
+
+
+def default_index_params(index_type: str, num_rows: int, width: int) -> dict[str, int]:
+    """Index parameters derived from the row count and width (each can be overridden in ``build_index``).
+
+    num_partitions ~ sqrt(n), at least 1 and at most n / 32 so k-means has rows to work with;
+    num_sub_vectors (PQ) = width / 8 (8-number sub-vectors), or the nearest divisor of width below it.
+    """
+    params = {"num_partitions": max(1, min(round(math.sqrt(num_rows)), num_rows // 32))}
+    if "PQ" in index_type:
+        target = max(1, width // 8)
+        params["num_sub_vectors"] = max(m for m in range(1, target + 1) if width % m == 0)
+    return params
+
+
+def _recorded_indexes(ds: lance.LanceDataset) -> dict[str, dict]:
+    raw = (ds.schema.metadata or {}).get(INDEXES_KEY.encode())
+    return json.loads(raw) if raw else {}
+
+
+def _lance_vector_indexes(ds: lance.LanceDataset) -> dict[str, dict]:
+    """Lance's own vector indexes, by name: column, index type, metric and the fragments they cover."""
+    out = {}
+    for desc in ds.describe_indices():
+        if not desc.type_url.endswith("VectorIndexDetails") or len(desc.field_names) != 1:
+            continue
+        out[desc.name] = {
+            "column": desc.field_names[0],
+            "index_type": desc.index_type,
+            "metric": _check_metric(str(desc.details.get("metric_type", "l2"))),
+            "fragment_ids": {f for seg in desc.segments for f in seg.fragment_ids},
+        }
+    return out
+
+
+def _index_covers_all(ds: lance.LanceDataset, lance_index: dict) -> bool:
+    return {f.fragment_id for f in ds.get_fragments()} <= lance_index["fragment_ids"]
+
+
+def build_lance_index(
+    dataset_path: str | Path,
+    table: str = "proteins",
+    width: int | None = None,
+    index_type: str = DEFAULT_INDEX_TYPE,
+    metric: str = "cosine",
+    rebuild: bool = False,
+    **params: Any,
+) -> IndexInfo:
+    """Materialise the width-``width`` prefix column of ``table`` and build a vector index on it.
+
+    ``width``: a chain level (None = the stored width). ``index_type``: one of INDEX_TYPES (IVF_HNSW_SQ, the
+    default, needs no refine step for good recall; IVF_PQ is smaller on disk and wants ``refine_factor`` at
+    search time). ``metric``: "cosine" or "l2"; a search must use the metric its index was built with.
+    ``params`` go to ``LanceDataset.create_index`` and override ``default_index_params`` (e.g. num_partitions,
+    num_sub_vectors, m, ef_construction, sample_rate).
+
+    Idempotent: an index already built with the same type, metric and parameters that covers every fragment is
+    kept (``rebuild=True`` forces a new one). One vector index per prefix column: a different configuration
+    replaces the old one.
+    """
+    index_type = index_type.upper()
+    if index_type not in INDEX_TYPES:
+        raise SearchError(f"unknown index type {index_type!r}; expected one of {INDEX_TYPES}")
+    metric = _check_metric(metric)
+    ds = open_table(dataset_path, table)
+    reader_filter(ds.uri)  # warns when the run is incomplete (embed drops derived columns when it adds rows)
+    num_rows = ds.count_rows()
+    if num_rows == 0:
+        raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
+    width = check_width(ds, width)
+
+    column = materialize_prefix(ds, width)
+    ds = reopen(ds)  # the version with the new column
+    resolved = {**default_index_params(index_type, num_rows, width), **params}
+    if resolved["num_partitions"] > num_rows:
+        raise SearchError(f"num_partitions={resolved['num_partitions']} exceeds the {num_rows} rows of {table}")
+    name = f"{column}_idx"
+    info = IndexInfo(table, width, column, name, index_type, metric, num_rows, resolved)
+
+    recorded = _recorded_indexes(ds).get(column)
+    existing = _lance_vector_indexes(ds)
+    if (
+        not rebuild
+        and name in existing
+        and (existing[name]["index_type"], existing[name]["metric"]) == (index_type, metric)
+        and _index_covers_all(ds, existing[name])
+        and recorded is not None
+        and recorded.get("params") == _jsonable(resolved)
+    ):
+        return IndexInfo(**recorded)
+
+    for other_name, other in existing.items():  # one vector index per column: search must not guess
+        if other["column"] == column and other_name != name:
+            ds.drop_index(other_name)
+    ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved)
+
+    ds = reopen(ds)
+    record = {**_recorded_indexes(ds), column: _jsonable(asdict(info))}
+    ds.update_schema_metadata({INDEXES_KEY: json.dumps(record, sort_keys=True)})
+    return info
+
+
+def list_lance_indexes(dataset_path: str | Path, table: str = "proteins") -> list[IndexInfo]:
+    """Vector indexes on the prefix columns of ``table`` (from Lance's index list), narrowest first."""
+    ds = open_table(dataset_path, table)
+    return _live_indexes(ds, table)
+
+
+def _live_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
+    """Discovered from Lance's index list (so it survives lost schema metadata); parameters from the record."""
+    recorded = _recorded_indexes(ds)
+    full = stored_width(ds)
+    infos = []
+    for name, idx in _lance_vector_indexes(ds).items():
+        column = idx["column"]
+        if column != EMBEDDING and not column.startswith(f"{EMBEDDING}_p"):
+            continue
+        width = ds.schema.field(column).type.list_size
+        if column != prefix_column(width, full):
+            continue
+        rec = recorded.get(column, {})
+        params = rec.get("params", {}) if rec.get("index_name") == name else {}
+        num_rows = rec.get("num_rows", 0) if params else 0
+        infos.append(IndexInfo(table, width, column, name, idx["index_type"], idx["metric"], num_rows, params))
+    return sorted(infos, key=lambda i: (i.width, i.metric))
+
+
+def _index_hint(dataset_path: str | Path, table: str, width: int, metric: str) -> str:
+    return f"rdscale index -o {run_dir_of(dataset_path)} --table {table} --width {width} --metric {metric}"
+
+

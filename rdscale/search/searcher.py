@@ -1,0 +1,739 @@
+"""A long-lived searcher over one table of a run: opens the table and its indexes once, keeps the keys and the
+embedding matrix resident, and answers exact, ANN and funnel queries from memory.
+
+``Searcher(run)`` is what a query loop, the query server (``rdscale serve``) and sharded search actors hold;
+``rdscale.search.search(...)`` is the one-shot form (it opens a non-resident Searcher, which streams the table for
+exact search instead of holding it, and closes it).
+
+- Exact search: a blocked GEMM over the resident matrix (rows normalised once per prefix width for cosine, squared
+  norms kept for l2) with a top-k merge across blocks (rdscale.search.exact). Non-resident: the same blocks, read
+  from the Lance table as it is scanned.
+- ANN: the vector index at the width (FAISS, rdscale.search.faiss_index, or Lance's own index on the prefix
+  column, rdscale.search.lance_index), kept open so its cache stays warm.
+- Funnel (adaptive retrieval, Kusupati et al. 2022): a shortlist from the index on a short prefix, re-ranked by
+  exact distance at ``rerank_width`` (default: the full stored width) from the resident matrix.
+
+Row positions: the resident arrays are in the table's scan order (fragment by fragment); FAISS labels and filter
+results are mapped onto those positions, so every path ends in the same (distances, positions) form and one
+function turns that into the result table. A Searcher sees the table version it opened; ``refresh()`` reopens it.
+Thread-safe for concurrent queries (lazy loads are locked; numpy and FAISS release the GIL while they compute).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rdscale.io.store import reader_filter
+from rdscale.search import exact as E
+from rdscale.search import faiss_index as F
+from rdscale.search import lance_index as L
+from rdscale.search.tables import (
+    BACKENDS,
+    EMBEDDING,
+    MODES,
+    TABLES,
+    IndexInfo,
+    KeyNotFoundError,
+    MissingIndexError,
+    SearchError,
+    _check_metric,
+    _column_is_complete,
+    _embedding_block,
+    chain_levels,
+    check_width,
+    open_table,
+    prefix_column,
+    run_dir_of,
+    stored_width,
+)
+
+_SCAN_ROWS = 32768  # rows per streamed batch (non-resident exact search)
+_RERANK_QUERIES = 64  # queries per re-rank block: (64, shortlist, width) float32 candidates at a time
+_FILTER_CACHE = 16
+_FEW_ROWS = 1024  # ann / funnel with a filter keeping at most this many rows (or 4 k) scan them exactly
+NUM_QUERIES_KEY = "rdscale.num_queries"  # result-table schema metadata: the number of queries asked
+
+
+def num_queries(result: pa.Table) -> int:
+    """Queries asked for ``result`` (from its metadata; else the distinct values of its query column)."""
+    raw = (result.schema.metadata or {}).get(NUM_QUERIES_KEY.encode())
+    return int(raw) if raw else len(set(result.column("query").to_pylist()))
+
+
+def _positive(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise SearchError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _lance_message(err: BaseException) -> str:
+    """Lance's error text without the Rust source location it appends."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    head, sep, tail = text.rpartition(", /")
+    return head if sep and ".rs:" in tail else text
+
+
+class Searcher:
+    """Nearest-neighbour search over ``table`` of the run at ``dataset_path``, with state kept between queries.
+
+    ``resident``: hold the embedding matrix in memory (default; fast repeated queries), or stream the table for
+    exact search and read rows on demand (one-shot use, tables larger than memory). ``models`` / ``device``: for
+    sequence queries (``search_sequences``), as in ``embed_sequences``; the chain is loaded on first use.
+    """
+
+    def __init__(self, dataset_path: str | Path, table: str = "proteins", *, resident: bool = True,
+                 models: Sequence[str] | None = None, device: str | None = None,
+                 fragments: Sequence[int] | None = None, build: Sequence[dict] = ()):
+        self.dataset_path = dataset_path
+        self.table = table
+        self.resident = resident or fragments is not None
+        self.fragment_ids = None if fragments is None else [int(f) for f in fragments]
+        self._build = list(build)
+        self._models, self._device = models, device
+        self._lock = threading.RLock()
+        self._open()
+
+    def _open(self) -> None:
+        self.ds = open_table(self.dataset_path, self.table)
+        # Only rows of shards in the run's ledger (a partial run warns); raises for a damaged run.
+        self._committed = reader_filter(self.ds.uri)
+        # a partition (sharded search): these fragments only, in this order; its indexes are built in memory
+        self._frags = None
+        if self.fragment_ids is not None:
+            known = {f.fragment_id: f for f in self.ds.get_fragments()}
+            missing = [f for f in self.fragment_ids if f not in known]
+            if missing:
+                raise SearchError(f"{self.ds.uri} has no fragment(s) {missing}")
+            self._frags = [known[f] for f in self.fragment_ids]
+        self.num_rows = self.ds.count_rows() if self._frags is None else sum(f.count_rows() for f in self._frags)
+        if self.num_rows == 0:
+            raise SearchError(f"the {self.table} table at {self.ds.uri} is empty: nothing to search")
+        self.full_width = stored_width(self.ds)
+        self.levels = chain_levels(self.ds)
+        self._found_index: dict[tuple, IndexInfo] = {}  # (width, metric, backend) -> index, for this version
+        self.keys = TABLES[self.table]
+        self._key_cols: dict[str, pa.Array] | None = None  # key column -> (n,) array in scan order
+        self._rowid_sorted: tuple[np.ndarray, np.ndarray] | None = None  # (sorted row ids, their positions)
+        self._raw: np.ndarray | None = None  # (n, full_width) stored dtype, scan order
+        self._prepared: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._filters: dict[str, np.ndarray] = {}
+        self._faiss: dict[str, Any] = {}
+        self._indexes: list[IndexInfo] | None = None
+        self._protein_codes: tuple[np.ndarray, pa.Array] | None = None  # residues: (n,) protein code, names
+        self._embedder = None
+        self._memory_indexes: list[IndexInfo] = []
+        for spec in self._build:
+            self.build_memory_index(**spec)
+
+    def build_memory_index(self, width: int | None = None, index_type: str = F.DEFAULT_FAISS_INDEX_TYPE,
+                           metric: str = "cosine", **params: Any) -> IndexInfo:
+        """A FAISS index over this searcher's rows (its partition, or the table), held in memory only."""
+        metric = _check_metric(metric)
+        width = self.width(width)
+        index_type = index_type.upper()
+        if index_type not in F.FAISS_INDEX_TYPES:
+            raise SearchError(f"unknown faiss index type {index_type!r}; expected one of {F.FAISS_INDEX_TYPES}")
+        resolved = {**F.default_faiss_params(index_type, self.num_rows, width), **params}
+        index = F.build_in_memory(self.ds, width, index_type, metric, resolved, self.table,
+                                  fragments=self._frags)
+        name = f"memory:{self.table}.p{width}.{metric}"
+        info = IndexInfo(self.table, width, prefix_column(width, self.full_width), name, index_type, metric,
+                         self.num_rows, resolved, backend="faiss")
+        with self._lock:
+            self._faiss[name] = index
+            self._memory_indexes = [i for i in self._memory_indexes if i.index_name != name] + [info]
+            self._indexes = None
+            self._found_index.clear()
+        return info
+
+    def refresh(self) -> None:
+        """Reopen the table at its latest version (drops everything cached)."""
+        with self._lock:
+            self._open()
+
+    def close(self) -> None:
+        self._raw = None
+        self._prepared.clear()
+        self._faiss.clear()
+
+    def __enter__(self) -> Searcher:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -----------------------------------------------------------------------------------------------------------
+    # state, loaded on first use
+
+    def key_columns(self) -> dict[str, pa.Array]:
+        with self._lock:
+            if self._key_cols is None:
+                tbl = self.ds.scanner(columns=list(self.keys), with_row_id=True, fragments=self._frags).to_table()
+                self._key_cols = {c: tbl.column(c).combine_chunks() for c in self.keys}
+                rowids = tbl.column("_rowid").to_numpy()
+                order = np.argsort(rowids, kind="stable")
+                self._rowid_sorted = (rowids[order], order.astype(np.int64))
+                if len(rowids) != self.num_rows:
+                    raise SearchError(f"{self.ds.uri} changed while it was opened; retry")
+            return self._key_cols
+
+    def matrix(self) -> np.ndarray:
+        """(n, full_width) stored embeddings in scan order (float32 proteins, float16 residues), loaded once."""
+        with self._lock:
+            if self._raw is None:
+                out = None
+                start = 0
+                scan = self.ds.scanner(columns=[EMBEDDING], batch_size=_SCAN_ROWS, fragments=self._frags)
+                for batch in scan.to_batches():
+                    block = _embedding_block(batch.column(EMBEDDING), self.full_width)
+                    if out is None:
+                        out = np.empty((self.num_rows, self.full_width), dtype=block.dtype)
+                    out[start : start + len(block)] = block
+                    start += len(block)
+                if start != self.num_rows:
+                    raise SearchError(f"{self.ds.uri} changed while it was loaded; retry")
+                self._raw = out
+            return self._raw
+
+    def _prepared_rows(self, width: int, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
+        with self._lock:
+            key = (width, metric)
+            if key not in self._prepared:
+                self._prepared[key] = E.prepare_rows(self.matrix()[:, :width], metric)
+            return self._prepared[key]
+
+    def load(self, width: int | None = None, metric: str = "cosine") -> Searcher:
+        """Load now what exact search at ``width`` needs (else it loads on the first query)."""
+        self.key_columns()
+        if self.resident:
+            self._prepared_rows(self.width(width), _check_metric(metric))
+        return self
+
+    def positions_of_rowids(self, rowids: np.ndarray) -> np.ndarray:
+        self.key_columns()
+        sorted_ids, positions = self._rowid_sorted
+        at = np.searchsorted(sorted_ids, rowids)
+        at = np.minimum(at, len(sorted_ids) - 1)
+        if len(rowids) and not np.array_equal(sorted_ids[at], rowids):
+            raise SearchError(f"{self.ds.uri} changed since this searcher opened it; refresh it")
+        return positions[at]
+
+    def vectors(self, positions: np.ndarray, width: int) -> np.ndarray:
+        """(len(positions), width) float32 stored rows at scan positions."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.resident:
+            return self.matrix()[positions, :width].astype(np.float32)
+        if len(positions) == 0:
+            return np.empty((0, width), np.float32)
+        uniq, inverse = np.unique(positions, return_inverse=True)
+        column = prefix_column(width, self.full_width)
+        if not _column_is_complete(self.ds, column):
+            column = EMBEDDING
+        taken = self.ds.take(uniq.tolist(), columns=[column])
+        return _embedding_block(taken.column(column), width).astype(np.float32)[inverse]
+
+    def filter_rows(self, filter: str | None) -> np.ndarray | None:
+        """Sorted scan positions of the rows passing the Lance SQL predicate ``filter`` (None: no filter)."""
+        if filter is None:
+            return None
+        if not isinstance(filter, str) or not filter.strip():
+            raise SearchError(f"filter must be a non-empty SQL predicate, got {filter!r}")
+        with self._lock:
+            if filter not in self._filters:
+                try:
+                    scan = self.ds.scanner(columns=[], filter=filter, with_row_id=True, fragments=self._frags)
+                    found = scan.to_table()
+                except Exception as err:  # noqa: BLE001 - Lance raises ValueError/OSError/RuntimeError for bad SQL
+                    raise SearchError(f"bad filter {filter!r}: {_lance_message(err)}") from None
+                rows = np.sort(self.positions_of_rowids(found.column("_rowid").to_numpy()))
+                if len(self._filters) >= _FILTER_CACHE:
+                    self._filters.pop(next(iter(self._filters)))
+                self._filters[filter] = rows
+            return self._filters[filter]
+
+    def indexes(self) -> list[IndexInfo]:
+        """Vector indexes of the table, both backends, narrowest first (FAISS before Lance at equal width)."""
+        with self._lock:
+            if self._indexes is None:
+                infos = list(self._memory_indexes)
+                if self._frags is None:  # on-disk indexes label rows of the whole table
+                    infos += L._live_indexes(self.ds, self.table) + F.list_faiss_indexes(self.ds, self.table)
+                self._indexes = sorted(infos, key=lambda i: (i.width, i.metric, i.backend != "faiss"))
+            return self._indexes
+
+    def _faiss_index(self, info: IndexInfo):
+        with self._lock:
+            if info.index_name.startswith("memory:"):
+                return self._faiss[info.index_name]
+            if info.index_name not in self._faiss:
+                self._faiss[info.index_name] = F.load_faiss_index(self.ds, info)
+            return self._faiss[info.index_name]
+
+    def width(self, width: int | None) -> int:
+        """``width`` validated against the chain levels (None = the stored width); cached per searcher."""
+        if width is None:
+            return self.full_width
+        if isinstance(width, (int, np.integer)) and not isinstance(width, bool) and int(width) in self.levels:
+            return int(width)
+        return check_width(self.ds, width)  # raises the error that says what is wrong
+
+    def find_index(self, width: int | None, metric: str, backend: str | None = None) -> IndexInfo:
+        key = (width, metric, backend)
+        found = self._found_index.get(key)
+        if found is None:
+            found = self._find_index(width, metric, backend)
+            with self._lock:
+                self._found_index[key] = found
+        return found
+
+    def _find_index(self, width: int | None, metric: str, backend: str | None = None) -> IndexInfo:
+        if backend is not None and backend not in BACKENDS:
+            raise SearchError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if width is not None:
+            width = self.width(width)
+        live = [i for i in self.indexes() if i.metric == metric and backend in (None, i.backend)]
+        what = f"{backend + ' ' if backend else ''}{metric} vector index"
+        hint = f"rdscale index -o {run_dir_of(self.dataset_path)} --table {self.table} --width {{}} --metric " + metric
+        if backend:
+            hint += f" --backend {backend}"
+        if width is None:
+            if not live:
+                raise MissingIndexError(f"no {what} on the {self.table} table; build one first, e.g. "
+                                        f"`{hint.format(self.levels[0])}`")
+            width = live[0].width
+        for info in live:
+            if info.width != width:
+                continue
+            if info.index_name.startswith("memory:"):
+                return info
+            fresh = (F.is_fresh(self.ds, info) if info.backend == "faiss"
+                     else _column_is_complete(self.ds, info.column))
+            if fresh:
+                return info
+            if backend is None and any(o.width == width and o is not info for o in live):
+                continue  # the other backend's index at this width may still be fresh
+            raise MissingIndexError(f"rows were added to {self.table} after its {info.backend} index at width "
+                                    f"{width} was built; rerun `{hint.format(width)}`")
+        raise MissingIndexError(f"no {what} at width {width} on the {self.table} table; run `{hint.format(width)}`")
+
+    # -----------------------------------------------------------------------------------------------------------
+    # queries
+
+    def lookup(self, ids) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Stored keys -> (labels, (nq, full) float32 vectors, (nq,) scan positions).
+
+        Residue keys are (id, pos) pairs, or a bare protein id meaning every residue of that protein (pos order).
+        """
+        if ids is None or len(ids) == 0:
+            raise SearchError("ids= is empty")
+        cols = self.key_columns()
+        if self.table == "proteins":
+            wanted = [str(i) for i in ids]
+            at = pc.index_in(pa.array(wanted, pa.string()), value_set=cols["id"]).to_numpy(zero_copy_only=False)
+            missing = [w for w, a in zip(wanted, at) if np.isnan(a)] if at.dtype.kind == "f" else []
+            if missing:
+                shown = ", ".join(missing[:5])
+                raise KeyNotFoundError(f"{len(missing)} query key(s) not in the proteins table: {shown}")
+            positions = at.astype(np.int64)
+            labels = wanted
+        else:
+            try:
+                wanted = [(str(i),) if isinstance(i, str) else (str(i[0]), int(i[1])) for i in ids]
+            except (TypeError, ValueError, IndexError):
+                raise SearchError("residue queries by key need (id, pos) pairs or protein ids") from None
+            pids = pa.array(sorted({w[0] for w in wanted}), pa.string())
+            near = np.flatnonzero(pc.is_in(cols["id"], value_set=pids).to_numpy(zero_copy_only=False))
+            where = dict(zip(zip(cols["id"].take(near).to_pylist(), cols["pos"].take(near).to_pylist()),
+                             near.tolist()))
+            per_protein: dict[str, list[int]] = {}
+            for pid, pos in sorted(where):
+                per_protein.setdefault(pid, []).append(pos)
+            expanded = []
+            for w in wanted:
+                if len(w) == 1 and w[0] in per_protein:
+                    expanded += [(w[0], pos) for pos in per_protein[w[0]]]
+                else:
+                    expanded.append(w)
+            missing = [w for w in expanded if w not in where]
+            if missing:
+                shown = ", ".join(":".join(map(str, m)) for m in missing[:5])
+                raise KeyNotFoundError(f"{len(missing)} query key(s) not in the residues table: {shown}")
+            positions = np.array([where[w] for w in expanded], dtype=np.int64)
+            labels = [":".join(map(str, w)) for w in expanded]
+        return labels, self.vectors(positions, self.full_width), positions
+
+    def search(
+        self,
+        queries: np.ndarray | None = None,
+        *,
+        ids: Sequence[str] | Sequence[tuple[str, int]] | None = None,
+        width: int | None = None,
+        k: int = 10,
+        mode: str = "exact",
+        metric: str = "cosine",
+        filter: str | None = None,
+        shortlist: int | None = None,
+        rerank_width: int | None = None,
+        nprobes: int | None = None,
+        refine_factor: int | None = None,
+        ef: int | None = None,
+        exclude_self: bool = False,
+        backend: str | None = None,
+        labels: Sequence[str] | None = None,
+        aggregate: str | None = None,
+        residue_hits: int | None = None,
+    ) -> pa.Table:
+        """As ``rdscale.search.search`` (see there), on this searcher's table. ``backend``: "faiss" or "lance" to
+        pick the index for ann / funnel (default: the narrowest index for the metric, FAISS first at equal width).
+        ``labels``: names for the rows of ``queries`` (the ``query`` column then holds them).
+        ``aggregate="proteins"`` (residues table only): take ``residue_hits`` residue hits per query residue
+        (default max(10 k, 100)) and aggregate them per query protein to protein hits (see ``_aggregate``)."""
+        if mode not in MODES:
+            raise SearchError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if self._committed:
+            filter = self._committed if not filter else f"({self._committed}) AND ({filter})"
+        metric = _check_metric(metric)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise SearchError(f"k must be >= 1, got {k}")
+        n = self.num_rows
+        k = min(int(k), n)  # a table holds no more neighbours than rows: never ask an index for more
+        shortlist = _positive("shortlist", shortlist)
+        nprobes, ef = _positive("nprobes", nprobes), _positive("ef", ef)
+        ef = None if ef is None else min(ef, n)  # a search breadth beyond the row count buys nothing
+        refine_factor = _positive("refine_factor", refine_factor)
+        residue_hits = _positive("residue_hits", residue_hits)
+        k_out = k
+        if aggregate is not None:
+            if aggregate != "proteins":
+                raise SearchError(f"unknown aggregate {aggregate!r}; expected 'proteins'")
+            if self.table != "residues":
+                raise SearchError("aggregate='proteins' applies to residue search (table residues)")
+            k = min(residue_hits or max(10 * k, 100), n)
+        elif residue_hits is not None:
+            raise SearchError("residue_hits only applies with aggregate='proteins'")
+
+        index = None
+        if mode == "exact":
+            width = self.width(width)
+        else:
+            index = self.find_index(width, metric, backend)
+            width = index.width
+        need = width
+        if mode == "funnel":
+            rerank_width = self.width(rerank_width)
+            if rerank_width < width:
+                raise SearchError(f"rerank_width {rerank_width} is narrower than the shortlist width {width}")
+            need = rerank_width
+
+        if (queries is None) == (ids is None):
+            raise SearchError("give exactly one of queries= (vectors) or ids= (stored keys)")
+        self_pos = None
+        if ids is not None:
+            labels, q, self_pos = self.lookup(ids)
+        else:
+            q = np.asarray(queries)
+            if q.ndim == 1:
+                q = q[None, :]
+            if q.ndim != 2 or q.shape[0] == 0:
+                raise SearchError(f"queries must be a non-empty (q, w) array, got shape {np.shape(queries)}")
+            if not np.issubdtype(q.dtype, np.number):
+                raise SearchError(f"queries must be numbers, got {q.dtype}")
+            if labels is not None and len(labels) != len(q):
+                raise SearchError(f"{len(labels)} labels for {len(q)} queries")
+        if q.shape[1] < need:
+            raise SearchError(
+                f"query vectors are {q.shape[1]} wide but {mode} search at this width needs at least {need} numbers"
+            )
+        q = np.ascontiguousarray(q[:, :need], dtype=np.float32)  # (nq, need)
+        if not np.isfinite(q).all():
+            raise SearchError(f"query {int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])} holds NaN or inf")
+        k_fetch = min(k + 1, n) if self_pos is not None and exclude_self else k
+        rows = self.filter_rows(filter)
+
+        if mode == "exact":
+            dist, pos = self._exact(q, width, k_fetch, metric, rows)
+        elif mode == "ann":
+            dist, pos = self._ann(q, index, k_fetch, filter, rows, nprobes, ef, refine_factor)
+        else:
+            n_short = min(shortlist if shortlist is not None else max(10 * k, 100), n)
+            if n_short < k_fetch:
+                raise SearchError(f"shortlist ({n_short}) must be at least k ({k_fetch})")
+            dist, pos = self._ann(q, index, n_short, filter, rows, nprobes, ef, refine_factor)
+            dist, pos = self._rerank(q[:, :rerank_width], pos, metric, k_fetch)
+        if aggregate is not None:
+            return self._aggregate(dist, pos, k, k_out, labels, self_pos if exclude_self else None)
+        return self._table(dist, pos, k, labels, self_pos if exclude_self else None)
+
+    def search_sequences(self, sequences: Sequence[str] | dict[str, str], **kwargs: Any) -> pa.Table:
+        """``search`` with query sequences embedded through the run's chain (loaded once per searcher)."""
+        from rdscale.search.sequences import (
+            QueryEmbedder,
+            sequence_queries,
+            stack_queries,
+        )
+
+        names, seqs = sequence_queries(sequences)
+        if not seqs:
+            raise SearchError("no query sequences")
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = QueryEmbedder(self.dataset_path, self.table, self._models, self._device)
+        vectors = self._embedder.embed(seqs, names)
+        labels, q = stack_queries(names, vectors, self.table)
+        return self.search(q, labels=labels, **kwargs)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # the three modes: each returns ((nq, m) float32 distances sorted per row, (nq, m) int64 positions, -1 = none)
+
+    def _exact(self, q, width: int, k: int, metric: str, rows: np.ndarray | None):
+        if rows is not None and len(rows) == 0:
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        if self.resident:
+            x, x_sq = self._prepared_rows(width, metric)
+            return E.topk(q[:, :width], x, x_sq, k, rows=rows)
+        # non-resident: the same blocks, straight from the scan (the narrow prefix column when there is one)
+        column = prefix_column(width, self.full_width)
+        if not _column_is_complete(self.ds, column):
+            column = EMBEDDING
+        keep = None
+        if rows is not None:
+            keep = np.zeros(self.num_rows, bool)
+            keep[rows] = True
+        best_d = np.empty((len(q), 0), np.float32)
+        best_i = np.empty((len(q), 0), np.int64)
+        start = 0
+        for batch in self.ds.to_batches(columns=[column], batch_size=_SCAN_ROWS):
+            b = batch.num_rows
+            if b == 0:
+                continue
+            x, x_sq = E.prepare_rows(_embedding_block(batch.column(column), width), metric)
+            local = None if keep is None else np.flatnonzero(keep[start : start + b])
+            if local is None or len(local):
+                d, i = E.topk(q[:, :width], x, x_sq, k, rows=local)
+                best_d, best_i = E.merge_topk(best_d, best_i, d, i + start, k)
+            start += b
+        return best_d, best_i
+
+    def _ann(self, q, index: IndexInfo, k: int, filter, rows, nprobes, ef, refine_factor):
+        if rows is not None and len(rows) == 0:
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        if rows is not None and len(rows) <= max(4 * k, _FEW_ROWS):
+            # a filter that keeps few rows: a graph or list search could miss them; exact over them is cheap
+            x, x_sq = E.prepare_rows(self.vectors(rows, index.width), index.metric)
+            d, i = E.topk(q[:, : index.width], x, x_sq, k)
+            return d, rows[i]
+        if index.backend == "faiss":
+            return F.faiss_search(self._faiss_index(index), index, q, k, nprobes=nprobes, ef=ef, rows=rows,
+                                  n_total=self.num_rows)
+        params = index.params or {}
+        nearest = {"column": index.column, "q": q[:, : index.width], "k": k, "metric": index.metric}
+        if nprobes is not None:
+            nearest["nprobes"] = min(nprobes, int(params.get("num_partitions", nprobes)))
+        if ef is not None:
+            nearest["ef"] = max(ef, k)
+        if refine_factor is not None:
+            nearest["refine_factor"] = max(1, min(refine_factor, self.num_rows // max(k, 1)))
+        found = self.ds.to_table(columns=["_distance"], nearest=nearest, filter=filter, prefilter=True,
+                                 with_row_id=True, disable_scoring_autoprojection=True)
+        qi = found.column("query_index").to_numpy().astype(np.int64)
+        pos = self.positions_of_rowids(found.column("_rowid").to_numpy())
+        return _pad(qi, pos, found.column("_distance").to_numpy().astype(np.float32), len(q))
+
+    def _rerank(self, q, cand: np.ndarray, metric: str, k: int):
+        """Exact distances at q's width to each query's candidates; the best k of them per query."""
+        width = q.shape[1]
+        nq = len(q)
+        dist = np.full(cand.shape, np.inf, np.float32)
+        valid = cand >= 0
+        if self.resident:
+            x, _ = self._prepared_rows(width, metric)  # cosine: unit rows, normalised once, not per query
+            qp = E.unit_rows(q) if metric == "cosine" else q
+            for s in range(0, nq, _RERANK_QUERIES):
+                c = cand[s : s + _RERANK_QUERIES]
+                rows = x[np.where(c >= 0, c, 0)]  # (b, shortlist, width)
+                if metric == "cosine":
+                    dist[s : s + _RERANK_QUERIES] = 1.0 - np.einsum("qsw,qw->qs", rows, qp[s : s + _RERANK_QUERIES])
+                else:
+                    dist[s : s + _RERANK_QUERIES] = E.rerank(q[s : s + _RERANK_QUERIES], rows, metric)
+        else:
+            flat = np.unique(cand[valid])
+            block = self.vectors(flat, width)  # (u, width): each candidate read once
+            where = np.searchsorted(flat, np.where(valid, cand, flat[0] if len(flat) else 0))
+            for s in range(0, nq, _RERANK_QUERIES):
+                rows = block[where[s : s + _RERANK_QUERIES]]
+                dist[s : s + _RERANK_QUERIES] = E.rerank(q[s : s + _RERANK_QUERIES], rows, metric)
+        dist[~valid] = np.inf
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)
+
+    # -----------------------------------------------------------------------------------------------------------
+
+    def _table(self, dist: np.ndarray, pos: np.ndarray, k: int, labels, self_pos) -> pa.Table:
+        """(nq, m) distances / positions (sorted per row, -1 = none) -> the result table, top k per query."""
+        valid = (pos >= 0) & np.isfinite(dist)
+        if self_pos is not None:
+            valid &= pos != np.asarray(self_pos)[:, None]
+        rank = np.cumsum(valid, axis=1)
+        valid &= rank <= k
+        qi, col = np.nonzero(valid)  # row-major: by query, then by distance
+        at = pos[qi, col]
+        cols = self.key_columns()
+        take = pa.array(at, pa.int64())
+        query = pa.array(qi.astype(np.int32), pa.int32()) if labels is None else \
+            pa.array(list(labels), pa.string()).take(pa.array(qi, pa.int64()))
+        out = {"query": query}
+        for c in self.keys:
+            out[c] = cols[c].take(take)
+        out["score"] = pa.array(dist[qi, col].astype(np.float32), pa.float32())
+        out["rank"] = pa.array(rank[qi, col].astype(np.int32), pa.int32())
+        # how many queries were asked, also when a filter leaves some (or all) of them without a hit
+        return pa.table(out).replace_schema_metadata({NUM_QUERIES_KEY: str(len(dist))})
+
+    def _aggregate(self, dist, pos, k_res: int, k: int, labels, self_pos) -> pa.Table:
+        """Residue hits -> protein hits, per query protein (labels ``name:pos`` group by ``name``; unlabelled
+        vector queries are each their own group): ``score`` = the best (smallest) residue distance to any residue
+        of the protein, ``hits`` = how many (query residue, protein residue) pairs among each query residue's
+        ``k_res`` nearest fell on it; top ``k`` proteins per group by score, then by hits."""
+        valid = (pos >= 0) & np.isfinite(dist)
+        if self_pos is not None:
+            valid &= pos != np.asarray(self_pos)[:, None]
+        valid &= np.cumsum(valid, axis=1) <= k_res
+        if labels is None:
+            group_names = [str(i) for i in range(len(dist))]
+            group = np.arange(len(dist))
+        else:
+            heads = [str(lbl).rpartition(":")[0] or str(lbl) for lbl in labels]
+            group_names = list(dict.fromkeys(heads))
+            where = {g: i for i, g in enumerate(group_names)}
+            group = np.array([where[h] for h in heads])
+        with self._lock:
+            if self._protein_codes is None:
+                enc = pc.dictionary_encode(self.key_columns()["id"])
+                self._protein_codes = (enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary)
+        codes, names = self._protein_codes
+        qi, col = np.nonzero(valid)
+        g, prot, d = group[qi], codes[pos[qi, col]], dist[qi, col]
+        pair = g * (len(names) + 1) + prot
+        uniq, inverse, counts = np.unique(pair, return_inverse=True, return_counts=True)
+        best = np.full(len(uniq), np.inf)
+        np.minimum.at(best, inverse, d)
+        ug, up = uniq // (len(names) + 1), uniq % (len(names) + 1)
+        order = np.lexsort((-counts, best, ug))
+        ug, up, best, counts = ug[order], up[order], best[order], counts[order]
+        rank = np.arange(len(ug)) - np.searchsorted(ug, ug, side="left") + 1
+        keep = rank <= k
+        table = pa.table({
+            "query": pa.array(group_names, pa.string()).take(pa.array(ug[keep], pa.int64())),
+            "id": names.take(pa.array(up[keep], pa.int64())),
+            "score": pa.array(best[keep].astype(np.float32), pa.float32()),
+            "hits": pa.array(counts[keep].astype(np.int32), pa.int32()),
+            "rank": pa.array(rank[keep].astype(np.int32), pa.int32()),
+        })
+        return table.replace_schema_metadata({NUM_QUERIES_KEY: str(len(group_names))})
+
+
+def _pad(qi: np.ndarray, pos: np.ndarray, dist: np.ndarray, nq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat (query, position, distance) hits -> (nq, m) arrays sorted by distance per query, padded with inf / -1."""
+    order = np.lexsort((dist, qi))
+    qi, pos, dist = qi[order], pos[order], dist[order]
+    slot = np.arange(len(qi)) - np.searchsorted(qi, qi, side="left")
+    m = int(slot.max()) + 1 if len(slot) else 0
+    out_d = np.full((nq, m), np.inf, np.float32)
+    out_p = np.full((nq, m), -1, np.int64)
+    out_d[qi, slot] = dist
+    out_p[qi, slot] = pos
+    return out_d, out_p
+
+
+def search(
+    dataset_path: str | Path,
+    queries: np.ndarray | None = None,
+    *,
+    ids: Sequence[str] | Sequence[tuple[str, int]] | None = None,
+    table: str = "proteins",
+    width: int | None = None,
+    k: int = 10,
+    mode: str = "exact",
+    metric: str = "cosine",
+    filter: str | None = None,
+    shortlist: int | None = None,
+    rerank_width: int | None = None,
+    nprobes: int | None = None,
+    refine_factor: int | None = None,
+    ef: int | None = None,
+    exclude_self: bool = False,
+    backend: str | None = None,
+) -> pa.Table:
+    """k nearest rows of ``table`` for each query, at prefix width ``width`` (one-shot: for many queries over
+    time, keep a ``Searcher``).
+
+    Give either ``queries`` ((q, w) vectors, w >= the width needed) or ``ids`` (stored keys: protein ids, or
+    (id, pos) pairs for residues). ``width``: a chain level; None means the stored width for ``exact``, and the
+    narrowest indexed width (for ``metric``) for ``ann`` / ``funnel``. ``filter``: a Lance SQL predicate on the
+    table's other columns (e.g. ``"length > 100"``), applied before ranking. ``shortlist`` (funnel): candidates
+    taken from the index, default max(10 * k, 100). ``rerank_width`` (funnel): default the stored width.
+    ``nprobes`` / ``refine_factor`` / ``ef``: passed to the index search (ann and funnel's shortlist); ``k``,
+    ``shortlist``, ``ef``, ``nprobes`` and ``refine_factor`` are clamped to what the table holds. ``backend``:
+    "faiss" or "lance" to choose the index (default: the narrowest for the metric, FAISS first at equal width).
+
+    Returns a table with columns ``query`` (int32 row of ``queries``, or the query key string for ``ids``; for
+    residues ``"id:pos"``), ``id`` (and ``pos`` for residues), ``score`` (float32 distance, smaller = closer;
+    see rdscale.search.tables), ``rank`` (int32, 1-based), sorted by query then rank. Fewer than ``k`` rows
+    per query only if the (filtered) table has fewer.
+    """
+    if mode not in MODES:
+        raise SearchError(f"unknown mode {mode!r}; expected one of {MODES}")
+    searcher = Searcher(dataset_path, table, resident=False)
+    return searcher.search(queries, ids=ids, width=width, k=k, mode=mode, metric=metric, filter=filter,
+                           shortlist=shortlist, rerank_width=rerank_width, nprobes=nprobes,
+                           refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend)
+
+
+def build_index(
+    dataset_path: str | Path,
+    table: str = "proteins",
+    width: int | None = None,
+    index_type: str | None = None,
+    metric: str = "cosine",
+    rebuild: bool = False,
+    backend: str = "lance",
+    **params: Any,
+) -> IndexInfo:
+    """A vector index on the width-``width`` prefix of ``table`` (None = the stored width).
+
+    ``backend="lance"``: Lance's index on a materialised prefix column (``index_type`` one of
+    ``tables.INDEX_TYPES``, default IVF_HNSW_SQ; ``params`` go to ``LanceDataset.create_index``).
+    ``backend="faiss"``: a FAISS index stored in ``<run>/indexes`` (``index_type`` HNSW (default), IVF_FLAT or
+    IVF_PQ; ``params`` as in ``faiss_index.default_faiss_params``). ``metric``: "cosine" or "l2"; a search uses
+    the metric its index was built with. Idempotent: an identical index that covers every row is kept
+    (``rebuild=True`` forces a new one).
+    """
+    if backend not in BACKENDS:
+        raise SearchError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "lance":
+        return L.build_lance_index(dataset_path, table, width, index_type or L.DEFAULT_INDEX_TYPE, metric,
+                                   rebuild, **params)
+    metric = _check_metric(metric)
+    ds = open_table(dataset_path, table)
+    reader_filter(ds.uri)  # warns when the run is incomplete (embed drops derived columns when it adds rows)
+    if ds.count_rows() == 0:
+        raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
+    width = check_width(ds, width)
+    return F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild,
+                               **params)
+
+
+def list_indexes(dataset_path: str | Path, table: str = "proteins") -> list[IndexInfo]:
+    """Vector indexes of ``table`` (Lance's and FAISS), narrowest first."""
+    ds = open_table(dataset_path, table)
+    infos = L._live_indexes(ds, table) + F.list_faiss_indexes(ds, table)
+    return sorted(infos, key=lambda i: (i.width, i.metric, i.backend != "faiss"))

@@ -1,0 +1,200 @@
+"""Query sequences: embed them the way the run embedded its database, then search with them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rdscale.search.tables import (
+    EMBEDDING,
+    SearchError,
+    open_table,
+    run_dir_of,
+    stored_width,
+)
+from rdscale.search.tables import (
+    run_metadata as _run_metadata,
+)
+
+
+def _fit_dir_of(run: Path, manifest: dict, config: dict) -> Path | None:
+    """Where the run's fit artifact is (rdscale.io.runs.Run.fit_location: the recorded one, relative to the run,
+    else <run>/fit, else the configured fit.artifact); None for a single-model (extract) run, which has no fit."""
+    from rdscale.io.location import Location
+    from rdscale.io.runs import Run
+
+    found = Run(run).fit_location(manifest, config)
+    if found is not None:
+        return Path(found.path) if found.is_local else found
+    if len(manifest.get("models", [])) == 1:
+        return None
+    raise SearchError(
+        f"no fit artifact for {run}: neither {Location.parse(run) / 'fit'} nor the run's fit.artifact holds a "
+        "manifest.json; sequence queries are embedded through the run's own fitted chain"
+    )
+
+
+class QueryEmbedder:
+    """The run's chain (models, fit artifact, embedding settings), loaded once, to embed query sequences exactly as
+    the run embedded its database. A long-lived ``Searcher`` or the query server keeps one; ``embed_sequences`` is
+    the one-shot form.
+
+    ``models`` overrides the checkpoint paths / names recorded in the fit manifest; ``device``: where to run the
+    models (default: a GPU if there is one).
+    """
+
+    def __init__(self, dataset_path: str | Path, table: str = "proteins", models: Sequence[str] | None = None,
+                 device: str | None = None):
+        from rdscale.config import load_config
+        from rdscale.fit.artifact import ArtifactError, load_fit
+        from rdscale.run.stages import ChainEncoder
+
+        ds = open_table(dataset_path, table)
+        run = run_dir_of(dataset_path)
+        self.table = table
+        manifest = _run_metadata(ds, "rdscale.fit_manifest")
+        config = _run_metadata(ds, "rdscale.config")
+        if not manifest.get("models") or not config:
+            raise SearchError(f"{ds.uri} has no rdscale.fit_manifest / rdscale.config schema metadata: it was not "
+                              "written by `rdscale run` / `embed`, so there is no chain to embed queries with")
+        model_names = list(models) if models else [m.get("source") or m.get("name") for m in manifest["models"]]
+        if len(model_names) != len(manifest["models"]):
+            raise SearchError(f"{len(model_names)} models given for a chain of {len(manifest['models'])}")
+        embedding = {**config.get("embedding", {}), "device": device or "auto", "dtype": "auto"}
+        self.cfg = cfg = load_config(None, [f"embedding={json.dumps(embedding)}"])
+        self.width = stored_width(ds)
+        value_type = ds.schema.field(EMBEDDING).type.value_type
+        self.store_dtype = np.float16 if value_type == pa.float16() else np.float32
+
+        fit_dir = _fit_dir_of(run, manifest, config)
+        try:
+            self.encoder = ChainEncoder(model_names, cfg)
+        except (OSError, ValueError) as err:
+            raise SearchError(
+                f"cannot load the run's models {model_names}: {err}. Pass models= (--models) with their current "
+                "paths"
+            ) from err
+        self.fit = None
+        self.fits = None
+        if fit_dir is not None:
+            try:
+                self.fit, base = load_fit(fit_dir)
+                # An extended run's chain is the base fit's models, then one model per `rdscale extend` step.
+                load_fit(fit_dir, expect_models=self.encoder.model_info()[: len(base["models"])])
+            except ArtifactError as err:
+                raise SearchError(f"the models do not match the run's fit at {fit_dir}: {err}") from err
+        if manifest.get("extensions"):
+            from rdscale.run.extend import ExtendError, load_query_chain
+
+            try:
+                self.fits = load_query_chain(run)
+            except ExtendError as err:
+                raise SearchError(str(err)) from err
+
+    def embed(self, sequences: Sequence[str], names: Sequence[str] | None = None) -> np.ndarray | list[np.ndarray]:
+        """As ``embed_sequences``: (q, k_m) for proteins, one (L_i, d) array per sequence for residues."""
+        import torch
+
+        names = [f"seq{i}" for i in range(len(sequences))] if names is None else list(names)
+        if len(sequences) == 0:
+            raise SearchError("no query sequences")
+        if len(names) != len(sequences):
+            raise SearchError(f"{len(names)} names for {len(sequences)} sequences")
+        window, policy = self.cfg.embedding.window, self.cfg.embedding.long_policy
+        long = [(n, len(q)) for n, q in zip(names, sequences) if len(q) > window]
+        if long and policy == "reject":
+            shown = ", ".join(f"{n} ({length} residues)" for n, length in long[:5])
+            raise SearchError(
+                f"query {shown} is longer than the {window}-residue model window, and this run rejected such "
+                "sequences (embedding.long_policy=reject), so the database holds nothing comparable"
+            )
+        try:
+            blocks = self.encoder.blocks(list(sequences))  # [seq][model] (L, k_i) float32
+        except ValueError as err:  # the message names the sequence by position: say which query that is
+            where = str(err).split(":", 1)
+            head = where[0].split()
+            if len(head) == 2 and head[0] == "sequence" and head[1].isdigit():
+                raise SearchError(f"query {names[int(head[1])]}: {where[1].strip()}") from err
+            raise SearchError(f"cannot embed the queries: {err}") from err
+        with torch.no_grad():
+            if self.fits is not None:
+                from rdscale.run.extend import apply_chain
+
+                rd = [apply_chain(self.fits, b).float().cpu() for b in blocks]  # [seq] (L, k_m), extended chain
+            else:
+                fit = self.fit
+                rd = [(fit.apply(b) if fit is not None else b[0]).float().cpu() for b in blocks]  # [seq] (L, k_m)
+        if self.table == "proteins":
+            return torch.stack([e.mean(dim=0) for e in rd]).numpy()  # (q, k_m), as proteins.embedding
+        d = self.width
+        return [e[:, :d].numpy().astype(self.store_dtype).astype(np.float32) for e in rd]  # [seq] (L, d)
+
+
+def embed_sequences(
+    dataset_path: str | Path,
+    sequences: Sequence[str],
+    *,
+    table: str = "proteins",
+    names: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    device: str | None = None,
+) -> np.ndarray | list[np.ndarray]:
+    """Embed query sequences exactly as the run embedded its database.
+
+    The chain's models (``models`` overrides the checkpoint paths / names recorded in the fit manifest), the fit
+    artifact (``<run>/fit``), and the embedding settings (layer, window, overlap, long-sequence policy) all come
+    from the run, so a sequence that is in the database gets the vector stored for it. Sequences longer than the
+    model window are windowed and stitched as in the pipeline (or truncated / refused, per the run's
+    ``embedding.long_policy``). ``device``: where to run the models (default: a GPU if there is one).
+
+    Returns for ``table="proteins"`` a (q, k_m) float32 array, the mean over residues of the rd embedding (what
+    ``proteins.embedding`` holds); for ``table="residues"`` one (L_i, d) float32 array per sequence, the rd
+    embedding cut to the stored width d and rounded to the stored dtype (what ``residues.embedding`` holds).
+    """
+    if len(sequences) == 0:
+        raise SearchError("no query sequences")
+    return QueryEmbedder(dataset_path, table, models=models, device=device).embed(sequences, names)
+
+
+def sequence_queries(sequences: Sequence[str] | dict[str, str]) -> tuple[list[str], list[str]]:
+    """(names, sequences) of {name: sequence} or a list (named seq0, seq1, ...)."""
+    if isinstance(sequences, dict):
+        return list(sequences), list(sequences.values())
+    seqs = list(sequences)
+    return [f"seq{i}" for i in range(len(seqs))], seqs
+
+
+def stack_queries(names: Sequence[str], vectors, table: str) -> tuple[list[str], np.ndarray]:
+    """(labels, (q, w) vectors): per-residue search makes every residue of a query its own query ``name:pos``."""
+    if table == "proteins":
+        return list(names), np.asarray(vectors)
+    labels = [f"{n}:{pos}" for n, v in zip(names, vectors) for pos in range(len(v))]
+    return labels, np.concatenate(vectors, axis=0)  # (sum L, d)
+
+
+def search_sequences(
+    dataset_path: str | Path,
+    sequences: Sequence[str] | dict[str, str],
+    *,
+    table: str = "proteins",
+    models: Sequence[str] | None = None,
+    device: str | None = None,
+    **kwargs: Any,
+) -> pa.Table:
+    """``search`` with query sequences, embedded by ``embed_sequences``; ``kwargs`` as for ``search``.
+
+    ``sequences``: {name: sequence} or a list (named seq0, seq1, ...). The ``query`` column holds the name, or
+    ``"name:pos"`` (0-based residue) for per-residue search, where every residue of a query is its own query.
+    """
+    from rdscale.search.searcher import Searcher
+
+    names, seqs = sequence_queries(sequences)
+    if not seqs:
+        raise SearchError("no query sequences")
+    with Searcher(dataset_path, table=table, models=models, device=device) as searcher:
+        return searcher.search_sequences(dict(zip(names, seqs)), **kwargs)
