@@ -305,7 +305,7 @@ def test_fit_is_one_spelling_old_spellings_hidden(capsys):
 def test_config_prints_the_effective_merged_config(tmp_path, capsys):
     import yaml
 
-    code, out, err = invoke(capsys, ["config", "-c", ROOT / "conf" / "demo.yaml", "--set", "embedding.window=500",
+    code, out, err = invoke(capsys, ["config", "-c", "demo", "--set", "embedding.window=500",
                                      "--set", "output.storage_width=16", "-o", tmp_path / "x"])
     assert code == 0, err
     cfg = yaml.safe_load(out)
@@ -450,6 +450,9 @@ def test_ray_notices_go_to_the_log_file(tmp_path, monkeypatch, capfd):
     from rdscale.progress import route_ray_notices
 
     monkeypatch.setenv("PYTHONWARNINGS", "")
+    # a Ray run earlier in this session (RayExecutor) raised ray.data's level to ERROR in this process
+    monkeypatch.setattr(logging.getLogger("ray.data"), "level", logging.NOTSET)
+    monkeypatch.setattr(logging.getLogger("ray.data._internal.execution.streaming_executor"), "level", logging.INFO)
     path = route_ray_notices(tmp_path / "ray.log")
     logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
         "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
@@ -475,6 +478,8 @@ def test_log_names_the_final_fit_location_not_the_staging_one(tmp_path, tiny_fam
     from rdscale.run.pipeline import LocalExecutor, run
 
     fasta = write_fasta(tmp_path / "a.fasta", n=4, seed=1)
+    # Another library's logging.config.dictConfig earlier in this test session may have disabled existing loggers.
+    logging.getLogger("rdscale.run.pipeline").disabled = False
     with caplog.at_level(logging.INFO, logger="rdscale"):
         run(make_cfg(tmp_path, fasta, tiny_family[:2], "r"), LocalExecutor(), progress=False)
     written = [r.getMessage() for r in caplog.records if "fit artifact written" in r.getMessage()]

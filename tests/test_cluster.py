@@ -56,13 +56,16 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch)
     assert load_config(None, []).output.dir == str(tmp_path / "runs/rdscale")
 
 
-def test_bundled_demo_config_runs_from_any_directory(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(ROOT / "conf" / "demo.yaml")
-    assert cfg.input.paths == [str(ROOT / "examples" / "example.fasta")]
-    assert Path(cfg.input.paths[0]).is_file()
-    assert cfg.models[0] == str(ROOT / "models" / "tiny" / "esm2_t2_32_tiny.pt")
-    assert cfg.output.dir == str(ROOT / "runs" / "demo")
+def test_packaged_demo_config_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
+    # A packaged config (`-c demo`, inside the installed package) has no folder a user knows: its relative paths
+    # resolve against the current directory, made absolute on the driver all the same.
+    for where in (ROOT, tmp_path):
+        monkeypatch.chdir(where)
+        cfg = load_config("demo")
+        assert cfg.input.paths == [str(where / "examples" / "example.fasta")]
+        assert cfg.models[0] == str(where / "models" / "tiny" / "esm2_t2_32_tiny.pt")
+        assert cfg.output.dir == str(where / "runs" / "demo")
+    assert Path(load_config(ROOT / "rdscale" / "conf" / "demo.yaml").input.paths[0]).is_absolute()
 
 
 # ------------------------------------------------------------------------------------------------ resources

@@ -473,14 +473,14 @@ def small_disk(tmp_path):
 
 
 def fill(mnt: Path) -> None:
-    """Write a filler file until the filesystem is full."""
-    with open(mnt / "filler", "ab") as f:
-        try:
+    """Write a filler file until the filesystem is full (it may be full already)."""
+    try:
+        with open(mnt / "filler", "ab") as f:
             while True:
                 f.write(b"\0" * (1 << 16))
                 f.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
 
 
 class FillAfter(LocalExecutor):
@@ -506,9 +506,10 @@ def test_disk_full(tmp_path, tiny_family, base, small_disk, moment):
     cfg = cfg_for(tmp_path, src, tiny_family, fit_dir)
     cfg.output.dir = str(out)
     if moment == "compaction":
+        cfg.output.compact = True  # off by default: compaction is `rdscale compact`'s job
         summary = embed(cfg, None, FillAfter(small_disk), progress=False)
         assert any("compaction failed" in w for w in summary.warnings)
-        (small_disk / "filler").unlink()
+        (small_disk / "filler").unlink(missing_ok=True)
         assert verify(out) == [] and snapshot(out) == reference
         return
     if moment == "writing_fragments":
@@ -524,7 +525,7 @@ def test_disk_full(tmp_path, tiny_family, base, small_disk, moment):
         store_mod.FAULT_HOOKS.clear()
     message = str(err.value)
     assert "no space left on device" in message and str(out) in message and "\n" not in message
-    (small_disk / "filler").unlink()
+    (small_disk / "filler").unlink(missing_ok=True)
     embed(cfg, None, LocalExecutor(), progress=False)
     assert snapshot(out) == reference and verify(out) == [] and orphan_files(out) == 0
 

@@ -166,8 +166,9 @@ def test_overlapped_writes_give_byte_identical_tables(fitted, tiny_family):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys
+    sys.path.insert(0, "tests")  # the suite's shared helpers
     from rdscale.run.pipeline import LocalExecutor, embed
-    from tests.test_pipeline import make_cfg
+    from helpers import make_cfg
     from tests.test_overlap import SMALL
     from pathlib import Path
     tmp, fasta, fit_dir, marker = map(Path, sys.argv[1:5])

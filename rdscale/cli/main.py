@@ -355,6 +355,9 @@ def _check_outputs(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
     the directories among them that did not exist yet, so that a failed command leaves no half-made output
     directory behind."""
     cfg = _load(args)
+    from rdscale.io.location import set_storage_options
+
+    set_storage_options(cfg.storage.options)  # the checks below may read checkpoints on an object store
     targets = [cfg.output.dir]
     if getattr(args, "fit", None) and args.verb == "fit":
         targets.append(args.fit)
@@ -382,9 +385,12 @@ def _check_layer(cfg: Config) -> None:
                               f"layers; 0 = token embeddings, -1 = last), got {layer}")
 
 
-def _quiet_ray(args: argparse.Namespace) -> None:
-    """A Ray run's terminal shows rdscale's progress and summary; Ray's own notices go to a log file (-v: both)."""
-    if args.verbose or _load(args).ray.address == "local":
+def _quiet_ray(args: argparse.Namespace, uses_ray: bool | None = None) -> None:
+    """A Ray run's terminal shows rdscale's progress and summary; Ray's own notices go to a log file (-v: both).
+    uses_ray: whether the verb will start Ray (None: from its config's ray.address)."""
+    if uses_ray is None:
+        uses_ray = _load(args).ray.address != "local"
+    if args.verbose or not uses_ray:
         return
     import tempfile
     import time

@@ -68,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, nargs="+",
                    help="prefix width(s) to index, chain levels (default: the narrowest level, for funnel search)")
     p.add_argument("--metric", choices=S.METRICS, default="cosine", help="distance (default: cosine)")
-    p.add_argument("--backend", choices=S.BACKENDS, default="faiss",
-                   help="faiss (default: faster at equal recall, see bench/results/bench_search.json) or lance")
+    p.add_argument("--backend", choices=S.BACKENDS, default=None,
+                   help="faiss (default: faster at equal recall, see bench/results/bench_search.json) or lance "
+                   "(the default for a run on object storage, where the index lives inside the table)")
     p.add_argument("--index-type", type=str.upper,
                    help=f"faiss: one of {', '.join(FAISS_INDEX_TYPES)} (default {DEFAULT_FAISS_INDEX_TYPE}); "
                    f"lance: one of {', '.join(S.INDEX_TYPES)} (default {S.DEFAULT_INDEX_TYPE})")
@@ -138,6 +139,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             _print_indexes(args.out, table)
         return 0
     params = dict(args.params)
+    if args.backend is None:
+        from rdscale.io.location import is_remote
+
+        args.backend = "lance" if is_remote(args.out) else "faiss"
     for table in args.table:
         widths = args.width or [S.chain_levels(S.open_table(args.out, table))[0]]
         for width in widths:

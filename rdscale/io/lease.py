@@ -108,6 +108,31 @@ class LocalLeaseBackend:
             pass
 
 
+# storage.options (Lance's names) -> boto3 client arguments; the environment covers whatever is not given here
+_BOTO_KEYS = {
+    "aws_access_key_id": "aws_access_key_id", "access_key_id": "aws_access_key_id",
+    "aws_secret_access_key": "aws_secret_access_key", "secret_access_key": "aws_secret_access_key",
+    "aws_session_token": "aws_session_token", "session_token": "aws_session_token",
+    "aws_endpoint": "endpoint_url", "endpoint": "endpoint_url", "aws_endpoint_url": "endpoint_url",
+    "aws_region": "region_name", "region": "region_name",
+}
+
+
+def _boto_options() -> dict[str, str]:
+    from rdscale.io.location import storage_options
+
+    out = {}
+    for key, value in storage_options().items():
+        name = _BOTO_KEYS.get(key.lower())
+        if name and value:
+            out[name] = value
+    if "aws_secret_access_key" in out and "aws_access_key_id" not in out and os.environ.get("AWS_ACCESS_KEY_ID"):
+        out["aws_access_key_id"] = os.environ["AWS_ACCESS_KEY_ID"]  # a key pair must be given together
+    if "aws_access_key_id" in out and "aws_secret_access_key" not in out and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        out["aws_secret_access_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+    return out
+
+
 class S3LeaseBackend:
     """S3-compatible object storage through boto3: create-if-absent is a PUT with `If-None-Match: *` (AWS S3,
     MinIO, SeaweedFS and Ceph honour it; a store that ignores it would let two writers in, so check yours with
@@ -119,7 +144,11 @@ class S3LeaseBackend:
                 import boto3
             except ImportError as err:  # pragma: no cover - depends on the install
                 raise LeaseError("a run on S3 needs boto3 for its writer lease: pip install 'rdscale[s3]'") from err
-            client = boto3.client("s3", **client_kwargs)
+            from botocore.config import Config as BotoConfig
+
+            kwargs = {**_boto_options(), **client_kwargs}
+            kwargs.setdefault("config", BotoConfig(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3}))
+            client = boto3.client("s3", **kwargs)
         self.client = client
 
     @staticmethod

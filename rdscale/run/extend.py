@@ -356,7 +356,7 @@ class FragmentExtender:
         self.encoder = ChainEncoder([model], cfg)
 
     def fit_step(self, run: str, sample_sequences: int, regression: str, width: int):
-        return fit_step_from_prefix(Path(run), self.encoder, sample_sequences, regression, width)
+        return fit_step_from_prefix(Run(run), self.encoder, sample_sequences, regression, width)
 
     def fragment(self, table: str, uri: str, version: int, fragment_id: int, step: ChainFit,
                  out_type: pa.DataType | None, proteins_uri: str) -> tuple[int, str, pa.Schema]:

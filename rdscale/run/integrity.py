@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Record, Reject, Shard, ValidationOptions, read_shard
 from rdscale.io.lease import WriterLease
+from rdscale.io.location import Location
 from rdscale.io.store import (
     LEDGER,
     PLAN_FILE,
@@ -74,12 +75,15 @@ def shard_digest(shard: Shard, options: ValidationOptions) -> str:
 
 def shard_key(shard: Shard) -> str:
     """The shard's byte range, with the file named by its absolute path (independent of the working directory)."""
-    return f"{os.path.abspath(shard.path)}@{shard.start}-{'eof' if shard.end is None else shard.end}"
+    loc = Location.parse(shard.path)
+    name = os.path.abspath(loc.path) if loc.is_local else loc.uri
+    return f"{name}@{shard.start}-{'eof' if shard.end is None else shard.end}"
 
 
 def file_stat(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+    """(size, mtime in ns) of a local file or an object (objects without a modification time: 0)."""
+    found = Location.parse(path).fingerprint()
+    return found["size"], found["mtime_ns"] or 0
 
 
 def fingerprints(shards: Sequence[Shard]) -> dict[int, dict[str, Any]]:
@@ -149,17 +153,14 @@ def refuse_or_redo(store: RunStore, shards: Sequence[Shard], options: Validation
 def write_plan(store: RunStore, shards: Sequence[Shard]) -> None:
     """Record the run's shard plan next to its tables (atomically), for readers and for the end-of-run check."""
     payload = {"run_key": store.run_key, "shards": len(shards), "keys": [shard_key(s) for s in shards]}
-    path = store.root / PLAN_FILE
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    (store.root / PLAN_FILE).write_text(json.dumps(payload, indent=1))  # atomic: temp file + rename, or one PUT
 
 
-def read_plan(root: str | Path) -> dict[str, Any] | None:
-    path = Path(root) / PLAN_FILE
+def read_plan(root: str | Path | Location) -> dict[str, Any] | None:
+    path = Location.parse(root) / PLAN_FILE
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RdscaleError):
         return None
 
 

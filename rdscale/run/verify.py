@@ -149,7 +149,10 @@ def verify(run_dir: str | Path) -> list[str]:
 def _check_fit(root: Path, manifest: dict[str, Any]) -> list[str]:
     if not manifest or not manifest.get("tensors_sha256"):
         return []  # extraction with one model: no fit
-    artifact = Path(manifest.get("artifact") or root / "fit")
+    from rdscale.io.runs import Run
+
+    found = Run(root).fit_location(manifest, {})  # recorded relative to the run, else <run>/fit
+    artifact = Path(found.path) if found is not None and found.is_local else root / "fit"
     path = artifact / "manifest.json"
     if not path.exists():
         return [f"the fit the tables were embedded with ({artifact}) is gone; metadata cannot be checked"]

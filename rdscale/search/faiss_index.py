@@ -105,6 +105,9 @@ def build_faiss_index(
     **params: Any,
 ) -> IndexInfo:
     """Build (or keep, if an identical fresh one exists) the FAISS index of ``table`` at prefix ``width``."""
+    if not isinstance(run_dir_of(ds.uri), Path):
+        raise SearchError(f"FAISS indexes are kept on a local disk beside the run; {run_dir_of(ds.uri)} is on an "
+                          "object store: use --backend lance (Lance's index lives inside the table)")
     faiss = import_faiss()
     index_type = index_type.upper()
     if index_type not in FAISS_INDEX_TYPES:
@@ -176,7 +179,10 @@ def build_in_memory(ds: lance.LanceDataset, width: int, index_type: str, metric:
 def list_faiss_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
     """FAISS indexes of ``table`` in its run directory (fresh or stale; see ``is_fresh``)."""
     out = []
-    folder = run_dir_of(ds.uri) / INDEX_DIR
+    run = run_dir_of(ds.uri)
+    if not isinstance(run, Path):  # a run on an object store has only Lance indexes
+        return out
+    folder = run / INDEX_DIR
     if not folder.is_dir():
         return out
     full = stored_width(ds)
