@@ -470,19 +470,28 @@ def test_ray_notices_go_to_the_log_file(tmp_path, monkeypatch, capfd):
     assert "lance is not fork-safe" in os.environ["PYTHONWARNINGS"]
 
 
-def test_log_names_the_final_fit_location_not_the_staging_one(tmp_path, tiny_family, caplog):
+def test_log_names_the_final_fit_location_not_the_staging_one(tmp_path, tiny_family, monkeypatch):
     import logging
 
     from helpers import make_cfg
 
     from rdscale.run.pipeline import LocalExecutor, run
 
-    fasta = write_fasta(tmp_path / "a.fasta", n=4, seed=1)
-    # Another library's logging.config.dictConfig earlier in this test session may have disabled existing loggers.
-    logging.getLogger("rdscale.run.pipeline").disabled = False
-    with caplog.at_level(logging.INFO, logger="rdscale"):
+    # A handler on the pipeline's own logger: other libraries' logging set-up earlier in the session (dictConfig,
+    # levels) cannot hide the record from this test.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("rdscale.run.pipeline")
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(handler)
+    try:
+        fasta = write_fasta(tmp_path / "a.fasta", n=4, seed=1)
         run(make_cfg(tmp_path, fasta, tiny_family[:2], "r"), LocalExecutor(), progress=False)
-    written = [r.getMessage() for r in caplog.records if "fit artifact written" in r.getMessage()]
+    finally:
+        logger.removeHandler(handler)
+    written = [r.getMessage() for r in records if "fit artifact written" in r.getMessage()]
     assert written and all(".partial" not in m for m in written)
     assert str(tmp_path / "r" / "fit") in written[0]
 

@@ -148,7 +148,8 @@ class S3LeaseBackend:
 
             kwargs = {**_boto_options(), **client_kwargs}
             kwargs.setdefault("config", BotoConfig(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3}))
-            client = boto3.client("s3", **kwargs)
+            # a session of its own: boto3's default session caches the first credentials it ever resolved
+            client = boto3.session.Session().client("s3", **kwargs)
         self.client = client
 
     @staticmethod
