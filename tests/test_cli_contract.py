@@ -484,13 +484,15 @@ def test_log_names_the_final_fit_location_not_the_staging_one(tmp_path, tiny_fam
     handler.emit = records.append
     logger = logging.getLogger("rdscale.run.pipeline")
     monkeypatch.setattr(logger, "disabled", False)
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not the attribute: it also clears the loggers' isEnabledFor caches
     logger.addHandler(handler)
     try:
         fasta = write_fasta(tmp_path / "a.fasta", n=4, seed=1)
         run(make_cfg(tmp_path, fasta, tiny_family[:2], "r"), LocalExecutor(), progress=False)
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     written = [r.getMessage() for r in records if "fit artifact written" in r.getMessage()]
     assert written and all(".partial" not in m for m in written)
     assert str(tmp_path / "r" / "fit") in written[0]

@@ -12,18 +12,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import yaml
-
-from rdscale import search as S
+from rdscale import search as S  # lazy: only names are read until a command runs
 from rdscale.cli.args import add_run_argument
-from rdscale.search.faiss_index import (
-    DEFAULT_FAISS_INDEX_TYPE,
-    FAISS_INDEX_TYPES,
-    INDEX_DIR,
-)
-from rdscale.search.searcher import Searcher, num_queries
+from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES, INDEX_DIR
+
+if TYPE_CHECKING:
+    import numpy as np
 
 INDEX_EPILOG = """examples:
   rdscale index -o runs/demo --width 32                 # cosine FAISS HNSW index on the 32-wide prefix
@@ -47,6 +43,8 @@ def _param(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--param {text!r} must look like key=value, e.g. num_partitions=64")
     key, raw = text.split("=", 1)
+    import yaml
+
     return key.strip(), yaml.safe_load(raw)
 
 
@@ -200,6 +198,8 @@ def read_query_fasta(path: str | Path) -> dict[str, str]:
 
 def read_query_vectors(path: str | Path) -> np.ndarray:
     """(q, w) float32 from a .npy file (no pickles)."""
+    import numpy as np
+
     path = Path(path)
     if not path.is_file():
         raise S.SearchError(f"query vector file {path} does not exist")
@@ -235,6 +235,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     table = common.pop("table")
     # one searcher for all the queries: the table, its index and the chain are opened once; not resident, since
     # one command reads the table once anyway (streamed for exact search, candidate rows only for the funnel)
+    from rdscale.search.searcher import Searcher, num_queries
+
     searcher = Searcher(args.out, table, resident=False, models=args.models, device=args.device)
     if args.ids:
         keys = [parse_residue_key(i) for i in args.ids] if table == "residues" else args.ids

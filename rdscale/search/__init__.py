@@ -16,19 +16,21 @@ many queries. Modules, by job:
 Sharded search over Ray actors lives in rdscale.cluster.search (Ray code stays in rdscale.cluster).
 """
 
-from rdscale.search.results import format_results, recall_at_k, write_results  # noqa: F401
-from rdscale.search.searcher import Searcher, build_index, list_indexes, search  # noqa: F401
-from rdscale.search.sequences import QueryEmbedder, embed_sequences, search_sequences  # noqa: F401
-from rdscale.search.tables import (  # noqa: F401
-    BACKENDS,
-    DEFAULT_INDEX_TYPE,
-    INDEX_TYPES,
-    METRICS,
-    MODES,
-    TABLES,
-    IndexInfo,
-    MissingIndexError,
-    SearchError,
-    chain_levels,
-    open_table,
-)
+import importlib
+
+# Public names -> the module that defines them. Imported on first use (PEP 562), so that `rdscale.search.names`
+# and the CLI's parsers do not pull in numpy, Lance and FAISS.
+_EXPORTS = {
+    **dict.fromkeys(("format_results", "recall_at_k", "write_results"), "results"),
+    **dict.fromkeys(("Searcher", "build_index", "list_indexes", "search"), "searcher"),
+    **dict.fromkeys(("QueryEmbedder", "embed_sequences", "search_sequences"), "sequences"),
+    **dict.fromkeys(("IndexInfo", "MissingIndexError", "SearchError", "chain_levels", "open_table"), "tables"),
+    **dict.fromkeys(("BACKENDS", "DEFAULT_INDEX_TYPE", "INDEX_TYPES", "METRICS", "MODES", "TABLES"), "names"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"rdscale.search.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'rdscale.search' has no attribute {name!r}")

@@ -25,6 +25,7 @@ import lance
 import numpy as np
 
 from rdscale.search.exact import unit_rows
+from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES, INDEX_DIR  # noqa: F401
 from rdscale.search.tables import (
     EMBEDDING,
     IndexInfo,
@@ -37,9 +38,6 @@ from rdscale.search.tables import (
     stored_width,
 )
 
-FAISS_INDEX_TYPES = ("HNSW", "IVF_FLAT", "IVF_PQ")
-DEFAULT_FAISS_INDEX_TYPE = "HNSW"
-INDEX_DIR = "indexes"
 _BUILD_ROWS = 16384  # rows streamed per add() batch
 
 

@@ -24,13 +24,15 @@ import pyarrow as pa
 
 from rdscale.errors import RdscaleError
 from rdscale.io.location import Location
+from rdscale.search.names import (  # noqa: F401 - re-exported
+    BACKENDS,
+    DEFAULT_INDEX_TYPE,
+    INDEX_TYPES,
+    METRICS,
+    MODES,
+    TABLES,
+)
 
-TABLES: dict[str, tuple[str, ...]] = {"proteins": ("id",), "residues": ("id", "pos")}  # table -> key columns
-METRICS = ("cosine", "l2")
-MODES = ("exact", "ann", "funnel")
-BACKENDS = ("lance", "faiss")
-INDEX_TYPES = ("IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_HNSW_FLAT", "IVF_FLAT", "IVF_SQ", "IVF_RQ")
-DEFAULT_INDEX_TYPE = "IVF_HNSW_SQ"
 EMBEDDING = "embedding"
 LEVELS_KEY = "rdscale.levels"
 INDEXES_KEY = "rdscale.indexes"
