@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VERBS = ("extract", "fit", "embed", "run", "config", "info", "make-tiny-family", "index", "search", "eval",
-         "extend")
+         "extend", "verify", "compact", "serve")
 TARGET_S = 0.2
 # what `rdscale --help` imported when every verb module was registered at start-up
 EAGER = "import rdscale.config, rdscale.cli.search, rdscale.cli.eval, rdscale.cli.extend"
