@@ -149,7 +149,11 @@ def refuse_or_redo(store: RunStore, shards: Sequence[Shard], options: Validation
 def write_plan(store: RunStore, shards: Sequence[Shard]) -> None:
     """Record the run's shard plan next to its tables (atomically), for readers and for the end-of-run check."""
     payload = {"run_key": store.run_key, "shards": len(shards), "keys": [shard_key(s) for s in shards]}
-    path = store.root / PLAN_FILE
+    root = store.root
+    if not getattr(root, "is_local", True):  # an object-store run: one PUT is atomic
+        root.join(PLAN_FILE).write_text(json.dumps(payload, indent=1))
+        return
+    path = Path(getattr(root, "path", root)) / PLAN_FILE
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)

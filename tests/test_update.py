@@ -1,0 +1,164 @@
+"""`rdscale update`: a run follows its database from release A to release B by embedding only what changed."""
+
+from __future__ import annotations
+
+import random
+
+import lance
+import numpy as np
+import pytest
+
+from helpers import AA, make_cfg, table
+from rdscale.errors import RdscaleError
+from rdscale.io.lease import WriterLease
+from rdscale.run.pipeline import LocalExecutor, run
+from rdscale.run.update import UpdateError, releases, update
+
+
+def write_records(path, records):
+    with open(path, "w") as f:
+        for ident, desc, seq in records:
+            f.write(f">{ident} {desc}\n")
+            for j in range(0, len(seq), 60):
+                f.write(seq[j : j + 60] + "\n")
+    return path
+
+
+def _seq(rng, lo=15, hi=90):
+    return "".join(rng.choice(AA) for _ in range(rng.randint(lo, hi)))
+
+
+def releases_ab(seed=3, n=30):
+    """A, and B = A with sequences changed, records removed, records added and ids reassigned to another
+    record's sequence; both hold one invalid record (a reject)."""
+    rng = random.Random(seed)
+    a = [(f"UR{i:04d}", f"protein {i}", _seq(rng)) for i in range(n)]
+    a.insert(7, ("BAD1", "invalid", "MKV1234"))
+    b = []
+    for ident, desc, seq in a:
+        i = int(ident[2:]) if ident.startswith("UR") else -1
+        if i in (3, 11, 20):  # changed: one substitution
+            seq = seq[:5] + ("W" if seq[5] != "W" else "Y") + seq[6:]
+        if i in (5, 17):  # removed
+            continue
+        if i == 8:  # reassigned: UR0008 now points at UR0009's sequence (and UR0009 at a new one)
+            seq = a[a.index(next(r for r in a if r[0] == "UR0009"))][2]
+        if i == 9:
+            seq = _seq(rng)
+        b.append((ident, desc, seq))
+    b += [(f"UR{i:04d}", f"protein {i}", _seq(rng)) for i in range(n, n + 4)]  # new
+    b.insert(2, b.pop(-1))  # a new record early in the file: shards of B differ from A's
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_family):
+    tmp = tmp_path_factory.mktemp("update")
+    a, b = releases_ab()
+    fa = write_records(tmp / "A.fasta", a)
+    fb = write_records(tmp / "B.fasta", b)
+    cfg = make_cfg(tmp, fa, tiny_family, "fresh_a")
+    run(cfg, LocalExecutor(), progress=False)
+    fit = tmp / "fresh_a" / "fit"
+    cfg_b = make_cfg(tmp, fb, tiny_family, "fresh_b", **{"fit.artifact": str(fit)})
+    run(cfg_b, LocalExecutor(), progress=False)
+    return tmp, fa, fb, tmp / "fresh_a", tmp / "fresh_b"
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def content(run_dir, version=None):
+    out = {}
+    for name, cols in (("proteins", ["id", "description", "length", "sequence", "embedding"]),
+                       ("residues", ["id", "pos", "aa", "embedding"]), ("rejects", ["id", "reason"])):
+        t = lance.dataset(str(run_dir / f"{name}.lance"), version=version).to_table(columns=cols)
+        keys = [("id", "ascending")] + ([("pos", "ascending")] if "pos" in cols else [])
+        out[name] = t.sort_by(keys)
+    return out
+
+
+def assert_equal_content(x, y, atol=1e-5):
+    for name in x:
+        a, b = x[name], y[name]
+        assert a.num_rows == b.num_rows, name
+        for col in a.column_names:
+            if col == "embedding":
+                u = np.asarray(a[col].combine_chunks().flatten(), dtype=np.float32)
+                v = np.asarray(b[col].combine_chunks().flatten(), dtype=np.float32)
+                np.testing.assert_allclose(u, v, atol=atol, rtol=0, err_msg=name)
+            else:
+                assert a[col].to_pylist() == b[col].to_pylist(), (name, col)
+
+
+def test_update_equals_fresh_run_and_embeds_only_what_changed(world, tmp_path):
+    tmp, fa, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    before = content(run_dir)
+    report = update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert (report.unchanged, report.changed, report.new, report.removed) == (23, 5, 4, 2)
+    # 5 changed = 3 edited + UR0008 (reassigned) + UR0009 (new sequence); removed 2; 4 new
+    assert report.rejects == 1
+    embedded = lance.dataset(str(run_dir / "shards.lance")).to_table(filter="key LIKE 'update:%'")
+    assert sum(embedded["proteins"].to_pylist()) == report.changed + report.new  # only those went through a model
+    assert 0 < report.fraction_embedded < 0.4
+    assert_equal_content(content(run_dir), content(fresh_b))
+    # unchanged rows are the very rows of the run before: bit-identical
+    after = content(run_dir)["proteins"]
+    old = before["proteins"]
+    kept = set(old["id"].to_pylist()) & set(after["id"].to_pylist())
+    for ident in sorted(kept)[:10]:
+        x = old.filter(lance_eq(old, ident))["embedding"].to_pylist()
+        y = after.filter(lance_eq(after, ident))["embedding"].to_pylist()
+        if old.filter(lance_eq(old, ident))["sequence"].to_pylist() == after.filter(lance_eq(after, ident))["sequence"].to_pylist():
+            assert x == y
+    # the previous release stays readable by tag, and equals the run before the update
+    assert_equal_content(content(run_dir, version="initial"), before, atol=0)
+    names = [r["name"] for r in releases(run_dir)]
+    assert names == ["initial", "B1"]
+    with pytest.raises(UpdateError, match="already at release B1"):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+
+
+def lance_eq(t, ident):
+    import pyarrow.compute as pc
+
+    return pc.equal(t["id"], ident)
+
+
+class StopAfter(LocalExecutor):
+    def __init__(self, n):
+        self.n = n
+
+    def apply(self, *args, **kwargs):
+        for i, item in enumerate(super().apply(*args, **kwargs)):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield item
+
+
+def test_interrupted_update_resumes_to_the_same_result(world, tmp_path):
+    tmp, fa, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], executor=StopAfter(2), progress=False)
+    with pytest.raises(UpdateError, match="interrupted"):
+        update(run_dir, [str(fb)], "B2", overrides=["ray.address=local"], progress=False)
+    report = update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert report.shards_skipped > 0
+    assert (report.changed, report.new, report.removed) == (5, 4, 2)
+    assert_equal_content(content(run_dir), content(fresh_b))
+    assert_equal_content(content(run_dir, version="initial"), content(fresh_a), atol=0)
+
+
+def test_second_writer_is_refused(world, tmp_path):
+    tmp, fa, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    with WriterLease(str(run_dir)):
+        with pytest.raises(RdscaleError):
+            update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert "B1" not in lance.dataset(str(run_dir / "proteins.lance")).tags.list()
