@@ -162,3 +162,27 @@ def test_second_writer_is_refused(world, tmp_path):
         with pytest.raises(RdscaleError):
             update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
     assert "B1" not in lance.dataset(str(run_dir / "proteins.lance")).tags.list()
+
+
+def test_cli_update_info_and_search_an_earlier_release(world, tmp_path, capsys):
+    from rdscale.cli.main import main
+    from rdscale.search import SearchError, search
+
+    _, _, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    assert main(["update", str(run_dir), "--fasta", str(fb), "--release", "2024_01", "--local", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "changed: 5   new: 4   removed: 2" in out
+    assert main(["info", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "initial: proteins.lance" in out and "proteins 30" in out
+    assert "2024_01: proteins.lance" in out and "proteins 32" in out and "(current)" in out
+    # UR0005 is gone from the new release, and still found in the previous one
+    hits = search(run_dir, ids=["UR0005"], k=3, version="initial")
+    assert hits.num_rows == 3
+    with pytest.raises(SearchError):
+        search(run_dir, ids=["UR0005"], k=3)
+    assert main(["search", str(run_dir), "--id", "UR0005", "--release", "initial", "-k", "2"]) == 0
+    assert "UR0005" in capsys.readouterr().out
+    assert main(["update", str(run_dir), "--fasta", str(fb), "--release", "bad name", "--local"]) == 1
+    assert "release name" in capsys.readouterr().err

@@ -453,3 +453,24 @@ def _check_accounting(store: RunStore) -> None:
             bad.append(f"shard {index}: {row['records']} records, {have} rows")
     if bad:
         raise StoreError(f"accounting mismatch after the update of {store.root}: {'; '.join(bad[:5])}")
+
+
+def release_lines(run: str | Run) -> list[str]:
+    """`rdscale info`: the run's releases (tags of its table versions) with their row counts, oldest first, and an
+    update in progress, if any."""
+    run = Run(run) if not isinstance(run, Run) else run
+    proteins = run.dataset(PROTEINS)
+    tags = sorted(proteins.tags.list().items(), key=lambda kv: kv[1]["version"])
+    lines = []
+    for name, tag in tags:
+        version = int(tag["version"])
+        counts = [f"proteins {run.dataset(PROTEINS, version=version).count_rows()}"]
+        if run.has_table(REJECTS) and name in run.dataset(REJECTS).tags.list():
+            counts.append(f"rejects {run.dataset(REJECTS, version=name).count_rows()}")
+        current = " (current)" if version == proteins.version else ""
+        lines.append(f"  {name}: proteins.lance v{version}, {', '.join(counts)}{current}")
+    running = [e for e in read_state(run)["releases"] if e["status"] != "done"]
+    for entry in running:
+        lines.append(f"  {entry['name']}: update interrupted; rerun `rdscale update {run} --release {entry['name']} "
+                     f"--fasta {' '.join(entry['inputs'])}` to finish it")
+    return ["releases (table versions tagged by `rdscale update`):", *lines] if lines else []
