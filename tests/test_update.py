@@ -8,7 +8,7 @@ import lance
 import numpy as np
 import pytest
 
-from helpers import AA, make_cfg, table
+from helpers import AA, make_cfg
 from rdscale.errors import RdscaleError
 from rdscale.io.lease import WriterLease
 from rdscale.run.pipeline import LocalExecutor, run
@@ -186,3 +186,22 @@ def test_cli_update_info_and_search_an_earlier_release(world, tmp_path, capsys):
     assert "UR0005" in capsys.readouterr().out
     assert main(["update", str(run_dir), "--fasta", str(fb), "--release", "bad name", "--local"]) == 1
     assert "release name" in capsys.readouterr().err
+
+
+def test_old_run_config_is_refused_after_an_update(world, tmp_path, tiny_family):
+    _, fa, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    cfg = make_cfg(tmp_path, fa, tiny_family, "run")
+    with pytest.raises(RdscaleError, match="different run"):
+        run(cfg, LocalExecutor(), progress=False)
+
+
+@pytest.mark.ray
+def test_update_through_ray_equals_fresh_run(ray_session, world, tmp_path):
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    report = update(run_dir, [str(fb)], "B1", progress=False,
+                    overrides=["ray.address=null", "ray.num_actors=1", "ray.cpus_per_actor=0.5"])
+    assert (report.changed, report.new, report.removed) == (5, 4, 2)
+    assert_equal_content(content(run_dir), content(fresh_b))

@@ -68,6 +68,7 @@ from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, shard_key, writing
 log = logging.getLogger(__name__)
 
 STATE_FILE = "updates.json"
+FOLLOWED = "followed-"  # run key prefix of a run that `rdscale update` moved to another release
 INITIAL = "initial"  # the tag of a run's versions before its first update
 TABLES = (PROTEINS, RESIDUES, REJECTS, LEDGER)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -296,14 +297,19 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
     if any(e["name"] == release and e["status"] == "done" for e in entries):
         raise UpdateError(f"{run} is already at release {release}; choose a new release name")
     shards = plan(cfg)
-    proteins_schema = run.dataset(PROTEINS).schema
-    run_key = (proteins_schema.metadata or {}).get(META_RUN_KEY, b"").decode()
     levels = [int(w) for w in run.levels()]
-    schemas = run_schemas(levels[-1], cfg.output.storage_width, dict(proteins_schema.metadata or {}),
-                          residues=run.has_table(RESIDUES) and cfg.output.residues,
-                          residue_dtype=cfg.output.residue_dtype)
-    store = RunStore(run.location, schemas, run_key)
-    store.lease = lease
+
+    def open_store() -> tuple[RunStore, dict]:
+        proteins_schema = run.dataset(PROTEINS).schema
+        run_key = (proteins_schema.metadata or {}).get(META_RUN_KEY, b"").decode()
+        schemas = run_schemas(levels[-1], cfg.output.storage_width, dict(proteins_schema.metadata or {}),
+                              residues=run.has_table(RESIDUES) and cfg.output.residues,
+                              residue_dtype=cfg.output.residue_dtype)
+        store = RunStore(run.location, schemas, run_key)
+        store.lease = lease
+        return store, schemas
+
+    store, schemas = open_store()
     if running:
         entry = running[0]
         if entry["name"] != release:
@@ -327,6 +333,14 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                  "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         for t, v in before.items():  # the previous release stays readable by name
             _tag(run.dataset(t), previous, v)
+        # A run that follows a database no longer is the output of its original inputs: a `run`/`embed` of the
+        # old config into it is refused (RunStore: "the output of a different run") instead of resuming into it.
+        if not store.run_key.startswith(FOLLOWED):
+            key = FOLLOWED + hashlib.blake2b(store.run_key.encode(), digest_size=12).hexdigest()
+            for t in TABLES:
+                if run.has_table(t):
+                    run.dataset(t).update_schema_metadata({META_RUN_KEY.decode(): key})
+            store, schemas = open_store()
         entries.append(entry)
         _write_state(run, state)
     base, before = int(entry["base"]), {k: int(v) for k, v in entry["before"].items()}
