@@ -205,3 +205,49 @@ def test_update_through_ray_equals_fresh_run(ray_session, world, tmp_path):
                     overrides=["ray.address=null", "ray.num_actors=1", "ray.cpus_per_actor=0.5"])
     assert (report.changed, report.new, report.removed) == (5, 4, 2)
     assert_equal_content(content(run_dir), content(fresh_b))
+
+
+def test_interrupted_deletes_resume_and_partitions_spill(world, tmp_path, monkeypatch):
+    """A kill in the middle of the deletes (after every new row is committed) resumes to the same tables; a tiny
+    rows_per_partition makes the comparison spill to hash partitions on disk."""
+    import rdscale.run.update as U
+
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    monkeypatch.setattr(U, "_CHUNK", 2)
+    calls = {"n": 0}
+    real = lance.LanceDataset.delete
+
+    def dying_delete(self, predicate):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, predicate)
+
+    monkeypatch.setattr(lance.LanceDataset, "delete", dying_delete)
+    with pytest.raises(KeyboardInterrupt):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False, rows_per_partition=8)
+    monkeypatch.setattr(lance.LanceDataset, "delete", real)
+    report = update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False, rows_per_partition=8)
+    assert report.shards_skipped == report.shards_total  # nothing embedded twice
+    assert (report.unchanged, report.changed, report.new, report.removed) == (23, 5, 4, 2)
+    assert_equal_content(content(run_dir), content(fresh_b))
+
+
+def test_two_updates_in_a_row_equal_a_fresh_run_on_the_last_release(world, tmp_path, tiny_family):
+    tmp, _, fb, fresh_a, fresh_b = world
+    _, b = releases_ab()
+    rng = random.Random(9)
+    c = [(i, d, s if n % 4 else _seq(rng)) for n, (i, d, s) in enumerate(b) if n % 7 != 3]
+    c.append(("UR9999", "late", _seq(rng)))
+    fc = write_records(tmp_path / "C.fasta", c)
+    fresh_c = tmp_path / "fresh_c"
+    run(make_cfg(tmp_path, fc, tiny_family, "fresh_c", **{"fit.artifact": str(fresh_a / "fit")}), LocalExecutor(),
+        progress=False)
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    report = update(run_dir, [str(fc)], "C1", overrides=["ray.address=local"], progress=False)
+    assert report.previous == "B1" and report.new >= 1 and report.removed >= 1
+    assert_equal_content(content(run_dir), content(fresh_c))
+    assert_equal_content(content(run_dir, version="B1"), content(fresh_b))
+    assert [r["name"] for r in releases(run_dir)] == ["initial", "B1", "C1"]
