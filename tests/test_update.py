@@ -251,3 +251,14 @@ def test_two_updates_in_a_row_equal_a_fresh_run_on_the_last_release(world, tmp_p
     assert_equal_content(content(run_dir), content(fresh_c))
     assert_equal_content(content(run_dir, version="B1"), content(fresh_b))
     assert [r["name"] for r in releases(run_dir)] == ["initial", "B1", "C1"]
+
+
+def test_compact_cleanup_keeps_the_tagged_releases(world, tmp_path):
+    from rdscale.cli.main import main
+
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert main(["compact", str(run_dir), "--cleanup"]) == 0
+    assert_equal_content(content(run_dir, version="initial"), content(fresh_a), atol=0)
+    assert_equal_content(content(run_dir), content(fresh_b))
