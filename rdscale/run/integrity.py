@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Record, Reject, Shard, ValidationOptions, read_shard
 from rdscale.io.lease import WriterLease
+from rdscale.io.location import Location
 from rdscale.io.store import (
     LEDGER,
     PLAN_FILE,
@@ -149,21 +150,14 @@ def refuse_or_redo(store: RunStore, shards: Sequence[Shard], options: Validation
 def write_plan(store: RunStore, shards: Sequence[Shard]) -> None:
     """Record the run's shard plan next to its tables (atomically), for readers and for the end-of-run check."""
     payload = {"run_key": store.run_key, "shards": len(shards), "keys": [shard_key(s) for s in shards]}
-    root = store.root
-    if not getattr(root, "is_local", True):  # an object-store run: one PUT is atomic
-        root.join(PLAN_FILE).write_text(json.dumps(payload, indent=1))
-        return
-    path = Path(getattr(root, "path", root)) / PLAN_FILE
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    (store.root / PLAN_FILE).write_text(json.dumps(payload, indent=1))  # atomic: temp file + rename, or one PUT
 
 
-def read_plan(root: str | Path) -> dict[str, Any] | None:
-    path = Path(root) / PLAN_FILE
+def read_plan(root: str | Path | Location) -> dict[str, Any] | None:
+    path = Location.parse(root) / PLAN_FILE
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RdscaleError):
         return None
 
 
