@@ -73,10 +73,12 @@ def copy_run(src, dst):
 
 
 def content(run_dir, version=None):
+    from rdscale.io.runs import Run
+
     out = {}
     for name, cols in (("proteins", ["id", "description", "length", "sequence", "embedding"]),
                        ("residues", ["id", "pos", "aa", "embedding"]), ("rejects", ["id", "reason"])):
-        t = lance.dataset(str(run_dir / f"{name}.lance"), version=version).to_table(columns=cols)
+        t = Run(str(run_dir)).dataset(name, version=version).to_table(columns=cols)
         keys = [("id", "ascending")] + ([("pos", "ascending")] if "pos" in cols else [])
         out[name] = t.sort_by(keys)
     return out
@@ -262,3 +264,18 @@ def test_compact_cleanup_keeps_the_tagged_releases(world, tmp_path):
     assert main(["compact", str(run_dir), "--cleanup"]) == 0
     assert_equal_content(content(run_dir, version="initial"), content(fresh_a), atol=0)
     assert_equal_content(content(run_dir), content(fresh_b))
+
+
+def test_update_of_a_run_on_object_storage(world, s3):
+    from rdscale.io.location import Location
+
+    _, _, fb, fresh_a, fresh_b = world
+    remote = s3.uri("runs", "followed")
+    Location.parse(str(fresh_a)).copy_tree_to(Location.parse(remote))
+    fb_s3 = s3.uri("in", "B.fasta")
+    Location.parse(fb_s3).write_bytes(fb.read_bytes())
+    report = update(remote, [fb_s3], "B1", overrides=["ray.address=local"], progress=False)
+    assert (report.unchanged, report.changed, report.new, report.removed) == (23, 5, 4, 2)
+    assert_equal_content(content(remote), content(fresh_b))
+    assert_equal_content(content(remote, version="initial"), content(fresh_a), atol=0)
+    assert [r["name"] for r in releases(remote)] == ["initial", "B1"]
