@@ -39,6 +39,8 @@ def releases_ab(seed=3, n=30):
         i = int(ident[2:]) if ident.startswith("UR") else -1
         if i in (3, 11, 20):  # changed: one substitution
             seq = seq[:5] + ("W" if seq[5] != "W" else "Y") + seq[6:]
+        if i == 13:  # the same sequence under a new description: not embedded again
+            desc = "protein 13, renamed"
         if i in (5, 17):  # removed
             continue
         if i == 8:  # reassigned: UR0008 now points at UR0009's sequence (and UR0009 at a new one)
@@ -104,7 +106,7 @@ def test_update_equals_fresh_run_and_embeds_only_what_changed(world, tmp_path):
     report = update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
     assert (report.unchanged, report.changed, report.new, report.removed) == (23, 5, 4, 2)
     # 5 changed = 3 edited + UR0008 (reassigned) + UR0009 (new sequence); removed 2; 4 new
-    assert report.rejects == 1
+    assert report.rejects == 1 and report.relabelled == 1
     embedded = lance.dataset(str(run_dir / "shards.lance")).to_table(filter="key LIKE 'update:%'")
     assert sum(embedded["proteins"].to_pylist()) == report.changed + report.new  # only those went through a model
     assert 0 < report.fraction_embedded < 0.4

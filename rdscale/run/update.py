@@ -100,6 +100,7 @@ class UpdateReport:
     new: int = 0
     removed: int = 0
     rejects: int = 0  # of the new release
+    relabelled: int = 0  # unchanged sequences whose description changed (description replaced, not embedded)
     residues_release: int = 0  # of the new release's accepted records: what a full rerun would embed
     residues_embedded: int = 0  # by this update (all its shards, also those of an interrupted earlier attempt)
     residues_this_call: int = 0
@@ -117,7 +118,7 @@ class UpdateReport:
         return [
             f"release {self.release} (previous: {self.previous})",
             f"unchanged: {self.unchanged}   changed: {self.changed}   new: {self.new}   removed: {self.removed}   "
-            f"rejects: {self.rejects}",
+            f"rejects: {self.rejects}   (unchanged with a new description: {self.relabelled})",
             f"residues embedded: {self.residues_embedded} of {self.residues_release} "
             f"({100 * self.fraction_embedded:.1f}% of a full rerun)   this call: {self.residues_this_call} in "
             f"{self.seconds:.1f} s",
@@ -134,6 +135,7 @@ class UpdateReport:
 class Diff:
     todo: dict[int, set[str]]  # plan index of a release shard -> ids of its accepted records to embed
     drop: pa.Table  # (id, shard): rows of the run to delete (ids gone, old rows of changed ids)
+    relabel: pa.Table | None = None  # (id, description): unchanged sequences whose description changed
     unchanged: int = 0
     changed: int = 0
     new: int = 0
@@ -156,7 +158,7 @@ def _batches_of_release(shards: Sequence[Shard], options: ValidationOptions, dif
             diff.residues_release += len(item.sequence)
             ids.append(item.id)
             where.append(shard.index)
-            digests.append(seq_digest(item.sequence))
+            digests.append(f"{seq_digest(item.sequence)}\t{item.description}")
             if len(ids) >= size:
                 yield _rows(ids, where, digests)
                 ids, where, digests = [], [], []
@@ -170,8 +172,9 @@ def _rows(ids, shards, digests) -> pa.RecordBatch:
 
 
 def _batches_of_run(proteins) -> Any:
-    for batch in proteins.to_batches(columns=["id", "shard", "sequence"], batch_size=1 << 16):
-        digests = [seq_digest(s) for s in batch.column("sequence").to_pylist()]
+    for batch in proteins.to_batches(columns=["id", "shard", "sequence", "description"], batch_size=1 << 16):
+        digests = [f"{seq_digest(s)}\t{d}" for s, d in zip(batch.column("sequence").to_pylist(),
+                                                          batch.column("description").to_pylist())]
         yield pa.record_batch([batch.column("id"), batch.column("shard"), pa.array(digests, pa.string())],
                               names=["id", "shard", "reason"])
 
@@ -184,17 +187,22 @@ def diff_release(proteins, shards: Sequence[Shard], options: ValidationOptions,
                                                                        "shard": pa.array([], pa.int32())}))
     total = 2 * proteins.count_rows()
     parts = max(1, -(-total // max(1, int(rows_per_partition))))
-    drops = []
+    drops, relabels = [], []
     with _IdPartitions(parts, scratch) as partitions:
         for batch in _batches_of_run(proteins):
             partitions.add(batch, protein=True)
         for batch in _batches_of_release(shards, options, diff):
             partitions.add(batch, protein=False)
         for part in partitions:
-            old = part.filter(part["protein"]).select(["id", "shard", "reason"])
-            new = part.filter(pc.invert(part["protein"])).select(["id", "shard", "reason"])
+            old = _split(part.filter(part["protein"]))
+            new = _split(part.filter(pc.invert(part["protein"])))
             keyed = old.select(["id", "reason"])
-            diff.unchanged += new.join(keyed, ["id", "reason"], join_type="left semi").num_rows
+            same = new.select(["id", "shard", "reason", "description"]).join(
+                old.select(["id", "reason", "old_description"]), ["id", "reason"], join_type="inner")
+            diff.unchanged += same.num_rows
+            relabelled = same.filter(pc.not_equal(same["description"], same["old_description"]))
+            if relabelled.num_rows:
+                relabels.append(relabelled.select(["id", "description"]))
             todo = new.join(keyed, ["id", "reason"], join_type="left anti")
             changed = todo.join(old.select(["id"]), "id", join_type="left semi").num_rows
             diff.changed += changed
@@ -206,7 +214,18 @@ def diff_release(proteins, shards: Sequence[Shard], options: ValidationOptions,
             drops.append(drop.select(["id", "shard"]))
     if drops:
         diff.drop = pa.concat_tables([diff.drop, *drops])
+    if relabels:
+        diff.relabel = pa.concat_tables(relabels)
     return diff
+
+
+def _split(rows: pa.Table) -> pa.Table:
+    """(id, shard, reason="<sequence digest>\t<description>") -> (id, shard, reason=digest, description,
+    old_description): the sequence decides what is embedded, the description only what a row says."""
+    digest = pc.utf8_slice_codeunits(rows["reason"], 0, 32)
+    description = pc.utf8_slice_codeunits(rows["reason"], 33, 1 << 30)
+    return pa.table({"id": rows["id"], "shard": rows["shard"], "reason": digest, "description": description,
+                     "old_description": description})
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -411,6 +430,13 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
     lease.check()
     if store.dataset(REJECTS).count_rows(filter=old):
         store.dataset(REJECTS).delete(old)
+    # unchanged sequences under a new description: the row's description is replaced, its embedding kept
+    if diff.relabel is not None:
+        for i in range(0, diff.relabel.num_rows, _CHUNK * 5):
+            lease.check()
+            store.dataset(PROTEINS).merge_insert("id").when_matched_update_all().execute(
+                diff.relabel.slice(i, _CHUNK * 5))
+        report.relabelled = diff.relabel.num_rows
 
     # 3. the old shards' ledger rows: what they hold now (one atomic merge; computed from the versions the update
     # started from, so a rerun writes the same rows)
