@@ -281,3 +281,20 @@ def test_update_of_a_run_on_object_storage(world, s3):
     assert_equal_content(content(remote), content(fresh_b))
     assert_equal_content(content(remote, version="initial"), content(fresh_a), atol=0)
     assert [r["name"] for r in releases(remote)] == ["initial", "B1"]
+
+
+def test_verify_checks_an_updated_run_against_its_release(world, tmp_path, capsys):
+    from rdscale.cli.main import main
+    from rdscale.run.verify import verify
+
+    _, _, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], executor=StopAfter(1), progress=False)
+    assert "interrupted" in verify(run_dir)[0]
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert main(["verify", str(run_dir)]) == 0, capsys.readouterr().out
+    # a protein deleted behind rdscale's back is found
+    lance.dataset(str(run_dir / "proteins.lance")).delete("id = 'UR0004'")
+    problems = verify(run_dir)
+    assert any("1 missing" in p for p in problems) and any("shard" in p for p in problems)

@@ -514,3 +514,73 @@ def release_lines(run: str | Run) -> list[str]:
         lines.append(f"  {entry['name']}: update interrupted; rerun `rdscale update {run} --release {entry['name']} "
                      f"--fasta {' '.join(entry['inputs'])}` to finish it")
     return ["releases (table versions tagged by `rdscale update`):", *lines] if lines else []
+
+
+def followed_release(run_dir: str | Location) -> dict[str, Any] | None:
+    """The last update entry of a run that follows a database (done or interrupted), or None."""
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    if not run.location.join(STATE_FILE).is_file():
+        return None
+    entries = read_state(run)["releases"]
+    return entries[-1] if entries else None
+
+
+def verify_release(run_dir: str | Location) -> list[str]:
+    """`rdscale verify` of an updated run: its tables against its current release's inputs (the inputs of its
+    first run no longer apply). Checks, in bounded memory (the update's own comparison, against the latest
+    versions): every accepted record of the release is in proteins with the same id, sequence and description,
+    and nothing else is; the rejects are as many as the release's; no protein id twice; every ledger shard's
+    record count equals its rows; residues only of stored proteins, as many as the ledger says. Returns problems."""
+    from rdscale.run.integrity import _per_shard
+    from rdscale.run.pipeline import plan
+
+    run = Run(run_dir).require()
+    entry = followed_release(run)
+    if entry is None:
+        raise UpdateError(f"{run} was never updated")
+    if entry["status"] != "done":
+        return [f"the update to release {entry['name']} was interrupted; rerun `rdscale update {run} --release "
+                f"{entry['name']} --fasta {' '.join(entry['inputs'])}` to finish it"]
+    config = run.metadata().get("config") or {}
+    cfg = Config.from_dict(config, [f"input.paths={json.dumps(entry['inputs'])}", "ray.address=local",
+                                    "fit.artifact=null"])
+    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
+    shards = plan(cfg)
+    problems = []
+    diff = diff_release(run.dataset(PROTEINS), shards, options)
+    if diff.changed or diff.new or diff.removed:
+        problems.append(f"proteins differ from release {entry['name']}: {diff.changed} with another sequence, "
+                        f"{diff.new} missing, {diff.removed} not in the release")
+    if diff.relabel is not None:
+        problems.append(f"{diff.relabel.num_rows} protein(s) with another description than in release "
+                        f"{entry['name']} (e.g. {diff.relabel['id'][0].as_py()})")
+    proteins = run.dataset(PROTEINS)
+    ids = proteins.to_table(columns=["id"])["id"]
+    if len(pc.unique(ids)) != len(ids):
+        problems.append(f"proteins: {len(ids) - len(pc.unique(ids))} id(s) stored twice")
+    rejects = run.dataset(REJECTS).count_rows() if run.has_table(REJECTS) else 0
+    moved = run.dataset(REJECTS).count_rows(filter="reason LIKE 'duplicate_id:%'") if rejects else 0
+    if rejects - moved != diff.rejects:
+        problems.append(f"rejects: {rejects - moved} rows, release {entry['name']} has {diff.rejects} rejects")
+    ledger = run.dataset(LEDGER).to_table()
+    rows = {name: _per_shard(_Tables(run), name) for name in (PROTEINS, REJECTS)}
+    for index, records in zip(ledger["shard"].to_pylist(), ledger["records"].to_pylist()):
+        have = rows[PROTEINS].get(index, 0) + rows[REJECTS].get(index, 0)
+        if have != records:
+            problems.append(f"shard {index}: the ledger says {records} records, the tables hold {have} rows")
+    if run.has_table(RESIDUES):
+        residues = run.dataset(RESIDUES).count_rows()
+        expected = int(pc.sum(ledger["residues"]).as_py() or 0)
+        if residues != expected:
+            problems.append(f"residues: {residues} rows, the ledger says {expected}")
+    return problems
+
+
+class _Tables:
+    """What `integrity._per_shard` needs of a store: its datasets by name."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def dataset(self, name: str):
+        return self.run.dataset(name)
