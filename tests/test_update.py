@@ -7,8 +7,8 @@ import random
 import lance
 import numpy as np
 import pytest
-
 from helpers import AA, make_cfg
+
 from rdscale.errors import RdscaleError
 from rdscale.io.lease import WriterLease
 from rdscale.run.pipeline import LocalExecutor, run
@@ -19,8 +19,7 @@ def write_records(path, records):
     with open(path, "w") as f:
         for ident, desc, seq in records:
             f.write(f">{ident} {desc}\n")
-            for j in range(0, len(seq), 60):
-                f.write(seq[j : j + 60] + "\n")
+            f.writelines(seq[j : j + 60] + "\n" for j in range(0, len(seq), 60))
     return path
 
 
@@ -100,7 +99,7 @@ def assert_equal_content(x, y, atol=1e-5):
 
 
 def test_update_equals_fresh_run_and_embeds_only_what_changed(world, tmp_path):
-    tmp, fa, fb, fresh_a, fresh_b = world
+    _, _, fb, fresh_a, fresh_b = world
     run_dir = copy_run(fresh_a, tmp_path / "run")
     before = content(run_dir)
     report = update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
@@ -146,7 +145,7 @@ class StopAfter(LocalExecutor):
 
 
 def test_interrupted_update_resumes_to_the_same_result(world, tmp_path):
-    tmp, fa, fb, fresh_a, fresh_b = world
+    _, _, fb, fresh_a, fresh_b = world
     run_dir = copy_run(fresh_a, tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
         update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], executor=StopAfter(2), progress=False)
@@ -160,7 +159,7 @@ def test_interrupted_update_resumes_to_the_same_result(world, tmp_path):
 
 
 def test_second_writer_is_refused(world, tmp_path):
-    tmp, fa, fb, fresh_a, _ = world
+    _, _, fb, fresh_a, _ = world
     run_dir = copy_run(fresh_a, tmp_path / "run")
     with WriterLease(str(run_dir)):
         with pytest.raises(RdscaleError):
