@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -64,7 +65,7 @@ from rdscale.io.store import (
     sql_in_list,
 )
 from rdscale.progress import Progress
-from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, shard_key, writing
+from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, writing
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,12 @@ class UpdateShard(Shard):
     are unchanged and already in the run); its rejects are all kept. `rdscale.run.stages.shard_rows` honours it."""
 
     keep: frozenset = frozenset()
+
+
+def _input_name(path: str) -> str:
+    """An input as the update records it: an absolute path, or the URI (independent of the working directory)."""
+    loc = Location.parse(path)
+    return os.path.abspath(loc.path) if loc.is_local else loc.uri
 
 
 def seq_digest(sequence: str) -> str:
@@ -312,8 +319,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
     state = read_state(run)
     entries = state["releases"]
     running = [e for e in entries if e["status"] != "done"]
-    inputs = [Location.parse(p).uri if not Location.parse(p).is_local else str(Location.parse(p).path)
-              for p in cfg.input.paths]
+    inputs = [_input_name(p) for p in cfg.input.paths]
     if any(e["name"] == release and e["status"] == "done" for e in entries):
         raise UpdateError(f"{run} is already at release {release}; choose a new release name")
     shards = plan(cfg)
@@ -381,7 +387,8 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
 
     # 1. embed the new and changed sequences, shard by shard (resumable through the ledger)
     done = store.committed()
-    keys = {s.index: f"update:{release}:{shard_key(s)}" for s in todo_shards}
+    keys = {s.index: f"update:{release}:{_input_name(s.path)}@{s.start}-{'eof' if s.end is None else s.end}"
+            for s in todo_shards}
     for s in todo_shards:
         if s.index in done and done[s.index]["key"] != keys[s.index]:
             raise StoreError(f"the ledger of {run} holds shard {s.index} with another key ({done[s.index]['key']}); "
