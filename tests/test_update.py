@@ -297,3 +297,16 @@ def test_verify_checks_an_updated_run_against_its_release(world, tmp_path, capsy
     lance.dataset(str(run_dir / "proteins.lance")).delete("id = 'UR0004'")
     problems = verify(run_dir)
     assert any("1 missing" in p for p in problems) and any("shard" in p for p in problems)
+
+
+def test_a_marking_cut_short_is_finished(world, tmp_path):
+    """A kill between marking the first and the last table as followed: the rerun completes it."""
+    from rdscale.io.runs import META_RUN_KEY
+
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    lance.dataset(str(run_dir / "proteins.lance")).update_schema_metadata({META_RUN_KEY.decode(): "followed-x"})
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    keys = {(lance.dataset(str(p)).schema.metadata or {})[META_RUN_KEY] for p in run_dir.glob("*.lance")}
+    assert keys == {b"followed-x"}
+    assert_equal_content(content(run_dir), content(fresh_b))

@@ -265,6 +265,25 @@ def releases(run: str | Run) -> list[dict[str, Any]]:
     return out
 
 
+def _mark_followed(run: Run, start: bool = False) -> bool:
+    """A run that follows a database no longer is the output of its original inputs: its tables get a new run key,
+    so a `run`/`embed` of the old config into it is refused (RunStore: "the output of a different run") instead of
+    resuming into it. Idempotent; without `start`, only completes a marking that an interrupted update began (some
+    tables marked, some not). Returns whether a key changed."""
+    keys = {t: (run.dataset(t).schema.metadata or {}).get(META_RUN_KEY, b"").decode()
+            for t in TABLES if run.has_table(t)}
+    marked = [k for k in keys.values() if k.startswith(FOLLOWED)]
+    if not marked and not start:
+        return False
+    key = marked[0] if marked else FOLLOWED + hashlib.blake2b(keys[PROTEINS].encode(), digest_size=12).hexdigest()
+    changed = False
+    for t, k in keys.items():
+        if k != key:
+            run.dataset(t).update_schema_metadata({META_RUN_KEY.decode(): key})
+            changed = True
+    return changed
+
+
 def _tag(ds, name: str, version: int) -> None:
     tags = ds.tags.list()
     if name in tags:
@@ -335,6 +354,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         store.lease = lease
         return store, schemas
 
+    _mark_followed(run)  # finish a marking an interrupted update began
     store, schemas = open_store()
     if running:
         entry = running[0]
@@ -357,15 +377,11 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                  "previous_versions": before if not done else None,
                  "previous_proteins": run.dataset(PROTEINS).count_rows() if not done else None,
                  "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        for t, v in before.items():  # the previous release stays readable by name
-            _tag(run.dataset(t), previous, v)
-        # A run that follows a database no longer is the output of its original inputs: a `run`/`embed` of the
-        # old config into it is refused (RunStore: "the output of a different run") instead of resuming into it.
-        if not store.run_key.startswith(FOLLOWED):
-            key = FOLLOWED + hashlib.blake2b(store.run_key.encode(), digest_size=12).hexdigest()
-            for t in TABLES:
-                if run.has_table(t):
-                    run.dataset(t).update_schema_metadata({META_RUN_KEY.decode(): key})
+        if not done:  # the run as it was stays readable by name (a later update's previous release is tagged)
+            for t, v in before.items():
+                if previous not in run.dataset(t).tags.list():
+                    run.dataset(t).tags.create(previous, v)
+        if _mark_followed(run, start=True):
             store, schemas = open_store()
         entries.append(entry)
         _write_state(run, state)
