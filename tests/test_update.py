@@ -268,8 +268,9 @@ def test_compact_cleanup_keeps_the_tagged_releases(world, tmp_path):
 
 
 def test_update_of_a_run_on_object_storage(world, s3):
-    from rdscale.io.location import Location
+    from rdscale.io.location import Location, set_storage_options
 
+    set_storage_options(None)  # the credentials of this test's environment, not options an earlier test left set
     _, _, fb, fresh_a, fresh_b = world
     remote = s3.uri("runs", "followed")
     Location.parse(str(fresh_a)).copy_tree_to(Location.parse(remote))
