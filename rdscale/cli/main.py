@@ -151,6 +151,10 @@ def cmd_info(args) -> int:
     print(f"levels (prefix widths): {meta.get('levels')}")
     models = (meta.get("fit_manifest") or {}).get("models", [])
     print("models: " + ", ".join(f"{m.get('name')} ({m.get('width')})" for m in models))
+    from rdscale.run.update import release_lines
+
+    for line in release_lines(run):
+        print(line)
     return 0
 
 
@@ -212,7 +216,7 @@ def cmd_make_tiny_family(args) -> int:
 # Verbs whose parsers live in another module (each exposes register(sub)); the module is imported only when its
 # verb is the one being run, so `rdscale --help` never imports Lance, torch, Ray or the search stack.
 _GROUPS = {"index": "search", "search": "search", "eval": "eval", "extend": "extend", "verify": "verify",
-           "serve": "serve"}
+           "serve": "serve", "update": "update"}
 _GROUP_HELP = {
     "index": "vector index on prefix widths (chain levels) of proteins or residues",
     "search": "nearest neighbours by protein id, FASTA query or vector; exact, ANN or funnel",
@@ -220,6 +224,7 @@ _GROUP_HELP = {
     "extend": "grow a run to a larger model: append the next chain level without running the smaller models",
     "verify": "check a run against its inputs: every record in exactly one of proteins/rejects, no duplicates",
     "serve": "HTTP query server for a run (Ray Serve): search by id, sequence or vector, JSON in and out",
+    "update": "follow a database: bring a run to a new release, embedding only new and changed sequences",
 }
 _WRITERS = ("extract", "fit", "embed", "run")  # verbs that create an output directory
 

@@ -98,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--table", choices=sorted(S.TABLES), default="proteins",
                    help="search per protein (default) or per residue")
     p.add_argument("--mode", choices=S.MODES, default="exact", help="exact (default), ann or funnel")
+    p.add_argument("--release", metavar="NAME",
+                   help="search an earlier release of the run (a tag of `rdscale update`, or a table version "
+                   "number); exact mode, as indexes belong to the latest version")
     p.add_argument("--width", type=int, help="prefix width, a chain level (default: the stored width for exact, "
                    "the narrowest indexed width for ann / funnel)")
     p.add_argument("-k", "--k", type=int, default=10, help="neighbours per query (default 10)")
@@ -237,7 +240,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     # one command reads the table once anyway (streamed for exact search, candidate rows only for the funnel)
     from rdscale.search.searcher import Searcher, num_queries
 
-    searcher = Searcher(args.out, table, resident=False, models=args.models, device=args.device)
+    searcher = Searcher(args.out, table, resident=False, models=args.models, device=args.device,
+                        version=int(args.release) if (args.release or "").isdigit() else args.release)
     if args.ids:
         keys = [parse_residue_key(i) for i in args.ids] if table == "residues" else args.ids
         result = searcher.search(ids=keys, exclude_self=args.exclude_self, **common)

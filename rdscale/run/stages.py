@@ -68,6 +68,9 @@ def shard_rows(shard: Shard, options: ValidationOptions) -> list[dict[str, Any]]
         digest.update(item)
         items.append(item)
     text = digest.hexdigest()
+    keep = getattr(shard, "keep", None)  # rdscale.run.update.UpdateShard: embed only these ids (new or changed)
+    if keep is not None:
+        items = [item for item in items if isinstance(item, Reject) or item.id in keep]
     return [_record_row(item, shard, len(items), text) for item in items]
 
 

@@ -47,6 +47,10 @@ def _seq_digest(sequence: str) -> str:
 
 
 def verify(run_dir: str | Path) -> list[str]:
+    from rdscale.run.update import followed_release, verify_release
+
+    if followed_release(run_dir) is not None:  # `rdscale update` moved it to another release: check that one
+        return verify_release(run_dir)
     root = Path(run_dir)
     if not (root / f"{PROTEINS}.lance").exists() or not (root / f"{LEDGER}.lance").exists():
         raise StoreError(f"{root} holds no rdscale run (no proteins.lance / shards.lance)")

@@ -92,8 +92,10 @@ class Searcher:
 
     def __init__(self, dataset_path: str | Path, table: str = "proteins", *, resident: bool = True,
                  models: Sequence[str] | None = None, device: str | None = None,
-                 fragments: Sequence[int] | None = None, build: Sequence[dict] = ()):
+                 fragments: Sequence[int] | None = None, build: Sequence[dict] = (),
+                 version: int | str | None = None):
         self.dataset_path = dataset_path
+        self.version = version  # an earlier table version or release tag (rdscale update); None: the latest
         self.table = table
         self.resident = resident or fragments is not None
         self.fragment_ids = None if fragments is None else [int(f) for f in fragments]
@@ -103,7 +105,7 @@ class Searcher:
         self._open()
 
     def _open(self) -> None:
-        self.ds = open_table(self.dataset_path, self.table)
+        self.ds = open_table(self.dataset_path, self.table, version=self.version)
         # Only rows of shards in the run's ledger (a partial run warns); raises for a damaged run.
         self._committed = reader_filter(self.ds.uri)
         # a partition (sharded search): these fragments only, in this order; its indexes are built in memory
@@ -672,6 +674,7 @@ def search(
     ef: int | None = None,
     exclude_self: bool = False,
     backend: str | None = None,
+    version: int | str | None = None,
 ) -> pa.Table:
     """k nearest rows of ``table`` for each query, at prefix width ``width`` (one-shot: for many queries over
     time, keep a ``Searcher``).
@@ -684,6 +687,7 @@ def search(
     ``nprobes`` / ``refine_factor`` / ``ef``: passed to the index search (ann and funnel's shortlist); ``k``,
     ``shortlist``, ``ef``, ``nprobes`` and ``refine_factor`` are clamped to what the table holds. ``backend``:
     "faiss" or "lance" to choose the index (default: the narrowest for the metric, FAISS first at equal width).
+    ``version``: search an earlier table version or release tag (`rdscale update`; exact mode), default the latest.
 
     Returns a table with columns ``query`` (int32 row of ``queries``, or the query key string for ``ids``; for
     residues ``"id:pos"``), ``id`` (and ``pos`` for residues), ``score`` (float32 distance, smaller = closer;
@@ -692,7 +696,7 @@ def search(
     """
     if mode not in MODES:
         raise SearchError(f"unknown mode {mode!r}; expected one of {MODES}")
-    searcher = Searcher(dataset_path, table, resident=False)
+    searcher = Searcher(dataset_path, table, resident=False, version=version)
     return searcher.search(queries, ids=ids, width=width, k=k, mode=mode, metric=metric, filter=filter,
                            shortlist=shortlist, rerank_width=rerank_width, nprobes=nprobes,
                            refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend)

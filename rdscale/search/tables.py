@@ -70,8 +70,10 @@ class IndexInfo:
 # opening tables, widths, columns
 
 
-def open_table(dataset_path: str | Path, table: str = "proteins") -> lance.LanceDataset:
-    """The Lance dataset of ``table`` in run directory ``dataset_path`` (or ``dataset_path`` itself if it is one)."""
+def open_table(dataset_path: str | Path, table: str = "proteins",
+               version: int | str | None = None) -> lance.LanceDataset:
+    """The Lance dataset of ``table`` in run directory ``dataset_path`` (or ``dataset_path`` itself if it is one);
+    ``version``: an earlier table version or tag (a release of `rdscale update`), default the latest."""
     if table not in TABLES:
         raise SearchError(f"unknown table {table!r}; expected one of {sorted(TABLES)}")
     from rdscale.io.runs import dataset_exists, open_dataset
@@ -84,7 +86,13 @@ def open_table(dataset_path: str | Path, table: str = "proteins") -> lance.Lance
             raise SearchError(f"the run at {path.parent} has no residues table (it was run with output.residues: "
                               "false); search --table proteins instead")
         raise SearchError(f"no Lance dataset at {path} (is {dataset_path} an rdscale run directory?)")
-    ds = open_dataset(path)
+    try:
+        ds = open_dataset(path, version=version)
+    except (ValueError, OSError) as err:
+        if version is None:
+            raise
+        raise SearchError(f"{path} has no version or release {version!r} ({str(err).splitlines()[0][:200]}); "
+                          "`rdscale info` lists the releases") from None
     missing = [c for c in (*TABLES[table], EMBEDDING) if c not in ds.schema.names]
     if missing:
         raise SearchError(f"{path} lacks column(s) {missing}: is it really the {table!r} table?")

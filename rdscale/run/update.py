@@ -1,0 +1,610 @@
+"""`rdscale update RUN --fasta NEW_RELEASE...`: follow a database release by release, embedding only what changed.
+
+An update compares every record of the new release with the run by id and sequence digest (blake2b of the
+sequence, computed from the run's stored `sequence` column: no extra column, no schema change) and then
+
+1. embeds only the new and changed sequences, with the run's own models and frozen fit, through the same stages and
+   executor as `embed` (local or Ray). The new rows are committed shard by shard into the run's ledger as shards
+   `base + i` (base: one past the run's highest shard) under the key `update:<release>:<shard key>`, so an
+   interrupted update resumes from its last committed shard exactly like `run`;
+2. deletes the rows of ids that are gone and the old rows of changed ids (rows of shards below `base` only, so a
+   rerun never deletes what this update wrote), and every old reject (the release's rejects are written anew);
+3. corrects the ledger rows of the old shards to the rows they still hold (one atomic merge), so the run's
+   accounting (`check_complete`) holds again;
+4. tags the current version of every table with the release name (Lance tags). Before the first update, the run's
+   versions are tagged `initial` (or `--previous NAME`), so every earlier release stays readable by tag or
+   version (`lance.dataset(uri, version="2024_01")`, `rdscale search --release`).
+
+Unchanged rows are never rewritten: their embeddings stay bit-identical, and their `source` keeps pointing at the
+release they were embedded from (file:offset there). The comparison is made against the table versions recorded
+when the update started (`updates.json` in the run), so a resumed update finds exactly the same work.
+
+Memory is bounded: the (id, digest) pairs of the run and of the release are hash-partitioned by id and spilled to
+a scratch folder when there are more than `rows_per_partition` of them (as `dedupe_across_shards` does); the driver
+holds one partition, plus the ids to embed and the ids to delete.
+
+The whole update holds the run's writer lease: a second update (or a `run`, `extend`, `compact`) of the same run is
+refused while one is in progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rdscale.config import Config
+from rdscale.errors import RdscaleError
+from rdscale.io.fasta import Record, Shard, ValidationOptions, read_shard
+from rdscale.io.location import Location, set_storage_options
+from rdscale.io.runs import (
+    LEDGER,
+    META_RUN_KEY,
+    PROTEINS,
+    REJECTS,
+    RESIDUES,
+    Run,
+)
+from rdscale.io.store import (
+    LEDGER_SCHEMA,
+    RunStore,
+    ShardResult,
+    StoreError,
+    _IdPartitions,
+    run_schemas,
+    sql_in_list,
+)
+from rdscale.progress import Progress
+from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, writing
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "updates.json"
+FOLLOWED = "followed-"  # run key prefix of a run that `rdscale update` moved to another release
+INITIAL = "initial"  # the tag of a run's versions before its first update
+TABLES = (PROTEINS, RESIDUES, REJECTS, LEDGER)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_CHUNK = 20_000  # ids per delete predicate
+
+
+class UpdateError(RdscaleError, ValueError):
+    """An update that cannot be made as asked (bad release name, another release interrupted, extended run...)."""
+
+
+@dataclass(frozen=True)
+class UpdateShard(Shard):
+    """A shard of the new release of which only the accepted records whose id is in `keep` are embedded (the others
+    are unchanged and already in the run); its rejects are all kept. `rdscale.run.stages.shard_rows` honours it."""
+
+    keep: frozenset = frozenset()
+
+
+def _input_name(path: str) -> str:
+    """An input as the update records it: an absolute path, or the URI (independent of the working directory)."""
+    loc = Location.parse(path)
+    return os.path.abspath(loc.path) if loc.is_local else loc.uri
+
+
+def seq_digest(sequence: str) -> str:
+    return hashlib.blake2b(sequence.encode("ascii", "surrogateescape"), digest_size=16).hexdigest()
+
+
+@dataclass
+class UpdateReport:
+    release: str
+    previous: str
+    unchanged: int = 0
+    changed: int = 0
+    new: int = 0
+    removed: int = 0
+    rejects: int = 0  # of the new release
+    relabelled: int = 0  # unchanged sequences whose description changed (description replaced, not embedded)
+    residues_release: int = 0  # of the new release's accepted records: what a full rerun would embed
+    residues_embedded: int = 0  # by this update (all its shards, also those of an interrupted earlier attempt)
+    residues_this_call: int = 0
+    shards_total: int = 0
+    shards_skipped: int = 0  # committed by an earlier, interrupted attempt
+    seconds: float = 0.0
+    proteins: int = 0  # rows after the update
+    versions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fraction_embedded(self) -> float:
+        return self.residues_embedded / self.residues_release if self.residues_release else 0.0
+
+    def lines(self) -> list[str]:
+        return [
+            f"release {self.release} (previous: {self.previous})",
+            f"unchanged: {self.unchanged}   changed: {self.changed}   new: {self.new}   removed: {self.removed}   "
+            f"rejects: {self.rejects}   (unchanged with a new description: {self.relabelled})",
+            f"residues embedded: {self.residues_embedded} of {self.residues_release} "
+            f"({100 * self.fraction_embedded:.1f}% of a full rerun)   this call: {self.residues_this_call} in "
+            f"{self.seconds:.1f} s",
+            f"shards: {self.shards_total} ({self.shards_skipped} already committed, skipped)",
+            f"proteins: {self.proteins}   tagged {self.release}: "
+            + ", ".join(f"{k} v{v}" for k, v in self.versions.items()),
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fraction_embedded": self.fraction_embedded}
+
+
+@dataclass
+class Diff:
+    todo: dict[int, set[str]]  # plan index of a release shard -> ids of its accepted records to embed
+    drop: pa.Table  # (id, shard): rows of the run to delete (ids gone, old rows of changed ids)
+    relabel: pa.Table | None = None  # (id, description): unchanged sequences whose description changed
+    unchanged: int = 0
+    changed: int = 0
+    new: int = 0
+    removed: int = 0
+    rejects: int = 0
+    residues_release: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ comparison
+
+
+def _batches_of_release(shards: Sequence[Shard], options: ValidationOptions, diff: Diff, size: int = 1 << 16):
+    """(id, shard, reason=digest) batches of the release's accepted records; counts its rejects and residues."""
+    ids, where, digests = [], [], []
+    for shard in shards:
+        for item in read_shard(shard, options):
+            if not isinstance(item, Record):
+                diff.rejects += 1
+                continue
+            diff.residues_release += len(item.sequence)
+            ids.append(item.id)
+            where.append(shard.index)
+            digests.append(f"{seq_digest(item.sequence)}\t{item.description}")
+            if len(ids) >= size:
+                yield _rows(ids, where, digests)
+                ids, where, digests = [], [], []
+    if ids:
+        yield _rows(ids, where, digests)
+
+
+def _rows(ids, shards, digests) -> pa.RecordBatch:
+    return pa.record_batch([pa.array(ids, pa.string()), pa.array(shards, pa.int32()), pa.array(digests, pa.string())],
+                           names=["id", "shard", "reason"])
+
+
+def _batches_of_run(proteins) -> Any:
+    for batch in proteins.to_batches(columns=["id", "shard", "sequence", "description"], batch_size=1 << 16):
+        digests = [f"{seq_digest(s)}\t{d}" for s, d in zip(batch.column("sequence").to_pylist(),
+                                                          batch.column("description").to_pylist())]
+        yield pa.record_batch([batch.column("id"), batch.column("shard"), pa.array(digests, pa.string())],
+                              names=["id", "shard", "reason"])
+
+
+def diff_release(proteins, shards: Sequence[Shard], options: ValidationOptions,
+                 rows_per_partition: int = 1_000_000, scratch: str | None = None) -> Diff:
+    """Compare the run's proteins (a Lance dataset, at the version the update started from) with the release's
+    shards (plan indexes = the shard numbers the new rows get). Pure reading: nothing is written."""
+    diff = Diff(todo={s.index: set() for s in shards}, drop=pa.table({"id": pa.array([], pa.string()),
+                                                                       "shard": pa.array([], pa.int32())}))
+    total = 2 * proteins.count_rows()
+    parts = max(1, -(-total // max(1, int(rows_per_partition))))
+    drops, relabels = [], []
+    with _IdPartitions(parts, scratch) as partitions:
+        for batch in _batches_of_run(proteins):
+            partitions.add(batch, protein=True)
+        for batch in _batches_of_release(shards, options, diff):
+            partitions.add(batch, protein=False)
+        for part in partitions:
+            old = _split(part.filter(part["protein"]))
+            new = _split(part.filter(pc.invert(part["protein"])))
+            keyed = old.select(["id", "reason"])
+            same = new.select(["id", "shard", "reason", "description"]).join(
+                old.select(["id", "reason", "old_description"]), ["id", "reason"], join_type="inner")
+            diff.unchanged += same.num_rows
+            relabelled = same.filter(pc.not_equal(same["description"], same["old_description"]))
+            if relabelled.num_rows:
+                relabels.append(relabelled.select(["id", "description"]))
+            todo = new.join(keyed, ["id", "reason"], join_type="left anti")
+            changed = todo.join(old.select(["id"]), "id", join_type="left semi").num_rows
+            diff.changed += changed
+            diff.new += todo.num_rows - changed
+            for shard, ident in zip(todo["shard"].to_pylist(), todo["id"].to_pylist()):
+                diff.todo[shard].add(ident)
+            drop = old.join(new.select(["id", "reason"]), ["id", "reason"], join_type="left anti")
+            diff.removed += drop.join(new.select(["id"]), "id", join_type="left anti").num_rows
+            drops.append(drop.select(["id", "shard"]))
+    if drops:
+        diff.drop = pa.concat_tables([diff.drop, *drops])
+    if relabels:
+        diff.relabel = pa.concat_tables(relabels)
+    return diff
+
+
+def _split(rows: pa.Table) -> pa.Table:
+    """(id, shard, reason="<sequence digest>\t<description>") -> (id, shard, reason=digest, description,
+    old_description): the sequence decides what is embedded, the description only what a row says."""
+    digest = pc.utf8_slice_codeunits(rows["reason"], 0, 32)
+    description = pc.utf8_slice_codeunits(rows["reason"], 33, 1 << 30)
+    return pa.table({"id": rows["id"], "shard": rows["shard"], "reason": digest, "description": description,
+                     "old_description": description})
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def read_state(run: Run) -> dict[str, Any]:
+    loc = run.location.join(STATE_FILE)
+    if not loc.is_file():
+        return {"releases": []}
+    return json.loads(loc.read_text())
+
+
+def _write_state(run: Run, state: dict[str, Any]) -> None:
+    run.location.join(STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def releases(run: str | Run) -> list[dict[str, Any]]:
+    """The run's releases, oldest first: {name, versions: {table: version}, proteins, status, report}. A run that
+    was never updated has none."""
+    run = Run(run) if not isinstance(run, Run) else run
+    out = []
+    for entry in read_state(run)["releases"]:
+        if entry.get("previous_versions") and not any(r["name"] == entry["previous"] for r in out):
+            out.append({"name": entry["previous"], "versions": entry["previous_versions"],
+                        "proteins": entry.get("previous_proteins"), "status": "done"})
+        out.append({"name": entry["name"], "versions": entry.get("versions", {}),
+                    "proteins": (entry.get("report") or {}).get("proteins"), "status": entry["status"],
+                    "report": entry.get("report")})
+    return out
+
+
+def _mark_followed(run: Run, start: bool = False) -> bool:
+    """A run that follows a database no longer is the output of its original inputs: its tables get a new run key,
+    so a `run`/`embed` of the old config into it is refused (RunStore: "the output of a different run") instead of
+    resuming into it. Idempotent; without `start`, only completes a marking that an interrupted update began (some
+    tables marked, some not). Returns whether a key changed."""
+    keys = {t: (run.dataset(t).schema.metadata or {}).get(META_RUN_KEY, b"").decode()
+            for t in TABLES if run.has_table(t)}
+    marked = [k for k in keys.values() if k.startswith(FOLLOWED)]
+    if not marked and not start:
+        return False
+    key = marked[0] if marked else FOLLOWED + hashlib.blake2b(keys[PROTEINS].encode(), digest_size=12).hexdigest()
+    changed = False
+    for t, k in keys.items():
+        if k != key:
+            run.dataset(t).update_schema_metadata({META_RUN_KEY.decode(): key})
+            changed = True
+    return changed
+
+
+def _tag(ds, name: str, version: int) -> None:
+    tags = ds.tags.list()
+    if name in tags:
+        if tags[name]["version"] != version:
+            ds.tags.update(name, version)
+        return
+    ds.tags.create(name, version)
+
+
+# ------------------------------------------------------------------------------------------------ update
+
+
+def update(run_dir: str | Location, inputs: Sequence[str], release: str, *, overrides: Sequence[str] = (),
+           storage_options: dict | None = None, executor=None, progress: bool = True, previous: str = INITIAL,
+           rows_per_partition: int = 1_000_000) -> UpdateReport:
+    """Bring the run at `run_dir` to the release in `inputs` (FASTA files), tagged `release`. `overrides`:
+    `section.key=value` settings over the run's recorded config (e.g. ray.address=local, embedding.device=cuda);
+    the models, fit and embedding settings are the run's own."""
+    from rdscale.run.pipeline import make_executor, plan
+
+    if not _NAME.match(release or ""):
+        raise UpdateError(f"release name {release!r}: use letters, digits, '.', '-' and '_' (e.g. 2024_01)")
+    if not _NAME.match(previous or "") or previous == release:
+        raise UpdateError(f"--previous {previous!r} must be a valid release name other than {release!r}")
+    run = Run(run_dir).require()
+    meta = run.metadata()
+    config = meta.get("config") or {}
+    manifest = meta.get("fit_manifest") or {}
+    if manifest.get("extensions"):
+        raise UpdateError(f"{run} was grown by `rdscale extend`; updating an extended run is not supported yet")
+    frozen = ("models", "embedding.layer", "embedding.long_policy", "embedding.window", "embedding.overlap",
+              "input.remove_gaps", "output.dir", "output.residues", "output.storage_width", "output.residue_dtype",
+              "fit.")
+    bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith(frozen)]
+    if bad:
+        raise UpdateError(f"{bad[0]!r}: an update uses the run's own models, embedding and output settings")
+    items = [*overrides, f"input.paths={json.dumps([str(p) for p in inputs])}",
+             f"output.dir={json.dumps(run.uri if not run.location.is_local else run.location.path)}",
+             "fit.artifact=null", "output.compact=false"]
+    cfg = Config.from_dict(config, items)
+    if storage_options:
+        cfg.storage.options = dict(storage_options)
+    set_storage_options(cfg.storage.options)
+    with writing(cfg.output.dir) as lease:
+        return _update(run, cfg, manifest, release, previous, lease, executor or make_executor(cfg), plan,
+                       progress, rows_per_partition)
+
+
+def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, lease, executor, plan,
+            progress: bool, rows_per_partition: int) -> UpdateReport:
+    started = time.perf_counter()
+    state = read_state(run)
+    entries = state["releases"]
+    running = [e for e in entries if e["status"] != "done"]
+    inputs = [_input_name(p) for p in cfg.input.paths]
+    if any(e["name"] == release and e["status"] == "done" for e in entries):
+        raise UpdateError(f"{run} is already at release {release}; choose a new release name")
+    shards = plan(cfg)
+    levels = [int(w) for w in run.levels()]
+
+    def open_store() -> tuple[RunStore, dict]:
+        proteins_schema = run.dataset(PROTEINS).schema
+        run_key = (proteins_schema.metadata or {}).get(META_RUN_KEY, b"").decode()
+        schemas = run_schemas(levels[-1], cfg.output.storage_width, dict(proteins_schema.metadata or {}),
+                              residues=run.has_table(RESIDUES) and cfg.output.residues,
+                              residue_dtype=cfg.output.residue_dtype)
+        store = RunStore(run.location, schemas, run_key)
+        store.lease = lease
+        return store, schemas
+
+    _mark_followed(run)  # finish a marking an interrupted update began
+    store, schemas = open_store()
+    if running:
+        entry = running[0]
+        if entry["name"] != release:
+            raise UpdateError(f"the update of {run} to release {entry['name']} was interrupted; finish it first "
+                              f"(rdscale update {run} --release {entry['name']} --fasta {' '.join(entry['inputs'])})")
+        if entry["inputs"] != inputs:
+            raise UpdateError(f"the interrupted update to release {release} read {' '.join(entry['inputs'])}; "
+                              "rerun it with the same --fasta files")
+        log.info("resuming the interrupted update to release %s", release)
+    else:
+        if any(release in run.dataset(t).tags.list() for t in TABLES if run.has_table(t)):
+            raise UpdateError(f"{run} already has a table version tagged {release}; choose a new release name")
+        done = [e for e in entries if e["status"] == "done"]
+        previous = done[-1]["name"] if done else previous
+        store.recover()  # rows of an interrupted run's unrecorded shards must not enter the comparison
+        before = {t: run.dataset(t).version for t in TABLES if run.has_table(t)}
+        base = max(store.committed(), default=-1) + 1
+        entry = {"name": release, "inputs": inputs, "base": base, "before": before, "previous": previous,
+                 "previous_versions": before if not done else None,
+                 "previous_proteins": run.dataset(PROTEINS).count_rows() if not done else None,
+                 "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if not done:  # the run as it was stays readable by name (a later update's previous release is tagged)
+            for t, v in before.items():
+                if previous not in run.dataset(t).tags.list():
+                    run.dataset(t).tags.create(previous, v)
+        if _mark_followed(run, start=True):
+            store, schemas = open_store()
+        entries.append(entry)
+        _write_state(run, state)
+    base, before = int(entry["base"]), {k: int(v) for k, v in entry["before"].items()}
+    lease.check()
+    store.recover()
+    if store.drop_derived_columns():
+        lease.check()
+
+    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
+    planned = [UpdateShard(**{**{f: getattr(s, f) for f in Shard.__dataclass_fields__}, "index": base + s.index})
+               for s in shards]
+    diff = diff_release(run.dataset(PROTEINS, version=before[PROTEINS]), planned, options, rows_per_partition)
+    report = UpdateReport(release=release, previous=entry["previous"], unchanged=diff.unchanged,
+                          changed=diff.changed, new=diff.new, removed=diff.removed, rejects=diff.rejects,
+                          residues_release=diff.residues_release, shards_total=len(planned))
+    todo_shards = [UpdateShard(**{**{f: getattr(s, f) for f in Shard.__dataclass_fields__},
+                                  "keep": frozenset(diff.todo[s.index])}) for s in planned]
+
+    # 1. embed the new and changed sequences, shard by shard (resumable through the ledger)
+    done = store.committed()
+    keys = {s.index: f"update:{release}:{_input_name(s.path)}@{s.start}-{'eof' if s.end is None else s.end}"
+            for s in todo_shards}
+    for s in todo_shards:
+        if s.index in done and done[s.index]["key"] != keys[s.index]:
+            raise StoreError(f"the ledger of {run} holds shard {s.index} with another key ({done[s.index]['key']}); "
+                             "the update state does not match the run")
+    todo = [s for s in todo_shards if s.index not in done]
+    report.shards_skipped = len(todo_shards) - len(todo)
+    if todo:
+        fit_loc = run.fit_location(manifest, None) if len(cfg.models) > 1 else None
+        if len(cfg.models) > 1 and fit_loc is None:
+            raise UpdateError(f"the fit artifact of {run} was not found; an update embeds with the run's own fit")
+        fit_dir = (fit_loc.path if fit_loc.is_local else str(fit_loc)) if fit_loc is not None else None
+        stats = fingerprints(todo) if all(Location.parse(s.path).is_local for s in todo) else {}
+        uris = {name: store.uri(name) for name in schemas}
+        pending: dict[int, ShardResult] = {}
+        with Progress(total=len(todo), unit="shard", desc=f"update {release}", enabled=progress) as bar:
+            for index, total, part in executor.apply(cfg, list(cfg.models), fit_dir, uris, schemas, todo):
+                acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
+                acc.add(part)
+                report.residues_this_call += part.residues
+                if acc.records == total:
+                    result = pending.pop(index)
+                    digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
+                    store.commit_shard(result, keys[index], {**stats.get(index, {}), "digest": digest})
+                    bar.update(1)
+        if pending:
+            raise StoreError(f"{len(pending)} shard(s) of the update did not complete ({sorted(pending)}); run the "
+                             "same command again to resume")
+
+    # 2. delete what the release no longer holds: ids gone, old rows of changed ids, every old reject
+    lease.check()
+    old = f"shard < {base}"
+    drop_ids = pc.unique(diff.drop["id"]).to_pylist() if diff.drop.num_rows else []
+    dropped_residues: dict[int, int] = {}
+    if RESIDUES in schemas and drop_ids:
+        residues_before = run.dataset(RESIDUES, version=before[RESIDUES])
+        for i in range(0, len(drop_ids), _CHUNK):
+            got = residues_before.to_table(columns=["shard"],
+                                           filter=f"{old} AND id IN ({sql_in_list(drop_ids[i:i + _CHUNK])})")
+            for v in pc.value_counts(got["shard"]).to_pylist() if got.num_rows else []:
+                dropped_residues[int(v["values"])] = dropped_residues.get(int(v["values"]), 0) + int(v["counts"])
+    for i in range(0, len(drop_ids), _CHUNK):
+        predicate = f"{old} AND id IN ({sql_in_list(drop_ids[i:i + _CHUNK])})"
+        lease.check()
+        if RESIDUES in schemas:
+            store.dataset(RESIDUES).delete(predicate)
+        store.dataset(PROTEINS).delete(predicate)
+    lease.check()
+    if store.dataset(REJECTS).count_rows(filter=old):
+        store.dataset(REJECTS).delete(old)
+    # unchanged sequences under a new description: the row's description is replaced, its embedding kept
+    if diff.relabel is not None:
+        for i in range(0, diff.relabel.num_rows, _CHUNK * 5):
+            lease.check()
+            store.dataset(PROTEINS).merge_insert("id").when_matched_update_all().execute(
+                diff.relabel.slice(i, _CHUNK * 5))
+        report.relabelled = diff.relabel.num_rows
+
+    # 3. the old shards' ledger rows: what they hold now (one atomic merge; computed from the versions the update
+    # started from, so a rerun writes the same rows)
+    ledger_before = run.dataset(LEDGER, version=before[LEDGER]).to_table()
+    if ledger_before.num_rows:
+        dropped = {}
+        if diff.drop.num_rows:
+            for v in pc.value_counts(diff.drop["shard"]).to_pylist():
+                dropped[int(v["values"])] = int(v["counts"])
+        shard_ids = ledger_before["shard"].to_pylist()
+        proteins_left = [p - dropped.get(s, 0) for s, p in zip(shard_ids, ledger_before["proteins"].to_pylist())]
+        residues_left = [None if r is None else r - dropped_residues.get(s, 0)
+                         for s, r in zip(shard_ids, ledger_before["residues"].to_pylist())]
+        fixed = ledger_before.set_column(LEDGER_SCHEMA.get_field_index("records"), "records",
+                                         pa.array(proteins_left, pa.int64()))
+        fixed = fixed.set_column(LEDGER_SCHEMA.get_field_index("proteins"), "proteins",
+                                 pa.array(proteins_left, pa.int64()))
+        fixed = fixed.set_column(LEDGER_SCHEMA.get_field_index("rejects"), "rejects",
+                                 pa.array(np.zeros(len(shard_ids), np.int64)))
+        fixed = fixed.set_column(LEDGER_SCHEMA.get_field_index("residues"), "residues",
+                                 pa.array(residues_left, pa.int64()))
+        current = store.dataset(LEDGER).to_table(filter=old)
+        if not current.sort_by("shard").equals(fixed.sort_by("shard")):
+            lease.check()
+            store.dataset(LEDGER).merge_insert("shard").when_matched_update_all().execute(fixed)
+
+    # 4. finish like `embed`, then tag the release
+    store.dedupe_across_shards()
+    _check_accounting(store)
+    lease.check()
+    report.versions = {t: run.dataset(t).version for t in TABLES if run.has_table(t)}
+    for t, v in report.versions.items():
+        _tag(run.dataset(t), release, v)
+    store.cleanup_orphans()
+    ledger = store.dataset(LEDGER).to_table(columns=["shard", "residues"], filter=f"shard >= {base}")
+    report.residues_embedded = int(pc.sum(ledger["residues"]).as_py() or 0)
+    report.proteins = store.dataset(PROTEINS).count_rows()
+    report.seconds = time.perf_counter() - started
+    entry.update(status="done", versions=report.versions, report=report.to_dict(),
+                 finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _write_state(run, state)
+    return report
+
+
+def _check_accounting(store: RunStore) -> None:
+    """Every ledger shard's record count equals its proteins + rejects rows (as `check_complete` checks)."""
+    from rdscale.run.integrity import _per_shard
+
+    rows = {name: _per_shard(store, name) for name in (PROTEINS, REJECTS)}
+    bad = []
+    for index, row in sorted(store.committed().items()):
+        have = rows[PROTEINS].get(index, 0) + rows[REJECTS].get(index, 0)
+        if have != row["records"]:
+            bad.append(f"shard {index}: {row['records']} records, {have} rows")
+    if bad:
+        raise StoreError(f"accounting mismatch after the update of {store.root}: {'; '.join(bad[:5])}")
+
+
+def release_lines(run: str | Run) -> list[str]:
+    """`rdscale info`: the run's releases (tags of its table versions) with their row counts, oldest first, and an
+    update in progress, if any."""
+    run = Run(run) if not isinstance(run, Run) else run
+    proteins = run.dataset(PROTEINS)
+    tags = sorted(proteins.tags.list().items(), key=lambda kv: kv[1]["version"])
+    lines = []
+    for name, tag in tags:
+        version = int(tag["version"])
+        counts = [f"proteins {run.dataset(PROTEINS, version=version).count_rows()}"]
+        if run.has_table(REJECTS) and name in run.dataset(REJECTS).tags.list():
+            counts.append(f"rejects {run.dataset(REJECTS, version=name).count_rows()}")
+        current = " (current)" if version == proteins.version else ""
+        lines.append(f"  {name}: proteins.lance v{version}, {', '.join(counts)}{current}")
+    running = [e for e in read_state(run)["releases"] if e["status"] != "done"]
+    for entry in running:
+        lines.append(f"  {entry['name']}: update interrupted; rerun `rdscale update {run} --release {entry['name']} "
+                     f"--fasta {' '.join(entry['inputs'])}` to finish it")
+    return ["releases (table versions tagged by `rdscale update`):", *lines] if lines else []
+
+
+def followed_release(run_dir: str | Location) -> dict[str, Any] | None:
+    """The last update entry of a run that follows a database (done or interrupted), or None."""
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    if not run.location.join(STATE_FILE).is_file():
+        return None
+    entries = read_state(run)["releases"]
+    return entries[-1] if entries else None
+
+
+def verify_release(run_dir: str | Location) -> list[str]:
+    """`rdscale verify` of an updated run: its tables against its current release's inputs (the inputs of its
+    first run no longer apply). Checks, in bounded memory (the update's own comparison, against the latest
+    versions): every accepted record of the release is in proteins with the same id, sequence and description,
+    and nothing else is; the rejects are as many as the release's; no protein id twice; every ledger shard's
+    record count equals its rows; residues only of stored proteins, as many as the ledger says. Returns problems."""
+    from rdscale.run.integrity import _per_shard
+    from rdscale.run.pipeline import plan
+
+    run = Run(run_dir).require()
+    entry = followed_release(run)
+    if entry is None:
+        raise UpdateError(f"{run} was never updated")
+    if entry["status"] != "done":
+        return [f"the update to release {entry['name']} was interrupted; rerun `rdscale update {run} --release "
+                f"{entry['name']} --fasta {' '.join(entry['inputs'])}` to finish it"]
+    config = run.metadata().get("config") or {}
+    cfg = Config.from_dict(config, [f"input.paths={json.dumps(entry['inputs'])}", "ray.address=local",
+                                    "fit.artifact=null"])
+    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
+    shards = plan(cfg)
+    problems = []
+    diff = diff_release(run.dataset(PROTEINS), shards, options)
+    if diff.changed or diff.new or diff.removed:
+        problems.append(f"proteins differ from release {entry['name']}: {diff.changed} with another sequence, "
+                        f"{diff.new} missing, {diff.removed} not in the release")
+    if diff.relabel is not None:
+        problems.append(f"{diff.relabel.num_rows} protein(s) with another description than in release "
+                        f"{entry['name']} (e.g. {diff.relabel['id'][0].as_py()})")
+    proteins = run.dataset(PROTEINS)
+    ids = proteins.to_table(columns=["id"])["id"]
+    if len(pc.unique(ids)) != len(ids):
+        problems.append(f"proteins: {len(ids) - len(pc.unique(ids))} id(s) stored twice")
+    rejects = run.dataset(REJECTS).count_rows() if run.has_table(REJECTS) else 0
+    moved = run.dataset(REJECTS).count_rows(filter="reason LIKE 'duplicate_id:%'") if rejects else 0
+    if rejects - moved != diff.rejects:
+        problems.append(f"rejects: {rejects - moved} rows, release {entry['name']} has {diff.rejects} rejects")
+    ledger = run.dataset(LEDGER).to_table()
+    rows = {name: _per_shard(_Tables(run), name) for name in (PROTEINS, REJECTS)}
+    for index, records in zip(ledger["shard"].to_pylist(), ledger["records"].to_pylist()):
+        have = rows[PROTEINS].get(index, 0) + rows[REJECTS].get(index, 0)
+        if have != records:
+            problems.append(f"shard {index}: the ledger says {records} records, the tables hold {have} rows")
+    if run.has_table(RESIDUES):
+        residues = run.dataset(RESIDUES).count_rows()
+        expected = int(pc.sum(ledger["residues"]).as_py() or 0)
+        if residues != expected:
+            problems.append(f"residues: {residues} rows, the ledger says {expected}")
+    return problems
+
+
+class _Tables:
+    """What `integrity._per_shard` needs of a store: its datasets by name."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def dataset(self, name: str):
+        return self.run.dataset(name)

@@ -1,0 +1,313 @@
+"""`rdscale update`: a run follows its database from release A to release B by embedding only what changed."""
+
+from __future__ import annotations
+
+import random
+
+import lance
+import numpy as np
+import pytest
+from helpers import AA, make_cfg
+
+from rdscale.errors import RdscaleError
+from rdscale.io.lease import WriterLease
+from rdscale.run.pipeline import LocalExecutor, run
+from rdscale.run.update import UpdateError, releases, update
+
+
+def write_records(path, records):
+    with open(path, "w") as f:
+        for ident, desc, seq in records:
+            f.write(f">{ident} {desc}\n")
+            f.writelines(seq[j : j + 60] + "\n" for j in range(0, len(seq), 60))
+    return path
+
+
+def _seq(rng, lo=15, hi=90):
+    return "".join(rng.choice(AA) for _ in range(rng.randint(lo, hi)))
+
+
+def releases_ab(seed=3, n=30):
+    """A, and B = A with sequences changed, records removed, records added and ids reassigned to another
+    record's sequence; both hold one invalid record (a reject)."""
+    rng = random.Random(seed)
+    a = [(f"UR{i:04d}", f"protein {i}", _seq(rng)) for i in range(n)]
+    a.insert(7, ("BAD1", "invalid", "MKV1234"))
+    b = []
+    for ident, desc, seq in a:
+        i = int(ident[2:]) if ident.startswith("UR") else -1
+        if i in (3, 11, 20):  # changed: one substitution
+            seq = seq[:5] + ("W" if seq[5] != "W" else "Y") + seq[6:]
+        if i == 13:  # the same sequence under a new description: not embedded again
+            desc = "protein 13, renamed"
+        if i in (5, 17):  # removed
+            continue
+        if i == 8:  # reassigned: UR0008 now points at UR0009's sequence (and UR0009 at a new one)
+            seq = a[a.index(next(r for r in a if r[0] == "UR0009"))][2]
+        if i == 9:
+            seq = _seq(rng)
+        b.append((ident, desc, seq))
+    b += [(f"UR{i:04d}", f"protein {i}", _seq(rng)) for i in range(n, n + 4)]  # new
+    b.insert(2, b.pop(-1))  # a new record early in the file: shards of B differ from A's
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_family):
+    tmp = tmp_path_factory.mktemp("update")
+    a, b = releases_ab()
+    fa = write_records(tmp / "A.fasta", a)
+    fb = write_records(tmp / "B.fasta", b)
+    cfg = make_cfg(tmp, fa, tiny_family, "fresh_a")
+    run(cfg, LocalExecutor(), progress=False)
+    fit = tmp / "fresh_a" / "fit"
+    cfg_b = make_cfg(tmp, fb, tiny_family, "fresh_b", **{"fit.artifact": str(fit)})
+    run(cfg_b, LocalExecutor(), progress=False)
+    return tmp, fa, fb, tmp / "fresh_a", tmp / "fresh_b"
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def content(run_dir, version=None):
+    from rdscale.io.runs import Run
+
+    out = {}
+    for name, cols in (("proteins", ["id", "description", "length", "sequence", "embedding"]),
+                       ("residues", ["id", "pos", "aa", "embedding"]), ("rejects", ["id", "reason"])):
+        t = Run(str(run_dir)).dataset(name, version=version).to_table(columns=cols)
+        keys = [("id", "ascending")] + ([("pos", "ascending")] if "pos" in cols else [])
+        out[name] = t.sort_by(keys)
+    return out
+
+
+def assert_equal_content(x, y, atol=1e-5):
+    for name in x:
+        a, b = x[name], y[name]
+        assert a.num_rows == b.num_rows, name
+        for col in a.column_names:
+            if col == "embedding":
+                u = np.asarray(a[col].combine_chunks().flatten(), dtype=np.float32)
+                v = np.asarray(b[col].combine_chunks().flatten(), dtype=np.float32)
+                np.testing.assert_allclose(u, v, atol=atol, rtol=0, err_msg=name)
+            else:
+                assert a[col].to_pylist() == b[col].to_pylist(), (name, col)
+
+
+def test_update_equals_fresh_run_and_embeds_only_what_changed(world, tmp_path):
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    before = content(run_dir)
+    report = update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert (report.unchanged, report.changed, report.new, report.removed) == (23, 5, 4, 2)
+    # 5 changed = 3 edited + UR0008 (reassigned) + UR0009 (new sequence); removed 2; 4 new
+    assert report.rejects == 1 and report.relabelled == 1
+    embedded = lance.dataset(str(run_dir / "shards.lance")).to_table(filter="key LIKE 'update:%'")
+    assert sum(embedded["proteins"].to_pylist()) == report.changed + report.new  # only those went through a model
+    assert 0 < report.fraction_embedded < 0.4
+    assert_equal_content(content(run_dir), content(fresh_b))
+    # unchanged rows are the very rows of the run before: bit-identical
+    after = content(run_dir)["proteins"]
+    old = before["proteins"]
+    kept = set(old["id"].to_pylist()) & set(after["id"].to_pylist())
+    for ident in sorted(kept)[:10]:
+        x = old.filter(lance_eq(old, ident))["embedding"].to_pylist()
+        y = after.filter(lance_eq(after, ident))["embedding"].to_pylist()
+        if old.filter(lance_eq(old, ident))["sequence"].to_pylist() == after.filter(lance_eq(after, ident))["sequence"].to_pylist():
+            assert x == y
+    # the previous release stays readable by tag, and equals the run before the update
+    assert_equal_content(content(run_dir, version="initial"), before, atol=0)
+    names = [r["name"] for r in releases(run_dir)]
+    assert names == ["initial", "B1"]
+    with pytest.raises(UpdateError, match="already at release B1"):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+
+
+def lance_eq(t, ident):
+    import pyarrow.compute as pc
+
+    return pc.equal(t["id"], ident)
+
+
+class StopAfter(LocalExecutor):
+    def __init__(self, n):
+        self.n = n
+
+    def apply(self, *args, **kwargs):
+        for i, item in enumerate(super().apply(*args, **kwargs)):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield item
+
+
+def test_interrupted_update_resumes_to_the_same_result(world, tmp_path):
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], executor=StopAfter(2), progress=False)
+    with pytest.raises(UpdateError, match="interrupted"):
+        update(run_dir, [str(fb)], "B2", overrides=["ray.address=local"], progress=False)
+    report = update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert report.shards_skipped > 0
+    assert (report.changed, report.new, report.removed) == (5, 4, 2)
+    assert_equal_content(content(run_dir), content(fresh_b))
+    assert_equal_content(content(run_dir, version="initial"), content(fresh_a), atol=0)
+
+
+def test_second_writer_is_refused(world, tmp_path):
+    _, _, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    with WriterLease(str(run_dir)):
+        with pytest.raises(RdscaleError):
+            update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert "B1" not in lance.dataset(str(run_dir / "proteins.lance")).tags.list()
+
+
+def test_cli_update_info_and_search_an_earlier_release(world, tmp_path, capsys):
+    from rdscale.cli.main import main
+    from rdscale.search import SearchError, search
+
+    _, _, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    assert main(["update", str(run_dir), "--fasta", str(fb), "--release", "2024_01", "--local", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "changed: 5   new: 4   removed: 2" in out
+    assert main(["info", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "initial: proteins.lance" in out and "proteins 30" in out
+    assert "2024_01: proteins.lance" in out and "proteins 32" in out and "(current)" in out
+    # UR0005 is gone from the new release, and still found in the previous one
+    hits = search(run_dir, ids=["UR0005"], k=3, version="initial")
+    assert hits.num_rows == 3
+    with pytest.raises(SearchError):
+        search(run_dir, ids=["UR0005"], k=3)
+    assert main(["search", str(run_dir), "--id", "UR0005", "--release", "initial", "-k", "2"]) == 0
+    assert "UR0005" in capsys.readouterr().out
+    assert main(["update", str(run_dir), "--fasta", str(fb), "--release", "bad name", "--local"]) == 1
+    assert "release name" in capsys.readouterr().err
+
+
+def test_old_run_config_is_refused_after_an_update(world, tmp_path, tiny_family):
+    _, fa, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    cfg = make_cfg(tmp_path, fa, tiny_family, "run")
+    with pytest.raises(RdscaleError, match="different run"):
+        run(cfg, LocalExecutor(), progress=False)
+
+
+@pytest.mark.ray
+def test_update_through_ray_equals_fresh_run(ray_session, world, tmp_path):
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    report = update(run_dir, [str(fb)], "B1", progress=False,
+                    overrides=["ray.address=null", "ray.num_actors=1", "ray.cpus_per_actor=0.5"])
+    assert (report.changed, report.new, report.removed) == (5, 4, 2)
+    assert_equal_content(content(run_dir), content(fresh_b))
+
+
+def test_interrupted_deletes_resume_and_partitions_spill(world, tmp_path, monkeypatch):
+    """A kill in the middle of the deletes (after every new row is committed) resumes to the same tables; a tiny
+    rows_per_partition makes the comparison spill to hash partitions on disk."""
+    import rdscale.run.update as U
+
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    monkeypatch.setattr(U, "_CHUNK", 2)
+    calls = {"n": 0}
+    real = lance.LanceDataset.delete
+
+    def dying_delete(self, predicate):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, predicate)
+
+    monkeypatch.setattr(lance.LanceDataset, "delete", dying_delete)
+    with pytest.raises(KeyboardInterrupt):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False, rows_per_partition=8)
+    monkeypatch.setattr(lance.LanceDataset, "delete", real)
+    report = update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False, rows_per_partition=8)
+    assert report.shards_skipped == report.shards_total  # nothing embedded twice
+    assert (report.unchanged, report.changed, report.new, report.removed) == (23, 5, 4, 2)
+    assert_equal_content(content(run_dir), content(fresh_b))
+
+
+def test_two_updates_in_a_row_equal_a_fresh_run_on_the_last_release(world, tmp_path, tiny_family):
+    tmp, _, fb, fresh_a, fresh_b = world
+    _, b = releases_ab()
+    rng = random.Random(9)
+    c = [(i, d, s if n % 4 else _seq(rng)) for n, (i, d, s) in enumerate(b) if n % 7 != 3]
+    c.append(("UR9999", "late", _seq(rng)))
+    fc = write_records(tmp_path / "C.fasta", c)
+    fresh_c = tmp_path / "fresh_c"
+    run(make_cfg(tmp_path, fc, tiny_family, "fresh_c", **{"fit.artifact": str(fresh_a / "fit")}), LocalExecutor(),
+        progress=False)
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    report = update(run_dir, [str(fc)], "C1", overrides=["ray.address=local"], progress=False)
+    assert report.previous == "B1" and report.new >= 1 and report.removed >= 1
+    assert_equal_content(content(run_dir), content(fresh_c))
+    assert_equal_content(content(run_dir, version="B1"), content(fresh_b))
+    assert [r["name"] for r in releases(run_dir)] == ["initial", "B1", "C1"]
+
+
+def test_compact_cleanup_keeps_the_tagged_releases(world, tmp_path):
+    from rdscale.cli.main import main
+
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert main(["compact", str(run_dir), "--cleanup"]) == 0
+    assert_equal_content(content(run_dir, version="initial"), content(fresh_a), atol=0)
+    assert_equal_content(content(run_dir), content(fresh_b))
+
+
+def test_update_of_a_run_on_object_storage(world, s3):
+    from rdscale.io.location import Location, set_storage_options
+
+    set_storage_options(None)  # the credentials of this test's environment, not options an earlier test left set
+    _, _, fb, fresh_a, fresh_b = world
+    remote = s3.uri("runs", "followed")
+    Location.parse(str(fresh_a)).copy_tree_to(Location.parse(remote))
+    fb_s3 = s3.uri("in", "B.fasta")
+    Location.parse(fb_s3).write_bytes(fb.read_bytes())
+    report = update(remote, [fb_s3], "B1", overrides=["ray.address=local"], progress=False)
+    assert (report.unchanged, report.changed, report.new, report.removed) == (23, 5, 4, 2)
+    assert_equal_content(content(remote), content(fresh_b))
+    assert_equal_content(content(remote, version="initial"), content(fresh_a), atol=0)
+    assert [r["name"] for r in releases(remote)] == ["initial", "B1"]
+
+
+def test_verify_checks_an_updated_run_against_its_release(world, tmp_path, capsys):
+    from rdscale.cli.main import main
+    from rdscale.run.verify import verify
+
+    _, _, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], executor=StopAfter(1), progress=False)
+    assert "interrupted" in verify(run_dir)[0]
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert main(["verify", str(run_dir)]) == 0, capsys.readouterr().out
+    # a protein deleted behind rdscale's back is found
+    lance.dataset(str(run_dir / "proteins.lance")).delete("id = 'UR0004'")
+    problems = verify(run_dir)
+    assert any("1 missing" in p for p in problems) and any("shard" in p for p in problems)
+
+
+def test_a_marking_cut_short_is_finished(world, tmp_path):
+    """A kill between marking the first and the last table as followed: the rerun completes it."""
+    from rdscale.io.runs import META_RUN_KEY
+
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    lance.dataset(str(run_dir / "proteins.lance")).update_schema_metadata({META_RUN_KEY.decode(): "followed-x"})
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    keys = {(lance.dataset(str(p)).schema.metadata or {})[META_RUN_KEY] for p in run_dir.glob("*.lance")}
+    assert keys == {b"followed-x"}
+    assert_equal_content(content(run_dir), content(fresh_b))
