@@ -94,6 +94,11 @@ def main() -> int:
         cfg = load_config(config, [f"output.dir={lost_dir}", f"fit.artifact={fit_dir}"])
         removed = threading.Event()
         at_removal = {}
+        # The driver holds after each ledger commit while this file exists (rdscale.io.store.fault_point): the node
+        # goes while shards remain, however fast the machine.
+        hold = work / "hold-after-commit"
+        hold.touch()
+        os.environ["RDSCALE_FAULT_HOLD"] = str(hold)
 
         def remove_after_first_commit():
             ledger = lost_dir / "shards.lance"
@@ -108,6 +113,7 @@ def main() -> int:
             at_removal["committed"] = lance.dataset(str(ledger)).count_rows()
             cluster.remove_node(worker)
             removed.set()
+            hold.unlink()
 
         killer = threading.Thread(target=remove_after_first_commit, daemon=True)
         killer.start()
@@ -117,6 +123,8 @@ def main() -> int:
         except Exception as err:  # noqa: BLE001 - the run may fail when its actor's node goes; the rerun must repair it
             first_error = f"{type(err).__name__}: {str(err)[:200]}"
         killer.join(timeout=130)
+        hold.unlink(missing_ok=True)
+        del os.environ["RDSCALE_FAULT_HOLD"]
         committed_before = lance.dataset(str(lost_dir / "shards.lance")).count_rows()
         cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 << 20)
         cluster.wait_for_nodes()

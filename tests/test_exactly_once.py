@@ -413,6 +413,14 @@ def _rdscale(config, env_extra=None):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _committed_so_far(out: Path) -> int:
+    """Ledger rows, 0 while the ledger table is still being created by the writer (its folder exists first)."""
+    try:
+        return ledger_rows(out) if (out / f"{LEDGER}.lance").exists() else 0
+    except (ValueError, OSError):
+        return 0
+
+
 def test_two_writers_together_staggered_and_after_a_kill(tmp_path, tiny_family, base):
     src, fit_dir = base
     reference = fresh(tmp_path, src, tiny_family, fit_dir)
@@ -434,7 +442,7 @@ def test_two_writers_together_staggered_and_after_a_kill(tmp_path, tiny_family, 
     assert f"pid {winner.pid} " in refusal[0]
 
     # kill -9 of the writer mid-run (held after its first commit): its lease stays behind, owned by a dead pid.
-    while not ((out / f"{LEDGER}.lance").exists() and ledger_rows(out) >= 1) and time.time() < deadline:
+    while _committed_so_far(out) < 1 and time.time() < deadline:
         time.sleep(0.1)
     committed = ledger_rows(out)
     assert committed == 1
@@ -444,7 +452,7 @@ def test_two_writers_together_staggered_and_after_a_kill(tmp_path, tiny_family, 
 
     # The next writer takes the stale lease over and resumes; a writer started while it runs (staggered) refuses.
     c = _rdscale(config, held)
-    while ledger_rows(out) <= committed and c.poll() is None and time.time() < deadline + 120:
+    while _committed_so_far(out) <= committed and c.poll() is None and time.time() < deadline + 120:
         time.sleep(0.1)
     d = _rdscale(config)
     assert d.wait(timeout=120) == 1 and f"another rdscale process (pid {c.pid} " in d.stderr.read()

@@ -199,7 +199,7 @@ def test_copied_run_still_works(s3_runs, s3, tiny_family, capsys):
     wider = build_tiny_family(s3_runs["tmp"] / "wider", widths=(32, 48, 64, 80), layers=(2, 3, 4, 4), seed=0)[-1]
     wider_uri = s3.uri("models", wider.name)
     Location.parse(wider_uri).write_bytes(wider.read_bytes())
-    assert _cli("extend", "-o", copy.uri, "--model", wider_uri, "--sample", "10") == 0
+    assert _cli("extend", "-o", copy.uri, "--model", wider_uri, "--sample", "10", "--local") == 0
     meta = Run(copy).metadata()
     assert meta["levels"] == [32, 48, 64, 80]
     assert [e["step"] for e in meta["fit_manifest"]["extensions"]] == ["fit_ext_64"]

@@ -410,8 +410,14 @@ def _remove_if_empty(created: list[Path]) -> None:
     """Remove the output directories this command created, when the failure left nothing committed in them."""
     import shutil
 
+    from rdscale.io.lease import LEASE_NAME
+
     for path in created:
         if not path.is_dir():
+            continue
+        if (path / LEASE_NAME).exists():
+            # another writer holds the run (ours is released before we get here): its directory, never ours to
+            # remove, even when two commands created it at the same moment
             continue
         # worth keeping (resumable): a finished fit artifact or a committed shard (a ledger data file)
         committed = any(path.rglob("manifest.json")) or any(path.glob("shards.lance/data/*"))
