@@ -42,6 +42,11 @@ _BUILD_ROWS = 16384  # rows streamed per add() batch
 
 
 def import_faiss():
+    import logging
+
+    if not logging.getLogger("rdscale").isEnabledFor(logging.DEBUG):
+        # faiss logs each CPU-specific library it fails to find (AVX512, AVX2) at INFO: noise on a user's terminal
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError:
