@@ -126,7 +126,7 @@ def test_truncated_storage_is_refused(tmp_path, fasta, tiny_family):
 
 
 def test_search_by_sequence_on_an_extended_run(tmp_path, fasta, tiny_family):
-    from rdscale.search.core import embed_sequences
+    from rdscale.search import embed_sequences
 
     small = two_level_run(tmp_path, fasta, tiny_family, "small")
     extend(small, str(tiny_family[2]), progress=False)
