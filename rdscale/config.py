@@ -27,6 +27,8 @@ class InputConfig:
     paths: list[str] = field(default_factory=list)  # FASTA files (plain, .gz, BGZF)
     shard_mb: float = 64.0  # byte-range shard size; plain gzip files are always one shard
     remove_gaps: bool = False  # strip '-' and '.' instead of rejecting the record
+    # identical sequences embedded once, the other records' rows copied (null: on for per-protein output only)
+    dedupe_sequences: bool | None = None
 
 
 @dataclass

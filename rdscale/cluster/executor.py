@@ -48,6 +48,7 @@ ROW_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("reason", pa.string()),
         ("shard_digest", pa.string()),
+        ("copies", pa.string()),
     ]
 )
 assert tuple(ROW_SCHEMA.names) == ROW_FIELDS
@@ -75,13 +76,13 @@ class FastaDatasource(Datasource):
 
 def _shard_reader(shard: Shard, options: ValidationOptions, rows_per_block: int):
     def read() -> Iterator[pa.Table]:
-        rows = shard_rows(shard, options)
+        rows, digest = shard_rows(shard, options)
         if not rows:
             # An empty shard still reports itself so the driver can commit it (zero records).
             yield pa.table(
                 {"shard": [shard.index], "shard_records": [0], "accepted": [False], "id": [""],
                  "description": [""], "sequence": [""], "source": [""], "reason": ["__empty_shard__"],
-                 "shard_digest": [""]},
+                 "shard_digest": [digest], "copies": [""]},
                 schema=ROW_SCHEMA,
             )
             return
@@ -99,10 +100,10 @@ class _ApplyActor(ApplyStage):
         marker = pa.compute.equal(table["reason"], "__empty_shard__")
         empties = table.filter(marker)
         out = {"shard": [], "shard_records": [], "result": []}
-        for shard in set(empties["shard"].to_pylist()):
+        for shard, digest in dict(zip(empties["shard"].to_pylist(), empties["shard_digest"].to_pylist())).items():
             out["shard"].append(shard)
             out["shard_records"].append(0)
-            out["result"].append(json.dumps({"shard": shard, "fragments": {}}))
+            out["result"].append(json.dumps({"shard": shard, "fragments": {}, "digest": digest}))
         rest = table.filter(pa.compute.invert(marker))
         if rest.num_rows:
             produced = super().__call__(rest)

@@ -29,6 +29,7 @@ from lance.fragment import FragmentMetadata, write_fragments
 from rdscale import __version__
 from rdscale.errors import RdscaleError
 from rdscale.io.location import Location
+from rdscale.io.partitions import HashPartitions
 from rdscale.io.runs import (  # noqa: F401 - re-exported: table names and metadata keys live with the run
     DATA_TABLES,
     LEDGER,
@@ -220,6 +221,7 @@ class ShardResult:
     rejects: int = 0
     residues: int = 0
     digest: str = ""  # of the shard's records as the reader saw them (rdscale.run.integrity.records_digest)
+    embedded: int = 0  # residues that went through the models (not copies; also for per-protein output)
 
     def add(self, other: "ShardResult") -> None:
         for name, frags in other.fragments.items():
@@ -235,6 +237,7 @@ class ShardResult:
         self.proteins += other.proteins
         self.rejects += other.rejects
         self.residues += other.residues
+        self.embedded += other.embedded
 
 
 class RunStore:
@@ -513,96 +516,18 @@ _PARTITION_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.int32()), ("pro
                                ("reason", pa.string())])
 
 
-def id_partition(ids: pa.Array, parts: int) -> np.ndarray:
-    """Partition index in [0, parts) of every id: a 64-bit polynomial hash of its UTF-8 bytes, vectorised (no
-    Python loop per id), then mixed. ids: (n,) string array -> (n,) int64. Equal ids always get equal indexes."""
-    ids = pc.fill_null(ids, "").cast(pa.large_string())
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    n = len(ids)
-    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset : ids.offset + n + 1]
-    data = ids.buffers()[2]
-    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
-    lengths = np.diff(offsets)  # (n,)
-    first = int(offsets[0])
-    byte = data[first : int(offsets[-1])].astype(np.uint64)  # (total bytes,)
-    starts = offsets[:-1] - first  # (n,)
-    h = np.zeros(n, dtype=np.uint64)
-    if byte.size:
-        where = np.arange(byte.size, dtype=np.int64) - np.repeat(starts, lengths)  # byte position within its id
-        powers = np.cumprod(np.full(int(lengths.max()), 0x100000001B3, dtype=np.uint64))  # wraps mod 2^64
-        nonempty = lengths > 0
-        with np.errstate(over="ignore"):
-            h[nonempty] = np.add.reduceat(byte * powers[where], starts[nonempty])
-    with np.errstate(over="ignore"):  # splitmix64 finaliser: spread the bits before the modulo
-        h ^= (h >> np.uint64(30)) ^ lengths.astype(np.uint64)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(27)
-        h *= np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(31)
-    return (h % np.uint64(parts)).astype(np.int64)
-
-
-class _IdPartitions:
-    """(id, shard, protein?, reason) rows split by `id_partition`: in memory for one partition, else one Arrow IPC
-    file per partition in a scratch folder (deleted on exit). Iterating yields one partition's table at a time."""
+class _IdPartitions(HashPartitions):
+    """(id, shard, protein?, reason) rows split by id (rdscale.io.partitions)."""
 
     def __init__(self, parts: int, scratch: str | Path | None = None):
-        self.parts = parts
-        self.scratch = scratch
-        self.memory: list[pa.RecordBatch] = []
-        self.writers: dict[int, Any] = {}
-
-    def __enter__(self):
-        import tempfile
-
-        if self.parts > 1:
-            self._tmp = tempfile.TemporaryDirectory(prefix="rdscale-dedupe-", dir=self.scratch)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for writer in self.writers.values():
-            writer.close()
-        if self.parts > 1:
-            self._tmp.cleanup()
-
-    def _path(self, p: int) -> Path:
-        return Path(self._tmp.name) / f"part-{p:05d}.arrow"
+        super().__init__(parts, _PARTITION_SCHEMA, "id", scratch)
 
     def add(self, batch: pa.RecordBatch, protein: bool) -> None:
         n = batch.num_rows
-        if n == 0:
-            return
         reason = batch.column("reason") if "reason" in batch.schema.names else pa.nulls(n, pa.string())
-        rows = pa.record_batch([batch.column("id").cast(pa.string()), batch.column("shard").cast(pa.int32()),
-                                pa.array(np.full(n, protein)), reason.cast(pa.string())], schema=_PARTITION_SCHEMA)
-        if self.parts == 1:
-            self.memory.append(rows)
-            return
-        index = id_partition(rows.column("id"), self.parts)  # (n,)
-        order = np.argsort(index, kind="stable")
-        bounds = np.searchsorted(index[order], np.arange(self.parts + 1))
-        ordered = rows.take(pa.array(order))
-        for p in range(self.parts):
-            lo, hi = int(bounds[p]), int(bounds[p + 1])
-            if hi > lo:
-                if p not in self.writers:
-                    self.writers[p] = pa.ipc.new_stream(str(self._path(p)), _PARTITION_SCHEMA)
-                self.writers[p].write_batch(ordered.slice(lo, hi - lo))
-
-    def __iter__(self):
-        if self.parts == 1:
-            yield pa.Table.from_batches(self.memory, schema=_PARTITION_SCHEMA)
-            self.memory = []
-            return
-        for writer in self.writers.values():
-            writer.close()
-        done, self.writers = sorted(self.writers), {}
-        for p in done:
-            with pa.ipc.open_stream(str(self._path(p))) as reader:
-                table = reader.read_all()
-            self._path(p).unlink()
-            yield table
+        super().add(pa.record_batch([batch.column("id").cast(pa.string()), batch.column("shard").cast(pa.int32()),
+                                     pa.array(np.full(n, protein)), reason.cast(pa.string())],
+                                    schema=_PARTITION_SCHEMA))
 
 
 def _duplicates_in_partition(part: pa.Table) -> tuple[pa.Table, pa.Table] | None:

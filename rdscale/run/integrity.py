@@ -77,7 +77,8 @@ def shard_key(shard: Shard) -> str:
     """The shard's byte range, with the file named by its absolute path (independent of the working directory)."""
     loc = Location.parse(shard.path)
     name = os.path.abspath(loc.path) if loc.is_local else loc.uri
-    return f"{name}@{shard.start}-{'eof' if shard.end is None else shard.end}"
+    # a shard that shares identical sequences with others (rdscale.run.dedupe) names that assignment too
+    return f"{name}@{shard.start}-{'eof' if shard.end is None else shard.end}{getattr(shard, 'key_suffix', '')}"
 
 
 def file_stat(path: str) -> tuple[int, int]:
@@ -105,7 +106,10 @@ def changed_shards(store: RunStore, shards: Sequence[Shard], options: Validation
             continue
         shard = shards[index]
         if row["key"] != shard_key(shard):
-            changed[index] = f"its byte range moved ({row['key']} is now {shard_key(shard)})"
+            if row["key"].split("#", 1)[0] == shard_key(shard).split("#", 1)[0]:
+                changed[index] = "the identical sequences it shares with other shards changed"
+            else:
+                changed[index] = f"its byte range moved ({row['key']} is now {shard_key(shard)})"
             continue
         fp = now[index]
         if row.get("file_size") == fp["file_size"] and row.get("file_mtime_ns") == fp["file_mtime_ns"]:

@@ -30,6 +30,7 @@ from rdscale.io.store import (
     schema_metadata,
 )
 from rdscale.progress import Progress
+from rdscale.run import dedupe
 from rdscale.run.integrity import (
     EMPTY_DIGEST,
     check_complete,
@@ -61,6 +62,8 @@ class Summary:
     residues: int = 0
     rejects: int = 0
     duplicates_moved: int = 0
+    copies: int = 0  # records whose identical sequence was embedded once for all of them (input.dedupe_sequences)
+    residues_saved: int = 0
     shards_total: int = 0
     shards_skipped: int = 0  # already committed by an earlier, interrupted run
     seconds: float = 0.0
@@ -79,6 +82,9 @@ class Summary:
         ]
         if self.duplicates_moved:
             out.append(f"duplicate ids moved to rejects: {self.duplicates_moved}")
+        if self.copies:
+            out.append(f"identical sequences: {self.copies} record(s) written as copies, not embedded again "
+                       f"({self.residues_saved:,} residues saved)")
         if self.fit_dir:
             out.append(f"fit artifact: {self.fit_dir}")
         out += [f"{name}: {path}" for name, path in self.tables.items()]
@@ -108,9 +114,9 @@ class LocalExecutor:
         stage = ApplyStage(cfg, models, fit_dir, uris, schemas)
         options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
         for shard in shards:
-            rows = shard_rows(shard, options)
+            rows, digest = shard_rows(shard, options)
             if not rows:
-                yield shard.index, 0, ShardResult(shard=shard.index, fragments={})
+                yield shard.index, 0, ShardResult(shard=shard.index, fragments={}, digest=digest)
                 continue
             for batch in iter_row_batches(rows, cfg.output.records_per_batch):
                 out = stage(batch)
@@ -215,6 +221,8 @@ def run_key(cfg: Config, shards: Sequence[Shard], manifest: dict) -> str:
         "remove_gaps": cfg.input.remove_gaps,
         "output": [cfg.output.residues, cfg.output.storage_width, cfg.output.residue_dtype],
     }
+    if dedupe.enabled(cfg):  # only when on, so the keys of runs made without it stay what they were
+        payload["dedupe_sequences"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -260,6 +268,12 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
         raise ConfigError("a chain of several models needs a fit: run `rdscale fit` first or use `rdscale run`")
 
     shards = plan(cfg)
+    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
+    duplicates = None
+    if dedupe.enabled(cfg):
+        duplicates = dedupe.plan_duplicates(shards, options, progress=progress)
+        shards = duplicates.shards
+        log.info("%s", duplicates.line())
     key = run_key(cfg, shards, manifest)
     metadata = schema_metadata(levels, manifest, recorded_config(cfg.to_dict()), key)
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
@@ -267,7 +281,6 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     store = RunStore(cfg.output.dir, schemas, key)
     store.lease = lease
     removed = store.recover()
-    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
     refuse_or_redo(store, shards, options, redo=redo_changed)
     write_plan(store, shards)
     stats = fingerprints(shards)
@@ -275,6 +288,8 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     todo = [s for s in shards if s.index not in done]
     summary = Summary(out_dir=str(store.root), shards_total=len(shards), shards_skipped=len(shards) - len(todo),
                       fit_dir=str(fit_dir) if fit_dir else None)
+    if duplicates is not None:
+        summary.copies, summary.residues_saved = duplicates.copies, duplicates.residues_saved
     if removed:
         log.warning("removed %d rows left by an interrupted commit", removed)
     started = time.perf_counter()
@@ -289,7 +304,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
                                                       schemas, todo):
                 acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
                 acc.add(part)
-                summary.residues_embedded += part.residues
+                summary.residues_embedded += part.embedded
                 records_seen += part.records
                 bar.postfix(records=records_seen, residues=summary.residues_embedded)
                 if acc.records == total:

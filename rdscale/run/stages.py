@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ROW_FIELDS = (
     "shard", "shard_records", "accepted", "id", "description", "sequence", "source", "reason", "shard_digest",
+    "copies",
 )
 
 
@@ -49,19 +50,20 @@ def _record_row(item: Record | Reject, shard: Shard, total: int, digest: str = "
         return {
             "shard": shard.index, "shard_records": total, "accepted": False, "id": item.id,
             "description": "", "sequence": "", "source": item.source, "reason": item.reason,
-            "shard_digest": digest,
+            "shard_digest": digest, "copies": "",
         }
     return {
         "shard": shard.index, "shard_records": total, "accepted": True, "id": item.id,
         "description": item.description, "sequence": item.sequence,
-        "source": f"{item.path}:{item.offset}", "reason": "", "shard_digest": digest,
+        "source": f"{item.path}:{item.offset}", "reason": "", "shard_digest": digest, "copies": "",
     }
 
 
-def shard_rows(shard: Shard, options: ValidationOptions) -> list[dict[str, Any]]:
-    """Every record of a shard as a row. The shard is read whole (bounded by the shard size, not the file size)
-    because each row must carry the shard's record count, and the digest of what was read (the run's ledger keeps
-    it to notice an input edited under committed shards)."""
+def shard_rows(shard: Shard, options: ValidationOptions) -> tuple[list[dict[str, Any]], str]:
+    """Every record of a shard as a row, and the digest of what was read (the run's ledger keeps it to notice an
+    input edited under committed shards; a shard whose records are all left to others has no row to carry it).
+    The shard is read whole (bounded by the shard size, not the file size) because each row must carry the
+    shard's record count."""
     digest = RecordsDigest()
     items = []
     for item in read_shard(shard, options):
@@ -71,7 +73,35 @@ def shard_rows(shard: Shard, options: ValidationOptions) -> list[dict[str, Any]]
     keep = getattr(shard, "keep", None)  # rdscale.run.update.UpdateShard: embed only these ids (new or changed)
     if keep is not None:
         items = [item for item in items if isinstance(item, Reject) or item.id in keep]
-    return [_record_row(item, shard, len(items), text) for item in items]
+    skip = getattr(shard, "skip", None)  # rdscale.run.dedupe.DedupShard: copies that another shard writes
+    if skip:
+        items = [item for item in items if isinstance(item, Reject) or item.id not in skip]
+    copies: dict[str, list] = {}  # canonical id -> [[copy id, description, source], ...] written with it
+    for canonical, *copy in getattr(shard, "copies", ()):
+        copies.setdefault(canonical, []).append(copy)
+    total = len(items) + sum(map(len, copies.values()))  # a copy is a record of this shard's commit
+    rows = [_record_row(item, shard, total, text) for item in items]
+    if copies:
+        for row in rows:
+            if row["accepted"] and row["id"] in copies:
+                row["copies"] = json.dumps(copies.pop(row["id"]))
+        if copies:  # the plan and the shard disagree: the input changed since the plan was made
+            raise ValueError(f"{shard.path}: record(s) {', '.join(list(copies)[:3])} are no longer in bytes "
+                             f"{shard.start}-{shard.end or 'eof'}; the input changed during the run")
+    return rows, text
+
+
+def with_copies(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """rows, each followed by the rows of its copies (rdscale.run.dedupe): the same sequence under the copy's id,
+    description and source. Also returns, per output row, the index of the row whose embedding it takes."""
+    out, take = [], []
+    for i, row in enumerate(rows):
+        out.append(row)
+        take.append(i)
+        for ident, description, source in json.loads(row.get("copies") or "[]"):
+            out.append({**row, "id": ident, "description": description, "source": source, "copies": ""})
+            take.append(i)
+    return out, take
 
 
 def rows_to_columns(rows: Sequence[dict[str, Any]]) -> dict[str, list]:
@@ -285,19 +315,20 @@ class ApplyStage:
         rejected = [r for r in rows if not r["accepted"]]
         rejected += [
             {**r, "reason": f"too_long: {len(r['sequence'])} residues > window {self.encoder.window}"}
-            for r in rows
-            if r["accepted"] and self.encoder.too_long(r["sequence"])
+            for r in with_copies([r for r in rows if r["accepted"] and self.encoder.too_long(r["sequence"])])[0]
         ]
-        result = ShardResult(shard=shard, fragments={}, records=len(rows), rejects=len(rejected),
+        records = len(rows) + sum(len(json.loads(r["copies"])) for r in rows if r.get("copies"))
+        result = ShardResult(shard=shard, fragments={}, records=records, rejects=len(rejected),
                              digest=rows[0].get("shard_digest") or "" if rows else "")
         if rejected:
             self.writer.submit(lambda: {REJECTS: write_table_fragments(
                 self.uris[REJECTS], rejects_table(rejected, shard, self.schemas[REJECTS]))})
         # Chunk by chunk: the writer thread builds and writes chunk i while chunk i+1 runs through the models.
         for chunk in chunk_rows(accepted, self.encoder.chunk_tokens, self.encoder.window):
-            job, residues = self._chunk_job(shard, chunk)
+            job, residues, written = self._chunk_job(shard, chunk)
             self.writer.submit(job)
-            result.proteins += len(chunk)
+            result.proteins += written
+            result.embedded += sum(len(r["sequence"]) for r in chunk)
             if RESIDUES in self.schemas:
                 result.residues += residues
         # Every fragment of this call is written before its description leaves the stage (commit protocol).
@@ -319,16 +350,19 @@ class ApplyStage:
             per_res = torch.cat([e[:, :d] for e in rd]).to(dtype)  # (sum L, d)
         lengths = [e.shape[0] for e in rd]
         host, ready = _to_host_async([means, per_res])
+        rows, take = with_copies(chunk)  # identical sequences of other records: rows, not forwards
 
         def job() -> dict[str, list[str]]:
             if ready is not None:
                 ready.synchronize()  # the copies were queued behind the forward; wait here, not in the caller
             means_h, per_res_h = (t.numpy() if t is not None else None for t in host)
-            tables = {PROTEINS: proteins_table(chunk, means_h.astype(np.float32, copy=False), shard,
+            if len(take) != len(chunk):
+                means_h = means_h[take]
+            tables = {PROTEINS: proteins_table(rows, means_h.astype(np.float32, copy=False), shard,
                                                self.schemas[PROTEINS])}
             if per_res_h is not None:
-                tables[RESIDUES] = residues_table(chunk, np.split(per_res_h, np.cumsum(lengths)[:-1]), shard,
-                                                  self.schemas[RESIDUES])
+                parts = np.split(per_res_h, np.cumsum(lengths)[:-1])
+                tables[RESIDUES] = residues_table(rows, [parts[i] for i in take], shard, self.schemas[RESIDUES])
             # Written on the writer thread; the caller only collects the fragment descriptions.
             fragments = {}
             for name, t in tables.items():
@@ -336,7 +370,7 @@ class ApplyStage:
                 self._maybe_fail("exit_in_writer_on_batch")
             return fragments
 
-        return job, sum(lengths)
+        return job, sum(lengths[i] for i in take), len(rows)
 
 
 def chunk_rows(rows: Sequence[dict[str, Any]], chunk_tokens: int, window: int) -> Iterator[list[dict[str, Any]]]:

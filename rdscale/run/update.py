@@ -65,6 +65,8 @@ from rdscale.io.store import (
     sql_in_list,
 )
 from rdscale.progress import Progress
+from rdscale.run import dedupe
+from rdscale.run.dedupe import DedupShard, seq_digest
 from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, writing
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class UpdateError(RdscaleError, ValueError):
 
 
 @dataclass(frozen=True)
-class UpdateShard(Shard):
+class UpdateShard(DedupShard):
     """A shard of the new release of which only the accepted records whose id is in `keep` are embedded (the others
     are unchanged and already in the run); its rejects are all kept. `rdscale.run.stages.shard_rows` honours it."""
 
@@ -95,10 +97,6 @@ def _input_name(path: str) -> str:
     return os.path.abspath(loc.path) if loc.is_local else loc.uri
 
 
-def seq_digest(sequence: str) -> str:
-    return hashlib.blake2b(sequence.encode("ascii", "surrogateescape"), digest_size=16).hexdigest()
-
-
 @dataclass
 class UpdateReport:
     release: str
@@ -109,6 +107,8 @@ class UpdateReport:
     removed: int = 0
     rejects: int = 0  # of the new release
     relabelled: int = 0  # unchanged sequences whose description changed (description replaced, not embedded)
+    copies: int = 0  # new/changed records whose identical sequence was embedded once for all (dedupe_sequences)
+    residues_saved: int = 0
     residues_release: int = 0  # of the new release's accepted records: what a full rerun would embed
     residues_embedded: int = 0  # by this update (all its shards, also those of an interrupted earlier attempt)
     residues_this_call: int = 0
@@ -131,6 +131,8 @@ class UpdateReport:
             f"({100 * self.fraction_embedded:.1f}% of a full rerun)   this call: {self.residues_this_call} in "
             f"{self.seconds:.1f} s",
             f"shards: {self.shards_total} ({self.shards_skipped} already committed, skipped)",
+            *([f"identical sequences: {self.copies} new/changed record(s) written as copies "
+               f"({self.residues_saved:,} residues saved)"] if self.copies else []),
             f"proteins: {self.proteins}   tagged {self.release}: "
             + ", ".join(f"{k} v{v}" for k, v in self.versions.items()),
         ]
@@ -400,6 +402,11 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                           residues_release=diff.residues_release, shards_total=len(planned))
     todo_shards = [UpdateShard(**{**{f: getattr(s, f) for f in Shard.__dataclass_fields__},
                                   "keep": frozenset(diff.todo[s.index])}) for s in planned]
+    if dedupe.enabled(cfg):  # identical new sequences embedded once (the grouping is deterministic: a resumed
+        # update, comparing against the same versions, finds the same copies)
+        duplicates = dedupe.plan_duplicates(todo_shards, options, progress=progress)
+        todo_shards = duplicates.shards
+        report.copies, report.residues_saved = duplicates.copies, duplicates.residues_saved
 
     # 1. embed the new and changed sequences, shard by shard (resumable through the ledger)
     done = store.committed()
@@ -423,7 +430,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
             for index, total, part in executor.apply(cfg, list(cfg.models), fit_dir, uris, schemas, todo):
                 acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
                 acc.add(part)
-                report.residues_this_call += part.residues
+                report.residues_this_call += part.embedded
                 if acc.records == total:
                     result = pending.pop(index)
                     digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
@@ -495,8 +502,9 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
     for t, v in report.versions.items():
         _tag(run.dataset(t), release, v)
     store.cleanup_orphans()
-    ledger = store.dataset(LEDGER).to_table(columns=["shard", "residues"], filter=f"shard >= {base}")
-    report.residues_embedded = int(pc.sum(ledger["residues"]).as_py() or 0)
+    # what went through the models: the rows this update wrote (all attempts), less the copies it wrote
+    written = store.dataset(PROTEINS).to_table(columns=["length"], filter=f"shard >= {base}")
+    report.residues_embedded = int(pc.sum(written["length"]).as_py() or 0) - report.residues_saved
     report.proteins = store.dataset(PROTEINS).count_rows()
     report.seconds = time.perf_counter() - started
     entry.update(status="done", versions=report.versions, report=report.to_dict(),
