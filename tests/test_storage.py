@@ -402,7 +402,9 @@ def test_ray_executor_run_on_s3(s3_runs, s3, tiny_family, tmp_path):
            "--set", "output.residue_dtype=float32", "--set", "input.shard_mb=0.004",
            "--set", "ray.cpus_per_actor=1", "--set", f"storage.options={{aws_secret_access_key: {secret}}}"]
     cmd[cmd.index("--fit"):cmd.index("--fit") + 2] = ["--set", f"fit.artifact={s3_runs['local'] / 'fit'}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local", "RDSCALE_CACHE_DIR": str(tmp_path / "c")}
+    # the secret only in storage.options: the driver, the read tasks and the actors all get it from there
+    env = {k: v for k, v in os.environ.items() if k != "AWS_SECRET_ACCESS_KEY"}
+    env.update({"PYTHONPATH": str(REPO), "RAY_ADDRESS": "local", "RDSCALE_CACHE_DIR": str(tmp_path / "c")})
     done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert secret not in done.stdout + done.stderr  # debug logging on: options are never logged
@@ -411,6 +413,19 @@ def test_ray_executor_run_on_s3(s3_runs, s3, tiny_family, tmp_path):
         assert a[keys[0]].to_pylist() == b[keys[0]].to_pylist()
         np.testing.assert_allclose(np.asarray(b["embedding"].to_pylist(), np.float32),
                                    np.asarray(a["embedding"].to_pylist(), np.float32), atol=1e-5, rtol=0)
+    # extend through Ray actors over the S3 run's fragments, the secret again only in --set storage.options
+    from rdscale.model.loading import build_tiny_family
+
+    wider = build_tiny_family(tmp_path / "wider", widths=(32, 48, 64, 80), layers=(2, 3, 4, 4), seed=0)[-1]
+    wider_uri = s3.uri("models", "ray-" + wider.name)
+    Location.parse(wider_uri).write_bytes(wider.read_bytes())
+    grow = [sys.executable, "-m", "rdscale", "-q", "extend", out, "--model", wider_uri, "--sample", "10",
+            "--set", "ray.cpus_per_actor=1", "--set", f"storage.options={{aws_secret_access_key: {secret}}}"]
+    done = subprocess.run(grow, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert secret not in done.stdout + done.stderr
+    assert Run(out).metadata()["levels"] == [32, 48, 64, 80]
+    assert _rows(out, "proteins", ["id"])["embedding"].type.list_size == 80
 
 
 def test_run_finds_its_fits_relative_to_itself(tmp_path):

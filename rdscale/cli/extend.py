@@ -9,10 +9,11 @@ from rdscale.cli.args import add_fit_argument, add_run_argument
 
 def cmd_extend(args) -> int:
     from rdscale.cli.main import _quiet_ray
-    from rdscale.run.extend import extend
+    from rdscale.run.extend import extend, storage_overrides
     from rdscale.run.integrity import writing
 
     _quiet_ray(args, uses_ray=not args.local)
+    storage_overrides(args.overrides)  # the lease below is on the run's store already
     with writing(args.out):  # the run's writer lease: never beside a `run`/`embed` into the same folder
         summary = extend(
             args.out, args.model, from_fit=args.fit, sample_sequences=args.sample, regression=args.regression,

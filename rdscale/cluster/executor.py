@@ -26,6 +26,7 @@ from ray.data.datasource import Datasource, ReadTask
 from rdscale.config import Config
 from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Shard, ValidationOptions
+from rdscale.io.location import set_storage_options
 from rdscale.io.store import ShardResult
 from rdscale.run.stages import (
     ROW_FIELDS,
@@ -57,10 +58,12 @@ assert tuple(ROW_SCHEMA.names) == ROW_FIELDS
 class FastaDatasource(Datasource):
     """One read task per shard; each yields the shard's rows (records and rejects) in blocks."""
 
-    def __init__(self, shards: Sequence[Shard], options: ValidationOptions, rows_per_block: int = 1024):
+    def __init__(self, shards: Sequence[Shard], options: ValidationOptions, rows_per_block: int = 1024,
+                 storage: dict | None = None):
         self.shards = list(shards)
         self.options = options
         self.rows_per_block = rows_per_block
+        self.storage = dict(storage or {})  # storage.options: read tasks run in fresh worker processes
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(((s.end or s.start) - s.start) for s in self.shards) or None
@@ -70,12 +73,14 @@ class FastaDatasource(Datasource):
         for shard in self.shards:
             size = (shard.end - shard.start) if shard.end is not None else None
             meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=(shard.path,))
-            tasks.append(ReadTask(_shard_reader(shard, self.options, self.rows_per_block), meta, schema=ROW_SCHEMA))
+            tasks.append(ReadTask(_shard_reader(shard, self.options, self.rows_per_block, self.storage), meta,
+                                  schema=ROW_SCHEMA))
         return tasks
 
 
-def _shard_reader(shard: Shard, options: ValidationOptions, rows_per_block: int):
+def _shard_reader(shard: Shard, options: ValidationOptions, rows_per_block: int, storage: dict | None = None):
     def read() -> Iterator[pa.Table]:
+        set_storage_options(storage)  # credentials given in the config, not only in every node's environment
         rows, digest = shard_rows(shard, options)
         if not rows:
             # An empty shard still reports itself so the driver can commit it (zero records).
@@ -258,7 +263,8 @@ class RayExecutor:
 
     def apply(self, cfg, models, fit_dir, uris, schemas, shards) -> Iterator[tuple[int, int, ShardResult]]:
         options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
-        ds = ray.data.read_datasource(FastaDatasource(shards, options), override_num_blocks=len(shards),
+        ds = ray.data.read_datasource(FastaDatasource(shards, options, storage=cfg.storage.options),
+                                      override_num_blocks=len(shards),
                                       num_cpus=SIDE_TASK_CPUS)
         ds = ds.map_batches(
             _ApplyActor,

@@ -148,8 +148,14 @@ class S3LeaseBackend:
 
             kwargs = {**_boto_options(), **client_kwargs}
             kwargs.setdefault("config", BotoConfig(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3}))
+            from botocore.exceptions import BotoCoreError
+
             # a session of its own: boto3's default session caches the first credentials it ever resolved
-            client = boto3.session.Session().client("s3", **kwargs)
+            try:
+                client = boto3.session.Session().client("s3", **kwargs)
+            except BotoCoreError as err:  # e.g. a key id without its secret: the user's to fix, in one line
+                raise LeaseError(f"S3 client for the writer lease: {err} (set the credentials in the environment "
+                                 "or in storage.options)") from None
         self.client = client
 
     @staticmethod

@@ -43,7 +43,7 @@ from rdscale.errors import RdscaleError
 from rdscale.fit.artifact import ArtifactError, load_fit, save_fit
 from rdscale.fit.chain import ChainFit, fit_chain
 from rdscale.fit.moments import Moments
-from rdscale.io.location import Location
+from rdscale.io.location import Location, set_storage_options, storage_options
 from rdscale.io.runs import EXTENSIONS_KEY, Run, open_dataset
 from rdscale.io.store import (
     META_LEVELS,
@@ -353,6 +353,7 @@ class FragmentExtender:
     def __init__(self, model: str, cfg: Config):
         from rdscale.run.stages import ChainEncoder
 
+        set_storage_options(cfg.storage.options)  # an actor process: the driver's options are not here
         self.encoder = ChainEncoder([model], cfg)
 
     def fit_step(self, run: str, sample_sequences: int, regression: str, width: int):
@@ -360,10 +361,10 @@ class FragmentExtender:
 
     def fragment(self, table: str, uri: str, version: int, fragment_id: int, step: ChainFit,
                  out_type: pa.DataType | None, proteins_uri: str) -> tuple[int, str, pa.Schema]:
-        frag = lance.dataset(uri, version=version).get_fragment(fragment_id)
+        frag = open_dataset(uri, version=version).get_fragment(fragment_id)
         if table == RESIDUES:
             ids = pc.unique(frag.to_table(columns=["id"])["id"]).to_pylist()
-            proteins, sequences = lance.dataset(proteins_uri), {}
+            proteins, sequences = open_dataset(proteins_uri), {}
             for i in range(0, len(ids), 5000):
                 got = proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({sql_in_list(ids[i:i + 5000])})")
                 sequences.update(zip(got["id"].to_pylist(), got["sequence"].to_pylist()))
@@ -402,6 +403,14 @@ def _update_metadata(uri: str, levels: list[int], manifest: dict, extension: dic
 # the verb
 
 
+def storage_overrides(overrides: Sequence[str]) -> None:
+    """`--set storage.options={...}` among the overrides: made process-wide at once (the run's own config never
+    records them, and its metadata cannot be read without them)."""
+    given = Config.from_dict({}, [o for o in overrides if o.strip().startswith("storage.")]).storage.options
+    if given:
+        set_storage_options(given)
+
+
 def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, sample_sequences: int = 1000,
            regression: str = "pcr", overrides: Sequence[str] = (), progress: bool = True,
            local: bool | None = None) -> ExtendSummary:
@@ -412,6 +421,7 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     from rdscale.run.stages import ChainEncoder
 
     started = time.perf_counter()
+    storage_overrides(overrides)
     run = Run(run_dir if "://" in str(run_dir) else Path(run_dir).absolute())  # actors never see our cwd
     if "://" not in str(model) and (str(model).endswith(".pt") or "/" in str(model)):
         model = str(Path(model).expanduser().absolute())  # a checkpoint path, not a hub name
@@ -426,6 +436,7 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     info = check_extendable(run)
     width, levels, manifest = info["width"], info["levels"], info["manifest"]
     cfg = Config.from_dict(info["config"], list(overrides)) if info["config"] else Config()
+    cfg.storage.options = storage_options()  # never recorded in the run: this process's go to the actors
     step_dir = run.fit_ext(width)
     partial_root = run.location / "extend.partial"
 
