@@ -117,6 +117,11 @@ class _ApplyActor(ApplyStage):
         return out
 
 
+def _with_storage(storage: dict, fn, *args):
+    set_storage_options(storage)
+    return fn(*args)
+
+
 class ResourceError(RdscaleError, ValueError):
     """A resource request no node of the Ray cluster can satisfy; the message says what to change."""
 
@@ -281,6 +286,18 @@ class RayExecutor:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 yield int(row["shard"]), int(row["shard_records"]), ShardResult(**json.loads(row["result"]))
+
+    def map_shards(self, fn, shards: Sequence[Shard], *args) -> Iterator[Any]:
+        """fn(shard, *args) for every shard as Ray tasks (taking no whole CPU, like the read tasks; about one in
+        flight per CPU of the cluster), yielded in shard order as they complete."""
+        task = ray.remote(num_cpus=SIDE_TASK_CPUS, max_retries=3)(_with_storage)
+        in_flight = max(2, int(sum(n.get("CPU", 0) for n in _alive_nodes())))
+        storage, queue, pending = dict(self.cfg.storage.options or {}), list(shards), []
+        queue.reverse()
+        while queue or pending:
+            while queue and len(pending) < in_flight:
+                pending.append(task.remote(storage, fn, queue.pop(), *args))
+            yield ray.get(pending.pop(0))
 
     # -- extend: the new model in actors over the stored run's fragments ------------------------------------------
 

@@ -40,7 +40,6 @@ from rdscale.progress import Progress
 
 log = logging.getLogger(__name__)
 
-_BATCH = 1 << 16
 _BYTES_PER_RECORD = 64  # a low estimate of a FASTA record's size: more partitions than needed, never fewer
 _IDS = pa.schema([("id", pa.string())])
 _SEQUENCES = pa.schema([("digest", pa.string()), ("id", pa.string()), ("shard", pa.int32()),
@@ -95,9 +94,11 @@ def enabled(cfg) -> bool:
 
 
 def plan_duplicates(shards: Sequence[Shard], options: ValidationOptions, *, rows_per_partition: int = 1_000_000,
-                    scratch: str | None = None, progress: bool = False) -> DuplicatePlan:
+                    scratch: str | None = None, progress: bool = False, map_shards=None) -> DuplicatePlan:
     """Read every shard once; return the shards as `DedupShard`s (unchanged `Shard`s where a shard has no part in
-    any group) and what was found."""
+    any group) and what was found. `map_shards(fn, shards, *args)`: yields fn(shard, *args) per shard, in shard
+    order (an executor's: the shards are read in parallel, on the cluster); default: here, one after another."""
+    map_shards = map_shards or _map_here
     size = 0
     for path in {s.path for s in shards}:
         size += Location.parse(path).fingerprint()["size"]
@@ -108,8 +109,10 @@ def plan_duplicates(shards: Sequence[Shard], options: ValidationOptions, *, rows
     with HashPartitions(parts, _IDS, "id", scratch) as by_id, \
             HashPartitions(parts, _SEQUENCES, "digest", scratch) as by_seq:
         with Progress(total=len(shards), unit="shard", desc="finding identical sequences", enabled=progress) as bar:
-            for shard in shards:
-                _read(shard, options, by_id, by_seq, plan)
+            for ids, sequences in map_shards(shard_keys, shards, options):
+                by_id.add(ids)
+                by_seq.add(sequences)
+                plan.sequences += sequences.num_rows
                 bar.update(1)
         ambiguous: list[str] = []
         for part in by_id:
@@ -137,32 +140,29 @@ def plan_duplicates(shards: Sequence[Shard], options: ValidationOptions, *, rows
     return plan
 
 
-def _read(shard: Shard, options: ValidationOptions, by_id: HashPartitions, by_seq: HashPartitions,
-          plan: DuplicatePlan) -> None:
+def _map_here(fn, shards, *args):
+    for shard in shards:
+        yield fn(shard, *args)
+
+
+def shard_keys(shard: Shard, options: ValidationOptions) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+    """What the grouping needs of one shard: the ids of all its records (ids: (n,) string), and per accepted
+    record (digest, id, shard, ordinal, length, source, description). Plain function: runs where the executor
+    puts it."""
     ids: list[str] = []
     rows: dict[str, list] = {name: [] for name in _SEQUENCES.names}
-
-    def flush() -> None:
-        by_id.add(pa.record_batch([pa.array(ids, pa.string())], schema=_IDS))
-        by_seq.add(pa.record_batch([pa.array(rows[n], _SEQUENCES.field(n).type) for n in _SEQUENCES.names],
-                                   schema=_SEQUENCES))
-        ids.clear()
-        for column in rows.values():
-            column.clear()
-
     keep = getattr(shard, "keep", None)  # an update's shard embeds only these (the rest is in the run already)
     for ordinal, item in enumerate(read_shard(shard, options)):
         if item.id:
             ids.append(item.id)
         if isinstance(item, Record) and (keep is None or item.id in keep):
-            plan.sequences += 1
             for name, value in (("digest", seq_digest(item.sequence)), ("id", item.id), ("shard", shard.index),
                                 ("ordinal", ordinal), ("length", len(item.sequence)), ("source", item.source),
                                 ("description", item.description)):
                 rows[name].append(value)
-        if len(ids) >= _BATCH:
-            flush()
-    flush()
+    return (pa.record_batch([pa.array(ids, pa.string())], schema=_IDS),
+            pa.record_batch([pa.array(rows[n], _SEQUENCES.field(n).type) for n in _SEQUENCES.names],
+                            schema=_SEQUENCES))
 
 
 def _groups(part: pa.Table, excluded: pa.Array, plan: DuplicatePlan, skip: dict, copies: dict) -> None:

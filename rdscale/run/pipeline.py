@@ -103,12 +103,20 @@ class Executor(Protocol):
         """Yields (shard index, records in that shard, partial result) as batches complete, in any order."""
         ...
 
+    def map_shards(self, fn, shards: Sequence[Shard], *args) -> Iterator[Any]:
+        """fn(shard, *args) for every shard (a plain function of small results), yielded in shard order."""
+        ...
+
 
 class LocalExecutor:
     """Runs the stages in this process, one batch after another."""
 
     def fit_moments(self, models, cfg, plan):
         return [FitWorker(models, cfg).run(plan)]
+
+    def map_shards(self, fn, shards, *args):
+        for shard in shards:
+            yield fn(shard, *args)
 
     def apply(self, cfg, models, fit_dir, uris, schemas, shards):
         stage = ApplyStage(cfg, models, fit_dir, uris, schemas)
@@ -271,7 +279,8 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
     duplicates = None
     if dedupe.enabled(cfg):
-        duplicates = dedupe.plan_duplicates(shards, options, progress=progress)
+        executor = executor or make_executor(cfg)
+        duplicates = dedupe.plan_duplicates(shards, options, progress=progress, map_shards=executor.map_shards)
         shards = duplicates.shards
         log.info("%s", duplicates.line())
     key = run_key(cfg, shards, manifest)

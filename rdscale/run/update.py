@@ -404,7 +404,8 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                                   "keep": frozenset(diff.todo[s.index])}) for s in planned]
     if dedupe.enabled(cfg):  # identical new sequences embedded once (the grouping is deterministic: a resumed
         # update, comparing against the same versions, finds the same copies)
-        duplicates = dedupe.plan_duplicates(todo_shards, options, progress=progress)
+        duplicates = dedupe.plan_duplicates(todo_shards, options, progress=progress,
+                                            map_shards=getattr(executor, "map_shards", None))
         todo_shards = duplicates.shards
         report.copies, report.residues_saved = duplicates.copies, duplicates.residues_saved
 
