@@ -657,7 +657,21 @@ def test_verify_finds_what_is_wrong(tmp_path, tiny_family, base):
     problems = verify(out)
     assert any("(id, pos) stored more than once" in p for p in problems)
     assert any(gone["source"] in p and "neither proteins nor rejects" in p for p in problems)
+    assert verify(out, rows_per_partition=7) == problems  # spilled to many partitions: the same findings
     assert main(["verify", str(out)]) == 1
+
+    # residues: one protein short of a position, another's residues under an id no protein has
+    residues = lance.dataset(str(out / "residues.lance"))
+    short, moved = [r["id"] for r in proteins.to_table(columns=["id"], limit=3).to_pylist()][1:3]
+    residues.delete(f"id = '{short}' AND pos = 2")
+    orphan = residues.to_table(filter=f"id = '{moved}'")
+    residues.delete(f"id = '{moved}'")
+    lance.write_dataset(orphan.set_column(0, "id", pa.array(["nobody"] * orphan.num_rows)), residues.uri,
+                        mode="append")
+    problems = verify(out, rows_per_partition=7)
+    assert any(f"without exactly one row per residue, e.g. {short}" in p for p in problems)
+    assert any("residues of 2 protein(s) not in proteins" in p for p in problems)  # the deleted one, "nobody"
+    assert any(f"have no residue rows, e.g. {moved}" in p for p in problems)
 
     text = fasta.read_bytes()
     at = text.index(b"\n") + 1

@@ -6,25 +6,28 @@ and checks, without trusting the ledger's counts:
   and for proteins the same sequence (by digest); nothing in the tables comes from outside the input;
 - no protein id twice, no (id, pos) twice in residues, residues only of stored proteins, one per residue;
 - no rows of uncommitted shards, no missing data files;
-- the tables' metadata names the same fit (checkpoint digests, tensors digest) as the fit artifact on disk.
+- the tables' metadata names the same fit (checkpoint digests, tensors digest) as the fit artifact.
 
-Returns the problems as lines; an empty list means the run is exactly its input.
+Works on local runs and runs on object storage alike, in bounded memory: the (source, id, digest) rows of the
+input and of the tables are hash-partitioned by source (and the protein ids and per-protein residue summaries by
+id) and spilled to a temporary folder for large runs (rdscale.io.partitions), so the driver holds one partition at
+a time, not the run. Returns the problems as lines; an empty list means the run is exactly its input.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
-import lance
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from rdscale.config import Config
 from rdscale.io.fasta import Reject, ValidationOptions, plan_shards, read_shard
+from rdscale.io.location import Location
+from rdscale.io.partitions import HashPartitions, partitions_for
+from rdscale.io.runs import Run
 from rdscale.io.store import (
     LEDGER,
     META_MANIFEST,
@@ -34,131 +37,194 @@ from rdscale.io.store import (
     RESIDUES,
     StoreError,
     missing_data_files,
-    read_metadata,
     run_status,
 )
 from rdscale.run.integrity import RecordsDigest, shard_key
 
 MAX_LINES = 50
+ROWS_PER_PARTITION = 1_000_000
+_BATCH = 1 << 16
+
+# where: 0 = the input, 1 = proteins, 2 = rejects; digest: of the sequence ("" for a reject)
+_RECORDS = pa.schema([("source", pa.string()), ("id", pa.string()), ("digest", pa.string()),
+                      ("shard", pa.int32()), ("where", pa.int8())])
+# per (fragment, protein): residue rows, and the sum / sum of squares of their positions
+_RESIDUES = pa.schema([("id", pa.string()), ("n", pa.int64()), ("s1", pa.float64()), ("s2", pa.float64()),
+                       ("lo", pa.int64()), ("hi", pa.int64()), ("length", pa.int64()), ("protein", pa.bool_())])
 
 
 def _seq_digest(sequence: str) -> str:
     return hashlib.blake2b(sequence.encode(), digest_size=12).hexdigest()
 
 
-def verify(run_dir: str | Path) -> list[str]:
+class _Problems(list):
+    def add(self, line: str) -> None:
+        self.append(line)
+
+
+def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scratch: str | None = None) -> list[str]:
     from rdscale.run.update import followed_release, verify_release
 
-    if followed_release(run_dir) is not None:  # `rdscale update` moved it to another release: check that one
-        return verify_release(run_dir)
-    root = Path(run_dir)
-    if not (root / f"{PROTEINS}.lance").exists() or not (root / f"{LEDGER}.lance").exists():
-        raise StoreError(f"{root} holds no rdscale run (no proteins.lance / shards.lance)")
-    problems: list[str] = []
-    add = problems.append
-
-    tables = {name: root / f"{name}.lance" for name in (PROTEINS, RESIDUES, REJECTS) if (root / f"{name}.lance").exists()}
-    for name, path in tables.items():
-        for missing in missing_data_files(path):
-            add(f"{name}: data file {missing} is missing")
+    run = Run(run_dir) if not isinstance(run_dir, Run) else run_dir
+    if not run.has_table(PROTEINS) or not run.has_table(LEDGER):
+        raise StoreError(f"{run} holds no rdscale run (no proteins.lance / shards.lance)")
+    if followed_release(run) is not None:  # `rdscale update` moved it to another release: check that one
+        return verify_release(run.location)
+    problems = _Problems()
+    tables = [name for name in (PROTEINS, RESIDUES, REJECTS) if run.has_table(name)]
+    for name in tables:
+        for missing in missing_data_files(run.table_uri(name)):
+            problems.add(f"{name}: data file {missing} is missing")
     if problems:
         return problems  # the tables cannot be read
 
-    meta = read_metadata(tables[PROTEINS])
+    meta = run.metadata()
     cfg = Config.from_dict(meta.get("config") or {})
-    status = run_status(root)
+    status = run_status(run.location.path if run.location.is_local else run.uri)
     committed = set(status["committed"])
     if not status["complete"]:
-        add(f"incomplete: {len(committed)} of {status['planned']} shards committed")
+        problems.add(f"incomplete: {len(committed)} of {status['planned']} shards committed")
 
     # --- metadata: one run key and one fit manifest across tables, matching the fit on disk
-    keys = {name: (lance.dataset(str(p)).schema.metadata or {}).get(META_RUN_KEY) for name, p in tables.items()}
-    if len(set(keys.values())) != 1:
-        add(f"tables carry different run keys: {sorted(keys)}")
-    manifests = {name: (lance.dataset(str(p)).schema.metadata or {}).get(META_MANIFEST) for name, p in tables.items()}
-    if len(set(manifests.values())) != 1:
-        add("tables carry different fit manifests in their metadata")
-    manifest = meta.get("fit_manifest") or {}
-    problems += _check_fit(root, manifest)
+    schemas = {name: run.dataset(name).schema.metadata or {} for name in tables}
+    if len({md.get(META_RUN_KEY) for md in schemas.values()}) != 1:
+        problems.add(f"tables carry different run keys: {sorted(schemas)}")
+    if len({md.get(META_MANIFEST) for md in schemas.values()}) != 1:
+        problems.add("tables carry different fit manifests in their metadata")
+    problems += _check_fit(run, meta.get("fit_manifest") or {})
 
     # --- inputs
-    missing_inputs = [p for p in cfg.input.paths if not Path(p).is_file()]
+    missing_inputs = [p for p in cfg.input.paths if not Location.parse(p).is_file()]
     if missing_inputs:
-        add(f"input file(s) not found: {', '.join(missing_inputs)} (cannot check records against the input)")
+        problems.add(f"input file(s) not found: {', '.join(missing_inputs)} (cannot check records against the "
+                     "input)")
         return problems
-    shards = plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)))
-    ledger = {r["shard"]: r for r in lance.dataset(str(root / f"{LEDGER}.lance")).to_table().to_pylist()}
+    shards = plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
+                         index_dir=run.gzip_index)
+    ledger = {r["shard"]: r for r in run.dataset(LEDGER).to_table().to_pylist()}
+    copies = any("#dups=" in str(r["key"]) for r in ledger.values())  # rdscale.run.dedupe
     options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
-    expected: dict[str, tuple[str, str | None, int]] = {}  # source -> (id, sequence digest or None if reject, shard)
-    for shard in shards:
-        digest = RecordsDigest()
-        for item in read_shard(shard, options):
-            digest.update(item)
-            seq = None if isinstance(item, Reject) else _seq_digest(item.sequence)
-            expected[f"{item.path}:{item.offset}"] = (item.id, seq, shard.index)
-        row = ledger.get(shard.index)
-        if row is not None:
-            if row["key"].split("#dups=", 1)[0] != shard_key(shard):  # the suffix: rdscale.run.dedupe
-                add(f"shard {shard.index}: ledger range {row['key']} differs from the input's plan {shard_key(shard)}")
-            elif row.get("digest") and row["digest"] != digest.hexdigest():
-                add(f"shard {shard.index}: {shard.path} changed since the shard was embedded "
-                    f"(bytes {shard.start}-{shard.end or 'eof'})")
-    for index in sorted(set(ledger) - {s.index for s in shards}):
-        add(f"shard {index}: in the ledger but not in the input's shard plan")
+    rows = run.dataset(PROTEINS).count_rows() + (run.dataset(REJECTS).count_rows() if REJECTS in tables else 0)
+    parts = partitions_for(2 * rows, rows_per_partition)
 
-    # --- every record in exactly one of proteins / rejects
-    proteins = lance.dataset(str(tables[PROTEINS])).to_table(columns=["id", "source", "sequence", "shard"])
-    rejects = lance.dataset(str(tables[REJECTS])).to_table(columns=["id", "source", "reason", "shard"]) \
-        if REJECTS in tables else pa.table({"id": [], "source": [], "reason": [], "shard": []})
-    for name, t in ((PROTEINS, proteins), (REJECTS, rejects)):
-        stray = sorted({s for s in t["shard"].to_pylist() if s not in committed})
-        if stray:
-            add(f"{name}: rows of uncommitted shard(s) {stray[:10]}")
-    seen = Counter(proteins["source"].to_pylist()) + Counter(rejects["source"].to_pylist())
-    for source, n in seen.items():
-        if n > 1:
-            add(f"record {source} is stored {n} times (proteins + rejects)")
-        elif source not in expected:
-            add(f"record {source} is in the tables but not in the input")
-    for source, (id_, _, shard) in expected.items():
-        if source not in seen and shard in committed:
-            add(f"record {source} ({id_}) is in neither proteins nor rejects")
-    for row in proteins.to_pylist():
-        want = expected.get(row["source"])
-        if want is None:
-            continue
-        if want[0] != row["id"]:
-            add(f"protein {row['id']} at {row['source']}: the input has id {want[0]} there")
-        elif want[1] is None:
-            add(f"protein {row['id']} at {row['source']}: the input record there is a reject")
-        elif want[1] != _seq_digest(row["sequence"]):
-            add(f"protein {row['id']} at {row['source']}: stored sequence differs from the input")
-    for row in rejects.to_pylist():
-        want = expected.get(row["source"])
-        if want is not None and want[0] != row["id"]:
-            add(f"reject {row['id']} at {row['source']}: the input has id {want[0]} there")
-    ids = Counter(proteins["id"].to_pylist())
-    dup_ids = [i for i, n in ids.items() if n > 1]
-    if dup_ids:
-        add(f"proteins: {len(dup_ids)} id(s) stored more than once, e.g. {dup_ids[0]}")
+    with HashPartitions(parts, _RECORDS, "source", scratch) as records, \
+            HashPartitions(parts, pa.schema([("id", pa.string())]), "id", scratch) as protein_ids:
+        for shard in shards:
+            digest = RecordsDigest()
+            batch = _Batch()
+            for item in read_shard(shard, options):
+                digest.update(item)
+                seq = "" if isinstance(item, Reject) else _seq_digest(item.sequence)
+                batch.add(f"{item.path}:{item.offset}", item.id, seq, shard.index, 0)
+                if len(batch) >= _BATCH:
+                    records.add(batch.take())
+            records.add(batch.take())
+            row = ledger.get(shard.index)
+            if row is not None:
+                if row["key"].split("#dups=", 1)[0] != shard_key(shard):  # the suffix: rdscale.run.dedupe
+                    problems.add(f"shard {shard.index}: ledger range {row['key']} differs from the input's plan "
+                                 f"{shard_key(shard)}")
+                elif row.get("digest") and row["digest"] != digest.hexdigest():
+                    problems.add(f"shard {shard.index}: {shard.path} changed since the shard was embedded "
+                                 f"(bytes {shard.start}-{shard.end or 'eof'})")
+        for index in sorted(set(ledger) - {s.index for s in shards}):
+            problems.add(f"shard {index}: in the ledger but not in the input's shard plan")
 
-    # --- residues
+        stray: dict[str, set[int]] = {}
+        for name, where in ((PROTEINS, 1), (REJECTS, 2)):
+            if name not in tables:
+                continue
+            columns = ["source", "id", "shard"] + (["sequence"] if where == 1 else [])
+            for part in run.dataset(name).to_batches(columns=columns, batch_size=_BATCH):
+                shard_col = part.column("shard")
+                outside = pc.invert(pc.is_in(shard_col, value_set=pa.array(sorted(committed), pa.int32())))
+                if pc.any(outside).as_py():
+                    stray.setdefault(name, set()).update(pc.unique(shard_col.filter(outside)).to_pylist())
+                seqs = ([_seq_digest(s) for s in part.column("sequence").to_pylist()] if where == 1
+                        else [""] * part.num_rows)
+                records.add(pa.record_batch(
+                    [part.column("source"), part.column("id"), pa.array(seqs, pa.string()),
+                     part.column("shard").cast(pa.int32()), pa.array([where] * part.num_rows, pa.int8())],
+                    schema=_RECORDS))
+                if where == 1:
+                    protein_ids.add(pa.record_batch([part.column("id")], names=["id"]))
+        for name, found in stray.items():
+            problems.add(f"{name}: rows of uncommitted shard(s) {sorted(found)[:10]}")
+        for part in records:
+            _check_records(part, committed, status["complete"] or not copies, problems)
+        dup_ids, example = 0, None
+        for part in protein_ids:
+            counts = pc.value_counts(part["id"]) if part.num_rows else None
+            if counts is not None and len(counts):
+                many = counts.filter(pc.greater(counts.field("counts"), 1))
+                if len(many):
+                    dup_ids += len(many)
+                    example = example or many.field("values")[0].as_py()
+        if dup_ids:
+            problems.add(f"proteins: {dup_ids} id(s) stored more than once, e.g. {example}")
+
     if RESIDUES in tables:
-        problems += _check_residues(tables[RESIDUES], proteins, cfg)
+        problems += _check_residues(run, cfg, parts, scratch)
     if len(problems) > MAX_LINES:
-        problems = problems[:MAX_LINES] + [f"... and {len(problems) - MAX_LINES} more"]
-    return problems
+        return problems[:MAX_LINES] + [f"... and {len(problems) - MAX_LINES} more"]
+    return list(problems)
 
 
-def _check_fit(root: Path, manifest: dict[str, Any]) -> list[str]:
+class _Batch:
+    def __init__(self) -> None:
+        self.columns: list[list] = [[] for _ in _RECORDS.names]
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+    def add(self, *values) -> None:
+        for column, value in zip(self.columns, values):
+            column.append(value)
+
+    def take(self) -> pa.RecordBatch:
+        batch = pa.record_batch([pa.array(c, f.type) for c, f in zip(self.columns, _RECORDS)], schema=_RECORDS)
+        self.columns = [[] for _ in _RECORDS.names]
+        return batch
+
+
+def _check_records(part: pa.Table, committed: set[int], report_missing: bool, problems: _Problems) -> None:
+    """One source partition: input rows (where 0) against table rows (1 proteins, 2 rejects)."""
+    if part.num_rows == 0:
+        return
+    where = part["where"]
+    expected = part.filter(pc.equal(where, 0))
+    stored = part.filter(pc.not_equal(where, 0))
+    counts = stored.group_by("source").aggregate([("source", "count")])
+    for row in counts.filter(pc.greater(counts["source_count"], 1)).to_pylist():
+        problems.add(f"record {row['source']} is stored {row['source_count']} times (proteins + rejects)")
+    outside = stored.join(expected.select(["source"]), "source", join_type="left anti")
+    for source in pc.unique(outside["source"]).to_pylist():
+        problems.add(f"record {source} is in the tables but not in the input")
+    if report_missing:  # copies (rdscale.run.dedupe) of a partial run may wait for another shard's commit
+        absent = expected.join(stored.select(["source"]), "source", join_type="left anti")
+        absent = absent.filter(pc.is_in(absent["shard"], value_set=pa.array(sorted(committed), pa.int32())))
+        for row in absent.select(["source", "id"]).to_pylist():
+            problems.add(f"record {row['source']} ({row['id']}) is in neither proteins nor rejects")
+    pairs = stored.select(["source", "id", "digest", "where"]).join(
+        expected.select(["source", "id", "digest"]).rename_columns(["source", "input_id", "input_digest"]),
+        "source", join_type="inner")
+    for row in pairs.to_pylist():
+        kind = "protein" if row["where"] == 1 else "reject"
+        if row["id"] != row["input_id"]:
+            problems.add(f"{kind} {row['id']} at {row['source']}: the input has id {row['input_id']} there")
+        elif kind == "protein" and row["input_digest"] == "":
+            problems.add(f"protein {row['id']} at {row['source']}: the input record there is a reject")
+        elif kind == "protein" and row["digest"] != row["input_digest"]:
+            problems.add(f"protein {row['id']} at {row['source']}: stored sequence differs from the input")
+
+
+def _check_fit(run: Run, manifest: dict[str, Any]) -> list[str]:
     if not manifest or not manifest.get("tensors_sha256"):
         return []  # extraction with one model: no fit
-    from rdscale.io.runs import Run
-
-    found = Run(root).fit_location(manifest, {})  # recorded relative to the run, else <run>/fit
-    artifact = Path(found.path) if found is not None and found.is_local else root / "fit"
-    path = artifact / "manifest.json"
-    if not path.exists():
+    found = run.fit_location(manifest, {})  # recorded relative to the run, else <run>/fit
+    artifact = found if found is not None else run.fit
+    path = artifact.join("manifest.json")
+    if not path.is_file():
         return [f"the fit the tables were embedded with ({artifact}) is gone; metadata cannot be checked"]
     on_disk = json.loads(path.read_text())
     out = []
@@ -171,29 +237,65 @@ def _check_fit(root: Path, manifest: dict[str, Any]) -> list[str]:
     return out
 
 
-def _check_residues(path: Path, proteins: pa.Table, cfg: Config) -> list[str]:
-    out = []
-    residues = lance.dataset(str(path)).to_table(columns=["id", "pos"])
-    if residues.num_rows == 0 and proteins.num_rows == 0:
-        return out
-    per_id = residues.group_by("id").aggregate([("pos", "count"), ("pos", "count_distinct"), ("pos", "max")])
-    dup = per_id.filter(pc.not_equal(per_id["pos_count"], per_id["pos_count_distinct"]))
-    if dup.num_rows:
-        out.append(f"residues: (id, pos) stored more than once for {dup.num_rows} protein(s), e.g. {dup['id'][0]}")
-    lengths = dict(zip(proteins["id"].to_pylist(), proteins["sequence"].to_pylist()))
+def _check_residues(run: Run, cfg: Config, parts: int, scratch: str | None) -> list[str]:
+    """Per protein, exactly one residue row per position: summarised per (batch, id) as (count, sum of pos, sum of
+    pos^2, min, max) and added up per id across batches (hash-partitioned by id), then compared with the protein's
+    length. With count = n and every pos in [0, n), the two sums match those of 0..n-1 only for a permutation of
+    0..n-1 short of contrived coincidences; more rows than positions, all in range, means a repeated (id, pos)."""
+    out: list[str] = []
     truncate = cfg.embedding.long_policy == "truncate"
-    wrong = []
-    for row in per_id.to_pylist():
-        seq = lengths.get(row["id"])
-        if seq is None:
-            out.append(f"residues of {row['id']}, which is not in proteins")
-            continue
-        n = min(len(seq), cfg.embedding.window) if truncate else len(seq)
-        if row["pos_count_distinct"] != n or row["pos_max"] != n - 1:
-            wrong.append(row["id"])
+    window = cfg.embedding.window
+    repeated, repeated_example = 0, None
+    with HashPartitions(parts, _RESIDUES, "id", scratch) as summaries:
+        for batch in run.dataset(PROTEINS).to_batches(columns=["id", "length"], batch_size=_BATCH):
+            n = batch.num_rows
+            length = batch.column("length").cast(pa.int64())
+            expect = pc.min_element_wise(length, window) if truncate else length
+            zeros = pa.array([0.0] * n, pa.float64())
+            summaries.add(pa.record_batch([batch.column("id"), pa.array([0] * n, pa.int64()), zeros, zeros,
+                                           pa.array([0] * n, pa.int64()), pa.array([0] * n, pa.int64()),
+                                           expect, pa.array([True] * n)], schema=_RESIDUES))
+        for batch in run.dataset(RESIDUES).to_batches(columns=["id", "pos"], batch_size=1 << 20):
+            table = pa.Table.from_batches([batch])
+            pos = table["pos"].cast(pa.float64())
+            table = table.append_column("p2", pc.multiply(pos, pos)).append_column("pf", pos)
+            agg = table.group_by("id").aggregate([("pos", "count"), ("pf", "sum"),
+                                                  ("p2", "sum"), ("pos", "min"), ("pos", "max")])
+            k = agg.num_rows
+            summaries.add(pa.record_batch(
+                [agg["id"].combine_chunks(), agg["pos_count"].combine_chunks(), agg["pf_sum"].combine_chunks(),
+                 agg["p2_sum"].combine_chunks(), agg["pos_min"].combine_chunks().cast(pa.int64()),
+                 agg["pos_max"].combine_chunks().cast(pa.int64()), pa.array([0] * k, pa.int64()),
+                 pa.array([False] * k)], schema=_RESIDUES))
+        wrong, wrong_example, orphans, orphan_example, absent, absent_example = 0, None, 0, None, 0, None
+        for part in summaries:
+            per_id = part.group_by("id").aggregate([("n", "sum"), ("s1", "sum"), ("s2", "sum"), ("lo", "min"),
+                                                    ("hi", "max"), ("length", "max"), ("protein", "max")])
+            for row in per_id.to_pylist():
+                n, length = int(row["n_sum"]), int(row["length_max"])
+                if not row["protein_max"]:
+                    orphans += 1
+                    orphan_example = orphan_example or row["id"]
+                    if n > row["hi_max"] - row["lo_min"] + 1:  # more rows than positions in their range
+                        repeated += 1
+                        repeated_example = repeated_example or row["id"]
+                elif n == 0:
+                    absent += 1
+                    absent_example = absent_example or row["id"]
+                elif n > length and row["lo_min"] >= 0 and row["hi_max"] <= length - 1:  # pigeonhole
+                    repeated += 1
+                    repeated_example = repeated_example or row["id"]
+                elif (n != length or row["lo_min"] != 0 or row["hi_max"] != length - 1
+                      or row["s1_sum"] != length * (length - 1) / 2
+                      or row["s2_sum"] != (length - 1) * length * (2 * length - 1) / 6):
+                    wrong += 1
+                    wrong_example = wrong_example or row["id"]
+    if repeated:
+        out.append(f"residues: (id, pos) stored more than once for {repeated} protein(s), e.g. {repeated_example}")
+    if orphans:
+        out.append(f"residues of {orphans} protein(s) not in proteins, e.g. {orphan_example}")
     if wrong:
-        out.append(f"residues: {len(wrong)} protein(s) without exactly one row per residue, e.g. {wrong[0]}")
-    absent = set(lengths) - set(per_id["id"].to_pylist())
+        out.append(f"residues: {wrong} protein(s) without exactly one row per residue, e.g. {wrong_example}")
     if absent:
-        out.append(f"residues: {len(absent)} protein(s) have no residue rows, e.g. {sorted(absent)[0]}")
+        out.append(f"residues: {absent} protein(s) have no residue rows, e.g. {absent_example}")
     return out
