@@ -138,16 +138,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from rdscale.io.runs import DATA_TABLES, Run
+    from rdscale.io.runs import Run
 
     run = Run(args.out).require()
-    if not run.location.is_local:  # the ledger checks below read local files
-        for name in DATA_TABLES:
-            if run.has_table(name):
-                print(f"{name}: {run.dataset(name).count_rows()} rows  ({run.table_uri(name)})")
-        meta = run.metadata()
-    else:
-        meta = _local_info(Path(run.location.path))
+    meta = _table_info(run)
     print(f"levels (prefix widths): {meta.get('levels')}")
     models = (meta.get("fit_manifest") or {}).get("models", [])
     print("models: " + ", ".join(f"{m.get('name')} ({m.get('width')})" for m in models))
@@ -158,31 +152,30 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _local_info(root: Path) -> dict:
-    """Row counts of a local run's committed shards, with what is incomplete or damaged; returns its metadata."""
-    import lance
-
+def _table_info(run) -> dict:
+    """Row counts of a run's committed shards (local or on an object store), with what is incomplete or damaged;
+    returns its metadata."""
+    from rdscale.io.runs import DATA_TABLES
     from rdscale.io.store import (
         committed_filter,
         incomplete_message,
         missing_data_files,
-        read_metadata,
         run_status,
     )
 
-    status = run_status(root)
-    paths = [root / f"{name}.lance" for name in ("proteins", "residues", "rejects")]
-    missing = {path: missing_data_files(path) for path in paths if path.exists()}
-    where = None if any(missing.values()) else committed_filter(root)  # rows of committed shards only
+    status = run_status(run)
+    tables = [name for name in DATA_TABLES if run.has_table(name)]
+    missing = {name: missing_data_files(run.table(name)) for name in tables}
+    where = None if any(missing.values()) else committed_filter(run, status)  # rows of committed shards only
     if incomplete_message(status):
         print(f"{incomplete_message(status)} (rerun the same command to finish; counts below are of those shards)")
-    for path, gone in missing.items():
+    for name, gone in missing.items():
         if gone:
-            print(f"{path.stem}: damaged, {len(gone)} data file(s) missing  ({path})")
-            print("\n".join(f"damaged: data file {g} is missing; run `rdscale verify {root}`" for g in gone[:3]))
+            print(f"{name}: damaged, {len(gone)} data file(s) missing  ({run.table_uri(name)})")
+            print("\n".join(f"damaged: data file {g} is missing; run `rdscale verify {run}`" for g in gone[:3]))
         else:
-            print(f"{path.stem}: {lance.dataset(str(path)).count_rows(filter=where)} rows  ({path})")
-    return read_metadata(root / "proteins.lance")
+            print(f"{name}: {run.dataset(name).count_rows(filter=where)} rows  ({run.table_uri(name)})")
+    return run.metadata()
 
 
 def cmd_config(args) -> int:
