@@ -89,10 +89,10 @@ def _print_summary(summary, query_hint: bool = True) -> None:
         )
 
 
-def cmd_extract(args) -> int:
+def cmd_extract(args, cfg: Config | None = None) -> int:
     from rdscale.run.pipeline import embed
 
-    cfg = _load(args)
+    cfg = cfg if cfg is not None else _load(args)
     if len(cfg.models) != 1:
         from rdscale.config import ConfigError
 
@@ -101,10 +101,10 @@ def cmd_extract(args) -> int:
     return 0
 
 
-def cmd_fit(args) -> int:
+def cmd_fit(args, cfg: Config | None = None) -> int:
     from rdscale.run.pipeline import fit
 
-    cfg = _load(args)
+    cfg = cfg if cfg is not None else _load(args)
     fit_dir = fit(cfg, out=args.fit)
     from rdscale.fit.artifact import load_fit
 
@@ -115,10 +115,10 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def cmd_embed(args) -> int:
+def cmd_embed(args, cfg: Config | None = None) -> int:
     from rdscale.run.pipeline import embed
 
-    cfg = _load(args)
+    cfg = cfg if cfg is not None else _load(args)
     fit_dir = args.fit or cfg.fit.artifact
     if not fit_dir and len(cfg.models) > 1:
         from rdscale.io.runs import default_fit
@@ -129,10 +129,10 @@ def cmd_embed(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, cfg: Config | None = None) -> int:
     from rdscale.run.pipeline import run
 
-    cfg = _load(args)
+    cfg = cfg if cfg is not None else _load(args)
     _print_summary(run(cfg, progress=not args.quiet, restart=args.restart, redo_changed=args.redo_changed))
     return 0
 
@@ -323,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     targets, created = [], []
     try:
-        if args.verb in _WRITERS:
-            targets, created = _check_outputs(args)
-            _quiet_ray(args)
+        if args.verb in _WRITERS:  # the config is loaded once, here, and handed to the checks and the verb
+            cfg = _load(args)
+            targets, created = _check_outputs(args, cfg)
+            _quiet_ray(args, uses_ray=cfg.ray.address != "local")
+            return args.func(args, cfg)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"rdscale {args.verb}: interrupted; committed shards are kept, rerun the same command to resume",
@@ -348,11 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-def _check_outputs(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
-    """Before any pass starts: every location the verb will write can be written. Returns those locations and
-    the directories among them that did not exist yet, so that a failed command leaves no half-made output
-    directory behind."""
-    cfg = _load(args)
+def _check_outputs(args: argparse.Namespace, cfg: Config) -> tuple[list[str], list[Path]]:
+    """Before any pass starts: every location the verb will write (by `cfg`, the verb's loaded config) can be
+    written. Returns those locations and the directories among them that did not exist yet, so that a failed
+    command leaves no half-made output directory behind."""
     from rdscale.io.location import set_storage_options
 
     set_storage_options(cfg.storage.options)  # the checks below may read checkpoints on an object store
