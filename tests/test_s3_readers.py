@@ -8,32 +8,13 @@ import re
 import shutil
 
 import pytest
-from helpers import make_cfg, write_fasta
+from helpers import embed_killed_before_ledger, make_cfg, write_fasta
 
 from rdscale.cli.main import main
-from rdscale.io import store as store_mod
 from rdscale.io.location import Location
 from rdscale.io.runs import Run
 from rdscale.io.store import StoreError, committed_filter, reader_filter, run_status
 from rdscale.run.pipeline import LocalExecutor, embed, fit
-
-
-def _interrupted_embed(cfg, commits: int) -> None:
-    """embed, killed between the tables' commit and the ledger row of shard number `commits` + 1 (its rows are in
-    the tables, its ledger row is not)."""
-    calls = []
-
-    def die():
-        calls.append(1)
-        if len(calls) == commits + 1:
-            raise KeyboardInterrupt
-
-    store_mod.FAULT_HOOKS["before_ledger"] = die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            embed(cfg, None, LocalExecutor(), progress=False)
-    finally:
-        store_mod.FAULT_HOOKS.clear()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +31,7 @@ def twins(s3_server, tiny_family, tmp_path_factory):
     for where, out in (("local", str(tmp / "run")), ("s3", s3_server.uri("readers", "run"))):
         cfg = make_cfg(tmp, fasta, tiny_family, **{"fit.artifact": str(fit_dir)})
         cfg.output.dir = out
-        _interrupted_embed(cfg, commits=2)
+        embed_killed_before_ledger(cfg, commits=2)
         cfgs[where] = cfg
     yield cfgs, tmp
     mp.undo()
@@ -117,7 +98,7 @@ def test_finished_and_damaged_s3_run_report_like_local(twins, s3, capsys):
     copies = {"local": str(tmp / "damaged"), "s3": s3.uri("readers", "damaged")}
     shutil.copytree(local, copies["local"])
     Location.parse(remote).copy_tree_to(Location.parse(copies["s3"]))
-    for where, copy in copies.items():
+    for copy in copies.values():
         table = Run(copy).table("proteins")
         name = Run(copy).dataset("proteins").get_fragments()[0].data_files()[0].path
         table.join("data", name).delete()
