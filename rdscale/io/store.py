@@ -684,10 +684,13 @@ def run_status(root: str | Path | Location | Run) -> dict[str, Any]:
     has_ledger = run.has_table(LEDGER)
     committed = sorted(run.dataset(LEDGER).to_table(columns=["shard"])["shard"].to_pylist()) if has_ledger else []
     planned = None
-    try:
-        planned = int(json.loads(run.location.join(PLAN_FILE).read_text())["shards"])
-    except (OSError, ValueError, KeyError, TypeError):  # absent (LocationError is a ValueError) or unreadable
-        planned = None
+    plan_file = run.location.join(PLAN_FILE)
+    if plan_file.is_file():
+        data = plan_file.read_bytes()  # a denied or failed read is an error, not "no plan"
+        try:
+            planned = int(json.loads(data)["shards"])
+        except (ValueError, KeyError, TypeError):
+            planned = None
     complete = planned is not None and set(range(planned)) <= set(committed)
     if planned is None and has_ledger:
         complete = True  # a run from before plans were recorded: nothing to compare against
