@@ -23,6 +23,7 @@ from rdscale.cli.args import (
 
 if TYPE_CHECKING:  # the config module (yaml, dataclasses) is imported when a verb runs, not for --help
     from rdscale.config import Config
+    from rdscale.io.runs import Run
 
 log = logging.getLogger("rdscale")
 
@@ -152,7 +153,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _table_info(run) -> dict:
+def _table_info(run: Run) -> dict:
     """Row counts of a run's committed shards (local or on an object store), with what is incomplete or damaged;
     returns its metadata."""
     from rdscale.io.runs import DATA_TABLES
