@@ -12,7 +12,8 @@ after bounding it.
   actor to actor) and the driver receives the one merged accumulator: memory ~ 8 K^2 bytes, whatever the actors.
 
 The dedupe input is synthetic (no embedding: width 1, no residues table): n ids over 64 shards, 0.1% of them
-repeated in a later shard, 0.05% repeated among the rejects. Each measurement runs in its own subprocess; driver
+repeated in a later shard (a quarter of those a third time), 0.05% repeated among the rejects (benchkit.py's
+synthetic_store, which tests/test_cluster.py checks dedupe against). Each measurement runs in its own subprocess; driver
 peak = that process's peak RSS (VmHWM, reset through /proc/self/clear_refs once the store is opened / the actors
 hold their accumulators) minus its RSS just before the step. Prints a table, writes bench/results/bench_driver.json.
 
@@ -32,79 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-MB = 2**20
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)
-
-
-def _measure(fn):
-    """(result, seconds, driver peak MB above the RSS before fn)."""
-    _reset_peak()
-    before = _status_kb("VmRSS")
-    t0 = time.perf_counter()
-    result = fn()
-    seconds = time.perf_counter() - t0
-    return result, seconds, (_status_kb("VmHWM") - before) * 1024 / MB
-
-
-# -- the synthetic store --------------------------------------------------------------------------------------------
-
-
-def build_store(root: Path, n: int, shards: int = 64, seed: int = 0) -> dict:
-    import lance
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from rdscale.io.store import (
-        PROTEINS,
-        REJECTS,
-        RunStore,
-        run_schemas,
-        schema_metadata,
-    )
-
-    rng = np.random.default_rng(seed)
-    schemas = run_schemas(1, None, schema_metadata([1], {}, {}, "bench"), residues=False)
-    store = RunStore(root, schemas, "bench")
-    chunk = 1_000_000
-    dup_total = 0
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        m = hi - lo
-        ids = pc.binary_join_element_wise("UPI", pc.utf8_lpad(pa.array(np.arange(lo, hi)).cast(pa.string()), 10, "0"),
-                                          "")
-        shard = (np.arange(lo, hi) * shards // n).astype(np.int32)  # ids in shard order, like a sharded input
-        dup = rng.choice(m, max(1, m // 1000), replace=False)
-        later = np.minimum(shard[dup] + 1 + rng.integers(0, 3, len(dup)), shards + 2).astype(np.int32)
-        all_ids = pa.concat_arrays([ids, ids.take(pa.array(dup))])
-        all_shards = np.concatenate([shard, later])
-        k = len(all_shards)
-        dup_total += len(dup)
-        lance.write_dataset(pa.table({
-            "id": all_ids, "description": pa.array([""] * k), "length": pa.array(np.ones(k, np.int32)),
-            "sequence": pa.array(["M"] * k),
-            "source": pc.binary_join_element_wise("in.fasta:", pa.array(np.arange(k) + lo).cast(pa.string()), ""),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(k, np.float32)), 1),
-            "shard": pa.array(all_shards)}, schema=schemas[PROTEINS]), store.uri(PROTEINS), mode="append")
-        rej = rng.choice(m, max(1, m // 2000), replace=False)
-        lance.write_dataset(pa.table({
-            "id": ids.take(pa.array(rej)), "source": pa.array(["r"] * len(rej)),
-            "reason": pa.array(["invalid_characters"] * len(rej)),
-            "shard": pa.array(np.maximum(shard[rej] - 1, 0).astype(np.int32))}, schema=schemas[REJECTS]),
-            store.uri(REJECTS), mode="append")
-    return {"proteins": lance.dataset(store.uri(PROTEINS)).count_rows(),
-            "rejects": lance.dataset(store.uri(REJECTS)).count_rows()}
+from benchkit import MB, ROOT, measure, open_synthetic_store, synthetic_store
 
 
 def dedupe_collect_all(store) -> int:
@@ -150,13 +79,16 @@ def dedupe_collect_all(store) -> int:
 # -- child processes ------------------------------------------------------------------------------------------------
 
 
-def child_dedupe(path: str, method: str) -> dict:
-    from rdscale.io.store import RunStore, run_schemas, schema_metadata
+def build_store(root: Path, n: int) -> dict:
+    """The synthetic store (benchkit.synthetic_store, 64 shards); its table sizes."""
+    store, _, _ = synthetic_store(root, n, shards=64, expected=False)
+    return {name: store.dataset(name).count_rows() for name in ("proteins", "rejects")}
 
-    schemas = run_schemas(1, None, schema_metadata([1], {}, {}, "bench"), residues=False)
-    store = RunStore(path, schemas, "bench")
+
+def child_dedupe(path: str, method: str) -> dict:
+    store = open_synthetic_store(path)
     fn = (lambda: dedupe_collect_all(store)) if method == "before" else store.dedupe_across_shards
-    moved, seconds, peak = _measure(fn)
+    moved, seconds, peak = measure(fn)
     return {"moved": moved, "seconds": seconds, "driver_peak_mb": peak}
 
 
@@ -198,7 +130,7 @@ def child_moments(k: int, method: str, actors: int) -> dict:
     def after():
         return Moments.from_arrays(tree_merge(workers)).count
 
-    count, seconds, peak = _measure(before if method == "before" else after)
+    count, seconds, peak = measure(before if method == "before" else after)
     ray.shutdown()
     return {"count": count, "seconds": seconds, "driver_peak_mb": peak, "accumulator_mb": 8 * k * k / MB}
 

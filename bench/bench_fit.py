@@ -33,24 +33,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchkit import ROOT, reset_peak, status_kb
+
 FAMILIES = {"tiny": (32, 48, 64), "esm2-8M..650M": (320, 480, 640, 1280)}
 GB = 1e9
 
 
 # -- memory ---------------------------------------------------------------------------------------------------------
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0), so the import-time peak drops out.
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def onepass_bytes(widths, batch: int) -> int:
@@ -93,8 +82,8 @@ def _worker(args) -> None:
     widths = tuple(int(w) for w in args.widths.split(","))
     synth = SyntheticChain(widths, seed=args.seed, latent=args.latent, chunk=args.batch)
     models = [{"name": f"synthetic_{k}", "width": k} for k in widths]
-    baseline = _status_kb("VmRSS") * 1024
-    _reset_peak()
+    baseline = status_kb("VmRSS") * 1024
+    reset_peak()  # the import-time peak drops out
     result = {"side": args.worker, "widths": list(widths), "n": args.n}
 
     if args.worker == "onepass":
@@ -113,7 +102,7 @@ def _worker(args) -> None:
         started = time.perf_counter()
         fit = fit_chain(moments, widths, args.regression)
         solve_s = time.perf_counter() - started
-        peak = _status_kb("VmHWM") * 1024
+        peak = status_kb("VmHWM") * 1024
         save_fit(fit, args.fit_dir, models=models)
         result.update(fit_s=update_s + solve_s, update_s=update_s, solve_s=solve_s, generate_s=generate_s,
                       kept=[s.components_kept for s in fit.steps])
@@ -124,7 +113,7 @@ def _worker(args) -> None:
         started = time.perf_counter()
         ref = reference_fit(synth.split(x), args.regression)
         fit_s = time.perf_counter() - started
-        peak = _status_kb("VmHWM") * 1024
+        peak = status_kb("VmHWM") * 1024
         fit, _ = load_fit(args.fit_dir)
         head = synth.split(x[: args.batch])
         rd = fit.apply([torch.from_numpy(np.ascontiguousarray(b)) for b in head], dtype=torch.float64).numpy()

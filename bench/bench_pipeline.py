@@ -19,38 +19,20 @@ and JSON to bench/results/bench_pipeline.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from benchkit import ROOT, cfg_for, timed, torch_machine, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rdscale.config import load_config  # noqa: E402
 from rdscale.io.fasta import Record, read_fasta  # noqa: E402
 from rdscale.model.loading import build_tiny_family, esm2_parameter_count  # noqa: E402
 from rdscale.run.extend import extend  # noqa: E402
 from rdscale.run.pipeline import LocalExecutor, embed, fit  # noqa: E402
-
-
-def cfg_for(tmp: Path, fasta: Path, models, out: str, **extra):
-    items = [f"input.paths=['{fasta}']", f"models={[str(m) for m in models]}", f"output.dir={tmp / out}",
-             "ray.address=local", "input.shard_mb=0.05", "output.compact=false"]
-    items += [f"{k}={v}" for k, v in extra.items()]
-    return load_config(None, items)
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 def main() -> None:
@@ -102,10 +84,7 @@ def main() -> None:
         rows["extend rd.2 -> rd.3 (largest model only)"] = t_extend
 
         result = {
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "platform": platform.platform(),
-            "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            **torch_machine(),
             "models": [{"layers": l, "width": w, "heads": h, "params": p} for (l, w, h), p in zip(shapes, params)],
             "records": len(records), "residues": n_res,
             "seconds": rows,
@@ -126,9 +105,7 @@ def main() -> None:
         print(f"Lance write throughput / embedding throughput: {result['lance_write_over_embedding_throughput']:.0f}x")
         print(f"extend / re-run chain: {result['extend_over_rerun']:.2f}x "
               f"(FLOP expectation {result['flop_expectation_extend_over_rerun']:.2f}x)")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        write_results(args.out, result)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

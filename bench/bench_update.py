@@ -16,21 +16,18 @@ ESM-2 shapes).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import benchkit
 import torch
+from benchkit import ROOT, timed, torch_machine, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rdscale.config import load_config  # noqa: E402
 from rdscale.model.loading import build_tiny_family  # noqa: E402
 from rdscale.run.pipeline import LocalExecutor, embed, run  # noqa: E402
 from rdscale.run.update import update  # noqa: E402
@@ -65,10 +62,7 @@ def release_b(a, fraction: float, rng: random.Random):
 
 
 def cfg_for(tmp: Path, fasta: Path, models, out: str, **extra):
-    items = [f"input.paths=['{fasta}']", f"models={[str(m) for m in models]}", f"output.dir={tmp / out}",
-             "ray.address=local", "input.shard_mb=0.05", "output.compact=false", "fit.sample_sequences=200"]
-    items += [f"{k}={v}" for k, v in extra.items()]
-    return load_config(None, items)
+    return benchkit.cfg_for(tmp, fasta, models, out, **{"fit.sample_sequences": 200, **extra})
 
 
 def main() -> None:
@@ -86,21 +80,15 @@ def main() -> None:
         models = build_tiny_family(tmp / "models", widths=tuple(args.widths), layers=tuple(args.layers))
         a = [(f"UR{j:06d}", f"protein {j}", seq(rng)) for j in range(args.records)]
         fa = write(tmp / "A.fasta", a)
-        t0 = time.perf_counter()
-        run(cfg_for(tmp, fa, models, "A"), LocalExecutor(), progress=False)
-        seconds_a = time.perf_counter() - t0
+        seconds_a, _ = timed(run, cfg_for(tmp, fa, models, "A"), LocalExecutor(), progress=False)
         rows = []
         for f in args.fractions:
             fb = write(tmp / f"B{f}.fasta", release_b(a, f, rng))
             full = cfg_for(tmp, fb, models, f"full{f}", **{"fit.artifact": str(tmp / "A" / "fit")})
-            t0 = time.perf_counter()
-            summary = embed(full, str(tmp / "A" / "fit"), LocalExecutor(), progress=False)
-            full_s = time.perf_counter() - t0
+            full_s, summary = timed(embed, full, str(tmp / "A" / "fit"), LocalExecutor(), progress=False)
             shutil.copytree(tmp / "A", tmp / f"upd{f}")
-            t0 = time.perf_counter()
-            report = update(tmp / f"upd{f}", [str(fb)], f"B{int(f * 100)}pct", overrides=["ray.address=local"],
-                            executor=LocalExecutor(), progress=False)
-            upd_s = time.perf_counter() - t0
+            upd_s, report = timed(update, tmp / f"upd{f}", [str(fb)], f"B{int(f * 100)}pct",
+                                  overrides=["ray.address=local"], executor=LocalExecutor(), progress=False)
             rows.append({
                 "fraction": f, "unchanged": report.unchanged, "changed": report.changed, "new": report.new,
                 "removed": report.removed, "residues_full": summary.residues_embedded,
@@ -115,13 +103,10 @@ def main() -> None:
                   f"{r['residues_full']:>14} {r['residues_update']:>13} {r['seconds_full']:>8.2f} "
                   f"{r['seconds_update']:>9.2f} {r['speedup']:>8.1f}x")
         result = {
-            "device": "cpu", "torch": torch.__version__, "platform": platform.platform(),
-            "threads": torch.get_num_threads(), "records": args.records, "widths": args.widths,
+            **torch_machine(), "records": args.records, "widths": args.widths,
             "layers": args.layers, "seconds_release_a": seconds_a, "rows": rows,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        write_results(args.out, result)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+import sys
+from pathlib import Path
 
 import lance
 
 from rdscale.config import load_config
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_fasta(path, n=24, seed=0, long_every=None, wrap=60):
@@ -48,3 +52,37 @@ def table(run_dir, name, columns=None):
     t = lance.dataset(str(run_dir / f"{name}.lance")).to_table(columns=columns)
     keys = [("id", "ascending")] + ([("pos", "ascending")] if "pos" in t.column_names else [])
     return t.sort_by(keys)
+
+
+def bench_module(name: str):
+    """bench/<name>.py as a module (benchmarks are scripts, not a package), e.g. bench_module("benchkit")."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def embed_killed_before_ledger(cfg, commits: int) -> None:
+    """`embed` (in-process), killed by the commit protocol's fault hook between the tables' commit and the ledger
+    row of shard number `commits` + 1: `commits` shards are committed, the next one's rows are in the tables but
+    not in the ledger (a run killed mid-commit)."""
+    import pytest
+
+    from rdscale.io import store
+    from rdscale.run.pipeline import LocalExecutor, embed
+
+    calls = []
+
+    def die():
+        calls.append(1)
+        if len(calls) == commits + 1:
+            raise KeyboardInterrupt
+
+    store.FAULT_HOOKS["before_ledger"] = die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            embed(cfg, None, LocalExecutor(), progress=False)
+    finally:
+        store.FAULT_HOOKS.clear()

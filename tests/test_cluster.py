@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import bench_module
 from test_pipeline import assert_same_tables, make_cfg, write_fasta
 
 from rdscale.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+benchkit = bench_module("benchkit")
 
 
 def _child_env() -> dict[str, str]:
@@ -235,71 +237,21 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
 # ------------------------------------------------------------------------------------------------ driver memory
 
 
-def synthetic_store(root, n_ids: int, seed: int = 0, shards: int = 50):
-    """A run store holding n_ids protein rows (no embeddings worth the name: width 1, no residues) spread over
-    `shards` shards, with known cross-shard duplicates among proteins and between proteins and rejects.
-    Returns (store, expected moved (id, shard) set, expected first shard per moved id)."""
-    import lance
-    import numpy as np
-    import pyarrow as pa
-
-    from rdscale.io.store import (
-        PROTEINS,
-        REJECTS,
-        RunStore,
-        run_schemas,
-        schema_metadata,
-    )
-
-    rng = np.random.default_rng(seed)
-    schemas = run_schemas(1, None, schema_metadata([1], {}, {}, "k"), residues=False)
-    store = RunStore(root, schemas, "k")
-    ids = np.array([f"UPI{i:010d}" for i in range(n_ids)], dtype=object)
-    shard = np.sort(rng.integers(0, shards, n_ids)).astype(np.int32)
-    # Duplicates: 0.1% of ids appear again in a later shard (some twice), plus ids repeated among the rejects.
-    dup = rng.choice(n_ids, n_ids // 1000, replace=False)
-    extra_ids = np.concatenate([ids[dup], ids[dup[: len(dup) // 4]]])
-    extra_shard = np.concatenate([np.minimum(shard[dup] + 1 + rng.integers(0, 3, len(dup)), shards + 2),
-                                  np.full(len(dup) // 4, shards + 3)]).astype(np.int32)
-    p_ids = np.concatenate([ids, extra_ids])
-    p_shard = np.concatenate([shard, extra_shard])
-    n = len(p_ids)
-    lance.write_dataset(pa.table({
-        "id": pa.array(p_ids, pa.string()), "description": pa.array([""] * n), "length": pa.array(np.ones(n, np.int32)),
-        "sequence": pa.array(["M"] * n), "source": pa.array([f"f:{i}" for i in range(n)]),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n, np.float32)), 1),
-        "shard": pa.array(p_shard)}, schema=schemas[PROTEINS]), store.uri(PROTEINS), mode="append")
-    # Rejects: ids that a protein in a later shard repeats (the protein must move) and unrelated rejects.
-    rej_src = rng.choice(n_ids, n_ids // 2000, replace=False)
-    rej_ids = np.concatenate([ids[rej_src], np.array([f"BAD{i}" for i in range(100)], dtype=object)])
-    rej_shard = np.concatenate([shard[rej_src] - 1, np.zeros(100, np.int32)]).astype(np.int32)
-    lance.write_dataset(pa.table({"id": pa.array(rej_ids, pa.string()), "source": pa.array(["r"] * len(rej_ids)),
-                                  "reason": pa.array(["invalid_characters"] * len(rej_ids)),
-                                  "shard": pa.array(rej_shard)}, schema=schemas[REJECTS]),
-                        store.uri(REJECTS), mode="append")
-    # The expected answer, the slow obvious way.
-    first: dict[str, int] = {}
-    for i, s in zip(np.concatenate([p_ids, rej_ids]), np.concatenate([p_shard, rej_shard])):
-        first[i] = min(first.get(i, s), s)
-    moved = {(i, int(s)) for i, s in zip(p_ids, p_shard) if s > first[i]}
-    return store, moved, first
+# A run store of n ids with known cross-shard duplicates, and the expected answer (shared with bench_driver.py).
+synthetic_store = benchkit.synthetic_store
 
 
 @pytest.mark.timeout(300)
 def test_dedupe_of_a_million_ids_is_exact_with_bounded_driver_memory(tmp_path):
     import lance
 
-    def status_kb(field: str) -> int:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-        return int(line.split()[1])
-
     store, moved, first = synthetic_store(tmp_path / "run", 1_000_000)
     before_rejects = lance.dataset(store.uri("rejects")).count_rows()
     before_proteins = lance.dataset(store.uri("proteins")).count_rows()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM (peak RSS) := the RSS now
-    base = status_kb("VmRSS") * 1024
+    benchkit.reset_peak()  # VmHWM (peak RSS) := the RSS now
+    base = benchkit.status_kb("VmRSS") * 1024
     n = store.dedupe_across_shards(rows_per_partition=100_000)  # ~11 partitions spilled to disk
-    peak = [status_kb("VmHWM") * 1024]
+    peak = [benchkit.status_kb("VmHWM") * 1024]
     peak_mb = (peak[0] - base) / 2**20
     print(f"\ndedupe of {before_proteins:,} protein ids: driver peak +{peak_mb:.0f} MB over {base / 2**20:.0f} MB")
     assert n == len(moved) > 1000

@@ -87,3 +87,26 @@ def test_cli_extract_then_info(capsys, tmp_path, tiny_family):
     assert "records: 3 (proteins 2 + rejects 1)" in out
     assert main(["info", "-o", str(tmp_path / "o")]) == 0
     assert "proteins: 2 rows" in capsys.readouterr().out
+
+
+def test_writing_verb_loads_its_config_once(capsys, tmp_path, tiny_family, monkeypatch):
+    """The output checks, the Ray log routing and the verb share one loaded Config (it was loaded three times)."""
+    import rdscale.config
+
+    calls = []
+    real = rdscale.config.load_config
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rdscale.config, "load_config", counting)
+    good = tmp_path / "ok.fasta"
+    good.write_text(">a\nMKTAYIAKQR\n")
+    assert main(["-q", "extract", "--local", "--fasta", str(good), "--models", str(tiny_family[0]),
+                 "-o", str(tmp_path / "o")]) == 0
+    assert len(calls) == 1
+    calls.clear()
+    code, err = run_cli(capsys, "extract", "--local", "--fasta", str(good), "--models", *map(str, tiny_family[:2]),
+                        "-o", str(tmp_path / "o2"))
+    assert code == 2 and "extract embeds with one model" in err and len(calls) == 1

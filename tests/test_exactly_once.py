@@ -20,6 +20,7 @@ from pathlib import Path
 import lance
 import pyarrow as pa
 import pytest
+from helpers import embed_killed_before_ledger
 from test_pipeline import (  # tests/ is on sys.path under pytest
     StopAfter,
     make_cfg,
@@ -567,19 +568,7 @@ def partial_run(tmp_path, tiny_family, base):
     ledger (killed between the two)."""
     src, fit_dir = base
     cfg = cfg_for(tmp_path, src, tiny_family, fit_dir)
-    calls = []
-
-    def die():
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
-    store_mod.FAULT_HOOKS["before_ledger"] = die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            embed(cfg, None, LocalExecutor(), progress=False)
-    finally:
-        store_mod.FAULT_HOOKS.clear()
+    embed_killed_before_ledger(cfg, commits=2)
     return cfg, tmp_path / "run"
 
 

@@ -23,6 +23,7 @@ from rdscale.cli.args import (
 
 if TYPE_CHECKING:  # the config module (yaml, dataclasses) is imported when a verb runs, not for --help
     from rdscale.config import Config
+    from rdscale.io.runs import Run
 
 log = logging.getLogger("rdscale")
 
@@ -89,10 +90,10 @@ def _print_summary(summary, query_hint: bool = True) -> None:
         )
 
 
-def cmd_extract(args) -> int:
+def cmd_extract(args, cfg: Config | None = None) -> int:
     from rdscale.run.pipeline import embed
 
-    cfg = _load(args)
+    cfg = cfg if cfg is not None else _load(args)
     if len(cfg.models) != 1:
         from rdscale.config import ConfigError
 
@@ -101,10 +102,10 @@ def cmd_extract(args) -> int:
     return 0
 
 
-def cmd_fit(args) -> int:
+def cmd_fit(args, cfg: Config | None = None) -> int:
     from rdscale.run.pipeline import fit
 
-    cfg = _load(args)
+    cfg = cfg if cfg is not None else _load(args)
     fit_dir = fit(cfg, out=args.fit)
     from rdscale.fit.artifact import load_fit
 
@@ -115,10 +116,10 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def cmd_embed(args) -> int:
+def cmd_embed(args, cfg: Config | None = None) -> int:
     from rdscale.run.pipeline import embed
 
-    cfg = _load(args)
+    cfg = cfg if cfg is not None else _load(args)
     fit_dir = args.fit or cfg.fit.artifact
     if not fit_dir and len(cfg.models) > 1:
         from rdscale.io.runs import default_fit
@@ -129,25 +130,19 @@ def cmd_embed(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, cfg: Config | None = None) -> int:
     from rdscale.run.pipeline import run
 
-    cfg = _load(args)
+    cfg = cfg if cfg is not None else _load(args)
     _print_summary(run(cfg, progress=not args.quiet, restart=args.restart, redo_changed=args.redo_changed))
     return 0
 
 
 def cmd_info(args) -> int:
-    from rdscale.io.runs import DATA_TABLES, Run
+    from rdscale.io.runs import Run
 
     run = Run(args.out).require()
-    if not run.location.is_local:  # the ledger checks below read local files
-        for name in DATA_TABLES:
-            if run.has_table(name):
-                print(f"{name}: {run.dataset(name).count_rows()} rows  ({run.table_uri(name)})")
-        meta = run.metadata()
-    else:
-        meta = _local_info(Path(run.location.path))
+    meta = _table_info(run)
     print(f"levels (prefix widths): {meta.get('levels')}")
     models = (meta.get("fit_manifest") or {}).get("models", [])
     print("models: " + ", ".join(f"{m.get('name')} ({m.get('width')})" for m in models))
@@ -158,31 +153,30 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _local_info(root: Path) -> dict:
-    """Row counts of a local run's committed shards, with what is incomplete or damaged; returns its metadata."""
-    import lance
-
+def _table_info(run: Run) -> dict:
+    """Row counts of a run's committed shards (local or on an object store), with what is incomplete or damaged;
+    returns its metadata."""
+    from rdscale.io.runs import DATA_TABLES
     from rdscale.io.store import (
         committed_filter,
         incomplete_message,
         missing_data_files,
-        read_metadata,
         run_status,
     )
 
-    status = run_status(root)
-    paths = [root / f"{name}.lance" for name in ("proteins", "residues", "rejects")]
-    missing = {path: missing_data_files(path) for path in paths if path.exists()}
-    where = None if any(missing.values()) else committed_filter(root)  # rows of committed shards only
+    status = run_status(run)
+    tables = [name for name in DATA_TABLES if run.has_table(name)]
+    missing = {name: missing_data_files(run.table(name)) for name in tables}
+    where = None if any(missing.values()) else committed_filter(run, status)  # rows of committed shards only
     if incomplete_message(status):
         print(f"{incomplete_message(status)} (rerun the same command to finish; counts below are of those shards)")
-    for path, gone in missing.items():
+    for name, gone in missing.items():
         if gone:
-            print(f"{path.stem}: damaged, {len(gone)} data file(s) missing  ({path})")
-            print("\n".join(f"damaged: data file {g} is missing; run `rdscale verify {root}`" for g in gone[:3]))
+            print(f"{name}: damaged, {len(gone)} data file(s) missing  ({run.table_uri(name)})")
+            print("\n".join(f"damaged: data file {g} is missing; run `rdscale verify {run}`" for g in gone[:3]))
         else:
-            print(f"{path.stem}: {lance.dataset(str(path)).count_rows(filter=where)} rows  ({path})")
-    return read_metadata(root / "proteins.lance")
+            print(f"{name}: {run.dataset(name).count_rows(filter=where)} rows  ({run.table_uri(name)})")
+    return run.metadata()
 
 
 def cmd_config(args) -> int:
@@ -330,9 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     targets, created = [], []
     try:
-        if args.verb in _WRITERS:
-            targets, created = _check_outputs(args)
-            _quiet_ray(args)
+        if args.verb in _WRITERS:  # the config is loaded once, here, and handed to the checks and the verb
+            cfg = _load(args)
+            targets, created = _check_outputs(args, cfg)
+            _quiet_ray(args, uses_ray=cfg.ray.address != "local")
+            return args.func(args, cfg)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"rdscale {args.verb}: interrupted; committed shards are kept, rerun the same command to resume",
@@ -355,11 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-def _check_outputs(args: argparse.Namespace) -> tuple[list[str], list[Path]]:
-    """Before any pass starts: every location the verb will write can be written. Returns those locations and
-    the directories among them that did not exist yet, so that a failed command leaves no half-made output
-    directory behind."""
-    cfg = _load(args)
+def _check_outputs(args: argparse.Namespace, cfg: Config) -> tuple[list[str], list[Path]]:
+    """Before any pass starts: every location the verb will write (by `cfg`, the verb's loaded config) can be
+    written. Returns those locations and the directories among them that did not exist yet, so that a failed
+    command leaves no half-made output directory behind."""
     from rdscale.io.location import set_storage_options
 
     set_storage_options(cfg.storage.options)  # the checks below may read checkpoints on an object store

@@ -597,23 +597,27 @@ def storage_error(err: BaseException, location: str | Path) -> StoreError | None
     return StoreError(message) if message else None
 
 
-def run_status(root: str | Path) -> dict[str, Any]:
-    """What a reader needs to know about a run directory: {'committed': sorted shard indices in the ledger,
-    'planned': number of shards of the run's plan (None for runs written before plans were recorded),
-    'complete': bool}. Readers must read only committed shards' rows (`committed_filter`)."""
-    root = Path(root)
-    ledger = root / f"{LEDGER}.lance"
-    committed = sorted(lance.dataset(str(ledger)).to_table(columns=["shard"])["shard"].to_pylist()) \
-        if ledger.exists() else []
+def _as_run(root: str | Path | Location | Run) -> Run:
+    return root if isinstance(root, Run) else Run(root)
+
+
+def run_status(root: str | Path | Location | Run) -> dict[str, Any]:
+    """What a reader needs to know about a run (a local directory or an object-store prefix): {'committed': sorted
+    shard indices in the ledger, 'planned': number of shards of the run's plan (None for runs written before plans
+    were recorded), 'complete': bool}. Readers must read only committed shards' rows (`committed_filter`)."""
+    run = _as_run(root)
+    has_ledger = run.has_table(LEDGER)
+    committed = sorted(run.dataset(LEDGER).to_table(columns=["shard"])["shard"].to_pylist()) if has_ledger else []
     planned = None
-    plan_file = root / PLAN_FILE
-    if plan_file.exists():
+    plan_file = run.location.join(PLAN_FILE)
+    if plan_file.is_file():
+        data = plan_file.read_bytes()  # a denied or failed read is an error, not "no plan"
         try:
-            planned = int(json.loads(plan_file.read_text())["shards"])
+            planned = int(json.loads(data)["shards"])
         except (ValueError, KeyError, TypeError):
             planned = None
     complete = planned is not None and set(range(planned)) <= set(committed)
-    if planned is None and ledger.exists():
+    if planned is None and has_ledger:
         complete = True  # a run from before plans were recorded: nothing to compare against
     return {"committed": committed, "planned": planned, "complete": complete}
 
@@ -624,56 +628,59 @@ def incomplete_message(status: dict[str, Any]) -> str | None:
     return f"incomplete: {len(status['committed'])} of {status['planned']} shards committed"
 
 
-def committed_filter(root: str | Path) -> str | None:
+def committed_filter(root: str | Path | Location | Run, status: dict[str, Any] | None = None) -> str | None:
     """A Lance filter selecting the rows of committed shards only, or None when every row is committed (a complete
     run, after recovery). Rows of a shard whose ledger row is missing belong to a commit in progress or an
-    interrupted one and must not be read."""
-    status = run_status(root)
-    if status["complete"] and _no_stray_rows(Path(root), status["committed"]):
+    interrupted one and must not be read. status: `run_status(root)`, when the caller has it already."""
+    run = _as_run(root)
+    status = run_status(run) if status is None else status
+    if status["complete"] and _no_stray_rows(run, status["committed"]):
         return None
     done = status["committed"]
     return f"shard IN ({', '.join(map(str, done))})" if done else "shard < -2147483647"
 
 
-def _no_stray_rows(root: Path, done: list[int]) -> bool:
+def _no_stray_rows(run: Run, done: list[int]) -> bool:
     if not done:
         return False
-    path = root / f"{PROTEINS}.lance"
-    if not path.exists():
+    if not run.has_table(PROTEINS):
         return True
-    return lance.dataset(str(path)).count_rows(filter=f"shard NOT IN ({', '.join(map(str, done))})") == 0
+    return run.dataset(PROTEINS).count_rows(filter=f"shard NOT IN ({', '.join(map(str, done))})") == 0
 
 
 PLAN_FILE = "run_plan.json"
 
 
-def reader_filter(table_uri: str | Path, user_filter: str | None = None) -> str | None:
+def reader_filter(table_uri: str | Path | Location, user_filter: str | None = None) -> str | None:
     """For readers of a run's table (search, index): `user_filter` narrowed to the rows of committed shards, with a
-    warning when the run is incomplete. Tables outside an rdscale run directory are returned unfiltered."""
-    root = Path(str(table_uri)).parent
-    if not (root / f"{LEDGER}.lance").exists():
+    warning when the run is incomplete. Tables outside an rdscale run (no ledger beside them) are returned
+    unfiltered. Local directories and object-store prefixes alike."""
+    table = Location.parse(table_uri)
+    run = Run(table.parent)
+    if not run.has_table(LEDGER):
         return user_filter
-    missing = missing_data_files(table_uri)
+    missing = missing_data_files(table)
     if missing:
-        raise StoreError(f"{table_uri} is damaged: {len(missing)} data file(s) are missing (e.g. {missing[0]}); "
-                         f"run `rdscale verify {root}`, then rerun the run into a new output.dir")
-    status = run_status(root)
+        raise StoreError(f"{table} is damaged: {len(missing)} data file(s) are missing (e.g. {missing[0]}); "
+                         f"run `rdscale verify {run}`, then rerun the run into a new output.dir")
+    status = run_status(run)
     why = incomplete_message(status)
     if why:
-        log.warning("%s is %s; reading the committed shards' rows only", root, why)
-    committed = committed_filter(root)
+        log.warning("%s is %s; reading the committed shards' rows only", run, why)
+    committed = committed_filter(run, status)
     if committed is None:
         return user_filter
     return committed if not user_filter else f"({committed}) AND ({user_filter})"
 
 
-def missing_data_files(table_uri: str | Path) -> list[str]:
-    """Data files the table's current version references but that are gone (a damaged run)."""
-    ds = lance.dataset(str(table_uri))
-    missing = []
-    for fragment in ds.get_fragments():
-        for data_file in fragment.data_files():
-            path = Path(str(table_uri)) / "data" / data_file.path
-            if "://" not in str(table_uri) and not path.exists():
-                missing.append(str(path))
-    return missing
+def missing_data_files(table_uri: str | Path | Location) -> list[str]:
+    """Data files the table's current version references but that are gone (a damaged run), as paths or URIs.
+    One listing of the table's data folder, so an object store answers in one request (per 1000 files)."""
+    table = Location.parse(table_uri)
+    ds = open_dataset(table)
+    data = table.join("data")
+    referenced = [d.path for fragment in ds.get_fragments() for d in fragment.data_files()]
+    if not referenced:
+        return []
+    present = {loc.relative_to(data) for loc in data.walk()}
+    return [data.join(path).uri for path in referenced if path not in present]

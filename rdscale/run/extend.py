@@ -425,14 +425,12 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     run = Run(run_dir if "://" in str(run_dir) else Path(run_dir).absolute())  # actors never see our cwd
     if "://" not in str(model) and (str(model).endswith(".pt") or "/" in str(model)):
         model = str(Path(model).expanduser().absolute())  # a checkpoint path, not a hub name
-    if run.location.is_local:
-        from rdscale.io.store import incomplete_message, run_status
+    from rdscale.io.store import LEDGER, incomplete_message, run_status
 
-        root = Path(run.location.path)
-        if (root / "shards.lance").exists() and (why := incomplete_message(run_status(root))):
-            # Extending a partial run would change the tables' schema under the shards still to be embedded.
-            raise ExtendError(f"{root} is {why}; finish the run first (rerun the same `rdscale run` command), "
-                              "then extend")
+    if run.has_table(LEDGER) and (why := incomplete_message(run_status(run))):
+        # Extending a partial run would change the tables' schema under the shards still to be embedded.
+        raise ExtendError(f"{run} is {why}; finish the run first (rerun the same `rdscale run` command), "
+                          "then extend")
     info = check_extendable(run)
     width, levels, manifest = info["width"], info["levels"], info["manifest"]
     cfg = Config.from_dict(info["config"], list(overrides)) if info["config"] else Config()
