@@ -178,6 +178,13 @@ def test_verbs_on_s3_run(s3_runs, s3, capsys):
     assert lines[1].split(",")[1] == first.id  # the query's own sequence is its nearest neighbour
     assert _cli("eval", "reconstruction", "--fit", f"{remote}/fit") == 0
     assert "R^2" in capsys.readouterr().out
+    assert _cli("verify", remote) == 0  # the inputs on S3 too
+    assert ": ok (every input record" in capsys.readouterr().out
+    broken = Location.parse(s3.uri("runs", "broken"))
+    Location.parse(remote).copy_tree_to(broken)
+    Run(broken).dataset("proteins").delete(f"id = '{first.id}'")
+    assert _cli("verify", broken.uri) == 1
+    assert f"({first.id}) is in neither proteins nor rejects" in capsys.readouterr().out
 
 
 def test_copied_run_still_works(s3_runs, s3, tiny_family, capsys):
