@@ -311,3 +311,27 @@ def test_a_marking_cut_short_is_finished(world, tmp_path):
     keys = {(lance.dataset(str(p)).schema.metadata or {})[META_RUN_KEY] for p in run_dir.glob("*.lance")}
     assert keys == {b"followed-x"}
     assert_equal_content(content(run_dir), content(fresh_b))
+
+
+def test_update_of_an_extended_run_equals_a_fresh_extended_run(world, tmp_path, tiny_family):
+    """A run grown by `rdscale extend` follows its database too: new and changed records go through the base
+    chain and then the run's extension step (its model included), so the result equals a fresh run on B extended
+    with the same step."""
+    import shutil
+
+    from rdscale.model.loading import build_tiny_family
+    from rdscale.run.extend import extend
+
+    tmp, fa, fb, fresh_a, fresh_b = world
+    wider = build_tiny_family(tmp_path / "wider", widths=(32, 48, 64, 80), layers=(2, 3, 4, 4), seed=0)[-1]
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    extend(run_dir, str(wider), sample_sequences=20, progress=False, local=True)
+    fresh = copy_run(fresh_b, tmp_path / "fresh")
+    shutil.copytree(run_dir / "fit_ext_64", fresh / "fit_ext_64")  # the same step: extend reuses it
+    extend(fresh, str(wider), progress=False, local=True)
+    report = update(run_dir, [str(fb)], "B", overrides=["ray.address=local"], progress=False)
+    assert report.changed + report.new > 0
+    updated = content(run_dir)
+    assert updated["proteins"]["embedding"].type.list_size == 80
+    assert_equal_content(content(fresh), updated)
+    assert releases(run_dir)[-1]["name"] == "B"

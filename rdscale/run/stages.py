@@ -250,7 +250,7 @@ class ApplyStage:
         self,
         cfg: Config,
         models: Sequence[str],
-        fit_dir: str | None,
+        fit_dir: str | Sequence[str] | None,
         uris: dict[str, str],
         schemas: dict[str, Any],
     ):
@@ -260,12 +260,22 @@ class ApplyStage:
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
         self.fit = None
-        if fit_dir:  # imported only here: extraction runs without safetensors installed
-            from rdscale.fit.artifact import load_fit
+        self.steps: list = []  # `rdscale extend` steps after the fit: fit_dir = [fit, step, ...], one more model each
+        fits = [fit_dir] if isinstance(fit_dir, (str, os.PathLike)) else list(fit_dir or [])
+        if fits:  # imported only here: extraction runs without safetensors installed
+            from rdscale.fit.artifact import ArtifactMismatchError, load_fit
 
+            info = self.encoder.model_info()
+            chain = len(info) - (len(fits) - 1)
             # The fit must come from these very models (names, widths, checkpoint digests), or its numbers
             # mean nothing.
-            self.fit = load_fit(fit_dir, expect_models=self.encoder.model_info())[0]
+            self.fit = load_fit(fits[0], expect_models=info[:chain])[0]
+            for step_dir, model in zip(fits[1:], info[chain:]):
+                step, manifest = load_fit(step_dir)
+                sha = (manifest.get("models") or [{}])[-1].get("sha256")
+                if step.widths[-1] != model["width"] or (sha and model["sha256"] and sha != model["sha256"]):
+                    raise ArtifactMismatchError(f"extension step {step_dir} was not fitted with {model['source']}")
+                self.steps.append(step)
         if self.fit is None and len(models) != 1:
             raise ValueError("a chain of several models needs a fit artifact to apply")
         self.uris = uris
@@ -282,7 +292,12 @@ class ApplyStage:
             return [b[0] for b in blocks]
         lengths = [b[0].shape[0] for b in blocks]
         stacked = [torch.cat([b[m] for b in blocks], dim=0) for m in range(len(blocks[0]))]  # [model] (sum L, k_i)
-        rd = self.fit.apply(stacked)  # (sum L, k_m)
+        if self.steps:  # an extended run's rows: the base chain, then each extension step on [z, h_next]
+            from rdscale.run.extend import apply_chain
+
+            rd = apply_chain([self.fit, *self.steps], stacked)  # (sum L, k_last)
+        else:
+            rd = self.fit.apply(stacked)  # (sum L, k_m)
         return list(torch.split(rd, lengths, dim=0))
 
     def _maybe_fail(self, key: str = "exit_on_batch") -> None:

@@ -3,8 +3,9 @@
 An update compares every record of the new release with the run by id and sequence digest (blake2b of the
 sequence, computed from the run's stored `sequence` column: no extra column, no schema change) and then
 
-1. embeds only the new and changed sequences, with the run's own models and frozen fit, through the same stages and
-   executor as `embed` (local or Ray). The new rows are committed shard by shard into the run's ledger as shards
+1. embeds only the new and changed sequences, with the run's own models and frozen fit (and, for a run grown by
+   `rdscale extend`, its extension steps and their models), through the same stages and executor as `embed`
+   (local or Ray). The new rows are committed shard by shard into the run's ledger as shards
    `base + i` (base: one past the run's highest shard) under the key `update:<release>:<shard key>`, so an
    interrupted update resumes from its last committed shard exactly like `run`;
 2. deletes the rows of ids that are gone and the old rows of changed ids (rows of shards below `base` only, so a
@@ -80,7 +81,7 @@ _CHUNK = 20_000  # ids per delete predicate
 
 
 class UpdateError(RdscaleError, ValueError):
-    """An update that cannot be made as asked (bad release name, another release interrupted, extended run...)."""
+    """An update that cannot be made as asked (bad release name, another release interrupted, a fit gone...)."""
 
 
 @dataclass(frozen=True)
@@ -314,8 +315,6 @@ def update(run_dir: str | Location, inputs: Sequence[str], release: str, *, over
     meta = run.metadata()
     config = meta.get("config") or {}
     manifest = meta.get("fit_manifest") or {}
-    if manifest.get("extensions"):
-        raise UpdateError(f"{run} was grown by `rdscale extend`; updating an extended run is not supported yet")
     frozen = ("models", "embedding.layer", "embedding.long_policy", "embedding.window", "embedding.overlap",
               "input.remove_gaps", "output.dir", "output.residues", "output.storage_width", "output.residue_dtype",
               "fit.")
@@ -423,12 +422,21 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         fit_loc = run.fit_location(manifest, None) if len(cfg.models) > 1 else None
         if len(cfg.models) > 1 and fit_loc is None:
             raise UpdateError(f"the fit artifact of {run} was not found; an update embeds with the run's own fit")
-        fit_dir = (fit_loc.path if fit_loc.is_local else str(fit_loc)) if fit_loc is not None else None
+        fit_dir = _local_or_uri(fit_loc) if fit_loc is not None else None
+        models = list(cfg.models)
+        if manifest.get("extensions"):  # grown by `rdscale extend`: its models and steps after the chain's
+            models += [m.get("source") or m.get("name") for m in manifest["models"][len(cfg.models):]]
+            steps = run.extension_steps(manifest)
+            missing = [str(s) for s in steps if s is None or not s.join("manifest.json").is_file()]
+            if missing or fit_dir is None:
+                raise UpdateError(f"the extension steps of {run} were not found ({', '.join(missing) or 'no fit'});"
+                                  " an update embeds with the run's own fit and steps")
+            fit_dir = [fit_dir, *map(_local_or_uri, steps)]
         stats = fingerprints(todo) if all(Location.parse(s.path).is_local for s in todo) else {}
         uris = {name: store.uri(name) for name in schemas}
         pending: dict[int, ShardResult] = {}
         with Progress(total=len(todo), unit="shard", desc=f"update {release}", enabled=progress) as bar:
-            for index, total, part in executor.apply(cfg, list(cfg.models), fit_dir, uris, schemas, todo):
+            for index, total, part in executor.apply(cfg, models, fit_dir, uris, schemas, todo):
                 acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
                 acc.add(part)
                 report.residues_this_call += part.embedded
@@ -512,6 +520,10 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_state(run, state)
     return report
+
+
+def _local_or_uri(loc: Location) -> str:
+    return loc.path if loc.is_local else str(loc)
 
 
 def _check_accounting(store: RunStore) -> None:
