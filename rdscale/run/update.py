@@ -77,7 +77,9 @@ FOLLOWED = "followed-"  # run key prefix of a run that `rdscale update` moved to
 INITIAL = "initial"  # the tag of a run's versions before its first update
 TABLES = (PROTEINS, RESIDUES, REJECTS, LEDGER)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_CHUNK = 20_000  # ids per delete predicate
+# ids per delete predicate: each delete scans the table once, so fewer, larger IN lists (DataFusion hashes them)
+# are faster; measured on 4M rows: 400k ids in chunks of 20k 5.7 s, of 100k 3.3 s, of 400k 2.9 s
+_CHUNK = 200_000
 
 
 class UpdateError(RdscaleError, ValueError):
@@ -472,10 +474,10 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         store.dataset(REJECTS).delete(old)
     # unchanged sequences under a new description: the row's description is replaced, its embedding kept
     if diff.relabel is not None:
-        for i in range(0, diff.relabel.num_rows, _CHUNK * 5):
+        for i in range(0, diff.relabel.num_rows, _CHUNK):
             lease.check()
             store.dataset(PROTEINS).merge_insert("id").when_matched_update_all().execute(
-                diff.relabel.slice(i, _CHUNK * 5))
+                diff.relabel.slice(i, _CHUNK))
         report.relabelled = diff.relabel.num_rows
 
     # 3. the old shards' ledger rows: what they hold now (one atomic merge; computed from the versions the update
