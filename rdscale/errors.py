@@ -110,10 +110,15 @@ def write_problem(err: BaseException, where: str | Path) -> str | None:
 def user_facing(err: BaseException, where: str | None = None) -> str | None:
     """The message to print for an error the user can act on, or None for a bug (show the traceback).
     `where`: the output location the command writes, named in OS errors that name no path themselves."""
-    for e in _chain(err):
-        if isinstance(e, RdscaleError):
-            text = str(e).strip()
-            return _one_line(text.splitlines()[-1] if "RayTaskError" in type(e).__name__ else text)
+    ours = [e for e in _chain(err) if isinstance(e, RdscaleError)]
+    if ours:
+        # The error as raised, not a wrapper around it: Ray re-raises a worker's error as a RayTaskError subclass
+        # of it (and Ray Data wraps that again), whose text is a traceback; the raised error is deepest.
+        plain = [e for e in ours if "RayTaskError" not in type(e).__name__]
+        if plain:
+            return _one_line(str(plain[-1]).strip())
+        text = str(ours[-1]).strip()
+        return _one_line(text.splitlines()[-1])
     for e in _chain(err):  # Lance (as OSError or ArrowInvalid): a data file its manifest lists is gone
         missing = _MISSING_TABLE_FILE.search(str(e))
         if missing:

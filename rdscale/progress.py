@@ -61,10 +61,15 @@ RAY_NOTICES = (
 )
 
 
+_RERAISED = "An exception was raised from a task of operator"
+
+
 class _TerminalFilter(logging.Filter):
     """On the terminal: Ray's warnings and errors, except the known notices; everything goes to the log file."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("ray.data.exceptions") or record.getMessage().startswith(_RERAISED):
+            return False  # Ray Data's tracebacks of a task's error: rdscale reports the error itself, in one line
         if record.levelno >= logging.ERROR:
             return True
         return record.levelno >= logging.WARNING and not any(n in record.getMessage() for n in RAY_NOTICES)

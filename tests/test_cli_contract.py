@@ -439,6 +439,23 @@ def test_real_process_one_line_and_v_shows_the_traceback(world, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("residues", ["true", "false"])  # false: the identical-sequence pass reads it first
+def test_bad_fasta_read_by_a_ray_worker_is_one_line(world, tmp_path, residues):
+    """A FASTA error raised in a Ray read task (or a Ray task of the grouping pass) crosses the process boundary
+    as the same error and is printed as one line; Ray Data's own tracebacks stay in the log file."""
+    bad = tmp_path / "bad.fasta"
+    bad.write_bytes(b">a\nMKV\n>b\nMK\x00V\n")
+    argv = [sys.executable, "-m", "rdscale", "extract", "--fasta", str(bad), "--models", world["models"][0],
+            "-o", str(tmp_path / "o"), "--set", f"output.residues={residues}", "--set", "ray.object_store_mb=100"]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**_env(), "RAY_ADDRESS": "local"},
+                          check=False, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"rdscale extract: error: {bad}: binary content (byte 0x00): not a FASTA text file (at byte 12)" \
+        in done.stderr.splitlines()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # a Ray run's terminal: progress and summary, not Ray's notices
 
