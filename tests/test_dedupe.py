@@ -277,3 +277,37 @@ def test_update_embeds_identical_new_sequences_once(tmp_path, tiny_family):
     for tables in (updated, fresh_tables):  # unchanged rows keep the source they were embedded from (A.fasta)
         tables["proteins"] = tables["proteins"].drop_columns(["source"])
     assert_same(fresh_tables, updated)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kills=st.lists(st.tuples(st.sampled_from(["before_tables", "between_tables", "before_ledger",
+                                                 "after_ledger"]), st.integers(1, 4)), min_size=1, max_size=3))
+def test_kills_and_reruns_of_a_deduplicated_run_end_with_the_same_tables(tmp_path_factory, tiny_family, kills):
+    """Random interleavings of interrupts at every step of the commit protocol, each followed by a rerun: a run
+    whose shards write each other's copies ends with exactly the rows of an uninterrupted one."""
+    tmp = tmp_path_factory.mktemp("kills")
+    fasta = write_records(tmp / "in.fasta", input_with_repeats(random.Random(11), 30, 5))
+    settings_ = {"output.residues": "true", "input.dedupe_sequences": "true", "input.shard_mb": 0.0003}
+    embed(make_cfg(tmp, fasta, [tiny_family[0]], "whole", **settings_), progress=False)
+    cfg = make_cfg(tmp, fasta, [tiny_family[0]], "cut", **settings_)
+    for point, nth in kills:
+        seen = {"n": 0}
+
+        def die(point=point, nth=nth, seen=seen):
+            seen["n"] += 1
+            if seen["n"] == nth:
+                raise KeyboardInterrupt(point)
+
+        FAULT_HOOKS[point] = die
+        try:
+            embed(cfg, progress=False)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            FAULT_HOOKS.pop(point, None)
+    summary = embed(cfg, progress=False)
+    assert summary.copies > 0
+    assert_same(content(tmp / "whole"), content(tmp / "cut"))
+    from rdscale.run.verify import verify
+
+    assert verify(tmp / "cut") == []
