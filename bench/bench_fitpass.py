@@ -31,14 +31,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from rdscale.config import Config, EmbeddingConfig, FitConfig, InputConfig  # noqa: E402
-from rdscale.fit.chain import fit_chain  # noqa: E402
-from rdscale.fit.moments import Moments  # noqa: E402
-from rdscale.io.fasta import Record, plan_shards, read_fasta  # noqa: E402
-from rdscale.model.loading import build_tiny_family  # noqa: E402
-from rdscale.run.stages import FitWorker, chunk_rows  # noqa: E402
+from rdscale.config import Config, EmbeddingConfig, FitConfig, InputConfig
+from rdscale.fit.chain import fit_chain
+from rdscale.fit.moments import Moments
+from rdscale.io.fasta import Record, plan_shards, read_fasta
+from rdscale.model.loading import build_tiny_family
+from rdscale.run.stages import FitWorker, chunk_rows
 
 CHAINS = {  # name: (widths, layers, heads)
     "tiny": ((32, 48, 64), (2, 3, 4), 4),
