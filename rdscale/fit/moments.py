@@ -49,8 +49,10 @@ _SLICES = 4
 # pairs left out weigh 2^-32 (cross) or 2^-48 (squares) of q_0' q_0. As (a, stop): slice a against a .. stop - 1.
 _SPANS = [(a, max(_SLICES - a, a + 1)) for a in range(_SLICES) if 2 * a <= _SLICES]
 GRAM_BLOCK = 1 << (24 - 2 * _SLICE_BITS)
-# Elements of the (g, K, 3K) float32 stack of block products made at once: 64 MiB.
+# Elements of the (g, K, S K) float32 stack of block products made at once: 64 MiB.
 _STACK_ELEMENTS = 1 << 24
+# Bytes of float64 and slice temporaries per chunk of rows (32 bytes per value).
+_ROWS_BYTES = 1 << 28
 # CUDA compute capabilities with full-rate float64 GEMM (P100, V100, A100, H100/H200, B200): "auto" keeps the
 # float64 Gram there (one float64 GEMM beats four float32 ones); every other GPU runs float64 at 1/32..1/64 rate.
 _FULL_RATE_FP64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
@@ -135,12 +137,11 @@ class Moments:
         added, for a batch it cannot take (non-finite values, exponents near float64's limits): the float64 path
         then takes it and says what is wrong, if anything."""
         n_batch = x.shape[0]
-        y = x.to(device=self._device, dtype=torch.float64, copy=True)  # (n, K)
-        batch_mean = y.mean(dim=0)  # (K,)
+        x = x.to(device=self._device)  # (n, K) as given: float64 copies are made a bounded number of rows at a time
+        batch_mean = x.sum(dim=0, dtype=torch.float64) / n_batch  # (K,)
         if not bool(torch.isfinite(batch_mean).all()):
             return False
-        y -= batch_mean  # centred in float64, as on the float64 path
-        gram = _gram_sliced(y)  # (K, K) float64 or None
+        gram = _gram_sliced(x, batch_mean)  # (K, K) float64 or None
         if gram is None:
             return False
         self._merge_in(n_batch, batch_mean, gram)
@@ -285,8 +286,9 @@ def _check_finite(mean: torch.Tensor, x: torch.Tensor, n_batch: int) -> None:
     )
 
 
-def _gram_sliced(y: torch.Tensor) -> torch.Tensor | None:
-    """y: (n, K) float64, centred -> y' y: (K, K) float64 from float32 matrix products without rounding.
+def _gram_sliced(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor | None:
+    """x: (n, K), mean: (K,) float64 -> y' y for y = x - mean (in float64): (K, K) float64, from float32 matrix products
+    without rounding.
 
     Each column is scaled by a power of two so that |y| < 2^8 and cut into S = 4 slices of integers,
     y 2^(8 - e_j) = q1 + 2^-8 q2 + 2^-16 q3 + 2^-24 q4 + r with |q1| <= 2^8, |q2..q4| <= 2^7 and |r| <= 2^-25 (every
@@ -297,30 +299,40 @@ def _gram_sliced(y: torch.Tensor) -> torch.Tensor | None:
     transpose for a < c)), 0-based slices. What is left out (r, below 2^-32 of the column's largest |y| per
     element, and the small pairs of _SPANS' comment) is noise whose share of the co-moment falls as 1 / sqrt(n).
     Seven float32 GEMMs of the batch against one float64 GEMM.
-    None when a column's exponent is near float64's limits (left to the float64 path).
+    Rows are centred and sliced `_ROWS_BYTES` / (32 K) at a time (a multiple of GRAM_BLOCK), so the float64 and
+    slice temporaries stay near 256 MiB whatever the batch. None when a column's exponent is near float64's limits
+    (left to the float64 path).
     """
-    n, k = y.shape
-    top = y.abs().amax(dim=0)  # (K,)
+    n, k = x.shape
+    step = max(GRAM_BLOCK, _ROWS_BYTES // (32 * k) // GRAM_BLOCK * GRAM_BLOCK)  # rows per chunk: 32 bytes per value
+    top = torch.zeros(k, dtype=torch.float64, device=x.device)  # (K,) largest |y| per column
+    for r in range(0, n, step):
+        top = torch.maximum(top, (x[r : r + step].to(torch.float64) - mean).abs().amax(dim=0))
     if not bool(torch.isfinite(top).all()):
         return None
     _, exponent = torch.frexp(top)  # (K,) int: |y_j| <= top_j < 2^e_j (e_j = 0 for an all-zero column)
     if int(exponent.abs().max()) > 900:
         return None
-    u = torch.ldexp(y, (_SLICE_BITS - exponent).to(y.dtype))  # (n, K) |u| < 2^8, exact (a power of two)
-    slices = torch.empty(n, _SLICES * k, dtype=torch.float32, device=y.device)  # [q1 | ... | qS]: (n, S K)
-    for i in range(_SLICES):
-        q = torch.round(u)  # (n, K) integers
-        slices[:, i * k : (i + 1) * k] = q  # exact: |q| <= 2^8
-        u -= q  # exact, |u| <= 1/2
-        u *= float(1 << _SLICE_BITS)  # exact
-    del u
-    gram = torch.zeros(k, k, dtype=torch.float64, device=y.device)
-    for (a, _), products in zip(_SPANS, _block_grams(slices, k)):  # q_a' [q_a .. q_(stop-1)]: (K, (stop-a) K)
+    shift = (_SLICE_BITS - exponent).to(torch.float64)  # (K,)
+    sums = None  # per (a, stop) of _SPANS: q_a' [q_a .. q_(stop-1)], (K, (stop - a) K) float64
+    for r in range(0, n, step):
+        u = torch.ldexp(x[r : r + step].to(torch.float64) - mean, shift)  # (R, K) |u| < 2^8; 2^shift is exact
+        slices = torch.empty(u.shape[0], _SLICES * k, dtype=torch.float32, device=x.device)  # [q1 | ... | qS]
+        for i in range(_SLICES):
+            q = torch.round(u)  # (R, K) integers
+            slices[:, i * k : (i + 1) * k] = q  # exact: |q| <= 2^8
+            u -= q  # exact, |u| <= 1/2
+            u *= float(1 << _SLICE_BITS)  # exact
+        del u, q
+        part = _block_grams(slices, k)
+        sums = part if sums is None else [acc + p for acc, p in zip(sums, part)]
+    gram = torch.zeros(k, k, dtype=torch.float64, device=x.device)
+    for (a, _), products in zip(_SPANS, sums):  # q_a' [q_a .. q_(stop-1)]: (K, (stop-a) K)
         for j in range(products.shape[1] // k):
             c = a + j
             g = products[:, j * k : (j + 1) * k]  # (K, K) q_a' q_c
             gram += (g if c == a else g + g.T) * 2.0 ** (-_SLICE_BITS * (a + c))
-    scale = torch.ldexp(torch.ones(k, dtype=torch.float64, device=y.device),
+    scale = torch.ldexp(torch.ones(k, dtype=torch.float64, device=x.device),
                         (exponent - _SLICE_BITS).to(torch.float64))  # (K,) 2^(e_j - 8)
     return gram * scale[:, None] * scale[None, :]
 
