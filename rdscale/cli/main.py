@@ -320,7 +320,10 @@ def _find_verb(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `rdscale` command itself (callers in Python pass argv and keep their interpreter)
-        _exit_without_teardown(main(sys.argv[1:]))
+        from rdscale.cli.process import exit_without_teardown, tune_malloc
+
+        tune_malloc()
+        exit_without_teardown(main(sys.argv[1:]))
     argv = list(argv)
     parser = build_parser(_find_verb(argv), full=False)
     args = parser.parse_args(argv)
@@ -355,27 +358,6 @@ def main(argv: list[str] | None = None) -> int:
         kind = "configuration error" if code == 2 else "error"
         print(f"rdscale {args.verb}: {kind}: {message}", file=sys.stderr)
         return code
-
-
-def _exit_without_teardown(code: int) -> None:
-    """End the process once the verb has returned, skipping the interpreter's teardown of torch, Arrow and Lance
-    (about 0.35 s per command, several percent of a small extract). Everything a verb writes is closed and
-    committed before it returns; what a normal exit would still do is done here: a live non-daemon thread means
-    a normal exit (which joins it), atexit handlers run (logging, Ray, temporary files), stdout/stderr are flushed.
-    RDSCALE_NORMAL_EXIT=1 keeps the normal exit."""
-    import atexit
-    import threading
-
-    others = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
-    if others or os.environ.get("RDSCALE_NORMAL_EXIT") == "1":
-        sys.exit(code)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`rdscale ... | head`): nothing left to deliver
-            pass
-    os._exit(code if isinstance(code, int) else 1)
 
 
 def _check_outputs(args: argparse.Namespace) -> tuple[list[str], list[Path]]:

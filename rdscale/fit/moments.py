@@ -54,7 +54,7 @@ _STACK_ELEMENTS = 1 << 24
 # Bytes of float64 and slice temporaries per chunk of rows (32 bytes per value).
 _ROWS_BYTES = 1 << 28
 # CUDA compute capabilities with full-rate float64 GEMM (P100, V100, A100, H100/H200, B200): "auto" keeps the
-# float64 Gram there (one float64 GEMM beats four float32 ones); every other GPU runs float64 at 1/32..1/64 rate.
+# float64 Gram there (one float64 GEMM beats seven float32 ones); every other GPU runs float64 at 1/32..1/64 rate.
 _FULL_RATE_FP64 = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
 
 
