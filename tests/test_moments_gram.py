@@ -162,13 +162,27 @@ def test_half_precision_rows_in_float32_mode():
     _assert_close_moments(exact, folded)
 
 
+def test_the_callers_tf32_setting_is_restored():
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: no per-backend fp32_precision")
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        Moments(5, gram="float32").update(torch.from_numpy(_rows(300, 5, seed=8, offset=2.0, spread=1.0)))
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = previous
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_float32_gram_on_cuda_within_tolerance_even_with_tf32_allowed():
     from rdscale.fit.moments import _FULL_RATE_FP64
 
     matmul = torch.backends.cuda.matmul
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"  # a process that allows TF32 must not change the moments
+    attr, tf32 = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    previous = getattr(matmul, attr)
+    setattr(matmul, attr, tf32)  # a process that allows TF32 must not change the moments
     try:
         x = _rows(20 * GRAM_BLOCK + 11, 40, seed=7, offset=100.0, spread=4.0)
         exact, folded = Moments(40, gram="float64"), Moments(40, gram="float32")
@@ -176,9 +190,9 @@ def test_float32_gram_on_cuda_within_tolerance_even_with_tf32_allowed():
         folded.update(torch.from_numpy(x).cuda())
         assert folded.device.type == "cuda"
         _assert_close_moments(exact, folded)
-        assert matmul.fp32_precision == "tf32"  # restored
+        assert getattr(matmul, attr) == tf32  # restored
     finally:
-        matmul.fp32_precision = previous
+        setattr(matmul, attr, previous)
     auto = Moments(40, device="cuda")
     slow_fp64 = torch.cuda.get_device_capability() not in _FULL_RATE_FP64
     assert auto.gram_mode() == ("float32" if slow_fp64 else "float64")
