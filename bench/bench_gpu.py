@@ -18,7 +18,10 @@ Rows of the table (residues/s = per-residue rows produced per second; MFU = usef
   forward -> Arrow -> Lance fragments -> commit, at three outputs: per-residue full width, per-residue prefix
   640 in float16, per-protein only; `cold` runs the first of them in a fresh process (CUDA context, model load,
   first-shape costs included), the others are warm;
-- `fit pass`: the chain's forwards plus float64 moments on the device over `--fit-sequences` sequences;
+- `fit pass`: the chain's forwards plus float64 moments on the device over `--fit-sequences` sequences, once per
+  Gram mode (`float64`; `float32`: exact 8-bit slices multiplied in float32, folded into float64), each with its
+  rate against the chain's apply on the same sequences (`rate_vs_apply_same_sequences`) and on the whole input
+  (`rate_vs_chain_apply`); `checks` records how far the two modes' moments and fitted outputs differ;
 - `rd chain`: every model of the chain (per-model token budgets) plus the fitted map, against the largest
   model's fast forward alone on the same sequences; the FLOP bound is the chain's FLOPs over the largest's;
 - `forward fast + torch.compile` (last, if time is left; `--no-compile` and `--smoke` skip it): the elementwise
@@ -357,11 +360,10 @@ class Bench:
                      for m, b in zip(models, budgets)]
         strs = [s for _, s in seqs]
 
-        # fit pass: forwards + float64 moments of the concatenation, on the device
+        # fit pass: forwards + float64 moments of the concatenation, on the device, for each Gram mode
         sample = strs[: self.args.fit_sequences]
-        moments = Moments(sum(widths), device=self.device)
 
-        def fit_pass():
+        def fit_pass(moments):
             step = 4 * self.args.toks_per_batch
             i = 0
             while i < len(sample):
@@ -375,11 +377,37 @@ class Bench:
                 i = j
             return moments.count
 
-        fit_seconds, fit_res = self.timed(fit_pass)
         lengths_fit = [len(s) for s in sample]
-        fit_row = self.add(f"fit pass {chain_name} (float64 moments)", chain_name, int(fit_res), fit_seconds,
-                           self.flops(names, lengths_fit), budgets=budgets)
-        fit = fit_chain(moments, widths)
+        fit_rows, fits = {}, {}
+        for mode, label in (("float64", "float64 moments"), ("float32", "float32 Gram folded into float64")):
+            moments = Moments(sum(widths), device=self.device, gram=mode)
+            fit_seconds, fit_res = self.timed(lambda moments=moments: fit_pass(moments))
+            fit_rows[mode] = self.add(f"fit pass {chain_name} ({label})", chain_name, int(fit_res), fit_seconds,
+                                      self.flops(names, lengths_fit), budgets=budgets, gram=mode)
+            fits[mode] = (moments, fit_chain(moments, widths))
+        fit = fits["float64"][1]
+        # the two modes against each other: moments (relative to sqrt(C_ii C_jj)) and the fitted chain's output
+        (m64, fit64), (m32, fit32) = fits["float64"], fits["float32"]
+        c64, c32 = m64.comoment, m32.comoment
+        d = c64.diagonal() ** 0.5
+        probe = [torch.cat(b[:8]).double() for b in ([e.embed(sample[:8]) for e in embedders])]
+        rd64, rd32 = fit64.apply(probe, dtype=torch.float64), fit32.apply(probe, dtype=torch.float64)
+        col = rd64.abs().amax(dim=0).clamp_min(1e-300)
+        self.checks[f"fit_gram_float32_vs_float64_{chain_name}"] = {
+            "comoment_max_rel_diff": float((abs(c32 - c64) / (d[:, None] * d[None, :] + 1e-300)).max()),
+            "rd_output_max_rel_diff_per_column": float(((rd32 - rd64).abs().amax(dim=0) / col).max()),
+            "components_kept_agree": [s.components_kept for s in fit32.steps] == [s.components_kept for s in fit64.steps],
+        }
+
+        def apply_sample():  # the apply pass on the fit pass's very sequences
+            blocks = [e.embed(sample) for e in embedders]
+            return fit.apply([torch.cat(b) for b in blocks]).shape[0]
+
+        same_seconds, same_res = self.timed(apply_sample)
+        same_row = self.add(f"{chain_name} chain on the fit sample: forwards + rd map", chain_name, same_res,
+                            same_seconds, self.flops(names, lengths_fit), budgets=budgets)
+        for row in fit_rows.values():
+            row["rate_vs_apply_same_sequences"] = row["residues_per_s"] / same_row["residues_per_s"]
 
         def apply():
             blocks = [e.embed(strs) for e in embedders]  # [model][seq] (L, k_i)
@@ -394,7 +422,8 @@ class Bench:
                        self.flops(names, lengths), budgets=budgets,
                        time_vs_largest_alone=seconds / alone_row["seconds"] * alone_row["residues"] / residues,
                        flop_bound=bound)
-        fit_row["rate_vs_chain_apply"] = fit_row["residues_per_s"] / row["residues_per_s"]
+        for fit_row in fit_rows.values():
+            fit_row["rate_vs_chain_apply"] = fit_row["residues_per_s"] / row["residues_per_s"]
         return row
 
     def pick_attention(self, loaded, seqs) -> str:

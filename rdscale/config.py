@@ -52,6 +52,7 @@ class FitConfig:
     sample_sequences: int = 1000  # fit on this many accepted sequences spread over the input
     regression: str = "pcr"  # pcr | ols
     artifact: str | None = None  # reuse an existing fit instead of fitting (embed / run)
+    gram: str = "auto"  # moments' Gram: auto (float32 on CUDA, float64 elsewhere) | float64 | float32 (folded)
 
 
 @dataclass
@@ -163,6 +164,8 @@ def _problems(cfg: Config):
     yield from between("fit.sample_sequences", cfg.fit.sample_sequences, 1, 1 << 40)
     if cfg.fit.artifact is not None and not cfg.fit.artifact.strip():
         yield "fit.artifact must be a directory or null"
+    if cfg.fit.gram not in ("auto", "float64", "float32"):
+        yield f"fit.gram must be auto, float64 or float32, not {cfg.fit.gram!r}"
     o = cfg.output
     if not o.dir.strip():
         yield "output.dir must name a directory"

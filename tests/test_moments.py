@@ -175,7 +175,7 @@ def test_accumulator_follows_the_device_of_the_first_batch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_accumulate_on_the_gpu():
     x = _data()
-    m = Moments(WIDTH)
+    m = Moments(WIDTH, gram="float64")  # the float32 Gram: tests/test_moments_gram.py
     m.update(torch.from_numpy(x).cuda().half())
     assert m._comoment.device.type == "cuda"
     _, comoment = _exact(torch.from_numpy(x).half().double().numpy())

@@ -313,7 +313,12 @@ def _find_verb(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # the `rdscale` command itself (callers in Python pass argv and keep their interpreter)
+        from rdscale.cli.process import exit_without_teardown, tune_malloc
+
+        tune_malloc()
+        exit_without_teardown(main(sys.argv[1:]))
+    argv = list(argv)
     parser = build_parser(_find_verb(argv), full=False)
     args = parser.parse_args(argv)
     resolve_run(args, parser)

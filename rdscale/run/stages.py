@@ -202,7 +202,7 @@ class FitWorker:
         set_storage_options(cfg.storage.options)
         self.cfg = cfg
         self.encoder = ChainEncoder(models, cfg)
-        self.moments = Moments(sum(self.encoder.widths), device=self.encoder.device)
+        self.moments = Moments(sum(self.encoder.widths), device=self.encoder.device, gram=cfg.fit.gram)
         self.sequences = 0
         self.residues = 0
 
