@@ -112,11 +112,11 @@ def user_facing(err: BaseException, where: str | None = None) -> str | None:
     `where`: the output location the command writes, named in OS errors that name no path themselves."""
     ours = [e for e in _chain(err) if isinstance(e, RdscaleError)]
     if ours:
-        # The error as raised, not a wrapper around it: Ray re-raises a worker's error as a RayTaskError subclass
-        # of it (and Ray Data wraps that again), whose text is a traceback; the raised error is deepest.
+        # Not Ray's wrappers: Ray re-raises a worker's error as a RayTaskError subclass of it (and Ray Data wraps
+        # that again) whose text is a traceback; the outermost of rdscale's own errors says the most.
         plain = [e for e in ours if "RayTaskError" not in type(e).__name__]
         if plain:
-            return _one_line(str(plain[-1]).strip())
+            return _one_line(str(plain[0]).strip())
         text = str(ours[-1]).strip()
         return _one_line(text.splitlines()[-1])
     for e in _chain(err):  # Lance (as OSError or ArrowInvalid): a data file its manifest lists is gone
