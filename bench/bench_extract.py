@@ -35,7 +35,6 @@ esm2_t6_8M_UR50D without a download. No GPU here: the JSON says ``"device": "cpu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -48,6 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchkit import write_results  # noqa: E402
 
 import esm  # noqa: E402
 import torch  # noqa: E402
@@ -281,9 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in target.items():
         print(f"extract --local end to end / {name}: wall {t['wall']:.2f}x, wall without start-up "
               f"{t['wall_without_startup']:.2f}x, CPU {t['cpu']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, report)
     return 0
 
 

@@ -20,7 +20,6 @@ the values). Input: examples/example.fasta, the first `--residues` residues for 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchkit import write_results  # noqa: E402
 
 import torch
 
@@ -184,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_total": time.perf_counter() - started,
         "chains": out,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(args.out, report)
     return 0
 
 
