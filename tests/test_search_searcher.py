@@ -86,6 +86,30 @@ def test_blocked_topk_equals_a_full_sort(n, nq, k, block, metric, filtered, seed
 
 
 @given(
+    n=st.integers(1, 400),
+    k=st.integers(1, 30),
+    block=st.integers(1, 64),
+    filtered=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_blocked_topk_keeps_ties_in_row_order(n, k, block, filtered, seed):
+    """Small integer vectors: every l2 distance is exact, many are equal. The top k are the k first rows of a
+    stable sort by distance (ties in row order), whether a block's rows are selected or only compared with each
+    query's k-th so far."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, size=(n, 4)).astype(np.float32)
+    q = rng.integers(-2, 3, size=(3, 4)).astype(np.float32)
+    rows = np.sort(rng.choice(n, size=max(1, n // 2), replace=False)) if filtered else None
+    prepared, sq = E.prepare_rows(x, "l2")
+    dist, pos = E.topk(q, prepared, sq, k, rows=rows, block_rows=block)
+    allowed = np.arange(n) if rows is None else rows
+    full = ((q[:, None, :] - x[None, allowed, :]) ** 2).sum(-1)  # (3, m) exact
+    order = np.argsort(full, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(pos, allowed[order])
+    np.testing.assert_array_equal(dist, np.take_along_axis(full, order, 1))
+
+
+@given(
     table=st.sampled_from(["proteins", "residues"]),
     width=st.sampled_from([8, 16, 32]),
     k=st.integers(1, 30),

@@ -47,15 +47,11 @@ def block_distances(q: np.ndarray, q_sq: np.ndarray | None, xb: np.ndarray, xb_s
 
 
 def merge_topk(best_d: np.ndarray, best_i: np.ndarray, d: np.ndarray, i: np.ndarray, k: int):
-    """Running top-k: the k smallest of (nq, a) and (nq, b) candidate lists, sorted, ties kept in arrival order."""
-    cand_d = np.concatenate([best_d, d], axis=1)
+    """Running top-k: the k smallest of (nq, a) and (nq, b) candidate lists, sorted, ties in arrival order (the
+    first list's before the second's)."""
+    cand_d = np.concatenate([best_d, d], axis=1)  # (nq, a + b): earlier arrivals first
     cand_i = np.concatenate([best_i, i], axis=1)
-    if cand_d.shape[1] > k:
-        part = np.argpartition(cand_d, k - 1, axis=1)[:, :k]
-        part.sort(axis=1)  # keep arrival order among equals for the stable sort below
-        cand_d = np.take_along_axis(cand_d, part, 1)
-        cand_i = np.take_along_axis(cand_i, part, 1)
-    order = np.argsort(cand_d, axis=1, kind="stable")
+    order = np.argsort(cand_d, axis=1, kind="stable")[:, :k]  # small (k + new candidates): a stable sort decides ties
     return np.take_along_axis(cand_d, order, 1), np.take_along_axis(cand_i, order, 1)
 
 
@@ -71,7 +67,10 @@ def topk(
 
     ``rows``: restrict to these row positions (a filter), else all rows. Returns ((nq, k') float32 distances,
     (nq, k') int64 row positions), sorted by distance, k' = min(k, rows searched). Memory: O(nq * block_rows).
-    """
+
+    Once every query has k candidates (after a small first block), a block's scores are only compared with each
+    query's current k-th distance and the few that beat it are merged: a selection over the whole (nq, b) block
+    (argpartition) would cost about as much as the block's GEMM. Results are those of selecting everything."""
     metric_cos = x_sq is None
     if metric_cos:
         qp, q_sq = unit_rows(q), None
@@ -82,23 +81,61 @@ def topk(
     n = x.shape[0] if rows is None else len(rows)
     best_d = np.empty((nq, 0), np.float32)
     best_i = np.empty((nq, 0), np.int64)
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
+    scores = mask = None  # (nq, block_rows) buffers reused block after block: no fresh pages per block
+    start = 0
+    while start < n:
+        stop = min(start + (min(block_rows, FIRST_BLOCK_ROWS) if start == 0 else block_rows), n)
         if rows is None:
             xb, xb_sq, pos = x[start:stop], None if metric_cos else x_sq[start:stop], None
         else:
             pos = rows[start:stop]
             xb, xb_sq = x[pos], None if metric_cos else x_sq[pos]
-        d = block_distances(qp, q_sq, xb, xb_sq)  # (nq, b)
-        take = min(k, d.shape[1])
-        if take < d.shape[1]:
-            local = np.argpartition(d, take - 1, axis=1)[:, :take]  # (nq, take) block-local rows
-            local.sort(axis=1)
-        else:
-            local = np.broadcast_to(np.arange(d.shape[1]), (nq, d.shape[1]))
-        dd = np.take_along_axis(d, local, 1)
-        ii = (local + start) if pos is None else pos[local]
-        best_d, best_i = merge_topk(best_d, best_i, dd.astype(np.float32), ii.astype(np.int64), k)
+        if best_d.shape[1] < k:  # the first block(s): select
+            d = block_distances(qp, q_sq, xb, xb_sq)  # (nq, b)
+            take = min(k, d.shape[1])
+            local = np.argsort(d, axis=1, kind="stable")[:, :take]  # (nq, take) block-local rows, ties in row order
+            dd = np.take_along_axis(d, local, 1)
+            ii = (local + start) if pos is None else pos[local]
+            best_d, best_i = merge_topk(best_d, best_i, dd.astype(np.float32), ii.astype(np.int64), k)
+        else:  # then: only what beats each query's k-th so far
+            kth = best_d[:, -1:]  # (nq, 1)
+            if metric_cos:
+                if scores is None:
+                    scores = np.empty((nq, block_rows), np.float32)
+                    mask = np.empty((nq, block_rows), bool)
+                b = stop - start
+                gram = np.matmul(qp, xb.T, out=scores[:, :b])  # (nq, b); d = 1 - gram: d < kth needs
+                np.greater(gram, (1.0 - kth) - _COS_SLACK, out=mask[:, :b])  # gram > 1 - kth (up to rounding)
+                r, c = np.nonzero(mask[:, :b])
+                dv = 1.0 - gram[r, c]
+            else:
+                d = block_distances(qp, q_sq, xb, xb_sq)
+                r, c = np.nonzero(d < kth)
+                dv = d[r, c]
+            beat = dv < kth[r, 0]
+            r, c, dv = r[beat], c[beat], dv[beat]
+            if r.size:
+                best_d, best_i = _merge_sparse(best_d, best_i, r, dv, (c + start) if pos is None else pos[c], k)
+        start = stop
+    return best_d, best_i
+
+
+FIRST_BLOCK_ROWS = 1024  # a cheap first selection gives every query its k-th distance to compare against
+_COS_SLACK = 1e-6  # float32 rounding of 1 - gram near 1 is ~6e-8: compare a little wide, then exactly
+
+
+def _merge_sparse(best_d, best_i, r, dv, iv, k):
+    """Merge candidates (query r[j], distance dv[j], row iv[j]), grouped by query in arrival order, into the
+    running top-k of the queries that have any."""
+    queries, first, counts = np.unique(r, return_index=True, return_counts=True)
+    pad_d = np.full((len(queries), counts.max()), np.inf, np.float32)  # (u, m): inf never enters a full top-k
+    pad_i = np.full((len(queries), counts.max()), -1, np.int64)
+    which = np.repeat(np.arange(len(queries)), counts)
+    slot = np.arange(r.size) - np.repeat(first, counts)
+    pad_d[which, slot] = dv
+    pad_i[which, slot] = iv
+    best_d, best_i = best_d.copy(), best_i.copy()
+    best_d[queries], best_i[queries] = merge_topk(best_d[queries], best_i[queries], pad_d, pad_i, k)
     return best_d, best_i
 
 
