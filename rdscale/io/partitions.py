@@ -48,6 +48,14 @@ def key_partition(keys: pa.Array, parts: int) -> np.ndarray:
     return (h % np.uint64(parts)).astype(np.int64)
 
 
+def repeated(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The distinct values that occur more than once (within one partition: every occurrence of a key is there)."""
+    if len(values) == 0:
+        return pa.array([], values.type)
+    counts = pc.value_counts(values)
+    return counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+
+
 def partitions_for(rows: int, rows_per_partition: int) -> int:
     return max(1, -(-int(rows) // max(1, int(rows_per_partition))))
 

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +35,9 @@ import pyarrow.compute as pc
 
 from rdscale.io.fasta import Record, Shard, ValidationOptions, read_shard
 from rdscale.io.location import Location
-from rdscale.io.partitions import HashPartitions, partitions_for
+from rdscale.io.partitions import HashPartitions, partitions_for, repeated
 from rdscale.progress import Progress
+from rdscale.run.integrity import DUPS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class DedupShard(Shard):
             return ""
         h = hashlib.blake2b(digest_size=8)
         h.update(json.dumps([sorted(self.skip), list(self.copies)]).encode("utf-8", "surrogatepass"))
-        return f"#dups={h.hexdigest()}"
+        return f"{DUPS_KEY}{h.hexdigest()}"
 
 
 @dataclass
@@ -79,7 +80,6 @@ class DuplicatePlan:
     groups: int = 0  # sequences that occur more than once (among eligible records)
     residues_saved: int = 0
     ambiguous_ids: int = 0  # ids occurring more than once: left out of the grouping
-    by_shard: dict[int, int] = field(default_factory=dict)  # shard -> copies it writes
 
     def line(self) -> str:
         return (f"identical sequences: {self.copies} record(s) copied from {self.groups} embedded sequence(s) "
@@ -98,7 +98,7 @@ def plan_duplicates(shards: Sequence[Shard], options: ValidationOptions, *, rows
     """Read every shard once; return the shards as `DedupShard`s (unchanged `Shard`s where a shard has no part in
     any group) and what was found. `map_shards(fn, shards, *args)`: yields fn(shard, *args) per shard, in shard
     order (an executor's: the shards are read in parallel, on the cluster); default: here, one after another."""
-    map_shards = map_shards or _map_here
+    map_shards = map_shards or map_here
     size = 0
     for path in {s.path for s in shards}:
         size += Location.parse(path).fingerprint()["size"]
@@ -116,11 +116,7 @@ def plan_duplicates(shards: Sequence[Shard], options: ValidationOptions, *, rows
                 bar.update(1)
         ambiguous: list[str] = []
         for part in by_id:
-            counts = pc.value_counts(part["id"]) if part.num_rows else pa.array([], pa.struct(
-                [("values", pa.string()), ("counts", pa.int64())]))
-            if len(counts):
-                many = pc.greater(counts.field("counts"), 1)
-                ambiguous.extend(counts.field("values").filter(many).to_pylist())
+            ambiguous.extend(repeated(part["id"]).to_pylist())
         plan.ambiguous_ids = len(ambiguous)
         excluded = pa.array(ambiguous, pa.string())
         for part in by_seq:
@@ -129,7 +125,6 @@ def plan_duplicates(shards: Sequence[Shard], options: ValidationOptions, *, rows
     for shard in shards:
         if shard.index in skip or shard.index in copies:
             written = sorted(copies.get(shard.index, []))
-            plan.by_shard[shard.index] = len(written)
             assignment = {"skip": frozenset(skip.get(shard.index, ())), "copies": tuple(c[2:] for c in written)}
             if isinstance(shard, DedupShard):  # e.g. an update's shard: keeps its own fields
                 shard = replace(shard, **assignment)
@@ -140,7 +135,8 @@ def plan_duplicates(shards: Sequence[Shard], options: ValidationOptions, *, rows
     return plan
 
 
-def _map_here(fn, shards, *args):
+def map_here(fn, shards, *args):
+    """fn(shard, *args) for every shard, in this process, one after another (the local executor's map_shards)."""
     for shard in shards:
         yield fn(shard, *args)
 

@@ -73,6 +73,14 @@ def shard_digest(shard: Shard, options: ValidationOptions) -> str:
     return digest.hexdigest()
 
 
+DUPS_KEY = "#dups="  # what follows a shard key's byte range when the shard shares identical sequences
+
+
+def key_range(key: str) -> str:
+    """A ledger key without its identical-sequence assignment: the file and byte range alone."""
+    return key.split(DUPS_KEY, 1)[0]
+
+
 def shard_key(shard: Shard) -> str:
     """The shard's byte range, with the file named by its absolute path (independent of the working directory)."""
     loc = Location.parse(shard.path)
@@ -106,7 +114,7 @@ def changed_shards(store: RunStore, shards: Sequence[Shard], options: Validation
             continue
         shard = shards[index]
         if row["key"] != shard_key(shard):
-            if row["key"].split("#", 1)[0] == shard_key(shard).split("#", 1)[0]:
+            if key_range(row["key"]) == key_range(shard_key(shard)):
                 changed[index] = "the identical sequences it shares with other shards changed"
             else:
                 changed[index] = f"its byte range moved ({row['key']} is now {shard_key(shard)})"

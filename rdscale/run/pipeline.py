@@ -114,9 +114,7 @@ class LocalExecutor:
     def fit_moments(self, models, cfg, plan):
         return [FitWorker(models, cfg).run(plan)]
 
-    def map_shards(self, fn, shards, *args):
-        for shard in shards:
-            yield fn(shard, *args)
+    map_shards = staticmethod(dedupe.map_here)
 
     def apply(self, cfg, models, fit_dir, uris, schemas, shards):
         stage = ApplyStage(cfg, models, fit_dir, uris, schemas)
@@ -369,7 +367,7 @@ def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *,
             else:  # no renames on object stores: the manifest, written last, marks a complete artifact
                 fit(cfg, executor or make_executor(cfg), out=fit_loc)
                 lease.check()
-            fit_dir = str(fit_loc) if not fit_loc.is_local else fit_loc.path
+            fit_dir = fit_loc.uri
         return embed(cfg, fit_dir, executor, progress=progress, lease=lease, redo_changed=redo_changed)
 
 

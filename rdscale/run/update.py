@@ -324,7 +324,7 @@ def update(run_dir: str | Location, inputs: Sequence[str], release: str, *, over
     if bad:
         raise UpdateError(f"{bad[0]!r}: an update uses the run's own models, embedding and output settings")
     items = [*overrides, f"input.paths={json.dumps([str(p) for p in inputs])}",
-             f"output.dir={json.dumps(run.uri if not run.location.is_local else run.location.path)}",
+             f"output.dir={json.dumps(run.uri)}",
              "fit.artifact=null", "output.compact=false"]
     cfg = Config.from_dict(config, items)
     if storage_options:
@@ -405,8 +405,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                                   "keep": frozenset(diff.todo[s.index])}) for s in planned]
     if dedupe.enabled(cfg):  # identical new sequences embedded once (the grouping is deterministic: a resumed
         # update, comparing against the same versions, finds the same copies)
-        duplicates = dedupe.plan_duplicates(todo_shards, options, progress=progress,
-                                            map_shards=getattr(executor, "map_shards", None))
+        duplicates = dedupe.plan_duplicates(todo_shards, options, progress=progress, map_shards=executor.map_shards)
         todo_shards = duplicates.shards
         report.copies, report.residues_saved = duplicates.copies, duplicates.residues_saved
 
@@ -424,7 +423,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         fit_loc = run.fit_location(manifest, None) if len(cfg.models) > 1 else None
         if len(cfg.models) > 1 and fit_loc is None:
             raise UpdateError(f"the fit artifact of {run} was not found; an update embeds with the run's own fit")
-        fit_dir = _local_or_uri(fit_loc) if fit_loc is not None else None
+        fit_dir = fit_loc.uri if fit_loc is not None else None
         models = list(cfg.models)
         if manifest.get("extensions"):  # grown by `rdscale extend`: its models and steps after the chain's
             models += [m.get("source") or m.get("name") for m in manifest["models"][len(cfg.models):]]
@@ -433,7 +432,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
             if missing or fit_dir is None:
                 raise UpdateError(f"the extension steps of {run} were not found ({', '.join(missing) or 'no fit'});"
                                   " an update embeds with the run's own fit and steps")
-            fit_dir = [fit_dir, *map(_local_or_uri, steps)]
+            fit_dir = [fit_dir, *(s.uri for s in steps)]
         stats = fingerprints(todo) if all(Location.parse(s.path).is_local for s in todo) else {}
         uris = {name: store.uri(name) for name in schemas}
         pending: dict[int, ShardResult] = {}
@@ -522,10 +521,6 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_state(run, state)
     return report
-
-
-def _local_or_uri(loc: Location) -> str:
-    return loc.path if loc.is_local else str(loc)
 
 
 def _check_accounting(store: RunStore) -> None:

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from rdscale.config import Config
 from rdscale.io.fasta import Reject, ValidationOptions, plan_shards, read_shard
 from rdscale.io.location import Location
-from rdscale.io.partitions import HashPartitions, partitions_for
+from rdscale.io.partitions import HashPartitions, partitions_for, repeated
 from rdscale.io.runs import Run
 from rdscale.io.store import (
     LEDGER,
@@ -39,7 +39,7 @@ from rdscale.io.store import (
     missing_data_files,
     run_status,
 )
-from rdscale.run.integrity import RecordsDigest, shard_key
+from rdscale.run.integrity import DUPS_KEY, RecordsDigest, key_range, shard_key
 
 MAX_LINES = 50
 ROWS_PER_PARTITION = 1_000_000
@@ -57,11 +57,6 @@ def _seq_digest(sequence: str) -> str:
     return hashlib.blake2b(sequence.encode(), digest_size=12).hexdigest()
 
 
-class _Problems(list):
-    def add(self, line: str) -> None:
-        self.append(line)
-
-
 def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scratch: str | None = None) -> list[str]:
     from rdscale.run.update import followed_release, verify_release
 
@@ -70,39 +65,39 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
         raise StoreError(f"{run} holds no rdscale run (no proteins.lance / shards.lance)")
     if followed_release(run) is not None:  # `rdscale update` moved it to another release: check that one
         return verify_release(run.location)
-    problems = _Problems()
+    problems: list[str] = []
     tables = [name for name in (PROTEINS, RESIDUES, REJECTS) if run.has_table(name)]
     for name in tables:
         for missing in missing_data_files(run.table_uri(name)):
-            problems.add(f"{name}: data file {missing} is missing")
+            problems.append(f"{name}: data file {missing} is missing")
     if problems:
         return problems  # the tables cannot be read
 
     meta = run.metadata()
     cfg = Config.from_dict(meta.get("config") or {})
-    status = run_status(run.location.path if run.location.is_local else run.uri)
+    status = run_status(run)
     committed = set(status["committed"])
     if not status["complete"]:
-        problems.add(f"incomplete: {len(committed)} of {status['planned']} shards committed")
+        problems.append(f"incomplete: {len(committed)} of {status['planned']} shards committed")
 
     # --- metadata: one run key and one fit manifest across tables, matching the fit on disk
     schemas = {name: run.dataset(name).schema.metadata or {} for name in tables}
     if len({md.get(META_RUN_KEY) for md in schemas.values()}) != 1:
-        problems.add(f"tables carry different run keys: {sorted(schemas)}")
+        problems.append(f"tables carry different run keys: {sorted(schemas)}")
     if len({md.get(META_MANIFEST) for md in schemas.values()}) != 1:
-        problems.add("tables carry different fit manifests in their metadata")
+        problems.append("tables carry different fit manifests in their metadata")
     problems += _check_fit(run, meta.get("fit_manifest") or {})
 
     # --- inputs
     missing_inputs = [p for p in cfg.input.paths if not Location.parse(p).is_file()]
     if missing_inputs:
-        problems.add(f"input file(s) not found: {', '.join(missing_inputs)} (cannot check records against the "
+        problems.append(f"input file(s) not found: {', '.join(missing_inputs)} (cannot check records against the "
                      "input)")
         return problems
     shards = plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
                          index_dir=run.gzip_index)
     ledger = {r["shard"]: r for r in run.dataset(LEDGER).to_table().to_pylist()}
-    copies = any("#dups=" in str(r["key"]) for r in ledger.values())  # rdscale.run.dedupe
+    copies = any(DUPS_KEY in str(r["key"]) for r in ledger.values())  # rdscale.run.dedupe
     options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
     rows = run.dataset(PROTEINS).count_rows() + (run.dataset(REJECTS).count_rows() if REJECTS in tables else 0)
     parts = partitions_for(2 * rows, rows_per_partition)
@@ -121,14 +116,14 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
             records.add(batch.take())
             row = ledger.get(shard.index)
             if row is not None:
-                if row["key"].split("#dups=", 1)[0] != shard_key(shard):  # the suffix: rdscale.run.dedupe
-                    problems.add(f"shard {shard.index}: ledger range {row['key']} differs from the input's plan "
+                if key_range(row["key"]) != shard_key(shard):  # the input's plan, without dedupe's assignment
+                    problems.append(f"shard {shard.index}: ledger range {row['key']} differs from the input's plan "
                                  f"{shard_key(shard)}")
                 elif row.get("digest") and row["digest"] != digest.hexdigest():
-                    problems.add(f"shard {shard.index}: {shard.path} changed since the shard was embedded "
+                    problems.append(f"shard {shard.index}: {shard.path} changed since the shard was embedded "
                                  f"(bytes {shard.start}-{shard.end or 'eof'})")
         for index in sorted(set(ledger) - {s.index for s in shards}):
-            problems.add(f"shard {index}: in the ledger but not in the input's shard plan")
+            problems.append(f"shard {index}: in the ledger but not in the input's shard plan")
 
         stray: dict[str, set[int]] = {}
         for name, where in ((PROTEINS, 1), (REJECTS, 2)):
@@ -149,25 +144,23 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
                 if where == 1:
                     protein_ids.add(pa.record_batch([part.column("id")], names=["id"]))
         for name, found in stray.items():
-            problems.add(f"{name}: rows of uncommitted shard(s) {sorted(found)[:10]}")
+            problems.append(f"{name}: rows of uncommitted shard(s) {sorted(found)[:10]}")
         for part in records:
             _check_records(part, committed, status["complete"] or not copies, problems)
         dup_ids, example = 0, None
         for part in protein_ids:
-            counts = pc.value_counts(part["id"]) if part.num_rows else None
-            if counts is not None and len(counts):
-                many = counts.filter(pc.greater(counts.field("counts"), 1))
-                if len(many):
-                    dup_ids += len(many)
-                    example = example or many.field("values")[0].as_py()
+            many = repeated(part["id"])
+            if len(many):
+                dup_ids += len(many)
+                example = example or many[0].as_py()
         if dup_ids:
-            problems.add(f"proteins: {dup_ids} id(s) stored more than once, e.g. {example}")
+            problems.append(f"proteins: {dup_ids} id(s) stored more than once, e.g. {example}")
 
     if RESIDUES in tables:
         problems += _check_residues(run, cfg, parts, scratch)
     if len(problems) > MAX_LINES:
         return problems[:MAX_LINES] + [f"... and {len(problems) - MAX_LINES} more"]
-    return list(problems)
+    return problems
 
 
 class _Batch:
@@ -187,7 +180,7 @@ class _Batch:
         return batch
 
 
-def _check_records(part: pa.Table, committed: set[int], report_missing: bool, problems: _Problems) -> None:
+def _check_records(part: pa.Table, committed: set[int], report_missing: bool, problems: list[str]) -> None:
     """One source partition: input rows (where 0) against table rows (1 proteins, 2 rejects)."""
     if part.num_rows == 0:
         return
@@ -196,26 +189,26 @@ def _check_records(part: pa.Table, committed: set[int], report_missing: bool, pr
     stored = part.filter(pc.not_equal(where, 0))
     counts = stored.group_by("source").aggregate([("source", "count")])
     for row in counts.filter(pc.greater(counts["source_count"], 1)).to_pylist():
-        problems.add(f"record {row['source']} is stored {row['source_count']} times (proteins + rejects)")
+        problems.append(f"record {row['source']} is stored {row['source_count']} times (proteins + rejects)")
     outside = stored.join(expected.select(["source"]), "source", join_type="left anti")
     for source in pc.unique(outside["source"]).to_pylist():
-        problems.add(f"record {source} is in the tables but not in the input")
+        problems.append(f"record {source} is in the tables but not in the input")
     if report_missing:  # copies (rdscale.run.dedupe) of a partial run may wait for another shard's commit
         absent = expected.join(stored.select(["source"]), "source", join_type="left anti")
         absent = absent.filter(pc.is_in(absent["shard"], value_set=pa.array(sorted(committed), pa.int32())))
         for row in absent.select(["source", "id"]).to_pylist():
-            problems.add(f"record {row['source']} ({row['id']}) is in neither proteins nor rejects")
+            problems.append(f"record {row['source']} ({row['id']}) is in neither proteins nor rejects")
     pairs = stored.select(["source", "id", "digest", "where"]).join(
         expected.select(["source", "id", "digest"]).rename_columns(["source", "input_id", "input_digest"]),
         "source", join_type="inner")
     for row in pairs.to_pylist():
         kind = "protein" if row["where"] == 1 else "reject"
         if row["id"] != row["input_id"]:
-            problems.add(f"{kind} {row['id']} at {row['source']}: the input has id {row['input_id']} there")
+            problems.append(f"{kind} {row['id']} at {row['source']}: the input has id {row['input_id']} there")
         elif kind == "protein" and row["input_digest"] == "":
-            problems.add(f"protein {row['id']} at {row['source']}: the input record there is a reject")
+            problems.append(f"protein {row['id']} at {row['source']}: the input record there is a reject")
         elif kind == "protein" and row["digest"] != row["input_digest"]:
-            problems.add(f"protein {row['id']} at {row['source']}: stored sequence differs from the input")
+            problems.append(f"protein {row['id']} at {row['source']}: stored sequence differs from the input")
 
 
 def _check_fit(run: Run, manifest: dict[str, Any]) -> list[str]:

@@ -134,7 +134,6 @@ def _merge_sparse(best_d, best_i, r, dv, iv, k):
     slot = np.arange(r.size) - np.repeat(first, counts)
     pad_d[which, slot] = dv
     pad_i[which, slot] = iv
-    best_d, best_i = best_d.copy(), best_i.copy()
     best_d[queries], best_i[queries] = merge_topk(best_d[queries], best_i[queries], pad_d, pad_i, k)
     return best_d, best_i
 
