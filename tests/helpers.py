@@ -10,6 +10,7 @@ from pathlib import Path
 import lance
 
 from rdscale.config import load_config
+from rdscale.run.pipeline import LocalExecutor
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +87,16 @@ def embed_killed_before_ledger(cfg, commits: int) -> None:
             embed(cfg, None, LocalExecutor(), progress=False)
     finally:
         store.FAULT_HOOKS.clear()
+
+
+class StopAfter(LocalExecutor):
+    """Dies (KeyboardInterrupt, as from Ctrl-C or a preempted node) after handing over `n` batch results."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def apply(self, *args, **kwargs):
+        for i, item in enumerate(super().apply(*args, **kwargs)):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield item

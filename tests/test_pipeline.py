@@ -12,7 +12,7 @@ import lance
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-from helpers import make_cfg, table, write_fasta
+from helpers import StopAfter, make_cfg, table, write_fasta
 
 from rdscale.fit.artifact import load_fit
 from rdscale.io.fasta import Reject, read_fasta
@@ -195,18 +195,6 @@ def test_accounting_on_messy_input_across_files_and_formats(tmp_path, tiny_famil
 
 # ----------------------------------------------------------------------------------------------- resume
 
-
-class StopAfter(LocalExecutor):
-    """Dies (KeyboardInterrupt, as from Ctrl-C or a preempted node) after handing over `n` batch results."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def apply(self, *args, **kwargs):
-        for i, item in enumerate(super().apply(*args, **kwargs)):
-            if i == self.n:
-                raise KeyboardInterrupt
-            yield item
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, clean_fasta, tiny_family, local_run):

@@ -7,7 +7,7 @@ import random
 import lance
 import numpy as np
 import pytest
-from helpers import AA, make_cfg
+from helpers import AA, StopAfter, make_cfg
 
 from rdscale.errors import RdscaleError
 from rdscale.io.lease import WriterLease
@@ -132,16 +132,6 @@ def lance_eq(t, ident):
 
     return pc.equal(t["id"], ident)
 
-
-class StopAfter(LocalExecutor):
-    def __init__(self, n):
-        self.n = n
-
-    def apply(self, *args, **kwargs):
-        for i, item in enumerate(super().apply(*args, **kwargs)):
-            if i == self.n:
-                raise KeyboardInterrupt
-            yield item
 
 
 def test_interrupted_update_resumes_to_the_same_result(world, tmp_path):
