@@ -201,7 +201,8 @@ def cmd_compact(args) -> int:
 def cmd_make_tiny_family(args) -> int:
     from rdscale.model.loading import build_tiny_family
 
-    paths = build_tiny_family(args.dir, widths=tuple(args.widths), layers=tuple(args.layers), seed=args.seed)
+    layers = args.layers if args.layers is not None else [2 + i for i in range(len(args.widths))]
+    paths = build_tiny_family(args.dir, widths=tuple(args.widths), layers=tuple(layers), seed=args.seed)
     for p in paths:
         print(p)
     return 0
@@ -284,9 +285,11 @@ def build_parser(verb: str | None = None, full: bool = True) -> argparse.Argumen
 
     p = sub.add_parser("make-tiny-family", help="write a tiny random ESM-2 family (offline demo and tests)")
     p.add_argument("dir", help="output directory for the checkpoints")
-    p.add_argument("--widths", type=int, nargs="+", default=[32, 48, 64])
-    p.add_argument("--layers", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--widths", type=int, nargs="+", default=[32, 48, 64],
+                   help="embedding width of each model, smallest first; multiples of 8 (default 32 48 64)")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="depth of each model, one per width (default 2, 3, 4, ...)")
+    p.add_argument("--seed", type=int, default=0, help="same seed and arguments: the same files (default 0)")
     p.set_defaults(func=cmd_make_tiny_family)
 
     done: set[str] = set()
@@ -383,11 +386,16 @@ def _check_layer(cfg: Config) -> None:
     from rdscale.model.loading import describe_model
 
     layer = cfg.embedding.layer
+    described = []
     for model in cfg.models:
-        layers = describe_model(model)["layers"]
+        described.append(describe_model(model))
+        layers = described[-1]["layers"]
         if not -(layers + 1) <= layer <= layers:
             raise ConfigError(f"embedding.layer must be in [{-(layers + 1)}, {layers}] for {model} ({layers} "
                               f"layers; 0 = token embeddings, -1 = last), got {layer}")
+    from rdscale.cli.checks import check_chain
+
+    check_chain(cfg, described)
 
 
 def _quiet_ray(args: argparse.Namespace, uses_ray: bool | None = None) -> None:

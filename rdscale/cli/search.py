@@ -30,10 +30,10 @@ INDEX_EPILOG = """examples:
   rdscale index -o runs/demo --list"""
 
 SEARCH_EPILOG = """examples:
-  rdscale search -o runs/demo --id P69905 --width 32 --mode funnel -k 5
+  rdscale search -o runs/demo --id B0RED7 --width 32 --mode funnel -k 5
   rdscale search -o runs/demo --fasta queries.fa -k 10 --csv hits.csv
   rdscale search -o runs/demo --vector q.npy --mode ann --width 32 --filter "length > 100"
-  rdscale search -o runs/demo --table residues --id P69905:10 -k 5     # one residue; --id P69905: all of them
+  rdscale search -o runs/demo --table residues --id B0RED7:10 -k 5     # one residue; --id B0RED7: all of them
 
 scores are distances (smaller = closer): cosine -> 1 - cos, l2 -> squared Euclidean."""
 

@@ -11,7 +11,7 @@ from rdscale.cli.args import add_run_argument
 SERVE_EPILOG = """examples:
   rdscale serve runs/demo --port 8000
   curl -s localhost:8000/search -H 'content-type: application/json' \\
-       -d '{"ids": ["P69905"], "k": 5, "mode": "funnel"}'
+       -d '{"ids": ["B0RED7"], "k": 5, "mode": "funnel"}'
   curl -s localhost:8000/search -d '{"sequences": {"q1": "MKTAYIAKQR"}, "k": 10}'
   curl -s localhost:8000/search -d '{"vectors": [[0.1, 0.2, ...]], "width": 320, "mode": "ann"}'
   open http://localhost:8000/docs                        # the OpenAPI schema: /openapi.json

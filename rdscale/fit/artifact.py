@@ -232,7 +232,8 @@ def _local_copy(directory) -> Iterator[Path]:
 
 def _read_manifest(directory: Path) -> dict:
     if not directory.is_dir():
-        raise ArtifactError(f"{directory} is not a directory; pass the fit artifact directory written by save_fit")
+        raise ArtifactError(f"{directory} is not a directory: no fit artifact there; pass --fit DIR, a fit artifact "
+                            "written by `rdscale fit` (or `rdscale run`, in <run>/fit)")
     path = directory / MANIFEST
     if not path.is_file():
         raise ArtifactError(

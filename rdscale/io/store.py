@@ -269,7 +269,8 @@ class RunStore:
             if key != self.run_key:
                 raise StoreError(
                     f"{uri} holds the output of a different run (different inputs, models, fit or storage "
-                    f"settings). Choose a new output.dir, or delete {self.root} to start over."
+                    f"settings). Choose a new output.dir, or start over: rerun with --restart (run, embed) or "
+                    f"delete {self.root}."
                 )
             return
         try:

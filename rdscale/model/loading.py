@@ -112,6 +112,10 @@ class DeviceError(RdscaleError, ValueError):
     """A device or dtype that cannot be used on this machine."""
 
 
+class TinyFamilyError(RdscaleError, ValueError):
+    """Arguments of build_tiny_family (make-tiny-family) that cannot make a family."""
+
+
 class HubError(RdscaleError, RuntimeError):
     """A hub checkpoint that could not be downloaded (no network, proxy, server error)."""
 
@@ -503,9 +507,14 @@ def build_tiny_family(out_dir, widths=(32, 48, 64), layers=(2, 3, 4), heads=4, s
     fair-esm's default initialisation.
     """
     if len(widths) != len(layers):
-        raise ValueError(f"widths and layers must have the same length, got {len(widths)} and {len(layers)}")
+        raise TinyFamilyError(f"widths and layers must have the same length (one depth per model), got "
+                              f"{len(widths)} widths and {len(layers)} layers")
+    if not widths or any(w <= 0 for w in widths) or any(n < 1 for n in layers):
+        raise TinyFamilyError(f"widths must be positive and layers at least 1, got widths {tuple(widths)}, "
+                              f"layers {tuple(layers)}")
     if any(w % heads or (w // heads) % 2 for w in widths):
-        raise ValueError(f"every width must split into {heads} heads of even size (rotary), got {widths}")
+        raise TinyFamilyError(f"every width must split into {heads} heads of even size (rotary; a multiple of "
+                              f"{2 * heads}), got {tuple(widths)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shared = _shared_residue_features(torch.Generator().manual_seed(seed))

@@ -147,6 +147,10 @@ def plan(cfg: Config) -> list[Shard]:
         if not Location.parse(p).is_local:  # name a missing bucket as such
             raise ConfigError(f"input file not found: {Location.parse(p).not_found_error()}")
     if missing:
+        folders = [p for p in missing if Location.parse(p).is_local and Location.parse(p).is_dir()]
+        if folders:  # a folder is not read as "every FASTA in it": name the files (a shell glob does)
+            raise ConfigError(f"input path(s) are directories, not FASTA files: {', '.join(folders)}; name the "
+                              "files, e.g. --fasta dir/*.fasta")
         raise ConfigError(f"input file(s) not found: {', '.join(missing)}")
     return plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
                        index_dir=Run(cfg.output.dir).gzip_index)

@@ -37,7 +37,8 @@ def format_results(result: pa.Table, max_rows: int | None = 50) -> str:
     names = result.column_names
     n = result.num_rows if max_rows is None else min(max_rows, result.num_rows)
     columns = [result.column(c).to_pylist()[:n] for c in names]
-    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in col] for col in columns]
+    # round + 0.0: a distance that rounds to zero (1 - cos of a row with itself, -1e-7) prints 0.0000, not -0.0000
+    cells = [[f"{round(v, 4) + 0.0:.4f}" if isinstance(v, float) else str(v) for v in col] for col in columns]
     widths = [max([len(name), *map(len, col)]) for name, col in zip(names, cells)]
     numeric = [pa.types.is_integer(result.schema.field(c).type) or pa.types.is_floating(result.schema.field(c).type)
                for c in names]

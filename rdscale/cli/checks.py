@@ -1,0 +1,23 @@
+"""Checks of a writing verb's chain made before any pass runs (from the checkpoints' configs, no model built), so
+a mistake that would otherwise surface after the fit pass (minutes to hours on a real database) stops at once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rdscale.config import Config, ConfigError
+
+
+def check_chain(cfg: Config, described: Sequence[dict]) -> None:
+    """`described`: describe_model() of each of cfg.models, in order. Widths must strictly grow (the chain is
+    smallest first); output.storage_width must not exceed the widest model's width."""
+    widths = [int(d["width"]) for d in described]
+    for i in range(1, len(widths)):
+        if widths[i] <= widths[i - 1]:
+            names = ", ".join(f"{d['name']} ({d['width']})" for d in described)
+            raise ConfigError(f"models must be ordered smallest first with strictly growing widths; got {names}: "
+                              f"model {i + 1} ({widths[i]}) is not wider than model {i} ({widths[i - 1]})")
+    width = cfg.output.storage_width
+    if widths and width is not None and width > widths[-1]:
+        raise ConfigError(f"output.storage_width={width} exceeds the embedding width {widths[-1]} of "
+                          f"{described[-1]['name']}; use at most {widths[-1]} (or null for the full width)")

@@ -1,0 +1,143 @@
+"""What a new user running the CLI as documented ran into (an outside check on data the other tests never use):
+each test pins one case that used to give a traceback, a misleading message, or waste a fit pass. The CLI runs
+in-process (rdscale.cli.main.main), `--local`, on the tiny family; the whole file takes seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rdscale.cli.main import main
+
+SEQS = {"p1": "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWSTPSELGHAGLNGDILVWNPVLEDAFELSSMGIRVDADTLKHQLALTGDEDRLELEWHQALLRGEMPQTIGGGIGQSRLTMLLLQLPHIGQVQAGVWPAACVNDKALSIIIE",
+        "p2": "MSHHWGYGKHNGPEHWHKDFPIAKGERQSPVDIDTHTAKYDPSLKPLSVSYDQATSLRILNNGHAFNVEFDDSQDKAVLKGGPLDGTYRLIQFHFHWGSLDGQGSEHTVDKKKYAAELHLVHWNTKYGDFGKAVQQPDGLAVLGIFLKVGSAKPGLQKVVDVLDSIKTKGKSADFTNFDPRGLLPESLDYWTYPGSLTTPPLLECVTWIVLKEPISVSSEQVLKFRKLNFNGEGEPEELMVDNWRPAQPLKNRQIKASFK",
+        "p3": "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHFDLSHGSAQVKGHGKKVADALTNAVAHVDDMPNALSALSDLHAHKLRVDPVNFKLLSHCLLVTLAAHLPAEFTPAVHASLDKFLASVSTVLTSKYR"}
+
+
+def write_fasta(path: Path, records) -> Path:
+    path.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in records))
+    return path
+
+
+def invoke(capsys, argv):
+    """(exit code, stdout, stderr) of `rdscale ARGV` in this process."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip() and " INFO " not in ln and " WARNING " not in ln]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def fasta(tmp_path):
+    return write_fasta(tmp_path / "in.fa", SEQS.items())
+
+
+def test_make_tiny_family_bad_arguments_are_one_line(tmp_path, capsys):
+    # was: ValueError / ZeroDivisionError / RuntimeError tracebacks
+    for argv in (["--widths", "32", "48", "--layers", "2"], ["--widths", "30", "--layers", "2"],
+                 ["--widths", "0", "--layers", "2"], ["--widths", "-32", "--layers", "2"],
+                 ["--widths", "32", "--layers", "0"]):
+        code, _, err = invoke(capsys, ["make-tiny-family", tmp_path / "fam", *argv])
+        assert code == 1, (argv, err)
+        assert "make-tiny-family: error:" in one_line(err), err
+    assert not any((tmp_path / "fam").glob("*.pt"))
+
+
+def test_make_tiny_family_layers_default_follows_widths(tmp_path, capsys):
+    # was: `--widths 32 48 64 80` alone failed (the default --layers had three entries)
+    code, _, err = invoke(capsys, ["make-tiny-family", tmp_path / "fam", "--widths", "32", "48", "64", "80"])
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "fam").glob("*.pt")) == [
+        "esm2_t2_32_tiny.pt", "esm2_t3_48_tiny.pt", "esm2_t4_64_tiny.pt", "esm2_t5_80_tiny.pt"]
+
+
+@pytest.mark.parametrize("order", [(1, 0), (0, 0)])
+def test_chain_order_refused_before_the_fit_pass(tmp_path, capsys, tiny_family, fasta, order):
+    # was: the fit pass ran every model over the sample first, then "chain widths must strictly grow"
+    models = [tiny_family[i] for i in order]
+    out = tmp_path / "run"
+    code, _, err = invoke(capsys, ["run", "--fasta", fasta, "--models", *models, "-o", out, "--local", "-q"])
+    line = one_line(err)
+    assert code == 2 and "smallest first" in line and "fit pass" not in err, err
+    assert not out.exists()
+
+
+def test_storage_width_wider_than_the_chain_refused_before_the_fit_pass(tmp_path, capsys, tiny_family, fasta):
+    # was: refused after the fit pass, leaving <out>/fit behind
+    out = tmp_path / "run"
+    code, _, err = invoke(capsys, ["run", "--fasta", fasta, "--models", *tiny_family[:2], "-o", out, "--local",
+                                   "-q", "--set", "output.storage_width=1000"])
+    line = one_line(err)
+    assert code == 2 and "output.storage_width=1000" in line and "48" in line, err
+    assert not out.exists()
+
+
+def test_directory_as_input_is_named_as_a_directory(tmp_path, capsys, tiny_family, fasta):
+    # was: "input file(s) not found: DIR" for a folder that exists
+    code, _, err = invoke(capsys, ["extract", "--fasta", tmp_path, "--models", tiny_family[0], "-o",
+                                   tmp_path / "out", "--local", "-q"])
+    line = one_line(err)
+    assert code == 2 and "directories, not FASTA files" in line and str(tmp_path) in line, err
+
+
+def test_embed_without_a_fit_says_how_to_make_one(tmp_path, capsys, tiny_family, fasta):
+    # was: "... is not a directory; pass the fit artifact directory written by save_fit" (a Python function name)
+    out = tmp_path / "run"
+    code, _, err = invoke(capsys, ["embed", "--fasta", fasta, "--models", *tiny_family, "-o", out, "--local", "-q"])
+    line = one_line(err)
+    assert code == 1 and "--fit" in line and "rdscale fit" in line and "save_fit" not in line, err
+    assert not out.exists()
+
+
+def test_other_run_in_output_dir_names_restart(tmp_path, capsys, tiny_family, fasta):
+    # was: only "delete DIR to start over", though run/embed have --restart for exactly this
+    out = tmp_path / "run"
+    base = ["run", "--models", *tiny_family[:2], "-o", out, "--local", "-q"]
+    assert invoke(capsys, [*base, "--fasta", fasta])[0] == 0
+    other = write_fasta(tmp_path / "other.fa", [(f"q{pid}", seq) for pid, seq in SEQS.items()])
+    code, _, err = invoke(capsys, [*base, "--fasta", other])
+    assert code == 1 and "--restart" in one_line(err), err
+    code, _, err = invoke(capsys, [*base, "--fasta", other, "--restart"])
+    assert code == 0, err
+    import lance
+
+    ids = lance.dataset(str(out / "proteins.lance")).to_table(columns=["id"])["id"].to_pylist()
+    assert sorted(ids) == sorted(f"q{pid}" for pid in SEQS)
+
+
+def test_search_prints_no_negative_zero(tmp_path, capsys, tiny_family, fasta):
+    # was: "-0.0000" for a row's distance to itself (1 - cos rounds to -1e-7)
+    out = tmp_path / "run"
+    assert invoke(capsys, ["extract", "--fasta", fasta, "--models", tiny_family[0], "-o", out, "--local",
+                           "-q"])[0] == 0
+    for pid in SEQS:
+        code, text, err = invoke(capsys, ["search", out, "--id", pid, "-k", "3", "-q"])
+        assert code == 0, err
+        assert "-0.0000" not in text and " 0.0000" in text, text
+    import pyarrow as pa
+
+    from rdscale.search.results import format_results
+
+    text = format_results(pa.table({"query": ["a", "a"], "id": ["a", "b"], "score": [-1.2e-7, -0.25], "rank": [1, 2]}))
+    assert "-0.0000" not in text and "0.0000" in text and "-0.2500" in text, text
+
+
+def test_search_help_examples_name_a_demo_protein(capsys):
+    # the examples in `rdscale search --help` used P69905, which the bundled example data does not hold
+    ids = {line[1:].split()[0] for line in Path(__file__).resolve().parents[1].joinpath(
+        "examples", "example.fasta").read_text().splitlines() if line.startswith(">")}
+    code, text, _ = invoke(capsys, ["search", "--help"])
+    assert code == 0
+    named = {tok.split(":")[0] for line in text.splitlines() if "--id" in line and line.strip().startswith("rdscale")
+             for tok in line.split("--id", 1)[1].split()[:1]}
+    assert named and named <= ids, named
