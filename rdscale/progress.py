@@ -75,6 +75,23 @@ class _TerminalFilter(logging.Filter):
         return record.levelno >= logging.WARNING and not any(n in record.getMessage() for n in RAY_NOTICES)
 
 
+# Libraries whose routine INFO lines say nothing a user acts on: botocore (where it found credentials and the
+# endpoint, on every S3 writer lease), pylance (index build timings; lance.log resets the logger's own level when
+# lance is imported, so a level set before that import does not hold: a handler filter does).
+_CHATTY_LIBRARIES = ("botocore", "pylance")
+
+
+class _LibraryInfoFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] not in _CHATTY_LIBRARIES
+
+
+def quiet_library_logs() -> None:
+    """Keep the INFO lines of chatty libraries off the terminal (warnings and errors still show); without -v."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_LibraryInfoFilter())
+
+
 def route_ray_notices(log_file: str | Path) -> Path:
     """Send Ray's INFO lines (execution plans, "Starting execution") and its known notices to `log_file` instead of
     the terminal, so a Ray run's terminal shows rdscale's progress and summary. Call before ray.init."""

@@ -141,3 +141,21 @@ def test_search_help_examples_name_a_demo_protein(capsys):
     named = {tok.split(":")[0] for line in text.splitlines() if "--id" in line and line.strip().startswith("rdscale")
              for tok in line.split("--id", 1)[1].split()[:1]}
     assert named and named <= ids, named
+
+
+def test_library_info_lines_stay_off_the_terminal():
+    # was: "INFO botocore.credentials: Found credentials in environment variables." on every S3 compact/update,
+    # "INFO pylance: Final create_index rust time: ..." on every `rdscale index --backend lance`
+    import logging
+
+    from rdscale.progress import _LibraryInfoFilter
+
+    keep = _LibraryInfoFilter().filter
+
+    def record(name, level):
+        return logging.LogRecord(name, level, __file__, 1, "msg", None, None)
+
+    assert not keep(record("botocore.credentials", logging.INFO))
+    assert not keep(record("pylance", logging.INFO))
+    assert keep(record("botocore.credentials", logging.WARNING))
+    assert keep(record("rdscale.run.pipeline", logging.INFO))

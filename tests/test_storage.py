@@ -187,6 +187,33 @@ def test_verbs_on_s3_run(s3_runs, s3, capsys):
     assert f"({first.id}) is in neither proteins nor rejects" in capsys.readouterr().out
 
 
+def test_compact_and_index_hints_on_s3_run(s3_runs, s3, capsys, tmp_path):
+    # compact on an s3:// run used to read it as a local Path ("s3:/bucket/..." holds no rdscale run)
+    copy = Location.parse(s3.uri("compacted", "r1"))
+    Location.parse(s3_runs["remote"]).copy_tree_to(copy)
+    before = {name: _rows(copy.uri, name, keys) for name, keys in (("proteins", ["id"]), ("residues", ["id", "pos"]))}
+    assert len(Run(copy).dataset("proteins").get_fragments()) > 1
+    capsys.readouterr()
+    assert _cli("compact", copy.uri) == 0
+    assert "proteins: " in capsys.readouterr().out
+    assert len(Run(copy).dataset("proteins").get_fragments()) == 1
+    for name, keys in (("proteins", ["id"]), ("residues", ["id", "pos"])):
+        assert _rows(copy.uri, name, keys).equals(before[name])
+    assert _cli("verify", copy.uri) == 0
+    # a missing run: one line, exit 2, and no directory (or lease object) left behind by the check
+    capsys.readouterr()
+    assert _cli("compact", s3.uri("compacted", "nothing")) == 2
+    assert _cli("compact", str(tmp_path / "nothing")) == 2
+    assert not (tmp_path / "nothing").exists()
+    assert not Location.parse(s3.uri("compacted", "nothing")).exists()
+    # FAISS indexes cannot live beside an S3 run: the search hint names --backend lance, not a refused command
+    capsys.readouterr()
+    first = before["proteins"]["id"][0].as_py()
+    assert _cli("search", copy.uri, "--id", first, "--mode", "ann", "--backend", "faiss") == 1
+    err = capsys.readouterr().err
+    assert "--backend lance" in err and "--backend faiss`" not in err, err
+
+
 def test_copied_run_still_works(s3_runs, s3, tiny_family, capsys):
     remote = Location.parse(s3_runs["remote"])
     copy = Location.parse(s3.uri("moved", "elsewhere", "r1"))

@@ -188,9 +188,10 @@ def cmd_config(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from rdscale.run.compact import compact_run
+    from rdscale.run.compact import compact_run, compactable
     from rdscale.run.integrity import writing
 
+    compactable(args.out)  # before the lease, which would create a mistyped directory
     with writing(args.out):  # the writer lease: never while a run writes into the same directory
         results = compact_run(args.out, cleanup=args.cleanup, target_rows=args.target_rows)
     for name, r in results.items():
@@ -330,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        from rdscale.progress import quiet_library_logs
+
+        quiet_library_logs()
     targets, created = [], []
     try:
         if args.verb in _WRITERS:  # the config is loaded once, here, and handed to the checks and the verb

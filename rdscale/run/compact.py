@@ -12,31 +12,38 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-import lance
-
 from rdscale.config import ConfigError
-from rdscale.io.store import DATA_TABLES, LEDGER
+from rdscale.io.runs import Run
+from rdscale.io.store import DATA_TABLES, LEDGER, PROTEINS
+
+
+def compactable(out_dir: str | Path) -> Run:
+    """The run at `out_dir` (a local directory or an object-store prefix: a Run, never a Path, which would turn
+    s3://b/x into s3:/b/x), or a ConfigError when there is none; checked before the writer lease is taken, so a
+    mistyped path leaves no directory behind."""
+    run = Run(out_dir)
+    if not run.has_table(PROTEINS):
+        raise ConfigError(f"{run.uri} holds no rdscale run (no proteins.lance)")
+    return run
 
 
 def compact_run(out_dir: str | Path, cleanup: bool = False, target_rows: int | None = None) -> dict[str, dict]:
     """Compact every table of a run directory. cleanup: also delete the data files of older table versions
     (frees the disk space; earlier versions can no longer be checked out). Returns per table
     {fragments_before, fragments_after, rows}."""
-    root = Path(out_dir)
-    if not (root / "proteins.lance").exists():
-        raise ConfigError(f"{root} holds no rdscale run (no proteins.lance)")
+    run = compactable(out_dir)
     report = {}
     for name in (*DATA_TABLES, LEDGER):
-        uri = root / f"{name}.lance"
-        if not uri.exists():
+        if not run.has_table(name):
             continue
-        ds = lance.dataset(str(uri))
+        uri = run.table_uri(name)
+        ds = run.dataset(name)
         before = len(ds.get_fragments())
         rows = ds.count_rows()
         if before > 1:
             options = {"target_rows_per_fragment": target_rows} if target_rows else {}
             ds.optimize.compact_files(**options)
-            ds = lance.dataset(str(uri))
+            ds = run.dataset(name)
         if cleanup:
             ds.cleanup_old_versions(older_than=timedelta(0), error_if_tagged_old_versions=False)  # keeps releases
         after = len(ds.get_fragments())
