@@ -325,3 +325,44 @@ def test_update_of_an_extended_run_equals_a_fresh_extended_run(world, tmp_path, 
     assert updated["proteins"]["embedding"].type.list_size == 80
     assert_equal_content(content(fresh), updated)
     assert releases(run_dir)[-1]["name"] == "B"
+
+
+def test_ids_repeated_across_files_of_a_release_equal_a_fresh_run(world, tmp_path, tiny_family, monkeypatch):
+    """A release whose second file repeats ids of the first (a merged release): as in a fresh run the first
+    occurrence is the record and every later one a duplicate_id reject, whichever of them matches the stored row.
+    Was: a repeat with the stored sequence counted as unchanged and went to neither table (a lost record), a first
+    occurrence that changed was moved to rejects in favour of the stored row, and verify flagged a repeated id
+    inside one shard. Inputs given relative to the working directory are recorded absolute, as `run` does."""
+    from rdscale.run.update import verify_release
+
+    tmp, fa, fb, fresh_a, _ = world
+    a = {r[0]: r for r in releases_ab()[0]}
+    rng = random.Random(11)
+    first = [r for ident, r in a.items() if ident not in ("UR0001", "UR0002", "UR0004")]
+    first.append(("UR0002", "changed here", _seq(rng)))  # 3: first occurrence changed, the repeat as stored
+    first.append(("UR0004", "", _seq(rng)))  # 4: both occurrences changed, differently
+    first.append(("DUPIN", "", "MKVLAAGIVG"))  # a repeated id inside one shard
+    first.append(("DUPIN", "", "MKVLAAGIVGW"))
+    second = [a["UR0001"], ("UR0000", "again", a["UR0000"][2]),  # 1: both as stored; the repeat alone (UR0001)
+              ("UR0006", "again", _seq(rng)),  # 2: first as stored, the repeat changed
+              a["UR0002"], ("UR0004", "again", _seq(rng)), ("NEWDUP", "", "MKVLAAGIVGLL")]
+    second += [("NEWDUP", "", "MKVLAAGIVGLLW")]
+    monkeypatch.chdir(tmp_path)
+    f1 = write_records(tmp_path / "rel1.fasta", first)
+    f2 = write_records(tmp_path / "rel2.fasta", second)
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    report = update(run_dir, ["rel1.fasta", "rel2.fasta"], "R", overrides=["ray.address=local",
+                                                                          "input.shard_mb=100"], progress=False)
+    cfg = make_cfg(tmp_path, [f1, f2], tiny_family, "fresh", **{"fit.artifact": str(fresh_a / "fit"),
+                                                                  "input.shard_mb": 100})
+    run(cfg, LocalExecutor(), progress=False)
+    got, want = content(run_dir), content(tmp_path / "fresh")
+    assert_equal_content({k: v.drop_columns(["reason"]) if k == "rejects" else v for k, v in got.items()},
+                         {k: v.drop_columns(["reason"]) if k == "rejects" else v for k, v in want.items()})
+    rejects = got["rejects"]
+    assert sorted(rejects["id"].to_pylist()) == sorted(["BAD1", "DUPIN", "NEWDUP", "UR0000", "UR0006", "UR0002",
+                                                        "UR0004"])
+    assert report.rejects == rejects.num_rows
+    sources = lance.dataset(str(run_dir / "proteins.lance")).to_table(columns=["source"], filter="shard >= 0")
+    assert all(s.startswith("/") for s in sources["source"].to_pylist() if "rel" in s)
+    assert verify_release(run_dir) == []

@@ -154,6 +154,7 @@ class Diff:
     new: int = 0
     removed: int = 0
     rejects: int = 0
+    repeated: int = 0  # accepted records whose id an earlier shard already holds: the run moves them to rejects
     residues_release: int = 0
 
 
@@ -208,7 +209,15 @@ def diff_release(proteins, shards: Sequence[Shard], options: ValidationOptions,
             partitions.add(batch, protein=False)
         for part in partitions:
             old = _split(part.filter(part["protein"]))
-            new = _split(part.filter(pc.invert(part["protein"])))
+            new, repeats = _first_occurrences(_split(part.filter(pc.invert(part["protein"]))))
+            # an id repeated across shards of the release: as in a fresh run its first occurrence is the record and
+            # each later one a duplicate_id reject. The later ones are embedded in their shards (`todo`), whatever
+            # their sequence, and `dedupe_across_shards` moves them to rejects: the first occurrence's row (kept or
+            # new) is in an earlier shard. Compared as records they would count as unchanged (and be lost) or
+            # changed (and replace the first occurrence's row).
+            diff.repeated += repeats.num_rows
+            for shard, ident in zip(repeats["shard"].to_pylist(), repeats["id"].to_pylist()):
+                diff.todo[shard].add(ident)
             keyed = old.select(["id", "reason"])
             same = new.select(["id", "shard", "reason", "description"]).join(
                 old.select(["id", "reason", "old_description"]), ["id", "reason"], join_type="inner")
@@ -230,6 +239,17 @@ def diff_release(proteins, shards: Sequence[Shard], options: ValidationOptions,
     if relabels:
         diff.relabel = pa.concat_tables(relabels)
     return diff
+
+
+def _first_occurrences(new: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(rows of each id's first shard, the rest): a shard holds an id at most once (read_shard rejects the repeats
+    inside a shard), so (id, first shard) names one row."""
+    if new.num_rows == len(pc.unique(new["id"])):
+        return new, new.slice(0, 0)
+    agg = new.group_by("id").aggregate([("shard", "min")])
+    firsts = pa.table({"id": agg["id"], "shard": agg["shard_min"].cast(new.schema.field("shard").type)})
+    return (new.join(firsts, ["id", "shard"], join_type="left semi"),
+            new.join(firsts, ["id", "shard"], join_type="left anti"))
 
 
 def _split(rows: pa.Table) -> pa.Table:
@@ -323,7 +343,8 @@ def update(run_dir: str | Location, inputs: Sequence[str], release: str, *, over
     bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith(frozen)]
     if bad:
         raise UpdateError(f"{bad[0]!r}: an update uses the run's own models, embedding and output settings")
-    items = [*overrides, f"input.paths={json.dumps([str(p) for p in inputs])}",
+    # absolute, as `run` makes them: the rows' `source` and the recorded inputs must not depend on the cwd
+    items = [*overrides, f"input.paths={json.dumps([_input_name(str(p)) for p in inputs])}",
              f"output.dir={json.dumps(run.uri)}",
              "fit.artifact=null", "output.compact=false"]
     cfg = Config.from_dict(config, items)
@@ -399,7 +420,8 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                for s in shards]
     diff = diff_release(run.dataset(PROTEINS, version=before[PROTEINS]), planned, options, rows_per_partition)
     report = UpdateReport(release=release, previous=entry["previous"], unchanged=diff.unchanged,
-                          changed=diff.changed, new=diff.new, removed=diff.removed, rejects=diff.rejects,
+                          changed=diff.changed, new=diff.new, removed=diff.removed,
+                          rejects=diff.rejects + diff.repeated,
                           residues_release=diff.residues_release, shards_total=len(planned))
     todo_shards = [UpdateShard(**{**{f: getattr(s, f) for f in Shard.__dataclass_fields__},
                                   "keep": frozenset(diff.todo[s.index])}) for s in planned]
@@ -601,9 +623,11 @@ def verify_release(run_dir: str | Location) -> list[str]:
     if len(pc.unique(ids)) != len(ids):
         problems.append(f"proteins: {len(ids) - len(pc.unique(ids))} id(s) stored twice")
     rejects = run.dataset(REJECTS).count_rows() if run.has_table(REJECTS) else 0
-    moved = run.dataset(REJECTS).count_rows(filter="reason LIKE 'duplicate_id:%'") if rejects else 0
-    if rejects - moved != diff.rejects:
-        problems.append(f"rejects: {rejects - moved} rows, release {entry['name']} has {diff.rejects} rejects")
+    # the release's rejects: those its shards reject (a repeated id inside one shard among them), and the
+    # repeats of an id across shards, which the run moves to rejects (duplicate_id) after their shards committed
+    if rejects != diff.rejects + diff.repeated:
+        problems.append(f"rejects: {rejects} rows, release {entry['name']} has {diff.rejects + diff.repeated} "
+                        f"rejects")
     ledger = run.dataset(LEDGER).to_table()
     rows = {name: _per_shard(_Tables(run), name) for name in (PROTEINS, REJECTS)}
     for index, records in zip(ledger["shard"].to_pylist(), ledger["records"].to_pylist()):
@@ -611,10 +635,12 @@ def verify_release(run_dir: str | Location) -> list[str]:
         if have != records:
             problems.append(f"shard {index}: the ledger says {records} records, the tables hold {have} rows")
     if run.has_table(RESIDUES):
+        # one row per position of every stored protein (the ledger's residue counts also hold the rows of a
+        # repeated id that `dedupe_across_shards` moved to rejects after its shard committed)
         residues = run.dataset(RESIDUES).count_rows()
-        expected = int(pc.sum(ledger["residues"]).as_py() or 0)
+        expected = int(pc.sum(proteins.to_table(columns=["length"])["length"]).as_py() or 0)
         if residues != expected:
-            problems.append(f"residues: {residues} rows, the ledger says {expected}")
+            problems.append(f"residues: {residues} rows, the stored proteins have {expected} positions")
     return problems
 
 
