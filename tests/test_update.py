@@ -335,7 +335,7 @@ def test_ids_repeated_across_files_of_a_release_equal_a_fresh_run(world, tmp_pat
     inside one shard. Inputs given relative to the working directory are recorded absolute, as `run` does."""
     from rdscale.run.update import verify_release
 
-    tmp, fa, fb, fresh_a, _ = world
+    _, _, _, fresh_a, _ = world
     a = {r[0]: r for r in releases_ab()[0]}
     rng = random.Random(11)
     first = [r for ident, r in a.items() if ident not in ("UR0001", "UR0002", "UR0004")]
