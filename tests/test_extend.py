@@ -135,3 +135,17 @@ def test_search_by_sequence_on_an_extended_run(tmp_path, fasta, tiny_family):
     got = embed_sequences(small, seqs)  # (3, 64) through the base fit and the extension step
     stored = np.asarray(proteins["embedding"].combine_chunks().flatten()).reshape(-1, 64)[:3]
     np.testing.assert_allclose(got, stored, atol=1e-4)
+
+
+def test_verify_accepts_an_extended_run_and_notices_a_lost_step(tmp_path, fasta, tiny_family, full_chain):
+    # was: "tables carry different fit manifests" (rejects kept the old manifest) and "the fit names models
+    # [3 models], the tables' metadata [4 models]" on every extended run
+    import shutil
+
+    from rdscale.run.verify import verify
+
+    small = two_level_run(tmp_path, fasta, tiny_family, "small")
+    extend(small, str(tiny_family[2]), from_fit=full_chain / "fit", progress=False)
+    assert verify(small) == []
+    shutil.rmtree(small / "fit_ext_48")
+    assert any("extension step" in p for p in verify(small))

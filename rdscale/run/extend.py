@@ -49,6 +49,7 @@ from rdscale.io.store import (
     META_LEVELS,
     META_MANIFEST,
     PROTEINS,
+    REJECTS,
     RESIDUES,
     sql_in_list,
 )
@@ -544,7 +545,9 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     new_manifest["extensions"] = list(manifest.get("extensions", [])) + [
         {"width": k_new, "step": run.ref(step_dir), "source": summary.step_source}]
     extension = {"width": k_new, "model": new, "step": run.ref(step_dir), "from": width}
-    for uri in [residues_uri] * info["has_residues"] + [proteins_uri]:
+    # rejects too: every table names the same fit manifest (`rdscale verify` checks it); proteins last
+    rejects = [run.table_uri(REJECTS)] if run.has_table(REJECTS) else []
+    for uri in [residues_uri] * info["has_residues"] + rejects + [proteins_uri]:
         _update_metadata(uri, levels + [k_new], new_manifest, extension)
     partial_root.delete()
     summary.proteins = summary.proteins or proteins.count_rows()

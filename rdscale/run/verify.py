@@ -225,6 +225,12 @@ def _check_fit(run: Run, manifest: dict[str, Any]) -> list[str]:
         out.append(f"the fit at {artifact} is not the one the tables were embedded with (tensors digest differs)")
     have = [(m.get("name"), m.get("sha256")) for m in on_disk.get("models", [])]
     want = [(m.get("name"), m.get("sha256")) for m in manifest.get("models", [])]
+    steps = manifest.get("extensions") or []
+    if steps:  # grown by `rdscale extend`: the base fit holds the chain's models, each step one more
+        want = want[:len(want) - len(steps)]
+        for step in run.extension_steps(manifest):
+            if step is None or not step.join("manifest.json").is_file():
+                out.append(f"an extension step of the tables ({step or 'unrecorded'}) is gone")
     if have != want:
         out.append(f"the fit at {artifact} names models {have}, the tables' metadata {want}")
     return out
