@@ -149,6 +149,13 @@ def test_bad_requests_get_a_one_line_4xx_never_a_500(server):
             assert message in error and "\n" not in error and "Traceback" not in error, (body, error)
         r = client.post(f"{server}/search", content=b'{"ids": ["P00001"', headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"].startswith("bad JSON"), r.text
+        # `curl -d '{...}'` without -H declares a form body: still read as JSON (the --help examples do this)
+        for ctype in ("application/x-www-form-urlencoded", "text/plain"):
+            r = client.post(f"{server}/search", content=b'{"ids": ["P00001"], "k": 2}', headers={"content-type": ctype})
+            assert r.status_code == 200 and r.json()["queries"] == 1, (ctype, r.text)
+        r = client.post(f"{server}/search", content=b'ids=P00001', headers={"content-type": "application/x-www-form"
+                                                                                          "-urlencoded"})
+        assert r.status_code == 400 and r.json()["error"].startswith("bad JSON"), r.text
 
 
 def test_service_in_process_equals_the_cli(run):

@@ -75,6 +75,16 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:500]
 
 
+@app.middleware("http")
+async def _body_is_json(request: Request, call_next):
+    """POST /search takes a JSON body whatever its declared type: `curl -d '{...}'` (no -H) sends it as a form
+    (application/x-www-form-urlencoded), which FastAPI would refuse with a baffling "valid dictionary" 422."""
+    if request.method == "POST" and request.url.path.rstrip("/").endswith("/search"):
+        headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+    return await call_next(request)
+
+
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
