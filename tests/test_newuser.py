@@ -159,3 +159,12 @@ def test_library_info_lines_stay_off_the_terminal():
     assert not keep(record("pylance", logging.INFO))
     assert keep(record("botocore.credentials", logging.WARNING))
     assert keep(record("rdscale.run.pipeline", logging.INFO))
+
+
+def test_config_printout_masks_credentials(capsys):
+    # was: `rdscale config --set storage.options={...}` printed the secret key in clear (output that gets pasted)
+    options = '{"aws_secret_access_key": "SECRET-1", "aws_session_token": "TOKEN-2", "region": "us-east-1"}'
+    code, out, err = invoke(capsys, ["config", "-c", "demo", "--set", f"storage.options={options}"])
+    assert code == 0, err
+    assert "SECRET-1" not in out and "TOKEN-2" not in out
+    assert "aws_secret_access_key: '***'" in out and "region: us-east-1" in out

@@ -21,3 +21,20 @@ def check_chain(cfg: Config, described: Sequence[dict]) -> None:
     if widths and width is not None and width > widths[-1]:
         raise ConfigError(f"output.storage_width={width} exceeds the embedding width {widths[-1]} of "
                           f"{described[-1]['name']}; use at most {widths[-1]} (or null for the full width)")
+
+
+# storage.options keys whose values are credentials (Lance's / object_store's names and the clouds' own)
+_SECRET_WORDS = ("secret", "token", "password", "account_key", "access_key", "sas", "credential", "private")
+
+
+def redacted(cfg_dict: dict) -> dict:
+    """The config as `rdscale config` prints it: credential values in storage.options shown as '***' (the
+    output gets pasted into issues and logs; a run's metadata never records storage at all)."""
+    out = dict(cfg_dict)
+    storage = dict(out.get("storage") or {})
+    options = storage.get("options")
+    if isinstance(options, dict):
+        storage["options"] = {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else v
+                              for k, v in options.items()}
+        out["storage"] = storage
+    return out

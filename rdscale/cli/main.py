@@ -182,8 +182,10 @@ def _table_info(run: Run) -> dict:
 def cmd_config(args) -> int:
     import yaml
 
+    from rdscale.cli.checks import redacted
+
     cfg = _load(args)
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False), end="")
+    print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False, default_flow_style=False), end="")
     return 0
 
 
