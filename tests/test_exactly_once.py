@@ -816,3 +816,41 @@ def test_a_taker_that_died_mid_takeover_does_not_lock_the_run(tmp_path):
     marker.write_bytes(LeaseInfo("taker", socket.gethostname(), _dead_pid(), None, now, now).encode())
     with WriterLease(loc, renew_every=0) as lease:
         assert read_lease(loc).run_id == lease.run_id and not marker.exists()
+
+
+def test_verify_mod_p_is_exact():
+    import hypothesis
+
+    from rdscale.run.verify import _P, _mod_p
+
+    @hypothesis.settings(max_examples=30, deadline=None)
+    @hypothesis.given(hypothesis.strategies.lists(hypothesis.strategies.integers(0, (1 << 62) - 1), min_size=1,
+                                                  max_size=50))
+    def check(values):
+        assert _mod_p(pa.array(values, pa.int64())).to_pylist() == [v % _P for v in values]
+
+    check()
+
+
+def test_verify_residue_check_is_exact_for_very_long_sequences(tmp_path):
+    """One row per position of a 400,000-residue record (a chromosome fragment in a FASTA of proteins): the
+    float64 sum of pos^2 (2.1e16 > 2^53) used to differ from the exact formula and flag a complete protein;
+    a missing or repeated position is still found."""
+    from rdscale.config import Config
+    from rdscale.io.runs import Run
+    from rdscale.run.verify import _check_residues
+
+    n = 400_000
+
+    def make(positions):
+        root = tmp_path / f"r{len(list((tmp_path).glob('r*')))}"
+        lance.write_dataset(pa.table({"id": ["long", "short"], "length": pa.array([n, 3], pa.int32())}),
+                            str(root / "proteins.lance"))
+        pos = pa.array(list(positions) + [0, 1, 2], pa.int32())
+        lance.write_dataset(pa.table({"id": ["long"] * (len(pos) - 3) + ["short"] * 3, "pos": pos}),
+                            str(root / "residues.lance"))
+        return _check_residues(Run(str(root)), Config(), 1, None)
+
+    assert make(range(n)) == []
+    assert "without exactly one row per residue" in make([*range(n - 1), n - 2])[0]  # last lost, one doubled
+    assert "more than once" in make([*range(n), 17])[0]

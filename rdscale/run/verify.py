@@ -49,8 +49,20 @@ _BATCH = 1 << 16
 _RECORDS = pa.schema([("source", pa.string()), ("id", pa.string()), ("digest", pa.string()),
                       ("shard", pa.int32()), ("where", pa.int8())])
 # per (fragment, protein): residue rows, and the sum / sum of squares of their positions
-_RESIDUES = pa.schema([("id", pa.string()), ("n", pa.int64()), ("s1", pa.float64()), ("s2", pa.float64()),
+# s1 = sum of pos, s2 = sum of (pos^2 mod _P): both exact in int64 (float64 sums of pos^2 were inexact beyond
+# ~300,000 residues, e.g. a chromosome fragment, and flagged a complete protein)
+_P = 2_147_483_647
+_RESIDUES = pa.schema([("id", pa.string()), ("n", pa.int64()), ("s1", pa.int64()), ("s2", pa.int64()),
                        ("lo", pa.int64()), ("hi", pa.int64()), ("length", pa.int64()), ("protein", pa.bool_())])
+
+
+def _mod_p(values):
+    """values mod _P for non-negative int64 values (pyarrow has no modulo kernel): v - floor(v / P) * P."""
+    quotient = pc.cast(pc.floor(pc.divide(pc.cast(values, pa.float64(), safe=False), float(_P))), pa.int64())
+    rest = pc.subtract(values, pc.multiply(quotient, _P))
+    # float rounding can leave rest one P off either way: fold it back into [0, P)
+    rest = pc.if_else(pc.less(rest, 0), pc.add(rest, _P), rest)
+    return pc.if_else(pc.greater_equal(rest, _P), pc.subtract(rest, _P), rest)
 
 
 def _seq_digest(sequence: str) -> str:
@@ -250,14 +262,14 @@ def _check_residues(run: Run, cfg: Config, parts: int, scratch: str | None) -> l
             n = batch.num_rows
             length = batch.column("length").cast(pa.int64())
             expect = pc.min_element_wise(length, window) if truncate else length
-            zeros = pa.array([0.0] * n, pa.float64())
+            zeros = pa.array([0] * n, pa.int64())
             summaries.add(pa.record_batch([batch.column("id"), pa.array([0] * n, pa.int64()), zeros, zeros,
                                            pa.array([0] * n, pa.int64()), pa.array([0] * n, pa.int64()),
                                            expect, pa.array([True] * n)], schema=_RESIDUES))
         for batch in run.dataset(RESIDUES).to_batches(columns=["id", "pos"], batch_size=1 << 20):
             table = pa.Table.from_batches([batch])
-            pos = table["pos"].cast(pa.float64())
-            table = table.append_column("p2", pc.multiply(pos, pos)).append_column("pf", pos)
+            pos = table["pos"].cast(pa.int64())
+            table = table.append_column("p2", _mod_p(pc.multiply_checked(pos, pos))).append_column("pf", pos)
             agg = table.group_by("id").aggregate([("pos", "count"), ("pf", "sum"),
                                                   ("p2", "sum"), ("pos", "min"), ("pos", "max")])
             k = agg.num_rows
@@ -285,8 +297,8 @@ def _check_residues(run: Run, cfg: Config, parts: int, scratch: str | None) -> l
                     repeated += 1
                     repeated_example = repeated_example or row["id"]
                 elif (n != length or row["lo_min"] != 0 or row["hi_max"] != length - 1
-                      or row["s1_sum"] != length * (length - 1) / 2
-                      or row["s2_sum"] != (length - 1) * length * (2 * length - 1) / 6):
+                      or row["s1_sum"] != length * (length - 1) // 2
+                      or row["s2_sum"] % _P != (length - 1) * length * (2 * length - 1) // 6 % _P):
                     wrong += 1
                     wrong_example = wrong_example or row["id"]
     if repeated:
