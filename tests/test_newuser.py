@@ -168,3 +168,23 @@ def test_config_printout_masks_credentials(capsys):
     assert code == 0, err
     assert "SECRET-1" not in out and "TOKEN-2" not in out
     assert "aws_secret_access_key: '***'" in out and "region: us-east-1" in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_unusable_device_is_named_before_anything_runs(tmp_path, capsys, tiny_family, fasta):
+    # was: extract --device cuda started embedding first; search --fasta --device cuda blamed the models
+    # ("... Pass models= (--models) with their current paths") and spoke Python (device='cpu')
+    out = tmp_path / "run"
+    code, _, err = invoke(capsys, ["extract", "--fasta", fasta, "--models", tiny_family[0], "-o", out, "--local",
+                                   "--device", "cuda"])
+    line = one_line(err)
+    assert code == 1 and "--device cpu" in line and "embedding:" not in err, err
+    assert not out.exists()
+    code, _, err = invoke(capsys, ["extract", "--fasta", fasta, "--models", tiny_family[0], "-o", out, "--local",
+                                   "--set", "embedding.dtype=float16"])
+    assert code == 1 and "float16 on CPU" in one_line(err) and not out.exists(), err
+    assert invoke(capsys, ["extract", "--fasta", fasta, "--models", tiny_family[0], "-o", out, "--local",
+                           "-q"])[0] == 0
+    code, _, err = invoke(capsys, ["search", out, "--fasta", fasta, "--device", "cuda"])
+    line = one_line(err)
+    assert code == 1 and "--device cpu" in line and "--models" not in line, err

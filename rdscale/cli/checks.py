@@ -17,6 +17,13 @@ def check_chain(cfg: Config, described: Sequence[dict]) -> None:
             names = ", ".join(f"{d['name']} ({d['width']})" for d in described)
             raise ConfigError(f"models must be ordered smallest first with strictly growing widths; got {names}: "
                               f"model {i + 1} ({widths[i]}) is not wider than model {i} ({widths[i - 1]})")
+    if cfg.ray.address == "local" and (cfg.embedding.device != "auto" or cfg.embedding.dtype != "auto"):
+        # in this process: the device and dtype must work here (on a Ray cluster the workers' devices count, and
+        # the driver may have no GPU at all)
+        from rdscale.model.loading import resolve_device_dtype
+
+        e = cfg.embedding
+        resolve_device_dtype(None if e.device == "auto" else e.device, None if e.dtype == "auto" else e.dtype)
     width = cfg.output.storage_width
     if widths and width is not None and width > widths[-1]:
         raise ConfigError(f"output.storage_width={width} exceeds the embedding width {widths[-1]} of "

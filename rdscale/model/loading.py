@@ -153,7 +153,8 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
             raise DeviceError(f"invalid device {device!r}: expected e.g. 'cpu', 'cuda', 'cuda:1'") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {device} requested but CUDA is not available; use device='cpu'")
+            raise DeviceError(f"device {device} requested but CUDA is not available; use the CPU (--device cpu, "
+                              "embedding.device: cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DeviceError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
 

@@ -52,6 +52,7 @@ class QueryEmbedder:
                  device: str | None = None):
         from rdscale.config import load_config
         from rdscale.fit.artifact import ArtifactError, load_fit
+        from rdscale.model.loading import DeviceError
         from rdscale.run.stages import ChainEncoder
 
         ds = open_table(dataset_path, table)
@@ -74,6 +75,8 @@ class QueryEmbedder:
         fit_dir = _fit_dir_of(run, manifest, config)
         try:
             self.encoder = ChainEncoder(model_names, cfg)
+        except DeviceError as err:  # the models are fine; the device is not (no "pass --models" hint)
+            raise SearchError(f"cannot embed the queries: {err}") from err
         except (OSError, ValueError) as err:
             raise SearchError(
                 f"cannot load the run's models {model_names}: {err}. Pass models= (--models) with their current "
