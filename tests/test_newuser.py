@@ -188,3 +188,21 @@ def test_unusable_device_is_named_before_anything_runs(tmp_path, capsys, tiny_fa
     code, _, err = invoke(capsys, ["search", out, "--fasta", fasta, "--device", "cuda"])
     line = one_line(err)
     assert code == 1 and "--device cpu" in line and "--models" not in line, err
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, capsys, tiny_family, fasta):
+    # was: `rdscale extract ... | head -1` printed a BrokenPipeError traceback when head left first
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    assert invoke(capsys, ["extract", "--fasta", fasta, "--models", tiny_family[0], "-o", out, "--local",
+                           "-q"])[0] == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "rdscale", "info", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_ray(args, uses_ray=cfg.ray.address != "local")
             return args.func(args, cfg)
         return args.func(args)
+    except BrokenPipeError:  # `rdscale search ... | head`: the reader has gone; what was written stays written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
+        return 141  # as a process killed by SIGPIPE (`cat`, `yes` in a pipe into head)
     except KeyboardInterrupt:
         print(f"rdscale {args.verb}: interrupted; committed shards are kept, rerun the same command to resume",
               file=sys.stderr)
