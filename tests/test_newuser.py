@@ -206,3 +206,21 @@ def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, capsys, tiny_family
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_bad_index_and_compact_parameters_are_one_line(tmp_path, capsys, tiny_family, fasta):
+    # was: `index --param m=abc` (faiss) and `--backend lance --param num_partitions=abc|0` tracebacks;
+    # `compact --target-rows 0` silently used Lance's default
+    out = tmp_path / "run"
+    assert invoke(capsys, ["extract", "--fasta", fasta, "--models", tiny_family[0], "-o", out, "--local",
+                           "-q"])[0] == 0
+    for extra in (["--param", "m=abc"], ["--param", "ef_construction=0"], ["--param", "m=2.5"],
+                  ["--index-type", "IVF_PQ", "--param", "nlist=1", "--param", "pq_bits=20"],
+                  ["--backend", "lance", "--param", "num_partitions=abc"],
+                  ["--backend", "lance", "--param", "num_partitions=0"],
+                  ["--backend", "lance", "--index-type", "IVF_PQ", "--param", "num_partitions=1",
+                   "--param", "num_sub_vectors=7"]):
+        code, _, err = invoke(capsys, ["index", out, "--width", "32", *extra])
+        assert code == 1 and "index: error:" in one_line(err), (extra, err)
+    code, _, err = invoke(capsys, ["compact", out, "--target-rows", "0"])
+    assert code == 2 and "--target-rows" in one_line(err), err

@@ -31,6 +31,8 @@ def compact_run(out_dir: str | Path, cleanup: bool = False, target_rows: int | N
     """Compact every table of a run directory. cleanup: also delete the data files of older table versions
     (frees the disk space; earlier versions can no longer be checked out). Returns per table
     {fragments_before, fragments_after, rows}."""
+    if target_rows is not None and target_rows < 1:
+        raise ConfigError(f"--target-rows must be at least 1, got {target_rows}")
     run = compactable(out_dir)
     report = {}
     for name in (*DATA_TABLES, LEDGER):

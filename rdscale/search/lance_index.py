@@ -105,6 +105,10 @@ def _index_covers_all(ds: lance.LanceDataset, lance_index: dict) -> bool:
     return {f.fragment_id for f in ds.get_fragments()} <= lance_index["fragment_ids"]
 
 
+_INTEGER_PARAMS = {"num_partitions", "num_sub_vectors", "num_bits", "m", "ef_construction", "max_iterations",
+                   "sample_rate"}
+
+
 def build_lance_index(
     dataset_path: str | Path,
     table: str = "proteins",
@@ -140,6 +144,10 @@ def build_lance_index(
     column = materialize_prefix(ds, width)
     ds = reopen(ds)  # the version with the new column
     resolved = {**default_index_params(index_type, num_rows, width), **params}
+    for key in _INTEGER_PARAMS & set(resolved):  # --param values are YAML: "abc", 0 or 2.5 would reach Lance
+        value = resolved[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SearchError(f"{index_type} parameter {key}={value!r} must be a positive integer")
     if resolved["num_partitions"] > num_rows:
         raise SearchError(f"num_partitions={resolved['num_partitions']} exceeds the {num_rows} rows of {table}")
     name = f"{column}_idx"
@@ -160,7 +168,11 @@ def build_lance_index(
     for other_name, other in existing.items():  # one vector index per column: search must not guess
         if other["column"] == column and other_name != name:
             ds.drop_index(other_name)
-    ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved)
+    try:
+        ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved)
+    except (ValueError, TypeError) as err:  # parameters Lance refuses (its message names them)
+        raise SearchError(f"Lance could not build the {index_type} index on {column}: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
 
     ds = reopen(ds)
     record = {**_recorded_indexes(ds), column: _jsonable(asdict(info))}
