@@ -224,3 +224,12 @@ def test_bad_index_and_compact_parameters_are_one_line(tmp_path, capsys, tiny_fa
         assert code == 1 and "index: error:" in one_line(err), (extra, err)
     code, _, err = invoke(capsys, ["compact", out, "--target-rows", "0"])
     assert code == 2 and "--target-rows" in one_line(err), err
+
+
+def test_eval_dms_negative_seed_is_one_line(tmp_path, capsys):
+    # was: "ValueError: expected non-negative integer" traceback from numpy
+    root = Path(__file__).resolve().parents[1] / "examples" / "dms"
+    code, _, err = invoke(capsys, ["eval", "dms", "--csv", root / "TOY_SYNTH.csv", "--wild-type",
+                                   root / "wild_types.fasta", "--models", "8M", "-o", tmp_path / "d", "--seed", "-1"])
+    assert code == 2 and "--seed" in one_line(err), err
+    assert not (tmp_path / "d").exists()

@@ -232,6 +232,8 @@ def cmd_dms(args: argparse.Namespace) -> int:
         raise ConfigError(f"--train-fraction must be between 0 and 1, got {args.train_fraction}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed < 0:  # numpy's generators take no negative seed
+        raise ConfigError(f"--seed must be a non-negative integer, got {args.seed}")
     check_output_location(args.out, "report directory")
     cfg = _load(args)
     if not cfg.models:
