@@ -107,10 +107,46 @@ def write_problem(err: BaseException, where: str | Path) -> str | None:
     return None
 
 
+# How a remote traceback names one of rdscale's errors: "rdscale.model.loading.CheckpointError: <message>"
+_REMOTE_ERROR = re.compile(r"^(?:\S*\) )?(rdscale(?:\.\w+)+)\.(\w+): (.*)$")
+
+
+def _remote_rdscale_error(err: BaseException) -> tuple[type, str] | None:
+    """(class, message) of an rdscale error that reached the driver as text only: Ray Data wraps an error of a
+    map_batches actor as RayTaskError(UserCodeException) whose cause, the UserCodeException, lost its own
+    __cause__ on the way (only the remote traceback's text names it)."""
+    import importlib
+
+    for e in _chain(err):
+        if not type(e).__module__.startswith("ray."):
+            continue
+        found = None
+        lines = str(e).splitlines()
+        for i, line in enumerate(lines):
+            match = _REMOTE_ERROR.match(line.strip())
+            if not match:
+                continue
+            try:
+                cls = getattr(importlib.import_module(match.group(1)), match.group(2))
+            except (ImportError, AttributeError):
+                continue
+            if isinstance(cls, type) and issubclass(cls, RdscaleError):
+                rest = [ln for ln in lines[i + 1:i + 3] if ln.startswith(("\t", "  ")) and ln.strip()
+                        and not ln.strip().startswith(("File ", "^"))]
+                found = (cls, " ".join([match.group(3).strip(), *(ln.strip() for ln in rest)]))
+        if found:  # the last one named: the innermost, where the remote traceback ends
+            return found
+    return None
+
+
 def user_facing(err: BaseException, where: str | None = None) -> str | None:
     """The message to print for an error the user can act on, or None for a bug (show the traceback).
     `where`: the output location the command writes, named in OS errors that name no path themselves."""
     ours = [e for e in _chain(err) if isinstance(e, RdscaleError)]
+    if not ours:
+        remote = _remote_rdscale_error(err)
+        if remote is not None:
+            return _one_line(remote[1])
     if ours:
         # Not Ray's wrappers: Ray re-raises a worker's error as a RayTaskError subclass of it (and Ray Data wraps
         # that again) whose text is a traceback; the outermost of rdscale's own errors says the most.
@@ -137,7 +173,10 @@ def exit_code(err: BaseException) -> int:
     """2 for a configuration or usage error, 1 for any other user error."""
     from rdscale.config import ConfigError
 
-    return 2 if any(isinstance(e, ConfigError) for e in _chain(err)) else 1
+    if any(isinstance(e, ConfigError) for e in _chain(err)):
+        return 2
+    remote = None if any(isinstance(e, RdscaleError) for e in _chain(err)) else _remote_rdscale_error(err)
+    return 2 if remote is not None and issubclass(remote[0], ConfigError) else 1
 
 
 def _one_line(text: str) -> str:

@@ -233,3 +233,52 @@ def test_eval_dms_negative_seed_is_one_line(tmp_path, capsys):
                                    root / "wild_types.fasta", "--models", "8M", "-o", tmp_path / "d", "--seed", "-1"])
     assert code == 2 and "--seed" in one_line(err), err
     assert not (tmp_path / "d").exists()
+
+
+def _broken_checkpoint(tiny_family, path: Path) -> Path:
+    """A fair-esm checkpoint whose config reads fine (so no check before the run catches it) but whose weights do
+    not fit: found only when a worker builds the model."""
+    import torch
+
+    ck = torch.load(tiny_family[0], weights_only=False)
+    key = "encoder.sentence_encoder.layers.0.fc1.weight"
+    ck["model"][key] = ck["model"][key][:, :5].clone()
+    torch.save(ck, path)
+    return path
+
+
+def test_remote_rdscale_error_text_is_worded_as_one_line():
+    from rdscale.errors import exit_code, user_facing
+
+    class RemoteText(Exception):  # how Ray Data hands back a map_batches actor's error: text only
+        pass
+
+    RemoteText.__module__ = "ray.exceptions"
+    text = ("ray::MapWorker(MapBatches(_ApplyActor)).submit() (pid=1)\n  File \"x.py\", line 1, in f\n"
+            "rdscale.model.loading.CheckpointError: /m.pt: weights do not fit: Error(s) in loading state_dict:\n"
+            "\tsize mismatch for layers.0.fc1.weight\n\n")
+    assert user_facing(RemoteText(text)) == ("/m.pt: weights do not fit: Error(s) in loading state_dict: size "
+                                             "mismatch for layers.0.fc1.weight")
+    assert exit_code(RemoteText(text)) == 1
+    assert exit_code(RemoteText(text.replace("model.loading.CheckpointError", "config.ConfigError"))) == 2
+    assert user_facing(RemoteText("rdscale.nope.NoSuchError: x\nbuiltins.ValueError: y")) is None  # a bug
+
+
+@pytest.mark.ray
+def test_broken_checkpoint_in_ray_workers_is_one_line(ray_session, tmp_path, tiny_family, fasta):
+    # was: an ActorDiedError / RayTaskError(UserCodeException) traceback (the apply actors' and the fit actors'
+    # constructors load the models), and extract left its empty output directory behind
+    from rdscale.config import load_config
+    from rdscale.errors import user_facing
+    from rdscale.run.pipeline import embed, fit
+
+    bad = _broken_checkpoint(tiny_family, tmp_path / "bad.pt")
+    common = [f"input.paths={[str(fasta)]}", "ray.address=null", "ray.num_actors=1", "ray.cpus_per_actor=0.5",
+              "ray.max_restarts=0"]
+    for step, models in ((embed, [bad]), (fit, [bad, tiny_family[1]])):
+        cfg = load_config(None, [*common, f"models={[str(m) for m in models]}",
+                                 f"output.dir={tmp_path / step.__name__}"])
+        with pytest.raises(Exception) as caught:
+            step(cfg, progress=False) if step is embed else step(cfg, out=str(tmp_path / "fit"))
+        message = user_facing(caught.value)
+        assert message is not None and "weights do not fit" in message and "\n" not in message, caught.value

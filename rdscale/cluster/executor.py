@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -95,6 +96,37 @@ def _shard_reader(shard: Shard, options: ValidationOptions, rows_per_block: int,
             yield pa.table(rows_to_columns(rows[i : i + rows_per_block]), schema=ROW_SCHEMA)
 
     return read
+
+
+def init_errors_at_first_call(cls: type) -> type:
+    """`cls` for a Ray actor, with an rdscale error of its constructor (a checkpoint that does not load, a device
+    that is not there) kept and raised by its first method call instead. Raised in the constructor it reaches the
+    driver as an ActorDiedError that keeps only text (a traceback the CLI cannot word as one line), after
+    max_restarts restarts that fail the same way; raised by a method it is a RayTaskError whose cause is the
+    rdscale error itself."""
+
+    def __init__(self, *args, **kwargs):
+        self._init_error = None
+        try:
+            cls.__init__(self, *args, **kwargs)
+        except RdscaleError as err:
+            self._init_error = err
+
+    def guarded(name: str):
+        method = getattr(cls, name)
+
+        def call(self, *args, **kwargs):
+            if self._init_error is not None:
+                raise self._init_error
+            return method(self, *args, **kwargs)
+
+        call.__name__, call.__doc__ = name, method.__doc__
+        return call
+
+    names = [n for n in dir(cls) if (not n.startswith("_") or n == "__call__") and callable(getattr(cls, n))
+             and not isinstance(inspect.getattr_static(cls, n), (staticmethod, classmethod))]
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__, **{n: guarded(n) for n in names}})
 
 
 class _ApplyActor(ApplyStage):
@@ -249,7 +281,8 @@ class RayExecutor:
     def _fit_tree(self, models, cfg, plan) -> dict | None:
         n = max(1, min(cfg.ray.num_actors, len(plan)))
         worker_cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor,
-                                max_restarts=cfg.ray.max_restarts, max_task_retries=cfg.ray.max_restarts)(_FitActor)
+                                max_restarts=cfg.ray.max_restarts,
+                                max_task_retries=cfg.ray.max_restarts)(init_errors_at_first_call(_FitActor))
         workers = [worker_cls.remote(models, cfg) for _ in range(n)]
         shares = [plan[i::n] for i in range(n)]
         try:
@@ -272,7 +305,7 @@ class RayExecutor:
                                       override_num_blocks=len(shards),
                                       num_cpus=SIDE_TASK_CPUS)
         ds = ds.map_batches(
-            _ApplyActor,
+            init_errors_at_first_call(_ApplyActor),
             fn_constructor_kwargs={"cfg": cfg, "models": list(models), "fit_dir": fit_dir, "uris": uris,
                                    "schemas": schemas},
             batch_size=cfg.output.records_per_batch,
@@ -305,7 +338,7 @@ class RayExecutor:
         from rdscale.run.extend import FragmentExtender
 
         cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor, max_restarts=cfg.ray.max_restarts,
-                         max_task_retries=cfg.ray.max_restarts)(FragmentExtender)
+                         max_task_retries=cfg.ray.max_restarts)(init_errors_at_first_call(FragmentExtender))
         return [cls.remote(model, cfg) for _ in range(max(1, n))]
 
     def extend_fit_step(self, model: str, cfg: Config, run: str, sample: int, regression: str, width: int):
