@@ -366,3 +366,16 @@ def test_ids_repeated_across_files_of_a_release_equal_a_fresh_run(world, tmp_pat
     sources = lance.dataset(str(run_dir / "proteins.lance")).to_table(columns=["source"], filter="shard >= 0")
     assert all(s.startswith("/") for s in sources["source"].to_pylist() if "rel" in s)
     assert verify_release(run_dir) == []
+
+
+def test_an_earlier_release_is_searched_exactly_and_says_so(world, tmp_path):
+    # was: `search --release initial --mode ann` asked to build an index, which cannot cover an earlier release
+    from rdscale.search import SearchError, search
+
+    _, _, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert search(run_dir, ids=["UR0005"], k=2, version="initial").num_rows == 2
+    for mode in ("ann", "funnel"):
+        with pytest.raises(SearchError, match="exact mode only"):
+            search(run_dir, ids=["UR0005"], k=2, version="initial", mode=mode)

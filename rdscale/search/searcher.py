@@ -409,6 +409,9 @@ class Searcher:
         (default max(10 k, 100)) and aggregate them per query protein to protein hits (see ``_aggregate``)."""
         if mode not in MODES:
             raise SearchError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if self.version is not None and mode != "exact":  # an index covers the latest version's rows only
+            raise SearchError(f"an earlier release ({self.version}) is searched in exact mode only (indexes "
+                              f"belong to the latest version); drop --mode {mode}")
         if self._committed:
             filter = self._committed if not filter else f"({self._committed}) AND ({filter})"
         metric = _check_metric(metric)
