@@ -8,6 +8,7 @@ Also: global flags before or after the verb, the positional RUN (with -o as an a
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pickle
 import shutil
@@ -566,3 +567,39 @@ def test_any_set_text_is_accepted_or_one_config_error(raw):
         load_config(None, [raw])
     except ConfigError as err:
         assert str(err)
+
+
+def test_long_verbs_report_progress_unless_quiet(world, tmp_path, capsys, monkeypatch):
+    """verify and a FAISS index build report their progress (a count line when stderr is not a terminal); -q
+    silences it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    # A handler on the progress logger itself: other libraries' logging set-up earlier in the session (Ray's
+    # dictConfig, levels) cannot hide the records from this test (as in the test above).
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("rdscale.progress")
+    monkeypatch.setattr(logger, "disabled", False)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        for argv, lines in ((["verify", run], ("verify: reading the input: 1/1 shards",
+                                              "verify: reading proteins and rejects: 6/6 rows",
+                                              "verify: reading residues: ")),
+                            (["index", run, "--backend", "faiss", "--width", "32", "--index-type", "IVF_FLAT",
+                              "--param", "nlist=2", "--rebuild"],
+                             ("indexing proteins (width 32, IVF_FLAT): 6/6 rows",))):
+            for quiet in (False, True):
+                records.clear()
+                code, _, err = invoke(capsys, (["-q"] if quiet else []) + argv)
+                assert code == 0, err
+                logged = [r.getMessage() for r in records]
+                for line in lines:
+                    assert any(m.startswith(line) for m in logged) != quiet, (argv, quiet, logged)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
