@@ -11,7 +11,7 @@ site=$("$py" -c "import lance, os; print(os.path.dirname(os.path.dirname(lance._
 mkdir -p bench/gpu_deps
 pack() {  # name, then the paths under site-packages
   local name=$1; shift
-  (cd "$site" && tar -cf - "$@") | xz -6 -T0 > "bench/gpu_deps/$name.tar.xz"
+  (cd "$site" && tar --exclude=__pycache__ -cf - "$@") | xz -6 -T0 > "bench/gpu_deps/$name.tar.xz"
   echo "bench/gpu_deps/$name.tar.xz: $(du -h "bench/gpu_deps/$name.tar.xz" | cut -f1)"
 }
 pack fair-esm esm $(cd "$site" && ls -d fair_esm-*.dist-info)

@@ -161,6 +161,44 @@ def test_backends_that_need_a_gpu_are_refused_with_a_reason_on_cpu():
         resolve_attention("xformers", torch.device("cpu"), torch.float32)
 
 
+def test_varlen_backend_only_where_varlen_attn_takes_a_scale():
+    """q reaches the attention pre-scaled (fair-esm's head_dim**-0.5 folded into the rotary tables), so a
+    varlen_attn without `scale` (its first releases) would apply the default scale a second time: such a torch
+    gets the nested backend instead ("auto") or a ValueError ("varlen")."""
+    from rdscale.model.fast_esm import _accepts_scale, _varlen_attn
+
+    def with_scale(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None):
+        return q
+
+    def without_scale(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        return q
+
+    assert _accepts_scale(with_scale) and not _accepts_scale(without_scale)
+    assert _accepts_scale(object()) is False  # no readable signature: not guessed
+    found = _varlen_attn()
+    assert found is None or _accepts_scale(found)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("forward", ["fast", "plain"])
+def test_batches_are_queued_without_a_host_synchronisation(tiny_family, forward):
+    """On CUDA a blocking host-to-device copy (torch.tensor(..., device=cuda) included), .item() or a
+    data-dependent shape would make the host wait for the previous batch's kernels; sync debug mode raises at
+    the first one."""
+    lm = load_model(tiny_family[1], device="cuda", dtype="bfloat16")
+    embedder = Embedder(lm, toks_per_batch=300, forward=forward)
+    rng = random.Random(4)
+    sequences = [protein(rng, rng.randint(1, 200)) for _ in range(20)]
+    embedder.embed(sequences[:2])  # first call: rotary tables and workspaces
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = embedder.embed(sequences)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [o.shape[0] for o in out] == [len(s) for s in sequences]
+
+
 # ------------------------------------------------------------------------------------------ per-model budgets
 
 
