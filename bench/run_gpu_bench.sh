@@ -29,7 +29,8 @@ log="$out/bench_gpu.log"
 rm -f "$json"
 "$py" bench/bench_gpu.py --local --out "$json" "$@" > "$log" 2>&1 &
 pid=$!
-tail -n +1 -f "$log" --pid "$pid" 2>/dev/null | grep -v -E '^\s*$' | cut -c1-300 | head -c 6000
+# progress as it comes (unbuffered: it is what remains if the device call is killed), at most 6 kB of it
+tail -n +1 -f "$log" --pid "$pid" 2>/dev/null | head -c 6000
 wait "$pid"
 rc=$?
 if [ ! -s "$json" ]; then  # it died before its first write (import error, no GPU): keep the reason
