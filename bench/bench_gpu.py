@@ -235,7 +235,9 @@ class Bench:
         """The cold row: the same extract in a fresh process (CUDA context, model load, first shapes included)."""
         import subprocess
 
-        command = [sys.executable, str(Path(__file__).resolve()), "--local", "--cold-extract", str(checkpoint),
+        # the interpreter's own flags too (-S, -I, ...): the child sees the packages this process sees
+        flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
+        command = [sys.executable, *flags, str(Path(__file__).resolve()), "--local", "--cold-extract", str(checkpoint),
                    str(fasta), self.attention, "--toks-per-batch", str(self.args.toks_per_batch)]
         command += ["--smoke"] if self.args.smoke else []
         command += ["--no-strict-imports"] if self.args.no_strict_imports else []
@@ -285,7 +287,10 @@ class Bench:
         # Built on the device in the run dtype: no float32 copy (12 GB for 3B) and no host-to-device transfer.
         # fair-esm's rotary inverse frequencies are made in float32 explicitly, whatever the default dtype.
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
+        try:
+            torch.set_default_dtype(self.dtype)
+        except (TypeError, ValueError):  # a torch that refuses a half default dtype: float32, cast below
+            pass
         try:
             with torch.device(self.device):
                 model = ESM2(num_layers=layers, embed_dim=width, attention_heads=heads, alphabet=alphabet)
@@ -394,10 +399,11 @@ class Bench:
                         model_load_seconds=self.load_seconds, **extra)
 
     def chain(self, chain_name, loaded, seqs, alone_row):
+        # (model_budgets from fast_esm, not run.stages: the chains need no Lance)
         from rdscale.fit.chain import fit_chain
         from rdscale.fit.moments import Moments
         from rdscale.model.embed import Embedder
-        from rdscale.run.stages import model_budgets
+        from rdscale.model.fast_esm import model_budgets
 
         torch = self.torch
         names = CHAINS[chain_name]

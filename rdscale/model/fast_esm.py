@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,17 @@ def pack_by_tokens(lengths, toks_per_batch: int) -> list[list[int]]:
     if batch:
         batches.append(batch)
     return batches
+
+
+def model_budgets(toks_per_batch: int, widths: Sequence[int], explicit: Sequence[int] | None = None,
+                  max_scale: float = 8.0) -> list[int]:
+    """Token budget per model of a chain. A model's FLOPs and activation memory per token grow with its width, so
+    smaller models take budgets scaled by k_largest / k_i (at most `max_scale`x): fewer, larger batches keep a
+    small model from being launch-bound. One model (extract): toks_per_batch as given."""
+    if explicit is not None:
+        return [int(b) for b in explicit]
+    top = max(widths)
+    return [int(toks_per_batch * min(max_scale, top / w)) for w in widths]
 
 
 class FastESM2:
@@ -297,5 +309,5 @@ def packed_flops_per_token(layers: int, width: int, context: float) -> float:
     return layers * (24.0 * width * width + 4.0 * width * context)
 
 
-__all__ = ["ATTENTION_BACKENDS", "FastESM2", "pack_by_tokens", "packed_flops_per_token", "resolve_attention",
-           "round_up"]
+__all__ = ["ATTENTION_BACKENDS", "FastESM2", "model_budgets", "pack_by_tokens", "packed_flops_per_token",
+           "resolve_attention", "round_up"]
