@@ -105,6 +105,19 @@ def test_long_sequences_through_windows_equal_fair_esm_on_each_window(fair_esm, 
         torch.testing.assert_close(got, other, atol=TOL, rtol=0)
 
 
+def test_windows_longer_than_the_first_rotary_table(loaded):
+    """A window above 1022 residues needs rotary positions past the 1024 the tables start with (they grow); packed
+    with short sequences of odd lengths, every output equals the plain forward's."""
+    lm = loaded[0]
+    rng = random.Random(13)
+    sequences = [protein(rng, n) for n in (1300, 1, 3, 1101, 65)]
+    fast = Embedder(lm, toks_per_batch=3000, window=1100, overlap=200, forward="fast").embed(sequences)
+    plain = Embedder(lm, toks_per_batch=3000, window=1100, overlap=200, forward="plain").embed(sequences)
+    for seq, a, b in zip(sequences, fast, plain):
+        assert a.shape == (len(seq), lm.spec.width)
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+
+
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.integers(1, 70), min_size=1, max_size=14), st.integers(20, 400))
 def test_any_batching_gives_the_same_embeddings(loaded, lengths, budget):
