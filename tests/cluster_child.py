@@ -100,45 +100,15 @@ def main() -> int:
         # -- a worker node removed mid-run, then the same command again ----------------------------------------
         lost_dir = work / "project" / "runs" / "lost"
         cfg = load_config(config, [f"output.dir={lost_dir}", f"fit.artifact={fit_dir}"])
-        removed = threading.Event()
-        at_removal = {}
-        # The driver holds after each ledger commit while this file exists (rdscale.io.store.fault_point): the node
-        # goes while shards remain, however fast the machine.
-        hold = work / "hold-after-commit"
-        hold.touch()
-        os.environ["RDSCALE_FAULT_HOLD"] = str(hold)
-
-        def remove_after_first_commit():
-            ledger = lost_dir / "shards.lance"
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if ledger.exists() and lance.dataset(str(ledger)).count_rows() >= 1:
-                        break
-                except (OSError, ValueError):  # the ledger is being created
-                    time.sleep(0.05)
-                time.sleep(0.05)
-            at_removal["committed"] = lance.dataset(str(ledger)).count_rows()
-            cluster.remove_node(worker)
-            removed.set()
-            hold.unlink()
-
-        killer = threading.Thread(target=remove_after_first_commit, daemon=True)
-        killer.start()
-        first_error = None
-        try:
-            run(cfg, RayExecutor(cfg), progress=False)
-        except Exception as err:  # noqa: BLE001 - the run may fail when its actor's node goes; the rerun must repair it
-            first_error = f"{type(err).__name__}: {str(err)[:200]}"
-        killer.join(timeout=130)
-        hold.unlink(missing_ok=True)
-        del os.environ["RDSCALE_FAULT_HOLD"]
+        at_removal, first_error = run_losing_a_node(cluster, worker, cfg, str(lost_dir / "shards.lance"),
+                                                    work / "hold-after-commit")
+        removed = "committed" in at_removal
         committed_before = lance.dataset(str(lost_dir / "shards.lance")).count_rows()
         cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 << 20)
         cluster.wait_for_nodes()
         summary = run(cfg, RayExecutor(cfg), progress=False)
         assert_same_tables(lost_dir, local_dir)
-        report["node_loss"] = {"ok": removed.is_set(), "first_error": first_error,
+        report["node_loss"] = {"ok": removed, "first_error": first_error,
                                "committed_at_removal": at_removal.get("committed"),
                                "committed_before_rerun": committed_before, "skipped_on_rerun": summary.shards_skipped,
                                "shards": summary.shards_total}
@@ -173,6 +143,44 @@ def main() -> int:
     return 0
 
 
+def run_losing_a_node(cluster, node, cfg, ledger: str, hold: Path) -> tuple[dict, str | None]:
+    """Run `cfg` on the cluster and remove `node` once the first shard is in the ledger; returns ({"committed":
+    ledger rows at the removal} or {} when it never happened, the run's error or None). The driver holds after each
+    ledger commit while `hold` exists (rdscale.io.store.fault_point): the node goes while shards remain, however
+    fast the machine."""
+    from rdscale.cluster.executor import RayExecutor
+    from rdscale.run.pipeline import run
+
+    at_removal: dict = {}
+    hold.touch()
+    os.environ["RDSCALE_FAULT_HOLD"] = str(hold)
+
+    def remove_after_first_commit():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                if lance.dataset(ledger).count_rows() >= 1:
+                    break
+            except (OSError, ValueError):  # the ledger is not written yet
+                pass
+            time.sleep(0.05)
+        at_removal["committed"] = lance.dataset(ledger).count_rows()
+        cluster.remove_node(node)
+        hold.unlink()
+
+    killer = threading.Thread(target=remove_after_first_commit, daemon=True)
+    killer.start()
+    first_error = None
+    try:
+        run(cfg, RayExecutor(cfg), progress=False)
+    except Exception as err:  # noqa: BLE001 - the run may fail when its actor's node goes; the rerun must repair it
+        first_error = f"{type(err).__name__}: {str(err)[:200]}"
+    killer.join(timeout=250)
+    hold.unlink(missing_ok=True)
+    del os.environ["RDSCALE_FAULT_HOLD"]
+    return at_removal, first_error
+
+
 def s3_node_loss(cluster, work: Path, prefix: str, settings: dict, models: list[str], local_dir: Path) -> dict:
     from rdscale.cluster.executor import RayExecutor
     from rdscale.config import load_config
@@ -194,35 +202,7 @@ def s3_node_loss(cluster, work: Path, prefix: str, settings: dict, models: list[
     ])
     node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 << 20)
     cluster.wait_for_nodes()
-    hold = work / "hold-s3"
-    hold.touch()
-    os.environ["RDSCALE_FAULT_HOLD"] = str(hold)
-    ledger = f"{out}/shards.lance"
-    at_removal: dict = {}
-
-    def remove_after_first_commit():
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if lance.dataset(ledger).count_rows() >= 1:
-                    break
-            except (OSError, ValueError):  # not written yet
-                pass
-            time.sleep(0.1)
-        at_removal["committed"] = lance.dataset(ledger).count_rows()
-        cluster.remove_node(node)
-        hold.unlink()
-
-    killer = threading.Thread(target=remove_after_first_commit, daemon=True)
-    killer.start()
-    first_error = None
-    try:
-        run(cfg, RayExecutor(cfg), progress=False)
-    except Exception as err:  # noqa: BLE001 - the rerun must repair whatever the lost node left
-        first_error = f"{type(err).__name__}: {str(err)[:200]}"
-    killer.join(timeout=250)
-    hold.unlink(missing_ok=True)
-    del os.environ["RDSCALE_FAULT_HOLD"]
+    at_removal, first_error = run_losing_a_node(cluster, node, cfg, f"{out}/shards.lance", work / "hold-s3")
     summary = run(cfg, RayExecutor(cfg), progress=False)
     same = {}
     import numpy as np
