@@ -16,7 +16,7 @@ Rows of the table (residues/s = per-residue rows produced per second; MFU = usef
 - `forward plain` / `forward fast`: `Embedder.embed` alone (padded batches vs packed, unpadded batches);
 - `extract`: `rdscale.run.pipeline.embed` with one model (what `rdscale extract --local` runs): FASTA -> shards ->
   forward -> Arrow -> Lance fragments -> commit, at three outputs: per-residue full width, per-residue prefix
-  640 in float16, per-protein only; `cold` runs the first of them in a fresh process (CUDA context, model load,
+  640 in float16, per-protein only; `cold` runs the prefix-640 one in a fresh process (CUDA context, model load,
   first-shape costs included), the others are warm;
 - `fit pass`: the chain's forwards plus float64 moments on the device over `--fit-sequences` sequences, once per
   Gram mode (`float64`; `float32`: exact 8-bit slices multiplied in float32, folded into float64), each with its
@@ -27,10 +27,16 @@ Rows of the table (residues/s = per-residue rows produced per second; MFU = usef
 - `forward fast + torch.compile` (last, if time is left; `--no-compile` and `--smoke` skip it): the elementwise
   work fused.
 
+Each part of the run (ALL_SECTIONS) runs on its own: an error is recorded in the JSON (`sections`) and the rest
+runs; a part whose inputs failed, or that would end past `--max-seconds` (default 480 s, by a rough H100/H200
+estimate per part), is skipped and says why; a part still running 60 s past the budget is interrupted. The JSON is
+rewritten after every part, so a run killed at any point leaves what it measured. Fields: bench/README.md.
+
     python bench/bench_gpu.py --local                    # on a GPU machine: writes bench/results/bench_gpu.json
     python bench/bench_gpu.py --local --smoke            # CPU check with tiny shapes (bench_gpu_smoke_cpu.json)
+    python bench/bench_gpu.py --table results.json       # the summary table of a (possibly partial) run
 
-Finishes in about 5 minutes on one H100/H200 (`--max-seconds` skips the remaining rows past a time limit).
+About 5-6 minutes on one H100/H200 at the default sizes (1M residues; 3B rows on a third of them).
 """
 
 from __future__ import annotations
@@ -80,12 +86,17 @@ def parse_args(argv):
     p.add_argument("--fit-sequences", type=int, default=None, help="fit-pass sample (default 1,000; smoke 20)")
     p.add_argument("--toks-per-batch", type=int, default=None, help="token budget (default 32,768; smoke 1,024)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (bf16 H100/H200: 989)")
-    p.add_argument("--max-seconds", type=float, default=540.0, help="skip remaining rows after this long")
+    p.add_argument("--max-seconds", type=float, default=480.0,
+                   help="time budget: a part that would end past it (by its rough H100/H200 estimate) is skipped; "
+                        "a part still running 60 s past it is interrupted (default 480, inside a 600 s device call)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (the last row)")
     p.add_argument("--no-strict-imports", action="store_true", help="do not refuse packages the path must not need")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--table", type=Path, default=None, help="print the summary table of a results JSON and exit")
     p.add_argument("--cold-extract", nargs=3, metavar=("CHECKPOINT", "FASTA", "ATTENTION"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.table is not None:
+        return args
     if not args.local:
         p.error("only --local is supported: the benchmark measures one device in this process")
     smoke = args.smoke
@@ -101,6 +112,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table is not None:  # no torch needed: runs after a failed or killed run too
+        print_table(json.loads(args.table.read_text()))
+        return 0
     if not args.no_strict_imports:
         refuse_unneeded_packages()
     bench = Bench(args)
@@ -112,7 +126,34 @@ def main(argv=None) -> int:
         shutil.rmtree(bench.scratch, ignore_errors=True)
         print("COLD " + json.dumps(row))
         return 0
+    _start_watchdog(args.max_seconds + WATCHDOG_GRACE)
     return bench.run()
+
+
+WATCHDOG_GRACE = 60.0
+
+
+def _start_watchdog(seconds: float) -> None:
+    """Past `seconds`, raise BudgetExceeded in the main thread (recorded as the running part's error; the parts
+    after it are then skipped by the budget), so the run ends with its JSON written instead of being killed."""
+    import signal
+
+    if not hasattr(signal, "SIGALRM"):
+        return
+
+    def fire(signum, frame):
+        raise BudgetExceeded(f"interrupted: still running {seconds:.0f} s after the start (--max-seconds + "
+                             f"{WATCHDOG_GRACE:.0f} s)")
+
+    signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds))
+
+
+def _stop_watchdog() -> None:
+    import signal
+
+    if hasattr(signal, "SIGALRM"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 class Bench:
@@ -132,10 +173,15 @@ class Bench:
             self.device = torch.device("cuda")
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             self.shapes = REAL_SHAPES
+        self.device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                            else platform.processor() or "cpu")
         self.rows: list[dict] = []
+        self.sections: dict[str, dict] = {}  # part name -> {status: ok|error|skipped, seconds, error | reason}
+        self.state: dict = {}  # what finished parts hand on to later ones (models, checkpoint, reference rows)
+        self.input: dict = {}
+        self.finished = False
         self.attention = "auto"  # until pick_attention has measured the backends
         self.load_seconds: float | None = None  # load_model of the 650M checkpoint, warm page cache
-        self.skipped: list[str] = []
         self.checks: dict = {}
         self.scratch = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
         os.environ.setdefault("RDSCALE_CACHE_DIR", str(self.scratch / "cache"))
@@ -152,13 +198,6 @@ class Bench:
         out = fn()
         self.sync()
         return time.perf_counter() - start, out
-
-    def over_time(self, name: str) -> bool:
-        if time.perf_counter() - self.started > self.args.max_seconds:
-            self.skipped.append(name)
-            print(f"  skipped (past --max-seconds): {name}")
-            return True
-        return False
 
     def flops(self, names, lengths, window=1022, overlap=256) -> float:
         """Useful forward FLOPs of the models `names` over sequences of `lengths` (windows for long ones)."""
@@ -192,21 +231,25 @@ class Bench:
 
         return [r.sequence for r in read_fasta(path) if isinstance(r, Record)]
 
-    def cold_extract(self, checkpoint: Path, fasta: Path) -> dict | None:
+    def cold_extract(self, checkpoint: Path, fasta: Path) -> dict:
         """The cold row: the same extract in a fresh process (CUDA context, model load, first shapes included)."""
         import subprocess
 
-        command = [sys.executable, str(Path(__file__).resolve()), "--local", "--cold-extract", str(checkpoint),
+        # the interpreter's own flags too (-S, -I, ...): the child sees the packages this process sees
+        flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
+        command = [sys.executable, *flags, str(Path(__file__).resolve()), "--local", "--cold-extract", str(checkpoint),
                    str(fasta), self.attention, "--toks-per-batch", str(self.args.toks_per_batch)]
         command += ["--smoke"] if self.args.smoke else []
         command += ["--no-strict-imports"] if self.args.no_strict_imports else []
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+        # bounded by what is left of the budget (plus the watchdog's grace), so a hung child cannot eat the run
+        left = self.args.max_seconds + WATCHDOG_GRACE - (start - self.started)
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(),
+                              timeout=max(30.0, left))
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("COLD ")), None)
         if done.returncode != 0 or line is None:
-            self.skipped.append(f"extract cold failed: {done.stderr[-1500:]}")
-            print(f"  extract cold FAILED: {done.stderr[-500:]}")
-            return None
+            tail = " ".join(done.stderr[-1500:].split())
+            raise RuntimeError(f"the fresh process exited with {done.returncode}: {tail}")
         row = json.loads(line[5:])
         row["process_wall_seconds"] = time.perf_counter() - start
         self.rows.append(row)
@@ -241,8 +284,18 @@ class Bench:
         layers, width, heads = self.shapes[name]
         alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
         torch.manual_seed(list(self.shapes).index(name))
-        with torch.device(self.device):
-            model = ESM2(num_layers=layers, embed_dim=width, attention_heads=heads, alphabet=alphabet)
+        # Built on the device in the run dtype: no float32 copy (12 GB for 3B) and no host-to-device transfer.
+        # fair-esm's rotary inverse frequencies are made in float32 explicitly, whatever the default dtype.
+        previous = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(self.dtype)
+        except (TypeError, ValueError):  # a torch that refuses a half default dtype: float32, cast below
+            pass
+        try:
+            with torch.device(self.device):
+                model = ESM2(num_layers=layers, embed_dim=width, attention_heads=heads, alphabet=alphabet)
+        finally:
+            torch.set_default_dtype(previous)
         model = model.to(self.dtype).eval()
         spec = ModelSpec.of(f"random_{name}", layers, width, heads)
         return LoadedModel(model=model, alphabet=alphabet, spec=spec, source=f"random {name}", sha256="",
@@ -346,10 +399,11 @@ class Bench:
                         model_load_seconds=self.load_seconds, **extra)
 
     def chain(self, chain_name, loaded, seqs, alone_row):
+        # (model_budgets from fast_esm, not run.stages: the chains need no Lance)
         from rdscale.fit.chain import fit_chain
         from rdscale.fit.moments import Moments
         from rdscale.model.embed import Embedder
-        from rdscale.run.stages import model_budgets
+        from rdscale.model.fast_esm import model_budgets
 
         torch = self.torch
         names = CHAINS[chain_name]
@@ -459,7 +513,11 @@ class Bench:
             except Exception as e:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
                 results[backend] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         self.checks["attention_backends_650M"] = results
-        chosen = best or "padded"
+        if best is None:  # none agreed (or none ran): what "auto" picks here, so the rows still measure the default
+            chosen = resolve_attention("auto", self.device, self.dtype)
+            self.checks["attention_note"] = f"no backend agreed with the plain forward; using auto's {chosen}"
+        else:
+            chosen = best
         self.checks["attention_used"] = chosen
         print("  attention backends: " + ", ".join(
             f"{b}: {r.get('residues_per_s_on_subset', 0):,.0f}/s diff {r.get('max_abs_diff_vs_plain', float('nan')):.3g}"
@@ -468,114 +526,290 @@ class Bench:
 
     # -------------------------------------------------------------------------------------------------- main
 
-    def run(self) -> int:
+    def sync_check(self, loaded, seqs) -> None:
+        """The fast and plain forwards' batch loops queue their work without a host synchronisation (a blocking
+        copy, .item(), a data-dependent shape): run under torch.cuda.set_sync_debug_mode("error"), which raises at
+        the first one. Recorded in checks (ok, or the error naming the operation)."""
+        from rdscale.model.embed import Embedder
+
         torch = self.torch
+        if self.device.type != "cuda":
+            self.checks["no_host_sync_in_forward"] = "not checked (CPU)"
+            return
+        probe = [s for _, s in seqs[:48]]
+        results = {}
+        for forward in ("fast", "plain"):
+            emb = Embedder(loaded, forward=forward, fast_attention=self.attention,
+                           toks_per_batch=self.args.toks_per_batch)
+            emb.embed(probe[:4])  # first call: rotary tables, workspace allocations
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                emb.embed(probe)
+                results[forward] = "ok"
+            except RuntimeError as e:
+                results[forward] = f"synchronises: {' '.join(str(e).split())[:400]}"
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        self.checks["no_host_sync_in_forward"] = results
+
+    # -------------------------------------------------------------------------------------------------- main
+
+    @property
+    def size_factor(self) -> float:
+        """Part estimates are for the default 1M residues; most of a part's time scales with the input."""
+        return max(0.25, self.args.residues / 1e6)
+
+    def section(self, name: str, fn, needs=(), estimate: float = 0.0) -> None:
+        """Run one part of the benchmark on its own: an error is recorded (and the rest runs), a part whose inputs
+        failed or that would not finish inside --max-seconds (by its rough `estimate` on an H100/H200 at 1M
+        residues, mostly generous: the FLOPs of all parts together are ~14 PFLOP, ~40 s at 35% MFU; the rest is
+        model builds, Arrow/Lance writes, process start and compilation) is skipped; the JSON is rewritten after
+        every part, so a run killed at any point leaves what it measured."""
+        elapsed = time.perf_counter() - self.started
+        missing = [n for n in needs if n not in self.state]
+        record: dict = {"status": "skipped"}
+        if missing:
+            record["reason"] = f"needs {', '.join(missing)}"
+        elif elapsed + (0.0 if self.args.smoke else estimate * self.size_factor) > self.args.max_seconds:
+            record["reason"] = (f"time budget: {elapsed:.0f} s spent + ~{estimate * self.size_factor:.0f} s > "
+                                f"--max-seconds {self.args.max_seconds:.0f}")
+        else:
+            print(f"-- {name} ({elapsed:.0f} s)", flush=True)
+            start = time.perf_counter()
+            try:
+                fn()
+                record = {"status": "ok"}
+            except Exception as e:  # noqa: BLE001 - one part failing must not lose the others
+                record = {"status": "error", "error": _error_text(e)}
+                print(f"  {name} FAILED: {record['error'][:600]}", flush=True)
+                self.free_memory()
+            record["seconds"] = round(time.perf_counter() - start, 2)
+        if record["status"] == "skipped":
+            print(f"-- {name}: skipped ({record['reason']})", flush=True)
+        self.sections[name] = record
+        self.write_report()
+
+    def free_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+    def run(self) -> int:
         args = self.args
+        self.write_report()  # the environment first: a run that dies at once still says where it ran
         seqs = self.sequences()
         lengths = [len(s) for _, s in seqs]
+        self.input = {"fasta": str(args.fasta), "proteins": len(seqs), "residues": sum(lengths),
+                      "longer_than_1022": sum(n > 1022 for n in lengths), "residues_3b": args.residues_3b}
         fasta = self.scratch / "input.fasta"
         with open(fasta, "w") as f:
             for rid, s in seqs:
                 f.write(f">{rid}\n{s}\n")
-        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
-        print(f"{device_name}: {len(seqs):,} proteins, {sum(lengths):,} residues ({sum(n > 1022 for n in lengths)} "
-              f"> 1022), {self.dtype}, toks_per_batch {args.toks_per_batch}")
+        subset_3b, total = [], 0
+        for item in seqs:
+            if total >= args.residues_3b:
+                break
+            subset_3b.append(item)
+            total += len(item[1])
+        print(f"{self.device_name}: {len(seqs):,} proteins, {sum(lengths):,} residues "
+              f"({self.input['longer_than_1022']} > 1022), {self.dtype}, toks_per_batch {args.toks_per_batch}, "
+              f"budget {args.max_seconds:.0f} s")
         print(f"  {'variant':<44} {'model':<8} {'residues':>10} {'time':>9} {'rate':>14} {'model':>11} {'MFU':>6}")
+        st = self.state  # what the parts hand on: models, the checkpoint, rows later parts compare against
 
-        try:
-            ckpt = self.save_checkpoint(self.build("650M"), self.scratch / "esm2_650M_random.pt")
-            loaded = {}
+        def build_small():
             for name in ("8M", "35M", "150M", "650M"):
-                loaded[name] = self.build(name)
-            # attention backends of the fast forward: each checked against the plain forward, fastest agreeing used
-            self.attention = self.pick_attention(loaded["650M"], seqs)
-            self.embed_rows(loaded["650M"], seqs, "fast", "forward fast (warm-up)", ["650M"])
+                st.setdefault("models", {})[name] = self.build(name)
+            st["models_built"] = True
+
+        def checkpoint():
+            st["checkpoint"] = self.save_checkpoint(st["models"]["650M"], self.scratch / "esm2_650M_random.pt")
+
+        def attention():
+            self.attention = self.pick_attention(st["models"]["650M"], seqs)
+
+        def warm_up():
+            self.embed_rows(st["models"]["650M"], seqs, "fast", "forward fast (warm-up)", ["650M"])
             self.rows.pop()
-            cold = self.cold_extract(ckpt, fasta)
+
+        def forward(kind, name, items, key):
+            def part():
+                st[key] = self.embed_rows(st["models"][name], items, kind, f"forward {kind}", [name])
+            return part
+
+        def model_load():
             from rdscale.model.loading import load_model
 
             device, dtype = self.device.type, str(self.dtype).removeprefix("torch.")
-            self.load_seconds, lm = self.timed(lambda: load_model(ckpt, device=device, dtype=dtype))
+            self.load_seconds, lm = self.timed(lambda: load_model(st["checkpoint"], device=device, dtype=dtype))
             self.checks["model_load_seconds_650M_warm_cache"] = self.load_seconds
             del lm
-            alone = {}
-            for forward in ("plain", "fast"):
-                if not self.over_time(f"forward {forward} 650M"):
-                    alone[forward] = self.embed_rows(loaded["650M"], seqs, forward, f"forward {forward}", ["650M"])
-            for label, residues_setting, width in (("extract warm, prefix 640 fp16", True, 640),
-                                                   ("extract warm, per-residue full width fp16", True, None),
-                                                   ("extract warm, per-protein only", False, None)):
-                if not self.over_time(label):
-                    w = min(width, self.shapes["650M"][1]) if width else None
-                    row = self.extract(label, ckpt, fasta, residues_setting, w, lengths)
-                    if "fast" in alone:
-                        row["rate_vs_forward_fast"] = row["residues_per_s"] / alone["fast"]["residues_per_s"]
-            warm = next((r for r in self.rows if r["variant"] == "extract warm, prefix 640 fp16"), None)
-            if warm and cold:
-                cold["cold_seconds_vs_warm"] = cold["seconds"] / warm["seconds"]
-            for name in ("8M", "35M", "150M"):
-                if not self.over_time(f"forward fast {name}"):
-                    self.embed_rows(loaded[name], seqs, "fast", "forward fast", [name],
-                                    budget=self.args.toks_per_batch)
-            if not self.over_time("fair-esm loop") :
-                self.fair_esm_loop("650M", seqs)
-            if "fast" in alone and not self.over_time("rd.650M"):
-                self.chain("rd.650M", loaded, seqs, alone["fast"])
-            # 3B on a subset
-            subset, total = [], 0
-            for item in seqs:
-                if total >= args.residues_3b:
-                    break
-                subset.append(item)
-                total += len(item[1])
-            if not self.over_time("3B"):
-                loaded["3B"] = self.build("3B")
-                self.embed_rows(loaded["3B"], subset[:32], "fast", "forward fast (warm-up)", ["3B"])
-                self.rows.pop()
-                alone3 = {f: self.embed_rows(loaded["3B"], subset, f, f"forward {f}", ["3B"])
-                          for f in ("plain", "fast") if not self.over_time(f"forward {f} 3B")}
-                if "fast" in alone3 and not self.over_time("rd.3B"):
-                    self.chain("rd.3B", loaded, subset, alone3["fast"])
-            # last, so that it only spends time that is left: torch.compile of the elementwise work
-            if not (args.no_compile or args.smoke) and not self.over_time("forward fast + torch.compile 650M"):
-                try:
-                    self.embed_rows(loaded["650M"], seqs, "fast", "forward fast + torch.compile", ["650M"],
-                                    compile=True)
-                except Exception as e:  # noqa: BLE001 - an optional variant; the rest of the report stands
-                    self.skipped.append(f"forward fast + torch.compile: {type(e).__name__}: {str(e)[:300]}")
-        finally:
-            shutil.rmtree(self.scratch, ignore_errors=True)
 
-        ray_imported = sys.modules.get("ray") is not None
-        report = {
+        def extract(label, residues_setting, width):
+            def part():
+                w = min(width, self.shapes["650M"][1]) if width else None
+                row = self.extract(label, st["checkpoint"], fasta, residues_setting, w, lengths)
+                if "fast650" in st:
+                    row["rate_vs_forward_fast"] = row["residues_per_s"] / st["fast650"]["residues_per_s"]
+                st.setdefault("extract_rows", {})[label] = row
+            return part
+
+        def cold():
+            row = self.cold_extract(st["checkpoint"], fasta)
+            warm = st.get("extract_rows", {}).get("extract warm, prefix 640 fp16")
+            if warm:
+                row["cold_seconds_vs_warm"] = row["seconds"] / warm["seconds"]
+
+        def small_models():
+            for name in ("8M", "35M", "150M"):
+                self.embed_rows(st["models"][name], seqs, "fast", "forward fast", [name])
+
+        def build_3b():
+            st.setdefault("models", {})["3B"] = self.build("3B")
+            self.embed_rows(st["models"]["3B"], subset_3b[:32], "fast", "forward fast (warm-up)", ["3B"])
+            self.rows.pop()
+            st["models_3b"] = True
+
+        def compiled():
+            self.embed_rows(st["models"]["650M"], seqs, "fast", "forward fast + torch.compile", ["650M"],
+                            compile=True)
+
+        try:
+            # Most valuable first: the 650M forward (MFU target), extract end to end, the rd.650M chain; then 3B,
+            # cold start, small models, the fair-esm baseline; torch.compile last (it compiles for a minute).
+            self.section("build models 8M..650M", build_small, estimate=15)
+            self.section("save 650M checkpoint", checkpoint, needs=["models_built"], estimate=10)
+            self.section("attention backends 650M", attention, needs=["models_built"], estimate=20)
+            self.section("host-sync check", lambda: self.sync_check(st["models"]["650M"], seqs),
+                         needs=["models_built"], estimate=5)
+            self.section("warm-up 650M", warm_up, needs=["models_built"], estimate=10)
+            self.section("forward fast 650M", forward("fast", "650M", seqs, "fast650"), needs=["models_built"],
+                         estimate=10)
+            self.section("forward plain 650M", forward("plain", "650M", seqs, "plain650"), needs=["models_built"],
+                         estimate=15)
+            self.section("model load 650M", model_load, needs=["checkpoint"], estimate=10)
+            for label, residues_setting, width in (("extract warm, per-protein only", False, None),
+                                                   ("extract warm, prefix 640 fp16", True, 640),
+                                                   ("extract warm, per-residue full width fp16", True, None)):
+                self.section(label, extract(label, residues_setting, width), needs=["checkpoint"], estimate=30)
+            self.section("rd.650M chain", lambda: self.chain("rd.650M", st["models"], seqs, st["fast650"]),
+                         needs=["models_built", "fast650"], estimate=40)
+            self.section("build 3B", build_3b, estimate=25)
+            self.section("forward fast 3B", forward("fast", "3B", subset_3b, "fast3b"), needs=["models_3b"],
+                         estimate=15)
+            self.section("forward plain 3B", forward("plain", "3B", subset_3b, "plain3b"), needs=["models_3b"],
+                         estimate=25)
+            self.section("rd.3B chain", lambda: self.chain("rd.3B", st["models"], subset_3b, st["fast3b"]),
+                         needs=["models_built", "models_3b", "fast3b"], estimate=60)
+            self.section("extract cold (fresh process)", cold, needs=["checkpoint"], estimate=45)
+            self.section("forward fast 8M/35M/150M", small_models, needs=["models_built"], estimate=15)
+            self.section("fair-esm autocast loop 650M", lambda: self.fair_esm_loop("650M", seqs), estimate=20)
+            if args.no_compile or args.smoke:
+                self.sections["forward fast + torch.compile 650M"] = {
+                    "status": "skipped", "reason": "--smoke" if args.smoke else "--no-compile"}
+            else:
+                self.section("forward fast + torch.compile 650M", compiled, needs=["models_built"], estimate=90)
+        except BudgetExceeded as e:  # the watchdog fired outside a part (a part records it as its own error)
+            self.sections["watchdog"] = {"status": "error", "error": str(e)}
+        finally:
+            _stop_watchdog()
+            for name in ALL_SECTIONS:
+                self.sections.setdefault(name, {"status": "skipped", "reason": "not reached"})
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.finished = True
+            self.write_report()
+        print(f"wrote {args.out} ({time.perf_counter() - self.started:.0f} s)")
+        print_table(self.report())
+        if sys.modules.get("ray") is not None:
+            print("error: Ray was imported on the benchmark's path", file=sys.stderr)
+            return 1
+        return 0 if all(r["status"] != "error" for r in self.sections.values()) else 2
+
+    def report(self) -> dict:
+        args = self.args
+        return {
             "benchmark": "bench_gpu",
             "label": "CPU SMOKE RUN (tiny shapes, float32): checks the script, not GPU figures" if args.smoke
             else "GPU run",
+            "finished": self.finished,
             "device": self.device.type,
-            "device_name": device_name,
+            "device_name": self.device_name,
             "dtype": str(self.dtype),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
+            "torch": self.torch.__version__,
+            "cuda": self.torch.version.cuda,
             "flash_attn_installed": _installed("flash_attn"),
             "python": platform.python_version(),
             "peak_tflops": args.peak_tflops,
+            "max_seconds": args.max_seconds,
             "shapes": self.shapes,
             "toks_per_batch": args.toks_per_batch,
-            "input": {"fasta": str(args.fasta), "proteins": len(seqs), "residues": sum(lengths),
-                      "longer_than_1022": sum(n > 1022 for n in lengths), "residues_3b": args.residues_3b},
-            "ray_imported": ray_imported,
+            "input": self.input,
+            "attention_used": self.attention,
+            "ray_imported": sys.modules.get("ray") is not None,
+            "seconds_total": round(time.perf_counter() - self.started, 2),
+            "sections": self.sections,
             "checks": self.checks,
-            "seconds_total": time.perf_counter() - self.started,
             "rows": self.rows,
-            "skipped": self.skipped,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out} ({report['seconds_total']:.0f} s)")
-        if ray_imported:
-            print("error: Ray was imported on the benchmark's path", file=sys.stderr)
-            return 1
-        return 0
+
+    def write_report(self) -> None:
+        """The JSON as it stands, replacing the last one atomically (a kill mid-write leaves the previous one)."""
+        out = self.args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(self.report(), indent=2, default=str) + "\n")
+        tmp.replace(out)
+
+
+ALL_SECTIONS = (
+    "build models 8M..650M", "save 650M checkpoint", "attention backends 650M", "host-sync check", "warm-up 650M",
+    "forward fast 650M", "forward plain 650M", "model load 650M", "extract warm, per-protein only",
+    "extract warm, prefix 640 fp16", "extract warm, per-residue full width fp16", "rd.650M chain", "build 3B",
+    "forward fast 3B", "forward plain 3B", "rd.3B chain", "extract cold (fresh process)", "forward fast 8M/35M/150M",
+    "fair-esm autocast loop 650M", "forward fast + torch.compile 650M",
+)
+
+
+class BudgetExceeded(Exception):
+    """Raised in the main thread by the watchdog (SIGALRM) once the run is past --max-seconds plus its grace."""
+
+
+def _error_text(e: BaseException) -> str:
+    """The exception and where it was raised (the innermost frames), short enough for a JSON field."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:1200]} [at {where}]"
+
+
+def print_table(report: dict) -> None:
+    """A compact summary of a report (stdout of a device run is short: rows, ratios, part statuses)."""
+    print(f"\n== bench_gpu: {report.get('device_name')} | torch {report.get('torch')} cuda {report.get('cuda')} | "
+          f"{report.get('dtype')} | attention {report.get('attention_used')} | "
+          f"{report.get('seconds_total', 0):.0f} s{'' if report.get('finished') else ' | NOT FINISHED'}")
+    print(f"{'variant':<46} {'model':<8} {'residues':>10} {'s':>7} {'res/s':>11} {'MFU':>6}  ratios")
+    ratio_keys = ("rate_vs_forward_fast", "time_vs_largest_alone", "flop_bound", "rate_vs_chain_apply",
+                  "rate_vs_apply_same_sequences", "cold_seconds_vs_warm")
+    for r in report.get("rows", []):
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        ratios = " ".join(f"{k}={r[k]:.3g}" for k in ratio_keys if isinstance(r.get(k), (int, float)))
+        print(f"{r['variant'][:46]:<46} {r['model']:<8} {r['residues']:>10,} {r['seconds']:>7.2f} "
+              f"{r['residues_per_s']:>11,.0f} {mfu:>6}  {ratios}")
+    checks = report.get("checks", {})
+    for key in ("no_host_sync_in_forward", "attention_used", "model_load_seconds_650M_warm_cache"):
+        if key in checks:
+            print(f"{key}: {checks[key]}")
+    for key, value in checks.items():
+        if key.startswith("fit_gram"):
+            print(f"{key}: {value}")
+    for name, rec in report.get("sections", {}).items():
+        if rec.get("status") != "ok":
+            detail = rec.get("error") or rec.get("reason") or ""
+            print(f"[{rec.get('status')}] {name}: {detail[:300]}")
 
 
 def _installed(name: str) -> bool:

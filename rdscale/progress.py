@@ -21,19 +21,28 @@ class Progress:
         self._last_log = time.monotonic()
         self._log_every = log_every_s
         self.enabled = enabled
+        self._closed = False
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:  # the error is reported on its own, without a count line after it
+            self._closed = True
+        self.close()
+
+    def close(self) -> None:
+        """Ends the bar (or logs the final count); closing twice is harmless."""
         if self._bar is not None:
             self._bar.close()
-        elif self.enabled:
+            self._bar = None
+        elif self.enabled and not self._closed:
             self._log()
+        self._closed = True
 
     def postfix(self, **fields: int) -> None:
         self.fields.update(fields)
@@ -49,8 +58,8 @@ class Progress:
 
     def _log(self) -> None:
         self._last_log = time.monotonic()
-        extra = " ".join(f"{k}={v:,}" for k, v in self.fields.items())
-        log.info("%s: %d/%d %ss %s", self.desc, self.done, self.total, self.unit, extra)
+        extra = "".join(f" {k}={v:,}" for k, v in self.fields.items())
+        log.info("%s: %d/%d %ss%s", self.desc, self.done, self.total, self.unit, extra)
 
 
 # Ray's own notices, harmless for an rdscale run, that would otherwise fill the terminal above the summary.

@@ -9,7 +9,10 @@ Checks, each reported in the JSON on stdout (the parent test asserts):
   the --local run of the same config;
 - `node_loss`: the worker node removed mid-run; the same command rerun (after a replacement node joined) ends with
   exactly the rows of the uninterrupted run;
-- `extend`: `extend` through the cluster equals the in-process extend.
+- `extend`: `extend` through the cluster equals the in-process extend;
+- `s3_node_loss` (when the parent passes `--s3 s3://bucket/prefix` and the AWS_* variables of a real S3 server):
+  what a cloud cluster does, where nodes share no disk. Input, checkpoints and output all on S3, the fit pass on
+  the cluster too, a GPU node added and then lost mid-run, the command rerun: the rows equal the --local run's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from test_pipeline import assert_same_tables, write_fasta
 def main() -> int:
     work = Path(sys.argv[1])
     models = sys.argv[2:]
+    s3_prefix = None
+    if "--s3" in models:
+        at = models.index("--s3")
+        s3_prefix = models[at + 1]
+        models = models[:at] + models[at + 2:]
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {}
     # The config and its inputs live in conf_dir and are named relative to it.
@@ -92,45 +100,15 @@ def main() -> int:
         # -- a worker node removed mid-run, then the same command again ----------------------------------------
         lost_dir = work / "project" / "runs" / "lost"
         cfg = load_config(config, [f"output.dir={lost_dir}", f"fit.artifact={fit_dir}"])
-        removed = threading.Event()
-        at_removal = {}
-        # The driver holds after each ledger commit while this file exists (rdscale.io.store.fault_point): the node
-        # goes while shards remain, however fast the machine.
-        hold = work / "hold-after-commit"
-        hold.touch()
-        os.environ["RDSCALE_FAULT_HOLD"] = str(hold)
-
-        def remove_after_first_commit():
-            ledger = lost_dir / "shards.lance"
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if ledger.exists() and lance.dataset(str(ledger)).count_rows() >= 1:
-                        break
-                except (OSError, ValueError):  # the ledger is being created
-                    time.sleep(0.05)
-                time.sleep(0.05)
-            at_removal["committed"] = lance.dataset(str(ledger)).count_rows()
-            cluster.remove_node(worker)
-            removed.set()
-            hold.unlink()
-
-        killer = threading.Thread(target=remove_after_first_commit, daemon=True)
-        killer.start()
-        first_error = None
-        try:
-            run(cfg, RayExecutor(cfg), progress=False)
-        except Exception as err:  # noqa: BLE001 - the run may fail when its actor's node goes; the rerun must repair it
-            first_error = f"{type(err).__name__}: {str(err)[:200]}"
-        killer.join(timeout=130)
-        hold.unlink(missing_ok=True)
-        del os.environ["RDSCALE_FAULT_HOLD"]
+        at_removal, first_error = run_losing_a_node(cluster, worker, cfg, str(lost_dir / "shards.lance"),
+                                                    work / "hold-after-commit")
+        removed = "committed" in at_removal
         committed_before = lance.dataset(str(lost_dir / "shards.lance")).count_rows()
         cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 << 20)
         cluster.wait_for_nodes()
         summary = run(cfg, RayExecutor(cfg), progress=False)
         assert_same_tables(lost_dir, local_dir)
-        report["node_loss"] = {"ok": removed.is_set(), "first_error": first_error,
+        report["node_loss"] = {"ok": removed, "first_error": first_error,
                                "committed_at_removal": at_removal.get("committed"),
                                "committed_before_rerun": committed_before, "skipped_on_rerun": summary.shards_skipped,
                                "shards": summary.shards_total}
@@ -153,6 +131,9 @@ def main() -> int:
         assert_same_tables(through, small)
         report["extend"] = {"ok": True, "new_width": summary.new_width, "residues": summary.residues,
                             "fragments": len(lance.dataset(str(through / "residues.lance")).get_fragments())}
+
+        if s3_prefix:
+            report["s3_node_loss"] = s3_node_loss(cluster, work, s3_prefix, settings, models, local_dir)
     except Exception:  # noqa: BLE001 - reported to the parent test, which fails with it
         report["error"] = traceback.format_exc()
     finally:
@@ -160,6 +141,84 @@ def main() -> int:
         cluster.shutdown()
     print("RESULT " + json.dumps(report))
     return 0
+
+
+def run_losing_a_node(cluster, node, cfg, ledger: str, hold: Path) -> tuple[dict, str | None]:
+    """Run `cfg` on the cluster and remove `node` once the first shard is in the ledger; returns ({"committed":
+    ledger rows at the removal} or {} when it never happened, the run's error or None). The driver holds after each
+    ledger commit while `hold` exists (rdscale.io.store.fault_point): the node goes while shards remain, however
+    fast the machine."""
+    from rdscale.cluster.executor import RayExecutor
+    from rdscale.run.pipeline import run
+
+    at_removal: dict = {}
+    hold.touch()
+    os.environ["RDSCALE_FAULT_HOLD"] = str(hold)
+
+    def remove_after_first_commit():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                if lance.dataset(ledger).count_rows() >= 1:
+                    break
+            except (OSError, ValueError):  # the ledger is not written yet
+                pass
+            time.sleep(0.05)
+        at_removal["committed"] = lance.dataset(ledger).count_rows()
+        cluster.remove_node(node)
+        hold.unlink()
+
+    killer = threading.Thread(target=remove_after_first_commit, daemon=True)
+    killer.start()
+    first_error = None
+    try:
+        run(cfg, RayExecutor(cfg), progress=False)
+    except Exception as err:  # noqa: BLE001 - the run may fail when its actor's node goes; the rerun must repair it
+        first_error = f"{type(err).__name__}: {str(err)[:200]}"
+    killer.join(timeout=250)
+    hold.unlink(missing_ok=True)
+    del os.environ["RDSCALE_FAULT_HOLD"]
+    return at_removal, first_error
+
+
+def s3_node_loss(cluster, work: Path, prefix: str, settings: dict, models: list[str], local_dir: Path) -> dict:
+    from rdscale.cluster.executor import RayExecutor
+    from rdscale.config import load_config
+    from rdscale.io.location import Location
+    from rdscale.run.pipeline import run
+
+    def upload(local: Path, *parts: str) -> str:
+        uri = "/".join([prefix.rstrip("/"), *parts])
+        Location.parse(uri).write_bytes(local.read_bytes())
+        return uri
+
+    out = f"{prefix.rstrip('/')}/runs/lost"
+    cfg = load_config(None, [
+        f"models={json.dumps([upload(Path(m), 'models', Path(m).name) for m in models])}",
+        f"input.paths=[{upload(work / 'project' / 'data' / 'in.fasta', 'data', 'in.fasta')}]",
+        f"output.dir={out}",
+        *(f"{section}.{key}={json.dumps(value)}" for section in ("input", "embedding", "output", "ray")
+          for key, value in settings[section].items() if key not in ("paths", "dir")),
+    ])
+    node = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 << 20)
+    cluster.wait_for_nodes()
+    at_removal, first_error = run_losing_a_node(cluster, node, cfg, f"{out}/shards.lance", work / "hold-s3")
+    summary = run(cfg, RayExecutor(cfg), progress=False)
+    same = {}
+    import numpy as np
+
+    for name, keys in (("proteins", ["id"]), ("residues", ["id", "pos"]), ("rejects", ["id"])):
+        a = lance.dataset(str(local_dir / f"{name}.lance")).to_table().sort_by([(k, "ascending") for k in keys])
+        b = lance.dataset(f"{out}/{name}.lance").to_table().sort_by([(k, "ascending") for k in keys])
+        columns = [c for c in a.column_names if c not in ("shard", "embedding", "source")]
+        same[name] = a.num_rows == b.num_rows and all(a[c].to_pylist() == b[c].to_pylist() for c in columns)
+        if "embedding" in a.column_names and same[name]:
+            x = np.asarray(a["embedding"].combine_chunks().flatten(), np.float32)
+            y = np.asarray(b["embedding"].combine_chunks().flatten(), np.float32)
+            same[name] = bool(np.abs(x - y).max(initial=0.0) <= 1e-5)
+    return {"removed": "committed" in at_removal, "committed_at_removal": at_removal.get("committed"),
+            "first_error": first_error, "shards": summary.shards_total, "skipped_on_rerun": summary.shards_skipped,
+            "same_as_local": same, "fitted_on_cluster": summary.fit_dir == f"{out}/fit"}
 
 
 if __name__ == "__main__":

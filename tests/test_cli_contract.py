@@ -7,7 +7,9 @@ Also: global flags before or after the verb, the positional RUN (with -o as an a
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import pickle
 import shutil
@@ -487,29 +489,33 @@ def test_ray_notices_go_to_the_log_file(tmp_path, monkeypatch, capfd):
     assert "lance is not fork-safe" in os.environ["PYTHONWARNINGS"]
 
 
-def test_log_names_the_final_fit_location_not_the_staging_one(tmp_path, tiny_family, monkeypatch):
-    import logging
-
-    from helpers import make_cfg
-
-    from rdscale.run.pipeline import LocalExecutor, run
-
-    # A handler on the pipeline's own logger: other libraries' logging set-up earlier in the session (dictConfig,
-    # levels) cannot hide the record from this test.
+@contextlib.contextmanager
+def logged_by(name: str, monkeypatch):
+    """The records `name`'s logger emits inside the block, through a handler on that logger itself: other
+    libraries' logging set-up earlier in the session (Ray's dictConfig, levels) cannot hide them from a test."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    logger = logging.getLogger("rdscale.run.pipeline")
+    logger = logging.getLogger(name)
     monkeypatch.setattr(logger, "disabled", False)
     level = logger.level
     logger.setLevel(logging.INFO)  # setLevel, not the attribute: it also clears the loggers' isEnabledFor caches
     logger.addHandler(handler)
     try:
-        fasta = write_fasta(tmp_path / "a.fasta", n=4, seed=1)
-        run(make_cfg(tmp_path, fasta, tiny_family[:2], "r"), LocalExecutor(), progress=False)
+        yield records
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_log_names_the_final_fit_location_not_the_staging_one(tmp_path, tiny_family, monkeypatch):
+    from helpers import make_cfg
+
+    from rdscale.run.pipeline import LocalExecutor, run
+
+    with logged_by("rdscale.run.pipeline", monkeypatch) as records:
+        fasta = write_fasta(tmp_path / "a.fasta", n=4, seed=1)
+        run(make_cfg(tmp_path, fasta, tiny_family[:2], "r"), LocalExecutor(), progress=False)
     written = [r.getMessage() for r in records if "fit artifact written" in r.getMessage()]
     assert written and all(".partial" not in m for m in written)
     assert str(tmp_path / "r" / "fit") in written[0]
@@ -566,3 +572,26 @@ def test_any_set_text_is_accepted_or_one_config_error(raw):
         load_config(None, [raw])
     except ConfigError as err:
         assert str(err)
+
+
+def test_long_verbs_report_progress_unless_quiet(world, tmp_path, capsys, monkeypatch):
+    """verify and a FAISS index build report their progress (a count line when stderr is not a terminal); -q
+    silences it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    with logged_by("rdscale.progress", monkeypatch) as records:
+        for argv, lines in ((["verify", run], ("verify: reading the input: 1/1 shards",
+                                              "verify: reading proteins and rejects: 6/6 rows",
+                                              "verify: reading residues: ")),
+                            (["index", run, "--backend", "faiss", "--width", "32", "--index-type", "IVF_FLAT",
+                              "--param", "nlist=2", "--rebuild"],
+                             ("indexing proteins (width 32, IVF_FLAT): 6/6 rows",))):
+            for quiet in (False, True):
+                records.clear()
+                code, _, err = invoke(capsys, (["-q"] if quiet else []) + argv)
+                assert code == 0, err
+                logged = [r.getMessage() for r in records]
+                for line in lines:
+                    assert any(m.startswith(line) for m in logged) != quiet, (argv, quiet, logged)

@@ -124,11 +124,12 @@ def test_gpus_come_from_the_cluster_and_impossible_requests_are_refused(ray_sess
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_node_cluster_relative_paths_node_loss_and_extend(tmp_path, tiny_family):
-    """Head + one node, one "GPU" and one CPU each (a subprocess: its own Ray). See tests/cluster_child.py."""
+def test_two_node_cluster_relative_paths_node_loss_and_extend(tmp_path, tiny_family, s3):
+    """Head + one node, one "GPU" and one CPU each (a subprocess: its own Ray), then everything on S3 with a node
+    lost mid-run. See tests/cluster_child.py."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cluster_child.py"), str(tmp_path / "w"),
-                           *map(str, tiny_family)], capture_output=True, text=True, env=_child_env(), timeout=580,
-                          check=False)
+                           *map(str, tiny_family), "--s3", s3.uri("cluster")], capture_output=True, text=True,
+                          env=_child_env(), timeout=580, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
     report = json.loads(lines[-1][len("RESULT "):])
@@ -143,6 +144,10 @@ def test_two_node_cluster_relative_paths_node_loss_and_extend(tmp_path, tiny_fam
     assert node_loss["skipped_on_rerun"] == node_loss["committed_before_rerun"]
     # extend through the cluster's actors equals the in-process extend (assert_same_tables in the child).
     assert report["extend"]["ok"] and report["extend"]["new_width"] == 64 and report["extend"]["residues"] > 0
+    lost = report["s3_node_loss"]
+    assert lost["removed"] and lost["committed_at_removal"] < lost["shards"], lost
+    assert lost["fitted_on_cluster"] and lost["skipped_on_rerun"] >= lost["committed_at_removal"], lost
+    assert lost["same_as_local"] == {"proteins": True, "residues": True, "rejects": True}, lost
 
 
 # ------------------------------------------------------------------------------------------------ ray job submit

@@ -105,6 +105,19 @@ def test_long_sequences_through_windows_equal_fair_esm_on_each_window(fair_esm, 
         torch.testing.assert_close(got, other, atol=TOL, rtol=0)
 
 
+def test_windows_longer_than_the_first_rotary_table(loaded):
+    """A window above 1022 residues needs rotary positions past the 1024 the tables start with (they grow); packed
+    with short sequences of odd lengths, every output equals the plain forward's."""
+    lm = loaded[0]
+    rng = random.Random(13)
+    sequences = [protein(rng, n) for n in (1300, 1, 3, 1101, 65)]
+    fast = Embedder(lm, toks_per_batch=3000, window=1100, overlap=200, forward="fast").embed(sequences)
+    plain = Embedder(lm, toks_per_batch=3000, window=1100, overlap=200, forward="plain").embed(sequences)
+    for seq, a, b in zip(sequences, fast, plain):
+        assert a.shape == (len(seq), lm.spec.width)
+        torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+
+
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.integers(1, 70), min_size=1, max_size=14), st.integers(20, 400))
 def test_any_batching_gives_the_same_embeddings(loaded, lengths, budget):
@@ -159,6 +172,44 @@ def test_backends_that_need_a_gpu_are_refused_with_a_reason_on_cpu():
             resolve_attention(backend, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="must be one of"):
         resolve_attention("xformers", torch.device("cpu"), torch.float32)
+
+
+def test_varlen_backend_only_where_varlen_attn_takes_a_scale():
+    """q reaches the attention pre-scaled (fair-esm's head_dim**-0.5 folded into the rotary tables), so a
+    varlen_attn without `scale` (its first releases) would apply the default scale a second time: such a torch
+    gets the nested backend instead ("auto") or a ValueError ("varlen")."""
+    from rdscale.model.fast_esm import _accepts_scale, _varlen_attn
+
+    def with_scale(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None):
+        return q
+
+    def without_scale(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        return q
+
+    assert _accepts_scale(with_scale) and not _accepts_scale(without_scale)
+    assert _accepts_scale(object()) is False  # no readable signature: not guessed
+    found = _varlen_attn()
+    assert found is None or _accepts_scale(found)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("forward", ["fast", "plain"])
+def test_batches_are_queued_without_a_host_synchronisation(tiny_family, forward):
+    """On CUDA a blocking host-to-device copy (torch.tensor(..., device=cuda) included), .item() or a
+    data-dependent shape would make the host wait for the previous batch's kernels; sync debug mode raises at
+    the first one."""
+    lm = load_model(tiny_family[1], device="cuda", dtype="bfloat16")
+    embedder = Embedder(lm, toks_per_batch=300, forward=forward)
+    rng = random.Random(4)
+    sequences = [protein(rng, rng.randint(1, 200)) for _ in range(20)]
+    embedder.embed(sequences[:2])  # first call: rotary tables and workspaces
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = embedder.embed(sequences)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [o.shape[0] for o in out] == [len(s) for s in sequences]
 
 
 # ------------------------------------------------------------------------------------------ per-model budgets

@@ -175,6 +175,37 @@ def test_the_callers_tf32_setting_is_restored():
         matmul.fp32_precision = previous
 
 
+def test_no_precision_switch_is_written_while_tf32_is_off():
+    """With TF32 off (torch's default) the float32 Gram writes no switch: in some torch releases one write of the
+    per-backend fp32_precision makes every later read of the legacy allow_tf32 raise (torch.compile's too). Where
+    TF32 is on, the products are IEEE inside and the caller's setting is back after."""
+    from rdscale.fit.moments import _ieee_float32_matmul, _tf32_may_be_on
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: no per-backend fp32_precision")
+    cuda = torch.device("cuda")  # the switches exist without a GPU; nothing runs on the device here
+    previous = matmul.fp32_precision
+    try:
+        if previous == "none" and torch.get_float32_matmul_precision() == "highest":  # a fresh process
+            assert not _tf32_may_be_on()
+            with _ieee_float32_matmul(cuda):
+                assert matmul.fp32_precision == "none"  # not written
+        matmul.fp32_precision = "ieee"
+        assert not _tf32_may_be_on()
+        with _ieee_float32_matmul(cuda):
+            assert matmul.fp32_precision == "ieee"
+        matmul.fp32_precision = "tf32"
+        assert _tf32_may_be_on()
+        with _ieee_float32_matmul(torch.device("cpu")):  # CPU products never use cuBLAS: left alone
+            assert matmul.fp32_precision == "tf32"
+        with _ieee_float32_matmul(cuda):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = previous
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_float32_gram_on_cuda_within_tolerance_even_with_tf32_allowed():
     from rdscale.fit.moments import _FULL_RATE_FP64

@@ -411,6 +411,15 @@ def test_bad_locations_one_line_errors(s3, capsys, tmp_path, monkeypatch):
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.parametrize("scheme", ["gs", "az"])
+def test_writing_a_run_where_no_lease_exists_is_refused_before_any_work(scheme, capsys, tmp_path, tiny_family):
+    fasta = tmp_path / "a.fasta"
+    fasta.write_text(">a\nMKTAYIAKQR\n")
+    line = _one_line_error(capsys, "run", "--local", "--fasta", str(fasta), "--models", *map(str, tiny_family[:2]),
+                           "-o", f"{scheme}://bucket/run")
+    assert f"{scheme}://bucket/run" in line and "s3://" in line and "cannot be written" in line
+
+
 def test_packaged_configs_resolve_by_name(tmp_path, monkeypatch):
     from rdscale.config import ConfigError, load_config, packaged_configs
 

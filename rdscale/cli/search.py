@@ -149,7 +149,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         for width in widths:
             started = time.perf_counter()
             info = S.build_index(args.out, table=table, width=width, index_type=args.index_type,
-                                 metric=args.metric, rebuild=args.rebuild, backend=args.backend, **params)
+                                 metric=args.metric, rebuild=args.rebuild, backend=args.backend,
+                                 progress=not args.quiet, **params)
             shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
             where = f"{INDEX_DIR}/{info.index_name}" if info.backend == "faiss" else info.column
             print(f"{table}: {info.backend} {info.index_type} {info.metric} index on {where} (width {info.width}, "

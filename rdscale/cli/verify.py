@@ -10,7 +10,7 @@ from rdscale.cli.args import add_run_argument
 def cmd_verify(args) -> int:
     from rdscale.run.verify import verify
 
-    problems = verify(args.out)
+    problems = verify(args.out, progress=not args.quiet)
     if problems:
         for line in problems:
             print(line)

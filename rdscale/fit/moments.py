@@ -347,7 +347,7 @@ def _block_grams(slices: torch.Tensor, k: int) -> list[torch.Tensor]:
     out = [torch.zeros(k, (stop - a) * k, dtype=torch.float64, device=slices.device) for a, stop in spans]
     full = n // GRAM_BLOCK
     g = max(1, _STACK_ELEMENTS // (_SLICES * k * k))  # the widest product is (g, K, S K)
-    with _ieee_float32_matmul():
+    with _ieee_float32_matmul(slices.device):
         if full:
             stacked = slices[: full * GRAM_BLOCK].view(full, GRAM_BLOCK, _SLICES * k)  # (full, b, S K), a view
             for i in range(0, full, g):
@@ -362,11 +362,31 @@ def _block_grams(slices: torch.Tensor, k: int) -> list[torch.Tensor]:
     return out
 
 
+def _tf32_may_be_on() -> bool:
+    """Whether cuBLAS may run float32 products in TF32 in this process, read without touching any switch (torch's
+    default is off). Reads the new per-backend switch first: where it was written, reading the legacy one raises
+    in some torch releases."""
+    matmul = torch.backends.cuda.matmul
+    for switch in (matmul, torch.backends):
+        precision = getattr(switch, "fp32_precision", "none")
+        if precision != "none":
+            return precision == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:  # a mix of the legacy and new switches: assume the worst
+        return True
+
+
 @contextmanager
-def _ieee_float32_matmul():
+def _ieee_float32_matmul(device: torch.device | None = None):
     """Full float32 products for the Gram even where the process allows TF32 (10-bit mantissas would break the
-    1e-6 guarantee). Uses the new per-backend switch where torch has it (reading the legacy one after the new one
-    was set raises), the legacy allow_tf32 otherwise; restores the caller's setting."""
+    1e-6 guarantee). Writes no switch where none is needed (CPU tensors, or TF32 off, torch's default): in some
+    torch releases one write of the new per-backend switch makes every later read of the legacy one raise,
+    torch.compile's included. Otherwise uses the new switch where torch has it, the legacy allow_tf32 before
+    it; restores the caller's setting."""
+    if (device is not None and device.type != "cuda") or not _tf32_may_be_on():
+        yield
+        return
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
         previous = matmul.fp32_precision

@@ -200,7 +200,9 @@ def backend_for(location: str) -> LeaseBackend:
     if "://" in location and not location.startswith("file://"):
         if location.startswith("s3://"):
             return S3LeaseBackend()
-        raise LeaseError(f"no writer lease implementation for {location.split('://')[0]}:// locations yet")
+        raise LeaseError(f"{location}: a run cannot be written to {location.split('://')[0]}:// storage yet (its "
+                         "one-writer lease needs a conditional create, implemented for S3 only); write it to a "
+                         "local or shared filesystem or to s3:// (any S3-compatible store)")
     return LocalLeaseBackend()
 
 

@@ -259,8 +259,10 @@ class Embedder:
             self._embed_packed(tokens, pieces, outputs)
         for batch in [] if self._fast is not None else pack_batches([e - s for _, s, e in pieces], self.toks_per_batch, self.max_batch_size):
             batch_tokens = self._batch_tokens([tokens[i][s:e] for i, s, e in (pieces[p] for p in batch)])
+            # Whether the batch is padded is read on the host: on the device it would be a synchronisation.
+            padded = bool(batch_tokens.eq(self._pad).any())
             with torch.inference_mode():
-                hidden = self._forward(batch_tokens.to(self.device, non_blocking=True))  # (B, T, k)
+                hidden = self._forward(batch_tokens.to(self.device, non_blocking=True), padded)  # (B, T, k)
             # Outside inference mode, clone() gives ordinary tensors that do not pin the whole batch in memory.
             for row, p in enumerate(batch):
                 _, s, e = pieces[p]
@@ -314,8 +316,9 @@ class Embedder:
 
     # ---------------------------------------------------------------------------------------------------------
 
-    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, k) hidden states at self.layer."""
+    def _forward(self, tokens: torch.Tensor, has_padding: bool | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, k) hidden states at self.layer. `has_padding`: whether any token is padding,
+        when the caller knows it (None: read from `tokens`, a host synchronisation on a GPU)."""
         if self.attention == "esm":
             return self.model(tokens, repr_layers=[self.layer])["representations"][self.layer]
         m = self.model
@@ -328,7 +331,8 @@ class Embedder:
             x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
             observed = is_mask.sum(-1).to(x.dtype) / (~padding).sum(-1)
             x = x * (1 - 0.15 * 0.8) / (1 - observed)[:, None, None]
-        has_padding = bool(padding.any())
+        if has_padding is None:
+            has_padding = bool(padding.any())
         if has_padding:
             x = x * (1 - padding.unsqueeze(-1).type_as(x))
         if self.layer == 0:

@@ -16,7 +16,8 @@ arithmetic re-associations only:
 In float32 the output equals fair-esm's to ~1e-6. Attention is computed per sequence by one of:
 
 - "flash": FlashAttention's varlen kernel (package flash-attn; CUDA, fp16/bf16);
-- "varlen": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16);
+- "varlen": PyTorch's `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16; torch releases whose varlen_attn
+  takes `scale`, which q's pre-scaled tables need);
 - "nested": SDPA on a jagged nested tensor (any device; on CUDA it dispatches to the fused varlen kernels);
 - "padded": pure PyTorch: the sequences are grouped by length bucket (T rounded up to a multiple of 64), each
   group's q/k/v scattered into a (B, H, T, D) batch and SDPA run with a key-padding mask (on CUDA B is rounded
@@ -28,6 +29,8 @@ In float32 the output equals fair-esm's to ~1e-6. Attention is computed per sequ
 from __future__ import annotations
 
 import importlib.util
+import inspect
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +41,21 @@ B_BUCKET = 4
 
 
 def _varlen_attn():
+    """PyTorch's varlen attention, or None where torch lacks it or its `scale` argument (the first releases of
+    the API had none; q arrives pre-scaled here, so the kernel's default 1/sqrt(D) would scale it twice)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    return varlen_attn if _accepts_scale(varlen_attn) else None
+
+
+def _accepts_scale(fn) -> bool:
+    """Whether `fn` takes a `scale` argument (False where its signature cannot be read: do not guess)."""
+    try:
+        return "scale" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -63,7 +76,8 @@ def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) ->
     if backend == "flash" and not (cuda and half and have_flash):
         raise ValueError("attention backend 'flash' needs the flash-attn package, CUDA and float16/bfloat16")
     if backend == "varlen" and not (cuda and half and _varlen_attn() is not None):
-        raise ValueError("attention backend 'varlen' needs torch.nn.attention.varlen, CUDA and float16/bfloat16")
+        raise ValueError("attention backend 'varlen' needs torch.nn.attention.varlen (a release whose varlen_attn "
+                         "takes scale), CUDA and float16/bfloat16")
     return backend
 
 
@@ -91,6 +105,17 @@ def pack_by_tokens(lengths, toks_per_batch: int) -> list[list[int]]:
     if batch:
         batches.append(batch)
     return batches
+
+
+def model_budgets(toks_per_batch: int, widths: Sequence[int], explicit: Sequence[int] | None = None,
+                  max_scale: float = 8.0) -> list[int]:
+    """Token budget per model of a chain. A model's FLOPs and activation memory per token grow with its width, so
+    smaller models take budgets scaled by k_largest / k_i (at most `max_scale`x): fewer, larger batches keep a
+    small model from being launch-bound. One model (extract): toks_per_batch as given."""
+    if explicit is not None:
+        return [int(b) for b in explicit]
+    top = max(widths)
+    return [int(toks_per_batch * min(max_scale, top / w)) for w in widths]
 
 
 class FastESM2:
@@ -138,7 +163,9 @@ class FastESM2:
             inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=self.device).float() / d))
             t = torch.arange(size, device=self.device, dtype=torch.float32)
             emb = torch.cat([torch.outer(t, inv_freq)] * 2, dim=-1)  # (size, D)
-            scale = torch.tensor([self.scaling, 1.0], device=self.device)[None, :, None, None]  # q, k
+            # q, k; made on the host and copied without blocking: torch.tensor(..., device=cuda) would wait for
+            # every queued kernel (a blocking copy synchronises the stream)
+            scale = _to_device(torch.tensor([self.scaling, 1.0]), self.device)[None, :, None, None]
             cos = (emb.cos()[:, None, None, :] * scale).to(self.dtype)
             sin = (emb.sin()[:, None, None, :] * scale).to(self.dtype)
             self._tables = (cos, sin)
@@ -161,7 +188,7 @@ class FastESM2:
         lengths = [b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
         starts = torch.tensor(cu_seqlens[:-1], dtype=torch.int64)
         seq_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (N,)
-        positions = (torch.arange(cu_seqlens[-1]) - starts[seq_of]).to(self.device, non_blocking=True)  # (N,)
+        positions = _to_device(torch.arange(cu_seqlens[-1]) - starts[seq_of], self.device)  # (N,)
         cos, sin = self._rotary(positions, max(lengths))
         attend = self._attention_fn(cu_seqlens, lengths, seq_of, positions)
         for i, block in enumerate(m.layers[:layer]):
@@ -186,8 +213,11 @@ class FastESM2:
         """A function (q, k, v: (N, H, D)) -> (N, H, D) attending within each sequence; the per-batch index
         work is done once here, not per layer."""
         longest = max(lengths)
+        # Index tensors are built on the host and copied with non_blocking=True: a blocking host-to-device copy
+        # (also torch.tensor(..., device=cuda)) synchronises the stream, so the previous batch's forward would
+        # drain before this batch's kernels are queued.
         if self.attention in ("flash", "varlen"):
-            cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=self.device)
+            cu = _to_device(torch.tensor(cu_seqlens, dtype=torch.int32), self.device)
             if self.attention == "flash":
                 from flash_attn import flash_attn_varlen_func
 
@@ -197,7 +227,7 @@ class FastESM2:
             return lambda q, k, v: varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest,
                                                longest, scale=1.0)
         if self.attention == "nested":
-            offsets = torch.tensor(cu_seqlens, dtype=torch.int64, device=self.device)
+            offsets = _to_device(torch.tensor(cu_seqlens, dtype=torch.int64), self.device)
 
             def nested(q, k, v):
                 def nt(t):  # (N, H, D) -> jagged (B, H, j, D)
@@ -226,8 +256,8 @@ class FastESM2:
                 for row, i in enumerate(members):
                     valid[row, : lengths[i]] = True
                 valid[len(members):, 0] = True  # bucket-filler rows attend to one (zero) key, not none (NaN)
-                keep = valid.to(self.device)[:, None, None, :]  # (B, 1, 1, T)
-            plans.append((tokens.to(self.device), slot.to(self.device), keep, b_pad, t_pad))
+                keep = _to_device(valid, self.device)[:, None, None, :]  # (B, 1, 1, T)
+            plans.append((_to_device(tokens, self.device), _to_device(slot, self.device), keep, b_pad, t_pad))
 
         def padded(q, k, v):
             n, heads, d = q.shape
@@ -245,6 +275,12 @@ class FastESM2:
             return out
 
         return padded
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without synchronising it: a non-blocking copy from pageable memory is staged by
+    the driver before the call returns (the host tensor may be freed at once), and queued behind earlier work."""
+    return t.to(device, non_blocking=True)
 
 
 def _pre_attention(x, ln_w, ln_b, eps: float, qkv_w, qkv_b, cos, sin, heads: int, head_dim: int):
@@ -273,5 +309,5 @@ def packed_flops_per_token(layers: int, width: int, context: float) -> float:
     return layers * (24.0 * width * width + 4.0 * width * context)
 
 
-__all__ = ["ATTENTION_BACKENDS", "FastESM2", "pack_by_tokens", "packed_flops_per_token", "resolve_attention",
-           "round_up"]
+__all__ = ["ATTENTION_BACKENDS", "FastESM2", "model_budgets", "pack_by_tokens", "packed_flops_per_token",
+           "resolve_attention", "round_up"]

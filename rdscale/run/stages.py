@@ -34,6 +34,7 @@ from rdscale.io.store import (
     residues_table,
     write_table_fragments,
 )
+from rdscale.model.fast_esm import model_budgets
 from rdscale.run.integrity import RecordsDigest
 from rdscale.run.writer import ChunkWriter
 
@@ -167,17 +168,6 @@ class ChainEncoder:
     def concatenated(self, sequences: Sequence[str]) -> torch.Tensor:
         """-> x: (sum L, K) float32 on the device, the per-residue concatenation [h_1, ..., h_m]."""
         return torch.cat([torch.cat(b, dim=1) for b in self.blocks(sequences)], dim=0)
-
-
-def model_budgets(toks_per_batch: int, widths: Sequence[int], explicit: Sequence[int] | None = None,
-                  max_scale: float = 8.0) -> list[int]:
-    """Token budget per model of a chain. A model's FLOPs and activation memory per token grow with its width, so
-    smaller models take budgets scaled by k_largest / k_i (at most `max_scale`x): fewer, larger batches keep a
-    small model from being launch-bound. One model (extract): toks_per_batch as given."""
-    if explicit is not None:
-        return [int(b) for b in explicit]
-    top = max(widths)
-    return [int(toks_per_batch * min(max_scale, top / w)) for w in widths]
 
 
 def sample_plan(shards: Sequence[Shard], n_sequences: int) -> list[tuple[Shard, int]]:

@@ -39,6 +39,7 @@ from rdscale.io.store import (
     missing_data_files,
     run_status,
 )
+from rdscale.progress import Progress
 from rdscale.run.integrity import DUPS_KEY, RecordsDigest, key_range, shard_key
 
 MAX_LINES = 50
@@ -69,7 +70,8 @@ def _seq_digest(sequence: str) -> str:
     return hashlib.blake2b(sequence.encode(), digest_size=12).hexdigest()
 
 
-def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scratch: str | None = None) -> list[str]:
+def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scratch: str | None = None,
+           progress: bool = False) -> list[str]:
     from rdscale.run.update import followed_release, verify_release
 
     run = Run(run_dir) if not isinstance(run_dir, Run) else run_dir
@@ -116,6 +118,7 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
 
     with HashPartitions(parts, _RECORDS, "source", scratch) as records, \
             HashPartitions(parts, pa.schema([("id", pa.string())]), "id", scratch) as protein_ids:
+        bar = Progress(total=len(shards), unit="shard", desc="verify: reading the input", enabled=progress)
         for shard in shards:
             digest = RecordsDigest()
             batch = _Batch()
@@ -134,15 +137,19 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
                 elif row.get("digest") and row["digest"] != digest.hexdigest():
                     problems.append(f"shard {shard.index}: {shard.path} changed since the shard was embedded "
                                  f"(bytes {shard.start}-{shard.end or 'eof'})")
+            bar.update(1)
+        bar.close()
         for index in sorted(set(ledger) - {s.index for s in shards}):
             problems.append(f"shard {index}: in the ledger but not in the input's shard plan")
 
         stray: dict[str, set[int]] = {}
+        bar = Progress(total=rows, unit="row", desc="verify: reading proteins and rejects", enabled=progress)
         for name, where in ((PROTEINS, 1), (REJECTS, 2)):
             if name not in tables:
                 continue
             columns = ["source", "id", "shard"] + (["sequence"] if where == 1 else [])
             for part in run.dataset(name).to_batches(columns=columns, batch_size=_BATCH):
+                bar.update(part.num_rows)
                 shard_col = part.column("shard")
                 outside = pc.invert(pc.is_in(shard_col, value_set=pa.array(sorted(committed), pa.int32())))
                 if pc.any(outside).as_py():
@@ -155,6 +162,7 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
                     schema=_RECORDS))
                 if where == 1:
                     protein_ids.add(pa.record_batch([part.column("id")], names=["id"]))
+        bar.close()
         for name, found in stray.items():
             problems.append(f"{name}: rows of uncommitted shard(s) {sorted(found)[:10]}")
         for part in records:
@@ -169,7 +177,7 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
             problems.append(f"proteins: {dup_ids} id(s) stored more than once, e.g. {example}")
 
     if RESIDUES in tables:
-        problems += _check_residues(run, cfg, parts, scratch)
+        problems += _check_residues(run, cfg, parts, scratch, progress)
     if len(problems) > MAX_LINES:
         return problems[:MAX_LINES] + [f"... and {len(problems) - MAX_LINES} more"]
     return problems
@@ -248,7 +256,7 @@ def _check_fit(run: Run, manifest: dict[str, Any]) -> list[str]:
     return out
 
 
-def _check_residues(run: Run, cfg: Config, parts: int, scratch: str | None) -> list[str]:
+def _check_residues(run: Run, cfg: Config, parts: int, scratch: str | None, progress: bool = False) -> list[str]:
     """Per protein, exactly one residue row per position: summarised per (batch, id) as (count, sum of pos, sum of
     pos^2, min, max) and added up per id across batches (hash-partitioned by id), then compared with the protein's
     length. With count = n and every pos in [0, n), the two sums match those of 0..n-1 only for a permutation of
@@ -266,7 +274,10 @@ def _check_residues(run: Run, cfg: Config, parts: int, scratch: str | None) -> l
             summaries.add(pa.record_batch([batch.column("id"), pa.array([0] * n, pa.int64()), zeros, zeros,
                                            pa.array([0] * n, pa.int64()), pa.array([0] * n, pa.int64()),
                                            expect, pa.array([True] * n)], schema=_RESIDUES))
-        for batch in run.dataset(RESIDUES).to_batches(columns=["id", "pos"], batch_size=1 << 20):
+        residues = run.dataset(RESIDUES)
+        bar = Progress(total=residues.count_rows(), unit="row", desc="verify: reading residues", enabled=progress)
+        for batch in residues.to_batches(columns=["id", "pos"], batch_size=1 << 20):
+            bar.update(batch.num_rows)
             table = pa.Table.from_batches([batch])
             pos = table["pos"].cast(pa.int64())
             table = table.append_column("p2", _mod_p(pc.multiply_checked(pos, pos))).append_column("pf", pos)
@@ -278,6 +289,7 @@ def _check_residues(run: Run, cfg: Config, parts: int, scratch: str | None) -> l
                  agg["p2_sum"].combine_chunks(), agg["pos_min"].combine_chunks().cast(pa.int64()),
                  agg["pos_max"].combine_chunks().cast(pa.int64()), pa.array([0] * k, pa.int64()),
                  pa.array([False] * k)], schema=_RESIDUES))
+        bar.close()
         wrong, wrong_example, orphans, orphan_example, absent, absent_example = 0, None, 0, None, 0, None
         for part in summaries:
             per_id = part.group_by("id").aggregate([("n", "sum"), ("s1", "sum"), ("s2", "sum"), ("lo", "min"),

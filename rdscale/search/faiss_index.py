@@ -24,6 +24,7 @@ from typing import Any
 import lance
 import numpy as np
 
+from rdscale.progress import Progress
 from rdscale.search.exact import unit_rows
 from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES, INDEX_DIR  # noqa: F401
 from rdscale.search.tables import (
@@ -105,9 +106,11 @@ def build_faiss_index(
     index_type: str = DEFAULT_FAISS_INDEX_TYPE,
     metric: str = "cosine",
     rebuild: bool = False,
+    progress: bool = False,
     **params: Any,
 ) -> IndexInfo:
-    """Build (or keep, if an identical fresh one exists) the FAISS index of ``table`` at prefix ``width``."""
+    """Build (or keep, if an identical fresh one exists) the FAISS index of ``table`` at prefix ``width``
+    (``progress``: a bar of the rows added, which is most of an HNSW build's time)."""
     if not isinstance(run_dir_of(ds.uri), Path):
         raise SearchError(f"FAISS indexes are kept on a local disk beside the run; {run_dir_of(ds.uri)} is on an "
                           "object store: use --backend lance (Lance's index lives inside the table)")
@@ -136,7 +139,7 @@ def build_faiss_index(
                                                                             table_layout(ds)):
             return info
 
-    index = build_in_memory(ds, width, index_type, metric, resolved, table=table)
+    index = build_in_memory(ds, width, index_type, metric, resolved, table=table, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     faiss.write_index(index, str(tmp))
@@ -148,7 +151,7 @@ def build_faiss_index(
 
 
 def build_in_memory(ds: lance.LanceDataset, width: int, index_type: str, metric: str, params: dict[str, Any],
-                    table: str = "table", fragments: list | None = None):
+                    table: str = "table", fragments: list | None = None, progress: bool = False):
     """A FAISS index over the width-``width`` prefix of ``ds`` (or of its ``fragments`` only, in that order),
     streamed in batches; labels are row positions in that scan order."""
     faiss = import_faiss()
@@ -175,9 +178,12 @@ def build_in_memory(ds: lance.LanceDataset, width: int, index_type: str, metric:
         index.train(unit_rows(train) if ip else train)
         index.nprobe = int(params["nprobe"])
     added = 0
-    for block in _stream(ds, width, fragments=fragments):
-        index.add(unit_rows(block) if ip else block)
-        added += len(block)
+    with Progress(total=num_rows, unit="row", desc=f"indexing {table} (width {width}, {index_type})",
+                  enabled=progress) as bar:
+        for block in _stream(ds, width, fragments=fragments):
+            index.add(unit_rows(block) if ip else block)
+            added += len(block)
+            bar.update(len(block))
     if added != num_rows:  # the table changed under us: do not keep an index whose labels are off
         raise SearchError(f"{table} changed while indexing ({added} rows read, {num_rows} expected); rerun")
     return index

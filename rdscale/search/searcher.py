@@ -721,6 +721,7 @@ def build_index(
     metric: str = "cosine",
     rebuild: bool = False,
     backend: str = "lance",
+    progress: bool = False,
     **params: Any,
 ) -> IndexInfo:
     """A vector index on the width-``width`` prefix of ``table`` (None = the stored width).
@@ -730,7 +731,7 @@ def build_index(
     ``backend="faiss"``: a FAISS index stored in ``<run>/indexes`` (``index_type`` HNSW (default), IVF_FLAT or
     IVF_PQ; ``params`` as in ``faiss_index.default_faiss_params``). ``metric``: "cosine" or "l2"; a search uses
     the metric its index was built with. Idempotent: an identical index that covers every row is kept
-    (``rebuild=True`` forces a new one).
+    (``rebuild=True`` forces a new one). ``progress``: a bar of the rows added (FAISS; Lance reports none).
     """
     if backend not in BACKENDS:
         raise SearchError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -743,7 +744,7 @@ def build_index(
     if ds.count_rows() == 0:
         raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
     width = check_width(ds, width)
-    return F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild,
+    return F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild, progress,
                                **params)
 
 
