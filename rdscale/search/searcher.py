@@ -458,6 +458,10 @@ class Searcher:
         q = np.ascontiguousarray(q[:, :need], dtype=np.float32)  # (nq, need)
         if not np.isfinite(q).all():
             raise SearchError(f"query {int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])} holds NaN or inf")
+        if metric == "cosine" and not q[:, :width].any(axis=1).all():  # no direction: every distance would be 1
+            zero = int(np.flatnonzero(~q[:, :width].any(axis=1))[0])
+            raise SearchError(f"query {labels[zero] if labels is not None else zero} is all zeros in its first "
+                              f"{width} numbers: its cosine distance is undefined (use metric l2)")
         k_fetch = min(k + 1, n) if self_pos is not None and exclude_self else k
         rows = self.filter_rows(filter)
 

@@ -1,0 +1,89 @@
+"""Searching as a new user would: cases an outside check found broken (serve on S3, query letters, zero vectors).
+
+Each test is the smallest real reproduction: real Lance tables, a real S3 server (SeaweedFS), the real chain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_search import (  # noqa: F401
+    clustered,
+    rdscale,
+    real_run,
+    run_dir,
+    write_proteins,
+    write_residues,
+)
+
+from rdscale import search as S
+from rdscale.io.location import Location
+from rdscale.search.service import SearchService
+
+
+def upload(local: Path, remote: str) -> None:
+    """Copy a local run directory to an object-store prefix, file by file (what `aws s3 sync` does)."""
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        Location.parse(f"{remote}/{f.relative_to(local).as_posix()}").write_bytes(f.read_bytes())
+
+
+def test_service_on_an_object_store_run_serves_every_table(s3, tmp_path):
+    """`rdscale serve s3://...` found no table (a local Path test): every request answered 'holds []'."""
+    local = tmp_path / "run"
+    prot = clustered(300, 32, 10, spread=0.2, seed=3)
+    write_proteins(local / "proteins.lance", prot, max_rows_per_file=100)
+    write_residues(local / "residues.lance", clustered(200, 32, 5, spread=0.3, seed=4)[:, :16].astype(np.float16))
+    remote = f"s3://{s3.bucket}/searchuser/serve_run"
+    upload(local, remote)
+
+    service = SearchService(remote, preload=False)
+    assert sorted(service.searchers) == ["proteins", "residues"]
+    info = service.info()
+    assert info["run"] == "serve_run" and info["tables"]["proteins"]["rows"] == 300
+    got = service.search({"ids": ["P00007", "P00100"], "k": 4})
+    want = S.search(local, ids=["P00007", "P00100"], k=4).to_pylist()
+    assert [(h["query"], h["id"], h["rank"]) for h in got["hits"]] == [(w["query"], w["id"], w["rank"]) for w in want]
+    np.testing.assert_allclose([h["score"] for h in got["hits"]], [w["score"] for w in want], atol=1e-5)
+    res = service.search({"table": "residues", "ids": ["P00003:2"], "k": 3})
+    assert res["hits"][0]["id"] == "P00003" and res["hits"][0]["pos"] == 2
+
+
+def test_query_sequences_in_lower_case_or_with_a_stop_equal_the_upper_case(real_run):  # noqa: F811
+    """The FASTA path (CLI) accepted lower case and a trailing '*', the API and the server refused them."""
+    from rdscale.search.searcher import Searcher
+
+    run, seqs = real_run
+    searcher = Searcher(run)
+    upper = searcher.search_sequences({"q": seqs["R09"]}, k=3)
+    odd = searcher.search_sequences({"q": seqs["R09"].lower()[:20] + "\n" + seqs["R09"][20:] + "*"}, k=3)
+    assert odd.column("id").to_pylist() == upper.column("id").to_pylist()
+    np.testing.assert_allclose(odd.column("score").to_numpy(), upper.column("score").to_numpy(), atol=1e-6)
+    assert upper.column("id").to_pylist()[0] == "R09"
+
+    service = SearchService(run, tables=["proteins"], preload=False)
+    body = service.search({"sequences": {"q": seqs["R09"].lower()}, "k": 3})
+    assert [h["id"] for h in body["hits"]] == upper.column("id").to_pylist()
+    with pytest.raises(S.SearchError, match="query blank is an empty sequence"):
+        service.search({"sequences": {"ok": "MKT", "blank": " * "}})
+    with pytest.raises(S.SearchError, match="query bad: .*'1'"):
+        service.search({"sequences": {"bad": "mk1"}})
+
+
+def test_a_zero_query_vector_is_an_error_for_cosine_not_a_tie_of_every_row(run_dir, tmp_path, capsys):  # noqa: F811
+    """A zero vector has no direction: cosine search ranked arbitrary rows, all at distance 1.0."""
+    run_dir, prot, _ = run_dir
+    zeros = np.zeros((2, 32), np.float32)
+    zeros[0, 20] = 1.0  # non-zero only beyond the 8-wide prefix searched
+    with pytest.raises(S.SearchError, match="query 0 is all zeros in its first 8 numbers"):
+        S.search(run_dir, zeros, width=8)
+    with pytest.raises(S.SearchError, match="query 1 is all zeros in its first 32 numbers"):
+        S.search(run_dir, zeros)
+    near = S.search(run_dir, zeros, width=8, metric="l2", k=2)  # l2 is defined: the rows nearest the origin
+    norms = (prot[:, :8].astype(np.float64) ** 2).sum(1)
+    assert near.column("score").to_numpy()[0] == pytest.approx(norms.min(), rel=1e-5)
+
+    np.save(tmp_path / "z.npy", np.zeros(32, np.float32))
+    code, _, err = rdscale(["search", "-o", run_dir, "--vector", tmp_path / "z.npy"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "all zeros" in err and "Traceback" not in err
