@@ -87,3 +87,23 @@ def test_a_zero_query_vector_is_an_error_for_cosine_not_a_tie_of_every_row(run_d
     np.save(tmp_path / "z.npy", np.zeros(32, np.float32))
     code, _, err = rdscale(["search", "-o", run_dir, "--vector", tmp_path / "z.npy"], capsys)
     assert code == 1 and err.count("\n") == 1 and "all zeros" in err and "Traceback" not in err
+
+
+def test_ivf_search_with_a_filter_returns_k_rows_when_the_filtered_table_holds_them(tmp_path):
+    """An IVF index probes nprobe lists; a filter passing ~20% of the rows (too many for the exact path) left
+    queries with fewer than k hits, although the docs promise fewer only when the filtered table has fewer."""
+    prot = clustered(6000, 32, 60, spread=0.1, seed=5)
+    write_proteins(tmp_path / "proteins.lance", prot, max_rows_per_file=2000)
+    S.build_index(tmp_path, width=16, index_type="IVF_FLAT", backend="faiss", nprobe=1)
+    where = "length > 480"
+    lengths = S.open_table(tmp_path).to_table(columns=["length"]).column("length").to_numpy()
+    assert 1024 < (lengths > 480).sum() < 2000
+    queries = clustered(30, 32, 60, spread=0.1, seed=6)
+    exact = S.search(tmp_path, queries, width=16, k=10, filter=where)
+    for mode in ("ann", "funnel"):
+        got = S.search(tmp_path, queries, width=16, k=10, filter=where, mode=mode)
+        counts = np.bincount(got.column("query").to_numpy(), minlength=30)
+        assert (counts == 10).all(), (mode, counts)
+        keep = set(np.flatnonzero(lengths > 480).tolist())
+        assert {int(i[1:]) for i in got.column("id").to_pylist()} <= keep
+    assert exact.num_rows == 300

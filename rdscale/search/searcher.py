@@ -538,8 +538,9 @@ class Searcher:
             d, i = E.topk(q[:, : index.width], x, x_sq, k)
             return d, rows[i]
         if index.backend == "faiss":
-            return F.faiss_search(self._faiss_index(index), index, q, k, nprobes=nprobes, ef=ef, rows=rows,
+            d, p = F.faiss_search(self._faiss_index(index), index, q, k, nprobes=nprobes, ef=ef, rows=rows,
                                   n_total=self.num_rows)
+            return self._fill_short(q, index, k, rows, d, p, nprobes, ef)
         params = index.params or {}
         nearest = {"column": index.column, "q": q[:, : index.width], "k": k, "metric": index.metric}
         if nprobes is not None:
@@ -553,6 +554,29 @@ class Searcher:
         qi = found.column("query_index").to_numpy().astype(np.int64)
         pos = self.positions_of_rowids(found.column("_rowid").to_numpy())
         return _pad(qi, pos, found.column("_distance").to_numpy().astype(np.float32), len(q))
+
+    def _fill_short(self, q, index: IndexInfo, k: int, rows, dist: np.ndarray, pos: np.ndarray, nprobes, ef):
+        """Queries an index search left with fewer than k hits although the (filtered) table holds k rows get
+        them: an IVF search probes a few lists, and a filter may leave fewer than k rows in them (an HNSW walk
+        with a filter likewise). Searched again 8x wider, then exactly over the rows for any still short."""
+        want = min(k, self.num_rows if rows is None else len(rows))
+        short = np.flatnonzero((pos >= 0).sum(axis=1) < want)
+        if len(short) == 0:
+            return dist, pos
+        params = index.params or {}
+        wider_nprobes = 8 * int(nprobes or params.get("nprobe", 1))
+        wider_ef = 8 * max(int(ef or 64), k)
+        d2, p2 = F.faiss_search(self._faiss_index(index), index, q[short], k, nprobes=wider_nprobes,
+                                ef=min(wider_ef, self.num_rows), rows=rows, n_total=self.num_rows)
+        still = np.flatnonzero((p2 >= 0).sum(axis=1) < want)
+        if len(still):
+            d3, p3 = self._exact(q[short[still]], index.width, k, index.metric, rows)
+            d2[still, : d3.shape[1]], p2[still, : p3.shape[1]] = d3, p3
+        width = max(dist.shape[1], d2.shape[1])
+        dist = np.pad(dist, ((0, 0), (0, width - dist.shape[1])), constant_values=np.inf)
+        pos = np.pad(pos, ((0, 0), (0, width - pos.shape[1])), constant_values=-1)
+        dist[short, : d2.shape[1]], pos[short, : p2.shape[1]] = d2, p2
+        return dist, pos
 
     def _rerank(self, q, cand: np.ndarray, metric: str, k: int):
         """Exact distances at q's width to each query's candidates; the best k of them per query."""
