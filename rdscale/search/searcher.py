@@ -323,8 +323,9 @@ class Searcher:
                 return info
             if backend is None and any(o.width == width and o is not info for o in live):
                 continue  # the other backend's index at this width may still be fresh
-            raise MissingIndexError(f"rows were added to {self.table} after its {info.backend} index at width "
-                                    f"{width} was built; rerun `{hint.format(width)}`")
+            raise MissingIndexError(f"rows were added to {self.table} (or its rows were rewritten: a resumed run, "
+                                    f"update or compact) after its {info.backend} index at width {width} was built; "
+                                    f"rerun `{hint.format(width)}`")
         raise MissingIndexError(f"no {what} at width {width} on the {self.table} table; run `{hint.format(width)}`")
 
     # -----------------------------------------------------------------------------------------------------------
