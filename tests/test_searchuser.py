@@ -107,3 +107,14 @@ def test_ivf_search_with_a_filter_returns_k_rows_when_the_filtered_table_holds_t
         keep = set(np.flatnonzero(lengths > 480).tolist())
         assert {int(i[1:]) for i in got.column("id").to_pylist()} <= keep
     assert exact.num_rows == 300
+
+
+def test_one_shot_search_aggregates_residue_hits_like_the_searcher(run_dir):  # noqa: F811
+    """README: `rdscale.search.search(...)` is the Python form of `rdscale search`; --aggregate was missing."""
+    from rdscale.search.searcher import Searcher
+
+    run_dir, _, _ = run_dir
+    got = S.search(run_dir, ids=["P00012"], table="residues", k=4, aggregate="proteins", residue_hits=30)
+    want = Searcher(run_dir, "residues").search(ids=["P00012"], k=4, aggregate="proteins", residue_hits=30)
+    assert got.to_pylist() == want.to_pylist() and got.column_names == ["query", "id", "score", "hits", "rank"]
+    assert got.column("id").to_pylist()[0] == "P00012" and got.column("hits").to_pylist()[0] >= 10

@@ -704,6 +704,8 @@ def search(
     exclude_self: bool = False,
     backend: str | None = None,
     version: int | str | None = None,
+    aggregate: str | None = None,
+    residue_hits: int | None = None,
 ) -> pa.Table:
     """k nearest rows of ``table`` for each query, at prefix width ``width`` (one-shot: for many queries over
     time, keep a ``Searcher``).
@@ -717,6 +719,7 @@ def search(
     ``shortlist``, ``ef``, ``nprobes`` and ``refine_factor`` are clamped to what the table holds. ``backend``:
     "faiss" or "lance" to choose the index (default: the narrowest for the metric, FAISS first at equal width).
     ``version``: search an earlier table version or release tag (`rdscale update`; exact mode), default the latest.
+    ``aggregate="proteins"`` / ``residue_hits`` (residues): protein hits from residue hits, as ``Searcher.search``.
 
     Returns a table with columns ``query`` (int32 row of ``queries``, or the query key string for ``ids``; for
     residues ``"id:pos"``), ``id`` (and ``pos`` for residues), ``score`` (float32 distance, smaller = closer;
@@ -728,7 +731,8 @@ def search(
     searcher = Searcher(dataset_path, table, resident=False, version=version)
     return searcher.search(queries, ids=ids, width=width, k=k, mode=mode, metric=metric, filter=filter,
                            shortlist=shortlist, rerank_width=rerank_width, nprobes=nprobes,
-                           refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend)
+                           refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend,
+                           aggregate=aggregate, residue_hits=residue_hits)
 
 
 def build_index(
