@@ -118,3 +118,17 @@ def test_one_shot_search_aggregates_residue_hits_like_the_searcher(run_dir):  # 
     want = Searcher(run_dir, "residues").search(ids=["P00012"], k=4, aggregate="proteins", residue_hits=30)
     assert got.to_pylist() == want.to_pylist() and got.column_names == ["query", "id", "score", "hits", "rank"]
     assert got.column("id").to_pylist()[0] == "P00012" and got.column("hits").to_pylist()[0] >= 10
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--index-type", "IVF_PQ", "--param", "pq_m=0"], "pq_m=0 must be an integer at least 1"),
+    (["--param", "m=abc"], "m='abc' must be an integer"),
+    (["--param", "m=1"], "m=1 must be an integer at least 2"),
+    (["--index-type", "IVF_PQ", "--param", "pq_bits=40"], "pq_bits=40 must be an integer between 1 and 16"),
+    (["--backend", "lance", "--param", "num_partitions=0"], "cannot build the Lance IVF_HNSW_SQ index"),
+    (["--backend", "lance", "--index-type", "IVF_PQ", "--param", "num_sub_vectors=3"], "divisible"),
+])
+def test_bad_index_parameters_are_one_line_not_a_traceback(run_dir, capsys, argv, message):  # noqa: F811
+    run_dir, _, _ = run_dir
+    code, _, err = rdscale(["index", run_dir, "--width", "8", *argv], capsys)
+    assert code == 1 and message in err and err.count("\n") == 1 and "Traceback" not in err, err

@@ -160,7 +160,13 @@ def build_lance_index(
     for other_name, other in existing.items():  # one vector index per column: search must not guess
         if other["column"] == column and other_name != name:
             ds.drop_index(other_name)
-    ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved)
+    try:
+        ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:  # Lance's answer to a bad --param
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        head, sep, tail = text.rpartition(", /")  # drop the Rust source location Lance appends
+        raise SearchError(f"cannot build the Lance {index_type} index on {column} with {resolved}: "
+                          f"{head if sep and '.rs:' in tail else text}") from None
 
     ds = reopen(ds)
     record = {**_recorded_indexes(ds), column: _jsonable(asdict(info))}
