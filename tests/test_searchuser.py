@@ -132,3 +132,22 @@ def test_bad_index_parameters_are_one_line_not_a_traceback(run_dir, capsys, argv
     run_dir, _, _ = run_dir
     code, _, err = rdscale(["index", run_dir, "--width", "8", *argv], capsys)
     assert code == 1 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_exact_l2_distances_are_exact_far_from_the_origin():
+    """The Gram trick |q|^2 - 2q.x + |x|^2 in float32 cancels: rows with |x|^2 ~ 1e3 and neighbours ~1e-2 apart
+    got distances off by ~1e-4 and near neighbours swapped; the top k are now measured from differences."""
+    from rdscale.search import exact as E
+
+    rng = np.random.default_rng(7)
+    x = (5.0 + 0.05 * rng.standard_normal((5000, 48))).astype(np.float32)  # (n, w), |x|^2 ~ 1200
+    q = (5.0 + 0.05 * rng.standard_normal((7, 48))).astype(np.float32)
+    want_all = ((q.astype(np.float64)[:, None, :] - x.astype(np.float64)[None]) ** 2).sum(-1)  # (q, n)
+    want_i = np.argsort(want_all, axis=1, kind="stable")[:, :10]
+    prepared, x_sq = E.prepare_rows(x, "l2")
+    for rows in (None, np.arange(0, 5000, 3)):
+        d, i = E.topk(q, prepared, x_sq, 10, rows=rows, block_rows=2048)
+        ref = want_all if rows is None else want_all[:, rows]
+        ref_i = want_i if rows is None else rows[np.argsort(ref, axis=1, kind="stable")[:, :10]]
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(d, np.take_along_axis(want_all, i, 1), rtol=1e-5, atol=1e-6)
