@@ -151,3 +151,22 @@ def test_exact_l2_distances_are_exact_far_from_the_origin():
         ref_i = want_i if rows is None else rows[np.argsort(ref, axis=1, kind="stable")[:, :10]]
         np.testing.assert_array_equal(i, ref_i)
         np.testing.assert_allclose(d, np.take_along_axis(want_all, i, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_index_list_marks_an_index_the_table_outgrew(tmp_path, capsys):
+    """`rdscale index --list` listed an index that search then refused (rows appended since) as if usable."""
+    import lance
+    import pyarrow as pa
+
+    prot = clustered(400, 32, 8, spread=0.2, seed=8)
+    write_proteins(tmp_path / "proteins.lance", prot)
+    S.build_index(tmp_path, width=8, backend="faiss")
+    code, out, _ = rdscale(["index", tmp_path, "--list"], capsys)
+    assert code == 0 and "faiss HNSW cosine" in out and "STALE" not in out
+    more = lance.dataset(str(tmp_path / "proteins.lance")).to_table(limit=5)
+    more = more.set_column(0, "id", pa.array([f"N{i}" for i in range(5)]))
+    lance.write_dataset(more, str(tmp_path / "proteins.lance"), mode="append")
+    code, out, _ = rdscale(["index", tmp_path, "--list"], capsys)
+    assert code == 0 and "faiss HNSW cosine" in out and "STALE" in out and "rdscale index" in out
+    with pytest.raises(S.MissingIndexError, match="rows were added"):
+        S.search(tmp_path, ids=["P00001"], mode="ann")
