@@ -89,19 +89,25 @@ def test_a_zero_query_vector_is_an_error_for_cosine_not_a_tie_of_every_row(run_d
     assert code == 1 and err.count("\n") == 1 and "all zeros" in err and "Traceback" not in err
 
 
-def test_ivf_search_with_a_filter_returns_k_rows_when_the_filtered_table_holds_them(tmp_path):
+@pytest.mark.parametrize("backend", ["faiss", "lance"])
+def test_ivf_search_with_a_filter_returns_k_rows_when_the_filtered_table_holds_them(tmp_path, backend):
     """An IVF index probes nprobe lists; a filter passing ~20% of the rows (too many for the exact path) left
     queries with fewer than k hits, although the docs promise fewer only when the filtered table has fewer."""
     prot = clustered(6000, 32, 60, spread=0.1, seed=5)
     write_proteins(tmp_path / "proteins.lance", prot, max_rows_per_file=2000)
-    S.build_index(tmp_path, width=16, index_type="IVF_FLAT", backend="faiss", nprobe=1)
+    if backend == "faiss":
+        S.build_index(tmp_path, width=16, index_type="IVF_FLAT", backend="faiss", nprobe=1)
+        nprobes = None
+    else:
+        S.build_index(tmp_path, width=16, index_type="IVF_FLAT", backend="lance", num_partitions=64)
+        nprobes = 1
     where = "length > 480"
     lengths = S.open_table(tmp_path).to_table(columns=["length"]).column("length").to_numpy()
     assert 1024 < (lengths > 480).sum() < 2000
     queries = clustered(30, 32, 60, spread=0.1, seed=6)
     exact = S.search(tmp_path, queries, width=16, k=10, filter=where)
     for mode in ("ann", "funnel"):
-        got = S.search(tmp_path, queries, width=16, k=10, filter=where, mode=mode)
+        got = S.search(tmp_path, queries, width=16, k=10, filter=where, mode=mode, nprobes=nprobes)
         counts = np.bincount(got.column("query").to_numpy(), minlength=30)
         assert (counts == 10).all(), (mode, counts)
         keep = set(np.flatnonzero(lengths > 480).tolist())

@@ -538,10 +538,13 @@ class Searcher:
             x, x_sq = E.prepare_rows(self.vectors(rows, index.width), index.metric)
             d, i = E.topk(q[:, : index.width], x, x_sq, k)
             return d, rows[i]
+        d, p = self._index_search(q, index, k, filter, rows, nprobes, ef, refine_factor)
+        return self._fill_short(q, index, k, filter, rows, d, p, nprobes, ef, refine_factor)
+
+    def _index_search(self, q, index: IndexInfo, k: int, filter, rows, nprobes, ef, refine_factor):
         if index.backend == "faiss":
-            d, p = F.faiss_search(self._faiss_index(index), index, q, k, nprobes=nprobes, ef=ef, rows=rows,
+            return F.faiss_search(self._faiss_index(index), index, q, k, nprobes=nprobes, ef=ef, rows=rows,
                                   n_total=self.num_rows)
-            return self._fill_short(q, index, k, rows, d, p, nprobes, ef)
         params = index.params or {}
         nearest = {"column": index.column, "q": q[:, : index.width], "k": k, "metric": index.metric}
         if nprobes is not None:
@@ -556,27 +559,34 @@ class Searcher:
         pos = self.positions_of_rowids(found.column("_rowid").to_numpy())
         return _pad(qi, pos, found.column("_distance").to_numpy().astype(np.float32), len(q))
 
-    def _fill_short(self, q, index: IndexInfo, k: int, rows, dist: np.ndarray, pos: np.ndarray, nprobes, ef):
+    def _fill_short(self, q, index: IndexInfo, k: int, filter, rows, dist: np.ndarray, pos: np.ndarray, nprobes,
+                    ef, refine_factor):
         """Queries an index search left with fewer than k hits although the (filtered) table holds k rows get
         them: an IVF search probes a few lists, and a filter may leave fewer than k rows in them (an HNSW walk
-        with a filter likewise). Searched again 8x wider, then exactly over the rows for any still short."""
+        with a filter likewise). Searched again wider (FAISS: 8x the lists and breadth; Lance: every partition),
+        then exactly over the rows for any still short."""
         want = min(k, self.num_rows if rows is None else len(rows))
         short = np.flatnonzero((pos >= 0).sum(axis=1) < want)
         if len(short) == 0:
             return dist, pos
         params = index.params or {}
-        wider_nprobes = 8 * int(nprobes or params.get("nprobe", 1))
-        wider_ef = 8 * max(int(ef or 64), k)
-        d2, p2 = F.faiss_search(self._faiss_index(index), index, q[short], k, nprobes=wider_nprobes,
-                                ef=min(wider_ef, self.num_rows), rows=rows, n_total=self.num_rows)
+        if index.backend == "faiss":
+            wider_nprobes = 8 * int(nprobes or params.get("nprobe", 1))
+        else:
+            wider_nprobes = int(params.get("num_partitions", 8 * (nprobes or 1)))
+        wider_ef = min(8 * max(int(ef or 64), k), self.num_rows)
+        d2, p2 = self._index_search(q[short], index, k, filter, rows, wider_nprobes, wider_ef, refine_factor)
+        width = max(dist.shape[1], d2.shape[1], want)
+        d2 = np.pad(d2, ((0, 0), (0, width - d2.shape[1])), constant_values=np.inf)
+        p2 = np.pad(p2, ((0, 0), (0, width - p2.shape[1])), constant_values=-1)
         still = np.flatnonzero((p2 >= 0).sum(axis=1) < want)
         if len(still):
             d3, p3 = self._exact(q[short[still]], index.width, k, index.metric, rows)
+            d2[still], p2[still] = np.inf, -1
             d2[still, : d3.shape[1]], p2[still, : p3.shape[1]] = d3, p3
-        width = max(dist.shape[1], d2.shape[1])
         dist = np.pad(dist, ((0, 0), (0, width - dist.shape[1])), constant_values=np.inf)
         pos = np.pad(pos, ((0, 0), (0, width - pos.shape[1])), constant_values=-1)
-        dist[short, : d2.shape[1]], pos[short, : p2.shape[1]] = d2, p2
+        dist[short], pos[short] = d2, p2
         return dist, pos
 
     def _rerank(self, q, cand: np.ndarray, metric: str, k: int):
