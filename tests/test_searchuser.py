@@ -176,3 +176,18 @@ def test_index_list_marks_an_index_the_table_outgrew(tmp_path, capsys):
     assert code == 0 and "faiss HNSW cosine" in out and "STALE" in out and "rdscale index" in out
     with pytest.raises(S.MissingIndexError, match="rows were added"):
         S.search(tmp_path, ids=["P00001"], mode="ann")
+
+
+@pytest.mark.parametrize("port", ["busy", "70000"])
+def test_serve_on_a_taken_or_impossible_port_is_one_line(run_dir, capsys, port):  # noqa: F811
+    """A taken port gave a 100-line traceback (Serve's proxy retrying the bind), before any one-line error."""
+    import socket
+
+    run_dir, _, _ = run_dir
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        number = taken.getsockname()[1] if port == "busy" else int(port)
+        code, _, err = rdscale(["serve", run_dir, "--port", number], capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("Address already in use" in err and "another --port" in err) if port == "busy" else "1-65535" in err
