@@ -5,6 +5,7 @@ Each test is the smallest real reproduction: real Lance tables, a real S3 server
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,28 @@ def test_serve_on_a_taken_or_impossible_port_is_one_line(run_dir, capsys, port):
         code, _, err = rdscale(["serve", run_dir, "--port", number], capsys)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert ("Address already in use" in err and "another --port" in err) if port == "busy" else "1-65535" in err
+
+
+def test_eval_reconstruction_of_an_extended_run_reports_the_extension_step(tmp_path, tiny_family, capsys):
+    """`rdscale eval reconstruction RUN` on a run grown by `rdscale extend` reported the base fit's chain only,
+    as if the run stopped at the width it was first embedded at."""
+    from helpers import make_cfg, write_fasta
+
+    from rdscale.run.extend import extend
+    from rdscale.run.pipeline import LocalExecutor, run
+
+    fasta = write_fasta(tmp_path / "ext.fasta", n=12, seed=5)
+    run(make_cfg(tmp_path, fasta, tiny_family[:2], "small"), LocalExecutor(), progress=False)
+    small = tmp_path / "small"
+    code, out, _ = rdscale(["eval", "reconstruction", small], capsys)
+    assert code == 0 and "extension" not in out
+    base_rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["2"]]
+    extend(small, str(tiny_family[2]), progress=False)
+    code, out, err = rdscale(["eval", "reconstruction", small, "-o", tmp_path / "rep"], capsys)
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["2"], ["3"])}
+    assert rows["2"] == base_rows[0]  # the base step as before
+    assert rows["3"][1:3] == ["32+48", "64"] and 0.0 <= float(rows["3"][5]) <= 1.0  # from widths, to width, R^2
+    assert "extension step" in out
+    report = json.loads((tmp_path / "rep" / "reconstruction.json").read_text())
+    assert [r["to_width"] for r in report["steps"]] == [48, 64]

@@ -179,9 +179,12 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
     # the moments add the OLS-on-the-concatenation bound; artifacts saved without them still report the rest
     moments = load_moments(fit_dir) if "moments" in manifest["files"] else None
     rows = reconstruction_report(fit, moments=moments)
+    models = [f"{m.get('name')} ({m.get('width')})" for m in manifest["models"]]
+    if args.run:  # a run grown by `rdscale extend`: its chain goes on with each extension step
+        rows, models = _with_extensions(args.run, rows, models)
     about = {
         "fit artifact": str(fit_dir),
-        "models": [f"{m.get('name')} ({m.get('width')})" for m in manifest["models"]],
+        "models": models,
         "regression": manifest["regression"],
         "residues in the fit sample": manifest["n_residues"],
     }
@@ -194,6 +197,26 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
         paths = write_reconstruction(rows, out, about=about)
         print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
+
+
+def _with_extensions(run_dir: str, rows: list[dict], models: list[str]) -> tuple[list[dict], list[str]]:
+    """The base fit's rows followed by one row per extension step of the run (`rdscale extend`), numbered on
+    along the run's chain; each step regresses the new model on the whole stored prefix."""
+    from rdscale.eval.evaluate import reconstruction_report
+    from rdscale.io.runs import Run
+
+    run = Run(run_dir)
+    steps = run.extension_steps() if run.has_table("proteins") else []
+    widths = [*rows[0]["from_widths"], *(r["to_width"] for r in rows)] if rows else []
+    for step in steps:
+        manifest = json.loads(step.join("manifest.json").read_text())
+        for row in reconstruction_report(manifest):
+            row.update(step=len(rows) + 2, from_widths=list(widths))
+            rows.append(row)
+            widths.append(row["to_width"])
+        new = manifest["models"][-1]
+        models.append(f"{new.get('name')} ({new.get('width')}; extension step {step.name})")
+    return rows, models
 
 
 def _fresh_fit(cfg: Config, out: Path) -> tuple[Path, Path]:
