@@ -217,3 +217,11 @@ def test_eval_reconstruction_of_an_extended_run_reports_the_extension_step(tmp_p
     assert "extension step" in out
     report = json.loads((tmp_path / "rep" / "reconstruction.json").read_text())
     assert [r["to_width"] for r in report["steps"]] == [48, 64]
+
+    # dms RUN scores the whole chain: the extension's model raw and its rd level, through the extension step
+    dms = Path(__file__).resolve().parents[1] / "examples" / "dms"
+    code, out, err = rdscale(["eval", "dms", small, "--csv", dms / "TOY_SYNTH.csv", "--wild-type",
+                              dms / "wild_types.fasta", "-o", tmp_path / "dms"], capsys)
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines() if line.startswith(("raw:", "rd:"))]
+    assert names[-1] == "rd:64" and "rd:48" in names and len([n for n in names if n.startswith("raw:")]) == 3
