@@ -225,3 +225,17 @@ def test_eval_reconstruction_of_an_extended_run_reports_the_extension_step(tmp_p
     assert code == 0, err
     names = [line.split()[0] for line in out.splitlines() if line.startswith(("raw:", "rd:"))]
     assert names[-1] == "rd:64" and "rd:48" in names and len([n for n in names if n.startswith("raw:")]) == 3
+
+
+def test_python_api_odd_arguments(run_dir):  # noqa: F811
+    """ids="P00001" searched six one-letter ids; k=2.0 said 'k must be >= 1'; exclude_self with vectors was
+    silently ignored (the CLI refuses it); complex vectors were cast to real with a warning."""
+    run_dir, prot, _ = run_dir
+    one = S.search(run_dir, ids="P00001", k=3)
+    assert one.column("query").to_pylist() == ["P00001"] * 3 and one.column("id")[0].as_py() == "P00001"
+    with pytest.raises(S.SearchError, match="k must be a positive integer, got 2.0"):
+        S.search(run_dir, ids=["P00001"], k=2.0)
+    with pytest.raises(S.SearchError, match="exclude_self applies to ids= queries"):
+        S.search(run_dir, prot[:2], exclude_self=True)
+    with pytest.raises(S.SearchError, match="must be numbers"):
+        S.search(run_dir, prot[:2].astype(np.complex64))

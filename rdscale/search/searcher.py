@@ -406,7 +406,7 @@ class Searcher:
             filter = self._committed if not filter else f"({self._committed}) AND ({filter})"
         metric = _check_metric(metric)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise SearchError(f"k must be >= 1, got {k}")
+            raise SearchError(f"k must be a positive integer, got {k!r}")
         n = self.num_rows
         k = min(int(k), n)  # a table holds no more neighbours than rows: never ask an index for more
         shortlist = _positive("shortlist", shortlist)
@@ -439,6 +439,10 @@ class Searcher:
 
         if (queries is None) == (ids is None):
             raise SearchError("give exactly one of queries= (vectors) or ids= (stored keys)")
+        if isinstance(ids, str):  # one key, not a sequence of one-letter keys
+            ids = [ids]
+        if exclude_self and ids is None:
+            raise SearchError("exclude_self applies to ids= queries (a stored row to leave out)")
         self_pos = None
         if ids is not None:
             labels, q, self_pos = self.lookup(ids)
@@ -448,7 +452,7 @@ class Searcher:
                 q = q[None, :]
             if q.ndim != 2 or q.shape[0] == 0:
                 raise SearchError(f"queries must be a non-empty (q, w) array, got shape {np.shape(queries)}")
-            if not np.issubdtype(q.dtype, np.number):
+            if not np.issubdtype(q.dtype, np.number) or np.issubdtype(q.dtype, np.complexfloating):
                 raise SearchError(f"queries must be numbers, got {q.dtype}")
             if labels is not None and len(labels) != len(q):
                 raise SearchError(f"{len(labels)} labels for {len(q)} queries")
