@@ -239,3 +239,11 @@ def test_python_api_odd_arguments(run_dir):  # noqa: F811
         S.search(run_dir, prot[:2], exclude_self=True)
     with pytest.raises(S.SearchError, match="must be numbers"):
         S.search(run_dir, prot[:2].astype(np.complex64))
+
+
+def test_a_query_vector_file_that_is_not_npy_is_named_so(run_dir, tmp_path, capsys):  # noqa: F811
+    """A FASTA file given to --vector was reported as 'pickled (object) data' (numpy's guess)."""
+    run_dir, _, _ = run_dir
+    (tmp_path / "q.fa").write_text(">q\nMKT\n")
+    code, _, err = rdscale(["search", run_dir, "--vector", tmp_path / "q.fa"], capsys)
+    assert code == 1 and "is not a .npy file" in err and "pickle" not in err and err.count("\n") == 1

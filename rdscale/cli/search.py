@@ -214,6 +214,9 @@ def read_query_vectors(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise S.SearchError(f"query vector file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(6) != b"\x93NUMPY":  # np.load would call it pickled data, whatever the file is
+            raise S.SearchError(f"{path} is not a .npy file (write the query vectors with numpy.save)")
     try:
         vectors = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:
