@@ -247,3 +247,16 @@ def test_a_query_vector_file_that_is_not_npy_is_named_so(run_dir, tmp_path, caps
     (tmp_path / "q.fa").write_text(">q\nMKT\n")
     code, _, err = rdscale(["search", run_dir, "--vector", tmp_path / "q.fa"], capsys)
     assert code == 1 and "is not a .npy file" in err and "pickle" not in err and err.count("\n") == 1
+
+
+def test_an_s3_run_does_not_log_botocore_credential_notices(s3, caplog):
+    """Every `rdscale run` to S3 printed 'INFO botocore.credentials: Found credentials in environment variables'."""
+    import logging
+
+    from rdscale.io.lease import S3LeaseBackend
+
+    logging.getLogger("botocore").setLevel(logging.NOTSET)
+    with caplog.at_level(logging.INFO):
+        backend = S3LeaseBackend()
+        backend.client.list_objects_v2(Bucket=s3.bucket, MaxKeys=1)
+    assert not [r for r in caplog.records if r.name.startswith("botocore")], caplog.text
