@@ -260,3 +260,20 @@ def test_an_s3_run_does_not_log_botocore_credential_notices(s3, caplog):
         backend = S3LeaseBackend()
         backend.client.list_objects_v2(Bucket=s3.bucket, MaxKeys=1)
     assert not [r for r in caplog.records if r.name.startswith("botocore")], caplog.text
+
+
+def test_search_results_written_to_an_object_store(s3, run_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """--csv s3://bucket/x.csv wrote a local file ./s3:/bucket/x.csv and said 'wrote s3:/bucket/x.csv'."""
+    import pyarrow as pa
+
+    run_dir, _, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    csv_uri, arrow_uri = f"s3://{s3.bucket}/searchuser/hits.csv", f"s3://{s3.bucket}/searchuser/hits.arrow"
+    code, _, err = rdscale(["search", run_dir, "--id", "P00003", "-k", "2", "--csv", csv_uri, "--arrow", arrow_uri],
+                           capsys)
+    assert code == 0 and f"wrote {csv_uri}" in err and f"wrote {arrow_uri}" in err
+    assert not (tmp_path / "s3:").exists()
+    lines = Location.parse(csv_uri).read_bytes().decode().splitlines()
+    assert lines[0] == "query,id,score,rank" and lines[1].startswith("P00003,P00003,")
+    table = pa.ipc.open_file(pa.py_buffer(Location.parse(arrow_uri).read_bytes())).read_all()
+    assert table.column("id").to_pylist()[0] == "P00003" and table.num_rows == 2
