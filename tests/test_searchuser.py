@@ -277,3 +277,16 @@ def test_search_results_written_to_an_object_store(s3, run_dir, tmp_path, capsys
     assert lines[0] == "query,id,score,rank" and lines[1].startswith("P00003,P00003,")
     table = pa.ipc.open_file(pa.py_buffer(Location.parse(arrow_uri).read_bytes())).read_all()
     assert table.column("id").to_pylist()[0] == "P00003" and table.num_rows == 2
+
+
+@pytest.mark.parametrize("verb", ["reconstruction", "dms"])
+def test_eval_report_to_an_object_store_is_refused_not_written_to_a_local_s3_folder(tmp_path, capsys, monkeypatch,
+                                                                                    verb):
+    """`rdscale eval ... -o s3://b/x` wrote ./s3:/b/x/... and printed those paths as if uploaded."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", verb, "--fit", tmp_path / "fit", "-o", "s3://bucket/reports/x"]
+    if verb == "dms":
+        argv += ["--csv", tmp_path / "x.csv", "--wild-type", tmp_path / "wt.fa"]
+    code, _, err = rdscale(argv, capsys)
+    assert code == 2 and "writes its report to a local directory" in err and err.count("\n") == 1
+    assert not (tmp_path / "s3:").exists()

@@ -112,6 +112,16 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     return load_config(args.config, overrides)
 
 
+def _local_report_dir(out: str | None) -> None:
+    """Reports go to a local directory (a Path of s3://b/x is a local folder 's3:/b/x', written 'successfully')."""
+    from rdscale.config import ConfigError
+    from rdscale.io.location import is_remote
+
+    if out and is_remote(out):
+        raise ConfigError(f"-o {out}: eval writes its report to a local directory; give a local path (and copy "
+                          "it to the object store afterwards)")
+
+
 def _apply_run(args: argparse.Namespace, models: bool = False) -> None:
     """RUN (a run directory) -> --fit RUN/fit, and with models=True its chain's checkpoints as --models."""
     from rdscale.config import ConfigError
@@ -145,6 +155,7 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
     )
     from rdscale.fit.artifact import load_fit, load_moments
 
+    _local_report_dir(args.out)
     _apply_run(args)
     fresh = bool(args.config or args.fasta)
     if args.fit and fresh:
@@ -264,6 +275,7 @@ def cmd_dms(args: argparse.Namespace) -> int:
     from rdscale.fit.artifact import load_fit
     from rdscale.model.loading import load_model
 
+    _local_report_dir(args.out)
     chain_of_run = bool(args.run) and not args.models and not args.config  # the run's own chain, extensions too
     _apply_run(args, models=True)
     steps = _extension_steps(args.run) if chain_of_run else []
