@@ -278,6 +278,18 @@ def test_search_results_written_to_an_object_store(s3, run_dir, tmp_path, capsys
     table = pa.ipc.open_file(pa.py_buffer(Location.parse(arrow_uri).read_bytes())).read_all()
     assert table.column("id").to_pylist()[0] == "P00003" and table.num_rows == 2
 
+    # and query vectors read from there ("does not exist" before: a local Path test)
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones((1, 32), np.float32))
+    vec_uri = f"s3://{s3.bucket}/searchuser/q.npy"
+    Location.parse(vec_uri).write_bytes(buf.getvalue())
+    code, _, err = rdscale(["search", run_dir, "--vector", vec_uri, "-k", "1"], capsys)
+    assert code == 0 and "1 queries, 1 rows" in err, err
+    code, _, err = rdscale(["search", run_dir, "--vector", vec_uri + ".missing"], capsys)
+    assert code == 1 and "does not exist" in err
+
 
 @pytest.mark.parametrize("verb", ["reconstruction", "dms"])
 def test_eval_report_to_an_object_store_is_refused_not_written_to_a_local_s3_folder(tmp_path, capsys, monkeypatch,
