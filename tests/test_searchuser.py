@@ -302,3 +302,12 @@ def test_eval_report_to_an_object_store_is_refused_not_written_to_a_local_s3_fol
     code, _, err = rdscale(argv, capsys)
     assert code == 2 and "writes its report to a local directory" in err and err.count("\n") == 1
     assert not (tmp_path / "s3:").exists()
+
+
+def test_distances_are_never_negative(run_dir):  # noqa: F811
+    """1 - cos of a row with itself rounds below zero: the CLI printed "-0.0000" as the best hit's score."""
+    run_dir, _, _ = run_dir
+    ids = [f"P{i:05d}" for i in range(300)]
+    for table, keys in (("proteins", ids), ("residues", [(f"P{i:05d}", 3) for i in range(100)])):
+        got = S.search(run_dir, ids=keys, table=table, k=3).column("score").to_numpy()
+        assert got.min() >= 0.0 and (got[::3] < 1e-6).all()

@@ -638,7 +638,8 @@ class Searcher:
         out = {"query": query}
         for c in self.keys:
             out[c] = cols[c].take(take)
-        out["score"] = pa.array(dist[qi, col].astype(np.float32), pa.float32())
+        # a distance is >= 0: 1 - cos of a row with itself rounds to -6e-8 (printed "-0.0000")
+        out["score"] = pa.array(np.maximum(dist[qi, col], 0).astype(np.float32), pa.float32())
         out["rank"] = pa.array(rank[qi, col].astype(np.int32), pa.int32())
         # how many queries were asked, also when a filter leaves some (or all) of them without a hit
         return pa.table(out).replace_schema_metadata({NUM_QUERIES_KEY: str(len(dist))})
@@ -679,7 +680,7 @@ class Searcher:
         table = pa.table({
             "query": pa.array(group_names, pa.string()).take(pa.array(ug[keep], pa.int64())),
             "id": names.take(pa.array(up[keep], pa.int64())),
-            "score": pa.array(best[keep].astype(np.float32), pa.float32()),
+            "score": pa.array(np.maximum(best[keep], 0).astype(np.float32), pa.float32()),
             "hits": pa.array(counts[keep].astype(np.int32), pa.int32()),
             "rank": pa.array(rank[keep].astype(np.int32), pa.int32()),
         })
