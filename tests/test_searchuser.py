@@ -311,3 +311,12 @@ def test_distances_are_never_negative(run_dir):  # noqa: F811
     for table, keys in (("proteins", ids), ("residues", [(f"P{i:05d}", 3) for i in range(100)])):
         got = S.search(run_dir, ids=keys, table=table, k=3).column("score").to_numpy()
         assert got.min() >= 0.0 and (got[::3] < 1e-6).all()
+
+
+def test_funnel_shortlist_error_with_exclude_self_says_why_k_grew(tmp_path):
+    """--shortlist 5 -k 5 --exclude-self said 'shortlist (5) must be at least k (6)' with k=5 asked."""
+    write_proteins(tmp_path / "proteins.lance", clustered(300, 32, 8, spread=0.2, seed=9))
+    S.build_index(tmp_path, width=8, backend="faiss")
+    with pytest.raises(S.SearchError, match=r"at least k \(6, k \+ 1 with exclude_self\)"):
+        S.search(tmp_path, ids=["P00001"], k=5, mode="funnel", shortlist=5, exclude_self=True)
+    assert S.search(tmp_path, ids=["P00001"], k=5, mode="funnel", shortlist=6, exclude_self=True).num_rows == 5

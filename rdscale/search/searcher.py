@@ -477,7 +477,8 @@ class Searcher:
         else:
             n_short = min(shortlist if shortlist is not None else max(10 * k, 100), n)
             if n_short < k_fetch:
-                raise SearchError(f"shortlist ({n_short}) must be at least k ({k_fetch})")
+                extra = ", k + 1 with exclude_self" if k_fetch > k else ""
+                raise SearchError(f"shortlist ({n_short}) must be at least k ({k_fetch}{extra})")
             dist, pos = self._ann(q, index, n_short, filter, rows, nprobes, ef, refine_factor)
             dist, pos = self._rerank(q[:, :rerank_width], pos, metric, k_fetch)
         if aggregate is not None:
