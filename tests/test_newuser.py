@@ -282,3 +282,11 @@ def test_broken_checkpoint_in_ray_workers_is_one_line(ray_session, tmp_path, tin
             step(cfg, progress=False) if step is embed else step(cfg, out=str(tmp_path / "fit"))
         message = user_facing(caught.value)
         assert message is not None and "weights do not fit" in message and "\n" not in message, caught.value
+
+
+def test_cut_short_checkpoint_is_named_as_such(tmp_path, capsys, tiny_family, fasta):
+    # was: "... is not a readable torch checkpoint: [Errno 22] Invalid argument"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(Path(tiny_family[0]).read_bytes()[:5000])
+    code, _, err = invoke(capsys, ["extract", "--fasta", fasta, "--models", cut, "-o", tmp_path / "o", "--local"])
+    assert code == 1 and "cut short" in one_line(err), err
