@@ -469,6 +469,9 @@ class Searcher:
         q = np.ascontiguousarray(q[:, :need], dtype=np.float32)  # (nq, need)
         if not np.isfinite(q).all():
             raise SearchError(f"query {int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])} holds NaN or inf")
+        if metric == "cosine" and not np.any(q, axis=1).all():  # every row would tie at distance 1
+            raise SearchError(f"query {int(np.flatnonzero(~np.any(q, axis=1))[0])} is all zeros at width {need}: "
+                              "it has no direction, so cosine distance is undefined (use --metric l2)")
         k_fetch = min(k + 1, n) if self_pos is not None and exclude_self else k
         rows = self.filter_rows(filter)
 
