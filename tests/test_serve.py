@@ -156,6 +156,14 @@ def test_bad_requests_get_a_one_line_4xx_never_a_500(server):
         r = client.post(f"{server}/search", content=b'ids=P00001', headers={"content-type": "application/x-www-form"
                                                                                           "-urlencoded"})
         assert r.status_code == 400 and r.json()["error"].startswith("bad JSON"), r.text
+        # JSON true is not k=1, 2.0 is not a width; a body nested too deep to parse, an unknown path: {"error"}
+        for body, field in (({"ids": ["P00001"], "k": True}, "k"), ({"ids": ["P00001"], "width": 8.0}, "width")):
+            r = client.post(f"{server}/search", json=body)
+            assert r.status_code == 422 and r.json()["error"].startswith(field), r.text
+        r = client.post(f"{server}/search", content=b"[" * 100000, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json(), r.text
+        r = client.get(f"{server}/nope")
+        assert r.status_code == 404 and r.json() == {"error": "Not Found"}, r.text
 
 
 def test_service_in_process_equals_the_cli(run):

@@ -112,6 +112,16 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     return load_config(args.config, overrides)
 
 
+def _local_report_dir(out: str | None) -> None:
+    """Reports go to a local directory (a Path of s3://b/x is a local folder 's3:/b/x', written 'successfully')."""
+    from rdscale.config import ConfigError
+    from rdscale.io.location import is_remote
+
+    if out and is_remote(out):
+        raise ConfigError(f"-o {out}: eval writes its report to a local directory; give a local path (and copy "
+                          "it to the object store afterwards)")
+
+
 def _apply_run(args: argparse.Namespace, models: bool = False) -> None:
     """RUN (a run directory) -> --fit RUN/fit, and with models=True its chain's checkpoints as --models."""
     from rdscale.config import ConfigError
@@ -145,6 +155,7 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
     )
     from rdscale.fit.artifact import load_fit, load_moments
 
+    _local_report_dir(args.out)
     _apply_run(args)
     fresh = bool(args.config or args.fasta)
     if args.fit and fresh:
@@ -179,9 +190,12 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
     # the moments add the OLS-on-the-concatenation bound; artifacts saved without them still report the rest
     moments = load_moments(fit_dir) if "moments" in manifest["files"] else None
     rows = reconstruction_report(fit, moments=moments)
+    models = [f"{m.get('name')} ({m.get('width')})" for m in manifest["models"]]
+    if args.run:  # a run grown by `rdscale extend`: its chain goes on with each extension step
+        rows, models = _with_extensions(args.run, rows, models)
     about = {
         "fit artifact": str(fit_dir),
-        "models": [f"{m.get('name')} ({m.get('width')})" for m in manifest["models"]],
+        "models": models,
         "regression": manifest["regression"],
         "residues in the fit sample": manifest["n_residues"],
     }
@@ -194,6 +208,50 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
         paths = write_reconstruction(rows, out, about=about)
         print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
+
+
+def _extension_steps(run_dir: str) -> list:
+    from rdscale.io.runs import Run
+
+    run = Run(run_dir)
+    return run.extension_steps() if run.has_table("proteins") else []
+
+
+class _ExtendedChain:
+    """The base fit followed by extension steps, shaped like a ChainFit for the DMS embedder: widths of every
+    model, one level per width, apply = the run's stored embedding (rdscale.run.extend.apply_chain)."""
+
+    def __init__(self, fits: list, loaded: list):
+        from rdscale.config import ConfigError
+
+        self.fits = fits
+        self.widths = tuple(int(m.spec.width) for m in loaded)
+        self.levels = [*fits[0].levels, *(int(f.widths[-1]) for f in fits[1:])]
+        if len(self.widths) != len(fits[0].widths) + len(fits) - 1:
+            raise ConfigError(f"{len(loaded)} models for a chain of {len(fits[0].widths)} + {len(fits) - 1} steps")
+
+    def apply(self, blocks):
+        from rdscale.run.extend import apply_chain
+
+        return apply_chain(self.fits, blocks)
+
+
+def _with_extensions(run_dir: str, rows: list[dict], models: list[str]) -> tuple[list[dict], list[str]]:
+    """The base fit's rows followed by one row per extension step of the run (`rdscale extend`), numbered on
+    along the run's chain; each step regresses the new model on the whole stored prefix."""
+    from rdscale.eval.evaluate import reconstruction_report
+
+    steps = _extension_steps(run_dir)
+    widths = [*rows[0]["from_widths"], *(r["to_width"] for r in rows)] if rows else []
+    for step in steps:
+        manifest = json.loads(step.join("manifest.json").read_text())
+        for row in reconstruction_report(manifest):
+            row.update(step=len(rows) + 2, from_widths=list(widths))
+            rows.append(row)
+            widths.append(row["to_width"])
+        new = manifest["models"][-1]
+        models.append(f"{new.get('name')} ({new.get('width')}; extension step {step.name})")
+    return rows, models
 
 
 def _fresh_fit(cfg: Config, out: Path) -> tuple[Path, Path]:
@@ -217,7 +275,13 @@ def cmd_dms(args: argparse.Namespace) -> int:
     from rdscale.fit.artifact import load_fit
     from rdscale.model.loading import load_model
 
+    _local_report_dir(args.out)
+    chain_of_run = bool(args.run) and not args.models and not args.config  # the run's own chain, extensions too
     _apply_run(args, models=True)
+    steps = _extension_steps(args.run) if chain_of_run else []
+    n_base = len(args.models or [])
+    args.models = [*(args.models or []), *(json.loads(st.join("manifest.json").read_text())["models"][-1]["source"]
+                                           for st in steps)] or args.models
 
     from rdscale.io.location import Location, is_remote
 
@@ -253,9 +317,13 @@ def cmd_dms(args: argparse.Namespace) -> int:
         log.info("using the fit artifact %s (output.dir/fit)", fit_dir)
     if fit_dir:
         # the rd levels only mean something for the checkpoints the chain was fitted on: names, widths, hashes
-        expect = [{"name": m.spec.name, "width": m.spec.width, "sha256": m.sha256} for m in loaded]
+        base_models = loaded[:n_base] if steps else loaded
+        expect = [{"name": m.spec.name, "width": m.spec.width, "sha256": m.sha256} for m in base_models]
         fit, _ = load_fit(fit_dir, expect_models=expect)
         reconstruction = reconstruction_report(fit)
+        if steps:  # a run grown by `rdscale extend`: score its whole chain, base fit then each extension step
+            fit = _ExtendedChain([fit, *(load_fit(st)[0] for st in steps)], loaded)
+            reconstruction, _ = _with_extensions(args.run, reconstruction, [])
     else:
         log.info("no fit artifact (--fit): scoring the raw models only")
     embed_fn = make_embed_fn(loaded, fit, layer=e.layer, toks_per_batch=e.toks_per_batch,

@@ -162,10 +162,17 @@ def _print_indexes(run: str, table: str) -> None:
     infos = S.list_indexes(run, table)
     if not infos:
         print(f"{table}: no vector indexes")
+    from rdscale.search.faiss_index import is_fresh
+    from rdscale.search.tables import _column_is_complete
+
+    ds = S.open_table(run, table) if infos else None
     for info in infos:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
         where = info.index_name if info.backend == "faiss" else info.column
-        print(f"{table}: width {info.width} {info.backend} {info.index_type} {info.metric} on {where} ({shown})")
+        fresh = is_fresh(ds, info) if info.backend == "faiss" else _column_is_complete(ds, info.column)
+        stale = "" if fresh else "; STALE: the table changed since it was built, rerun `rdscale index` for it"
+        print(f"{table}: width {info.width} {info.backend} {info.index_type} {info.metric} on {where} "
+              f"({shown}){stale}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,13 +187,26 @@ def parse_residue_key(text: str) -> str | tuple[str, int]:
     return text
 
 
+def _local_query_file(path: str | Path, what: str) -> Path:
+    """A query file, local or on an object store (fetched into the local cache, as run inputs are)."""
+    from rdscale.io.location import Location, is_remote
+
+    if is_remote(path):
+        loc = Location.parse(path)
+        if not loc.is_file():
+            raise S.SearchError(f"{what} {path} does not exist")
+        return Path(loc.local_copy())
+    path = Path(path)
+    if not path.is_file():
+        raise S.SearchError(f"{what} {path} does not exist")
+    return path
+
+
 def read_query_fasta(path: str | Path) -> dict[str, str]:
     """{id: sequence} of a query FASTA file; any record the pipeline would reject is an error naming it."""
     from rdscale.io.fasta import FastaFormatError, Reject, read_fasta
 
-    path = Path(path)
-    if not path.is_file():
-        raise S.SearchError(f"query FASTA {path} does not exist")
+    path = _local_query_file(path, "query FASTA")
     queries: dict[str, str] = {}
     try:
         for item in read_fasta([str(path)]):
@@ -204,9 +224,10 @@ def read_query_vectors(path: str | Path) -> np.ndarray:
     """(q, w) float32 from a .npy file (no pickles)."""
     import numpy as np
 
-    path = Path(path)
-    if not path.is_file():
-        raise S.SearchError(f"query vector file {path} does not exist")
+    path = _local_query_file(path, "query vector file")
+    with path.open("rb") as f:
+        if f.read(6) != b"\x93NUMPY":  # np.load would call it pickled data, whatever the file is
+            raise S.SearchError(f"{path} is not a .npy file (write the query vectors with numpy.save)")
     try:
         vectors = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:

@@ -19,8 +19,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdscale.search.tables import KeyNotFoundError, SearchError
 
@@ -37,20 +38,20 @@ class SearchRequest(BaseModel):
     sequences: dict[str, str] | None = Field(None, description="{name: sequence}, embedded through the run's chain")
     vectors: list[list[float]] | list[float] | None = Field(
         None, description="query vectors (q, w) or one vector (w,), w >= the width searched")
-    k: int = Field(10, description="neighbours per query")
+    k: StrictInt = Field(10, description="neighbours per query")
     mode: str = Field("exact", description="exact, ann or funnel")
-    width: int | None = Field(None, description="prefix width, a chain level")
+    width: StrictInt | None = Field(None, description="prefix width, a chain level")
     metric: str = Field("cosine", description="cosine or l2")
     filter: str | None = Field(None, description="Lance SQL predicate on the table's columns")
-    shortlist: int | None = None
-    rerank_width: int | None = None
-    nprobes: int | None = None
-    refine_factor: int | None = None
-    ef: int | None = None
+    shortlist: StrictInt | None = None
+    rerank_width: StrictInt | None = None
+    nprobes: StrictInt | None = None
+    refine_factor: StrictInt | None = None
+    ef: StrictInt | None = None
     exclude_self: bool = False
     backend: str | None = Field(None, description="faiss or lance (ann / funnel)")
     aggregate: str | None = Field(None, description="proteins: residue hits aggregated to proteins")
-    residue_hits: int | None = None
+    residue_hits: StrictInt | None = None
 
 
 class Hit(BaseModel):
@@ -93,6 +94,14 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
         return JSONResponse(status_code=400, content={"error": f"bad JSON: {_one_line(first.get('msg', ''))}"})
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     return JSONResponse(status_code=422, content={"error": _one_line(f"{where or 'request'}: {first.get('msg')}")})
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Errors raised before a request reaches /search (a body that cannot be parsed, an unknown path) in the
+    same {"error": ...} shape as every other bad request."""
+    return JSONResponse(status_code=exc.status_code, content={"error": _one_line(exc.detail)},
+                        headers=getattr(exc, "headers", None))
 
 
 @serve.deployment(name="rdscale-search")

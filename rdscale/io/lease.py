@@ -146,6 +146,8 @@ class S3LeaseBackend:
                 raise LeaseError("a run on S3 needs boto3 for its writer lease: pip install 'rdscale[s3]'") from err
             from botocore.config import Config as BotoConfig
 
+            if not log.isEnabledFor(logging.DEBUG):  # "Found credentials in environment variables": noise per run
+                logging.getLogger("botocore").setLevel(logging.WARNING)
             kwargs = {**_boto_options(), **client_kwargs}
             kwargs.setdefault("config", BotoConfig(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3}))
             from botocore.exceptions import BotoCoreError

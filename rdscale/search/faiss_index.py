@@ -150,10 +150,26 @@ def build_faiss_index(
     return info
 
 
+_LOWEST = {"m": 2, "pq_bits": 1}  # HNSW needs two links per node; every other parameter at least 1
+_HIGHEST = {"pq_bits": 16}  # FAISS's product quantiser codes are at most 16 bits
+
+
+def _check_values(index_type: str, params: dict[str, Any]) -> None:
+    """Every FAISS parameter is an integer in its range (a bad --param is one line, not FAISS's abort or a
+    ZeroDivisionError)."""
+    for key, value in params.items():
+        low, high = _LOWEST.get(key, 1), _HIGHEST.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+                high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise SearchError(f"{index_type} parameter {key}={value!r} must be an integer {bounds}")
+
+
 def build_in_memory(ds: lance.LanceDataset, width: int, index_type: str, metric: str, params: dict[str, Any],
                     table: str = "table", fragments: list | None = None, progress: bool = False):
     """A FAISS index over the width-``width`` prefix of ``ds`` (or of its ``fragments`` only, in that order),
     streamed in batches; labels are row positions in that scan order."""
+    _check_values(index_type, params)
     faiss = import_faiss()
     frags = fragments if fragments is not None else ds.get_fragments()
     num_rows = sum(f.count_rows() for f in frags)

@@ -170,9 +170,11 @@ def build_lance_index(
             ds.drop_index(other_name)
     try:
         ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved)
-    except (ValueError, TypeError) as err:  # parameters Lance refuses (its message names them)
-        raise SearchError(f"Lance could not build the {index_type} index on {column}: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    except (ValueError, TypeError, OSError, RuntimeError) as err:  # Lance's answer to a bad --param
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        head, sep, tail = text.rpartition(", /")  # drop the Rust source location Lance appends
+        raise SearchError(f"cannot build the Lance {index_type} index on {column} with {resolved}: "
+                          f"{head if sep and '.rs:' in tail else text}") from None
 
     ds = reopen(ds)
     record = {**_recorded_indexes(ds), column: _jsonable(asdict(info))}

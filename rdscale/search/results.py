@@ -53,9 +53,20 @@ def format_results(result: pa.Table, max_rows: int | None = 50) -> str:
     return "\n".join(out)
 
 
-def write_results(result: pa.Table, path: str | Path, fmt: str | None = None) -> Path:
+def write_results(result: pa.Table, path: str | Path, fmt: str | None = None) -> Path | str:
     """Write results as ``fmt`` ("arrow", "csv" or "parquet"), by default told by the extension: .arrow / .ipc /
-    .feather (Arrow IPC file), .csv, .parquet."""
+    .feather (Arrow IPC file), .csv, .parquet. ``path`` may be on an object store (s3://, gs://, az://): the file
+    is written locally and uploaded (a Path would turn s3://b/x into a local folder 's3:/b')."""
+    from rdscale.io.location import Location, is_remote
+
+    if is_remote(path):
+        import tempfile
+
+        target = Location.parse(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = write_results(result, Path(tmp) / target.name, fmt)
+            target.write_bytes(local.read_bytes())
+        return target.uri
     path = Path(path)
     suffix = f".{fmt}" if fmt else path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)

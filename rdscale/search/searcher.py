@@ -331,8 +331,9 @@ class Searcher:
                 return info
             if backend is None and any(o.width == width and o is not info for o in live):
                 continue  # the other backend's index at this width may still be fresh
-            raise MissingIndexError(f"rows were added to {self.table} after its {info.backend} index at width "
-                                    f"{width} was built; rerun `{hint.format(width)}`")
+            raise MissingIndexError(f"rows were added to {self.table} (or its rows were rewritten: a resumed run, "
+                                    f"update or compact) after its {info.backend} index at width {width} was built; "
+                                    f"rerun `{hint.format(width)}`")
         raise MissingIndexError(f"no {what} at width {width} on the {self.table} table; run `{hint.format(width)}`")
 
     # -----------------------------------------------------------------------------------------------------------
@@ -416,7 +417,7 @@ class Searcher:
             filter = self._committed if not filter else f"({self._committed}) AND ({filter})"
         metric = _check_metric(metric)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise SearchError(f"k must be >= 1, got {k}")
+            raise SearchError(f"k must be a positive integer, got {k!r}")
         n = self.num_rows
         k = min(int(k), n)  # a table holds no more neighbours than rows: never ask an index for more
         shortlist = _positive("shortlist", shortlist)
@@ -449,6 +450,10 @@ class Searcher:
 
         if (queries is None) == (ids is None):
             raise SearchError("give exactly one of queries= (vectors) or ids= (stored keys)")
+        if isinstance(ids, str):  # one key, not a sequence of one-letter keys
+            ids = [ids]
+        if exclude_self and ids is None:
+            raise SearchError("exclude_self applies to ids= queries (a stored row to leave out)")
         self_pos = None
         if ids is not None:
             labels, q, self_pos = self.lookup(ids)
@@ -458,7 +463,7 @@ class Searcher:
                 q = q[None, :]
             if q.ndim != 2 or q.shape[0] == 0:
                 raise SearchError(f"queries must be a non-empty (q, w) array, got shape {np.shape(queries)}")
-            if not np.issubdtype(q.dtype, np.number):
+            if not np.issubdtype(q.dtype, np.number) or np.issubdtype(q.dtype, np.complexfloating):
                 raise SearchError(f"queries must be numbers, got {q.dtype}")
             if labels is not None and len(labels) != len(q):
                 raise SearchError(f"{len(labels)} labels for {len(q)} queries")
@@ -469,9 +474,10 @@ class Searcher:
         q = np.ascontiguousarray(q[:, :need], dtype=np.float32)  # (nq, need)
         if not np.isfinite(q).all():
             raise SearchError(f"query {int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])} holds NaN or inf")
-        if metric == "cosine" and not np.any(q, axis=1).all():  # every row would tie at distance 1
-            raise SearchError(f"query {int(np.flatnonzero(~np.any(q, axis=1))[0])} is all zeros at width {need}: "
-                              "it has no direction, so cosine distance is undefined (use --metric l2)")
+        if metric == "cosine" and not q[:, :width].any(axis=1).all():  # no direction: every distance would be 1
+            zero = int(np.flatnonzero(~q[:, :width].any(axis=1))[0])
+            raise SearchError(f"query {labels[zero] if labels is not None else zero} is all zeros in its first "
+                              f"{width} numbers: its cosine distance is undefined (use metric l2)")
         k_fetch = min(k + 1, n) if self_pos is not None and exclude_self else k
         rows = self.filter_rows(filter)
 
@@ -482,7 +488,8 @@ class Searcher:
         else:
             n_short = min(shortlist if shortlist is not None else max(10 * k, 100), n)
             if n_short < k_fetch:
-                raise SearchError(f"shortlist ({n_short}) must be at least k ({k_fetch})")
+                extra = ", k + 1 with exclude_self" if k_fetch > k else ""
+                raise SearchError(f"shortlist ({n_short}) must be at least k ({k_fetch}{extra})")
             dist, pos = self._ann(q, index, n_short, filter, rows, nprobes, ef, refine_factor)
             dist, pos = self._rerank(q[:, :rerank_width], pos, metric, k_fetch)
         if aggregate is not None:
@@ -547,6 +554,10 @@ class Searcher:
             x, x_sq = E.prepare_rows(self.vectors(rows, index.width), index.metric)
             d, i = E.topk(q[:, : index.width], x, x_sq, k)
             return d, rows[i]
+        d, p = self._index_search(q, index, k, filter, rows, nprobes, ef, refine_factor)
+        return self._fill_short(q, index, k, filter, rows, d, p, nprobes, ef, refine_factor)
+
+    def _index_search(self, q, index: IndexInfo, k: int, filter, rows, nprobes, ef, refine_factor):
         if index.backend == "faiss":
             return F.faiss_search(self._faiss_index(index), index, q, k, nprobes=nprobes, ef=ef, rows=rows,
                                   n_total=self.num_rows)
@@ -563,6 +574,36 @@ class Searcher:
         qi = found.column("query_index").to_numpy().astype(np.int64)
         pos = self.positions_of_rowids(found.column("_rowid").to_numpy())
         return _pad(qi, pos, found.column("_distance").to_numpy().astype(np.float32), len(q))
+
+    def _fill_short(self, q, index: IndexInfo, k: int, filter, rows, dist: np.ndarray, pos: np.ndarray, nprobes,
+                    ef, refine_factor):
+        """Queries an index search left with fewer than k hits although the (filtered) table holds k rows get
+        them: an IVF search probes a few lists, and a filter may leave fewer than k rows in them (an HNSW walk
+        with a filter likewise). Searched again wider (FAISS: 8x the lists and breadth; Lance: every partition),
+        then exactly over the rows for any still short."""
+        want = min(k, self.num_rows if rows is None else len(rows))
+        short = np.flatnonzero((pos >= 0).sum(axis=1) < want)
+        if len(short) == 0:
+            return dist, pos
+        params = index.params or {}
+        if index.backend == "faiss":
+            wider_nprobes = 8 * int(nprobes or params.get("nprobe", 1))
+        else:
+            wider_nprobes = int(params.get("num_partitions", 8 * (nprobes or 1)))
+        wider_ef = min(8 * max(int(ef or 64), k), self.num_rows)
+        d2, p2 = self._index_search(q[short], index, k, filter, rows, wider_nprobes, wider_ef, refine_factor)
+        width = max(dist.shape[1], d2.shape[1], want)
+        d2 = np.pad(d2, ((0, 0), (0, width - d2.shape[1])), constant_values=np.inf)
+        p2 = np.pad(p2, ((0, 0), (0, width - p2.shape[1])), constant_values=-1)
+        still = np.flatnonzero((p2 >= 0).sum(axis=1) < want)
+        if len(still):
+            d3, p3 = self._exact(q[short[still]], index.width, k, index.metric, rows)
+            d2[still], p2[still] = np.inf, -1
+            d2[still, : d3.shape[1]], p2[still, : p3.shape[1]] = d3, p3
+        dist = np.pad(dist, ((0, 0), (0, width - dist.shape[1])), constant_values=np.inf)
+        pos = np.pad(pos, ((0, 0), (0, width - pos.shape[1])), constant_values=-1)
+        dist[short], pos[short] = d2, p2
+        return dist, pos
 
     def _rerank(self, q, cand: np.ndarray, metric: str, k: int):
         """Exact distances at q's width to each query's candidates; the best k of them per query."""
@@ -609,7 +650,8 @@ class Searcher:
         out = {"query": query}
         for c in self.keys:
             out[c] = cols[c].take(take)
-        out["score"] = pa.array(dist[qi, col].astype(np.float32), pa.float32())
+        # a distance is >= 0: 1 - cos of a row with itself rounds to -6e-8 (printed "-0.0000")
+        out["score"] = pa.array(np.maximum(dist[qi, col], 0).astype(np.float32), pa.float32())
         out["rank"] = pa.array(rank[qi, col].astype(np.int32), pa.int32())
         # how many queries were asked, also when a filter leaves some (or all) of them without a hit
         return pa.table(out).replace_schema_metadata({NUM_QUERIES_KEY: str(len(dist))})
@@ -650,7 +692,7 @@ class Searcher:
         table = pa.table({
             "query": pa.array(group_names, pa.string()).take(pa.array(ug[keep], pa.int64())),
             "id": names.take(pa.array(up[keep], pa.int64())),
-            "score": pa.array(best[keep].astype(np.float32), pa.float32()),
+            "score": pa.array(np.maximum(best[keep], 0).astype(np.float32), pa.float32()),
             "hits": pa.array(counts[keep].astype(np.int32), pa.int32()),
             "rank": pa.array(rank[keep].astype(np.int32), pa.int32()),
         })
@@ -689,6 +731,8 @@ def search(
     exclude_self: bool = False,
     backend: str | None = None,
     version: int | str | None = None,
+    aggregate: str | None = None,
+    residue_hits: int | None = None,
 ) -> pa.Table:
     """k nearest rows of ``table`` for each query, at prefix width ``width`` (one-shot: for many queries over
     time, keep a ``Searcher``).
@@ -702,6 +746,7 @@ def search(
     ``shortlist``, ``ef``, ``nprobes`` and ``refine_factor`` are clamped to what the table holds. ``backend``:
     "faiss" or "lance" to choose the index (default: the narrowest for the metric, FAISS first at equal width).
     ``version``: search an earlier table version or release tag (`rdscale update`; exact mode), default the latest.
+    ``aggregate="proteins"`` / ``residue_hits`` (residues): protein hits from residue hits, as ``Searcher.search``.
 
     Returns a table with columns ``query`` (int32 row of ``queries``, or the query key string for ``ids``; for
     residues ``"id:pos"``), ``id`` (and ``pos`` for residues), ``score`` (float32 distance, smaller = closer;
@@ -713,7 +758,8 @@ def search(
     searcher = Searcher(dataset_path, table, resident=False, version=version)
     return searcher.search(queries, ids=ids, width=width, k=k, mode=mode, metric=metric, filter=filter,
                            shortlist=shortlist, rerank_width=rerank_width, nprobes=nprobes,
-                           refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend)
+                           refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend,
+                           aggregate=aggregate, residue_hits=residue_hits)
 
 
 def build_index(

@@ -108,6 +108,11 @@ class QueryEmbedder:
             raise SearchError("no query sequences")
         if len(names) != len(sequences):
             raise SearchError(f"{len(names)} names for {len(sequences)} sequences")
+        # as the FASTA reader treats database records: either case, no whitespace, a trailing stop '*' dropped
+        sequences = [clean_query(q) for q in sequences]
+        empty = [n for n, q in zip(names, sequences) if q == ""]
+        if empty:
+            raise SearchError(f"query {empty[0]} is an empty sequence")
         window, policy = self.cfg.embedding.window, self.cfg.embedding.long_policy
         long = [(n, len(q)) for n, q in zip(names, sequences) if len(q) > window]
         if long and policy == "reject":
@@ -136,6 +141,15 @@ class QueryEmbedder:
             return torch.stack([e.mean(dim=0) for e in rd]).numpy()  # (q, k_m), as proteins.embedding
         d = self.width
         return [e[:, :d].numpy().astype(self.store_dtype).astype(np.float32) for e in rd]  # [seq] (L, d)
+
+
+def clean_query(sequence):
+    """A query sequence as the pipeline reads a FASTA record's: upper-cased, whitespace removed, one trailing
+    '*' stripped (anything not a string is left for the embedder to refuse)."""
+    if not isinstance(sequence, str):
+        return sequence
+    sequence = "".join(sequence.split()).upper()
+    return sequence.removesuffix("*")
 
 
 def embed_sequences(

@@ -27,6 +27,22 @@ OPTIONS = ("k", "mode", "width", "metric", "filter", "shortlist", "rerank_width"
 QUERY_KINDS = ("ids", "sequences", "vectors")
 
 
+def _tables_of(run: str | Path) -> list[str]:
+    """The tables the run holds, on a local disk or an object store (a Path test would find none on s3://)."""
+    from rdscale.io.location import Location
+    from rdscale.io.runs import dataset_exists
+
+    where = Location.parse(run)
+    return [t for t in TABLES if dataset_exists(where / f"{t}.lance")]
+
+
+def run_name(run: str | Path) -> str:
+    """The run's last path component (``s3://bucket/runs/x`` -> ``x``), never its bucket or credentials."""
+    from rdscale.io.location import Location
+
+    return Location.parse(run).name
+
+
 def parse_key(text: str, table: str):
     """``ID:POS`` -> (ID, POS) for residues; anything else is the key itself."""
     if table == "residues":
@@ -42,7 +58,7 @@ class SearchService:
     def __init__(self, run: str | Path, tables: list[str] | None = None, preload: bool = True,
                  models: list[str] | None = None, device: str | None = None):
         self.run = str(run)
-        wanted = tables or [t for t in TABLES if (Path(run) / f"{t}.lance").is_dir()]
+        wanted = tables or _tables_of(run)
         if not wanted:
             open_table(run, "proteins")  # raises the usual "no Lance dataset" error
         self.searchers = {t: Searcher(run, t, models=models, device=device) for t in wanted}
@@ -53,7 +69,7 @@ class SearchService:
 
     def info(self) -> dict[str, Any]:
         return {
-            "run": Path(self.run).name,
+            "run": run_name(self.run),
             "tables": {
                 t: {
                     "rows": s.num_rows,
