@@ -124,10 +124,6 @@ def build_faiss_index(
     if unknown:
         raise SearchError(f"unknown {index_type} parameter(s) {sorted(unknown)}; expected "
                           f"{sorted(default_faiss_params(index_type, 10_000, width))}")
-    for key, value in resolved.items():  # --param values are YAML: "abc", 0, -1 or 2.5 would reach FAISS
-        top = 16 if key == "pq_bits" else 1 << 30
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
-            raise SearchError(f"{index_type} parameter {key}={value!r} must be an integer in [1, {top}]")
     run = run_dir_of(ds.uri)
     path = faiss_path(run, table, width, metric)
     info = IndexInfo(table, width, prefix_column(width, stored_width(ds)), path.name, index_type, metric, num_rows,
