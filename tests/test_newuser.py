@@ -282,3 +282,25 @@ def test_broken_checkpoint_in_ray_workers_is_one_line(ray_session, tmp_path, tin
             step(cfg, progress=False) if step is embed else step(cfg, out=str(tmp_path / "fit"))
         message = user_facing(caught.value)
         assert message is not None and "weights do not fit" in message and "\n" not in message, caught.value
+
+
+def test_cut_short_checkpoint_is_named_as_such(tmp_path, capsys, tiny_family, fasta):
+    # was: "... is not a readable torch checkpoint: [Errno 22] Invalid argument"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(Path(tiny_family[0]).read_bytes()[:5000])
+    code, _, err = invoke(capsys, ["extract", "--fasta", fasta, "--models", cut, "-o", tmp_path / "o", "--local"])
+    assert code == 1 and "cut short" in one_line(err), err
+
+
+def test_all_zero_query_under_cosine_is_refused(tmp_path, capsys, tiny_family, fasta):
+    # was: every row at distance 1.0000, ranked by row order, as if they were hits
+    import numpy as np
+
+    out = tmp_path / "run"
+    assert invoke(capsys, ["extract", "--fasta", fasta, "--models", tiny_family[0], "-o", out, "--local",
+                           "-q"])[0] == 0
+    np.save(tmp_path / "zero.npy", np.zeros(32, np.float32))
+    code, _, err = invoke(capsys, ["search", out, "--vector", tmp_path / "zero.npy"])
+    assert code == 1 and "all zeros" in one_line(err), err
+    code, text, err = invoke(capsys, ["search", out, "--vector", tmp_path / "zero.npy", "--metric", "l2", "-k", "1"])
+    assert code == 0 and "rank" in text, err

@@ -132,7 +132,7 @@ def test_one_shot_search_aggregates_residue_hits_like_the_searcher(run_dir):  # 
     (["--param", "m=abc"], "m='abc' must be an integer"),
     (["--param", "m=1"], "m=1 must be an integer at least 2"),
     (["--index-type", "IVF_PQ", "--param", "pq_bits=40"], "pq_bits=40 must be an integer between 1 and 16"),
-    (["--backend", "lance", "--param", "num_partitions=0"], "num_partitions=0 must be a positive integer"),
+    (["--backend", "lance", "--param", "num_partitions=0"], "cannot build the Lance IVF_HNSW_SQ index"),
     (["--backend", "lance", "--index-type", "IVF_PQ", "--param", "num_sub_vectors=3"], "divisible"),
 ])
 def test_bad_index_parameters_are_one_line_not_a_traceback(run_dir, capsys, argv, message):  # noqa: F811

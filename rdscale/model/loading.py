@@ -286,9 +286,26 @@ def read_checkpoint(path, mmap: bool = False) -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         reason = " ".join(str(e).split()[:30]) or type(e).__name__
+        if not _zip_complete(path):  # torch says "[Errno 22] Invalid argument" of a cut-short archive
+            reason = f"the zip archive is cut short ({path.stat().st_size} bytes; an interrupted download or copy?)"
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {reason}") from e
     _check_format(data, path)
     return data
+
+
+def _zip_complete(path: Path) -> bool:
+    """Whether the file at `path`, if a zip archive, has its end-of-central-directory record (a cut-short copy has
+    none); a legacy pickle counts as complete."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            return True
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _check_magic(path: Path) -> None:

@@ -144,10 +144,10 @@ def build_lance_index(
     column = materialize_prefix(ds, width)
     ds = reopen(ds)  # the version with the new column
     resolved = {**default_index_params(index_type, num_rows, width), **params}
-    for key in _INTEGER_PARAMS & set(resolved):  # --param values are YAML: "abc", 0 or 2.5 would reach Lance
+    for key in _INTEGER_PARAMS & set(resolved):  # --param values are YAML: "abc" or 2.5 (ranges: Lance says)
         value = resolved[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SearchError(f"{index_type} parameter {key}={value!r} must be a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SearchError(f"{index_type} parameter {key}={value!r} must be an integer")
     if resolved["num_partitions"] > num_rows:
         raise SearchError(f"num_partitions={resolved['num_partitions']} exceeds the {num_rows} rows of {table}")
     name = f"{column}_idx"
