@@ -9,8 +9,20 @@ from pathlib import Path
 
 import lance
 
+from rdscale.cli.main import main
 from rdscale.config import load_config
 from rdscale.run.pipeline import LocalExecutor
+
+
+def invoke(capsys, argv):
+    """(exit code, stdout, stderr) of `rdscale ARGV` run in this process."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +37,7 @@ def write_fasta(path, n=24, seed=0, long_every=None, wrap=60):
                 length = 260  # longer than the test window (120): exercises windowing
             seq = "".join(rng.choice(AA) for _ in range(length))
             f.write(f">sp|P{i:05d}|PROT{i} protein {i}\n")
-            for j in range(0, length, wrap):
-                f.write(seq[j : j + wrap] + "\n")
+            f.writelines(seq[j : j + wrap] + "\n" for j in range(0, length, wrap))
     return path
 
 

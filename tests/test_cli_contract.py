@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_fasta
+from helpers import invoke, write_fasta
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,16 +27,6 @@ from rdscale.cli.main import main
 from rdscale.errors import RdscaleError, user_facing
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def invoke(capsys, argv):
-    """(exit code, stdout, stderr) of `rdscale ARGV` run in this process."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line(code, err, argv):
@@ -462,31 +452,36 @@ def test_bad_fasta_read_by_a_ray_worker_is_one_line(world, tmp_path, residues):
 # a Ray run's terminal: progress and summary, not Ray's notices
 
 
-def test_ray_notices_go_to_the_log_file(tmp_path, monkeypatch, capfd):
-    import logging
-    import warnings
+_NOTICES_CHILD = """
+import logging, os, sys, warnings
+from rdscale.progress import route_ray_notices
 
-    from rdscale.progress import route_ray_notices
+path = route_ray_notices(sys.argv[1])
+logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.INFO)
+logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
+    "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+logging.getLogger("ray.data._internal.execution.streaming_executor").info("Starting execution of Dataset d_0.")
+logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable, set ...")
+logging.getLogger("ray.data").error("a real problem")
+with warnings.catch_warnings(record=True) as caught:  # keeps the filters route_ray_notices installed
+    warnings.warn("lance is not fork-safe. If you are using multiprocessing, use spawn", UserWarning)
+assert not caught, caught
+assert "lance is not fork-safe" in os.environ["PYTHONWARNINGS"]
+"""
 
-    monkeypatch.setenv("PYTHONWARNINGS", "")
-    # a Ray run earlier in this session (RayExecutor) raised ray.data's level to ERROR in this process
-    monkeypatch.setattr(logging.getLogger("ray.data"), "level", logging.NOTSET)
-    monkeypatch.setattr(logging.getLogger("ray.data._internal.execution.streaming_executor"), "level", logging.INFO)
-    path = route_ray_notices(tmp_path / "ray.log")
-    logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
-        "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
-    logging.getLogger("ray.data._internal.execution.streaming_executor").info("Starting execution of Dataset d_0.")
-    logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable, set ...")
-    logging.getLogger("ray.data").error("a real problem")
-    with warnings.catch_warnings(record=True) as caught:  # keeps the filters route_ray_notices installed
-        warnings.warn("lance is not fork-safe. If you are using multiprocessing, use spawn", UserWarning)
-    assert not caught
-    terminal = capfd.readouterr().err
+
+def test_ray_notices_go_to_the_log_file(tmp_path):
+    """In a fresh process (Ray's logging set-up is per process: a Ray run earlier in this test session would have
+    bound its handlers to that test's captured stderr)."""
+    log_file = tmp_path / "ray.log"
+    done = subprocess.run([sys.executable, "-c", _NOTICES_CHILD, str(log_file)], capture_output=True, text=True,
+                          env={**_env(), "PYTHONWARNINGS": ""}, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    terminal = done.stderr
     assert "Token authentication" not in terminal and "Starting execution" not in terminal
     assert "Progress bars disabled" not in terminal and "a real problem" in terminal
-    logged = path.read_text()
+    logged = log_file.read_text()
     assert "Token authentication" in logged and "Starting execution" in logged and "a real problem" in logged
-    assert "lance is not fork-safe" in os.environ["PYTHONWARNINGS"]
 
 
 @contextlib.contextmanager
