@@ -475,13 +475,17 @@ def test_run_finds_its_fits_relative_to_itself(tmp_path):
     """Recorded references resolve against the run; a copy beside the run wins over an absolute path recorded by
     an older run; an external fit recorded absolutely is used when the run has none of its own."""
     run = Run(tmp_path / "moved_run")
-    for sub in ("fit", "fit_ext_64"):
+    for sub in ("fit", "fit_ext_48", "fit_ext_64"):
         (tmp_path / "moved_run" / sub).mkdir(parents=True)
         (tmp_path / "moved_run" / sub / "manifest.json").write_text("{}")
     assert run.fit_location({"artifact": "fit"}, {}) == run.fit
     assert run.fit_location({"artifact": "/old/place/run/fit"}, {}) == run.fit
-    ext = {"extensions": [{"width": 80, "step": "fit_ext_64"}, {"width": 64, "step": "/old/place/run/fit_ext_64"}]}
-    assert run.extension_steps(ext) == [run.fit_ext(64), run.fit_ext(64)]
+    # a 32 -> 48 chain extended to 64 (step folder named after the level it extended from: fit_ext_48), then to 80
+    ext = {"models": [{"width": 32}, {"width": 48}],
+           "extensions": [{"width": 64, "step": "/old/place/run/fit_ext_48"}, {"width": 80, "step": "fit_ext_64"}]}
+    assert run.extension_steps(ext) == [run.fit_ext(48), run.fit_ext(64)]
+    ext["extensions"][1]["step"] = "/old/place/run/fit_ext_64"
+    assert run.extension_steps(ext) == [run.fit_ext(48), run.fit_ext(64)]
     external = tmp_path / "shared_fit"
     external.mkdir()
     (external / "manifest.json").write_text("{}")

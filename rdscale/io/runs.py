@@ -57,7 +57,8 @@ GZIP_INDEX_DIR = "gzip_index"  # seek-point indexes of plain-gzip inputs, relati
 
 
 def fit_ext_name(width: int) -> str:
-    """The extension step that grew a run to `width`, relative to the run."""
+    """The extension step that grew a run whose stored width was `width` (the level it extended from), relative
+    to the run."""
     return f"fit_ext_{width}"
 
 
@@ -201,11 +202,14 @@ class Run:
         if manifest is None:
             manifest = self.metadata().get("fit_manifest") or {}
         out = []
+        models = manifest.get("models") or [{}]
+        previous = models[-1].get("width")  # the level each step extended from names its folder
         for ext in manifest.get("extensions", []):
             step = self.resolve(ext.get("step"))
-            beside = self.fit_ext(int(ext["width"])) if ext.get("width") else None
+            beside = self.fit_ext(int(previous)) if previous else None
             # a run recorded before steps were relative names an absolute path; the copy beside the run wins
             if beside is not None and beside != step and beside.join("manifest.json").is_file():
                 step = beside
             out.append(step)
+            previous = ext.get("width")
         return out
