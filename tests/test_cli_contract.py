@@ -569,9 +569,17 @@ def test_any_set_text_is_accepted_or_one_config_error(raw):
         assert str(err)
 
 
+def lance_reports_progress() -> bool:
+    import inspect
+
+    import lance
+
+    return "progress_callback" in inspect.signature(lance.LanceDataset.create_index).parameters
+
+
 def test_long_verbs_report_progress_unless_quiet(world, tmp_path, capsys, monkeypatch):
-    """verify and a FAISS index build report their progress (a count line when stderr is not a terminal); -q
-    silences it."""
+    """verify and index builds (FAISS; Lance where pylance reports its stages) report their progress (a count line
+    when stderr is not a terminal); -q silences it."""
     import shutil
 
     run = tmp_path / "run"
@@ -582,7 +590,10 @@ def test_long_verbs_report_progress_unless_quiet(world, tmp_path, capsys, monkey
                                               "verify: reading residues: ")),
                             (["index", run, "--backend", "faiss", "--width", "32", "--index-type", "IVF_FLAT",
                               "--param", "nlist=2", "--rebuild"],
-                             ("indexing proteins (width 32, IVF_FLAT): 6/6 rows",))):
+                             ("indexing proteins (width 32, IVF_FLAT): 6/6 rows",)),
+                            *([(["index", run, "--backend", "lance", "--width", "32", "--param", "num_partitions=1",
+                                 "--rebuild"], ("indexing proteins (width 32, IVF_HNSW_SQ): ",))]
+                              if lance_reports_progress() else [])):
             for quiet in (False, True):
                 records.clear()
                 code, _, err = invoke(capsys, (["-q"] if quiet else []) + argv)

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from rdscale.io.store import reader_filter
+from rdscale.progress import Progress
 from rdscale.search.tables import (
     DEFAULT_INDEX_TYPE,
     EMBEDDING,
@@ -109,6 +110,45 @@ _INTEGER_PARAMS = {"num_partitions", "num_sub_vectors", "num_bits", "m", "ef_con
                    "sample_rate"}
 
 
+class _StageProgress:
+    """Lance's index-build events (lance.progress.IndexProgress: start / progress / complete per stage) as one
+    rdscale Progress per stage. kwargs() is empty where this pylance has no progress_callback."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled = desc, enabled
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> _StageProgress:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(exc_type, *exc)
+            self.bar = None
+
+    def kwargs(self) -> dict[str, Any]:
+        import inspect
+
+        if not self.enabled or "progress_callback" not in inspect.signature(lance.LanceDataset.create_index).parameters:
+            return {}
+        return {"progress_callback": self}
+
+    def __call__(self, event) -> None:
+        if event.event == "start" or self.bar is None:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if not event.total:  # a stage of unknown size: nothing to count
+                return
+            unit = event.unit[:-1] if event.unit.endswith("s") else event.unit or "step"  # Progress adds the "s"
+            self.bar = Progress(total=event.total, unit=unit, desc=f"{self.desc}: {event.stage}")
+        if event.completed is not None and event.completed > self.bar.done:
+            self.bar.update(event.completed - self.bar.done)
+        if event.event == "complete":
+            self.bar.close()
+            self.bar = None
+
+
 def build_lance_index(
     dataset_path: str | Path,
     table: str = "proteins",
@@ -116,9 +156,11 @@ def build_lance_index(
     index_type: str = DEFAULT_INDEX_TYPE,
     metric: str = "cosine",
     rebuild: bool = False,
+    progress: bool = False,
     **params: Any,
 ) -> IndexInfo:
-    """Materialise the width-``width`` prefix column of ``table`` and build a vector index on it.
+    """Materialise the width-``width`` prefix column of ``table`` and build a vector index on it (``progress``: a
+    bar per stage of Lance's build, where this pylance reports them).
 
     ``width``: a chain level (None = the stored width). ``index_type``: one of INDEX_TYPES (IVF_HNSW_SQ, the
     default, needs no refine step for good recall; IVF_PQ is smaller on disk and wants ``refine_factor`` at
@@ -169,7 +211,9 @@ def build_lance_index(
         if other["column"] == column and other_name != name:
             ds.drop_index(other_name)
     try:
-        ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved)
+        with _StageProgress(f"indexing {table} (width {width}, {index_type})", progress) as stages:
+            ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved,
+                            **stages.kwargs())
     except (ValueError, TypeError, OSError, RuntimeError) as err:  # Lance's answer to a bad --param
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         head, sep, tail = text.rpartition(", /")  # drop the Rust source location Lance appends

@@ -780,13 +780,13 @@ def build_index(
     ``backend="faiss"``: a FAISS index stored in ``<run>/indexes`` (``index_type`` HNSW (default), IVF_FLAT or
     IVF_PQ; ``params`` as in ``faiss_index.default_faiss_params``). ``metric``: "cosine" or "l2"; a search uses
     the metric its index was built with. Idempotent: an identical index that covers every row is kept
-    (``rebuild=True`` forces a new one). ``progress``: a bar of the rows added (FAISS; Lance reports none).
+    (``rebuild=True`` forces a new one). ``progress``: a bar of the rows added (FAISS) or per build stage (Lance).
     """
     if backend not in BACKENDS:
         raise SearchError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "lance":
         return L.build_lance_index(dataset_path, table, width, index_type or L.DEFAULT_INDEX_TYPE, metric,
-                                   rebuild, **params)
+                                   rebuild, progress, **params)
     metric = _check_metric(metric)
     ds = open_table(dataset_path, table)
     reader_filter(ds.uri)  # warns when the run is incomplete (embed drops derived columns when it adds rows)
