@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchkit import write_results  # noqa: E402
+from benchkit import median, rates, write_results  # noqa: E402
 
 import esm  # noqa: E402
 import torch  # noqa: E402
@@ -122,11 +122,6 @@ def cpu_time() -> float:
     """User + system CPU seconds of this process and of its finished children (the CLI runs as a child)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
-
-
-def median(values: list[float]) -> float:
-    s = sorted(values)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def check_same_numbers(loaded, fasta: Path, toks_per_batch: int) -> float:
@@ -209,17 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     base = names[0]
-    base_rate = residues[base] / median(samples[base])
-    base_cpu_rate = residues[base] / median(cpu_seconds[base])
+    measured = rates(names, residues, samples, cpu_seconds)  # ratios to the baseline, names[0]
+    base_rate = measured[base]["rate"]
     rows = []
-    for name in names:
-        rate = residues[name] / median(samples[name])
-        cpu_rate = residues[name] / median(cpu_seconds[name])
+    for name, r in measured.items():
         rows.append({"variant": name, "residues": residues[name],
                      "seconds": samples[name], "median_seconds": median(samples[name]),
-                     "residues_per_s": rate, "ratio_vs_baseline": rate / base_rate,
+                     "residues_per_s": r["rate"], "ratio_vs_baseline": r["ratio"],
                      "cpu_seconds": cpu_seconds[name], "median_cpu_seconds": median(cpu_seconds[name]),
-                     "residues_per_cpu_s": cpu_rate, "cpu_ratio_vs_baseline": cpu_rate / base_cpu_rate})
+                     "residues_per_cpu_s": r["cpu_rate"], "cpu_ratio_vs_baseline": r["cpu_ratio"]})
     cli_row = next((r for r in rows if r["variant"] == CLI), None)
     if cli_row is not None:
         reported = median([r["reported_seconds"] for r in cli_extra])

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchkit import write_results  # noqa: E402
+from benchkit import median, rates, write_results  # noqa: E402
 
 import torch
 
@@ -47,11 +47,6 @@ CHAINS = {  # name: (widths, layers, heads)
     "small": ((320, 480), (6, 12), 20),
 }
 MODES = ("float64", "float32")
-
-
-def median(values: list[float]) -> float:
-    s = sorted(values)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def subset_fasta(fasta: Path, residues: int | None, out: Path) -> tuple[Path, list[str]]:
@@ -122,16 +117,11 @@ def bench_chain(name: str, args, scratch: Path) -> dict:
             cpu[n].append(time.process_time() - c0)
         print(f"  {name} rep {rep + 1}/{args.reps}: " + ", ".join(f"{n.split(' (')[0]} {wall[n][-1]:.2f}s"
                                                                for n in names), flush=True)
-    apply_name = names[0]
-    apply_rate = residues[apply_name] / median(wall[apply_name])
-    apply_cpu_rate = residues[apply_name] / median(cpu[apply_name])
     results = []
-    for n in names:
-        rate = residues[n] / median(wall[n])
-        cpu_rate = residues[n] / median(cpu[n])
+    for n, r in rates(names, residues, wall, cpu).items():  # ratios to names[0], the apply pass
         results.append({"variant": n, "residues": residues[n], "seconds": wall[n], "cpu_seconds": cpu[n],
-                        "residues_per_s": rate, "residues_per_cpu_s": cpu_rate,
-                        "ratio_vs_apply": rate / apply_rate, "cpu_ratio_vs_apply": cpu_rate / apply_cpu_rate})
+                        "residues_per_s": r["rate"], "residues_per_cpu_s": r["cpu_rate"],
+                        "ratio_vs_apply": r["ratio"], "cpu_ratio_vs_apply": r["cpu_ratio"]})
     return {"chain": name, "widths": list(widths), "layers": list(layers), "heads": heads, "K": k_total,
             "sequences": len(sequences), "residues": sum(len(s) for s in sequences),
             "budgets": encoder.budgets, "chunk_tokens": encoder.chunk_tokens, "results": results}

@@ -12,6 +12,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,19 @@ def torch_machine() -> dict[str, Any]:
     return {"device": "cuda" if cuda else "cpu", "gpu": torch.cuda.get_device_name(0) if cuda else None,
             "torch": torch.__version__, "platform": platform.platform(), "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def rates(names: list[str], residues: dict[str, int], wall: dict[str, list[float]],
+          cpu: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per variant, from its median wall and CPU seconds: residues/s, residues per CPU s, and both as ratios to
+    the first variant's (the baseline measured side by side in the same run)."""
+    out = {}
+    for name in names:
+        out[name] = {"rate": residues[name] / median(wall[name]), "cpu_rate": residues[name] / median(cpu[name])}
+    base = out[names[0]]
+    for r in out.values():
+        r["ratio"], r["cpu_ratio"] = r["rate"] / base["rate"], r["cpu_rate"] / base["cpu_rate"]
+    return out
 
 
 def write_results(path: str | Path, result: dict[str, Any]) -> None:
