@@ -379,3 +379,20 @@ def test_an_earlier_release_is_searched_exactly_and_says_so(world, tmp_path):
     for mode in ("ann", "funnel"):
         with pytest.raises(SearchError, match="exact mode only"):
             search(run_dir, ids=["UR0005"], k=2, version="initial", mode=mode)
+
+
+def test_verify_of_an_updated_truncating_run(tmp_path, tiny_family):
+    """Under long_policy truncate a protein stores only its first `window` residues: verify of an updated run
+    counts those (it compared the residues with the full lengths and reported a complete run as broken)."""
+    from rdscale.run.verify import verify
+
+    a, b = releases_ab()
+    fa, fb = write_records(tmp_path / "A.fasta", a), write_records(tmp_path / "B.fasta", b)
+    cfg = make_cfg(tmp_path, fa, tiny_family, "r", **{"embedding.long_policy": "truncate", "embedding.window": 40,
+                                                      "embedding.overlap": 0})
+    run(cfg, LocalExecutor(), progress=False)
+    assert verify(tmp_path / "r") == []
+    update(tmp_path / "r", [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert verify(tmp_path / "r") == []
+    lance.dataset(str(tmp_path / "r" / "residues.lance")).delete("id = 'UR0004' AND pos = 0")
+    assert any(p.startswith("residues: ") for p in verify(tmp_path / "r"))

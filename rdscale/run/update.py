@@ -637,8 +637,11 @@ def verify_release(run_dir: str | Location) -> list[str]:
     if run.has_table(RESIDUES):
         # one row per position of every stored protein (the ledger's residue counts also hold the rows of a
         # repeated id that `dedupe_across_shards` moved to rejects after its shard committed)
+        from rdscale.run.verify import residue_rows
+
         residues = run.dataset(RESIDUES).count_rows()
-        expected = int(pc.sum(proteins.to_table(columns=["length"])["length"]).as_py() or 0)
+        lengths = proteins.to_table(columns=["length"])["length"].cast(pa.int64())
+        expected = int(pc.sum(residue_rows(lengths, cfg)).as_py() or 0)
         if residues != expected:
             problems.append(f"residues: {residues} rows, the stored proteins have {expected} positions")
     return problems

@@ -66,6 +66,14 @@ def _mod_p(values):
     return pc.if_else(pc.greater_equal(rest, _P), pc.subtract(rest, _P), rest)
 
 
+def residue_rows(lengths, cfg: Config):
+    """(n,) residue rows stored for proteins of these (n,) lengths: one per position, only the first
+    embedding.window under long_policy truncate."""
+    if cfg.embedding.long_policy == "truncate":
+        return pc.min_element_wise(lengths, cfg.embedding.window)
+    return lengths
+
+
 def _seq_digest(sequence: str) -> str:
     return hashlib.blake2b(sequence.encode(), digest_size=12).hexdigest()
 
@@ -262,14 +270,12 @@ def _check_residues(run: Run, cfg: Config, parts: int, scratch: str | None, prog
     length. With count = n and every pos in [0, n), the two sums match those of 0..n-1 only for a permutation of
     0..n-1 short of contrived coincidences; more rows than positions, all in range, means a repeated (id, pos)."""
     out: list[str] = []
-    truncate = cfg.embedding.long_policy == "truncate"
-    window = cfg.embedding.window
     repeated, repeated_example = 0, None
     with HashPartitions(parts, _RESIDUES, "id", scratch) as summaries:
         for batch in run.dataset(PROTEINS).to_batches(columns=["id", "length"], batch_size=_BATCH):
             n = batch.num_rows
             length = batch.column("length").cast(pa.int64())
-            expect = pc.min_element_wise(length, window) if truncate else length
+            expect = residue_rows(length, cfg)
             zeros = pa.array([0] * n, pa.int64())
             summaries.add(pa.record_batch([batch.column("id"), pa.array([0] * n, pa.int64()), zeros, zeros,
                                            pa.array([0] * n, pa.int64()), pa.array([0] * n, pa.int64()),
