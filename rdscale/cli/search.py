@@ -8,7 +8,6 @@ indexes, modes and scores mean. User errors are `SearchError`s, which the CLI pr
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -133,8 +132,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    if not getattr(args, "verbose", False):  # pylance logs every build at INFO; the line printed below says the same
-        logging.getLogger("pylance").setLevel(logging.WARNING)
     if args.list:
         for table in args.table:
             _print_indexes(args.out, table)
