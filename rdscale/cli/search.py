@@ -159,15 +159,13 @@ def _print_indexes(run: str, table: str) -> None:
     infos = S.list_indexes(run, table)
     if not infos:
         print(f"{table}: no vector indexes")
-    from rdscale.search.faiss_index import is_fresh
-    from rdscale.search.tables import _column_is_complete
+    from rdscale.search.searcher import index_is_fresh
 
     ds = S.open_table(run, table) if infos else None
     for info in infos:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
         where = info.index_name if info.backend == "faiss" else info.column
-        fresh = is_fresh(ds, info) if info.backend == "faiss" else _column_is_complete(ds, info.column)
-        stale = "" if fresh else "; STALE: the table changed since it was built, rerun `rdscale index` for it"
+        stale = "" if index_is_fresh(ds, info) else "; STALE: the table changed since it was built, rerun `rdscale index` for it"
         print(f"{table}: width {info.width} {info.backend} {info.index_type} {info.metric} on {where} "
               f"({shown}){stale}")
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -325,9 +326,7 @@ class Searcher:
                 continue
             if info.index_name.startswith("memory:"):
                 return info
-            fresh = (F.is_fresh(self.ds, info) if info.backend == "faiss"
-                     else _column_is_complete(self.ds, info.column))
-            if fresh:
+            if index_is_fresh(self.ds, info):
                 return info
             if backend is None and any(o.width == width and o is not info for o in live):
                 continue  # the other backend's index at this width may still be fresh
@@ -795,6 +794,12 @@ def build_index(
     width = check_width(ds, width)
     return F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild, progress,
                                **params)
+
+
+def index_is_fresh(ds: lance.LanceDataset, info: IndexInfo) -> bool:
+    """Whether the index still covers ``ds`` as it is: a FAISS index built on the table's current fragment layout,
+    a Lance index whose prefix column is complete (rows added or rewritten since make both stale)."""
+    return F.is_fresh(ds, info) if info.backend == "faiss" else _column_is_complete(ds, info.column)
 
 
 def list_indexes(dataset_path: str | Path, table: str = "proteins") -> list[IndexInfo]:
