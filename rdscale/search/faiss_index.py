@@ -124,7 +124,6 @@ def build_faiss_index(
     if unknown:
         raise SearchError(f"unknown {index_type} parameter(s) {sorted(unknown)}; expected "
                           f"{sorted(default_faiss_params(index_type, 10_000, width))}")
-    _check_values(index_type, resolved)  # --param values are YAML: "abc", 0, -1 or 2.5 would reach FAISS
     run = run_dir_of(ds.uri)
     path = faiss_path(run, table, width, metric)
     info = IndexInfo(table, width, prefix_column(width, stored_width(ds)), path.name, index_type, metric, num_rows,
@@ -166,7 +165,7 @@ def build_in_memory(ds: lance.LanceDataset, width: int, index_type: str, metric:
                     table: str = "table", fragments: list | None = None, progress: bool = False):
     """A FAISS index over the width-``width`` prefix of ``ds`` (or of its ``fragments`` only, in that order),
     streamed in batches; labels are row positions in that scan order."""
-    _check_values(index_type, params)
+    _check_values(index_type, params)  # --param values are YAML: "abc", 0, -1 or 2.5 would reach FAISS
     faiss = import_faiss()
     frags = fragments if fragments is not None else ds.get_fragments()
     num_rows = sum(f.count_rows() for f in frags)
