@@ -461,6 +461,13 @@ def _text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+def residue_letters(raw: bytes) -> bytes:
+    """A sequence as records are read: whitespace removed, upper-cased, one trailing '*' (a stop) dropped. Query
+    sequences go through the same (rdscale.search.sequences), so a query reads like the record it copies."""
+    seq = _LINE_SPACE.sub(b"", raw).upper()
+    return seq[:-1] if seq.endswith(b"*") else seq
+
+
 def _judge(
     header: bytes, chunks: list[bytes], path: str, offset: int, file_index: int, options: ValidationOptions
 ) -> Record | Reject:
@@ -474,9 +481,7 @@ def _judge(
 
     if not id_:
         return reject("empty_id: header line has no identifier")
-    seq = _LINE_SPACE.sub(b"", b"".join(chunks)).upper()
-    if seq.endswith(b"*"):
-        seq = seq[:-1]
+    seq = residue_letters(b"".join(chunks))
     if options.remove_gaps:
         seq = seq.translate(None, _GAPS)
     bad = seq.translate(None, _ALLOWED)

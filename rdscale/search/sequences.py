@@ -144,12 +144,13 @@ class QueryEmbedder:
 
 
 def clean_query(sequence):
-    """A query sequence as the pipeline reads a FASTA record's: upper-cased, whitespace removed, one trailing
-    '*' stripped (anything not a string is left for the embedder to refuse)."""
+    """A query sequence as the pipeline reads a FASTA record's (rdscale.io.fasta.residue_letters): upper-cased,
+    whitespace removed, one trailing '*' stripped (anything not a string is left for the embedder to refuse)."""
+    from rdscale.io.fasta import residue_letters
+
     if not isinstance(sequence, str):
         return sequence
-    sequence = "".join(sequence.split()).upper()
-    return sequence.removesuffix("*")
+    return residue_letters(sequence.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
 
 
 def embed_sequences(
