@@ -29,11 +29,9 @@ QUERY_KINDS = ("ids", "sequences", "vectors")
 
 def _tables_of(run: str | Path) -> list[str]:
     """The tables the run holds, on a local disk or an object store (a Path test would find none on s3://)."""
-    from rdscale.io.location import Location
-    from rdscale.io.runs import dataset_exists
+    from rdscale.io.runs import Run
 
-    where = Location.parse(run)
-    return [t for t in TABLES if dataset_exists(where / f"{t}.lance")]
+    return [t for t in TABLES if Run(run).has_table(t)]
 
 
 def run_name(run: str | Path) -> str:
