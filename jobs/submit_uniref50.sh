@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Submit the UniRef50 run to a Ray cluster (cluster/ray-cluster.yaml or cluster/kuberay-rayjob.yaml).
 # RAY_ADDRESS: the head's dashboard address, e.g. http://127.0.0.1:8265 after `ray dashboard cluster/ray-cluster.yaml`.
-# Token authentication (Ray >= 2.52): export RAY_AUTH_MODE=token and the cluster's token (~/.ray/auth_token,
-# RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN). RDSCALE_AUTOSCALER=1: the launcher's GPU workers start on demand
+# Only if the cluster was started with token authentication (optional, Ray >= 2.52): export RAY_AUTH_MODE=token and
+# the cluster's token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN). RDSCALE_AUTOSCALER=1: the launcher's GPU workers start on demand
 # (min_workers: 0), so actors wait for them instead of being refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."

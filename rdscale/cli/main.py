@@ -39,14 +39,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _config_args(p: argparse.ArgumentParser, fasta: bool = True, out: bool = True) -> None:
+CHAIN_HELP = "the chain, smallest first: ESM-2 names (esm2_t6_8M_UR50D or 8M) or checkpoint paths"
+ONE_MODEL_HELP = ("the one model: an ESM-2 name (esm2_t33_650M_UR50D or 650M) or a checkpoint path (default: the "
+                  "config's last, largest model, so -c demo or -c single_gpu work as they are)")
+
+
+def _config_args(p: argparse.ArgumentParser, fasta: bool = True, out: bool = True, models_help: str = CHAIN_HELP) -> None:
     p.add_argument("-c", "--config", help="YAML config file, or the name of a packaged one (demo, single_gpu, "
                    "uniref50_cluster, demo_s3); flags below override it")
     if fasta:
         p.add_argument("--fasta", nargs="+", metavar="FILE",
                        help="input FASTA files (plain, .gz or BGZF; local paths or s3:// gs:// az:// URIs)")
-    p.add_argument("--models", nargs="+", metavar="MODEL",
-                   help="the chain, smallest first: ESM-2 names (esm2_t6_8M_UR50D or 8M) or checkpoint paths")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help=models_help)
     if out:
         p.add_argument("-o", "--out", help="output directory or object-store prefix, e.g. s3://bucket/run (output.dir)")
     p.add_argument("--device", help="embedding.device: auto, cpu, cuda, cuda:N")
@@ -97,7 +101,15 @@ def cmd_extract(args, cfg: Config | None = None) -> int:
     if len(cfg.models) != 1:
         from rdscale.config import ConfigError
 
-        raise ConfigError(f"extract embeds with one model; got {len(cfg.models)} (use `rdscale run` for a chain)")
+        if getattr(args, "models", None):  # named on the command line: the user meant a chain, say so
+            raise ConfigError(f"extract embeds with one model; got {len(cfg.models)} in --models "
+                              "(use `rdscale run` for a chain)")
+        # a packaged chain config (-c demo, -c single_gpu): its largest model, the one esm-extract users want
+        import dataclasses
+
+        log.info("extract: the config names a chain of %d models; embedding with its last one, %s (--models "
+                 "picks another)", len(cfg.models), cfg.models[-1])
+        cfg = dataclasses.replace(cfg, models=[cfg.models[-1]])
     _print_summary(embed(cfg, fit_dir=None, progress=not args.quiet))
     return 0
 
@@ -247,8 +259,9 @@ def build_parser(verb: str | None = None, full: bool = True) -> argparse.Argumen
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("extract", help="one model over FASTA files -> per-residue + per-protein embeddings in Lance",
-                       description="Like fair-esm's esm-extract, into Lance tables (proteins, residues, rejects).")
-    _config_args(p)
+                       description="Like fair-esm's esm-extract, into Lance tables (proteins, residues, rejects). "
+                       "Takes one model: --models MODEL, or the config's last (largest) model.")
+    _config_args(p, models_help=ONE_MODEL_HELP)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("fit", help="fit pass: moments on a sample, solve the chain, write the fit artifact")
