@@ -1,4 +1,4 @@
-"""The README's "Reading the tables" code runs as written against a real run (float16 residues), with the real
+"""docs/outputs.md's "Reading the tables" code runs as written against a real run (float16 residues), with the real
 pyarrow, Polars and DuckDB, and each reader sees the same rows as Lance."""
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from rdscale.cli.main import main
 pl = pytest.importorskip("polars")
 duckdb = pytest.importorskip("duckdb")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "docs" / "outputs.md"
 
 
 def readme_snippets() -> list[str]:
     text = README.read_text()
     section = text.split("## Reading the tables from pyarrow, Polars and DuckDB", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    return re.findall(r"```python run\n(.*?)```", section, flags=re.DOTALL)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,8 @@ def test_float32_values_survive_the_cast(demo_run):
 
 def test_docs_are_self_contained():
     """README and docs/ reference nothing outside the repository, and every docs/ link resolves."""
-    root = README.parent
-    for doc in [README, *sorted((root / "docs").glob("*.md"))]:
+    root = ROOT
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         text = doc.read_text()
         assert "../shared" not in text and "DESIGN.md" not in text, doc
         for target in re.findall(r"\]\(([^)#]+\.md)\)", text):
