@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Pack what bench/bench_gpu.py needs besides torch (with CUDA), numpy and pyarrow into bench/gpu_deps/ (git-ignored),
 # from an installed environment, without a download: fair-esm (pure Python, ~0.3 MB) and pylance (one native
-# library; xz -9: ~46 MiB, ~5 minutes on 2 cores). Carry bench/gpu_deps to the GPU machine (a device call carries
-# at most 64 MiB, the tree included) and run bench/run_gpu_bench.sh there; bench/README.md says how.
+# library; xz -9: ~46 MiB, ~5 minutes on 2 cores). Copy the repository with bench/gpu_deps to the GPU machine and
+# run bench/run_gpu_bench.sh there; bench/README.md says how.
 #   bash bench/pack_gpu_deps.sh [python]          # default: the python on PATH
 #   PACK_PYARROW=1 bash bench/pack_gpu_deps.sh    # also pyarrow, for a GPU machine without it
 set -euo pipefail

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Run the GPU benchmark on a machine that has torch with CUDA, numpy and pyarrow (no Ray, no PyYAML needed).
 # fair-esm and pylance come from bench/gpu_deps/*.tar.xz (bench/pack_gpu_deps.sh) when present.
-# Results: $OUT/bench_gpu.json and $OUT/bench_gpu.log when $OUT is set (the device runner), else bench/results/.
+# Results: $OUT/bench_gpu.json and $OUT/bench_gpu.log when $OUT names an output folder, else bench/results/.
 # The JSON is rewritten after every part of the benchmark, so a run killed at its time limit still leaves what it
 # measured; if the benchmark could not even start, a small JSON with the error and the log's tail is written.
 # A compact table of the results ends the output.
 #   bash bench/run_gpu_bench.sh [extra bench_gpu.py flags, e.g. --residues 500000 --max-seconds 400]
-# Python: $PYTHON, else python3 (on the device machine, python3 is the one that holds torch).
+# Python: $PYTHON, else python3 (the one that holds torch with CUDA).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}

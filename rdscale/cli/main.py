@@ -29,7 +29,7 @@ log = logging.getLogger("rdscale")
 
 EPILOG = """packaged configs (-c NAME): demo (offline demo, tiny models), demo_s3 (the demo with input, checkpoints and
 output on S3), single_gpu (real ESM-2 8M->650M on one GPU), uniref50_cluster (ray job submit on a GPU cluster); or
--c path/to/file.yaml. Locations may be local paths or s3:// gs:// az:// URIs. Docs: README.md."""
+-c path/to/file.yaml. Locations may be local paths or s3:// gs:// az:// URIs. Docs: README.md, docs/cli.md."""
 
 
 class _Parser(argparse.ArgumentParser):
