@@ -5,6 +5,7 @@ The runner is tests/docs_blocks.py; the block markers are described there."""
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -179,3 +180,27 @@ def test_single_gpu_config_runs_on_a_cpu_only_machine():
     from rdscale.config import load_config
 
     assert load_config("single_gpu").ray.gpus_per_actor is None
+
+
+def test_help_examples_parse():
+    """The examples in `rdscale VERB --help` are docs too: each parses with the real parser and config loader."""
+    import argparse
+    import re
+
+    from docs_blocks import check_rdscale
+
+    from rdscale.cli.main import build_parser
+
+    texts, todo = [], [build_parser(full=True)]
+    while todo:
+        parser = todo.pop()
+        texts.append(parser.epilog or "")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += list(action.choices.values())
+    examples = [line for text in texts
+                for line in re.findall(r"^\s*(rdscale [^#\n]+)", text.replace("\\\n", " "), flags=re.MULTILINE)]
+    assert len(examples) >= 10
+    for line in examples:
+        args = shlex.split(line)
+        check_rdscale(args[1:], f"--help example {line.strip()!r}")

@@ -475,7 +475,7 @@ def test_cli_user_errors_exit_1_with_one_line(run_dir, tmp_path, capsys):
         (["search", "-o", out_dir, "--id", "P00001", "--width", 12], "width 12 is not a chain level"),
         (["search", "-o", out_dir, "--id", "P00001", "--width", 64], "exceeds the stored embedding width 32"),
         (["search", "-o", out_dir, "--id", "P00001", "--mode", "funnel", "--width", 8],
-         f"run `rdscale index -o {out_dir} --table proteins --width 8 --metric cosine`"),
+         f"run `rdscale index {out_dir} --table proteins --width 8 --metric cosine`"),
         (["search", "-o", out_dir, "--vector", tmp_path / "short.npy", "--width", 16], "8 wide"),
         (["search", "-o", out_dir, "--vector", tmp_path / "none.npy"], "does not exist"),
         (["search", "-o", out_dir, "--fasta", tmp_path / "bad.fa"], "bad.fa:0: query q1 cannot be embedded"),

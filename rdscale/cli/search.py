@@ -21,18 +21,18 @@ if TYPE_CHECKING:
     import numpy as np
 
 INDEX_EPILOG = """examples:
-  rdscale index -o runs/demo --width 32                 # cosine FAISS HNSW index on the 32-wide prefix
-  rdscale index -o runs/demo --width 32 --backend lance # Lance IVF_HNSW_SQ index on column embedding_p32
-  rdscale index -o runs/demo --table residues --width 16 --index-type IVF_PQ   # compact per-residue index
-  rdscale index -o runs/demo --width 32 64 --metric l2 --backend lance --index-type IVF_PQ --param num_partitions=16
-  rdscale index -o runs/demo --table residues --width 32
-  rdscale index -o runs/demo --list"""
+  rdscale index runs/demo --width 32                 # cosine FAISS HNSW index on the 32-wide prefix
+  rdscale index runs/demo --width 32 --backend lance # Lance IVF_HNSW_SQ index on column embedding_p32
+  rdscale index runs/demo --table residues --width 16 --index-type IVF_PQ   # compact per-residue index
+  rdscale index runs/demo --width 32 64 --metric l2 --backend lance --index-type IVF_PQ --param num_partitions=16
+  rdscale index runs/demo --table residues --width 32
+  rdscale index runs/demo --list"""
 
 SEARCH_EPILOG = """examples:
-  rdscale search -o runs/demo --id B0RED7 --width 32 --mode funnel -k 5
-  rdscale search -o runs/demo --fasta queries.fa -k 10 --csv hits.csv
-  rdscale search -o runs/demo --vector q.npy --mode ann --width 32 --filter "length > 100"
-  rdscale search -o runs/demo --table residues --id B0RED7:10 -k 5     # one residue; --id B0RED7: all of them
+  rdscale search runs/demo --id B0RED7 --width 32 --mode funnel -k 5
+  rdscale search runs/demo --fasta queries.fa -k 10 --csv hits.csv
+  rdscale search runs/demo --vector q.npy --mode ann --width 32 --filter "length > 100"
+  rdscale search runs/demo --table residues --id B0RED7:10 -k 5     # one residue; --id B0RED7: all of them
 
 scores are distances (smaller = closer): cosine -> 1 - cos, l2 -> squared Euclidean."""
 

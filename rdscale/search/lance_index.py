@@ -252,6 +252,6 @@ def _live_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
 
 
 def _index_hint(dataset_path: str | Path, table: str, width: int, metric: str) -> str:
-    return f"rdscale index -o {run_dir_of(dataset_path)} --table {table} --width {width} --metric {metric}"
+    return f"rdscale index {run_dir_of(dataset_path)} --table {table} --width {width} --metric {metric}"
 
 

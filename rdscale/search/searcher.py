@@ -305,7 +305,7 @@ class Searcher:
             width = self.width(width)
         live = [i for i in self.indexes() if i.metric == metric and backend in (None, i.backend)]
         what = f"{backend + ' ' if backend else ''}{metric} vector index"
-        hint = f"rdscale index -o {run_dir_of(self.dataset_path)} --table {self.table} --width {{}} --metric " + metric
+        hint = f"rdscale index {run_dir_of(self.dataset_path)} --table {self.table} --width {{}} --metric " + metric
         if backend == "faiss" and not live:
             from rdscale.io.location import is_remote
 
