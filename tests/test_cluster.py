@@ -210,7 +210,7 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
             assert time.time() < deadline, "the head's job server did not come up"
             time.sleep(1)
         cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-               "python", "jobs/rdscale_job.py", "run", "-c", "conf/demo.yaml", "--fasta", str(small_fasta),
+               "python", "jobs/rdscale_job.py", "run", "-c", "demo", "--fasta", str(small_fasta),
                "--models", *map(str, tiny_family), "-o", str(out)]
         for _ in range(30):  # the job server answers before the head's agent can take jobs
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480, check=False)

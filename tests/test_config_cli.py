@@ -110,3 +110,19 @@ def test_writing_verb_loads_its_config_once(capsys, tmp_path, tiny_family, monke
     code, err = run_cli(capsys, "extract", "--local", "--fasta", str(good), "--models", *map(str, tiny_family[:2]),
                         "-o", str(tmp_path / "o2"))
     assert code == 2 and "extract embeds with one model" in err and len(calls) == 1
+
+
+def test_extract_with_a_chain_config_takes_its_last_model(tmp_path, tiny_family):
+    """`rdscale extract -c demo` works: a config naming a chain gives extract its last (largest) model."""
+    import lance
+    import yaml
+
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">a\nMKTAYIAKQR\n>b\nMSTNPKPQRKTKRNTNRRPQDVKFPGG\n")
+    config = tmp_path / "chain.yaml"
+    config.write_text(yaml.safe_dump({"models": [str(p) for p in tiny_family], "input": {"paths": [str(fasta)]},
+                                      "output": {"dir": str(tmp_path / "out")}}))
+    assert main(["-q", "extract", "-c", str(config), "--local"]) == 0
+    proteins = lance.dataset(str(tmp_path / "out" / "proteins.lance"))
+    assert proteins.schema.field("embedding").type.list_size == 64  # the widest of 32, 48, 64
+    assert proteins.count_rows() == 2
