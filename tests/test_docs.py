@@ -204,3 +204,41 @@ def test_help_examples_parse():
     for line in examples:
         args = shlex.split(line)
         check_rdscale(args[1:], f"--help example {line.strip()!r}")
+
+
+def _joined_source() -> str:
+    """rdscale's source with adjacent string literals joined ("a " f"b" -> "a b"), as its messages print."""
+    import re
+
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "rdscale").rglob("*.py")))
+    return re.sub(r"\"\s*\n\s*(?:\(\s*)?f?\"", "", text)
+
+
+def _quotes_rdscale(heading: str, source: str) -> bool:
+    """Whether an error text (placeholders such as paths, numbers and quoted names aside) is rdscale's own."""
+    import re
+
+    text = heading.strip().strip("`")
+    # the literal stretches between placeholders (paths, numbers, dotted keys, names in quotes, "...")
+    chunks = [c.strip(" ,;:") for c in re.split(r"\.\.\.|\S*[/\d'=]\S*|\S+\.\S+", text)]
+    chunks = [c for c in chunks if c]
+    spans = [" ".join(w[i:j]) for c in chunks for w in [c.split()]
+             for i in range(len(w)) for j in range(i + 3, len(w) + 1)]  # runs of 3+ words of the literal text
+    in_order = ".{0,120}?".join(re.escape(c) for c in chunks)  # every literal part, placeholders between
+    return any(s in source for s in spans) or (len(chunks[0].split()) >= 2 and chunks[0] in source) \
+        or re.search(in_order, source) is not None
+
+
+def test_troubleshooting_quotes_messages_rdscale_prints():
+    """Each heading of docs/troubleshooting.md is an error text users paste: it must be rdscale's own words, so a
+    reworded message fails here."""
+    import re
+
+    source = _joined_source()
+    headings = re.findall(r"^### (.+)$", (ROOT / "docs" / "troubleshooting.md").read_text(), flags=re.MULTILINE)
+    assert len(headings) >= 12
+    for heading in headings:
+        if "DuckDB" not in heading:  # DuckDB's own message
+            assert _quotes_rdscale(heading, source), f"{heading!r} is not among rdscale's messages"
+    assert not _quotes_rdscale("`the run folder is locked by a different rdscale process (pid 1)`", source)
+    assert not _quotes_rdscale("`no actor fits on any node of this Ray cluster; reduce ray.gpus_per_actor`", source)
