@@ -340,6 +340,36 @@ def test_plain_and_bgzf_on_s3_split_exactly_as_local(tmp_path, s3):
         assert remote_items == local_items and len(remote_items) == 1200
 
 
+@pytest.mark.parametrize("ending", ["\r", "mixed"])
+def test_old_line_endings_read_like_unix_everywhere(tmp_path, s3, ending):
+    """Lone CR (classic Mac) or a mix of CR, LF and CRLF: plain, BGZF and index-split gzip, local and on S3 (ranged
+    reads), at shard sizes that cut lines and line breaks, give the records of the same file with Unix endings."""
+    from bgzf_util import write_bgzf
+
+    unix = _fasta_text(1500, seed=8)
+    rng = random.Random(3)
+    other = unix.replace("\n", "\r") if ending == "\r" else \
+        "".join(rng.choice(["\n", "\r", "\r\n"]) if c == "\n" else c for c in unix)
+    (tmp_path / "unix.fasta").write_text(unix)
+    _, expected = _items([str(tmp_path / "unix.fasta")], 1 << 30)
+    expected = [(k, i, r, seq) for k, i, _, r, seq in expected]
+    assert len(expected) == 1500
+    data = other.encode()
+    plain, bgzf, gz = tmp_path / "p.fasta", tmp_path / "b.fasta.gz", tmp_path / "g.fasta.gz"
+    plain.write_bytes(data)
+    write_bgzf(bgzf, data, block_sizes=[3001] * (len(data) // 3001 + 1))
+    gz.write_bytes(gzip.compress(data))
+    sources = [(str(plain), None), (str(bgzf), None), (str(gz), tmp_path / "idx")]
+    for path in (plain, bgzf):
+        uri = s3.uri("endings", path.name)
+        Location.parse(uri).write_bytes(path.read_bytes())
+        sources.append((uri, None))
+    for source, index_dir in sources:
+        shards, got = _items([source], 7001, index_dir=index_dir)
+        assert len(shards) > 1, source
+        assert [(k, i, r, seq) for k, i, _, r, seq in got] == expected, source
+
+
 def test_truncated_plain_gzip_is_refused(tmp_path):
     data = gzip.compress(_fasta_text(3000).encode())
     bad = tmp_path / "cut.fasta.gz"
