@@ -4,6 +4,9 @@ and checks, without trusting the ledger's counts:
 - every planned shard is committed, and each committed shard's input still has the digest recorded when it was read;
 - every input record is in exactly one of proteins or rejects, matched by source (file:offset), with the same id,
   and for proteins the same sequence (by digest); nothing in the tables comes from outside the input;
+- the reader itself: per input file, the records it read equal the headers counted by an independent byte-level
+  scan ('>' at the start of a line, "\n", "\r\n" and a lone "\r" all ending lines; `count_headers`), so a reader
+  that drops records cannot hide behind a check that reads with the same reader;
 - no protein id twice, no (id, pos) twice in residues, residues only of stored proteins, one per residue;
 - no rows of uncommitted shards, no missing data files;
 - the tables' metadata names the same fit (checkpoint digests, tensors digest) as the fit artifact.
@@ -16,15 +19,17 @@ a time, not the run. Returns the problems as lines; an empty list means the run 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import zlib
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from rdscale.config import Config
-from rdscale.io.fasta import Reject, ValidationOptions, plan_shards, read_shard
+from rdscale.io.fasta import Reject, ValidationOptions, detect_format, plan_shards, read_shard
 from rdscale.io.location import Location
 from rdscale.io.partitions import HashPartitions, partitions_for, repeated
 from rdscale.io.runs import Run
@@ -72,6 +77,41 @@ def residue_rows(lengths, cfg: Config):
     if cfg.embedding.long_policy == "truncate":
         return pc.min_element_wise(lengths, cfg.embedding.window)
     return lengths
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def count_headers(stream, chunk: int = 1 << 20) -> int:
+    """Records in a FASTA byte stream, counted without the reader: a '>' at the start of the stream (after a UTF-8
+    byte-order mark) or right after a "\n" or a "\r" (so after "\r\n" too, counted once, as "\n>"). A '>' inside
+    a line (a description, a sequence) is not a header. `stream`: a binary file object (decompressed)."""
+    count = 0
+    previous = b"\n"  # the byte before `data`: the start of the stream is a line start
+    data = stream.read(len(_BOM))
+    if data == _BOM:
+        data = b""
+    while True:
+        count += data.count(b"\n>") + data.count(b"\r>")
+        if data[:1] == b">" and previous in (b"\n", b"\r"):
+            count += 1
+        previous = data[-1:] or previous
+        data = stream.read(chunk)
+        if not data:
+            return count
+
+
+def file_headers(path: str) -> int:
+    """`count_headers` of an input file, local or an object, decompressed when it is gzip or BGZF (multi-member
+    gzip: BGZF's blocks are members)."""
+    with Location.parse(path).open() as raw:
+        if detect_format(path) == "plain":
+            return count_headers(raw)
+        try:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                return count_headers(stream)
+        except (EOFError, OSError, zlib.error) as err:
+            raise StoreError(f"{path}: corrupt or truncated gzip stream ({err}); cannot count its records") from err
 
 
 def _seq_digest(sequence: str) -> str:
@@ -127,10 +167,12 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
     with HashPartitions(parts, _RECORDS, "source", scratch) as records, \
             HashPartitions(parts, pa.schema([("id", pa.string())]), "id", scratch) as protein_ids:
         bar = Progress(total=len(shards), unit="shard", desc="verify: reading the input", enabled=progress)
+        read_per_file: dict[int, int] = {}
         for shard in shards:
             digest = RecordsDigest()
             batch = _Batch()
             for item in read_shard(shard, options):
+                read_per_file[shard.file_index] = read_per_file.get(shard.file_index, 0) + 1
                 digest.update(item)
                 seq = "" if isinstance(item, Reject) else _seq_digest(item.sequence)
                 batch.add(f"{item.path}:{item.offset}", item.id, seq, shard.index, 0)
@@ -147,6 +189,11 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
                                  f"(bytes {shard.start}-{shard.end or 'eof'})")
             bar.update(1)
         bar.close()
+        for file_index, path in enumerate(cfg.input.paths):
+            headers, read = file_headers(path), read_per_file.get(file_index, 0)
+            if headers != read:
+                problems.append(f"{path}: holds {headers} record(s) ('>' at a line start), the reader found {read}: "
+                                "records were lost or invented reading it (line endings? report this)")
         for index in sorted(set(ledger) - {s.index for s in shards}):
             problems.append(f"shard {index}: in the ledger but not in the input's shard plan")
 
