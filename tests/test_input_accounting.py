@@ -12,7 +12,7 @@ import gzip
 import io
 import os
 import random
-import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from helpers import make_cfg, write_fasta
 
 from rdscale.io import fasta as fasta_mod
-from rdscale.run.pipeline import LocalExecutor, run
+from rdscale.run.pipeline import LocalExecutor, embed, run
 from rdscale.run.verify import count_headers, file_headers, verify
 
 
@@ -109,3 +109,76 @@ def test_lone_cr_and_mixed_files_every_record_in_the_run(tmp_path, tiny_family, 
     summary = run(cfg, LocalExecutor(), progress=False)
     assert (summary.records, summary.rejects) == (11, 1)
     assert verify(tmp_path / "run") == []
+
+
+# ------------------------------------------------------------------------------------ content, not mtime
+
+
+def edit_one_byte_keep_mtime(path: Path, rng: random.Random) -> int:
+    """Replace one byte at a random offset by another printable one, in place (same inode, same size), and put the
+    mtime back as rsync -t or cp -p would. Returns the offset."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    at = rng.randrange(len(data))
+    data[at] = rng.choice([c for c in b"ACDEFGHIKLMNPQRSTVWYZ>\n x1" if c != data[at]])
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+    return at
+
+
+def test_input_edit_with_mtime_restored_is_caught(tmp_path, tiny_family):
+    """20 seeds: a complete run, then one byte of its input changed at a random offset with size and mtime kept.
+    Rerunning refuses (InputChangedError naming the file) whenever the records changed, and verify reports it;
+    an edit that changes no record (e.g. a letter's case) leaves a run that still equals its input."""
+    from rdscale.io.fasta import read_fasta
+    from rdscale.run.integrity import InputChangedError
+
+    fasta = Path(write_fasta(tmp_path / "in.fasta", n=10, seed=2))
+    pristine = fasta.read_bytes()
+    cfg = make_cfg(tmp_path, str(fasta), tiny_family[:1], "run")
+    embed(cfg, None, LocalExecutor(), progress=False)
+    refused = 0
+    for seed in range(20):
+        fasta.write_bytes(pristine)
+        embed(cfg, None, LocalExecutor(), progress=False)  # records the pristine content as the run's input
+        before = list(read_fasta(fasta))
+        at = edit_one_byte_keep_mtime(fasta, random.Random(seed))
+        try:
+            after = list(read_fasta(fasta))
+        except ValueError:  # e.g. the first '>' replaced: not FASTA any more
+            after = None
+        if after == before:
+            embed(cfg, None, LocalExecutor(), progress=False)
+            assert verify(tmp_path / "run") == [], seed
+            continue
+        with pytest.raises(InputChangedError, match=str(fasta)):
+            embed(cfg, None, LocalExecutor(), progress=False)
+        assert verify(tmp_path / "run"), (seed, at)
+        refused += 1
+    assert refused >= 15
+
+
+def test_checkpoint_swap_with_mtime_restored_is_caught(tmp_path, monkeypatch):
+    """20 seeds: a checkpoint's digest, then one byte changed at a random offset with size and mtime kept: the
+    digest is the new content's, in the same process (the in-memory cache) and in a new one (the on-disk record)."""
+    import hashlib
+
+    from rdscale.model import loading
+
+    monkeypatch.setenv("RDSCALE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_SHA_CACHE", {})
+    path = tmp_path / "model.pt"
+    path.write_bytes(random.Random(0).randbytes(1 << 16))
+    time.sleep(loading._SETTLED_NS / 1e9 + 0.1)  # settled: its digest is remembered, in memory and on disk
+    loading.checkpoint_sha256(path)
+    assert loading._SHA_CACHE and list((tmp_path / "cache").rglob("*.json"))
+    for seed in range(20):
+        old = loading.checkpoint_sha256(path)
+        edit_one_byte_keep_mtime(path, random.Random(seed))
+        true = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert true != old
+        assert loading.checkpoint_sha256(path) == true, seed
+        loading._SHA_CACHE.clear()  # a new process
+        assert loading.checkpoint_sha256(path) == true, seed
