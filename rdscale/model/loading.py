@@ -412,15 +412,22 @@ def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
 
 
-def _check_config_against_weights(cfg, state: dict, path) -> None:
-    """The checkpoint's config must describe its own weights before any module is built: a config claiming 1e8
-    layers (or a width the embedding matrix does not have) would otherwise build that model first."""
+def _shape_of(cfg, path) -> dict[str, int]:
+    """The checkpoint config's layer count, width and heads, each a positive integer (a negative layer count would
+    otherwise surface as an embedding.layer range that cannot hold any layer)."""
     values = {}
     for name in ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads"):
-        value = getattr(cfg, name)
+        value = getattr(cfg, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{path}: cfg['model'].{name} must be a positive integer, got {value!r}")
         values[name] = value
+    return values
+
+
+def _check_config_against_weights(cfg, state: dict, path) -> None:
+    """The checkpoint's config must describe its own weights before any module is built: a config claiming 1e8
+    layers (or a width the embedding matrix does not have) would otherwise build that model first."""
+    values = _shape_of(cfg, path)
     layers, width, heads = values["encoder_layers"], values["encoder_embed_dim"], values["encoder_attention_heads"]
     found = {int(m.group(1)) for k in state if (m := _LAYER_KEY.match(k))}
     # (count, min, max) equal to those of 0..layers-1 means the same set, without building one of size `layers`
@@ -467,9 +474,9 @@ def describe_model(name_or_path) -> dict:
     path = Path(str(name_or_path)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    cfg = read_checkpoint(path, mmap=True)["cfg"]["model"]
-    return {"name": path.stem, "source": str(path), "width": int(cfg.encoder_embed_dim),
-            "layers": int(cfg.encoder_layers), "sha256": checkpoint_sha256(path)}
+    shape = _shape_of(read_checkpoint(path, mmap=True)["cfg"]["model"], path)
+    return {"name": path.stem, "source": str(path), "width": shape["encoder_embed_dim"],
+            "layers": shape["encoder_layers"], "sha256": checkpoint_sha256(path)}
 
 
 def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
