@@ -15,6 +15,7 @@ indexes hold the raw prefixes (distance: squared Euclidean).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -139,13 +140,22 @@ def build_faiss_index(
     record = {"table": table, "width": width, "metric": metric, "index_type": index_type, "params": info.params,
               "num_rows": num_rows, "layout": table_layout(ds), "file": path.name}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp_sidecar = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(index, str(tmp))
+        # through Python's file: FAISS's own writer leaves a short file on a full disk without a word (fclose's
+        # error is not checked), Python raises the OSError, and fsync surfaces what the page cache still held
+        with open(tmp, "wb") as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp_sidecar.write_text(json.dumps(record, indent=1))
         os.replace(tmp, path)
-        sidecar.write_text(json.dumps(record, indent=1))
-    except (RuntimeError, OSError) as err:  # FAISS reports a failed write as a RuntimeError with C++ text
-        tmp.unlink(missing_ok=True)
+        os.replace(tmp_sidecar, sidecar)
+    except (RuntimeError, OSError) as err:  # FAISS passes the writer's error on as a RuntimeError with its text
+        for leftover in (tmp, tmp_sidecar):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
         raise SearchError(f"cannot write the faiss index {path}: {_write_error(err)}") from None
     return info
 
