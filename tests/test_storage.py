@@ -524,3 +524,34 @@ def test_run_finds_its_fits_relative_to_itself(tmp_path):
     assert bare.fit_location({}, {"fit": {"artifact": str(external)}}) == Location.parse(str(external))
     assert bare.fit_location({"artifact": "fit"}, {}) is None
     assert run.ref(run.fit_ext(64)) == "fit_ext_64" and run.ref(str(external)) == str(external)
+
+
+def test_a_worker_lacking_s3_settings_says_so(monkeypatch):
+    """Settings in the driver's environment only: the worker on another node says what it is, where, what its
+    environment lacks and that storage.options carries settings to every worker (names only, no values)."""
+    from rdscale.io import location as loc_mod
+    from rdscale.io.location import LocationError, set_storage_options, set_worker_context
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3",
+                "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    set_storage_options(None)
+    monkeypatch.setattr(loc_mod, "_WORKER", [])
+    try:
+        set_worker_context("Ray worker on node 10.0.0.7")
+        with pytest.raises(LocationError) as err:
+            Location.parse("s3://bucket/in.fasta").read_bytes()
+        message = str(err.value)
+        assert "\n" not in message and "cannot reach the object store" in message
+        assert ("this is a Ray worker on node 10.0.0.7 whose environment lacks AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY, AWS_REGION") in message and "storage.options" in message
+        set_storage_options({"aws_access_key_id": "KEY-ID-VALUE", "aws_secret_access_key": "SECRET-VALUE",
+                             "region": "us-east-1"})
+        with pytest.raises(LocationError) as err:  # the settings given: no hint, and no value shown
+            Location.parse("s3://bucket/in.fasta").read_bytes()
+        assert "worker" not in str(err.value) and "VALUE" not in str(err.value)
+    finally:
+        set_worker_context(None)
+        set_storage_options(None)

@@ -27,7 +27,7 @@ from ray.data.datasource import Datasource, ReadTask
 from rdscale.config import Config
 from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Shard, ValidationOptions
-from rdscale.io.location import set_storage_options
+from rdscale.io.location import set_storage_options, set_worker_context
 from rdscale.io.store import ShardResult
 from rdscale.run.stages import (
     ROW_FIELDS,
@@ -82,6 +82,7 @@ class FastaDatasource(Datasource):
 def _shard_reader(shard: Shard, options: ValidationOptions, rows_per_block: int, storage: dict | None = None):
     def read() -> Iterator[pa.Table]:
         set_storage_options(storage)  # credentials given in the config, not only in every node's environment
+        _as_worker()
         rows, digest = shard_rows(shard, options)
         if not rows:
             # An empty shard still reports itself so the driver can commit it (zero records).
@@ -107,6 +108,7 @@ def init_errors_at_first_call(cls: type) -> type:
 
     def __init__(self, *args, **kwargs):
         self._init_error = None
+        _as_worker()  # an actor's object-store errors name the node it runs on
         try:
             cls.__init__(self, *args, **kwargs)
         except RdscaleError as err:
@@ -151,7 +153,14 @@ class _ApplyActor(ApplyStage):
 
 def _with_storage(storage: dict, fn, *args):
     set_storage_options(storage)
+    _as_worker()
     return fn(*args)
+
+
+def _as_worker() -> None:
+    """Tell rdscale.io.location that this process is a Ray worker, and on which node (for its S3 errors)."""
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        set_worker_context(f"Ray worker on node {ray.util.get_node_ip_address()}")
 
 
 class ResourceError(RdscaleError, ValueError):
