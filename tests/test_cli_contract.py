@@ -701,3 +701,34 @@ def test_a_nucleotide_fasta_is_warned_about_by_name(world, tmp_path, capsys, mon
                                                              "first 600 residues"), warned
         else:
             assert warned == []  # proteins: not a word
+
+
+_OOM_NOTICE = ("A worker died or was killed while executing a task by an unexpected system error. Memory on the node "
+               "(IP: 10.0.0.7, ID: 9f3) where the task (task ID: 51, name=ReadShards, pid=4242) was running was "
+               "14.87GB / 15.50GB (0.959), which exceeds the memory usage threshold of 0.95. Ray killed this worker "
+               "(ID: 77) because it was the most recently scheduled task")
+
+
+def test_memory_monitor_kills_are_one_line_with_the_details_in_the_log(tmp_path, monkeypatch):
+    """What Ray forwards from its workers during a burst of memory-monitor kills (the raylet's notices, Ray Data's
+    stats actor's KeyError tracebacks): one warning naming the log file; all of it in the file; other worker
+    output printed as Ray prints it."""
+    from rdscale.cluster.executor import WorkerOutput
+
+    log_file = tmp_path / "ray.log"
+    printed = []
+    out = WorkerOutput(str(log_file), printed.append)
+    traceback = ["Traceback (most recent call last):", '  File "/x/ray/data/_internal/stats.py", line 9, in update',
+                 "KeyError: 'ReadShards->MapBatches(_ApplyActor)'"]
+    with logged_by("rdscale.cluster.executor", monkeypatch) as records:
+        for i in range(9):
+            out({"lines": [f"(raylet) [2026-12-06] {_OOM_NOTICE}"], "pid": "raylet", "ip": "10.0.0.7", "is_err": True})
+            out({"lines": traceback, "pid": 100 + i, "ip": "10.0.0.7", "is_err": True})
+        out({"lines": ["rdscale worker: a line of its own"], "pid": 7, "ip": "10.0.0.7", "is_err": True})
+    warned = [r.getMessage() for r in records]
+    assert warned == [f"Ray's memory monitor killed a worker under memory pressure (node 10.0.0.7); Ray retries "
+                      f"the killed tasks and the run goes on. Details: {log_file}"]
+    assert [d["lines"] for d in printed] == [["rdscale worker: a line of its own"]]
+    logged = log_file.read_text()
+    assert logged.count("Ray killed this worker") == 9 and logged.count("KeyError") == 9
+    assert out.kills == 9

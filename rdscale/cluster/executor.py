@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -208,6 +209,71 @@ class _FitActor(FitWorker):
         self.moments = self.moments.merge(Moments.from_arrays(arrays, device=self.moments.device))
 
 
+# What the memory monitor's kills look like in forwarded worker output (the raylet's notice, the task's error)
+_OOM_KILL = ("Ray killed this worker", "exceeds the memory usage threshold", "OutOfMemoryError",
+             "killed by the memory monitor")
+_RAY_INTERNALS = ("Traceback (most recent call last)", "/ray/_private/", "/ray/data/_internal/", "(raylet)")
+
+
+class WorkerOutput:
+    """Ray's printer of the workers' forwarded output, when rdscale routes Ray's messages to a log file: every
+    line goes to the file; on the terminal, the memory monitor's kills become one line saying what happened and
+    where the details are (Ray retries the killed tasks; ~200 lines of raylet notices and of Ray Data's stats
+    actor tracebacks followed each burst of kills), and tracebacks from Ray's own processes stay in the file (a
+    task's error reaches the driver and is reported there, in one line). Anything else is printed as Ray would."""
+
+    def __init__(self, log_file: str, printer):
+        self.log_file = log_file
+        self.printer = printer
+        self.kills = 0
+
+    def __call__(self, data: dict) -> None:
+        lines = [str(line) for line in data.get("lines") or []]
+        where = f"pid={data.get('pid')}, ip={data.get('ip')}"
+        try:
+            with open(self.log_file, "a") as f:
+                f.writelines(f"({where}) {line}\n" for line in lines)
+        except OSError:
+            self.printer(data)  # no file to keep them in: the terminal keeps them
+            return
+        text = "\n".join(lines)
+        if any(p in text for p in _OOM_KILL):
+            self.kills += max(1, text.count("Ray killed this worker"))
+            if self.kills == 1 or self.kills in (10, 100, 1000):
+                log.warning("Ray's memory monitor killed %s under memory pressure (node %s); Ray retries the killed "
+                            "tasks and the run goes on. Details: %s",
+                            "a worker" if self.kills == 1 else f"{self.kills} workers so far", data.get("ip"),
+                            self.log_file)
+            return
+        if any(p in text for p in _RAY_INTERNALS):
+            return
+        self.printer(data)
+
+
+def route_worker_output() -> WorkerOutput | None:
+    """Put `WorkerOutput` in place of Ray's printer of worker output when Ray's messages go to a log file
+    (rdscale.progress.route_ray_notices gave the "ray" logger a file); None when they do not, or when this Ray
+    has no such printer to replace."""
+    log_file = next((h.baseFilename for h in logging.getLogger("ray").handlers
+                     if isinstance(h, logging.FileHandler)), None)
+    if log_file is None:
+        return None
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+            return None
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
+    except (ImportError, AttributeError):  # another Ray: its own printing stays
+        return None
+    handler = WorkerOutput(log_file, printer)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handler)
+    return handler
+
+
 class RayExecutor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -225,6 +291,7 @@ class RayExecutor:
                 if cfg.ray.object_store_mb:
                     kwargs["object_store_memory"] = int(cfg.ray.object_store_mb) << 20
             ray.init(**kwargs)
+            route_worker_output()
         # rdscale draws its own per-shard progress; Ray Data's bars would interleave with it, and its per-dataset
         # notices (execution plan, "progress bars disabled", ...) would bury rdscale's lines in a job log.
         ray.data.DataContext.get_current().enable_progress_bars = False
