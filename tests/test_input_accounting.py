@@ -23,7 +23,8 @@ from helpers import make_cfg, write_fasta
 
 from rdscale.io import fasta as fasta_mod
 from rdscale.run.pipeline import LocalExecutor, embed, run
-from rdscale.run.verify import count_headers, file_headers, verify
+from rdscale.io.headcount import count_headers, file_headers
+from rdscale.run.verify import verify
 
 
 def headers(data: bytes, chunk: int = 1 << 20) -> int:

@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 from rdscale.config import Config
 from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Record, Shard, ValidationOptions, read_shard
+from rdscale.io.headcount import file_headers
 from rdscale.io.location import Location, set_storage_options
 from rdscale.io.runs import (
     LEDGER,
@@ -678,6 +679,11 @@ def verify_release(run_dir: str | Location) -> list[str]:
     shards = plan(cfg)
     problems = []
     diff = diff_release(run.dataset(PROTEINS), shards, options)
+    read = diff.rejects + diff.repeated + diff.unchanged + diff.changed + diff.new
+    headers = sum(file_headers(p) for p in cfg.input.paths)
+    if headers != read:  # the reader itself, checked by an independent count (as `verify` does for a run)
+        problems.append(f"release {entry['name']}: its files hold {headers} record(s) ('>' at a line start), the "
+                        f"reader found {read}: records were lost or invented reading them")
     if diff.changed or diff.new or diff.removed:
         problems.append(f"proteins differ from release {entry['name']}: {diff.changed} with another sequence, "
                         f"{diff.new} missing, {diff.removed} not in the release")

@@ -5,7 +5,7 @@ and checks, without trusting the ledger's counts:
 - every input record is in exactly one of proteins or rejects, matched by source (file:offset), with the same id,
   and for proteins the same sequence (by digest); nothing in the tables comes from outside the input;
 - the reader itself: per input file, the records it read equal the headers counted by an independent byte-level
-  scan ('>' at the start of a line, "\n", "\r\n" and a lone "\r" all ending lines; `count_headers`), so a reader
+  scan ('>' at the start of a line, "\n", "\r\n" and a lone "\r" all ending lines; rdscale.io.headcount), so a reader
   that drops records cannot hide behind a check that reads with the same reader;
 - no protein id twice, no (id, pos) twice in residues, residues only of stored proteins, one per residue;
 - no rows of uncommitted shards, no missing data files;
@@ -19,17 +19,16 @@ a time, not the run. Returns the problems as lines; an empty list means the run 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import zlib
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from rdscale.config import Config
-from rdscale.io.fasta import Reject, ValidationOptions, detect_format, plan_shards, read_shard
+from rdscale.io.fasta import Reject, ValidationOptions, plan_shards, read_shard
+from rdscale.io.headcount import file_headers
 from rdscale.io.location import Location
 from rdscale.io.partitions import HashPartitions, partitions_for, repeated
 from rdscale.io.runs import Run
@@ -77,41 +76,6 @@ def residue_rows(lengths, cfg: Config):
     if cfg.embedding.long_policy == "truncate":
         return pc.min_element_wise(lengths, cfg.embedding.window)
     return lengths
-
-
-_BOM = b"\xef\xbb\xbf"
-
-
-def count_headers(stream, chunk: int = 1 << 20) -> int:
-    """Records in a FASTA byte stream, counted without the reader: a '>' at the start of the stream (after a UTF-8
-    byte-order mark) or right after a "\n" or a "\r" (so after "\r\n" too, counted once, as "\n>"). A '>' inside
-    a line (a description, a sequence) is not a header. `stream`: a binary file object (decompressed)."""
-    count = 0
-    previous = b"\n"  # the byte before `data`: the start of the stream is a line start
-    data = stream.read(len(_BOM))
-    if data == _BOM:
-        data = b""
-    while True:
-        count += data.count(b"\n>") + data.count(b"\r>")
-        if data[:1] == b">" and previous in (b"\n", b"\r"):
-            count += 1
-        previous = data[-1:] or previous
-        data = stream.read(chunk)
-        if not data:
-            return count
-
-
-def file_headers(path: str) -> int:
-    """`count_headers` of an input file, local or an object, decompressed when it is gzip or BGZF (multi-member
-    gzip: BGZF's blocks are members)."""
-    with Location.parse(path).open() as raw:
-        if detect_format(path) == "plain":
-            return count_headers(raw)
-        try:
-            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-                return count_headers(stream)
-        except (EOFError, OSError, zlib.error) as err:
-            raise StoreError(f"{path}: corrupt or truncated gzip stream ({err}); cannot count its records") from err
 
 
 def _seq_digest(sequence: str) -> str:
