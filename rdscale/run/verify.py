@@ -5,7 +5,7 @@ and checks, without trusting the ledger's counts:
 - every input record is in exactly one of proteins or rejects, matched by source (file:offset), with the same id,
   and for proteins the same sequence (by digest); nothing in the tables comes from outside the input;
 - the reader itself: per input file, the records it read equal the headers counted by an independent byte-level
-  scan ('>' at the start of a line, "\n", "\r\n" and a lone "\r" all ending lines; rdscale.io.headcount), so a reader
+  scan (">" at the start of a line; LF, CRLF and a lone CR all end lines; rdscale.io.headcount), so a reader
   that drops records cannot hide behind a check that reads with the same reader;
 - no protein id twice, no (id, pos) twice in residues, residues only of stored proteins, one per residue;
 - no rows of uncommitted shards, no missing data files;
