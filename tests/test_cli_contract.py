@@ -732,3 +732,45 @@ def test_memory_monitor_kills_are_one_line_with_the_details_in_the_log(tmp_path,
     logged = log_file.read_text()
     assert logged.count("Ray killed this worker") == 9 and logged.count("KeyError") == 9
     assert out.kills == 9
+
+
+_KILLS_CHILD = """
+import logging, sys, time
+import ray
+from rdscale.progress import route_ray_notices
+from rdscale.cluster.executor import ray_log_file, route_worker_output
+
+logging.basicConfig(level=logging.WARNING)
+path = route_ray_notices(sys.argv[1])
+log_file = ray_log_file()
+ray.init(address="local", include_dashboard=False, configure_logging=False, num_cpus=1)
+assert route_worker_output(log_file) is not None
+
+@ray.remote
+def noisy(notice):
+    for _ in range(3):
+        print(notice, file=sys.stderr, flush=True)
+    print("Traceback (most recent call last):\\n  File \\"/x/ray/data/_internal/stats.py\\"\\nKeyError: 'op'",
+          file=sys.stderr, flush=True)
+    print("a worker line of its own", file=sys.stderr, flush=True)
+
+ray.get(noisy.remote(sys.argv[2]))
+time.sleep(5)  # forwarded output arrives asynchronously
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_memory_monitor_notices_forwarded_by_a_real_ray_are_one_line(tmp_path):
+    """Through Ray's own forwarding of worker output to the driver (a fresh process: Ray's printer is per process)."""
+    log_file = tmp_path / "ray.log"
+    done = subprocess.run([sys.executable, "-c", _KILLS_CHILD, str(log_file), _OOM_NOTICE], capture_output=True,
+                          text=True, env={**_env(), "PYTHONWARNINGS": "", "RAY_ADDRESS": ""}, check=False,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    terminal = done.stderr + done.stdout
+    assert "Ray killed this worker" not in terminal and "KeyError" not in terminal, terminal[-3000:]
+    assert terminal.count("Ray's memory monitor killed") == 1 and str(log_file) in terminal, terminal[-3000:]
+    assert "a worker line of its own" in terminal
+    logged = log_file.read_text()
+    assert logged.count("Ray killed this worker") == 3 and "KeyError" in logged

@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -236,26 +237,39 @@ class WorkerOutput:
         except OSError:
             self.printer(data)  # no file to keep them in: the terminal keeps them
             return
-        text = "\n".join(lines)
-        if any(p in text for p in _OOM_KILL):
-            self.kills += max(1, text.count("Ray killed this worker"))
-            if self.kills == 1 or self.kills in (10, 100, 1000):
+        kills = sum(max(1, line.count("Ray killed this worker")) for line in lines if _is_kill(line))
+        if kills:
+            before, self.kills = self.kills, self.kills + kills
+            if before == 0 or any(before < n <= self.kills for n in (10, 100, 1000)):
                 log.warning("Ray's memory monitor killed %s under memory pressure (node %s); Ray retries the killed "
                             "tasks and the run goes on. Details: %s",
                             "a worker" if self.kills == 1 else f"{self.kills} workers so far", data.get("ip"),
                             self.log_file)
-            return
-        if any(p in text for p in _RAY_INTERNALS):
-            return
-        self.printer(data)
+        kept = [line for line in lines if not _is_kill(line) and not _is_ray_internal(line)]
+        if kept:
+            self.printer({**data, "lines": kept})
 
 
-def route_worker_output() -> WorkerOutput | None:
-    """Put `WorkerOutput` in place of Ray's printer of worker output when Ray's messages go to a log file
-    (rdscale.progress.route_ray_notices gave the "ray" logger a file); None when they do not, or when this Ray
-    has no such printer to replace."""
-    log_file = next((h.baseFilename for h in logging.getLogger("ray").handlers
-                     if isinstance(h, logging.FileHandler)), None)
+def _is_kill(line: str) -> bool:
+    return any(p in line for p in _OOM_KILL)
+
+
+def _is_ray_internal(line: str) -> bool:
+    """A line of a traceback (its header, frames, code lines, the exception line) or one of Ray's own notices."""
+    return (any(p in line for p in _RAY_INTERNALS) or line[:1] in (" ", "\t")
+            or re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line) is not None)
+
+
+def ray_log_file() -> str | None:
+    """The file Ray's messages go to (rdscale.progress.route_ray_notices gave the "ray" logger one), if any. Ask
+    before ray.init: it replaces the "ray" logger's handlers."""
+    return next((h.baseFilename for h in logging.getLogger("ray").handlers if isinstance(h, logging.FileHandler)),
+                None)
+
+
+def route_worker_output(log_file: str | None) -> WorkerOutput | None:
+    """After ray.init: put `WorkerOutput` in place of Ray's printer of worker output when Ray's messages go to
+    `log_file` (`ray_log_file()`); None when they do not, or when this Ray has no such printer to replace."""
     if log_file is None:
         return None
     try:
@@ -290,8 +304,9 @@ class RayExecutor:
                 kwargs["address"] = "local"
                 if cfg.ray.object_store_mb:
                     kwargs["object_store_memory"] = int(cfg.ray.object_store_mb) << 20
+            log_file = ray_log_file()
             ray.init(**kwargs)
-            route_worker_output()
+            route_worker_output(log_file)
         # rdscale draws its own per-shard progress; Ray Data's bars would interleave with it, and its per-dataset
         # notices (execution plan, "progress bars disabled", ...) would bury rdscale's lines in a job log.
         ray.data.DataContext.get_current().enable_progress_bars = False
