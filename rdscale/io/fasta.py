@@ -27,9 +27,9 @@ tabs inside lines ignored and one trailing '*' removed, is a non-empty string ov
 becomes a ``Reject`` whose reason is ``"<code>: <detail>"``. The first record carrying an id claims it, accepted or
 not; later records with that id are rejected as ``duplicate_id``.
 
-A UTF-8 byte-order mark at the start of a file is skipped (offsets still count its three bytes). "\n", "\r\n" and a
-lone "\r" (classic Mac OS) all end a line, in every format and across every shard or read boundary, so a file with
-old or mixed line endings reads as the same records.
+A UTF-8 byte-order mark at the start of a file is skipped (offsets still count its three bytes). LF, CRLF and a lone
+CR (classic Mac OS) all end a line, in every format and across every shard or read boundary, so a file with old or
+mixed line endings reads as the same records.
 
 Damage that is not one record's fault (text before the first header, binary bytes, a corrupt or truncated gzip or
 BGZF stream) raises ``FastaFormatError`` when the reader reaches it: records read before the damage have already
