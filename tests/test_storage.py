@@ -555,3 +555,38 @@ def test_a_worker_lacking_s3_settings_says_so(monkeypatch):
     finally:
         set_worker_context(None)
         set_storage_options(None)
+
+
+_WORKER_CHILD = """
+import os, sys
+import ray
+
+# the Ray node starts without the credentials (a node started from another shell, without the AWS_* variables);
+# the driver gets them afterwards, as a user exporting them in the driver's shell only would
+ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 << 20)
+os.environ.update(AWS_ACCESS_KEY_ID=sys.argv[4], AWS_SECRET_ACCESS_KEY=sys.argv[5])
+from rdscale.cli.main import main
+sys.exit(main(["extract", "--fasta", sys.argv[1], "--models", sys.argv[2], "-o", sys.argv[3]]))
+"""
+
+
+@pytest.mark.ray
+def test_a_ray_worker_lacking_the_drivers_s3_settings_says_so(tmp_path, s3, tiny_family):
+    """A real Ray worker reading an S3 FASTA with credentials only in the driver's environment: one line saying
+    it is a worker on which node, what its environment lacks, and that storage.options carries the settings."""
+    uri = s3.uri("worker", "in.fasta")
+    Location.parse(uri).write_text(_fasta_text(20))
+    env = {k: v for k, v in s3.env().items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    root = Path(__file__).resolve().parents[1]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **env, "RAY_ADDRESS": "",
+           "PYTHONPATH": str(root)}
+    keys = s3.env()
+    done = subprocess.run([sys.executable, "-c", _WORKER_CHILD, uri, str(tiny_family[0]), str(tmp_path / "out"),
+                           keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"]], capture_output=True, text=True,
+                          env=env, check=False, timeout=300)
+    lines = [ln for ln in done.stderr.splitlines() if "error" in ln]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("rdscale extract: error: "), done.stderr[-3000:]
+    assert "this is a Ray worker on node" in lines[0] and "lacks AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in \
+        lines[0] and "storage.options" in lines[0], lines[0]
+    assert keys["AWS_SECRET_ACCESS_KEY"] not in done.stderr
