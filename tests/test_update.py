@@ -516,3 +516,20 @@ def test_a_changed_checkpoint_is_refused_before_anything_is_written(world, tmp_p
     with pytest.raises(UpdateError, match=f"checkpoint {model} changed since .* was embedded with it"):
         update(tmp_path / "run", [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
     assert trace(tmp_path / "run") == before
+
+
+def test_abort_of_an_interrupted_update_on_object_storage(world, s3):
+    from rdscale.io.location import Location, set_storage_options
+    from rdscale.run.update import abort_update
+
+    set_storage_options(None)
+    _, _, fb, fresh_a, _ = world
+    remote = s3.uri("runs", "aborted")
+    Location.parse(str(fresh_a)).copy_tree_to(Location.parse(remote))
+    with pytest.raises(KeyboardInterrupt):
+        update(remote, [str(fb)], "B1", overrides=["ray.address=local"], executor=StopAfter(2), progress=False)
+    assert Location.parse(remote).join("updates.json").is_file()
+    assert "aborted the update" in abort_update(remote)
+    assert not Location.parse(remote).join("updates.json").is_file()
+    assert_equal_content(content(remote), content(fresh_a), atol=0)
+    assert releases(remote) == []
