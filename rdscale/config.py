@@ -139,6 +139,13 @@ def _problems(cfg: Config):
         yield f"input.paths must be a list of file paths, got {cfg.input.paths!r}"
     if not 0 < cfg.input.shard_mb <= MAX_SHARD_MB:
         yield f"input.shard_mb must be in (0, {MAX_SHARD_MB}] megabytes, got {cfg.input.shard_mb!r}"
+    elif int(cfg.input.shard_mb * (1 << 20)) < 1:  # shards are cut in whole bytes
+        yield (f"input.shard_mb = {cfg.input.shard_mb!r} rounds to a shard of 0 bytes; use at least "
+               f"{1 / (1 << 20):.1e} (one byte), in practice megabytes")
+    named = [p for p in cfg.input.paths if isinstance(p, str)]
+    twice = next((p for i, p in enumerate(named) if p in named[:i]), None)
+    if twice is not None:  # its records would be read twice, under the same file:offset sources
+        yield f"input.paths names {twice} twice; name each input file once"
     e = cfg.embedding
     yield from between("embedding.layer", e.layer, -MAX_LAYER, MAX_LAYER)
     yield from between("embedding.toks_per_batch", e.toks_per_batch, 8, MAX_TOKS_PER_BATCH)
@@ -254,11 +261,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = safe_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
     except ConfigError as err:
-        raise ConfigError(f"override {text!r}: {err}") from None
+        shown = text if len(text) <= 80 else text[:60] + f"... ({len(text):,} characters)"
+        raise ConfigError(f"override {shown!r}: {err}") from None
     return key.strip().split("."), value
 
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
 
 
 def safe_yaml(text: str, where: str) -> Any:
@@ -269,14 +278,26 @@ def safe_yaml(text: str, where: str) -> Any:
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{where} is {len(text):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
     try:
+        depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 raise ConfigError(f"{where}: YAML anchors and aliases (&name, *name) are not allowed in a config; "
                                   "write the values out")
+            # PyYAML builds nested values recursively: a deep nest would end in Python's recursion limit
+            depth += isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+            depth -= isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent))
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"{where}: values nested more than {MAX_CONFIG_DEPTH} deep; a config never is")
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
         reason = " ".join(str(err).split())
         raise ConfigError(f"{where} is not valid YAML: {reason}") from None
+    except ConfigError:
+        raise
+    except ValueError as err:  # Python's limit on integer digits (sys.get_int_max_str_digits)
+        raise ConfigError(f"{where}: a number with more digits than any config value needs") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: values nested too deep") from None
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:

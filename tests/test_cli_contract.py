@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import pickle
@@ -101,6 +102,18 @@ def world(tmp_path_factory, tiny_family):
     for data_file in (half / "proteins.lance" / "data").iterdir():
         data_file.unlink()
     f["run_half"] = half
+    partial = w / "run_partial"  # a run whose plan names one shard more than it committed (an interrupted run)
+    shutil.copytree(run, partial)
+    plan = json.loads((partial / "run_plan.json").read_text())
+    (partial / "run_plan.json").write_text(json.dumps({**plan, "shards": plan["shards"] + 1}))
+    f["run_partial"] = partial
+    data["cfg"]["model"].encoder_layers = -3
+    torch.save(data, w / "negative_layers.pt")
+    f["negative_pt"] = w / "negative_layers.pt"
+    (w / "deep.yaml").write_text("embedding:\n  window: " + "[" * 2000 + "]" * 2000 + "\n")
+    f["deep_yaml"] = w / "deep.yaml"
+    (w / "long_int.yaml").write_text("embedding:\n  window: " + "9" * 5000 + "\n")
+    f["long_int_yaml"] = w / "long_int.yaml"
     f["npy_text"] = w / "q.npy"
     f["npy_text"].write_text("not numpy")
     f["csv_garbage"] = w / "dms.csv"
@@ -211,9 +224,47 @@ CASES = {
                                             "--models", *f["models"][:1], "-o", out],
     "eval-dms/bad-wild-type": lambda f, out: ["eval", "dms", "--csv", f["csv_garbage"], "--wild-type", f["garbage"],
                                               "--models", *f["models"][:1], "-o", out],
+    # --- issue 25: degenerate settings, hostile values, refused updates (each: one line, the run unchanged)
+    "run/shard-mb-rounds-to-zero-bytes": writer("run", "--set", "input.shard_mb=1e-9"),
+    "run/same-fasta-twice": lambda f, out: ["run", "--local", "--fasta", f["fasta"], f["fasta"], "--models",
+                                            *f["models"][:2], "-o", out],
+    "run/set-int-past-python-digit-limit": writer("run", "--set", "embedding.window=" + "9" * 5000),
+    "run/set-nested-past-recursion-limit": writer("run", "--set", "embedding.window=" + "[" * 3000 + "]" * 3000),
+    "run/config-nested-past-recursion-limit": lambda f, out: ["run", "-c", f["deep_yaml"], "-o", out],
+    "run/config-int-past-python-digit-limit": lambda f, out: ["run", "-c", f["long_int_yaml"], "-o", out],
+    "extract/negative-layers-checkpoint": lambda f, out: ["extract", "--local", "--fasta", f["fasta"], "--models",
+                                                          f["negative_pt"], "-o", out],
+    "index/partial-run": lambda f, out: ["index", f["run_partial"], "--width", "32"],
+    "index/lance-unknown-param": lambda f, out: ["index", f["run"], "--backend", "lance", "--width", "32",
+                                                 "--param", "num_partitoins=2"],
+    "index/lance-negative-param": lambda f, out: ["index", f["run"], "--backend", "lance", "--width", "32",
+                                                  "--param", "m=-5"],
+    "index/lance-param-past-u32": lambda f, out: ["index", f["run"], "--backend", "lance", "--width", "32",
+                                                  "--param", "ef_construction=99999999999999999999"],
+    "index/faiss-param-past-c-int": lambda f, out: ["index", f["run"], "--backend", "faiss", "--width", "32",
+                                                    "--param", "m=100000000000000000000"],
+    "index/param-int-past-python-digit-limit": lambda f, out: ["index", f["run"], "--width", "32", "--param",
+                                                               "m=" + "9" * 5000],
+    "index/param-nested-past-recursion-limit": lambda f, out: ["index", f["run"], "--width", "32", "--param",
+                                                               "m=" + "[" * 3000 + "]" * 3000],
+    "index/param-named-like-a-flag": lambda f, out: ["index", f["run"], "--width", "32", "--param", "metric=l2"],
+    "update/all-digit-release": lambda f, out: ["update", f["run"], "--fasta", f["fasta"], "--release", "2024",
+                                                "--local"],
+    "update/no-release": lambda f, out: ["update", f["run"], "--fasta", f["fasta"], "--local"],
+    "update/abort-without-update": lambda f, out: ["update", f["run"], "--abort"],
+    "update/garbage-release-fasta": lambda f, out: ["update", f["run"], "--fasta", f["garbage"], "--release", "B1",
+                                                    "--local"],
+    "update/partial-run": lambda f, out: ["update", f["run_partial"], "--fasta", f["fasta"], "--release", "B1",
+                                          "--local"],
 }
 
 SEARCH_HELPER = {"search/bad-filter", "search/huge-k-funnel"}  # fixed on the search helper's branch
+
+
+def listing(root: Path) -> list[tuple[str, int, int]]:
+    """Every file under a run, with its size and mtime: what a refused command must leave as it was."""
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in root.rglob("*") if p.is_file())
 
 
 def _expand(item, f):
@@ -236,6 +287,7 @@ def test_bad_input_is_one_line(case, world, tmp_path, capsys, offline_hub):
     out = tmp_path / "out"
     argv = [_expand(a, world) for a in CASES[case](world, out)]
     before = {p.name for p in world["dir"].iterdir()}
+    runs = {name: listing(world[name]) for name in ("run", "run_partial")}
     try:
         code, _, err = invoke(capsys, argv)
         assert_one_line(code, err, argv)
@@ -245,6 +297,7 @@ def test_bad_input_is_one_line(case, world, tmp_path, capsys, offline_hub):
         raise
     assert not out.exists(), f"{argv}: left a half-made output directory {out}"
     assert {p.name for p in world["dir"].iterdir()} == before
+    assert {name: listing(world[name]) for name in runs} == runs, f"{argv}: changed a run"
     assert not Path("PWNED").exists()
 
 
@@ -601,3 +654,123 @@ def test_long_verbs_report_progress_unless_quiet(world, tmp_path, capsys, monkey
                 logged = [r.getMessage() for r in records]
                 for line in lines:
                     assert any(m.startswith(line) for m in logged) != quiet, (argv, quiet, logged)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 25: FAISS on a full or read-only disk, a nucleotide FASTA
+
+
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+def test_faiss_index_on_a_full_or_read_only_disk(world, capsys, small_filesystems, disk):
+    """FAISS reports a failed write as a RuntimeError of C++ text: one line naming the index and the OS's reason,
+    no `.tmp` file left, the run as it was."""
+    size_kb = sum(p.stat().st_size for p in world["run"].rglob("*") if p.is_file()) // 1024 + 512
+    fs = small_filesystems(f"faiss_{disk}", f"size={size_kb}k")
+    run = fs / "run"
+    shutil.copytree(world["run"], run)
+    (run / "indexes").mkdir()
+    if disk == "full":
+        with open(fs / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+    before = listing(run)
+    code, _, err = invoke(capsys, ["index", run, "--backend", "faiss", "--width", "32", "--index-type", "HNSW"])
+    assert_one_line(code, err, disk)
+    reason = "no space left on device" if disk == "full" else "read-only file system"
+    assert f"rdscale index: error: cannot write the faiss index {run / 'indexes'}" in err and reason in err, err
+    assert listing(run) == before and not list((run / "indexes").iterdir())
+
+
+def test_a_nucleotide_fasta_is_warned_about_by_name(world, tmp_path, capsys, monkeypatch):
+    """A C G T are amino-acid letters: DNA is valid protein text. The run goes on, with one warning naming the file."""
+    import random
+
+    rng = random.Random(0)
+    dna = tmp_path / "contigs.fasta"
+    dna.write_text("".join(f">c{i}\n" + "".join(rng.choice("ACGT") for _ in range(120)) + "\n" for i in range(5)))
+    for fasta, out in ((dna, tmp_path / "o"), (world["fasta"], tmp_path / "p")):
+        with logged_by("rdscale.run.pipeline", monkeypatch) as records:
+            code, _, err = invoke(capsys, ["extract", "--local", "--fasta", fasta, "--models", world["models"][0],
+                                           "-o", out])
+        assert code == 0, err
+        warned = [r.getMessage() for r in records if "looks like nucleotide" in r.getMessage()]
+        if fasta == dna:
+            assert len(warned) == 1 and warned[0].startswith(f"{dna} looks like nucleotide sequences (100% of its "
+                                                             "first 600 residues"), warned
+        else:
+            assert warned == []  # proteins: not a word
+
+
+_OOM_NOTICE = ("A worker died or was killed while executing a task by an unexpected system error. Memory on the node "
+               "(IP: 10.0.0.7, ID: 9f3) where the task (task ID: 51, name=ReadShards, pid=4242) was running was "
+               "14.87GB / 15.50GB (0.959), which exceeds the memory usage threshold of 0.95. Ray killed this worker "
+               "(ID: 77) because it was the most recently scheduled task")
+
+
+def test_memory_monitor_kills_are_one_line_with_the_details_in_the_log(tmp_path, monkeypatch):
+    """What Ray forwards from its workers during a burst of memory-monitor kills (the raylet's notices, Ray Data's
+    stats actor's KeyError tracebacks): one warning naming the log file; all of it in the file; other worker
+    output printed as Ray prints it."""
+    from rdscale.cluster.executor import WorkerOutput
+
+    log_file = tmp_path / "ray.log"
+    printed = []
+    out = WorkerOutput(str(log_file), printed.append)
+    traceback = ["Traceback (most recent call last):", '  File "/x/ray/data/_internal/stats.py", line 9, in update',
+                 "KeyError: 'ReadShards->MapBatches(_ApplyActor)'"]
+    with logged_by("rdscale.cluster.executor", monkeypatch) as records:
+        for i in range(9):
+            out({"lines": [f"(raylet) [2026-12-06] {_OOM_NOTICE}"], "pid": "raylet", "ip": "10.0.0.7", "is_err": True})
+            out({"lines": traceback, "pid": 100 + i, "ip": "10.0.0.7", "is_err": True})
+        out({"lines": ["rdscale worker: a line of its own"], "pid": 7, "ip": "10.0.0.7", "is_err": True})
+    warned = [r.getMessage() for r in records]
+    assert warned == [f"Ray's memory monitor killed a worker under memory pressure (node 10.0.0.7); Ray retries "
+                      f"the killed tasks and the run goes on. Details: {log_file}"]
+    assert [d["lines"] for d in printed] == [["rdscale worker: a line of its own"]]
+    logged = log_file.read_text()
+    assert logged.count("Ray killed this worker") == 9 and logged.count("KeyError") == 9
+    assert out.kills == 9
+
+
+_KILLS_CHILD = """
+import logging, sys, time
+import ray
+from rdscale.progress import route_ray_notices
+from rdscale.cluster.executor import ray_log_file, route_worker_output
+
+logging.basicConfig(level=logging.WARNING)
+path = route_ray_notices(sys.argv[1])
+log_file = ray_log_file()
+ray.init(address="local", include_dashboard=False, configure_logging=False, num_cpus=1)
+assert route_worker_output(log_file) is not None
+
+@ray.remote
+def noisy(notice):
+    for _ in range(3):
+        print(notice, file=sys.stderr, flush=True)
+    print("Traceback (most recent call last):\\n  File \\"/x/ray/data/_internal/stats.py\\"\\nKeyError: 'op'",
+          file=sys.stderr, flush=True)
+    print("a worker line of its own", file=sys.stderr, flush=True)
+
+ray.get(noisy.remote(sys.argv[2]))
+time.sleep(5)  # forwarded output arrives asynchronously
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_memory_monitor_notices_forwarded_by_a_real_ray_are_one_line(tmp_path):
+    """Through Ray's own forwarding of worker output to the driver (a fresh process: Ray's printer is per process)."""
+    log_file = tmp_path / "ray.log"
+    done = subprocess.run([sys.executable, "-c", _KILLS_CHILD, str(log_file), _OOM_NOTICE], capture_output=True,
+                          text=True, env={**_env(), "PYTHONWARNINGS": "", "RAY_ADDRESS": ""}, check=False,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    terminal = done.stderr + done.stdout
+    assert "Ray killed this worker" not in terminal and "KeyError" not in terminal, terminal[-3000:]
+    assert terminal.count("Ray's memory monitor killed") == 1 and str(log_file) in terminal, terminal[-3000:]
+    assert "a worker line of its own" in terminal
+    logged = log_file.read_text()
+    assert logged.count("Ray killed this worker") == 3 and "KeyError" in logged

@@ -608,11 +608,20 @@ def test_extend_refuses_an_interrupted_run(partial_run, tiny_family):
         assert main(["-q", "extend", "-o", str(out), "--model", str(tiny_family[-1])]) == 1
 
 
-def test_index_built_before_a_resume_is_not_silently_partial(partial_run):
-    from rdscale.search import MissingIndexError, build_index, search
+def test_an_index_of_a_partial_run_is_refused(partial_run):
+    """An index covers every row of its table, the uncommitted shard's too: refused (both backends) until the run
+    is finished, with nothing written."""
+    from rdscale.search import MissingIndexError, SearchError, build_index, search
 
     cfg, out = partial_run
-    build_index(out, width=32, index_type="IVF_FLAT")
+    def state():
+        return snapshot(out), lance.dataset(str(out / "proteins.lance")).version
+
+    before = state()
+    for backend in ("faiss", "lance"):
+        with pytest.raises(SearchError, match="not indexing proteins: .* is incomplete: 2 of .* finish the run"):
+            build_index(out, width=32, index_type="IVF_FLAT", backend=backend)
+    assert state() == before and not (out / "indexes").exists()
     embed(cfg, None, LocalExecutor(), progress=False)  # resume: rows added, compacted
     proteins = lance.dataset(str(out / "proteins.lance")).to_table(columns=["id", "embedding", "shard"])
     last = proteins.filter(pa.compute.equal(proteins["shard"], max(proteins["shard"].to_pylist())))

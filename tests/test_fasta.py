@@ -63,8 +63,13 @@ def fasta_files(draw):
     Expected items are (id, offset of '>', sequence or reject code); ids may repeat (the first one wins).
     """
     n = draw(st.integers(0, 12))
-    newline = draw(st.sampled_from(["\n", "\r\n"]))
-    out = "".join(draw(st.lists(st.sampled_from(["", newline]), max_size=2)))  # blank lines before the first '>'
+    # one line ending for the file (Unix, Windows, classic Mac), or any of them at every line break
+    style = draw(st.sampled_from(["\n", "\r\n", "\r", "mixed"]))
+
+    def newline_() -> str:
+        return draw(st.sampled_from(["\n", "\r\n", "\r"])) if style == "mixed" else style
+
+    out = "".join(draw(st.lists(st.sampled_from(["", "nl"]), max_size=2))).replace("nl", newline_())
     expected, claimed = [], set()
     for _ in range(n):
         rid = draw(st.sampled_from(["P1", "P2", "sp|Q9|X_HUMAN", "tr|A0A|Y", "u5", "u6", "u7", "u8", "u9"]))
@@ -83,7 +88,7 @@ def fasta_files(draw):
             residues += "*"
         width = draw(st.one_of(st.integers(1, 12), st.just(10_000)))
         lines = [residues[i : i + width] for i in range(0, len(residues), width)]
-        body = "".join(line + newline + draw(st.sampled_from(["", "", newline])) for line in lines)
+        body = "".join(line + newline_() + draw(st.sampled_from(["", "", newline_()])) for line in lines)
         expected_value = residues.upper().removesuffix("*") if kind == "valid" else kind + "_sequence"
         expected_value = {"invalid_sequence": "invalid_characters", "gaps_sequence": "gaps"}.get(
             expected_value, expected_value
@@ -92,7 +97,7 @@ def fasta_files(draw):
             expected_value = "duplicate_id"
         claimed.add(rid)
         expected.append((rid, len(out.encode()), expected_value))
-        out += f">{rid}{desc}{newline}{body}"
+        out += f">{rid}{desc}{newline_()}{body}"
     if n and draw(st.booleans()):
         out = out.rstrip("\r\n")  # last line without newline
     return out.encode(), expected
@@ -461,3 +466,57 @@ def test_make_messy_damage_table_agrees_with_the_reader(tmp_path):
     assert sum(isinstance(i, Record) for i in items) == int(declared.pop("accepted"))
     assert Counter(i.code for i in items if isinstance(i, Reject)) == {k: int(v) for k, v in declared.items()}
     assert not done.stdout.endswith(b"\n")  # the last line has no newline
+
+
+# ------------------------------------------------------------------------------------------------ line endings
+
+
+@given(st.lists(st.sampled_from([b"\n", b"\r\n", b"\r", b">a b", b"MKV", b"", b"\r\r", b"\n\r"]), max_size=30),
+       st.integers(1, 9))
+def test_line_splitter_is_splitlines_whatever_the_read_size(pieces, chunk):
+    """Reads of any size, a "\r\n" split between two of them included, give bytes.splitlines' lines."""
+    import io
+
+    from rdscale.io.fasta import _split_lines
+
+    data = b"".join(pieces)
+    assert list(_split_lines(io.BytesIO(data), chunk)) == data.splitlines(True)
+
+
+@pytest.mark.parametrize("ending", ["\r", "\n", "\r\n"])
+@pytest.mark.parametrize("fmt", ["plain", "gzip", "bgzf"])
+def test_every_line_ending_reads_every_record(tmp_path, ending, fmt):
+    """Ten records with classic Mac (lone CR), Unix or Windows line ends: ten records, whatever the format and the
+    shard size (a lone CR once read as one long header: 1 reject, 9 records gone)."""
+    text = "".join(f">p{i} protein {i}{ending}MKV{ending}LLA{ending}" for i in range(10)).encode()
+    path = write(tmp_path, b"", f"in.{fmt}")
+    if fmt == "plain":
+        Path(path).write_bytes(text)
+    elif fmt == "gzip":
+        Path(path).write_bytes(gzip.compress(text))
+    else:
+        write_bgzf(path, text, [7, 13, 1, 0, 29])
+    for shard_bytes in (1 << 20, 40, 7, 1):
+        items = list(read_fasta(path, shard_bytes=shard_bytes))
+        assert [(i.id, outcome(i)) for i in items] == [(f"p{i}", "MKVLLA") for i in range(10)], shard_bytes
+        assert [i.description for i in items] == [f"protein {i}" for i in range(10)]
+
+
+def test_second_half_with_lone_cr_loses_nothing(tmp_path):
+    first = "".join(f">a{i}\nMKV\n" for i in range(5))
+    second = "".join(f">b{i}\rMKV\r" for i in range(5))
+    items = read_all(write(tmp_path, first + second))
+    assert [i.id for i in items] == [f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)]
+    assert all(isinstance(i, Record) for i in items)
+
+
+def test_crlf_split_across_a_shard_boundary(tmp_path):
+    """A shard that starts between the "\r" and the "\n" of a line break: the "\n" ends the previous line; the next
+    line (a header) belongs to this shard, read once."""
+    data = b">a\r\nMKV\r\n>b\r\nLLA\r\n"
+    path = write(tmp_path, data)
+    cut_at = data.index(b"\n>b")  # the "\n" of the break before >b
+    plan = [Shard(path, 0, 0, "plain", 0, cut_at), Shard(path, 0, 1, "plain", cut_at, None)]
+    first, second = (list(read_shard(s)) for s in plan)
+    assert [i.id for i in first] == ["a"] and [i.id for i in second] == ["b"]
+    assert second[0].offset == cut_at + 1

@@ -340,6 +340,36 @@ def test_plain_and_bgzf_on_s3_split_exactly_as_local(tmp_path, s3):
         assert remote_items == local_items and len(remote_items) == 1200
 
 
+@pytest.mark.parametrize("ending", ["\r", "mixed"])
+def test_old_line_endings_read_like_unix_everywhere(tmp_path, s3, ending):
+    """Lone CR (classic Mac) or a mix of CR, LF and CRLF: plain, BGZF and index-split gzip, local and on S3 (ranged
+    reads), at shard sizes that cut lines and line breaks, give the records of the same file with Unix endings."""
+    from bgzf_util import write_bgzf
+
+    unix = _fasta_text(1500, seed=8)
+    rng = random.Random(3)
+    other = unix.replace("\n", "\r") if ending == "\r" else \
+        "".join(rng.choice(["\n", "\r", "\r\n"]) if c == "\n" else c for c in unix)
+    (tmp_path / "unix.fasta").write_text(unix)
+    _, expected = _items([str(tmp_path / "unix.fasta")], 1 << 30)
+    expected = [(k, i, r, seq) for k, i, _, r, seq in expected]
+    assert len(expected) == 1500
+    data = other.encode()
+    plain, bgzf, gz = tmp_path / "p.fasta", tmp_path / "b.fasta.gz", tmp_path / "g.fasta.gz"
+    plain.write_bytes(data)
+    write_bgzf(bgzf, data, block_sizes=[3001] * (len(data) // 3001 + 1))
+    gz.write_bytes(gzip.compress(data))
+    sources = [(str(plain), None), (str(bgzf), None), (str(gz), tmp_path / "idx")]
+    for path in (plain, bgzf):
+        uri = s3.uri("endings", path.name)
+        Location.parse(uri).write_bytes(path.read_bytes())
+        sources.append((uri, None))
+    for source, index_dir in sources:
+        shards, got = _items([source], 7001, index_dir=index_dir)
+        assert len(shards) > 1, source
+        assert [(k, i, r, seq) for k, i, _, r, seq in got] == expected, source
+
+
 def test_truncated_plain_gzip_is_refused(tmp_path):
     data = gzip.compress(_fasta_text(3000).encode())
     bad = tmp_path / "cut.fasta.gz"
@@ -494,3 +524,69 @@ def test_run_finds_its_fits_relative_to_itself(tmp_path):
     assert bare.fit_location({}, {"fit": {"artifact": str(external)}}) == Location.parse(str(external))
     assert bare.fit_location({"artifact": "fit"}, {}) is None
     assert run.ref(run.fit_ext(64)) == "fit_ext_64" and run.ref(str(external)) == str(external)
+
+
+def test_a_worker_lacking_s3_settings_says_so(monkeypatch):
+    """Settings in the driver's environment only: the worker on another node says what it is, where, what its
+    environment lacks and that storage.options carries settings to every worker (names only, no values)."""
+    from rdscale.io import location as loc_mod
+    from rdscale.io.location import LocationError, set_storage_options, set_worker_context
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3",
+                "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    set_storage_options(None)
+    monkeypatch.setattr(loc_mod, "_WORKER", [])
+    try:
+        set_worker_context("Ray worker on node 10.0.0.7")
+        with pytest.raises(LocationError) as err:
+            Location.parse("s3://bucket/in.fasta").read_bytes()
+        message = str(err.value)
+        assert "\n" not in message and "cannot reach the object store" in message
+        assert ("this is a Ray worker on node 10.0.0.7 whose environment lacks AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY, AWS_REGION") in message and "storage.options" in message
+        set_storage_options({"aws_access_key_id": "KEY-ID-VALUE", "aws_secret_access_key": "SECRET-VALUE",
+                             "region": "us-east-1"})
+        with pytest.raises(LocationError) as err:  # the settings given: no hint, and no value shown
+            Location.parse("s3://bucket/in.fasta").read_bytes()
+        assert "worker" not in str(err.value) and "VALUE" not in str(err.value)
+    finally:
+        set_worker_context(None)
+        set_storage_options(None)
+
+
+_WORKER_CHILD = """
+import os, sys
+import ray
+
+# the Ray node starts without the credentials (a node started from another shell, without the AWS_* variables);
+# the driver gets them afterwards, as a user exporting them in the driver's shell only would
+ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 << 20)
+os.environ.update(AWS_ACCESS_KEY_ID=sys.argv[4], AWS_SECRET_ACCESS_KEY=sys.argv[5])
+from rdscale.cli.main import main
+sys.exit(main(["extract", "--fasta", sys.argv[1], "--models", sys.argv[2], "-o", sys.argv[3]]))
+"""
+
+
+@pytest.mark.ray
+def test_a_ray_worker_lacking_the_drivers_s3_settings_says_so(tmp_path, s3, tiny_family):
+    """A real Ray worker reading an S3 FASTA with credentials only in the driver's environment: one line saying
+    it is a worker on which node, what its environment lacks, and that storage.options carries the settings."""
+    uri = s3.uri("worker", "in.fasta")
+    Location.parse(uri).write_text(_fasta_text(20))
+    env = {k: v for k, v in s3.env().items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    root = Path(__file__).resolve().parents[1]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **env, "RAY_ADDRESS": "",
+           "PYTHONPATH": str(root)}
+    keys = s3.env()
+    done = subprocess.run([sys.executable, "-c", _WORKER_CHILD, uri, str(tiny_family[0]), str(tmp_path / "out"),
+                           keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"]], capture_output=True, text=True,
+                          env=env, check=False, timeout=300)
+    lines = [ln for ln in done.stderr.splitlines() if "error" in ln]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("rdscale extract: error: "), done.stderr[-3000:]
+    assert "this is a Ray worker on node" in lines[0] and "lacks AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in \
+        lines[0] and "storage.options" in lines[0], lines[0]
+    assert keys["AWS_SECRET_ACCESS_KEY"] not in done.stderr

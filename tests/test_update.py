@@ -396,3 +396,140 @@ def test_verify_of_an_updated_truncating_run(tmp_path, tiny_family):
     assert verify(tmp_path / "r") == []
     lance.dataset(str(tmp_path / "r" / "residues.lance")).delete("id = 'UR0004' AND pos = 0")
     assert any(p.startswith("residues: ") for p in verify(tmp_path / "r"))
+
+
+# ------------------------------------------------------------------------------- refused, interrupted, aborted
+
+
+def trace(run_dir):
+    """Everything an update could leave behind: files beside the tables, every table's version, tags and run key."""
+    from rdscale.io.runs import Run
+
+    run = Run(str(run_dir))
+    tables = {}
+    for name in ("proteins", "residues", "rejects", "shards"):
+        if run.has_table(name):
+            ds = run.dataset(name)
+            tables[name] = (ds.version, sorted(ds.tags.list()), (ds.schema.metadata or {}).get(b"rdscale.run_key"))
+    return sorted(p.name for p in run_dir.iterdir()), tables
+
+
+def test_a_refused_update_leaves_no_trace(world, tmp_path, capsys):
+    """A release that is not FASTA (read after the update was recorded, once) left the run 'running' for good:
+    now the release is read before anything is written; one line, and the next update goes through."""
+    from rdscale.cli.main import main
+
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    bad = tmp_path / "bad.fasta"
+    bad.write_bytes(b">a\nMKV\n>b\nMK\x00V\n")
+    before = trace(run_dir)
+    assert main(["update", str(run_dir), "--fasta", str(bad), "--release", "B1", "--local", "-q"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"rdscale update: error: {bad}: binary content (byte 0x00): not a FASTA text file (at byte 12)"]
+    assert trace(run_dir) == before and not (run_dir / "updates.json").exists()
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert_equal_content(content(run_dir), content(fresh_b))
+
+
+@pytest.mark.parametrize("name", ["2024", "007"])
+def test_all_digit_release_names_are_refused(world, tmp_path, name):
+    _, _, fb, fresh_a, _ = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    before = trace(run_dir)
+    with pytest.raises(UpdateError, match=f"release name '{name}' is all digits and would read as a table version"):
+        update(run_dir, [str(fb)], name, overrides=["ray.address=local"], progress=False)
+    with pytest.raises(UpdateError, match="not all digits"):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False, previous=name)
+    assert trace(run_dir) == before
+
+
+def test_interrupted_update_told_to_readers_refused_to_index_and_aborted(world, tmp_path, capsys, caplog):
+    """Mid-update, readers are warned (an id may be found twice, removed ids still found) and an index is refused;
+    `rdscale update --abort` puts every table back to its version before the update, so the run equals the run
+    before it, and a new update then goes through."""
+    from rdscale.cli.main import main
+    from rdscale.search import SearchError, build_index, search
+
+    _, _, fb, fresh_a, fresh_b = world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+    before = trace(run_dir)
+    with pytest.raises(KeyboardInterrupt):
+        update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], executor=StopAfter(2), progress=False)
+    with caplog.at_level("WARNING", logger="rdscale.io.store"):
+        search(run_dir, ids=["UR0001"], k=2)
+    assert any("the update to release B1 is running or was interrupted: until it finishes, an id may be found "
+               "twice" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SearchError, match="not indexing proteins: the update to release B1 is running"):
+        build_index(run_dir, width=32, index_type="IVF_FLAT", backend="faiss")
+    assert main(["info", str(run_dir)]) == 0
+    assert f"`rdscale update {run_dir} --abort` to undo it" in capsys.readouterr().out
+
+    assert main(["update", str(run_dir), "--abort", "--release", "B1"]) == 1  # --abort takes nothing else
+    assert main(["update", str(run_dir), "--abort"]) == 0
+    assert "aborted the update of" in capsys.readouterr().out
+    files, tables = trace(run_dir)
+    assert files == before[0]
+    assert {t: (tags, key) for t, (_, tags, key) in tables.items()} == \
+        {t: (tags, key) for t, (_, tags, key) in before[1].items()}
+    assert_equal_content(content(run_dir), content(fresh_a), atol=0)
+    assert main(["update", str(run_dir), "--abort"]) == 1
+    assert "has no interrupted update to abort" in capsys.readouterr().err
+    update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert_equal_content(content(run_dir), content(fresh_b))
+    assert [r["name"] for r in releases(run_dir)] == ["initial", "B1"]
+
+
+def test_update_of_an_interrupted_run_is_refused(world, tmp_path, tiny_family):
+    """Its partial state would be tagged as the initial release."""
+    _, fa, fb, fresh_a, _ = world
+    cfg = make_cfg(tmp_path, fa, tiny_family, "run", **{"fit.artifact": str(fresh_a / "fit")})
+    from rdscale.run.pipeline import embed
+
+    with pytest.raises(KeyboardInterrupt):
+        embed(cfg, None, StopAfter(2), progress=False)
+    before = trace(tmp_path / "run")
+    with pytest.raises(UpdateError, match=r"is an interrupted run \(incomplete: \d+ of \d+ shards committed\); "
+                                          "finish it"):
+        update(tmp_path / "run", [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert trace(tmp_path / "run") == before
+
+
+def test_a_changed_checkpoint_is_refused_before_anything_is_written(world, tmp_path, tiny_family):
+    """An extraction run (one model, no fit) whose checkpoint was replaced by other weights of the same shape."""
+    import shutil
+
+    import torch
+
+    _, fa, fb, _, _ = world
+    model = tmp_path / "m.pt"
+    shutil.copy(tiny_family[0], model)
+    cfg = make_cfg(tmp_path, fa, [model], "run")
+    from rdscale.run.pipeline import embed
+
+    embed(cfg, None, LocalExecutor(), progress=False)
+    data = torch.load(model, weights_only=False)
+    key = next(k for k, v in data["model"].items() if v.is_floating_point())
+    data["model"][key] = data["model"][key] + 1
+    torch.save(data, model)
+    before = trace(tmp_path / "run")
+    with pytest.raises(UpdateError, match=f"checkpoint {model} changed since .* was embedded with it"):
+        update(tmp_path / "run", [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert trace(tmp_path / "run") == before
+
+
+def test_abort_of_an_interrupted_update_on_object_storage(world, s3):
+    from rdscale.io.location import Location, set_storage_options
+    from rdscale.run.update import abort_update
+
+    set_storage_options(None)
+    _, _, fb, fresh_a, _ = world
+    remote = s3.uri("runs", "aborted")
+    Location.parse(str(fresh_a)).copy_tree_to(Location.parse(remote))
+    with pytest.raises(KeyboardInterrupt):
+        update(remote, [str(fb)], "B1", overrides=["ray.address=local"], executor=StopAfter(2), progress=False)
+    assert Location.parse(remote).join("updates.json").is_file()
+    assert "aborted the update" in abort_update(remote)
+    assert not Location.parse(remote).join("updates.json").is_file()
+    assert_equal_content(content(remote), content(fresh_a), atol=0)
+    assert releases(remote) == []

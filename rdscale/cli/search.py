@@ -42,9 +42,17 @@ def _param(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--param {text!r} must look like key=value, e.g. num_partitions=64")
     key, raw = text.split("=", 1)
-    import yaml
+    from rdscale.config import ConfigError, safe_yaml
 
-    return key.strip(), yaml.safe_load(raw)
+    if key.strip() in _NAMED:  # would collide with build_index's own arguments
+        raise argparse.ArgumentTypeError(f"--param {key.strip()}: use --{key.strip().replace('_', '-')}")
+    try:
+        return key.strip(), safe_yaml(raw, f"--param {key.strip()}")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_NAMED = {"metric", "index_type", "width", "table", "rebuild", "backend", "progress", "dataset_path"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,8 +9,15 @@ from rdscale.cli.args import add_run_argument
 
 
 def cmd_update(args) -> int:
-    from rdscale.run.update import update
+    from rdscale.run.update import UpdateError, abort_update, update
 
+    if args.abort:
+        if args.fasta or args.release:
+            raise UpdateError("--abort undoes the interrupted update; it takes no --fasta or --release")
+        print(abort_update(args.out))
+        return 0
+    if not args.fasta or not args.release:
+        raise UpdateError("--fasta and --release are required (or --abort, to undo an interrupted update)")
     overrides = list(args.overrides)
     if args.local:
         overrides.append("ray.address=local")
@@ -32,14 +39,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the new and changed sequences with the run's own models and frozen fit (unchanged rows stay "
         "bit-identical), deletes the rows of ids that are gone and the old rows of changed ids, and tags the new "
         "table versions with the release name; the versions before the first update are tagged 'initial'. Holds "
-        "the run's writer lease; resumable: rerun the same command after an interruption.",
+        "the run's writer lease; resumable: rerun the same command after an interruption, or undo it with "
+        "--abort.",
     )
     add_run_argument(p, help="run directory or object-store prefix (as written by `rdscale run`)")
-    p.add_argument("--fasta", nargs="+", required=True, metavar="FILE",
+    p.add_argument("--fasta", nargs="+", metavar="FILE",
                    help="the new release's FASTA files (plain, .gz or BGZF; local paths or URIs)")
-    p.add_argument("--release", required=True, metavar="NAME",
-                   help="name of the new release, the tag of its table versions (letters, digits, . - _), "
-                   "e.g. 2024_01")
+    p.add_argument("--release", metavar="NAME",
+                   help="name of the new release, the tag of its table versions (letters, digits, . - _; not "
+                   "all digits, which would read as a table version), e.g. 2024_01")
+    p.add_argument("--abort", action="store_true",
+                   help="undo an interrupted update instead: the tables go back to their versions from before it")
     p.add_argument("--previous", default="initial", metavar="NAME",
                    help="tag for the run's versions before its first update (default: initial)")
     p.add_argument("--device", help="embedding.device: auto, cpu, cuda, cuda:N")

@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,7 +29,7 @@ from ray.data.datasource import Datasource, ReadTask
 from rdscale.config import Config
 from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Shard, ValidationOptions
-from rdscale.io.location import set_storage_options
+from rdscale.io.location import set_storage_options, set_worker_context
 from rdscale.io.store import ShardResult
 from rdscale.run.stages import (
     ROW_FIELDS,
@@ -82,6 +84,7 @@ class FastaDatasource(Datasource):
 def _shard_reader(shard: Shard, options: ValidationOptions, rows_per_block: int, storage: dict | None = None):
     def read() -> Iterator[pa.Table]:
         set_storage_options(storage)  # credentials given in the config, not only in every node's environment
+        _as_worker()
         rows, digest = shard_rows(shard, options)
         if not rows:
             # An empty shard still reports itself so the driver can commit it (zero records).
@@ -107,6 +110,7 @@ def init_errors_at_first_call(cls: type) -> type:
 
     def __init__(self, *args, **kwargs):
         self._init_error = None
+        _as_worker()  # an actor's object-store errors name the node it runs on
         try:
             cls.__init__(self, *args, **kwargs)
         except RdscaleError as err:
@@ -151,7 +155,14 @@ class _ApplyActor(ApplyStage):
 
 def _with_storage(storage: dict, fn, *args):
     set_storage_options(storage)
+    _as_worker()
     return fn(*args)
+
+
+def _as_worker() -> None:
+    """Tell rdscale.io.location that this process is a Ray worker, and on which node (for its S3 errors)."""
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        set_worker_context(f"Ray worker on node {ray.util.get_node_ip_address()}")
 
 
 class ResourceError(RdscaleError, ValueError):
@@ -199,6 +210,84 @@ class _FitActor(FitWorker):
         self.moments = self.moments.merge(Moments.from_arrays(arrays, device=self.moments.device))
 
 
+# What the memory monitor's kills look like in forwarded worker output (the raylet's notice, the task's error)
+_OOM_KILL = ("Ray killed this worker", "exceeds the memory usage threshold", "OutOfMemoryError",
+             "killed by the memory monitor")
+_RAY_INTERNALS = ("Traceback (most recent call last)", "/ray/_private/", "/ray/data/_internal/", "(raylet)")
+
+
+class WorkerOutput:
+    """Ray's printer of the workers' forwarded output, when rdscale routes Ray's messages to a log file: every
+    line goes to the file; on the terminal, the memory monitor's kills become one line saying what happened and
+    where the details are (Ray retries the killed tasks; ~200 lines of raylet notices and of Ray Data's stats
+    actor tracebacks followed each burst of kills), and tracebacks from Ray's own processes stay in the file (a
+    task's error reaches the driver and is reported there, in one line). Anything else is printed as Ray would."""
+
+    def __init__(self, log_file: str, printer):
+        self.log_file = log_file
+        self.printer = printer
+        self.kills = 0
+
+    def __call__(self, data: dict) -> None:
+        lines = [str(line) for line in data.get("lines") or []]
+        where = f"pid={data.get('pid')}, ip={data.get('ip')}"
+        try:
+            with open(self.log_file, "a") as f:
+                f.writelines(f"({where}) {line}\n" for line in lines)
+        except OSError:
+            self.printer(data)  # no file to keep them in: the terminal keeps them
+            return
+        kills = sum(max(1, line.count("Ray killed this worker")) for line in lines if _is_kill(line))
+        if kills:
+            before, self.kills = self.kills, self.kills + kills
+            if before == 0 or any(before < n <= self.kills for n in (10, 100, 1000)):
+                log.warning("Ray's memory monitor killed %s under memory pressure (node %s); Ray retries the killed "
+                            "tasks and the run goes on. Details: %s",
+                            "a worker" if self.kills == 1 else f"{self.kills} workers so far", data.get("ip"),
+                            self.log_file)
+        kept = [line for line in lines if not _is_kill(line) and not _is_ray_internal(line)]
+        if kept:
+            self.printer({**data, "lines": kept})
+
+
+def _is_kill(line: str) -> bool:
+    return any(p in line for p in _OOM_KILL)
+
+
+def _is_ray_internal(line: str) -> bool:
+    """A line of a traceback (its header, frames, code lines, the exception line) or one of Ray's own notices."""
+    return (any(p in line for p in _RAY_INTERNALS) or line[:1] in (" ", "\t")
+            or re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line) is not None)
+
+
+def ray_log_file() -> str | None:
+    """The file Ray's messages go to (rdscale.progress.route_ray_notices gave the "ray" logger one), if any. Ask
+    before ray.init: it replaces the "ray" logger's handlers."""
+    return next((h.baseFilename for h in logging.getLogger("ray").handlers if isinstance(h, logging.FileHandler)),
+                None)
+
+
+def route_worker_output(log_file: str | None) -> WorkerOutput | None:
+    """After ray.init: put `WorkerOutput` in place of Ray's printer of worker output when Ray's messages go to
+    `log_file` (`ray_log_file()`); None when they do not, or when this Ray has no such printer to replace."""
+    if log_file is None:
+        return None
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+            return None
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore_prefix)
+    except (ImportError, AttributeError):  # another Ray: its own printing stays
+        return None
+    handler = WorkerOutput(log_file, printer)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handler)
+    return handler
+
+
 class RayExecutor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -215,7 +304,9 @@ class RayExecutor:
                 kwargs["address"] = "local"
                 if cfg.ray.object_store_mb:
                     kwargs["object_store_memory"] = int(cfg.ray.object_store_mb) << 20
+            log_file = ray_log_file()
             ray.init(**kwargs)
+            route_worker_output(log_file)
         # rdscale draws its own per-shard progress; Ray Data's bars would interleave with it, and its per-dataset
         # notices (execution plan, "progress bars disabled", ...) would bury rdscale's lines in a job log.
         ray.data.DataContext.get_current().enable_progress_bars = False

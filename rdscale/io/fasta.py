@@ -27,7 +27,9 @@ tabs inside lines ignored and one trailing '*' removed, is a non-empty string ov
 becomes a ``Reject`` whose reason is ``"<code>: <detail>"``. The first record carrying an id claims it, accepted or
 not; later records with that id are rejected as ``duplicate_id``.
 
-A UTF-8 byte-order mark at the start of a file is skipped (offsets still count its three bytes).
+A UTF-8 byte-order mark at the start of a file is skipped (offsets still count its three bytes). LF, CRLF and a lone
+CR (classic Mac OS) all end a line, in every format and across every shard or read boundary, so a file with old or
+mixed line endings reads as the same records.
 
 Damage that is not one record's fault (text before the first header, binary bytes, a corrupt or truncated gzip or
 BGZF stream) raises ``FastaFormatError`` when the reader reaches it: records read before the damage have already
@@ -58,6 +60,7 @@ __all__ = [
     "as_duplicate",
     "dedupe_key",
     "detect_format",
+    "nucleotide_share",
     "plan_shards",
     "read_fasta",
     "read_shard",
@@ -254,15 +257,58 @@ def plan_shards(
 Line = tuple[bytes, int, int]
 
 
+_CHUNK = 1 << 20  # bytes read at a time by the line splitter
+_EOL = re.compile(rb"\r\n|\r|\n")  # a line break, whatever the platform that wrote the file
+
+
+def _split_lines(f, chunk: int | None = None) -> Iterator[bytes]:
+    r"""The lines of a binary stream, each with its end-of-line bytes, where "\n", "\r\n" and a lone "\r" (classic
+    Mac) all end a line (bytes.splitlines' rule). A "\r" that ends a chunk is held back until the next chunk says
+    whether a "\n" follows, so a "\r\n" split across reads (or shards, or object-store ranges) is one line break."""
+    # read1 where the stream has it (gzip): what is decompressed so far, so the records before a damaged spot are
+    # yielded before the damage raises
+    read = getattr(f, "read1", f.read)
+    pending: list[bytes] = []  # pieces of a line not ended yet (kept apart: one very long line stays linear)
+    while True:
+        data = read(chunk or _CHUNK)
+        if not data:
+            if pending:
+                yield b"".join(pending)
+            return
+        if pending and pending[-1].endswith(b"\r"):  # a "\r" at the end of the previous chunk
+            if data.startswith(b"\n"):
+                pending.append(b"\n")
+                data = data[1:]
+            yield b"".join(pending)
+            pending = []
+            if not data:
+                continue
+        lines = data.splitlines(True)
+        last = lines.pop()
+        if last.endswith(b"\n"):
+            lines.append(last)
+            last = None
+        if lines:
+            if pending:
+                lines[0] = b"".join([*pending, lines[0]])
+                pending = []
+            yield from lines
+        if last is not None:  # no line end yet, or a "\r" whose "\n" may open the next chunk
+            pending.append(last)
+
+
 def _plain_lines(path: str, start: int, opened=None) -> Iterator[Line]:
     with (opened if opened is not None else _open(path)) as f:
         pos = start
         if start > 0:
-            # The byte before `start` decides whether `start` begins a line; readline() from there lands on the
-            # first line that starts at or after `start`.
+            # The byte before `start` decides whether `start` begins a line: the rest of the line that holds it
+            # (with its line break, "\r\n" across `start` included) ends where the first line at or after `start`
+            # begins.
             f.seek(start - 1)
-            pos = start - 1 + len(f.readline())
-        while line := f.readline():
+        lines = _split_lines(f)
+        if start > 0:
+            pos = start - 1 + len(next(lines, b""))
+        for line in lines:
             yield line, pos, pos
             pos += len(line)
 
@@ -291,9 +337,10 @@ def _indexed_gzip_lines(path: str, start: int, index: str) -> Iterator[Line]:
 def _gzip_lines(path: str) -> Iterator[Line]:
     pos = 0
     with _open(path) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
+        lines = _split_lines(f)
         while True:
             try:
-                line = f.readline()
+                line = next(lines, b"")
             except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
                 raise FastaFormatError(path, f"decompressed byte {pos}", f"corrupt or truncated gzip stream: {e}")
             if not line:
@@ -394,13 +441,23 @@ class _BgzfFile:
         raise FastaFormatError(self.path, f"byte {offset}", "no BGZF block ends here (corrupt BGZF stream)")
 
     def starts_line(self, offset: int) -> bool:
-        """Whether the first decompressed byte of the block at ``offset`` begins a line."""
+        r"""Whether the first decompressed byte of the block at ``offset`` begins a line: the data before it ends
+        with "\n", or with a "\r" that is not the first half of a "\r\n" (lone "\r" ends a line too)."""
+        first = self.first_byte(offset)
         while (prev := self.previous_block(offset)) is not None:
             data = self.block_at(prev)[0]
             if data:  # an empty block says nothing: look one further back
-                return data.endswith(b"\n")
+                return data.endswith(b"\n") or (data.endswith(b"\r") and first != b"\n")
             offset = prev
         return True
+
+    def first_byte(self, offset: int) -> bytes:
+        """The first decompressed byte at or after the block at ``offset`` (empty blocks skipped; b"" at the end)."""
+        while (got := self.block_at(offset)) is not None:
+            if got[0]:
+                return got[0][:1]
+            offset += got[1]
+        return b""
 
 
 def _bgzf_lines(path: str, start: int, end: int | None) -> Iterator[Line]:
@@ -417,19 +474,30 @@ def _bgzf_lines(path: str, start: int, end: int | None) -> Iterator[Line]:
         pieces: list[bytes] = []
         line_voffset = line_block = -1
         last_isize = -1
+        pending_cr = False  # the line in `pieces` ended with a "\r" at the end of a block: a "\n" may follow
         while (got := bgzf.block_at(block)) is not None:
             data, size = got
             last_isize = len(data)
             pos = 0
+            if pending_cr and data:
+                if data.startswith(b"\n"):
+                    pieces.append(b"\n")
+                    pos = 1
+                if at_line_start:
+                    yield b"".join(pieces), line_voffset, line_block
+                at_line_start, pieces, pending_cr = True, [], False
             while pos < len(data):
                 if not pieces:
                     line_voffset, line_block = block << 16 | pos, block
-                newline = data.find(b"\n", pos)
-                if newline == -1:
+                m = _EOL.search(data, pos)
+                if m is None:
                     pieces.append(data[pos:])
                     break
-                pieces.append(data[pos : newline + 1])
-                pos = newline + 1
+                pieces.append(data[pos : m.end()])
+                pos = m.end()
+                if pos == len(data) and m.group() == b"\r":
+                    pending_cr = True
+                    break
                 if at_line_start:
                     yield b"".join(pieces), line_voffset, line_block
                 at_line_start = True
@@ -600,6 +668,24 @@ def read_fasta(
             else:
                 first_seen[item.id] = item.source
                 yield item
+
+
+NUCLEOTIDES = b"ACGTUN"  # also amino-acid letters (Ala, Cys, Gly, Thr, Sec, Asn): DNA reads as a protein
+
+
+def nucleotide_share(path: str | os.PathLike, residues: int = 20_000) -> tuple[float, int]:
+    """(share of A, C, G, T, U, N among the first `residues` residues of the file's accepted records, residues
+    seen). Proteins hold about a quarter of these letters; nucleotide sequences nothing else."""
+    seen = hits = 0
+    first = plan_shards([path], shard_bytes=1 << 62)[0]
+    for item in read_shard(first):
+        if isinstance(item, Record):
+            seq = item.sequence.encode()
+            seen += len(seq)
+            hits += len(seq) - len(seq.translate(None, NUCLEOTIDES))
+            if seen >= residues:
+                break
+    return (hits / seen if seen else 0.0), seen
 
 
 def dedupe_key(item: Record | Reject) -> tuple[int, int]:

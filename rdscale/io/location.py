@@ -33,6 +33,7 @@ __all__ = [
     "LocationError",
     "is_remote",
     "set_storage_options",
+    "set_worker_context",
     "storage_options",
 ]
 
@@ -69,6 +70,37 @@ def set_storage_options(options: Mapping[str, Any] | None) -> None:
 
 def storage_options() -> dict[str, str]:
     return dict(_OPTIONS)
+
+
+_WORKER: list[str] = []  # what this process is when it is not the driver, e.g. "Ray worker on node 10.0.0.7"
+
+
+def set_worker_context(description: str | None) -> None:
+    """Say that this process is a worker (rdscale.cluster sets it in Ray tasks and actors), so an object-store
+    error can tell the settings that reach a worker apart from those of the driver's environment."""
+    _WORKER[:] = [description] if description else []
+
+
+# S3 settings a node's environment may hold, and the storage.options names that carry them to every worker
+_S3_SETTINGS = {"AWS_ENDPOINT_URL": ("aws_endpoint", "endpoint", "aws_endpoint_url"),
+                "AWS_ACCESS_KEY_ID": ("aws_access_key_id", "access_key_id"),
+                "AWS_SECRET_ACCESS_KEY": ("aws_secret_access_key", "secret_access_key"),
+                "AWS_REGION": ("aws_region", "region")}
+
+
+def _worker_hint(scheme: str) -> str:
+    """For an S3 error in a worker whose environment lacks settings that storage.options does not give either:
+    what it is, where, and how the settings reach it (names only, never values)."""
+    if not _WORKER or scheme != "s3":
+        return ""
+    lacking = [var for var, names in _S3_SETTINGS.items()
+               if not os.environ.get(var) and not any(n in _OPTIONS for n in names)
+               and not (var == "AWS_REGION" and os.environ.get("AWS_DEFAULT_REGION"))]
+    if not lacking:
+        return ""
+    return (f"; this is a {_WORKER[0]} whose environment lacks {', '.join(lacking)}: settings in the driver's "
+            "environment do not reach workers on other nodes; give them in the config's storage.options (sent to "
+            "every worker) or in every node's environment")
 
 
 def is_remote(text: Any) -> bool:
@@ -304,7 +336,8 @@ class Location:
         if any(s in text for s in ("ACCESS_DENIED", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId",
                                    "403 Forbidden", "401 Unauthorized", "Forbidden", "INVALID_ACCESS_KEY_ID")):
             return LocationError(f"{self.uri}: access denied (check the credentials, e.g. AWS_ACCESS_KEY_ID / "
-                                 "AWS_SECRET_ACCESS_KEY, and their permissions on the bucket)")
+                                 "AWS_SECRET_ACCESS_KEY, and their permissions on the bucket)"
+                                 f"{_worker_hint(self.scheme)}")
         if any(s in low for s in ("network_connection", "could not connect", "error sending request",
                                   "connection refused", "timed out", "timeout", "dns", "resolve host",
                                   "couldn't connect")):
@@ -312,7 +345,8 @@ class Location:
                 if self.scheme == "s3" else None
             where = f" at {endpoint}" if endpoint else ""
             return LocationError(f"{self.uri}: cannot reach the object store{where} (connection failed or timed "
-                                 f"out after {MAX_RETRIES} attempts); check the endpoint and the network")
+                                 f"out after {MAX_RETRIES} attempts); check the endpoint and the network"
+                                 f"{_worker_hint(self.scheme)}")
         if isinstance(exc, FileNotFoundError) or "not found" in low or "does not exist" in low:
             return self.not_found_error()
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__

@@ -668,10 +668,48 @@ def reader_filter(table_uri: str | Path | Location, user_filter: str | None = No
     why = incomplete_message(status)
     if why:
         log.warning("%s is %s; reading the committed shards' rows only", run, why)
+    updating = update_in_progress(run)
+    if updating:
+        log.warning("%s: %s", run, updating)
     committed = committed_filter(run, status)
     if committed is None:
         return user_filter
     return committed if not user_filter else f"({committed}) AND ({user_filter})"
+
+
+UPDATE_STATE = "updates.json"  # rdscale.run.update's record of a run's releases
+
+
+def update_in_progress(root: str | Path | Location | Run) -> str | None:
+    """What a reader of the run must know while `rdscale update` is running or was interrupted (its tables are
+    then between two releases), in words; None otherwise."""
+    state = _as_run(root).location.join(UPDATE_STATE)
+    if not state.is_file():
+        return None
+    try:
+        running = [e for e in json.loads(state.read_text()).get("releases", []) if e.get("status") != "done"]
+    except (ValueError, AttributeError):
+        return None
+    if not running:
+        return None
+    entry = running[0]
+    return (f"the update to release {entry.get('name')} is running or was interrupted: until it finishes, an id "
+            f"may be found twice (old and new row) and removed ids may still be found; read the previous release "
+            f"({entry.get('previous')}) with --release, or finish or abort the update (rdscale update --abort)")
+
+
+def unfinished_writes(table_uri: str | Path | Location) -> str | None:
+    """Why a run's table is not in a state to build a lasting derivative (an index) from: a partial run (its table
+    holds rows of uncommitted shards) or an update running or interrupted; None when it is, or outside a run."""
+    run = Run(Location.parse(table_uri).parent)
+    if not run.has_table(LEDGER):
+        return None
+    why = incomplete_message(run_status(run))
+    if why:
+        return (f"{run} is {why}: finish the run (rerun the same command) first; search reads its committed rows "
+                "meanwhile")
+    updating = update_in_progress(run)
+    return f"{updating}" if updating else None
 
 
 def missing_data_files(table_uri: str | Path | Location) -> list[str]:

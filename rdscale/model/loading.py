@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,10 @@ def resolve_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
 # --------------------------------------------------------------------------------------------------------------
 # checkpoint files
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_CACHE: dict[tuple[str, int, int, int, int], str] = {}
+# A digest is remembered only for a file whose last change (ctime) is this much older than the hash: the kernel's
+# file clock ticks coarsely (a few ms), so a change right after the hash could leave ctime as it was ("racy git")
+_SETTLED_NS = 2_000_000_000
 
 
 def digest_cache_dir() -> Path:
@@ -195,36 +199,49 @@ def _digest_record(path: Path) -> Path:
     return digest_cache_dir() / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
 
 
-def checkpoint_sha256(path) -> str:
-    """sha256 hex digest of a file, streamed in 1 MiB chunks. Cached per (path, mtime, size) in this process and
-    in a small JSON record per file under digest_cache_dir(), so a multi-GB checkpoint is hashed once per
-    machine, not once per load; a record whose size or mtime differs from the file's is ignored (re-hashed)."""
-    path = Path(path).resolve()
+def _file_key(path: Path) -> tuple[str, int, int, int, int]:
+    """What changes whenever the file's content may have: (path, size, mtime, ctime, inode). ctime cannot be set
+    by a user: an edit in place or a replacement (rsync, cp -p, mv) with the mtime restored still moves it."""
     st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def checkpoint_sha256(path) -> str:
+    """sha256 hex digest of a file, streamed in 1 MiB chunks. Cached per (path, size, mtime, ctime, inode) in this
+    process and in a small JSON record per file under digest_cache_dir(), so a multi-GB checkpoint is hashed once
+    per machine, not once per load; a record whose key differs from the file's is ignored (re-hashed), so a
+    checkpoint swapped for same-size weights with the mtime restored is hashed again. A file changed less than
+    two seconds before it is hashed is not remembered (its next change could leave ctime as it was)."""
+    path = Path(path).resolve()
+    key = _file_key(path)
     if key in _SHA_CACHE:
         return _SHA_CACHE[key]
     record = _digest_record(path)
+    fields = ("path", "size", "mtime_ns", "ctime_ns", "ino")
     try:
         saved = json.loads(record.read_text())
-        if (saved.get("path"), saved.get("mtime_ns"), saved.get("size")) == key and len(saved.get("sha256", "")) == 64:
+        if tuple(saved.get(f) for f in fields) == key and len(saved.get("sha256", "")) == 64:
             _SHA_CACHE[key] = saved["sha256"]
             return saved["sha256"]
     except (OSError, ValueError, AttributeError):
         pass  # no record, unreadable or not ours: hash the file
+    hashed_at = time.time_ns()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    _SHA_CACHE[key] = h.hexdigest()
+    digest = h.hexdigest()
+    if _file_key(path) != key or hashed_at - key[3] < _SETTLED_NS:
+        return digest  # changed while hashed, or too recently to be told apart from its next change
+    _SHA_CACHE[key] = digest
     try:  # best effort: a read-only home only costs the re-hash next time
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": key[0], "mtime_ns": key[1], "size": key[2], "sha256": _SHA_CACHE[key]}))
+        tmp.write_text(json.dumps({**dict(zip(fields, key)), "sha256": digest}))
         tmp.replace(record)
     except OSError:
         pass
-    return _SHA_CACHE[key]
+    return digest
 
 
 def hub_checkpoint_path(name: str) -> Path:
@@ -395,15 +412,22 @@ def _build_esm2(data: dict, path) -> tuple[ESM2, esm.data.Alphabet]:
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
 
 
-def _check_config_against_weights(cfg, state: dict, path) -> None:
-    """The checkpoint's config must describe its own weights before any module is built: a config claiming 1e8
-    layers (or a width the embedding matrix does not have) would otherwise build that model first."""
+def _shape_of(cfg, path) -> dict[str, int]:
+    """The checkpoint config's layer count, width and heads, each a positive integer (a negative layer count would
+    otherwise surface as an embedding.layer range that cannot hold any layer)."""
     values = {}
     for name in ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads"):
-        value = getattr(cfg, name)
+        value = getattr(cfg, name, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{path}: cfg['model'].{name} must be a positive integer, got {value!r}")
         values[name] = value
+    return values
+
+
+def _check_config_against_weights(cfg, state: dict, path) -> None:
+    """The checkpoint's config must describe its own weights before any module is built: a config claiming 1e8
+    layers (or a width the embedding matrix does not have) would otherwise build that model first."""
+    values = _shape_of(cfg, path)
     layers, width, heads = values["encoder_layers"], values["encoder_embed_dim"], values["encoder_attention_heads"]
     found = {int(m.group(1)) for k in state if (m := _LAYER_KEY.match(k))}
     # (count, min, max) equal to those of 0..layers-1 means the same set, without building one of size `layers`
@@ -450,9 +474,9 @@ def describe_model(name_or_path) -> dict:
     path = Path(str(name_or_path)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    cfg = read_checkpoint(path, mmap=True)["cfg"]["model"]
-    return {"name": path.stem, "source": str(path), "width": int(cfg.encoder_embed_dim),
-            "layers": int(cfg.encoder_layers), "sha256": checkpoint_sha256(path)}
+    shape = _shape_of(read_checkpoint(path, mmap=True)["cfg"]["model"], path)
+    return {"name": path.stem, "source": str(path), "width": shape["encoder_embed_dim"],
+            "layers": shape["encoder_layers"], "sha256": checkpoint_sha256(path)}
 
 
 def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:

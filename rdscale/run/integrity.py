@@ -2,9 +2,14 @@
 
 - Each committed shard's ledger row holds a digest of the records its byte range held when it was read (computed by
   the reader, `RecordsDigest`), and the input file's size and mtime at the time. On resume, a committed shard whose
-  file's size or mtime changed is read again and its digest compared; a shard whose byte range no longer matches the
-  plan (the file grew or shrank) counts as changed too. Changed shards refuse the run (`InputChangedError`, naming
-  the file) unless the caller asks to redo them.
+  file's size, mtime or content changed is read again and its digest compared; a shard whose byte range no longer
+  matches the plan (the file grew or shrank) counts as changed too. Changed shards refuse the run
+  (`InputChangedError`, naming the file) unless the caller asks to redo them.
+- Content, not only mtime: every start of a run hashes each local input file in full (sha256, `content_digests`)
+  and records the digests in the run's plan file; a file whose digest differs from the recorded one has its
+  committed shards read again even when its size and mtime are unchanged (an edit in place with the mtime restored:
+  rsync -t, cp -p, make). Objects on a store are not hashed: their modification time is set by the server on every
+  write and cannot be restored by a client, so size and mtime identify their content.
 - The run's plan (number of shards and their keys) is written to `run_plan.json`, so readers can tell a complete
   run from a partial one and the end of a run can check the plan, not only the shards that started.
 - The end-of-run accounting compares, shard by shard, the ledger's record count with the rows in proteins and
@@ -102,11 +107,36 @@ def fingerprints(shards: Sequence[Shard]) -> dict[int, dict[str, Any]]:
     return {s.index: {"file_size": stats[s.path][0], "file_mtime_ns": stats[s.path][1]} for s in shards}
 
 
-def changed_shards(store: RunStore, shards: Sequence[Shard], options: ValidationOptions) -> dict[int, str]:
+INPUTS_KEY = "inputs"  # in the plan file: {input name: sha256 of its content} at the last start of the run
+
+
+def content_digests(paths: Iterable[str]) -> dict[str, str]:
+    """{input name (shard_key's): sha256 of the whole file} for the local files among `paths` (objects: see the
+    module docstring). Streams the file; costs one sequential read (bench/input_hash.py measures it)."""
+    out = {}
+    for path in dict.fromkeys(paths):
+        loc = Location.parse(path)
+        if not loc.is_local:
+            continue
+        with open(loc.path, "rb") as f:
+            out[os.path.abspath(loc.path)] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+def _input_name(path: str) -> str:
+    loc = Location.parse(path)
+    return os.path.abspath(loc.path) if loc.is_local else loc.uri
+
+
+def changed_shards(store: RunStore, shards: Sequence[Shard], options: ValidationOptions,
+                   contents: dict[str, str] | None = None) -> dict[int, str]:
     """Committed shards that no longer match the input: {shard index: why}. A committed shard is read again only
-    when its file's size or mtime differs from what the ledger recorded."""
+    when its file's size or mtime differs from what the ledger recorded, or its content digest (`contents`, of
+    now) from the one recorded at the run's last start."""
     ledger = store.committed()
     now = fingerprints(shards)
+    recorded = (read_plan(store.root) or {}).get(INPUTS_KEY) or {}
+    contents = contents or {}
     changed: dict[int, str] = {}
     for index, row in sorted(ledger.items()):
         if index >= len(shards):
@@ -120,7 +150,10 @@ def changed_shards(store: RunStore, shards: Sequence[Shard], options: Validation
                 changed[index] = f"its byte range moved ({row['key']} is now {shard_key(shard)})"
             continue
         fp = now[index]
-        if row.get("file_size") == fp["file_size"] and row.get("file_mtime_ns") == fp["file_mtime_ns"]:
+        name = _input_name(shard.path)
+        same_content = recorded.get(name) is None or contents.get(name) in (None, recorded[name])
+        if row.get("file_size") == fp["file_size"] and row.get("file_mtime_ns") == fp["file_mtime_ns"] \
+                and same_content:
             continue
         if not row.get("digest") or shard_digest(shard, options) != row["digest"]:
             changed[index] = f"its content changed ({shard.path} bytes {shard.start}-{shard.end or 'eof'})"
@@ -137,9 +170,12 @@ def changed_shards(store: RunStore, shards: Sequence[Shard], options: Validation
 
 def refuse_or_redo(store: RunStore, shards: Sequence[Shard], options: ValidationOptions, redo: bool) -> list[int]:
     """Raise InputChangedError when committed shards no longer match the input, unless `redo`: then delete their
-    rows and ledger rows (under the lease) so they are embedded again. Returns the shards forgotten."""
-    changed = changed_shards(store, shards, options)
+    rows and ledger rows (under the lease) so they are embedded again. Returns the shards forgotten. Records the
+    inputs' content digests of now for the next start's check (once nothing committed contradicts them)."""
+    contents = content_digests(s.path for s in shards)
+    changed = changed_shards(store, shards, options, contents)
     if not changed:
+        _record_contents(store, contents)
         return []
     by_file: dict[str, list[int]] = {}
     ledger = store.committed()
@@ -159,12 +195,20 @@ def refuse_or_redo(store: RunStore, shards: Sequence[Shard], options: Validation
     log.warning("redoing %d shard(s) whose input changed: %s", len(forgotten),
                 "; ".join(f"{i}: {changed[i]}" for i in forgotten))
     store.forget_shards(forgotten)
+    _record_contents(store, contents)
     return forgotten
+
+
+def _record_contents(store: RunStore, contents: dict[str, str]) -> None:
+    plan = read_plan(store.root) or {}
+    if plan.get(INPUTS_KEY) != contents:
+        (store.root / PLAN_FILE).write_text(json.dumps({**plan, INPUTS_KEY: contents}, indent=1))
 
 
 def write_plan(store: RunStore, shards: Sequence[Shard]) -> None:
     """Record the run's shard plan next to its tables (atomically), for readers and for the end-of-run check."""
-    payload = {"run_key": store.run_key, "shards": len(shards), "keys": [shard_key(s) for s in shards]}
+    payload = {"run_key": store.run_key, "shards": len(shards), "keys": [shard_key(s) for s in shards],
+               INPUTS_KEY: (read_plan(store.root) or {}).get(INPUTS_KEY) or {}}  # kept: refuse_or_redo's
     (store.root / PLAN_FILE).write_text(json.dumps(payload, indent=1))  # atomic: temp file + rename, or one PUT
 
 

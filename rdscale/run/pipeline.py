@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 from rdscale.config import Config, ConfigError
-from rdscale.io.fasta import Shard, ValidationOptions, plan_shards
+from rdscale.io.fasta import Shard, ValidationOptions, nucleotide_share, plan_shards
 from rdscale.io.lease import WriterLease
 from rdscale.io.location import Location, set_storage_options
 from rdscale.io.runs import Run, default_fit, recorded_config
@@ -152,8 +152,29 @@ def plan(cfg: Config) -> list[Shard]:
             raise ConfigError(f"input path(s) are directories, not FASTA files: {', '.join(folders)}; name the "
                               "files, e.g. --fasta dir/*.fasta")
         raise ConfigError(f"input file(s) not found: {', '.join(missing)}")
-    return plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
-                       index_dir=Run(cfg.output.dir).gzip_index)
+    shards = plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
+                         index_dir=Run(cfg.output.dir).gzip_index)
+    _warn_if_nucleotide(cfg.input.paths)
+    return shards
+
+
+_WARNED_NUCLEOTIDE: set[str] = set()  # once per file and process (`run` plans for its fit and for its embedding)
+
+
+def _warn_if_nucleotide(paths) -> None:
+    """DNA or RNA is valid protein text (A C G T U N are amino-acid letters) and would be embedded silently."""
+    for path in paths:
+        if path in _WARNED_NUCLEOTIDE:
+            continue
+        try:
+            share, seen = nucleotide_share(path)
+        except (ValueError, OSError):
+            continue  # damaged: the reading pass reports it
+        if seen >= 100 and share >= 0.9:
+            _WARNED_NUCLEOTIDE.add(path)
+            log.warning("%s looks like nucleotide sequences (%.0f%% of its first %d residues are A, C, G, T, U or "
+                        "N); rdscale embeds protein sequences and reads these letters as amino acids", path,
+                        100 * share, seen)
 
 
 def _check_models(cfg: Config) -> list[str]:

@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 from rdscale.config import Config
 from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Record, Shard, ValidationOptions, read_shard
+from rdscale.io.headcount import file_headers
 from rdscale.io.location import Location, set_storage_options
 from rdscale.io.runs import (
     LEDGER,
@@ -60,9 +61,12 @@ from rdscale.io.store import (
     LEDGER_SCHEMA,
     RunStore,
     ShardResult,
+    UPDATE_STATE,
     StoreError,
     _IdPartitions,
+    incomplete_message,
     run_schemas,
+    run_status,
     sql_in_list,
 )
 from rdscale.progress import Progress
@@ -72,7 +76,7 @@ from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, writing
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "updates.json"
+STATE_FILE = UPDATE_STATE
 FOLLOWED = "followed-"  # run key prefix of a run that `rdscale update` moved to another release
 INITIAL = "initial"  # the tag of a run's versions before its first update
 TABLES = (PROTEINS, RESIDUES, REJECTS, LEDGER)
@@ -331,8 +335,12 @@ def update(run_dir: str | Location, inputs: Sequence[str], release: str, *, over
 
     if not _NAME.match(release or ""):
         raise UpdateError(f"release name {release!r}: use letters, digits, '.', '-' and '_' (e.g. 2024_01)")
-    if not _NAME.match(previous or "") or previous == release:
-        raise UpdateError(f"--previous {previous!r} must be a valid release name other than {release!r}")
+    if release.isdigit():  # `--release 3` and lance.dataset(version="3") would read table version 3
+        raise UpdateError(f"release name {release!r} is all digits and would read as a table version number; "
+                          f"add a letter or separator (e.g. r{release} or {release}_01)")
+    if not _NAME.match(previous or "") or previous == release or previous.isdigit():
+        raise UpdateError(f"--previous {previous!r} must be a valid release name (not all digits) other than "
+                          f"{release!r}")
     run = Run(run_dir).require()
     meta = run.metadata()
     config = meta.get("config") or {}
@@ -393,6 +401,10 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         if any(release in run.dataset(t).tags.list() for t in TABLES if run.has_table(t)):
             raise UpdateError(f"{run} already has a table version tagged {release}; choose a new release name")
         done = [e for e in entries if e["status"] == "done"]
+        status = run_status(run)
+        if not done and not status["complete"]:  # its partial state must not become the previous release
+            raise UpdateError(f"{run} is an interrupted run ({incomplete_message(status)}); finish it (rerun the "
+                              "command that made it) before updating it to a release")
         previous = done[-1]["name"] if done else previous
         store.recover()  # rows of an interrupted run's unrecorded shards must not enter the comparison
         before = {t: run.dataset(t).version for t in TABLES if run.has_table(t)}
@@ -401,24 +413,31 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                  "previous_versions": before if not done else None,
                  "previous_proteins": run.dataset(PROTEINS).count_rows() if not done else None,
                  "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    base, before = int(entry["base"]), {k: int(v) for k, v in entry["before"].items()}
+
+    # Everything that can refuse the update is checked before its first write (a refused update leaves no trace):
+    # the checkpoints, then the whole release, read and compared with the run (pure reading).
+    _check_checkpoints(run, cfg, manifest)
+    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
+    planned = [UpdateShard(**{**{f: getattr(s, f) for f in Shard.__dataclass_fields__}, "index": base + s.index})
+               for s in shards]
+    diff = diff_release(run.dataset(PROTEINS, version=before[PROTEINS]), planned, options, rows_per_partition)
+
+    if not running:
+        done = [e for e in entries if e["status"] == "done"]
         if not done:  # the run as it was stays readable by name (a later update's previous release is tagged)
             for t, v in before.items():
-                if previous not in run.dataset(t).tags.list():
-                    run.dataset(t).tags.create(previous, v)
+                if entry["previous"] not in run.dataset(t).tags.list():
+                    run.dataset(t).tags.create(entry["previous"], v)
         if _mark_followed(run, start=True):
             store, schemas = open_store()
         entries.append(entry)
         _write_state(run, state)
-    base, before = int(entry["base"]), {k: int(v) for k, v in entry["before"].items()}
     lease.check()
     store.recover()
     if store.drop_derived_columns():
         lease.check()
 
-    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
-    planned = [UpdateShard(**{**{f: getattr(s, f) for f in Shard.__dataclass_fields__}, "index": base + s.index})
-               for s in shards]
-    diff = diff_release(run.dataset(PROTEINS, version=before[PROTEINS]), planned, options, rows_per_partition)
     report = UpdateReport(release=release, previous=entry["previous"], unchanged=diff.unchanged,
                           changed=diff.changed, new=diff.new, removed=diff.removed,
                           rejects=diff.rejects + diff.repeated,
@@ -545,6 +564,53 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
     return report
 
 
+def _check_checkpoints(run: Run, cfg: Config, manifest: dict) -> None:
+    """The run's checkpoints (chain, then extension steps) still hold the weights it was embedded with (sha256)."""
+    from rdscale.model.loading import describe_model  # torch: only for an update that will embed
+
+    recorded = manifest.get("models") or []
+    specs = list(cfg.models) + [m.get("source") or m.get("name") for m in recorded[len(cfg.models):]]
+    for spec, model in zip(specs, recorded):
+        have = describe_model(spec).get("sha256") if model.get("sha256") else None
+        if have is not None and have != model["sha256"]:
+            raise UpdateError(f"checkpoint {spec} changed since {run} was embedded with it (sha256 {have[:12]} is "
+                              f"not {model['sha256'][:12]}); an update embeds with the run's own models: restore "
+                              "that checkpoint, or make a new run")
+
+
+def abort_update(run_dir: str | Location, storage_options: dict | None = None) -> str:
+    """`rdscale update RUN --abort`: undo an interrupted (or refused) update: every table back to its version
+    from before the update (restored as the latest version), the tags that update made removed, its entry
+    dropped from the update state. Holds the writer lease. Returns what it did, in one line."""
+    if storage_options:
+        set_storage_options(storage_options)
+    run = Run(run_dir).require()
+    with writing(run.uri) as lease:
+        state = read_state(run)
+        running = [e for e in state["releases"] if e["status"] != "done"]
+        if not running:
+            raise UpdateError(f"{run} has no interrupted update to abort")
+        entry = running[0]
+        first = bool(entry.get("previous_versions"))
+        for t, version in entry["before"].items():
+            if not run.has_table(t):
+                continue
+            lease.check()
+            if run.dataset(t).version != int(version):
+                run.dataset(t, version=int(version)).restore()  # also the run key the update changed
+            tags = run.dataset(t).tags
+            for name in (entry["name"], *([entry["previous"]] if first else [])):
+                if name in tags.list():
+                    tags.delete(name)
+        state["releases"] = [e for e in state["releases"] if e is not entry]
+        if state["releases"]:
+            _write_state(run, state)
+        else:
+            run.location.join(STATE_FILE).delete()
+    return (f"aborted the update of {run} to release {entry['name']}: its tables are back at their versions "
+            f"from before it" + (f" (release {entry['previous']})" if not first else ""))
+
+
 def _check_accounting(store: RunStore) -> None:
     """Every ledger shard's record count equals its proteins + rejects rows (as `check_complete` checks)."""
     from rdscale.run.integrity import _per_shard
@@ -576,7 +642,8 @@ def release_lines(run: str | Run) -> list[str]:
     running = [e for e in read_state(run)["releases"] if e["status"] != "done"]
     for entry in running:
         lines.append(f"  {entry['name']}: update interrupted; rerun `rdscale update {run} --release {entry['name']} "
-                     f"--fasta {' '.join(entry['inputs'])}` to finish it")
+                     f"--fasta {' '.join(entry['inputs'])}` to finish it, or `rdscale update {run} --abort` to undo "
+                     "it")
     return ["releases (table versions tagged by `rdscale update`):", *lines] if lines else []
 
 
@@ -612,6 +679,11 @@ def verify_release(run_dir: str | Location) -> list[str]:
     shards = plan(cfg)
     problems = []
     diff = diff_release(run.dataset(PROTEINS), shards, options)
+    read = diff.rejects + diff.repeated + diff.unchanged + diff.changed + diff.new
+    headers = sum(file_headers(p) for p in cfg.input.paths)
+    if headers != read:  # the reader itself, checked by an independent count (as `verify` does for a run)
+        problems.append(f"release {entry['name']}: its files hold {headers} record(s) ('>' at a line start), the "
+                        f"reader found {read}: records were lost or invented reading them")
     if diff.changed or diff.new or diff.removed:
         problems.append(f"proteins differ from release {entry['name']}: {diff.changed} with another sequence, "
                         f"{diff.new} missing, {diff.removed} not in the release")

@@ -4,6 +4,9 @@ and checks, without trusting the ledger's counts:
 - every planned shard is committed, and each committed shard's input still has the digest recorded when it was read;
 - every input record is in exactly one of proteins or rejects, matched by source (file:offset), with the same id,
   and for proteins the same sequence (by digest); nothing in the tables comes from outside the input;
+- the reader itself: per input file, the records it read equal the headers counted by an independent byte-level
+  scan (">" at the start of a line; LF, CRLF and a lone CR all end lines; rdscale.io.headcount), so a reader
+  that drops records cannot hide behind a check that reads with the same reader;
 - no protein id twice, no (id, pos) twice in residues, residues only of stored proteins, one per residue;
 - no rows of uncommitted shards, no missing data files;
 - the tables' metadata names the same fit (checkpoint digests, tensors digest) as the fit artifact.
@@ -25,6 +28,7 @@ import pyarrow.compute as pc
 
 from rdscale.config import Config
 from rdscale.io.fasta import Reject, ValidationOptions, plan_shards, read_shard
+from rdscale.io.headcount import file_headers
 from rdscale.io.location import Location
 from rdscale.io.partitions import HashPartitions, partitions_for, repeated
 from rdscale.io.runs import Run
@@ -127,10 +131,12 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
     with HashPartitions(parts, _RECORDS, "source", scratch) as records, \
             HashPartitions(parts, pa.schema([("id", pa.string())]), "id", scratch) as protein_ids:
         bar = Progress(total=len(shards), unit="shard", desc="verify: reading the input", enabled=progress)
+        read_per_file: dict[int, int] = {}
         for shard in shards:
             digest = RecordsDigest()
             batch = _Batch()
             for item in read_shard(shard, options):
+                read_per_file[shard.file_index] = read_per_file.get(shard.file_index, 0) + 1
                 digest.update(item)
                 seq = "" if isinstance(item, Reject) else _seq_digest(item.sequence)
                 batch.add(f"{item.path}:{item.offset}", item.id, seq, shard.index, 0)
@@ -147,6 +153,11 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
                                  f"(bytes {shard.start}-{shard.end or 'eof'})")
             bar.update(1)
         bar.close()
+        for file_index, path in enumerate(cfg.input.paths):
+            headers, read = file_headers(path), read_per_file.get(file_index, 0)
+            if headers != read:
+                problems.append(f"{path}: holds {headers} record(s) ('>' at a line start), the reader found {read}: "
+                                "records were lost or invented reading it (line endings? report this)")
         for index in sorted(set(ledger) - {s.index for s in shards}):
             problems.append(f"shard {index}: in the ledger but not in the input's shard plan")
 

@@ -15,6 +15,7 @@ indexes hold the raw prefixes (distance: squared Euclidean).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -136,28 +137,60 @@ def build_faiss_index(
             return info
 
     index = build_in_memory(ds, width, index_type, metric, resolved, table=table, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
     record = {"table": table, "width": width, "metric": metric, "index_type": index_type, "params": info.params,
               "num_rows": num_rows, "layout": table_layout(ds), "file": path.name}
-    sidecar.write_text(json.dumps(record, indent=1))
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp_sidecar = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # through Python's file: FAISS's own writer leaves a short file on a full disk without a word (fclose's
+        # error is not checked), Python raises the OSError, and fsync surfaces what the page cache still held
+        with open(tmp, "wb") as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp_sidecar.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+        os.replace(tmp_sidecar, sidecar)
+    except (RuntimeError, OSError) as err:  # FAISS passes the writer's error on as a RuntimeError with its text
+        for leftover in (tmp, tmp_sidecar):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        raise SearchError(f"cannot write the faiss index {path}: {_write_error(err)}") from None
     return info
+
+
+_WRITE_ERRORS = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
+
+
+def _write_error(err: BaseException) -> str:
+    """What a failed index write needs to tell: the OS's reason when FAISS's message or the OSError carries one."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror.lower()
+    text = str(err)
+    found = next((reason for reason in _WRITE_ERRORS if reason.lower() in text.lower()), None)
+    if found:
+        return found.lower()
+    if "write error" in text or "ret == " in text:  # FAISS's check after fwrite: a short write is a full disk
+        return "write failed (no space left on device?)"
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 _LOWEST = {"m": 2, "pq_bits": 1}  # HNSW needs two links per node; every other parameter at least 1
 _HIGHEST = {"pq_bits": 16}  # FAISS's product quantiser codes are at most 16 bits
+_INT_MAX = 2**31 - 1  # FAISS's parameters are C ints: a larger value ends in a SWIG TypeError
 
 
 def _check_values(index_type: str, params: dict[str, Any]) -> None:
     """Every FAISS parameter is an integer in its range (a bad --param is one line, not FAISS's abort or a
     ZeroDivisionError)."""
     for key, value in params.items():
-        low, high = _LOWEST.get(key, 1), _HIGHEST.get(key)
+        low, high = _LOWEST.get(key, 1), _HIGHEST.get(key, _INT_MAX)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
                 high is not None and value > high):
-            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            too_big = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > high
+            bounds = f"between {low} and {high}" if high != _INT_MAX else (
+                f"between {low} and {high:,} (FAISS takes C ints)" if too_big else f"at least {low}")
             raise SearchError(f"{index_type} parameter {key}={value!r} must be an integer {bounds}")
 
 

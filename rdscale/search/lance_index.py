@@ -108,6 +108,9 @@ def _index_covers_all(ds: lance.LanceDataset, lance_index: dict) -> bool:
 
 _INTEGER_PARAMS = {"num_partitions", "num_sub_vectors", "num_bits", "m", "ef_construction", "max_iterations",
                    "sample_rate"}
+# what --param may name: create_index passes unknown keywords on to Lance, which ignores them silently
+LANCE_PARAMS = _INTEGER_PARAMS | {"target_partition_size", "shuffle_partition_batches",
+                                  "shuffle_partition_concurrency", "accelerator"}
 
 
 class _StageProgress:
@@ -183,15 +186,20 @@ def build_lance_index(
         raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
     width = check_width(ds, width)
 
-    column = materialize_prefix(ds, width)
-    ds = reopen(ds)  # the version with the new column
+    unknown = sorted(set(params) - LANCE_PARAMS)
+    if unknown:
+        raise SearchError(f"unknown Lance index parameter(s) {unknown}; expected some of {sorted(LANCE_PARAMS)}")
     resolved = {**default_index_params(index_type, num_rows, width), **params}
     for key in _INTEGER_PARAMS & set(resolved):  # --param values are YAML: "abc" or 2.5 (ranges: Lance says)
         value = resolved[key]
         if isinstance(value, bool) or not isinstance(value, int):
             raise SearchError(f"{index_type} parameter {key}={value!r} must be an integer")
+        if not 0 <= value < 1 << 32:  # Lance's are unsigned (u32 or usize): refused before the prefix is written
+            raise SearchError(f"{index_type} parameter {key}={value!r} must be an integer in [0, {(1 << 32) - 1:,}]")
     if resolved["num_partitions"] > num_rows:
         raise SearchError(f"num_partitions={resolved['num_partitions']} exceeds the {num_rows} rows of {table}")
+    column = materialize_prefix(ds, width)
+    ds = reopen(ds)  # the version with the new column
     name = f"{column}_idx"
     info = IndexInfo(table, width, column, name, index_type, metric, num_rows, resolved)
 
@@ -214,8 +222,10 @@ def build_lance_index(
         with _StageProgress(f"indexing {table} (width {width}, {index_type})", progress) as stages:
             ds.create_index(column, index_type, name=name, metric=metric, replace=True, **resolved,
                             **stages.kwargs())
-    except (ValueError, TypeError, OSError, RuntimeError) as err:  # Lance's answer to a bad --param
+    except (ValueError, TypeError, OSError, RuntimeError, OverflowError) as err:  # Lance's answer to a bad --param
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, OverflowError):  # a negative or huge value for one of Lance's unsigned integers
+            text = f"a parameter is out of range ({text})"
         head, sep, tail = text.rpartition(", /")  # drop the Rust source location Lance appends
         raise SearchError(f"cannot build the Lance {index_type} index on {column} with {resolved}: "
                           f"{head if sep and '.rs:' in tail else text}") from None

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rdscale.io.store import reader_filter
+from rdscale.io.store import reader_filter, unfinished_writes
 from rdscale.search import exact as E
 from rdscale.search import faiss_index as F
 from rdscale.search import lance_index as L
@@ -783,6 +783,9 @@ def build_index(
     """
     if backend not in BACKENDS:
         raise SearchError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    unfinished = unfinished_writes(open_table(dataset_path, table).uri)
+    if unfinished:  # an index covers every row of the table, uncommitted or about to be replaced ones too
+        raise SearchError(f"not indexing {table}: {unfinished}")
     if backend == "lance":
         return L.build_lance_index(dataset_path, table, width, index_type or L.DEFAULT_INDEX_TYPE, metric,
                                    rebuild, progress, **params)
