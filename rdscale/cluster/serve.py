@@ -111,18 +111,18 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:500]
 
 
-def _limits() -> dict:
-    """The replica's limits (SearchDeployment sets them; one app object per replica process)."""
-    return getattr(app.state, "limits", None) or {"max_body": int(MAX_BODY_MB * 2**20), "timeout": TIMEOUT_S}
-
-
 def _error(status: int, text: Any) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": _one_line(text)})
 
 
 class _BodyLimit:
     """A request body over the limit gets 413 before it is parsed: read (at most limit + 1 bytes, whatever the
-    declared Content-Length says), then handed on as read."""
+    declared Content-Length says), then handed on as read.
+
+    The limit is a class attribute, set by the replica's SearchDeployment: Serve serves a copy of ``app`` (so
+    ``app.state`` set in the replica is not the served app's), but the class is the module's own."""
+
+    max_body = int(MAX_BODY_MB * 2**20)
 
     def __init__(self, inner):
         self.inner = inner
@@ -130,7 +130,7 @@ class _BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.inner(scope, receive, send)
-        limit = _limits()["max_body"]
+        limit = _BodyLimit.max_body
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             return await self._too_large(scope, receive, send, int(declared), limit)
@@ -208,9 +208,15 @@ class SearchDeployment:
 
         limits = {"max_body": int(MAX_BODY_MB * 2**20), "timeout": TIMEOUT_S, "max_queries": MAX_QUERIES,
                   **(limits or {})}
-        app.state.limits = limits
+        _BodyLimit.max_body = int(limits["max_body"])
         self.timeout = float(limits["timeout"])
-        factory = SearchService if service is None else _import(service)
+        if service is None:
+            factory = SearchService
+        else:  # "module:Name", resolved here in the replica (the class travels by name, not by value)
+            import importlib
+
+            module, _, attr = service.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
         self.service = factory(run, tables, models=models, device=device, max_queries=limits["max_queries"])
 
     async def _call(self, method, body: dict) -> Any:
@@ -278,14 +284,6 @@ class SearchDeployment:
         if name not in PAGE_ASSETS:
             return _error(404, "Not Found")
         return Response(_asset(name), media_type=PAGE_ASSETS[name], headers={"Cache-Control": "no-cache"})
-
-
-def _import(path: str):
-    """``module:attribute`` -> the attribute (a SearchService subclass or factory chosen by the caller)."""
-    import importlib
-
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def start(run: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,

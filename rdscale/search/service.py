@@ -173,7 +173,11 @@ class SearchService:
         names, seqs = sequence_queries(sequences)
         searcher = self._searcher(table)
         vectors: list[np.ndarray | None] = [self._cached(table, q) for q in seqs]
-        todo = [i for i, v in enumerate(vectors) if v is None]
+        first: dict[str, int] = {}  # a sequence asked twice in one request is embedded once
+        for i, v in enumerate(vectors):
+            if v is None:
+                first.setdefault(clean_query(seqs[i]), i)
+        todo = list(first.values())
         for start in range(0, len(todo), EMBED_CHUNK):
             if cancelled is not None and cancelled():
                 raise SearchCancelled(f"the request was cancelled after {start} of {len(todo)} sequences")
@@ -182,6 +186,7 @@ class SearchService:
             for i, v in zip(chunk, got):  # proteins: (q, k_m) rows; residues: one (L, d) array per sequence
                 vectors[i] = np.asarray(v)
                 self._keep(table, seqs[i], vectors[i])
+        vectors = [v if v is not None else vectors[first[clean_query(q)]] for v, q in zip(vectors, seqs)]
         if table == "proteins":
             return list(names), np.stack(vectors)  # (q, k_m)
         return stack_queries(names, vectors, table)
