@@ -254,6 +254,67 @@ def _urls(text: str) -> set[str]:
     return {m.split("${")[0] for m in re.findall(r"https?://[^\s\"'`)]+", code)}
 
 
+def test_service_card_records_explain_and_limits(page_run):
+    """The API the page is built on, in-process: /card, /records, /explain agree with /search; limits and
+    cancellation are one-line errors."""
+    import numpy as np
+
+    from rdscale.search.service import RequestTooLarge, SearchCancelled, SearchService
+    from rdscale.search.tables import KeyNotFoundError, SearchError
+
+    out, seqs = page_run
+    ids = list(seqs)
+    service = SearchService(out, max_queries=5)
+    card = service.card()
+    assert [m["width"] for m in card["models"]] == [32, 48, 64] and card["levels"] == [32, 48, 64]
+    assert card["counts"]["proteins"] == N_RECORDS and card["counts"]["rejects"] == 0
+    assert card["counts"]["residues"] == sum(len(v) for v in seqs.values())
+    assert [(r["name"], r["current"]) for r in card["releases"]] == [("initial", False), ("2024_02", True)]
+    got = service.records([ids[0], "nope", ids[1]])["records"]
+    assert [(r["id"], r["length"]) for r in got] == [(ids[0], len(seqs[ids[0]])), (ids[1], len(seqs[ids[1]]))]
+    assert all(r["description"].startswith("GO:") for r in got)
+
+    # explain's distances at each level are the search's distances at that width
+    hits = service.search({"ids": [ids[2]], "k": 5})["hits"]
+    targets = [h["id"] for h in hits]
+    explained = service.explain({"ids": [ids[2]], "targets": targets})
+    assert explained["levels"] == [32, 48, 64] and "residues" not in explained
+    for level, width in enumerate(explained["levels"]):
+        at = service.search({"ids": [ids[2]], "k": N_RECORDS, "width": width})["hits"]
+        want = {h["id"]: h["score"] for h in at}
+        for t in explained["targets"]:
+            assert abs(t["scores"][level] - want[t["id"]]) < 1e-5, (width, t)
+    # a sequence query: per-residue similarity to its own protein is 1 along the whole sequence
+    seq = seqs[ids[2]]
+    explained = service.explain({"sequences": {"q": seq}, "targets": [ids[2], ids[3]]})
+    res = explained["residues"]
+    assert res["of"] == ids[2] and len(res["similarity"]) == len(seq) and res["sequence"] == seq
+    assert min(res["similarity"]) > 0.999 and res["best_match"] == list(range(len(seq)))
+    assert explained["targets"][0]["scores"][-1] < 1e-4
+    for bad, error in (({"ids": [ids[0], ids[1]], "targets": [ids[0]]}, SearchError),
+                       ({"ids": [ids[0]], "targets": ["nope"]}, KeyNotFoundError),
+                       ({"ids": [ids[0]], "targets": []}, SearchError),
+                       ({"vectors": [0.1] * 8, "targets": [ids[0]]}, SearchError)):
+        with pytest.raises(error):
+            service.explain(bad)
+
+    # limits: more queries than max_queries; a cancelled request stops before embedding
+    with pytest.raises(RequestTooLarge, match="6 ids in one request; this server takes at most 5"):
+        service.search({"ids": ids[:6]})
+    with pytest.raises(SearchCancelled):
+        service.search({"sequences": {"a": "MKTAYIAKQRW"}}, cancelled=lambda: True)
+    # the same sequence twice in a request, or asked again, is embedded once
+    calls = []
+    embedder = service.searchers["proteins"].embedder()
+    real = embedder.embed
+    embedder.embed = lambda s, n=None: calls.append(len(s)) or real(s, n)
+    twice = service.search({"sequences": {"a": "MKTAYIAKQRW", "b": "mktayiakqrw*"}, "k": 2})["hits"]
+    again = service.search({"sequences": {"c": "MKTAYIAKQRW"}, "k": 2})["hits"]
+    assert calls == [1]
+    assert [h["id"] for h in twice[:2]] == [h["id"] for h in twice[2:]] == [h["id"] for h in again]
+    np.testing.assert_allclose([h["score"] for h in twice[:2]], [h["score"] for h in again], atol=1e-6)
+
+
 def test_search_by_id_sequence_and_fasta_with_widths_and_modes(server, browser, page_run):
     out, seqs = page_run
     ids = list(seqs)
@@ -471,6 +532,8 @@ def test_screenshot_after_a_real_query(server, browser, page_run):
     ids = list(seqs)
     browser.set_window_size(1360, 1180)
     open_page(browser, server.url)
-    search(browser, seqs[ids[3]], k=8)
+    # a database protein with residues 61-100 swapped for another's: its top hit, and a dip where they differ
+    query = seqs[ids[3]][:60] + seqs[ids[20]][:40] + seqs[ids[3]][100:]
+    search(browser, query, k=8)
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "residues-figure").is_displayed())
     browser.save_screenshot(target)

@@ -368,7 +368,16 @@ function residuesChart(res) {
   const ys = (s) => y1 - ((s - lo) / (hi - lo || 1)) * (y1 - y0);
   const pts = v.map((s, i) => `${xs(i).toFixed(1)},${ys(s).toFixed(1)}`);
   el("polygon", { points: `${x0},${y1} ${pts.join(" ")} ${xs(v.length - 1)},${y1}`, fill: "#cfe0f7" }, svg);
-  el("polyline", { points: pts.join(" "), fill: "none", stroke: COLOURS[0], "stroke-width": 1.5 }, svg);
+  el("polyline", { points: pts.join(" "), fill: "none", stroke: "#7fa6dc", "stroke-width": 1 }, svg);
+  // a 9-residue running mean over it: regions, not single residues, are what a reader looks for
+  const half = 4;
+  const smooth = v.map((_, i) => {
+    const part = v.slice(Math.max(0, i - half), i + half + 1);
+    return part.reduce((a, b) => a + b, 0) / part.length;
+  });
+  el("polyline", { points: smooth.map((s, i) => `${xs(i).toFixed(1)},${ys(s).toFixed(1)}`).join(" "), fill: "none",
+                   stroke: COLOURS[1], "stroke-width": 2 }, svg);
+  el("text", { x: x1 - 4, y: y0 + 12, "text-anchor": "end", style: `fill:${COLOURS[1]}` }, svg, "9-residue mean");
   const step = Math.max(1, Math.ceil(v.length / 8 / 10) * 10);
   for (let i = 0; i < v.length; i += step) {
     el("text", { x: xs(i), y: y1 + 16, "text-anchor": "middle" }, svg, String(i + 1));
