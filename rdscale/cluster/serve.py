@@ -89,6 +89,7 @@ class SearchResponse(BaseModel):
 class RecordsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ids: list[str] = Field(..., description="protein ids")
+    release: str | None = Field(None, description="a release tag: the proteins of that release")
 
 
 class ExplainRequest(BaseModel):
@@ -101,6 +102,7 @@ class ExplainRequest(BaseModel):
     targets: list[str] = Field(..., description="protein ids (at most 100), e.g. a search's hits")
     residues_of: str | None = Field(None, description="sequence queries: the protein whose residues are compared "
                                     "with the query's (default the first target)")
+    release: str | None = Field(None, description="a release tag: compare with the proteins of that release")
 
 
 app = FastAPI(title="rdscale search", description="Nearest neighbours in an rdscale run at any prefix width.",
@@ -260,7 +262,7 @@ class SearchDeployment:
     def records(self, request: RecordsRequest) -> Any:
         """id, description and length of stored proteins (ids the run does not hold are left out)."""
         try:
-            return self.service.records(request.ids)
+            return self.service.records(request.ids, request.release)
         except SearchError as err:
             return _error(413 if isinstance(err, RequestTooLarge) else 400, err)
 

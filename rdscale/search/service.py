@@ -226,13 +226,14 @@ class SearchService:
         return {"run": run_name(self.run), "models": models, "levels": [int(w) for w in meta.get("levels", [])],
                 "counts": counts, "releases": releases}
 
-    def records(self, ids: Any) -> dict[str, Any]:
-        """{"records": [{"id", "description", "length"}, ...]} of stored proteins, in the order asked; ids the
-        table does not hold are left out (a hit table asks for the ids a search just returned)."""
+    def records(self, ids: Any, release: str | None = None) -> dict[str, Any]:
+        """{"records": [{"id", "description", "length"}, ...]} of stored proteins (of ``release``, default the
+        latest), in the order asked; ids the table does not hold are left out (a hit table asks for the ids a
+        search just returned)."""
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise SearchError("ids must be a list of strings")
         self._check_size("ids", ids)
-        searcher = self._searcher("proteins")
+        searcher = self._searcher("proteins", release)
         wanted = list(dict.fromkeys(ids))
         at = searcher.positions_of_keys(wanted)  # (n,) scan positions, -1: not stored
         found = [(i, int(p)) for i, p in zip(wanted, at) if p >= 0]
@@ -250,13 +251,14 @@ class SearchService:
           cosine similarity to any residue of ``residues_of`` (default the first target) at the residues' width.
 
         Request: ``{"ids": [one id]}`` / ``{"sequences": {name: seq}}`` (one) / ``{"vectors": [...]}`` (one), and
-        ``targets`` (protein ids, at most EXPLAIN_MAX_TARGETS), optionally ``residues_of``."""
+        ``targets`` (protein ids, at most EXPLAIN_MAX_TARGETS), optionally ``residues_of`` and ``release`` (compare
+        with the proteins of that release)."""
         if not isinstance(request, dict):
             raise SearchError("the request must be a JSON object")
-        unknown = set(request) - {*QUERY_KINDS, "targets", "residues_of"}
+        unknown = set(request) - {*QUERY_KINDS, "targets", "residues_of", "release"}
         if unknown:
             raise SearchError(f"unknown request field(s) {sorted(unknown)}; expected some of "
-                              f"{[*QUERY_KINDS, 'targets', 'residues_of']}")
+                              f"{[*QUERY_KINDS, 'targets', 'residues_of', 'release']}")
         given = [kind for kind in QUERY_KINDS if request.get(kind) is not None]
         if len(given) != 1:
             raise SearchError(f"give exactly one of {list(QUERY_KINDS)}, got {given or 'none'}")
@@ -265,7 +267,8 @@ class SearchService:
             raise SearchError("targets must be a non-empty list of protein ids")
         if len(targets) > EXPLAIN_MAX_TARGETS:
             raise RequestTooLarge(f"{len(targets)} targets; explain takes at most {EXPLAIN_MAX_TARGETS}")
-        proteins = self._searcher("proteins")
+        release = request.get("release")
+        proteins = self._searcher("proteins", release)
         kind, value = given[0], request[given[0]]
         if kind == "ids":
             if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], str):
@@ -293,11 +296,11 @@ class SearchService:
         }
         if kind == "sequences" and "residues" in self.searchers:
             answer["residues"] = self._residue_similarity(value, request.get("residues_of") or targets[0],
-                                                          cancelled)
+                                                          release, cancelled)
         return answer
 
-    def _residue_similarity(self, sequence: dict[str, str], target: str, cancelled) -> dict[str, Any]:
-        residues = self._searcher("residues")
+    def _residue_similarity(self, sequence: dict[str, str], target: str, release, cancelled) -> dict[str, Any]:
+        residues = self._searcher("residues", release)
         if not isinstance(target, str):
             raise SearchError("residues_of must be a protein id")
         _, q = self.embed("residues", sequence, cancelled)  # (L, d): one row per query residue

@@ -182,9 +182,12 @@ async function runSearch(push) {
     const answer = await api("search", body, controller.signal);
     const seconds = (performance.now() - started) / 1000;
     const ids = [...new Set(answer.hits.map((h) => h.id))];
-    const records = ids.length ? await api("records", { ids: ids.slice(0, 10000) }, controller.signal) : { records: [] };
+    const byId = {};
+    for (let i = 0; i < ids.length; i += 1000) { // in parts: a server may take few queries per request
+      const part = { ids: ids.slice(i, i + 1000), ...(body.release ? { release: body.release } : {}) };
+      for (const r of (await api("records", part, controller.signal)).records) byId[r.id] = r;
+    }
     if (seq !== state.seq) return;
-    const byId = Object.fromEntries(records.records.map((r) => [r.id, r]));
     state.rows = answer.hits.map((h) => ({ ...h, description: (byId[h.id] || {}).description ?? "",
                                             length: (byId[h.id] || {}).length ?? "" }));
     renderHits(answer, body);
@@ -410,7 +413,8 @@ async function renderExplain(parsed, body, answer, signal, seq) {
   }
   let explained;
   try {
-    explained = await api("explain", { ...query, targets }, signal);
+    explained = await api("explain", { ...query, targets, ...(body.release ? { release: body.release } : {}) },
+                          signal);
   } catch (err) {
     if (err.name === "AbortError") throw err;
     return; // the picture is a bonus; the table stands without it
