@@ -365,6 +365,19 @@ def test_search_by_id_sequence_and_fasta_with_widths_and_modes(server, browser, 
     search(browser, ids[2], table="residues-proteins")
     assert_rows_equal_api(browser, server, {"ids": [ids[2]], "table": "residues", "aggregate": "proteins", "k": 3})
 
+    # the recall box shows (and `recall` is sent) only where the server's schema takes a recall target
+    schema = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    takes_recall = "recall" in schema["components"]["schemas"]["SearchRequest"]["properties"]
+    assert browser.find_element(By.ID, "recall-label").is_displayed() == takes_recall
+    if takes_recall:
+        box = browser.find_element(By.ID, "recall")
+        box.clear()
+        box.send_keys("0.9")
+        search(browser, ids[0], mode="ann", k=5)
+        assert_rows_equal_api(browser, server, {"ids": [ids[0]], "k": 5, "mode": "ann", "recall": 0.9})
+        assert "recall=0.9" in browser.current_url
+        box.clear()
+
     # a past release by its tag (exact mode)
     search(browser, ids[1], table="proteins", release="initial")
     assert_rows_equal_api(browser, server, {"ids": [ids[1]], "k": 3, "release": "initial"})
