@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from rdscale.io.runs import Run
 from rdscale.search.exact import unit_rows
 from rdscale.search.searcher import Searcher, num_queries
 from rdscale.search.sequences import clean_query, sequence_queries, stack_queries
@@ -210,8 +211,6 @@ class SearchService:
     def card(self) -> dict[str, Any]:
         """The run at a glance: the chain's models, its levels, rows per table (proteins, residues, rejects) and
         the releases (`rdscale update` tags, oldest first; search one with ``release``)."""
-        from rdscale.io.runs import Run
-
         run = Run(self.run)
         meta = run.metadata()
         models = [{"name": m.get("name"), "width": m.get("width")}
