@@ -213,6 +213,10 @@ CASES = {
     "eval-reconstruction/missing-fit": lambda f, out: ["eval", "reconstruction", "--fit", f["missing"]],
     "eval-reconstruction/run-without-fit": lambda f, out: ["eval", "reconstruction", f["dir"]],
     "eval-reconstruction/fit-is-a-file": lambda f, out: ["eval", "reconstruction", "--fit", f["file"]],
+    # --- serve's request limits (checked before Ray starts)
+    "serve/zero-max-queries": lambda f, out: ["serve", f["run"], "--max-queries", "0"],
+    "serve/nan-timeout": lambda f, out: ["serve", f["run"], "--timeout", "nan"],
+    "serve/negative-body-limit": lambda f, out: ["serve", f["run"], "--max-body-mb", "-1"],
     "eval-dms/out-is-a-file": lambda f, out: ["eval", "dms", "--csv", f["csv_garbage"], "--wild-type", "MKT",
                                               "--models", *f["models"][:1], "-o", f["file"]],
     "eval-reconstruction/out-is-a-file": lambda f, out: ["eval", "reconstruction", f["run"], "-o", f["file"]],

@@ -14,10 +14,12 @@ SERVE_EPILOG = """examples:
        -d '{"ids": ["B0RED7"], "k": 5, "mode": "funnel"}'
   curl -s localhost:8000/search -d '{"sequences": {"q1": "MKTAYIAKQR"}, "k": 10}'
   curl -s localhost:8000/search -d '{"vectors": [[0.1, 0.2, ...]], "width": 320, "mode": "ann"}'
+  open http://localhost:8000/                            # the search page (for people)
   open http://localhost:8000/docs                        # the OpenAPI schema: /openapi.json
 
 answers: {"queries": n, "hits": [{"query", "id", ["pos"], "score", "rank"}, ...]}, the rows `rdscale search`
-prints; errors: 4xx with {"error": "<one line>"}."""
+prints; errors: 4xx with {"error": "<one line>"} (413: over --max-body-mb / --max-queries, 408: past
+--timeout)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="for sequence queries: the chain's checkpoints, if they moved since the run")
     p.add_argument("--device", help="for sequence queries: where to embed them (cpu, cuda, cuda:N; default auto)")
+    p.add_argument("--max-body-mb", type=float, default=16.0,
+                   help="largest request body in MiB (default 16); larger requests get 413")
+    p.add_argument("--max-queries", type=int, default=10000,
+                   help="most queries (ids, sequences or vectors) in one request (default 10000); more get 413")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds one request may compute (default 300); then it stops and gets 408, as it stops "
+                   "when its client goes away")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (e.g. auto); default: a local Ray instance in this process")
     p.set_defaults(func=cmd_serve)
@@ -69,6 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.replicas < 1 or args.num_cpus < 0:
         raise SearchError("--replicas must be >= 1 and --num-cpus >= 0")
+    if not (args.max_body_mb > 0 and args.max_queries >= 1 and args.timeout > 0):
+        raise SearchError("--max-body-mb and --timeout must be > 0 and --max-queries >= 1")
     _check_port(args.host, args.port)
     for table in args.table or ["proteins"]:
         open_table(args.out, table)  # a wrong path is one line here, not a replica's traceback
@@ -79,12 +90,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ray.init(address=args.address, include_dashboard=False, configure_logging=False)
     try:
         url = server.start(args.out, host=args.host, port=args.port, replicas=args.replicas,
-                           num_cpus=args.num_cpus, tables=args.table, models=args.models, device=args.device)
+                           num_cpus=args.num_cpus, tables=args.table, models=args.models, device=args.device,
+                           max_body_mb=args.max_body_mb, max_queries=args.max_queries, timeout_s=args.timeout)
     except ray.exceptions.RayError as err:  # the proxy could not bind, a replica failed to load the run, ...
         server.stop()
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise SearchError(f"the server did not start: {lines[-1] if lines else type(err).__name__}") from err
-    print(f"rdscale serve: {args.out} at {url} (POST /search, GET /info, schema {url}/docs); Ctrl-C stops",
+    print(f"rdscale serve: {args.out} at {url} (search page {url}/, POST /search, GET /info, schema {url}/docs); "
+          "Ctrl-C stops",
           file=sys.stderr, flush=True)
     try:
         while True:

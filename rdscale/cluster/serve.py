@@ -6,27 +6,44 @@ spreads replicas over the cluster and routes requests among them. HTTP API (sche
 
 - ``POST /search``: a JSON object, see ``SearchRequest``; answers ``{"queries": n, "hits": [...]}``, the rows
   ``rdscale search`` prints;
-- ``GET /info``: the run's tables, widths and indexes; ``GET /health``.
+- ``GET /info``: the run's tables, widths and indexes; ``GET /health``;
+- ``GET /card``: the run's models, levels, row counts and releases; ``POST /records``: description and length of
+  proteins; ``POST /explain``: one query's distances to given proteins at every chain level, and a sequence
+  query's per-residue similarity to one of them;
+- ``GET /``: a search page for people (rdscale/cluster/page/, shipped in the package: no CDN, works offline),
+  which uses only the JSON API above.
 
 A bad request gets a 4xx with ``{"error": "<one line>"}``: 400 for bad JSON or a bad search (wrong vector
-width, bad filter, unknown width ...), 404 for an unknown id, 422 for fields of the wrong type. Never a 500 for
-bad input.
+width, bad filter, unknown width ...), 404 for an unknown id, 422 for fields of the wrong type, 413 for a body or
+a query count over the server's limits, 408 for a search that ran past the server's time limit (it stops
+computing, as it does when the client goes away). Never a 500 for bad input.
 """
 
+import asyncio
 import logging
+import threading
+from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rdscale.search.service import RequestTooLarge, SearchCancelled
 from rdscale.search.tables import KeyNotFoundError, SearchError
 
 log = logging.getLogger(__name__)
 APP_NAME = "rdscale"
+MAX_BODY_MB = 16.0  # default request body limit (rdscale serve --max-body-mb)
+MAX_QUERIES = 10000  # default queries per request (--max-queries)
+TIMEOUT_S = 300.0  # default time one request may compute (--timeout)
+PAGE_ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
+# The page loads nothing from anywhere but this server (and the browser enforces it).
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'")
 
 
 class SearchRequest(BaseModel):
@@ -50,6 +67,7 @@ class SearchRequest(BaseModel):
     ef: StrictInt | None = None
     exclude_self: bool = False
     backend: str | None = Field(None, description="faiss or lance (ann / funnel)")
+    release: str | None = Field(None, description="a release tag (GET /card lists them): search that version")
     aggregate: str | None = Field(None, description="proteins: residue hits aggregated to proteins")
     residue_hits: StrictInt | None = None
 
@@ -68,12 +86,87 @@ class SearchResponse(BaseModel):
     hits: list[Hit]
 
 
+class RecordsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[str] = Field(..., description="protein ids")
+    release: str | None = Field(None, description="a release tag: the proteins of that release")
+
+
+class ExplainRequest(BaseModel):
+    """One query (exactly one of ids, sequences, vectors, holding one entry) and the proteins to compare it with."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[str] | None = Field(None, description="one stored protein id")
+    sequences: dict[str, str] | None = Field(None, description="one {name: sequence}")
+    vectors: list[list[float]] | list[float] | None = Field(None, description="one vector")
+    targets: list[str] = Field(..., description="protein ids (at most 100), e.g. a search's hits")
+    residues_of: str | None = Field(None, description="sequence queries: the protein whose residues are compared "
+                                    "with the query's (default the first target)")
+    release: str | None = Field(None, description="a release tag: compare with the proteins of that release")
+
+
 app = FastAPI(title="rdscale search", description="Nearest neighbours in an rdscale run at any prefix width.",
               version="1")
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:500]
+
+
+def _error(status: int, text: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": _one_line(text)})
+
+
+class _BodyLimit:
+    """A request body over the limit gets 413 before it is parsed: read (at most limit + 1 bytes, whatever the
+    declared Content-Length says), then handed on as read.
+
+    The limit is a class attribute, set by the replica's SearchDeployment: Serve serves a copy of ``app`` (so
+    ``app.state`` set in the replica is not the served app's), but the class is the module's own."""
+
+    max_body = int(MAX_BODY_MB * 2**20)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.inner(scope, receive, send)
+        limit = _BodyLimit.max_body
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._too_large(scope, receive, send, int(declared), limit)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await self._too_large(scope, receive, send, size, limit, more=True)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, given = b"".join(chunks), False
+
+        async def replay():
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.inner(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(scope, receive, send, size: int, limit: int, more: bool = False):
+        what = f"more than {limit}" if more else str(size)
+        response = _error(413, f"the request body is {what} bytes; this server takes at most {limit} bytes "
+                               "(rdscale serve --max-body-mb): send the queries in several requests")
+        await response(scope, receive, send)
+
+
+app.add_middleware(_BodyLimit)
 
 
 @app.middleware("http")
@@ -104,42 +197,112 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
                         headers=getattr(exc, "headers", None))
 
 
+def _asset(name: str) -> str:
+    return (resources.files("rdscale.cluster") / "page" / name).read_text(encoding="utf-8")
+
+
 @serve.deployment(name="rdscale-search")
 @serve.ingress(app)
 class SearchDeployment:
     def __init__(self, run: str, tables: list[str] | None = None, models: list[str] | None = None,
-                 device: str | None = None):
+                 device: str | None = None, limits: dict | None = None, service: str | None = None):
         from rdscale.search.service import SearchService
 
-        self.service = SearchService(run, tables, models=models, device=device)
+        limits = {"max_body": int(MAX_BODY_MB * 2**20), "timeout": TIMEOUT_S, "max_queries": MAX_QUERIES,
+                  **(limits or {})}
+        _BodyLimit.max_body = int(limits["max_body"])
+        self.timeout = float(limits["timeout"])
+        if service is None:
+            factory = SearchService
+        else:  # "module:Name", resolved here in the replica (the class travels by name, not by value)
+            import importlib
+
+            module, _, attr = service.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+        self.service = factory(run, tables, models=models, device=device, max_queries=limits["max_queries"])
+
+    async def _call(self, method, body: dict) -> Any:
+        """``method(body, cancelled)`` on a worker thread, under the time limit. A client that goes away (Serve
+        cancels its request) or a request past the limit sets ``stop``: the service stops at its next step."""
+        stop = threading.Event()
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(method, body, stop.is_set), self.timeout)
+        except asyncio.TimeoutError:
+            stop.set()
+            return _error(408, f"the request ran past this server's time limit of {self.timeout:g} s (rdscale "
+                               "serve --timeout); send fewer queries per request")
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+        except KeyNotFoundError as err:
+            return _error(404, err)
+        except RequestTooLarge as err:
+            return _error(413, err)
+        except SearchCancelled as err:
+            return _error(408, err)
+        except SearchError as err:
+            return _error(400, err)
 
     @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True,
-              responses={400: {"description": "bad request"}, 404: {"description": "unknown id"}})
-    def search(self, request: SearchRequest) -> Any:
-        try:
-            return self.service.search(request.model_dump(exclude_none=True))
-        except KeyNotFoundError as err:
-            return JSONResponse(status_code=404, content={"error": _one_line(err)})
-        except SearchError as err:
-            return JSONResponse(status_code=400, content={"error": _one_line(err)})
+              responses={400: {"description": "bad request"}, 404: {"description": "unknown id"},
+                         408: {"description": "past the time limit"}, 413: {"description": "too large"}})
+    async def search(self, request: SearchRequest) -> Any:
+        return await self._call(self.service.search, request.model_dump(exclude_none=True))
 
     @app.get("/info")
     def info(self) -> dict:
         return self.service.info()
 
+    @app.get("/card")
+    def card(self) -> dict:
+        """The run's models, levels, row counts (proteins, residues, rejects) and releases."""
+        return self.service.card()
+
+    @app.post("/records")
+    def records(self, request: RecordsRequest) -> Any:
+        """id, description and length of stored proteins (ids the run does not hold are left out)."""
+        try:
+            return self.service.records(request.ids, request.release)
+        except SearchError as err:
+            return _error(413 if isinstance(err, RequestTooLarge) else 400, err)
+
+    @app.post("/explain", responses={400: {"description": "bad request"}, 404: {"description": "unknown id"}})
+    async def explain(self, request: ExplainRequest) -> Any:
+        """One query's cosine distance to each target at every chain level; for a sequence query, its
+        per-residue similarity to a target's residues."""
+        return await self._call(self.service.explain, request.model_dump(exclude_none=True))
+
     @app.get("/health")
     def health(self) -> dict:
         return {"status": "ok"}
 
+    @app.get("/", include_in_schema=False)
+    def page(self) -> HTMLResponse:
+        return HTMLResponse(_asset("index.html"), headers={"Content-Security-Policy": PAGE_CSP,
+                                                           "Cache-Control": "no-cache"})
+
+    @app.get("/page/{name}", include_in_schema=False)
+    def page_asset(self, name: str) -> Response:
+        if name not in PAGE_ASSETS:
+            return _error(404, "Not Found")
+        return Response(_asset(name), media_type=PAGE_ASSETS[name], headers={"Cache-Control": "no-cache"})
+
 
 def start(run: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
-          tables: list[str] | None = None, models: list[str] | None = None, device: str | None = None) -> str:
+          tables: list[str] | None = None, models: list[str] | None = None, device: str | None = None,
+          max_body_mb: float = MAX_BODY_MB, max_queries: int = MAX_QUERIES, timeout_s: float = TIMEOUT_S,
+          service: str | None = None, runtime_env: dict | None = None) -> str:
     """Start Serve's HTTP proxy (in the connected Ray cluster) and the deployment; returns the base URL.
 
-    Blocks until every replica has loaded its searchers, so the first request is answered from memory."""
+    Limits per request: ``max_body_mb`` (413), ``max_queries`` (413), ``timeout_s`` (408). ``service``:
+    ``"module:Name"`` of a ``SearchService`` subclass to serve instead (importable in the replicas, e.g. through
+    ``runtime_env``, Ray's per-actor environment). Blocks until every replica has loaded its searchers, so the
+    first request is answered from memory."""
     serve.start(http_options={"host": host, "port": int(port)})
-    deployment = SearchDeployment.options(num_replicas=int(replicas), ray_actor_options={"num_cpus": num_cpus})
-    serve.run(deployment.bind(str(run), tables, models, device), name=APP_NAME, route_prefix="/")
+    actor = {"num_cpus": num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})}
+    deployment = SearchDeployment.options(num_replicas=int(replicas), ray_actor_options=actor)
+    limits = {"max_body": int(max_body_mb * 2**20), "max_queries": int(max_queries), "timeout": float(timeout_s)}
+    serve.run(deployment.bind(str(run), tables, models, device, limits, service), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
 

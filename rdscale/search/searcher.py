@@ -497,21 +497,28 @@ class Searcher:
 
     def search_sequences(self, sequences: Sequence[str] | dict[str, str], **kwargs: Any) -> pa.Table:
         """``search`` with query sequences embedded through the run's chain (loaded once per searcher)."""
-        from rdscale.search.sequences import (
-            QueryEmbedder,
-            sequence_queries,
-            stack_queries,
-        )
+        from rdscale.search.sequences import sequence_queries, stack_queries
 
         names, seqs = sequence_queries(sequences)
         if not seqs:
             raise SearchError("no query sequences")
+        vectors = self.embedder().embed(seqs, names)
+        labels, q = stack_queries(names, vectors, self.table)
+        return self.search(q, labels=labels, **kwargs)
+
+    def embedder(self):
+        """The run's chain as a ``QueryEmbedder`` for this table (loaded on first use, then kept)."""
+        from rdscale.search.sequences import QueryEmbedder
+
         with self._lock:
             if self._embedder is None:
                 self._embedder = QueryEmbedder(self.dataset_path, self.table, self._models, self._device)
-        vectors = self._embedder.embed(seqs, names)
-        labels, q = stack_queries(names, vectors, self.table)
-        return self.search(q, labels=labels, **kwargs)
+            return self._embedder
+
+    def positions_of_keys(self, ids: Sequence[str]) -> np.ndarray:
+        """(n,) scan positions of protein ids in this (proteins) table, -1 for an id it does not hold."""
+        at = pc.index_in(pa.array(list(ids), pa.string()), value_set=self.key_columns()["id"])
+        return at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
     # -----------------------------------------------------------------------------------------------------------
     # the three modes: each returns ((nq, m) float32 distances sorted per row, (nq, m) int64 positions, -1 = none)
