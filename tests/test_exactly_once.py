@@ -612,14 +612,14 @@ def test_index_built_before_a_resume_is_not_silently_partial(partial_run):
     from rdscale.search import MissingIndexError, build_index, search
 
     cfg, out = partial_run
-    build_index(out, width=32, index_type="IVF_FLAT")
+    build_index(out, width=32, index_type="IVF_FLAT", backend="lance")
     embed(cfg, None, LocalExecutor(), progress=False)  # resume: rows added, compacted
     proteins = lance.dataset(str(out / "proteins.lance")).to_table(columns=["id", "embedding", "shard"])
     last = proteins.filter(pa.compute.equal(proteins["shard"], max(proteins["shard"].to_pylist())))
     vec = last["embedding"].to_numpy(zero_copy_only=False)[0][None, :]
     with pytest.raises(MissingIndexError):
         search(out, vec, k=1, mode="ann", width=32)
-    build_index(out, width=32, index_type="IVF_FLAT")
+    build_index(out, width=32, index_type="IVF_FLAT", backend="lance")
     hits = search(out, vec, k=1, mode="ann", width=32)
     assert hits["id"][0].as_py() == last["id"][0].as_py()
 

@@ -52,6 +52,8 @@ class SearchRequest(BaseModel):
     backend: str | None = Field(None, description="faiss or lance (ann / funnel)")
     aggregate: str | None = Field(None, description="proteins: residue hits aggregated to proteins")
     residue_hits: StrictInt | None = None
+    recall: float | None = Field(None, description="ann / funnel: recall@k to reach, from the index's calibrated "
+                                 "curve (default: the point calibrated at `rdscale index`)")
 
 
 class Hit(BaseModel):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def build_faiss_index(
         old = json.loads(sidecar.read_text())
         if (old.get("index_type"), old.get("params"), old.get("layout")) == (index_type, info.params,
                                                                             table_layout(ds)):
-            return info
+            return replace(info, calibration=old.get("calibration") or {})
 
     index = build_in_memory(ds, width, index_type, metric, resolved, table=table, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +221,8 @@ def list_faiss_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
             continue
         width = int(rec["width"])
         out.append(IndexInfo(table, width, prefix_column(width, full), rec["file"], rec["index_type"],
-                             rec["metric"], int(rec["num_rows"]), rec.get("params", {}), backend="faiss"))
+                             rec["metric"], int(rec["num_rows"]), rec.get("params", {}), backend="faiss",
+                             calibration=rec.get("calibration") or {}))
     return sorted(out, key=lambda i: (i.width, i.metric))
 
 
@@ -231,6 +233,16 @@ def is_fresh(ds: lance.LanceDataset, info: IndexInfo) -> bool:
         return json.loads(sidecar.read_text()).get("layout") == table_layout(ds)
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def store_calibration(ds: lance.LanceDataset, info: IndexInfo, calibration: dict) -> None:
+    """Record ``calibration`` (rdscale.search.calibrate) in the index's sidecar."""
+    sidecar = (run_dir_of(ds.uri) / INDEX_DIR / info.index_name).with_suffix(".json")
+    record = json.loads(sidecar.read_text())
+    record["calibration"] = calibration
+    tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, sidecar)
 
 
 def load_faiss_index(ds: lance.LanceDataset, info: IndexInfo):

@@ -22,6 +22,7 @@ Thread-safe for concurrent queries (lazy loads are locked; numpy and FAISS relea
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rdscale.io.store import reader_filter
+from rdscale.search import calibrate as C
 from rdscale.search import exact as E
 from rdscale.search import faiss_index as F
 from rdscale.search import lance_index as L
@@ -51,6 +53,7 @@ from rdscale.search.tables import (
     check_width,
     open_table,
     prefix_column,
+    reopen,
     run_dir_of,
     stored_width,
 )
@@ -293,10 +296,39 @@ class Searcher:
         key = (width, metric, backend)
         found = self._found_index.get(key)
         if found is None:
-            found = self._find_index(width, metric, backend)
+            try:
+                found = self._find_index(width, metric, backend)
+            except MissingIndexError as err:
+                # an index built after this searcher opened the table (a new table version, a new FAISS file)
+                if not self._adopt_new_indexes():
+                    if self._table_changed():
+                        raise MissingIndexError(f"{err} (the table changed since this searcher opened it: call "
+                                                "Searcher.refresh(), or restart the server)") from None
+                    raise
+                found = self._find_index(width, metric, backend)
             with self._lock:
                 self._found_index[key] = found
         return found
+
+    def _table_changed(self) -> bool:
+        if self.version is not None or self._frags is not None:
+            return False
+        latest = reopen(self.ds)
+        return F.table_layout(latest) != F.table_layout(self.ds)
+
+    def _adopt_new_indexes(self) -> bool:
+        """Re-read the index lists (the latest table version for Lance's, the index folder for FAISS's) when the
+        table's rows are unchanged, so the resident state stays valid; True if that was possible."""
+        if self.version is not None or self._frags is not None:
+            return False
+        latest = reopen(self.ds)
+        if F.table_layout(latest) != F.table_layout(self.ds):
+            return False  # rows added or rewritten: positions would shift; refresh() reloads everything
+        with self._lock:
+            self.ds = latest
+            self._indexes = None
+            self._found_index.clear()
+        return True
 
     def _find_index(self, width: int | None, metric: str, backend: str | None = None) -> IndexInfo:
         if backend is not None and backend not in BACKENDS:
@@ -401,6 +433,7 @@ class Searcher:
         labels: Sequence[str] | None = None,
         aggregate: str | None = None,
         residue_hits: int | None = None,
+        recall: float | None = None,
     ) -> pa.Table:
         """As ``rdscale.search.search`` (see there), on this searcher's table. ``backend``: "faiss" or "lance" to
         pick the index for ann / funnel (default: the narrowest index for the metric, FAISS first at equal width).
@@ -434,12 +467,25 @@ class Searcher:
         elif residue_hits is not None:
             raise SearchError("residue_hits only applies with aggregate='proteins'")
 
+        if recall is not None:
+            recall = C.check_recall(recall)
+            given = [name for name, v in (("shortlist", shortlist), ("nprobes", nprobes), ("ef", ef),
+                                          ("refine_factor", refine_factor)) if v is not None]
+            if given and mode != "exact":
+                raise SearchError(f"give recall or the search parameters ({', '.join(given)}), not both: recall "
+                                  "picks them from the index's calibration")
         index = None
-        if mode == "exact":
+        if mode == "exact":  # exact search has recall 1 whatever recall asks
             width = self.width(width)
         else:
             index = self.find_index(width, metric, backend)
             width = index.width
+            if shortlist is None and nprobes is None and ef is None and refine_factor is None:
+                # the calibrated point: the cheapest measured parameters meeting recall (default: the index's target)
+                tuned = C.search_params(index, mode, k, recall)
+                shortlist, nprobes = tuned.get("shortlist"), tuned.get("nprobes")
+                ef, refine_factor = tuned.get("ef"), tuned.get("refine_factor")
+                ef = None if ef is None else min(ef, n)
         need = width
         if mode == "funnel":
             rerank_width = self.width(rerank_width)
@@ -513,6 +559,23 @@ class Searcher:
         labels, q = stack_queries(names, vectors, self.table)
         return self.search(q, labels=labels, **kwargs)
 
+    def exact_positions(self, q: np.ndarray, width: int, k: int, metric: str = "cosine"):
+        """((nq, k) distances, (nq, k) scan positions) of exact search at ``width`` (no filter, no self drop)."""
+        return self._exact(np.ascontiguousarray(q, dtype=np.float32), width, min(k, self.num_rows), metric, None)
+
+    def index_positions(self, q: np.ndarray, index: IndexInfo, k: int, mode: str = "ann", *,
+                        shortlist: int | None = None, rerank_width: int | None = None, nprobes: int | None = None,
+                        ef: int | None = None, refine_factor: int | None = None):
+        """((nq, k) distances, (nq, k) scan positions) of an ann or funnel search with ``index`` and exactly these
+        parameters (no calibrated defaults, no filter): what the calibrator measures."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if mode == "ann":
+            return self._ann(q, index, k, None, None, nprobes, ef, refine_factor)
+        rerank_width = self.width(rerank_width)
+        _, pos = self._ann(q, index, min(shortlist or max(10 * k, 100), self.num_rows), None, None, nprobes, ef,
+                           refine_factor)
+        return self._rerank(q[:, :rerank_width], pos, index.metric, k)
+
     # -----------------------------------------------------------------------------------------------------------
     # the three modes: each returns ((nq, m) float32 distances sorted per row, (nq, m) int64 positions, -1 = none)
 
@@ -564,10 +627,10 @@ class Searcher:
         nearest = {"column": index.column, "q": q[:, : index.width], "k": k, "metric": index.metric}
         if nprobes is not None:
             nearest["nprobes"] = min(nprobes, int(params.get("num_partitions", nprobes)))
-        if ef is not None:
-            nearest["ef"] = max(ef, k)
         if refine_factor is not None:
             nearest["refine_factor"] = max(1, min(refine_factor, self.num_rows // max(k, 1)))
+        if ef is not None:  # Lance walks its graph for refine_factor * k candidates, and wants ef >= that
+            nearest["ef"] = max(ef, k * nearest.get("refine_factor", 1))
         found = self.ds.to_table(columns=["_distance"], nearest=nearest, filter=filter, prefilter=True,
                                  with_row_id=True, disable_scoring_autoprojection=True)
         qi = found.column("query_index").to_numpy().astype(np.int64)
@@ -732,6 +795,7 @@ def search(
     version: int | str | None = None,
     aggregate: str | None = None,
     residue_hits: int | None = None,
+    recall: float | None = None,
 ) -> pa.Table:
     """k nearest rows of ``table`` for each query, at prefix width ``width`` (one-shot: for many queries over
     time, keep a ``Searcher``).
@@ -746,6 +810,9 @@ def search(
     "faiss" or "lance" to choose the index (default: the narrowest for the metric, FAISS first at equal width).
     ``version``: search an earlier table version or release tag (`rdscale update`; exact mode), default the latest.
     ``aggregate="proteins"`` / ``residue_hits`` (residues): protein hits from residue hits, as ``Searcher.search``.
+    ``recall`` (ann / funnel): the recall@k the index's calibration curve must meet; the search then uses its
+    cheapest point that does (rdscale.search.calibrate). Without it, and without explicit ``shortlist`` /
+    ``nprobes`` / ``ef`` / ``refine_factor``, the point calibrated for the index's target (default 0.95) is used.
 
     Returns a table with columns ``query`` (int32 row of ``queries``, or the query key string for ``ids``; for
     residues ``"id:pos"``), ``id`` (and ``pos`` for residues), ``score`` (float32 distance, smaller = closer;
@@ -758,7 +825,14 @@ def search(
     return searcher.search(queries, ids=ids, width=width, k=k, mode=mode, metric=metric, filter=filter,
                            shortlist=shortlist, rerank_width=rerank_width, nprobes=nprobes,
                            refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend,
-                           aggregate=aggregate, residue_hits=residue_hits)
+                           aggregate=aggregate, residue_hits=residue_hits, recall=recall)
+
+
+def default_backend(dataset_path: str | Path) -> str:
+    """faiss for a run on a local disk, lance for one on an object store (FAISS indexes are files beside the run)."""
+    from rdscale.io.location import is_remote
+
+    return "lance" if is_remote(dataset_path) else "faiss"
 
 
 def build_index(
@@ -768,32 +842,102 @@ def build_index(
     index_type: str | None = None,
     metric: str = "cosine",
     rebuild: bool = False,
-    backend: str = "lance",
+    backend: str | None = None,
     progress: bool = False,
+    recall: float | None = C.DEFAULT_RECALL,
     **params: Any,
 ) -> IndexInfo:
-    """A vector index on the width-``width`` prefix of ``table`` (None = the stored width).
+    """A vector index on the width-``width`` prefix of ``table`` (None = the stored width), calibrated for
+    ``recall``.
 
+    ``backend=None`` (the default, as ``rdscale index``): faiss for a local run, lance for one on an object store.
     ``backend="lance"``: Lance's index on a materialised prefix column (``index_type`` one of
     ``tables.INDEX_TYPES``, default IVF_HNSW_SQ; ``params`` go to ``LanceDataset.create_index``).
     ``backend="faiss"``: a FAISS index stored in ``<run>/indexes`` (``index_type`` HNSW (default), IVF_FLAT or
     IVF_PQ; ``params`` as in ``faiss_index.default_faiss_params``). ``metric``: "cosine" or "l2"; a search uses
     the metric its index was built with. Idempotent: an identical index that covers every row is kept
     (``rebuild=True`` forces a new one). ``progress``: a bar of the rows added (FAISS) or per build stage (Lance).
+    ``recall``: the recall@10 target the index is calibrated for on held-out rows (rdscale.search.calibrate; the
+    curve is stored with the index and ``search`` uses its cheapest point meeting the target); None skips it.
     """
+    if backend is None:
+        backend = default_backend(dataset_path)
     if backend not in BACKENDS:
         raise SearchError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if recall is not None:
+        recall = C.check_recall(recall)
     if backend == "lance":
-        return L.build_lance_index(dataset_path, table, width, index_type or L.DEFAULT_INDEX_TYPE, metric,
+        info = L.build_lance_index(dataset_path, table, width, index_type or L.DEFAULT_INDEX_TYPE, metric,
                                    rebuild, progress, **params)
-    metric = _check_metric(metric)
-    ds = open_table(dataset_path, table)
-    reader_filter(ds.uri)  # warns when the run is incomplete (embed drops derived columns when it adds rows)
-    if ds.count_rows() == 0:
-        raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
-    width = check_width(ds, width)
-    return F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild, progress,
-                               **params)
+    else:
+        metric = _check_metric(metric)
+        ds = open_table(dataset_path, table)
+        reader_filter(ds.uri)  # warns when the run is incomplete (embed drops derived columns when it adds rows)
+        if ds.count_rows() == 0:
+            raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
+        width = check_width(ds, width)
+        info = F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild,
+                                   progress, **params)
+    if recall is None or info.num_rows < C.MIN_ROWS or (info.calibration and info.calibration.get("target") == recall
+                                                        and info.calibration.get("k") == C.DEFAULT_K):
+        return info
+    return calibrate(dataset_path, info, recall)
+
+
+_RESIDENT_BYTES = 2 << 30  # calibration holds the twin table in memory up to this size; larger ones are streamed
+
+
+def _write_twin(ds: lance.LanceDataset, table: str, held: np.ndarray, path: Path) -> np.ndarray:
+    """Write ``table`` without the rows at scan positions ``held`` (keys and embedding only, same schema
+    metadata) to ``path``; returns the held rows' (m, full) float32 embeddings."""
+    columns = [*TABLES[table], EMBEDDING]
+    schema = pa.schema([ds.schema.field(c) for c in columns], metadata=ds.schema.metadata)
+    full = stored_width(ds)
+    queries = np.empty((len(held), full), np.float32)
+
+    def batches():
+        start = 0
+        for batch in ds.scanner(columns=columns, batch_size=_SCAN_ROWS).to_batches():
+            b = batch.num_rows
+            lo, hi = np.searchsorted(held, [start, start + b])
+            local = held[lo:hi] - start
+            if len(local):
+                queries[lo:hi] = _embedding_block(batch.column(EMBEDDING).take(pa.array(local)), full)
+            keep = np.ones(b, bool)
+            keep[local] = False
+            start += b
+            if keep.any():
+                yield pa.RecordBatch.from_arrays([batch.column(c).filter(pa.array(keep)) for c in columns],
+                                                 schema=schema)
+
+    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), str(path))
+    return queries
+
+
+def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAULT_RECALL) -> IndexInfo:
+    """Measure ``info``'s recall curves on held-out rows and store them with the index; returns it with its
+    calibration. The curves come from a twin index (same type and parameters) built in a temporary folder over
+    the table without the calibration rows (rdscale.search.calibrate says why)."""
+    import tempfile
+
+    ds = open_table(dataset_path, info.table)
+    held = C.sample_positions(ds.count_rows())
+    with tempfile.TemporaryDirectory(prefix="rdscale-calibrate-") as tmp:
+        queries = _write_twin(ds, info.table, held, Path(tmp) / f"{info.table}.lance")
+        if info.backend == "faiss":
+            twin_ds = open_table(tmp, info.table)
+            twin = F.build_faiss_index(twin_ds, info.table, info.width, info.index_type, info.metric, **info.params)
+        else:
+            twin = L.build_lance_index(tmp, info.table, info.width, info.index_type, info.metric, **info.params)
+        size = len(queries) and (ds.count_rows() * queries.shape[1] * queries.itemsize)
+        searcher = Searcher(tmp, info.table, resident=size <= _RESIDENT_BYTES)
+        record = C.calibrate_index(searcher, twin, queries, target=recall)
+        searcher.close()
+    if info.backend == "faiss":
+        F.store_calibration(ds, info, record)
+    else:
+        L.store_calibration(dataset_path, info, record)
+    return replace(info, calibration=record)
 
 
 def index_is_fresh(ds: lance.LanceDataset, info: IndexInfo) -> bool:

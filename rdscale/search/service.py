@@ -5,7 +5,7 @@ Ray Serve and FastAPI; tests and the benchmark call it in-process.
 A request is a dict with exactly one of ``ids`` (protein ids; for residues ``"ID:POS"`` or a bare ``"ID"``),
 ``sequences`` ({name: sequence}, embedded through the run's chain) or ``vectors`` (a list of equal-length lists
 of numbers), plus any of the ``search`` options: table, k, mode, width, metric, filter, shortlist, rerank_width,
-nprobes, refine_factor, ef, exclude_self, backend, aggregate, residue_hits. The answer lists the hits as rows,
+nprobes, refine_factor, ef, exclude_self, backend, aggregate, residue_hits, recall. The answer lists the hits as rows,
 exactly the rows ``rdscale search`` prints and writes: ``{"queries": n, "hits": [{"query", "id", ["pos"],
 "score", "rank", ["hits"]}, ...]}``. Bad requests raise ``SearchError`` (``KeyNotFoundError`` for unknown keys).
 """
@@ -23,7 +23,7 @@ from rdscale.search.searcher import Searcher, num_queries
 from rdscale.search.tables import TABLES, KeyNotFoundError, SearchError, open_table  # noqa: F401
 
 OPTIONS = ("k", "mode", "width", "metric", "filter", "shortlist", "rerank_width", "nprobes", "refine_factor", "ef",
-           "exclude_self", "backend", "aggregate", "residue_hits")
+           "exclude_self", "backend", "aggregate", "residue_hits", "recall")
 QUERY_KINDS = ("ids", "sequences", "vectors")
 
 
@@ -74,7 +74,7 @@ class SearchService:
                     "width": s.full_width,
                     "levels": s.levels,
                     "indexes": [{"width": i.width, "metric": i.metric, "backend": i.backend,
-                                 "index_type": i.index_type} for i in s.indexes()],
+                                 "index_type": i.index_type, "recall": recall_info(i)} for i in s.indexes()],
                 }
                 for t, s in self.searchers.items()
             },
@@ -111,6 +111,17 @@ class SearchService:
         for row in rows:  # float32 -> the nearest float64 repr a client reads back exactly
             row["score"] = float(np.float32(row["score"]))
         return {"queries": num_queries(result), "hits": rows}
+
+
+def recall_info(info) -> dict[str, Any] | None:
+    """An index's calibration for clients: k, target, the default point per mode and the measured curves (each
+    point: params, recall, recall_low (one-sided 95 % bound), cost); None for an uncalibrated index."""
+    cal = info.calibration or {}
+    if not cal:
+        return None
+    return {"k": cal.get("k"), "target": cal.get("target"), "queries": cal.get("queries"),
+            "default": cal.get("default", {}), "reached": cal.get("reached", {}),
+            "curves": {mode: cal.get(mode, []) for mode in ("ann", "funnel")}}
 
 
 def vectors_of(value: Any) -> np.ndarray:
