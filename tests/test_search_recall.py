@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_search import rdscale, write_proteins
+from test_search import real_run, rdscale, write_proteins  # noqa: F401 - a fixture
 from test_search_searcher import load_bench
 
 from rdscale import search as S
@@ -246,3 +246,24 @@ def test_lower_bound_is_below_the_mean_and_tightens_with_more_queries(per_query)
     assert low <= mean + 1e-12 and low >= 0
     _, low4 = C.summarise(np.tile(arr, 4))
     assert low4 >= low - 1e-9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sequence queries run the chain only as far as the search needs
+
+
+def test_a_sequence_query_at_the_first_level_loads_and_runs_only_the_first_model(real_run):  # noqa: F811
+    run, seqs = real_run
+    queries = {name: seqs[name] for name in ("R04", "R00", "R17")}
+    full = S.embed_sequences(run, list(queries.values()))  # (3, 64): the whole chain (32 / 48 / 64)
+    searcher = Searcher(run)
+    first = searcher.search_sequences(queries, k=3, width=32)  # exact at the first level
+    embedder = searcher._embedder
+    assert embedder.models_loaded == 1 and len(embedder.encoder.loaded) == 1
+    assert embedder.encoder.widths == [32]
+    # the level-1 vector is the first 32 numbers of the full one, so the answers are those of full-chain vectors
+    np.testing.assert_allclose(embedder.embed(list(queries.values()), width=32), full[:, :32], atol=1e-5)
+    assert first.column("id").to_pylist() == searcher.search(full, k=3, width=32).column("id").to_pylist()
+    assert searcher.query_width(mode="exact", width=48) == 48 and embedder.models_for(48) == 2
+    searcher.search_sequences(queries, k=3)  # exact at the stored width: the whole chain, loaded now
+    assert embedder.models_loaded == 3 and len(embedder.encoder.loaded) == 3

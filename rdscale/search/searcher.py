@@ -541,6 +541,16 @@ class Searcher:
             return self._aggregate(dist, pos, k, k_out, labels, self_pos if exclude_self else None)
         return self._table(dist, pos, k, labels, self_pos if exclude_self else None)
 
+    def query_width(self, mode: str = "exact", width: int | None = None, rerank_width: int | None = None,
+                    metric: str = "cosine", backend: str | None = None, **_: Any) -> int:
+        """How many numbers of a query vector a search with these options reads: the search width (ann: the
+        index's), the rerank width for funnel. Sequence queries run the chain only that far."""
+        if mode == "funnel":
+            return self.width(rerank_width)
+        if mode == "ann":
+            return self.find_index(width, _check_metric(metric), backend).width
+        return self.width(width)
+
     def search_sequences(self, sequences: Sequence[str] | dict[str, str], **kwargs: Any) -> pa.Table:
         """``search`` with query sequences embedded through the run's chain (loaded once per searcher)."""
         from rdscale.search.sequences import (
@@ -555,7 +565,7 @@ class Searcher:
         with self._lock:
             if self._embedder is None:
                 self._embedder = QueryEmbedder(self.dataset_path, self.table, self._models, self._device)
-        vectors = self._embedder.embed(seqs, names)
+        vectors = self._embedder.embed(seqs, names, width=self.query_width(**kwargs))
         labels, q = stack_queries(names, vectors, self.table)
         return self.search(q, labels=labels, **kwargs)
 
