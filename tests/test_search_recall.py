@@ -267,3 +267,25 @@ def test_a_sequence_query_at_the_first_level_loads_and_runs_only_the_first_model
     assert searcher.query_width(mode="exact", width=48) == 48 and embedder.models_for(48) == 2
     searcher.search_sequences(queries, k=3)  # exact at the stored width: the whole chain, loaded now
     assert embedder.models_loaded == 3 and len(embedder.encoder.loaded) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a run on object storage: indexed and searched with the defaults
+
+
+def test_an_s3_run_is_indexed_calibrated_and_searched_with_the_defaults(s3, tmp_path, capsys):
+    from test_searchuser import upload
+
+    x = hard(4000, 128, 80, seed=12)
+    write_proteins(tmp_path / "run" / "proteins.lance", x[:3800], levels=LEVELS, max_rows_per_file=1000)
+    remote = f"s3://{s3.bucket}/recall/run"
+    upload(tmp_path / "run", remote)
+    code, out, _ = rdscale(["index", remote, "--width", "32"], capsys)  # no --backend: Lance's, inside the table
+    assert code == 0 and "lance IVF_HNSW_SQ" in out and "calibrated funnel recall@10" in out
+    (info,) = S.list_indexes(remote)
+    assert info.backend == "lance" and info.calibration["reached"]["funnel"]
+    searcher = Searcher(remote)
+    truth = searcher.search(x[3800:], k=10)
+    assert S.recall_at_k(searcher.search(x[3800:], k=10, mode="funnel"), truth, k=10) >= 0.95
+    code, out, _ = rdscale(["index", remote, "--list"], capsys)
+    assert "lance IVF_HNSW_SQ cosine on embedding_p32" in out and "funnel recall@10" in out
