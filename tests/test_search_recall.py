@@ -289,3 +289,26 @@ def test_an_s3_run_is_indexed_calibrated_and_searched_with_the_defaults(s3, tmp_
     assert S.recall_at_k(searcher.search(x[3800:], k=10, mode="funnel"), truth, k=10) >= 0.95
     code, out, _ = rdscale(["index", remote, "--list"], capsys)
     assert "lance IVF_HNSW_SQ cosine on embedding_p32" in out and "funnel recall@10" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory: the funnel re-ranks from float16 rows or from the store, without the float32 matrix
+
+
+@pytest.mark.parametrize("rows", ["float16", "store"])
+def test_funnel_reranks_from_float16_rows_or_the_store_without_the_float32_matrix(bench_data, rows):
+    run, queries = bench_data
+    S.build_index(run, width=32)
+    full = Searcher(run)
+    want = full.search(queries[:50], k=10, mode="funnel", backend="faiss", shortlist=100, ef=64)
+    light = Searcher(run, rerank_rows=rows).load(128)
+    got = light.search(queries[:50], k=10, mode="funnel", backend="faiss", shortlist=100, ef=64)
+    assert light._raw is None and not light._prepared  # no float32 matrix held
+    if rows == "float16":
+        assert light._half[(128, "cosine")].dtype == np.float16
+        assert S.recall_at_k(got, want, k=10) >= 0.98  # float16 rows move only near-ties
+        np.testing.assert_allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), atol=2e-3)
+    else:
+        assert not light._half and S.recall_at_k(got, want, k=10) == 1.0
+    with pytest.raises(S.SearchError, match="rerank_rows"):
+        Searcher(run, rerank_rows="int8")

@@ -59,6 +59,7 @@ from rdscale.search.tables import (
 )
 
 _SCAN_ROWS = 32768  # rows per streamed batch (non-resident exact search)
+RERANK_ROWS = ("float32", "float16", "store")
 _RERANK_QUERIES = 64  # queries per re-rank block: (64, shortlist, width) float32 candidates at a time
 _FILTER_CACHE = 16
 _FEW_ROWS = 1024  # ann / funnel with a filter keeping at most this many rows (or 4 k) scan them exactly
@@ -97,11 +98,20 @@ class Searcher:
     def __init__(self, dataset_path: str | Path, table: str = "proteins", *, resident: bool = True,
                  models: Sequence[str] | None = None, device: str | None = None,
                  fragments: Sequence[int] | None = None, build: Sequence[dict] = (),
-                 version: int | str | None = None):
+                 version: int | str | None = None, rerank_rows: str = "float32"):
+        if rerank_rows not in RERANK_ROWS:
+            raise SearchError(f"rerank_rows must be one of {RERANK_ROWS}, got {rerank_rows!r}")
+        # where the funnel's re-rank reads rows from: the resident float32 matrix (with resident=True), a float16
+        # copy of the rows at the rerank width (half the memory; distances to ~1e-3), or the table ("store":
+        # only each query's candidates are read, nothing held)
+        self.rerank_rows = rerank_rows if resident else "store"
+        if fragments is not None and self.rerank_rows != "float32":
+            raise SearchError("a partition searcher (fragments=) holds its rows as float32")
         self.dataset_path = dataset_path
         self.version = version  # an earlier table version or release tag (rdscale update); None: the latest
         self.table = table
-        self.resident = resident or fragments is not None
+        # the float32 matrix is held only with rerank_rows="float32"; otherwise exact search streams the table
+        self.resident = (resident and rerank_rows == "float32") or fragments is not None
         self.fragment_ids = None if fragments is None else [int(f) for f in fragments]
         self._build = list(build)
         self._models, self._device = models, device
@@ -131,6 +141,7 @@ class Searcher:
         self._rowid_sorted: tuple[np.ndarray, np.ndarray] | None = None  # (sorted row ids, their positions)
         self._raw: np.ndarray | None = None  # (n, full_width) stored dtype, scan order
         self._prepared: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._half: dict[tuple[int, str], np.ndarray] = {}  # (width, metric) -> (n, width) float16 re-rank rows
         self._filters: dict[str, np.ndarray] = {}
         self._faiss: dict[str, Any] = {}
         self._indexes: list[IndexInfo] | None = None
@@ -169,6 +180,7 @@ class Searcher:
     def close(self) -> None:
         self._raw = None
         self._prepared.clear()
+        self._half.clear()
         self._faiss.clear()
 
     def __enter__(self) -> Searcher:  # noqa: PYI034
@@ -217,11 +229,29 @@ class Searcher:
                 self._prepared[key] = E.prepare_rows(self.matrix()[:, :width], metric)
             return self._prepared[key]
 
+    def _half_rows(self, width: int, metric: str) -> np.ndarray:
+        """(n, width) float16 re-rank rows (cosine: unit rows), streamed from the table: the float32 matrix is
+        never held."""
+        with self._lock:
+            key = (width, metric)
+            if key not in self._half:
+                out = np.empty((self.num_rows, width), np.float16)
+                start = 0
+                for block in F._stream(self.ds, width, fragments=self._frags):  # (b, width) float32
+                    out[start : start + len(block)] = E.unit_rows(block) if metric == "cosine" else block
+                    start += len(block)
+                if start != self.num_rows:
+                    raise SearchError(f"{self.ds.uri} changed while it was loaded; retry")
+                self._half[key] = out
+            return self._half[key]
+
     def load(self, width: int | None = None, metric: str = "cosine") -> Searcher:
         """Load now what exact search at ``width`` needs (else it loads on the first query)."""
         self.key_columns()
         if self.resident:
             self._prepared_rows(self.width(width), _check_metric(metric))
+        elif self.rerank_rows == "float16":
+            self._half_rows(self.width(width), _check_metric(metric))
         return self
 
     def positions_of_rowids(self, rowids: np.ndarray) -> np.ndarray:
@@ -683,12 +713,15 @@ class Searcher:
         nq = len(q)
         dist = np.full(cand.shape, np.inf, np.float32)
         valid = cand >= 0
-        if self.resident:
-            x, _ = self._prepared_rows(width, metric)  # cosine: unit rows, normalised once, not per query
+        if self.rerank_rows != "store":
+            if self.rerank_rows == "float16":
+                x = self._half_rows(width, metric)  # (n, width) float16
+            else:
+                x, _ = self._prepared_rows(width, metric)  # cosine: unit rows, normalised once, not per query
             qp = E.unit_rows(q) if metric == "cosine" else q
             for s in range(0, nq, _RERANK_QUERIES):
                 c = cand[s : s + _RERANK_QUERIES]
-                rows = x[np.where(c >= 0, c, 0)]  # (b, shortlist, width)
+                rows = x[np.where(c >= 0, c, 0)].astype(np.float32, copy=False)  # (b, shortlist, width)
                 if metric == "cosine":
                     dist[s : s + _RERANK_QUERIES] = 1.0 - np.einsum("qsw,qw->qs", rows, qp[s : s + _RERANK_QUERIES])
                 else:
