@@ -312,3 +312,25 @@ def test_funnel_reranks_from_float16_rows_or_the_store_without_the_float32_matri
         assert not light._half and S.recall_at_k(got, want, k=10) == 1.0
     with pytest.raises(S.SearchError, match="rerank_rows"):
         Searcher(run, rerank_rows="int8")
+
+
+def test_an_s3_run_keeps_its_faiss_index_as_an_object_beside_it(s3, tmp_path, capsys):
+    from test_searchuser import upload
+
+    x = hard(3000, 128, 60, seed=13)
+    write_proteins(tmp_path / "run" / "proteins.lance", x[:2900], levels=LEVELS, max_rows_per_file=1000)
+    remote = f"s3://{s3.bucket}/recall/faiss_run"
+    upload(tmp_path / "run", remote)
+    code, out, _ = rdscale(["index", remote, "--width", "32", "--backend", "faiss"], capsys)
+    assert code == 0 and "faiss HNSW" in out
+    names = sorted(loc.name for loc in (S.tables.Location.parse(remote) / "indexes").list())
+    assert names == ["proteins.p32.cosine.faiss", "proteins.p32.cosine.json"]
+    (info,) = S.list_indexes(remote)
+    assert info.backend == "faiss" and info.calibration["reached"]["funnel"]
+    searcher = Searcher(remote)
+    got = searcher.search(x[2900:], k=10, mode="funnel", backend="faiss")
+    assert S.recall_at_k(got, searcher.search(x[2900:], k=10), k=10) >= 0.95
+    # the same answers as the same run on a local disk with its own index
+    S.build_index(tmp_path / "run", width=32, backend="faiss")
+    local = Searcher(tmp_path / "run").search(x[2900:], k=10, mode="funnel", backend="faiss")
+    assert got.column("id").to_pylist() == local.column("id").to_pylist()

@@ -1,7 +1,8 @@
 """FAISS vector indexes on a chain-level prefix (the ``faiss`` backend of ``rdscale index``; extra ``rdscale[faiss]``).
 
 An index is built by streaming the prefix of the ``embedding`` column out of the Lance table in batches (the
-prefix column ``embedding_p<w>`` when it exists) and lives inside the run directory, so the run stays
+prefix column ``embedding_p<w>`` when it exists) and lives inside the run directory (on an object store: objects
+under the run's prefix, fetched once per node into rdscale's object cache by searchers), so the run stays
 relocatable: ``<run>/indexes/<table>.p<width>.<metric>.faiss`` plus a JSON sidecar (same name, ``.json``) with
 the index type, parameters, the metric and the table layout it was built from (row count and fragments, to tell
 a stale index). The sidecar holds no paths. FAISS labels are row positions in the table's scan order (fragment
@@ -112,9 +113,6 @@ def build_faiss_index(
 ) -> IndexInfo:
     """Build (or keep, if an identical fresh one exists) the FAISS index of ``table`` at prefix ``width``
     (``progress``: a bar of the rows added, which is most of an HNSW build's time)."""
-    if not isinstance(run_dir_of(ds.uri), Path):
-        raise SearchError(f"FAISS indexes are kept on a local disk beside the run; {run_dir_of(ds.uri)} is on an "
-                          "object store: use --backend lance (Lance's index lives inside the table)")
     faiss = import_faiss()
     index_type = index_type.upper()
     if index_type not in FAISS_INDEX_TYPES:
@@ -126,25 +124,64 @@ def build_faiss_index(
         raise SearchError(f"unknown {index_type} parameter(s) {sorted(unknown)}; expected "
                           f"{sorted(default_faiss_params(index_type, 10_000, width))}")
     run = run_dir_of(ds.uri)
-    path = faiss_path(run, table, width, metric)
-    info = IndexInfo(table, width, prefix_column(width, stored_width(ds)), path.name, index_type, metric, num_rows,
+    name = f"{table}.p{width}.{metric}.faiss"
+    info = IndexInfo(table, width, prefix_column(width, stored_width(ds)), name, index_type, metric, num_rows,
                      _jsonable(resolved), backend="faiss")
-    sidecar = path.with_suffix(".json")
-    if not rebuild and path.is_file() and sidecar.is_file():
-        old = json.loads(sidecar.read_text())
+    old = _read_sidecar(ds, name)
+    if not rebuild and old is not None and _exists(ds, name):
         if (old.get("index_type"), old.get("params"), old.get("layout")) == (index_type, info.params,
                                                                             table_layout(ds)):
             return replace(info, calibration=old.get("calibration") or {})
 
     index = build_in_memory(ds, width, index_type, metric, resolved, table=table, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
     record = {"table": table, "width": width, "metric": metric, "index_type": index_type, "params": info.params,
-              "num_rows": num_rows, "layout": table_layout(ds), "file": path.name}
-    sidecar.write_text(json.dumps(record, indent=1))
+              "num_rows": num_rows, "layout": table_layout(ds), "file": name}
+    if isinstance(run, Path):
+        path = faiss_path(run, table, width, metric)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, path)
+    else:  # an object beside the run (<run>/indexes/...): searchers fetch it once into their node's cache
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="rdscale-faiss-") as tmp:
+            faiss.write_index(index, f"{tmp}/{name}")
+            (run / INDEX_DIR / name).write_bytes(Path(f"{tmp}/{name}").read_bytes())
+    _write_sidecar(ds, name, record)
     return info
+
+
+def _index_location(ds: lance.LanceDataset, name: str):
+    """``<run>/indexes/<name>``: a Path for a local run, a Location on an object store."""
+    return run_dir_of(ds.uri) / INDEX_DIR / name
+
+
+def _exists(ds: lance.LanceDataset, name: str) -> bool:
+    where = _index_location(ds, name)
+    return where.is_file() if isinstance(where, Path) else where.exists()
+
+
+def _sidecar_name(name: str) -> str:
+    return name[: -len(".faiss")] + ".json" if name.endswith(".faiss") else name + ".json"
+
+
+def _read_sidecar(ds: lance.LanceDataset, name: str) -> dict | None:
+    where = _index_location(ds, _sidecar_name(name))
+    try:
+        return json.loads(where.read_text())
+    except (OSError, ValueError):  # missing (a LocationError is an OSError or ValueError too) or not JSON
+        return None
+
+
+def _write_sidecar(ds: lance.LanceDataset, name: str, record: dict) -> None:
+    where = _index_location(ds, _sidecar_name(name))
+    if isinstance(where, Path):
+        tmp = where.with_name(where.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, where)
+    else:
+        where.write_text(json.dumps(record, indent=1))
 
 
 _LOWEST = {"m": 2, "pq_bits": 1}  # HNSW needs two links per node; every other parameter at least 1
@@ -206,18 +243,23 @@ def list_faiss_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
     """FAISS indexes of ``table`` in its run directory (fresh or stale; see ``is_fresh``)."""
     out = []
     run = run_dir_of(ds.uri)
-    if not isinstance(run, Path):  # a run on an object store has only Lance indexes
-        return out
     folder = run / INDEX_DIR
-    if not folder.is_dir():
-        return out
-    full = stored_width(ds)
-    for sidecar in sorted(folder.glob(f"{table}.p*.json")):
+    if isinstance(run, Path):
+        names = [p.name for p in folder.glob(f"{table}.p*.json")] if folder.is_dir() else []
+    else:  # an object-store run: the objects beside it
         try:
-            rec = json.loads(sidecar.read_text())
-        except json.JSONDecodeError:
+            names = [loc.name for loc in folder.list()]
+        except (OSError, ValueError):
+            names = []
+    present = set(names) if not isinstance(run, Path) else None
+    full = stored_width(ds)
+    for sidecar in sorted(n for n in names if n.startswith(f"{table}.p") and n.endswith(".json")):
+        try:
+            rec = json.loads((folder / sidecar).read_text())
+        except (OSError, ValueError):
             continue
-        if rec.get("table") != table or not (folder / str(rec.get("file"))).is_file():
+        have = (folder / str(rec.get("file"))).is_file() if present is None else str(rec.get("file")) in present
+        if rec.get("table") != table or not have:
             continue
         width = int(rec["width"])
         out.append(IndexInfo(table, width, prefix_column(width, full), rec["file"], rec["index_type"],
@@ -228,26 +270,24 @@ def list_faiss_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
 
 def is_fresh(ds: lance.LanceDataset, info: IndexInfo) -> bool:
     """True if the table still has the layout the index was built from (its labels still mean the same rows)."""
-    sidecar = (run_dir_of(ds.uri) / INDEX_DIR / info.index_name).with_suffix(".json")
-    try:
-        return json.loads(sidecar.read_text()).get("layout") == table_layout(ds)
-    except (OSError, json.JSONDecodeError):
-        return False
+    record = _read_sidecar(ds, info.index_name)
+    return record is not None and record.get("layout") == table_layout(ds)
 
 
 def store_calibration(ds: lance.LanceDataset, info: IndexInfo, calibration: dict) -> None:
     """Record ``calibration`` (rdscale.search.calibrate) in the index's sidecar."""
-    sidecar = (run_dir_of(ds.uri) / INDEX_DIR / info.index_name).with_suffix(".json")
-    record = json.loads(sidecar.read_text())
+    record = _read_sidecar(ds, info.index_name)
+    if record is None:
+        raise SearchError(f"the sidecar of {info.index_name} vanished while it was calibrated; rebuild the index")
     record["calibration"] = calibration
-    tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, sidecar)
+    _write_sidecar(ds, info.index_name, record)
 
 
 def load_faiss_index(ds: lance.LanceDataset, info: IndexInfo):
     faiss = import_faiss()
-    path = run_dir_of(ds.uri) / INDEX_DIR / info.index_name
+    path = _index_location(ds, info.index_name)
+    if not isinstance(path, Path):  # an object beside an object-store run: fetched once into the node's cache
+        path = path.local_copy()
     try:
         return faiss.read_index(str(path))
     except RuntimeError as err:

@@ -368,14 +368,6 @@ class Searcher:
         live = [i for i in self.indexes() if i.metric == metric and backend in (None, i.backend)]
         what = f"{backend + ' ' if backend else ''}{metric} vector index"
         hint = f"rdscale index -o {run_dir_of(self.dataset_path)} --table {self.table} --width {{}} --metric " + metric
-        if backend == "faiss" and not live:
-            from rdscale.io.location import is_remote
-
-            if is_remote(self.dataset_path):  # `rdscale index --backend faiss` refuses such a run: never hint it
-                raise MissingIndexError(
-                    f"no faiss index on the {self.table} table: FAISS indexes are kept on a local disk beside the "
-                    f"run, and {run_dir_of(self.dataset_path)} is on an object store; use --backend lance (build it "
-                    f"with `{hint.format(width or self.levels[0])} --backend lance`)")
         if backend:
             hint += f" --backend {backend}"
         if width is None:
