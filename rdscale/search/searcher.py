@@ -506,6 +506,8 @@ class Searcher:
                 # the calibrated point: the cheapest measured parameters meeting recall (default: the index's target)
                 tuned = C.search_params(index, mode, k, recall)
                 shortlist, nprobes = tuned.get("shortlist"), tuned.get("nprobes")
+                if shortlist is not None:  # exclude_self fetches k + 1: never a shortlist shorter than that
+                    shortlist = max(shortlist, min(k + 1, n))
                 ef, refine_factor = tuned.get("ef"), tuned.get("refine_factor")
                 ef = None if ef is None else min(ef, n)
         need = width
