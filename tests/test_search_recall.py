@@ -273,14 +273,14 @@ def test_a_sequence_query_at_the_first_level_loads_and_runs_only_the_first_model
 # a run on object storage: indexed and searched with the defaults
 
 
-def test_an_s3_run_is_indexed_calibrated_and_searched_with_the_defaults(s3, tmp_path, capsys):
+def test_an_s3_run_is_indexed_with_lance_calibrated_and_searched(s3, tmp_path, capsys):
     from test_searchuser import upload
 
     x = hard(4000, 128, 80, seed=12)
     write_proteins(tmp_path / "run" / "proteins.lance", x[:3800], levels=LEVELS, max_rows_per_file=1000)
     remote = f"s3://{s3.bucket}/recall/run"
     upload(tmp_path / "run", remote)
-    code, out, _ = rdscale(["index", remote, "--width", "32"], capsys)  # no --backend: Lance's, inside the table
+    code, out, _ = rdscale(["index", remote, "--width", "32", "--backend", "lance"], capsys)  # inside the table
     assert code == 0 and "lance IVF_HNSW_SQ" in out and "calibrated funnel recall@10" in out
     (info,) = S.list_indexes(remote)
     assert info.backend == "lance" and info.calibration["reached"]["funnel"]
@@ -314,14 +314,14 @@ def test_funnel_reranks_from_float16_rows_or_the_store_without_the_float32_matri
         Searcher(run, rerank_rows="int8")
 
 
-def test_an_s3_run_keeps_its_faiss_index_as_an_object_beside_it(s3, tmp_path, capsys):
+def test_an_s3_run_is_indexed_with_the_defaults_faiss_as_an_object_beside_it(s3, tmp_path, capsys):
     from test_searchuser import upload
 
     x = hard(3000, 128, 60, seed=13)
     write_proteins(tmp_path / "run" / "proteins.lance", x[:2900], levels=LEVELS, max_rows_per_file=1000)
     remote = f"s3://{s3.bucket}/recall/faiss_run"
     upload(tmp_path / "run", remote)
-    code, out, _ = rdscale(["index", remote, "--width", "32", "--backend", "faiss"], capsys)
+    code, out, _ = rdscale(["index", remote, "--width", "32"], capsys)  # the default, as for a local run
     assert code == 0 and "faiss HNSW" in out
     names = sorted(loc.name for loc in (S.tables.Location.parse(remote) / "indexes").list())
     assert names == ["proteins.p32.cosine.faiss", "proteins.p32.cosine.json"]

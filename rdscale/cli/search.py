@@ -66,8 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prefix width(s) to index, chain levels (default: the narrowest level, for funnel search)")
     p.add_argument("--metric", choices=S.METRICS, default="cosine", help="distance (default: cosine)")
     p.add_argument("--backend", choices=S.BACKENDS, default=None,
-                   help="faiss (default: faster at equal recall, see bench/results/bench_search.json) or lance "
-                   "(the default for a run on object storage, where the index lives inside the table)")
+                   help="faiss (default, also for a run on object storage, where the index is stored beside the "
+                   "run and fetched once per node; faster at equal recall, see bench/results/bench_search*.json) "
+                   "or lance (the index lives inside the table)")
     p.add_argument("--index-type", type=str.upper,
                    help=f"faiss: one of {', '.join(FAISS_INDEX_TYPES)} (default {DEFAULT_FAISS_INDEX_TYPE}); "
                    f"lance: one of {', '.join(S.INDEX_TYPES)} (default {S.DEFAULT_INDEX_TYPE})")
