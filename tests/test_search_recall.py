@@ -176,9 +176,13 @@ def test_searcher_sees_an_index_built_after_it_opened(tmp_path, backend):
     searcher = Searcher(tmp_path)
     with pytest.raises(S.MissingIndexError):
         searcher.search(x[:2], mode="ann", width=32)
+    service = SearchService(tmp_path, preload=False)
+    assert service.info()["tables"]["proteins"]["indexes"] == []
     S.build_index(tmp_path, width=32, backend=backend)
     hits = searcher.search(x[:2], k=3, mode="ann", width=32)
     assert hits.column("id").to_pylist()[0] == "P00000"
+    (listed,) = service.info()["tables"]["proteins"]["indexes"]  # /info lists it without a restart
+    assert listed["backend"] == backend and listed["recall"]["target"] == 0.95
 
 
 def test_searcher_error_says_how_to_refresh_when_rows_changed(tmp_path):

@@ -22,8 +22,8 @@ Thread-safe for concurrent queries (lazy loads are locked; numpy and FAISS relea
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +345,11 @@ class Searcher:
             return False
         latest = reopen(self.ds)
         return F.table_layout(latest) != F.table_layout(self.ds)
+
+    def recheck_indexes(self) -> None:
+        """Pick up indexes built since this searcher opened the table, when its rows are unchanged (the server's
+        /info calls it, so a page lists an index built while the server runs)."""
+        self._adopt_new_indexes()
 
     def _adopt_new_indexes(self) -> bool:
         """Re-read the index lists (the latest table version for Lance's, the index folder for FAISS's) when the

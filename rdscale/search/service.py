@@ -66,6 +66,8 @@ class SearchService:
                 s.load()
 
     def info(self) -> dict[str, Any]:
+        for s in self.searchers.values():
+            s.recheck_indexes()
         return {
             "run": run_name(self.run),
             "tables": {
