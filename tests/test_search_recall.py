@@ -3,7 +3,7 @@ the cheapest measured point meeting a recall.
 
 Recall is checked on queries drawn fresh from each generator (never rows of the table, so disjoint from the
 calibration rows), against exact search: the bench's generator (Gaussian clusters, decaying scale) and a harder
-one (low-rank centres, 600 overlapping clusters, noise; a perfect prefix-32 shortlist of 100 reaches ~0.997).
+one (low-rank centres, 400 overlapping clusters, noise; a perfect prefix-32 shortlist of 100 reaches ~0.997).
 """
 
 from __future__ import annotations
@@ -40,21 +40,21 @@ def hard(n: int, dim: int, n_clusters: int, seed: int, rank: int = 24) -> np.nda
 
 @pytest.fixture(scope="module")
 def bench_data(tmp_path_factory):
-    """The bench generator, 20000 x 128; 300 fresh queries from the same law."""
+    """The bench generator, 12000 x 128; 300 fresh queries from the same law."""
     bench = load_bench()
     out = tmp_path_factory.mktemp("recall_bench")
     centres = bench.make_centres(128, 200, seed=0)
-    bench.write_table(out / "proteins.lance", 20_000, centres, 0.6, LEVELS, seed=1, chunk=5000)
+    bench.write_table(out / "proteins.lance", 12_000, centres, 0.6, LEVELS, seed=1, chunk=5000)
     return out, bench.sample(centres, 300, 0.6, np.random.default_rng(7))
 
 
 @pytest.fixture(scope="module")
 def hard_data(tmp_path_factory):
-    """The harder generator, 20000 x 128 (+ 300 fresh queries of the same law, never written)."""
+    """The harder generator, 12000 x 128 (+ 300 fresh queries of the same law, never written)."""
     out = tmp_path_factory.mktemp("recall_hard")
-    x = hard(20_300, 128, 600, seed=3)
-    write_proteins(out / "proteins.lance", x[:20_000], levels=LEVELS, max_rows_per_file=8000)
-    return out, x[20_000:]
+    x = hard(12_300, 128, 400, seed=3)
+    write_proteins(out / "proteins.lance", x[:12_000], levels=LEVELS, max_rows_per_file=5000)
+    return out, x[12_000:]
 
 
 def recall_of(run, queries, backend, mode, **kw) -> float:
@@ -280,8 +280,8 @@ def test_a_sequence_query_at_the_first_level_loads_and_runs_only_the_first_model
 def test_an_s3_run_is_indexed_with_lance_calibrated_and_searched(s3, tmp_path, capsys):
     from test_searchuser import upload
 
-    x = hard(4000, 128, 80, seed=12)
-    write_proteins(tmp_path / "run" / "proteins.lance", x[:3800], levels=LEVELS, max_rows_per_file=1000)
+    x = hard(2200, 128, 50, seed=12)
+    write_proteins(tmp_path / "run" / "proteins.lance", x[:2000], levels=LEVELS, max_rows_per_file=1000)
     remote = f"s3://{s3.bucket}/recall/run"
     upload(tmp_path / "run", remote)
     code, out, _ = rdscale(["index", remote, "--width", "32", "--backend", "lance"], capsys)  # inside the table
@@ -289,8 +289,8 @@ def test_an_s3_run_is_indexed_with_lance_calibrated_and_searched(s3, tmp_path, c
     (info,) = S.list_indexes(remote)
     assert info.backend == "lance" and info.calibration["reached"]["funnel"]
     searcher = Searcher(remote)
-    truth = searcher.search(x[3800:], k=10)
-    assert S.recall_at_k(searcher.search(x[3800:], k=10, mode="funnel"), truth, k=10) >= 0.95
+    truth = searcher.search(x[2000:], k=10)
+    assert S.recall_at_k(searcher.search(x[2000:], k=10, mode="funnel", backend="lance"), truth, k=10) >= 0.95
     code, out, _ = rdscale(["index", remote, "--list"], capsys)
     assert "lance IVF_HNSW_SQ cosine on embedding_p32" in out and "funnel recall@10" in out
 
