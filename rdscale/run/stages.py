@@ -34,6 +34,7 @@ from rdscale.io.store import (
     residues_table,
     write_table_fragments,
 )
+from rdscale.model.embed import inject_oom
 from rdscale.model.fast_esm import model_budgets
 from rdscale.run.integrity import RecordsDigest
 from rdscale.run.writer import ChunkWriter
@@ -273,6 +274,10 @@ class ApplyStage:
         self.storage_width = schemas[RESIDUES].field("embedding").type.list_size if RESIDUES in schemas else 0
         self.batches_seen = 0
         self.fault = dict(cfg.ray.fault_injection or {})
+        if "oom_at_batch_size" in self.fault or "oom_above_tokens" in self.fault:
+            for embedder in self.encoder.embedders:
+                embedder.forward_wrapper = inject_oom(self.fault.get("oom_at_batch_size"),
+                                                      self.fault.get("oom_above_tokens"))
         self.writer = ChunkWriter(overlap=cfg.output.overlap_writes, max_pending=2)
 
     def rd_embeddings(self, sequences: Sequence[str]) -> list[torch.Tensor]:
