@@ -45,6 +45,11 @@ class EmbeddingConfig:
     compile: bool = False  # torch.compile the fast forward's elementwise work (pays on GPUs; compiles once per model)
     # per-model token budgets, smallest model first; null: toks_per_batch scaled by k_largest / k_i (at most 8x)
     toks_per_batch_per_model: list[int] | None = None
+    # per-GPU budgets replacing toks_per_batch on matching devices, keyed by part of the device name: {H100: 32768,
+    # A10G: 8192} (case-insensitive, longest matching key wins; "cpu" for CPU actors)
+    toks_per_batch_by_device: dict[str, int] = field(default_factory=dict)
+    # no key matches: this many tokens per GiB of GPU memory left after the chain's weights (null: toks_per_batch)
+    toks_per_gib: int | None = None
 
 
 @dataclass
@@ -159,6 +164,12 @@ def _problems(cfg: Config):
     if per_model is not None and (len(per_model) != len(cfg.models) or min(per_model, default=8) < 8):
         yield (f"embedding.toks_per_batch_per_model must list one budget (>= 8) per model ({len(cfg.models)}), "
                f"got {per_model}")
+    for name, budget in (e.toks_per_batch_by_device or {}).items():
+        if not (isinstance(name, str) and name.strip()) or isinstance(budget, bool) or not isinstance(budget, int) \
+                or not 8 <= budget <= MAX_TOKS_PER_BATCH:
+            yield (f"embedding.toks_per_batch_by_device must map part of a device name to a token budget in "
+                   f"[8, {MAX_TOKS_PER_BATCH}], e.g. {{H100: 32768, A10G: 8192}}; got {name!r}: {budget!r}")
+    yield from between("embedding.toks_per_gib", e.toks_per_gib, 1, MAX_TOKS_PER_BATCH)
     if cfg.fit.regression not in ("pcr", "ols"):
         yield f"fit.regression must be pcr or ols, not {cfg.fit.regression!r}"
     yield from between("fit.sample_sequences", cfg.fit.sample_sequences, 1, 1 << 40)

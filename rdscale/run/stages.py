@@ -35,7 +35,7 @@ from rdscale.io.store import (
     write_table_fragments,
 )
 from rdscale.model.embed import inject_oom
-from rdscale.model.fast_esm import model_budgets
+from rdscale.model.fast_esm import device_budget, model_budgets
 from rdscale.run.integrity import RecordsDigest
 from rdscale.run.writer import ChunkWriter
 
@@ -119,6 +119,15 @@ def columns_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: cols[k][i] for k in cols} for i in range(n)]
 
 
+def device_properties(device: torch.device) -> tuple[str, int | None]:
+    """(name, total memory in bytes or None) of a torch device: the GPU's own name ("NVIDIA H100 80GB HBM3") on
+    CUDA, "cpu" (memory unknown: a CPU's budget is not a memory question) otherwise."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.name, int(props.total_memory)
+    return device.type, None
+
+
 class ChainEncoder:
     """The chain's models, loaded once, on one device. `models` smallest first."""
 
@@ -130,7 +139,14 @@ class ChainEncoder:
         device = None if e.device == "auto" else e.device
         dtype = None if e.dtype == "auto" else e.dtype
         self.loaded = [load_model(m, device=device, dtype=dtype) for m in models]
-        self.budgets = model_budgets(e.toks_per_batch, [lm.spec.width for lm in self.loaded],
+        self.device_name, memory = device_properties(self.loaded[0].device)
+        weights = sum(p.numel() * p.element_size() for lm in self.loaded for p in lm.model.parameters())
+        self.toks_per_batch = device_budget(self.device_name, memory, e.toks_per_batch, e.toks_per_batch_by_device,
+                                            e.toks_per_gib, weights)
+        if self.toks_per_batch != e.toks_per_batch:
+            log.info("token budget %d on %s (embedding.toks_per_batch_by_device / toks_per_gib)",
+                     self.toks_per_batch, self.device_name)
+        self.budgets = model_budgets(self.toks_per_batch, [lm.spec.width for lm in self.loaded],
                                      e.toks_per_batch_per_model)
         self.embedders = [
             Embedder(
@@ -209,7 +225,7 @@ class FitWorker:
                     continue
                 batch.append(item.sequence)
                 taken += 1
-                if sum(map(len, batch)) >= 4 * self.cfg.embedding.toks_per_batch:
+                if sum(map(len, batch)) >= 4 * self.encoder.toks_per_batch:
                     self._update(batch)
                     batch = []
         if batch:
