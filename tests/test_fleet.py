@@ -68,3 +68,110 @@ def test_chain_encoder_takes_its_devices_budget(tiny_family):
     encoder = ChainEncoder([str(m) for m in tiny_family], cfg)
     assert encoder.device_name == "cpu" and encoder.toks_per_batch == 512
     assert encoder.budgets[-1] == 512 and [e.toks_per_batch for e in encoder.embedders] == encoder.budgets
+
+
+# ------------------------------------------------------------------------------------------------ provenance, cost
+
+PROVENANCE = ["host", "device", "cuda", "torch", "esm", "rdscale", "dtype", "seconds", "committed_at"]
+
+
+def _ledger(run_dir):
+    import lance
+
+    return lance.dataset(str(run_dir / "shards.lance"))
+
+
+def test_cost_from_ledger_rows():
+    from rdscale.run.provenance import cost, cost_lines
+
+    rows = [{"shard": i, "residues": 1000, "seconds": 2.0, "committed_at": 100.0 + 10 * i, "device": "NVIDIA A10G",
+             "dtype": "bfloat16"} for i in range(5)]
+    c = cost(rows, planned=9)
+    assert c["residues_per_s"] == 500.0 and c["device_hours"] == pytest.approx(10 / 3600)
+    assert c["eta_s"] == pytest.approx(4 * 10.0) and c["device_hours_left"] == pytest.approx(8 / 3600)
+    text = "\n".join(cost_lines(rows, 9))
+    assert "500 residues/s" in text and "ETA 40 s" in text and "NVIDIA A10G (bfloat16)" in text
+    assert cost(rows, planned=5)["eta_s"] is None  # complete: nothing left
+    assert cost_lines([{"shard": 0, "residues": 5}], 3) == []  # an old run: no timed rows, no lines
+
+
+def test_ledger_records_provenance_and_a_resume_on_other_software_warns_once(tmp_path, tiny_family, caplog):
+    import torch
+    from helpers import StopAfter, make_cfg, write_fasta
+    from test_pipeline import assert_same_tables
+
+    from rdscale import __version__
+    from rdscale.run.pipeline import LocalExecutor, run
+
+    fasta = write_fasta(tmp_path / "in.fasta", n=30, seed=4)
+    run(make_cfg(tmp_path, fasta, tiny_family, "whole"), LocalExecutor(), progress=False)
+    rows = _ledger(tmp_path / "whole").to_table().to_pylist()
+    assert len(rows) > 3
+    for row in [r for r in rows if r["records"]]:  # an empty shard went through no model
+        assert row["device"] == "cpu" and row["dtype"] == "float32" and row["torch"] == torch.__version__
+        assert row["esm"] == "2.0.0" and row["rdscale"] == __version__ and row["host"]
+        assert row["seconds"] > 0 and row["committed_at"] > 0
+    cfg = make_cfg(tmp_path, fasta, tiny_family, "resumed", **{"fit.artifact": str(tmp_path / "whole" / "fit")})
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, StopAfter(3), progress=False)
+    _ledger(tmp_path / "resumed").update({"torch": "'1.0.0'", "device": "'NVIDIA A10G'"})
+    with caplog.at_level("WARNING", logger="rdscale"):
+        run(cfg, LocalExecutor(), progress=False)
+    lines = [r.getMessage() for r in caplog.records if "written by another" in r.getMessage()]
+    assert len(lines) == 1 and "device NVIDIA A10G -> cpu" in lines[0] and "torch 1.0.0 -> " in lines[0], lines
+    assert "\n" not in lines[0]
+    assert_same_tables(tmp_path / "resumed", tmp_path / "whole")
+    # The same software again: no warning.
+    caplog.clear()
+    cfg2 = make_cfg(tmp_path, fasta, tiny_family, "again", **{"fit.artifact": str(tmp_path / "whole" / "fit")})
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg2, StopAfter(3), progress=False)
+    with caplog.at_level("WARNING", logger="rdscale"):
+        run(cfg2, LocalExecutor(), progress=False)
+    assert not [r for r in caplog.records if "written by another" in r.getMessage()]
+
+
+def test_update_warns_on_a_changed_version_and_old_runs_without_the_columns_still_work(tmp_path, tiny_family,
+                                                                                      caplog, capsys):
+    import shutil
+
+    from helpers import StopAfter, make_cfg
+    from test_update import releases_ab, write_records
+
+    from rdscale.cli.main import main
+    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.update import update
+
+    a, b = releases_ab(seed=5, n=16)
+    fa, fb = write_records(tmp_path / "A.fasta", a), write_records(tmp_path / "B.fasta", b)
+    run(make_cfg(tmp_path, fa, tiny_family, "new"), LocalExecutor(), progress=False)
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+
+    # A run written with this schema, its recorded software edited: `update` says so in one line.
+    _ledger(tmp_path / "new").update({"rdscale": "'0.0.1'"})
+    with caplog.at_level("WARNING", logger="rdscale"):
+        update(tmp_path / "new", [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    lines = [r.getMessage() for r in caplog.records if "written by another" in r.getMessage()]
+    assert len(lines) == 1 and "rdscale 0.0.1 -> " in lines[0], lines
+
+    # A run from before the provenance columns: a ledger without them resumes, verifies, updates and shows info.
+    ds = _ledger(old)
+    ds.drop_columns(PROVENANCE)
+    ds = _ledger(old)
+    last = max(ds.to_table(columns=["shard"])["shard"].to_pylist())
+    ds.delete(f"shard >= {last - 1}")  # two shards to redo: a resume
+    cfg = make_cfg(tmp_path, fa, tiny_family, "old")
+    run(cfg, LocalExecutor(), progress=False)
+    assert not set(PROVENANCE) & set(_ledger(old).schema.names)
+    capsys.readouterr()
+    assert main(["verify", str(old)]) == 0
+    assert main(["info", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "proteins:" in out and "device time" not in out
+    with pytest.raises(KeyboardInterrupt):
+        update(old, [str(fb)], "B1", overrides=["ray.address=local"], executor=StopAfter(1), progress=False)
+    report = update(old, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    assert report.new == 4 and main(["verify", str(old)]) == 0
+    assert main(["info", str(tmp_path / "new")]) == 0
+    assert "device time:" in capsys.readouterr().out

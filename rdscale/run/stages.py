@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -36,6 +37,7 @@ from rdscale.io.store import (
 )
 from rdscale.model.embed import inject_oom
 from rdscale.model.fast_esm import device_budget, model_budgets
+from rdscale.run import provenance
 from rdscale.run.integrity import RecordsDigest
 from rdscale.run.writer import ChunkWriter
 
@@ -295,6 +297,7 @@ class ApplyStage:
                 embedder.forward_wrapper = inject_oom(self.fault.get("oom_at_batch_size"),
                                                       self.fault.get("oom_above_tokens"))
         self.writer = ChunkWriter(overlap=cfg.output.overlap_writes, max_pending=2)
+        self.provenance = provenance.collect(self.encoder.device_name, self.encoder.loaded[0].dtype)
 
     def rd_embeddings(self, sequences: Sequence[str]) -> list[torch.Tensor]:
         """-> per sequence (L, k_m) float32: the reverse-distilled embedding (or the one model's, for extract)."""
@@ -337,6 +340,7 @@ class ApplyStage:
         return out
 
     def process(self, shard: int, rows: list[dict[str, Any]]) -> ShardResult:
+        started = time.perf_counter()
         accepted = [r for r in rows if r["accepted"] and not self.encoder.too_long(r["sequence"])]
         rejected = [r for r in rows if not r["accepted"]]
         rejected += [
@@ -345,7 +349,7 @@ class ApplyStage:
         ]
         records = len(rows) + sum(len(json.loads(r["copies"])) for r in rows if r.get("copies"))
         result = ShardResult(shard=shard, fragments={}, records=records, rejects=len(rejected),
-                             digest=rows[0].get("shard_digest") or "" if rows else "")
+                             digest=rows[0].get("shard_digest") or "" if rows else "", provenance=self.provenance)
         if rejected:
             self.writer.submit(lambda: {REJECTS: write_table_fragments(
                 self.uris[REJECTS], rejects_table(rejected, shard, self.schemas[REJECTS]))})
@@ -361,6 +365,7 @@ class ApplyStage:
         for fragments in self.writer.drain():
             for name, frags in fragments.items():
                 result.fragments.setdefault(name, []).extend(frags)
+        result.seconds = time.perf_counter() - started  # this actor's (its device's) time on these rows
         return result
 
     def _chunk_job(self, shard: int, chunk: list[dict[str, Any]]):
