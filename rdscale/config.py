@@ -74,7 +74,10 @@ class OutputConfig:
 @dataclass
 class RayConfig:
     address: str | None = None  # None: start a local Ray (or join RAY_ADDRESS when set); "auto": join a cluster
-    num_actors: int = 1  # embedding actors (one per GPU on a cluster)
+    # embedding actors (one per GPU on a cluster), or "auto": as many as the cluster's nodes hold at the start, and
+    # more as nodes join (the apply pass's pool grows up to max_actors)
+    num_actors: int | str = 1
+    max_actors: int | None = None  # the apply pass's pool grows up to this as nodes join (null: fixed; auto: no cap)
     gpus_per_actor: float | None = None  # None: 1 when some node of the Ray cluster has a GPU, else 0
     cpus_per_actor: float = 1.0
     object_store_mb: int | None = None  # local Ray only
@@ -186,7 +189,14 @@ def _problems(cfg: Config):
                        "an integer (or null for the full width)")
     yield from between("output.records_per_batch", o.records_per_batch, 1, MAX_RECORDS_PER_BATCH)
     r = cfg.ray
-    yield from between("ray.num_actors", r.num_actors, 1, 1 << 20)
+    if isinstance(r.num_actors, str) or isinstance(r.num_actors, bool) or not isinstance(r.num_actors, int):
+        if r.num_actors != "auto":
+            yield f"ray.num_actors must be an integer or auto, got {r.num_actors!r}"
+    else:
+        yield from between("ray.num_actors", r.num_actors, 1, 1 << 20)
+    yield from between("ray.max_actors", r.max_actors, 1, 1 << 20)
+    if isinstance(r.num_actors, int) and r.max_actors is not None and r.max_actors < r.num_actors:
+        yield f"ray.max_actors ({r.max_actors}) must be at least ray.num_actors ({r.num_actors})"
     yield from between("ray.gpus_per_actor", r.gpus_per_actor, 0, 1024, "a number")
     yield from between("ray.cpus_per_actor", r.cpus_per_actor, 0, 1 << 16, "a number")
     yield from between("ray.object_store_mb", r.object_store_mb, 1, 1 << 30)

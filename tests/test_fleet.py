@@ -175,3 +175,101 @@ def test_update_warns_on_a_changed_version_and_old_runs_without_the_columns_stil
     assert report.new == 4 and main(["verify", str(old)]) == 0
     assert main(["info", str(tmp_path / "new")]) == 0
     assert "device time:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ elastic pool
+
+
+def test_pool_sizes_follow_the_cluster():
+    from rdscale.cluster.executor import actor_slots, pool_sizes
+
+    nodes = [{"CPU": 8, "GPU": 1}, {"CPU": 16, "GPU": 4}, {"CPU": 2}]  # a CPU-only head and two GPU nodes
+    assert actor_slots(nodes, cpus=4, gpus=1) == 1 + 4
+    assert actor_slots(nodes, cpus=1, gpus=0) == 8 + 16 + 2
+    assert actor_slots(nodes, cpus=4, gpus=0.5) == 2 + 4  # 16 CPUs / 4 on the second node
+    assert actor_slots([], cpus=1, gpus=1) == 0
+    assert pool_sizes("auto", None, 5) == (1, 5, None)  # grows with the cluster, no cap
+    assert pool_sizes("auto", 3, 5) == (1, 3, 3)
+    assert pool_sizes("auto", None, 0) == (1, 1, None)  # an autoscaler's first node: start with one
+    assert pool_sizes(4, None, 16) == (4, 4, 4)  # fixed, as before
+    assert pool_sizes(4, 12, 2) == (4, 4, 12)  # at least 4, up to 12 as nodes join
+    with pytest.raises(ConfigError, match="integer or auto"):
+        load_config(None, ["ray.num_actors=many"])
+    with pytest.raises(ConfigError, match="at least ray.num_actors"):
+        load_config(None, ["ray.num_actors=4", "ray.max_actors=2"])
+
+
+@pytest.mark.ray
+def test_auto_pool_on_the_session_cluster_equals_local(ray_session, tmp_path, tiny_family):
+    from helpers import make_cfg, write_fasta
+    from test_pipeline import assert_same_tables
+
+    from rdscale.cluster.executor import RayExecutor
+    from rdscale.run.pipeline import LocalExecutor, run
+
+    fasta = write_fasta(tmp_path / "in.fasta", n=12, seed=6)
+    run(make_cfg(tmp_path, fasta, tiny_family, "local"), LocalExecutor(), progress=False)
+    cfg = make_cfg(tmp_path, fasta, tiny_family, "auto",
+                   **{"ray.address": None, "ray.num_actors": "auto", "ray.cpus_per_actor": 1,
+                      "fit.artifact": str(tmp_path / "local" / "fit")})
+    executor = RayExecutor(cfg)
+    assert executor.actors_now(100) == int(ray_session.cluster_resources()["CPU"])  # CPU actors: one per CPU
+    run(cfg, executor, progress=False)
+    assert_same_tables(tmp_path / "auto", tmp_path / "local")
+
+
+# ------------------------------------------------------------------------------------------------ resubmitting
+
+
+def _fake_submit(tmp_path, outcomes: list[tuple[int, str]]):
+    """A stand-in for `ray job submit` (a real process): the n-th call prints outcomes[n]'s text and exits with its
+    code, as Ray's CLI reports a failed job. Returns the command and the file counting the calls."""
+    import json
+    import sys
+
+    count = tmp_path / "calls"
+    script = tmp_path / "submit.py"
+    script.write_text(
+        "import json, sys, pathlib\n"
+        f"p = pathlib.Path({str(count)!r}); n = int(p.read_text()) if p.exists() else 0; p.write_text(str(n + 1))\n"
+        f"code, text = json.loads({json.dumps(json.dumps(outcomes))})[n]\n"
+        "print(text); sys.exit(code)\n")
+    return [sys.executable, str(script)], count
+
+
+def _resubmit(argv):
+    import importlib.util
+
+    from helpers import ROOT
+
+    path = ROOT / "jobs" / "resubmit.py"
+    spec = importlib.util.spec_from_file_location("resubmit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+DIED = "Job 'raysubmit_1' failed\nStatus message: Job entrypoint command failed with exit code -9, last logs: ..."
+
+
+def test_resubmit_retries_a_lost_driver_and_stops_on_what_a_retry_cannot_fix(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    cmd, calls = _fake_submit(tmp_path / "a", [(1, DIED), (1, DIED), (0, "Job 'raysubmit_3' succeeded")])
+    assert _resubmit(["--delay", "0", "--", *cmd]) == 0 and calls.read_text() == "3"
+    assert "resubmitting" in capsys.readouterr().err
+    # A configuration error: once, with the entrypoint's exit code.
+    (tmp_path / "b").mkdir()
+    cmd, calls = _fake_submit(tmp_path / "b", [(1, "rdscale run: error: unknown key(s) ray.nm_actors\n"
+                                                  "Job entrypoint command failed with exit code 2")] * 3)
+    assert _resubmit(["--delay", "0", "--", *cmd]) == 2 and calls.read_text() == "1"
+    assert "configuration or usage error" in capsys.readouterr().err
+    # The same rdscale error twice in a row: not transient.
+    (tmp_path / "c").mkdir()
+    same = (1, "rdscale run: error: /out holds the output of a different run\nfailed with exit code 1")
+    cmd, calls = _fake_submit(tmp_path / "c", [same] * 4)
+    assert _resubmit(["--delay", "0", "--", *cmd]) == 1 and calls.read_text() == "2"
+    # Bounded: --retries 1 is two attempts at most.
+    (tmp_path / "d").mkdir()
+    cmd, calls = _fake_submit(tmp_path / "d", [(1, DIED)] * 5)
+    assert _resubmit(["--retries", "1", "--delay", "0", "--", *cmd]) == -9 and calls.read_text() == "2"
+    assert "giving up" in capsys.readouterr().err
