@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,6 +115,17 @@ LEDGER_SCHEMA = pa.schema(
         ("digest", pa.string()),
         ("file_size", pa.int64()),
         ("file_mtime_ns", pa.int64()),
+        # Provenance and cost (rdscale.run.provenance): what wrote the shard's rows and the actors' seconds on it.
+        # Runs from before these columns keep their ledger as it is; readers treat the columns as optional.
+        ("host", pa.string()),
+        ("device", pa.string()),
+        ("cuda", pa.string()),
+        ("torch", pa.string()),
+        ("esm", pa.string()),
+        ("rdscale", pa.string()),
+        ("dtype", pa.string()),
+        ("seconds", pa.float64()),
+        ("committed_at", pa.float64()),
     ]
 )
 
@@ -222,6 +233,8 @@ class ShardResult:
     residues: int = 0
     digest: str = ""  # of the shard's records as the reader saw them (rdscale.run.integrity.records_digest)
     embedded: int = 0  # residues that went through the models (not copies; also for per-protein output)
+    seconds: float = 0.0  # the actors' time on these rows (summed over parts: device-seconds)
+    provenance: dict[str, str] = field(default_factory=dict)  # rdscale.run.provenance.collect() of who wrote them
 
     def add(self, other: "ShardResult") -> None:
         for name, frags in other.fragments.items():
@@ -238,6 +251,8 @@ class ShardResult:
         self.rejects += other.rejects
         self.residues += other.residues
         self.embedded += other.embedded
+        self.seconds += other.seconds
+        self.provenance = self.provenance or other.provenance
 
 
 class RunStore:
@@ -349,7 +364,8 @@ class RunStore:
     def commit_shard(self, result: ShardResult, key: str, fingerprint: dict[str, Any] | None = None) -> bool:
         """Driver side: make one shard's fragments visible, table by table, then record it in the ledger.
         Idempotent: a shard already in the ledger is not committed again (its new fragments stay orphans, removed by
-        `cleanup_orphans`). Returns whether this call committed it. fingerprint: digest, file_size, file_mtime_ns."""
+        `cleanup_orphans`). Returns whether this call committed it. fingerprint: digest, file_size, file_mtime_ns, and
+        the provenance columns (rdscale.run.provenance.ledger_values)."""
         self._check_lease()
         if self.dataset(LEDGER).count_rows(filter=f"shard = {int(result.shard)}"):
             log.warning("shard %d is already committed; not committing it twice", result.shard)
@@ -364,20 +380,12 @@ class RunStore:
             lance.LanceDataset.commit(self.uri(name), op, read_version=ds.version, storage_options=self._options)
             fault_point("between_tables")
         fault_point("before_ledger")
-        row = pa.table(
-            {
-                "shard": pa.array([result.shard], pa.int32()),
-                "key": [key],
-                "records": pa.array([result.records], pa.int64()),
-                "proteins": pa.array([result.proteins], pa.int64()),
-                "rejects": pa.array([result.rejects], pa.int64()),
-                "residues": pa.array([result.residues], pa.int64()),
-                "digest": [fp.get("digest") or result.digest or None],
-                "file_size": pa.array([fp.get("file_size")], pa.int64()),
-                "file_mtime_ns": pa.array([fp.get("file_mtime_ns")], pa.int64()),
-            },
-            schema=LEDGER_SCHEMA,
-        )
+        values = {**fp, "shard": result.shard, "key": key, "records": result.records, "proteins": result.proteins,
+                  "rejects": result.rejects, "residues": result.residues,
+                  "digest": fp.get("digest") or result.digest or None}
+        # The ledger's own columns: a run from before the provenance columns goes on without them.
+        schema = self.dataset(LEDGER).schema.remove_metadata()
+        row = pa.table({f.name: pa.array([values.get(f.name)], f.type) for f in schema}, schema=schema)
         lance.write_dataset(row, self.uri(LEDGER), mode="append", storage_options=self._options)
         fault_point("after_ledger")
         return True

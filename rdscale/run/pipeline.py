@@ -30,7 +30,7 @@ from rdscale.io.store import (
     schema_metadata,
 )
 from rdscale.progress import Progress
-from rdscale.run import dedupe
+from rdscale.run import dedupe, provenance
 from rdscale.run.integrity import (
     EMPTY_DIGEST,
     check_complete,
@@ -331,18 +331,22 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
         pending: dict[int, ShardResult] = {}
         keys = {s.index: shard_key(s) for s in shards}
         records_seen = 0
+        watch = provenance.ChangeWatch(list(done.values()), log)
         with Progress(total=len(todo), unit="shard", desc="embedding", enabled=progress) as bar:
             for index, total, part in executor.apply(cfg, models, str(fit_dir) if fit_dir else None, uris,
                                                       schemas, todo):
                 acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
                 acc.add(part)
+                watch.see(part.provenance)
                 summary.residues_embedded += part.embedded
                 records_seen += part.records
                 bar.postfix(records=records_seen, residues=summary.residues_embedded)
                 if acc.records == total:
                     result = pending.pop(index)
                     digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
-                    store.commit_shard(result, keys[index], {**stats[index], "digest": digest})
+                    store.commit_shard(result, keys[index], {**stats[index], "digest": digest,
+                                                             **provenance.ledger_values(result.provenance,
+                                                                                        result.seconds)})
                     bar.update(1)
         if pending:
             raise StoreError(

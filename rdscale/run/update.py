@@ -70,7 +70,7 @@ from rdscale.io.store import (
     sql_in_list,
 )
 from rdscale.progress import Progress
-from rdscale.run import dedupe
+from rdscale.run import dedupe, provenance
 from rdscale.run.dedupe import DedupShard, seq_digest
 from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, writing
 
@@ -477,15 +477,19 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         stats = fingerprints(todo) if all(Location.parse(s.path).is_local for s in todo) else {}
         uris = {name: store.uri(name) for name in schemas}
         pending: dict[int, ShardResult] = {}
+        watch = provenance.ChangeWatch(list(done.values()), log)
         with Progress(total=len(todo), unit="shard", desc=f"update {release}", enabled=progress) as bar:
             for index, total, part in executor.apply(cfg, models, fit_dir, uris, schemas, todo):
                 acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
                 acc.add(part)
+                watch.see(part.provenance)
                 report.residues_this_call += part.embedded
                 if acc.records == total:
                     result = pending.pop(index)
                     digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
-                    store.commit_shard(result, keys[index], {**stats.get(index, {}), "digest": digest})
+                    store.commit_shard(result, keys[index], {**stats.get(index, {}), "digest": digest,
+                                                             **provenance.ledger_values(result.provenance,
+                                                                                        result.seconds)})
                     bar.update(1)
         if pending:
             raise StoreError(f"{len(pending)} shard(s) of the update did not complete ({sorted(pending)}); run the "
