@@ -274,3 +274,170 @@ def test_a_live_owner_on_this_host_is_never_taken_over(tmp_path):
     info = lease_mod.LeaseInfo("x", lease_mod.this_host(), 1, None, 0.0, 0.0, boot="another-boot")
     if lease_mod._boot_id():  # pid 1 is alive, but it was recorded before a reboot: gone
         assert "restarted" in info.gone()
+
+
+# ------------------------------------------------------------------------------ real writers, SIGSTOP, SIGCONT
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def frozen_base(tmp_path_factory, tiny_family):
+    """An input, a fit of the tiny family on it, and the tables of an uninterrupted run (for comparison)."""
+    from helpers import make_cfg, write_fasta
+
+    from rdscale.run.pipeline import LocalExecutor, embed, fit
+
+    tmp = tmp_path_factory.mktemp("frozen_base")
+    fasta = write_fasta(tmp / "in.fasta", n=16, seed=5)
+    fit_dir = fit(make_cfg(tmp, fasta, tiny_family, "unused"), LocalExecutor(), out=tmp / "fit")
+    embed(make_cfg(tmp, fasta, tiny_family, "ref", **{"fit.artifact": str(fit_dir)}), None, LocalExecutor(),
+          progress=False)
+    return fasta, fit_dir, tables_of(tmp / "ref")
+
+
+def tables_of(run) -> dict[str, tuple[int, str]]:
+    """Row count and content hash of each data table, local or on S3 (rows in a canonical order)."""
+    from test_pipeline import checksum
+
+    from rdscale.io.runs import Run
+
+    out = {}
+    for name in (PROTEINS, RESIDUES, REJECTS):
+        t = Run(str(run)).dataset(name).to_table()
+        t = t.sort_by([("id", "ascending")] + ([("pos", "ascending")] if "pos" in t.column_names else []))
+        out[name] = (t.num_rows, checksum(t))
+    return out
+
+
+def _writer(config: Path, env: dict[str, str]):
+    import subprocess
+    import sys
+
+    full = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.Popen([sys.executable, "-m", "rdscale", "-q", "embed", "-c", str(config), "--local"],
+                            env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_stopped(proc, timeout: float = 240.0) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the writer exited ({proc.returncode}) before its stop point: "
+                                 f"{proc.stderr.read()[-2000:]}")
+        try:
+            state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            state = "?"
+        if state == "T":
+            return
+        time.sleep(0.1)
+    raise AssertionError("the writer never reached its stop point")
+
+
+def _config(tmp: Path, fasta, models, fit_dir, out: str) -> Path:
+    import json
+
+    cfg = {
+        "models": [str(m) for m in models],
+        "input": {"paths": [str(fasta)], "shard_mb": 0.0004},
+        "embedding": {"window": 120, "overlap": 30, "toks_per_batch": 1024},
+        "fit": {"artifact": str(fit_dir)},
+        "output": {"dir": out, "residue_dtype": "float32", "records_per_batch": 8},
+    }
+    path = tmp / "writer.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+STALE_S = 1.0
+
+
+def frozen_writer_case(tmp: Path, out: str, frozen_base, tiny_family, stop_at: str, env: dict[str, str]):
+    """Writer 1 stops itself (SIGSTOP) at `stop_at` inside a shard's commit; once its lease is stale, writer 2
+    starts as another host (RDSCALE_LEASE_HOST), so no pid check can help; then writer 1 gets SIGCONT. Returns
+    (writer 1's exit code and stderr, writer 2's)."""
+    import signal
+    import time
+
+    fasta, fit_dir, _ = frozen_base
+    config = _config(tmp, fasta, tiny_family, fit_dir, out)
+    common = {**env, "RDSCALE_LEASE_STALE_S": str(STALE_S), "RDSCALE_LEASE_RENEW_S": "0.2",
+              "RDSCALE_LEASE_GATE_WAIT_S": "5"}
+    first = _writer(config, {**common, "RDSCALE_FAULT_STOP": stop_at})
+    try:
+        _wait_stopped(first)
+        time.sleep(STALE_S + 1.0)  # past the staleness window: the lease was last renewed before the stop
+        second = _writer(config, {**common, "RDSCALE_LEASE_HOST": "another-host"})
+        second_rc = second.wait(timeout=300)
+        second_err = second.stderr.read()
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first_rc = first.wait(timeout=300)
+    return (first_rc, first.stderr.read()), (second_rc, second_err)
+
+
+def assert_frozen_outcomes(out: str, frozen_base, stop_at: str, first, second) -> None:
+    from rdscale.run.verify import verify
+
+    (first_rc, first_err), (second_rc, second_err) = first, second
+    if stop_at.endswith(":checked"):
+        # frozen between its lease check and its write, holding the gate: the second writer is refused, the
+        # first finishes its commit and its run
+        assert second_rc == 1, second_err
+        lines = second_err.strip().splitlines()
+        assert len(lines) == 1 and "inside a commit step" in lines[0], second_err
+        assert first_rc == 0, first_err
+    else:
+        # frozen between two table commits: the second writer takes over and finishes; the first wakes up,
+        # finds its lease gone at its next step and stops with one line, writing nothing more
+        assert second_rc == 0, second_err
+        assert first_rc == 1, first_err
+        lines = first_err.strip().splitlines()
+        assert len(lines) == 1 and "lost its writer lease" in lines[0], first_err
+    assert tables_of(out) == frozen_base[2]
+    assert verify(out) == []
+    assert read_lease(out) is None
+
+
+@pytest.mark.parametrize("stop_at", ["between_tables", "append residues:checked"])
+def test_writer_frozen_inside_a_commit_local(tmp_path, frozen_base, tiny_family, stop_at):
+    out = str(tmp_path / "run")
+    first, second = frozen_writer_case(tmp_path, out, frozen_base, tiny_family, stop_at, {})
+    assert_frozen_outcomes(out, frozen_base, stop_at, first, second)
+    assert not list(Path(out).glob("_writer.*"))  # lease, gate and takeover markers all gone
+
+
+def test_s3_enforces_conditional_writes_under_concurrency(s3):
+    """Canary for the S3 fencing tests: three concurrent put-if-absent of one key, exactly one wins. Some SeaweedFS
+    versions did not enforce conditional writes under concurrency; the lease and the gate rely on them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rdscale.io.lease import S3LeaseBackend
+
+    import uuid
+
+    for attempt in range(5):
+        key = s3.uri("canary", f"key-{uuid.uuid4().hex}")  # a fresh key each time (one server per session)
+        backends = [S3LeaseBackend() for _ in range(3)]  # one client each, as three processes would have
+        barrier = threading.Barrier(3)
+
+        def put(i):
+            barrier.wait()
+            return backends[i].create_exclusive(key, f"writer {i}".encode())
+
+        with ThreadPoolExecutor(3) as pool:
+            wins = list(pool.map(put, range(3)))
+        assert sum(wins) == 1, (f"the S3 server let {sum(wins)} of 3 concurrent If-None-Match PUTs of one key "
+                                "succeed: it does not enforce conditional writes, so no lease or fence is safe on it")
+        assert backends[0].read(key) == f"writer {wins.index(True)}".encode()
+
+
+@pytest.mark.parametrize("stop_at", ["between_tables", "append residues:checked"])
+def test_writer_frozen_inside_a_commit_s3(tmp_path, s3, frozen_base, tiny_family, stop_at):
+    test_s3_enforces_conditional_writes_under_concurrency(s3)  # fail loudly first if the server cannot fence
+    out = s3.uri("frozen", stop_at.replace(" ", "_").replace(":", "_"))
+    first, second = frozen_writer_case(tmp_path, out, frozen_base, tiny_family, stop_at, s3.env())
+    assert_frozen_outcomes(out, frozen_base, stop_at, first, second)

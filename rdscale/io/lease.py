@@ -498,9 +498,9 @@ class WriterLease:
         while not self._stop.wait(self.renew_every):
             try:
                 self.renew()
-            except LeaseError as err:
+            except LeaseError as err:  # the next step stops the writer with this one line: said once, there
                 self.lost = str(err)
-                log.error("%s", err)
+                log.debug("%s", err)
                 return
             except OSError as err:  # a transient storage hiccup: retry on the next beat
                 log.warning("could not renew the writer lease %s: %s", self.path, err)
