@@ -12,21 +12,23 @@ writers that find the same stale lease cannot both take it.
 
 Staleness is a guess about a process on another host: it may be frozen (SIGSTOP, a suspended VM, a long stall)
 and wake up. So a lease alone is not enough, and every write to the run goes through the commit gate
-(`<run>/_writer.gate`, `WriterLease.step`): the writer creates the gate exclusively, checks under it that the lease
-is still its own, writes, and removes the gate. A takeover also needs the gate, so the lease can change owner only
-while no step is under way: a writer frozen between steps finds the lease gone at its next step and stops with one
-line, writing nothing more; a writer frozen inside a step holds the gate, and the would-be successor is refused
-until it has finished (or is known to be dead: a gate owned by a dead process of this host is broken). Renewals and
-the release of the lease are steps too. Nothing here trusts a clock for safety: time only decides when to try a
+(`<run>/_writer.gate`, `WriterLease.step`): the writer takes the gate exclusively (an `flock` on a filesystem, an
+object created with `If-None-Match: *` on S3), checks under it that the lease is still its own, writes, and leaves
+the gate. A takeover also needs the gate, so the lease can change owner only while no step is under way: a writer
+frozen between steps finds the lease gone at its next step and stops with one line, writing nothing more; a writer
+frozen inside a step holds the gate, and the would-be successor is refused until it has finished (a dead holder's
+flock is dropped by the kernel; an S3 gate owned by a dead process of this host is removed). Renewals and the
+release of the lease are steps too. Nothing here trusts a clock for safety: time only decides when to try a
 takeover.
 
-Storage is behind `LeaseBackend` (`create_exclusive`, `read`, `write`, `delete`), so an object-storage location
-plugs in without touching the protocol.
+Storage is behind `LeaseBackend` (`create_exclusive`, `read`, `write`, `delete`, `lock`, `unlock`), so an
+object-storage location plugs in without touching the protocol.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -97,9 +99,20 @@ class LeaseBackend(Protocol):
     def delete(self, path: str) -> None:
         """Remove the file; no error when it is already gone."""
 
+    def lock(self, path: str, payload: bytes) -> object | None:
+        """Take the exclusive gate at `path` without waiting: a handle for `unlock`, or None when it is held."""
+
+    def unlock(self, path: str, handle: object) -> None:
+        """Leave the gate taken by `lock`."""
+
 
 class LocalLeaseBackend:
-    """POSIX filesystem: `O_EXCL` create, rename-over for renewal (readers never see a half-written lease)."""
+    """POSIX filesystem: `O_EXCL` create, rename-over for renewal (readers never see a half-written lease). The gate
+    is an exclusive `flock` of a file that stays in place: the kernel drops it when its holder exits (so a dead
+    holder never blocks anyone), a stopped holder keeps it, and taking it writes nothing (a full disk still
+    lets a writer finish its steps and release its lease). NFSv4 clients turn flock into locks the server holds."""
+
+    records_gate_holder = False
 
     def create_exclusive(self, path: str, payload: bytes) -> bool:
         """The content is written to a private file first and then hard-linked into place (link fails when the
@@ -152,6 +165,25 @@ class LocalLeaseBackend:
         except FileNotFoundError:
             pass
 
+    def lock(self, path: str, payload: bytes) -> object | None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+                raise LeaseError(f"{path}: this filesystem has no file locks (flock), which the commit gate of a "
+                                 "run needs; write the run to a local disk, an NFSv4 share or s3://") from None
+            raise
+        return fd
+
+    def unlock(self, path: str, handle: object) -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        os.close(handle)
+
 
 # storage.options (Lance's names) -> boto3 client arguments; the environment covers whatever is not given here
 _BOTO_KEYS = {
@@ -181,7 +213,11 @@ def _boto_options() -> dict[str, str]:
 class S3LeaseBackend:
     """S3-compatible object storage through boto3: create-if-absent is a PUT with `If-None-Match: *` (AWS S3,
     MinIO, SeaweedFS and Ceph honour it; a store that ignores it would let two writers in, so check yours with
-    `tests/test_exactly_once.py::test_s3_conditional_put`). `path` is `s3://bucket/key`."""
+    `tests/test_fencing.py::test_s3_enforces_conditional_writes_under_concurrency`). `path` is `s3://bucket/key`.
+    The gate is an object created that way and deleted on leaving; it names its holder, so a gate left by a
+    process that died on this host can be removed."""
+
+    records_gate_holder = True
 
     def __init__(self, client=None, **client_kwargs):
         if client is None:
@@ -241,6 +277,14 @@ class S3LeaseBackend:
     def delete(self, path: str) -> None:
         bucket, key = self._split(path)
         self.client.delete_object(Bucket=bucket, Key=key)
+
+    def lock(self, path: str, payload: bytes) -> object | None:
+        return LeaseInfo.parse(payload).run_id if self.create_exclusive(path, payload) else None
+
+    def unlock(self, path: str, handle: object) -> None:
+        holder = LeaseInfo.parse(self.read(path) or b"")
+        if holder is not None and holder.run_id == handle:
+            self.delete(path)
 
 
 def backend_for(location: str) -> LeaseBackend:
@@ -367,6 +411,7 @@ class WriterLease:
         self._thread: threading.Thread | None = None
         self._local = threading.RLock()  # one step at a time in this process (the heartbeat's renewals too)
         self._depth = 0  # nested steps of the thread holding _local: the gate is entered once
+        self._gate_handle: object | None = None
         self.lost: str | None = None
 
     def _mine(self) -> LeaseInfo:
@@ -403,7 +448,7 @@ class WriterLease:
                 # Under the gate: the old owner is between two steps (or dead), and cannot start one until we are
                 # done; its next step finds the lease gone. Re-read under the marker: only the marker's winner
                 # deletes, and only the lease it judged stale.
-                self._enter_gate(info, wait=0.0, taking_over=why)
+                self._enter_gate(info, wait=0.0, taking_over=(why, owner))
                 try:
                     if self.backend.read(self.path) == raw:
                         log.warning("taking over the writer lease of %s: %s", self.location, why)
@@ -424,44 +469,54 @@ class WriterLease:
 
     # ------------------------------------------------------------------------------------------------ the gate
 
-    def _enter_gate(self, info: LeaseInfo, wait: float, taking_over: str | None = None) -> None:
-        """Create the gate exclusively (waiting up to `wait` s for a live holder to leave it). A gate left by a
-        process that is gone from this host is broken; one held by a live process, or by a process on another
-        host, is never: that process may be frozen inside its write and resume it."""
+    def _enter_gate(self, info: LeaseInfo, wait: float, taking_over: tuple[str, LeaseInfo | None] | None = None
+                    ) -> None:
+        """Take the gate (waiting up to `wait` s for a live holder to leave it). An object-store gate left by a
+        process that is gone from this host is removed; one held by a live process, or by a process on another
+        host, never is: that process may be frozen inside its write and resume it. taking_over: (why the lease is
+        stale, its owner), for the refusal."""
         deadline = time.monotonic() + wait
         pause = 0.02
         while True:
-            if self.backend.create_exclusive(self.gate, info.encode()):
+            handle = self.backend.lock(self.gate, info.encode())
+            if handle is not None:
+                self._gate_handle = handle
                 return
-            raw = self.backend.read(self.gate)
-            if raw is None:
-                continue  # left between our create and read
-            holder = LeaseInfo.parse(raw)
-            if holder is not None and holder.run_id == info.run_id:
-                return  # ours: a removal of an earlier step's gate failed (a storage hiccup); still ours
-            dead = "its content is unreadable" if holder is None else holder.gone(self.host)
-            if dead is not None:
-                if self.backend.read(self.gate) == raw:
-                    log.warning("removing the commit gate of %s: %s", self.location, dead)
-                    self.backend.delete(self.gate)
-                continue
+            holder = None
+            if getattr(self.backend, "records_gate_holder", False):
+                raw = self.backend.read(self.gate)
+                if raw is None:
+                    continue  # left between our try and read
+                holder = LeaseInfo.parse(raw)
+                if holder is not None and holder.run_id == info.run_id:
+                    self._gate_handle = info.run_id  # ours: an earlier step could not remove it (a storage hiccup)
+                    return
+                dead = "its content is unreadable" if holder is None else holder.gone(self.host)
+                if dead is not None:
+                    if self.backend.read(self.gate) == raw:
+                        log.warning("removing the commit gate of %s: %s", self.location, dead)
+                        self.backend.delete(self.gate)
+                    continue
             if time.monotonic() >= deadline:
-                since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.renewed))
+                who = holder or (taking_over[1] if taking_over else None)
+                since = (f" since {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(holder.renewed))}"
+                         if holder is not None else "")
+                name = who.describe() if who is not None else "another process"
                 if taking_over:
+                    remedy = f" (if it is gone for good, delete {self.gate})" if holder is not None else ""
                     raise LeaseError(
-                        f"{self.location}: its writer lease is stale ({taking_over}), but its owner ({holder.describe()}) "
-                        f"is inside a commit step since {since} and may resume it; not taking over. Stop or resume "
-                        f"that process and try again (if it is gone for good, delete {self.gate})")
-                raise LeaseError(f"{self.location}: the commit gate {self.gate} is held by {holder.describe()} since "
-                                 f"{since}; stopping without committing more")
+                        f"{self.location}: its writer lease is stale ({taking_over[0]}), but its owner ({name}) is "
+                        f"inside a commit step{since} and may resume it; not taking over. Stop or resume that "
+                        f"process and try again{remedy}")
+                raise LeaseError(f"{self.location}: the commit gate {self.gate} is held by {name}{since}; "
+                                 "stopping without committing more")
             time.sleep(pause)
             pause = min(pause * 2, 0.5)
 
     def _leave_gate(self, info: LeaseInfo) -> None:
-        raw = self.backend.read(self.gate)
-        holder = LeaseInfo.parse(raw) if raw is not None else None
-        if holder is not None and holder.run_id == info.run_id:
-            self.backend.delete(self.gate)
+        handle, self._gate_handle = self._gate_handle, None
+        if handle is not None:
+            self.backend.unlock(self.gate, handle)
 
     @contextmanager
     def step(self, what: str) -> Iterator[None]:
