@@ -451,3 +451,33 @@ def test_writer_frozen_inside_a_commit_s3(tmp_path, s3, frozen_base, tiny_family
     out = s3.uri("frozen", stop_at.replace(" ", "_").replace(":", "_"))
     first, second = frozen_writer_case(tmp_path, out, frozen_base, tiny_family, stop_at, s3.env())
     assert_frozen_outcomes(out, frozen_base, stop_at, first, second)
+
+
+def test_ray_driver_that_loses_its_lease_stops_at_its_next_step(tmp_path, ray_session, frozen_base, tiny_family):
+    """On a Ray cluster the driver makes the commits (workers only write data files): a driver whose lease is
+    taken over by another host between two table commits of a shard stops at its next step, and the successor's
+    run is whole."""
+    from helpers import make_cfg
+
+    from rdscale.cluster.executor import RayExecutor
+    from rdscale.run.pipeline import LocalExecutor, embed
+    from rdscale.run.verify import verify
+
+    fasta, fit_dir, reference = frozen_base
+    cfg = make_cfg(tmp_path, fasta, tiny_family, "run", **{"fit.artifact": str(fit_dir)})
+    out = tmp_path / "run"
+    took_over = []
+
+    def successor():
+        store_mod.FAULT_HOOKS.pop("between_tables")
+        with WriterLease(out, renew_every=0, stale_after=0, host="host-b") as lease:
+            embed(cfg, None, LocalExecutor(), progress=False, lease=lease)
+        took_over.append(True)
+
+    store_mod.FAULT_HOOKS["between_tables"] = successor
+    try:
+        with pytest.raises(LeaseError, match="lost its writer lease"):
+            embed(cfg, None, RayExecutor(cfg), progress=False)
+    finally:
+        store_mod.FAULT_HOOKS.pop("between_tables", None)
+    assert took_over and tables_of(out) == reference and verify(out) == [] and read_lease(out) is None
