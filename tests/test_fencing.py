@@ -481,3 +481,31 @@ def test_ray_driver_that_loses_its_lease_stops_at_its_next_step(tmp_path, ray_se
     finally:
         store_mod.FAULT_HOOKS.pop("between_tables", None)
     assert took_over and tables_of(out) == reference and verify(out) == [] and read_lease(out) is None
+
+
+def test_s3_gate_of_a_dead_process_is_removed_and_a_remote_one_is_not(s3):
+    """On S3 the gate is an object naming its holder: one left by a process that died on this host is removed by
+    the next step; one held by a process on another host (perhaps frozen inside its write) never is."""
+    import subprocess
+    import sys
+    import time
+
+    from rdscale.io.lease import LeaseInfo, S3LeaseBackend
+
+    test_s3_enforces_conditional_writes_under_concurrency(s3)
+    root = s3.uri("gates", "run")
+    backend = S3LeaseBackend()
+    gate = root + "/" + lease_mod.GATE_NAME
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    now = time.time()
+    with WriterLease(root, renew_every=0, gate_wait=0) as lease:
+        backend.write(gate, LeaseInfo("dead", lease_mod.this_host(), int(dead.stdout), None, now, now,
+                                      lease_mod._boot_id()).encode())
+        with lease.step("after a dead holder"):
+            assert LeaseInfo.parse(backend.read(gate)).run_id == lease.run_id
+        assert backend.read(gate) is None
+        backend.write(gate, LeaseInfo("frozen", "another-host", 1, None, now, now).encode())
+        with pytest.raises(LeaseError, match="commit gate .* is held by pid 1 on another-host"):
+            with lease.step("behind a remote holder"):
+                pass
+        backend.delete(gate)
