@@ -448,15 +448,17 @@ class WriterLease:
                 # Under the gate: the old owner is between two steps (or dead), and cannot start one until we are
                 # done; its next step finds the lease gone. Re-read under the marker: only the marker's winner
                 # deletes, and only the lease it judged stale.
-                self._enter_gate(info, wait=0.0, taking_over=(why, owner))
-                try:
-                    if self.backend.read(self.path) == raw:
-                        log.warning("taking over the writer lease of %s: %s", self.location, why)
-                        self.backend.delete(self.path)
-                    if self.backend.create_exclusive(self.path, info.encode()):
-                        return self._held(info)
-                finally:
-                    self._leave_gate(info)
+                with self._local:
+                    self._enter_gate(info, wait=0.0, taking_over=(why, owner))
+                    try:
+                        if self.backend.read(self.path) == raw:
+                            log.warning("taking over the writer lease of %s: %s", self.location, why)
+                            self.backend.delete(self.path)
+                        won = self.backend.create_exclusive(self.path, info.encode())
+                    finally:
+                        self._leave_gate(info)
+                if won:
+                    return self._held(info)
             finally:
                 self.backend.delete(marker)
         raise LeaseError(f"{self.location}: could not acquire the writer lease {self.path}; try again")
