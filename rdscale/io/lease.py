@@ -479,8 +479,9 @@ class WriterLease:
         stale, its owner), for the refusal."""
         deadline = time.monotonic() + wait
         pause = 0.02
+        entered = LeaseInfo(**{**info.__dict__, "renewed": time.time()}).encode()  # "inside a step since"
         while True:
-            handle = self.backend.lock(self.gate, info.encode())
+            handle = self.backend.lock(self.gate, entered)
             if handle is not None:
                 self._gate_handle = handle
                 return
