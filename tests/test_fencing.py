@@ -515,3 +515,52 @@ def test_s3_gate_of_a_dead_process_is_removed_and_a_remote_one_is_not(s3):
             with lease.step("behind a remote holder"):
                 pass
         backend.delete(gate)
+
+
+@pytest.fixture(scope="module")
+def update_world(tmp_path_factory, tiny_family):
+    """test_update's releases A and B: a run of A, and a fresh run of B with A's fit (what an update must equal)."""
+    from helpers import make_cfg
+    from test_update import releases_ab, write_records
+
+    from rdscale.run.pipeline import LocalExecutor, run
+
+    tmp = tmp_path_factory.mktemp("fence_update")
+    a, b = releases_ab()
+    fa, fb = write_records(tmp / "A.fasta", a), write_records(tmp / "B.fasta", b)
+    run(make_cfg(tmp, fa, tiny_family, "fresh_a"), LocalExecutor(), progress=False)
+    run(make_cfg(tmp, fb, tiny_family, "fresh_b", **{"fit.artifact": str(tmp / "fresh_a" / "fit")}),
+        LocalExecutor(), progress=False)
+    return fb, tmp / "fresh_a", tmp / "fresh_b"
+
+
+def test_update_that_loses_its_lease_stops_and_the_successor_finishes_it(tmp_path, monkeypatch, update_world):
+    """`rdscale update` frozen between two table commits of a shard: another host takes the lease over and finishes
+    the same update; the first stops at its next step. The run then equals a fresh run on the new release, with
+    the release recorded once, and `verify` finds nothing wrong."""
+    from test_update import assert_equal_content, content, copy_run
+
+    from rdscale.run.update import releases, update
+    from rdscale.run.verify import verify
+
+    fb, fresh_a, fresh_b = update_world
+    run_dir = copy_run(fresh_a, tmp_path / "run")
+
+    def successor():
+        store_mod.FAULT_HOOKS.pop("between_tables")
+        with monkeypatch.context() as m:
+            m.setenv("RDSCALE_LEASE_HOST", "host-b")
+            m.setattr(lease_mod, "STALE_SECONDS", 0.0)
+            took_over.append(update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False))
+
+    took_over = []
+    store_mod.FAULT_HOOKS["between_tables"] = successor
+    try:
+        with pytest.raises(LeaseError, match="lost its writer lease"):
+            update(run_dir, [str(fb)], "B1", overrides=["ray.address=local"], progress=False)
+    finally:
+        store_mod.FAULT_HOOKS.pop("between_tables", None)
+    assert len(took_over) == 1 and took_over[0].new > 0
+    assert_equal_content(content(run_dir), content(fresh_b))
+    assert [(r["name"], r["status"]) for r in releases(run_dir)] == [("initial", "done"), ("B1", "done")]
+    assert verify(run_dir) == [] and read_lease(run_dir) is None
