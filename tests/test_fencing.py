@@ -564,3 +564,27 @@ def test_update_that_loses_its_lease_stops_and_the_successor_finishes_it(tmp_pat
     assert_equal_content(content(run_dir), content(fresh_b))
     assert [(r["name"], r["status"]) for r in releases(run_dir)] == [("initial", "done"), ("B1", "done")]
     assert verify(run_dir) == [] and read_lease(run_dir) is None
+
+
+def test_compact_of_a_writer_that_lost_its_lease_writes_nothing(tmp_path):
+    """`rdscale compact` writes under the caller's lease (found by location): once another host has taken the
+    lease over, compaction stops before its first rewrite."""
+    import time
+
+    from rdscale.run.compact import compact_run
+
+    root = tmp_path / "run"
+    with WriterLease(root, renew_every=0, host="host-a") as first:
+        write_run(root, first)
+        versions = {t: lance.dataset(str(root / f"{t}.lance")).version for t in (PROTEINS, RESIDUES, REJECTS)}
+        # what a successor's takeover does (under the gate, which is free between steps)
+        backend = lease_mod.LocalLeaseBackend()
+        handle = backend.lock(first.gate, b"")
+        backend.delete(first.path)
+        now = time.time()
+        assert backend.create_exclusive(first.path, lease_mod.LeaseInfo("next", "host-b", 1, None, now, now).encode())
+        backend.unlock(first.gate, handle)
+        with pytest.raises(LeaseError, match="lost its writer lease"):
+            compact_run(str(root))
+    assert {t: lance.dataset(str(root / f"{t}.lance")).version for t in versions} == versions
+    assert read_lease(root).run_id == "next"  # the successor's lease is left alone
