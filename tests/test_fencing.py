@@ -11,7 +11,8 @@ LeaseError and commits nothing after it.
 
 Then the same with real processes: `rdscale embed` stopped with SIGSTOP inside a commit past a short staleness
 window, a second `rdscale embed` as another host, SIGCONT; on local disk and on the SeaweedFS S3 server (after a
-canary that the server enforces conditional writes under concurrency).
+canary that the server enforces conditional writes under concurrency). And the other writers: a Ray driver, an
+`update`, a `compact`, each losing its lease to another host mid-way.
 """
 
 from __future__ import annotations
