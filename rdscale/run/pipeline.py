@@ -371,11 +371,12 @@ def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *,
                 with lease.step("fit"):
                     staging.rename(fit_loc.path)
             else:  # no renames on object stores: the manifest, written last, marks a complete artifact
-                # (its files are written without the gate, which a long fit would hold for minutes; a writer that
-                # lost its lease meanwhile stops at the next step, and a successor refits over them)
+                # (its files are written without the gate, which a long fit would hold for minutes: a writer that
+                # lost its lease meanwhile stops at the step below, and a successor fitting the same sample writes
+                # the same bytes, since the fit is deterministic)
                 fit(cfg, executor or make_executor(cfg), out=fit_loc)
                 with lease.step("fit"):
-                    pass
+                    pass  # the proof that the fit just written is this lease holder's, before embedding with it
             fit_dir = fit_loc.uri
         return embed(cfg, fit_dir, executor, progress=progress, lease=lease, redo_changed=redo_changed)
 
