@@ -198,10 +198,10 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
         with writing(cfg.output.dir) as lease:
             root = Path(cfg.output.dir)
             staging = fit(cfg, executor, out=root / f"fit.partial.{lease.run_id}")
-            lease.check()
-            if (root / "fit").exists():
-                shutil.rmtree(root / "fit")
-            staging.rename(root / "fit")
+            with lease.step("fit"):
+                if (root / "fit").exists():
+                    shutil.rmtree(root / "fit")
+                staging.rename(root / "fit")
             return root / "fit"
     executor = executor or make_executor(cfg)
     shards = plan(cfg)
@@ -271,7 +271,8 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
         with writing(cfg.output.dir) as held:
             return embed(cfg, fit_dir, executor, progress, lease=held, redo_changed=redo_changed, restart=restart)
     if restart:
-        _clear(cfg.output.dir, keep_fit=True)
+        with lease.step("restart"):
+            _clear(cfg.output.dir, keep_fit=True)
     models = _check_models(cfg)
     fit_dir = fit_dir or cfg.fit.artifact
     if fit_dir:
@@ -310,8 +311,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     metadata = schema_metadata(levels, manifest, recorded_config(cfg.to_dict()), key)
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
                           residue_dtype=cfg.output.residue_dtype)
-    store = RunStore(cfg.output.dir, schemas, key)
-    store.lease = lease
+    store = RunStore(cfg.output.dir, schemas, key, lease=lease)
     removed = store.recover()
     refuse_or_redo(store, shards, options, redo=redo_changed)
     write_plan(store, shards)
@@ -378,7 +378,8 @@ def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *,
     set_storage_options(cfg.storage.options)
     with writing(cfg.output.dir) as lease:
         if restart:
-            _clear(cfg.output.dir)
+            with lease.step("restart"):
+                _clear(cfg.output.dir)
         fit_dir = cfg.fit.artifact
         if not fit_dir:
             fit_loc = default_fit(cfg.output.dir)
@@ -389,13 +390,18 @@ def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *,
                 root = Path(cfg.output.dir)
                 executor = executor or make_executor(cfg)
                 staging = root / f"fit.partial.{lease.run_id}"  # per run: never shared with another writer
-                clear_stale_staging(root)
+                with lease.step("clear staging"):
+                    clear_stale_staging(root)
                 fit(cfg, executor, out=staging, final=fit_loc.path)
-                lease.check()
-                staging.rename(fit_loc.path)
+                with lease.step("fit"):
+                    staging.rename(fit_loc.path)
             else:  # no renames on object stores: the manifest, written last, marks a complete artifact
+                # (its files are written without the gate, which a long fit would hold for minutes: a writer that
+                # lost its lease meanwhile stops at the step below, and a successor fitting the same sample writes
+                # the same bytes, since the fit is deterministic)
                 fit(cfg, executor or make_executor(cfg), out=fit_loc)
-                lease.check()
+                with lease.step("fit"):
+                    pass  # the proof that the fit just written is this lease holder's, before embedding with it
             fit_dir = fit_loc.uri
         return embed(cfg, fit_dir, executor, progress=progress, lease=lease, redo_changed=redo_changed)
 
