@@ -25,11 +25,11 @@ class SlowSearchService(SearchService):
             embedder = searcher.embedder()
             real = embedder.embed
 
-            def slow(sequences, names=None, _real=real):
+            def slow(sequences, names=None, width=None, _real=real):
                 if log:
                     with open(log, "a") as f:
                         f.write(f"{len(sequences)}\n")
                 time.sleep(delay)
-                return _real(sequences, names)
+                return _real(sequences, names, width=width)
 
             embedder.embed = slow

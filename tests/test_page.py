@@ -307,7 +307,7 @@ def test_service_card_records_explain_and_limits(page_run):
     calls = []
     embedder = service.searchers["proteins"].embedder()
     real = embedder.embed
-    embedder.embed = lambda s, n=None: calls.append(len(s)) or real(s, n)
+    embedder.embed = lambda s, n=None, width=None: calls.append(len(s)) or real(s, n, width=width)
     twice = service.search({"sequences": {"a": "MKTAYIAKQRW", "b": "mktayiakqrw*"}, "k": 2})["hits"]
     again = service.search({"sequences": {"c": "MKTAYIAKQRW"}, "k": 2})["hits"]
     assert calls == [1]
