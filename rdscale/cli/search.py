@@ -134,6 +134,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "protein, and the number of its residues hit); --residue-hits residue hits per query residue")
     p.add_argument("--residue-hits", type=int,
                    help="with --aggregate: residue hits taken per query residue (default max(10k, 100))")
+    p.add_argument("--residue-mode", choices=["two-stage", "global"],
+                   help="with --table residues: two-stage (default for exact mode) shortlists proteins by their "
+                   "per-protein embedding, then searches their residues exactly; global searches every residue "
+                   "(exactly, or with the residues index for ann / funnel, their default)")
+    p.add_argument("--protein-shortlist", type=int,
+                   help="two-stage residue search: proteins shortlisted per query protein (default max(20k, 200))")
     p.add_argument("--exclude-self", action="store_true", help="with --id: drop the query row from its results")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="with --fasta: the chain's checkpoints, if they moved since the run (smallest first)")
@@ -269,6 +275,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         shortlist=args.shortlist, rerank_width=args.rerank_width, nprobes=args.nprobes,
         refine_factor=args.refine_factor, ef=args.ef, backend=args.backend, recall=args.recall,
     )
+    if args.residue_mode is not None or args.protein_shortlist is not None:
+        common.update(residue_mode=args.residue_mode, protein_shortlist=args.protein_shortlist)
     if args.aggregate:
         common.update(aggregate=args.aggregate, residue_hits=args.residue_hits)
     elif args.residue_hits is not None:
