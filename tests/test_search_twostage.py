@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from rdscale import search as S
 from rdscale.search.searcher import Searcher
-from test_search import fsl, rdscale, write_proteins
+from test_search import fsl, rdscale, real_run, write_proteins  # noqa: F401 - real_run: a fixture
 
 LEVELS = [8, 16, 32]
 WIDTH = 32
@@ -164,3 +164,15 @@ def test_two_stage_recall_against_exact_aggregated(family_table, capsys):
     assert code == 0, err
     assert [line.split()[1] for line in text.splitlines()[2:]] == \
         two.filter(pa.compute.equal(two.column("query"), ids[0])).column("id").to_pylist()
+
+
+def test_a_real_runs_protein_embedding_is_its_residues_mean(real_run):
+    """What stage 1 relies on: the pipeline's per-protein embedding is the mean of its residue vectors (here at
+    the residues' stored width 48, residues stored in float16)."""
+    run, _ = real_run
+    prot = lance.dataset(str(run / "proteins.lance")).to_table(columns=["id", "embedding"])
+    res = lance.dataset(str(run / "residues.lance")).to_table(columns=["id", "embedding"])
+    x = np.stack(res.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)  # (n_res, 48)
+    owner = np.asarray(res.column("id").to_pylist())
+    for pid, vec in zip(prot.column("id").to_pylist(), prot.column("embedding").to_numpy(zero_copy_only=False)):
+        np.testing.assert_allclose(x[owner == pid].mean(axis=0), np.asarray(vec)[:48], atol=2e-3)
