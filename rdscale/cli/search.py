@@ -89,6 +89,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the cheapest search parameters (ef, nprobe, funnel shortlist) reaching it are stored with the "
                    "index and used by `search` unless it asks for another --recall; 0 skips calibration")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if an identical index exists")
+    p.add_argument("--ray", metavar="ADDRESS", nargs="?", const="auto",
+                   help="faiss IVF_FLAT / IVF_PQ: train in this process on a sample, add the rows in Ray tasks per "
+                   "fragment group and merge them in one more (the Ray cluster at ADDRESS, default auto; `local` "
+                   "starts one here)")
     p.add_argument("--list", action="store_true", help="list the existing indexes and exit")
     p.set_defaults(func=cmd_index)
 
@@ -161,6 +165,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         return 0
     params = dict(args.params)
     from rdscale.search.calibrate import describe
+
+    if args.ray:
+        if args.backend == "lance":
+            raise S.SearchError("--ray builds faiss indexes (--backend faiss)")
+        from rdscale.cluster.index import ray_builder
+
+        params["builder"] = ray_builder(address=args.ray)
 
     for table in args.table:
         widths = args.width or [S.chain_levels(S.open_table(args.out, table))[0]]

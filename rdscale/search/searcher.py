@@ -1069,6 +1069,7 @@ def build_index(
     backend: str | None = None,
     progress: bool = False,
     recall: float | None = C.DEFAULT_RECALL,
+    builder=None,
     **params: Any,
 ) -> IndexInfo:
     """A vector index on the width-``width`` prefix of ``table`` (None = the stored width), calibrated for
@@ -1083,6 +1084,7 @@ def build_index(
     (``rebuild=True`` forces a new one). ``progress``: a bar of the rows added (FAISS) or per build stage (Lance).
     ``recall``: the recall@10 target the index is calibrated for on held-out rows (rdscale.search.calibrate; the
     curve is stored with the index and ``search`` uses its cheapest point meeting the target); None skips it.
+    ``builder`` (faiss): builds and writes the index instead of this process (rdscale.cluster.index.ray_builder).
     """
     if backend is None:
         backend = default_backend(dataset_path)
@@ -1104,7 +1106,7 @@ def build_index(
             raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
         width = check_width(ds, width)
         info = F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild,
-                                   progress, **params)
+                                   progress, builder=builder, **params)
     if recall is None or info.num_rows < C.MIN_ROWS or (info.calibration and info.calibration.get("target") == recall
                                                         and info.calibration.get("k") == C.DEFAULT_K):
         return info
