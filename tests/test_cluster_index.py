@@ -8,10 +8,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from test_search import clustered, write_proteins
 
 from rdscale import search as S
 from rdscale.search import faiss_index as F
-from test_search import clustered, write_proteins
 
 pytestmark = pytest.mark.ray
 

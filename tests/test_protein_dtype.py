@@ -12,12 +12,12 @@ import lance
 import numpy as np
 import pyarrow as pa
 import pytest
+from test_search import clustered
 
 from rdscale import search as S
 from rdscale.config import load_config
 from rdscale.errors import RdscaleError
 from rdscale.io.store import PROTEINS, proteins_table, run_schemas, schema_metadata
-from test_search import clustered
 
 LEVELS = [8, 16, 32]
 

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_search import fsl, rdscale, write_proteins
 
 from rdscale import search as S
 from rdscale.search.searcher import Searcher
-from test_search import fsl, rdscale, real_run, write_proteins  # noqa: F401 - real_run: a fixture
 
 LEVELS = [8, 16, 32]
 WIDTH = 32
@@ -91,7 +91,7 @@ def test_two_stage_is_exact_search_over_the_shortlisted_proteins(small_run, smal
                                                                  width, k, by_id, where, filtered):
     """Two-stage = exact residue search restricted to the `shortlist` proteins nearest the query protein's mean
     residue vector; with a shortlist covering every protein (>= 60) that is exact residue search itself."""
-    out, res, owner, prot = small_run
+    _, res, owner, prot = small_run
     mine = np.flatnonzero(owner == protein)
     if by_id:
         q = res[mine]
@@ -151,7 +151,7 @@ def family_table(tmp_path_factory):
 def test_two_stage_recall_against_exact_aggregated(family_table, capsys):
     """Aggregated to proteins, two-stage (stage 1 through the proteins' index) finds >= 95% of the 10 proteins
     exact residue search finds, at a default shortlist of 200 of 2400 proteins."""
-    out, res, owner, prot = family_table
+    out, _, _, prot = family_table
     searcher = Searcher(out, "residues")
     ids = [f"P{i:05d}" for i in np.random.default_rng(0).choice(len(prot), 20, replace=False)]
     exact = searcher.search(ids=ids, k=10, aggregate="proteins", residue_mode="global")
@@ -165,14 +165,3 @@ def test_two_stage_recall_against_exact_aggregated(family_table, capsys):
     assert [line.split()[1] for line in text.splitlines()[2:]] == \
         two.filter(pa.compute.equal(two.column("query"), ids[0])).column("id").to_pylist()
 
-
-def test_a_real_runs_protein_embedding_is_its_residues_mean(real_run):
-    """What stage 1 relies on: the pipeline's per-protein embedding is the mean of its residue vectors (here at
-    the residues' stored width 48, residues stored in float16)."""
-    run, _ = real_run
-    prot = lance.dataset(str(run / "proteins.lance")).to_table(columns=["id", "embedding"])
-    res = lance.dataset(str(run / "residues.lance")).to_table(columns=["id", "embedding"])
-    x = np.stack(res.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)  # (n_res, 48)
-    owner = np.asarray(res.column("id").to_pylist())
-    for pid, vec in zip(prot.column("id").to_pylist(), prot.column("embedding").to_numpy(zero_copy_only=False)):
-        np.testing.assert_allclose(x[owner == pid].mean(axis=0), np.asarray(vec)[:48], atol=2e-3)

@@ -117,7 +117,7 @@ def build_faiss_index(
     """Build (or keep, if an identical fresh one exists) the FAISS index of ``table`` at prefix ``width``
     (``progress``: a bar of the rows added, which is most of an HNSW build's time). ``builder(ds, table, width,
     index_type, metric, params)``: builds and writes the index file instead (a distributed build)."""
-    faiss = import_faiss()
+    import_faiss()  # the one-line error when faiss-cpu is missing, before any work
     index_type = index_type.upper()
     if index_type not in FAISS_INDEX_TYPES:
         raise SearchError(f"unknown faiss index type {index_type!r}; expected one of {FAISS_INDEX_TYPES}")
