@@ -165,3 +165,25 @@ def test_two_stage_recall_against_exact_aggregated(family_table, capsys):
     assert [line.split()[1] for line in text.splitlines()[2:]] == \
         two.filter(pa.compute.equal(two.column("query"), ids[0])).column("id").to_pylist()
 
+
+
+def test_two_stage_reads_residues_through_an_id_index(family_table, tmp_path, capsys):
+    """`rdscale index --id-index` makes a BTREE on residues.id (kept on a second call); two-stage search read by id
+    through it answers as without it."""
+    import shutil
+
+    from rdscale.search.keys_index import has_id_index
+
+    out = tmp_path / "run"
+    shutil.copytree(family_table[0], out)
+    ids = ["P00007", "P01234"]
+    before = Searcher(out, "residues", resident=False).search(ids=ids, k=10, aggregate="proteins")
+    code, text, err = rdscale(["index", "-o", out, "--table", "residues", "--id-index", "--width", 8,
+                               "--index-type", "IVF_FLAT", "--recall", 0], capsys)
+    assert code == 0 and "residues: scalar BTREE index on id (built)" in text, err
+    assert has_id_index(S.open_table(out, "residues"))
+    code, text, _ = rdscale(["index", "-o", out, "--table", "residues", "--id-index", "--width", 8,
+                             "--index-type", "IVF_FLAT", "--recall", 0], capsys)
+    assert code == 0 and "(kept: it exists)" in text
+    after = Searcher(out, "residues", resident=False).search(ids=ids, k=10, aggregate="proteins")
+    assert after.to_pylist() == before.to_pylist()

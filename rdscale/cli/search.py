@@ -93,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="faiss IVF_FLAT / IVF_PQ: train in this process on a sample, add the rows in Ray tasks per "
                    "fragment group and merge them in one more (the Ray cluster at ADDRESS, default auto; `local` "
                    "starts one here)")
+    p.add_argument("--id-index", action="store_true",
+                   help="also a scalar (BTREE) index on each table's id column, kept if one exists: two-stage "
+                   "residue search reads the shortlisted proteins' residues through it (--table residues)")
     p.add_argument("--list", action="store_true", help="list the existing indexes and exit")
     p.set_defaults(func=cmd_index)
 
@@ -174,6 +177,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         params["builder"] = ray_builder(address=args.ray)
 
     for table in args.table:
+        if args.id_index:
+            from rdscale.search.keys_index import ensure_id_index
+
+            made = ensure_id_index(args.out, table)
+            print(f"{table}: scalar BTREE index on id ({'built' if made else 'kept: it exists'})")
         widths = args.width or [S.chain_levels(S.open_table(args.out, table))[0]]
         for width in widths:
             started = time.perf_counter()
