@@ -66,6 +66,7 @@ class OutputConfig:
     residues: bool = True  # False: per-protein table only (the scale-friendly option)
     storage_width: int | None = None  # per-residue width stored (a prefix, <= k_m); None: full width
     residue_dtype: str = "float16"  # float16 (half the bytes) or float32 (exact; needed for bit-level checks)
+    protein_dtype: str = "float32"  # per-protein embeddings: float32 (exact) or float16 (half the bytes, recall ~same)
     records_per_batch: int = 64  # records per Ray Data batch handed to an embedding actor
     compact: bool = False  # compact Lance fragments at the end of a run (else later: `rdscale compact DIR`)
     overlap_writes: bool = True  # build Arrow tables and write fragments on a writer thread during the forward
@@ -192,6 +193,8 @@ def _problems(cfg: Config):
         yield "output.dir must name a directory"
     if o.residue_dtype not in ("float16", "float32"):
         yield f"output.residue_dtype must be float16 or float32, got {o.residue_dtype!r}"
+    if o.protein_dtype not in ("float16", "float32"):
+        yield f"output.protein_dtype must be float16 or float32, got {o.protein_dtype!r}"
     yield from between("output.storage_width", o.storage_width, 1, 1 << 20,
                        "an integer (or null for the full width)")
     yield from between("output.records_per_batch", o.records_per_batch, 1, MAX_RECORDS_PER_BATCH)

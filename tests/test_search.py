@@ -527,6 +527,18 @@ def test_query_sequence_embedding_is_the_stored_embedding(real_run):
     np.testing.assert_allclose(vectors, T._embedding_block(stored.column("embedding"), 64), atol=1e-4)
 
 
+def test_a_real_runs_protein_embedding_is_its_residues_mean(real_run):
+    """What stage 1 relies on: the pipeline's per-protein embedding is the mean of its residue vectors (here at
+    the residues' stored width 48, residues stored in float16)."""
+    run, _ = real_run
+    prot = lance.dataset(str(run / "proteins.lance")).to_table(columns=["id", "embedding"])
+    res = lance.dataset(str(run / "residues.lance")).to_table(columns=["id", "embedding"])
+    x = np.stack(res.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)  # (n_res, 48)
+    owner = np.asarray(res.column("id").to_pylist())
+    for pid, vec in zip(prot.column("id").to_pylist(), prot.column("embedding").to_numpy(zero_copy_only=False)):
+        np.testing.assert_allclose(x[owner == pid].mean(axis=0), np.asarray(vec)[:48], atol=2e-3)
+
+
 @pytest.mark.parametrize("mode", ["exact", "funnel"])
 def test_searching_a_database_sequence_returns_that_protein_first(real_run, mode, tmp_path):
     run, seqs = real_run

@@ -310,7 +310,8 @@ def test_residue_ivf_pq_funnel_reranks_exactly_from_float16_rows(residue_run):
     assert index_bytes < res.nbytes  # compressed: smaller than the stored float16 rows themselves
     q = res[np.random.default_rng(0).choice(len(res), 40, replace=False)].astype(np.float32)
     searcher = Searcher(out, "residues", resident=False)  # candidates read from the table, not held
-    truth = searcher.search(q, k=10)
+    # 40 residues of 40 proteins: the whole residues table, not one query protein's shortlist
+    truth = searcher.search(q, k=10, residue_mode="global")
     found = searcher.search(q, k=10, mode="funnel", shortlist=200, nprobes=8)
     assert S.recall_at_k(found, truth, k=10) >= 0.9
     # re-ranked scores are the exact full-width distances of the stored float16 rows
@@ -325,8 +326,9 @@ def test_residue_ivf_pq_funnel_reranks_exactly_from_float16_rows(residue_run):
 def test_residue_hits_aggregate_to_proteins(residue_run, capsys):
     out, _ = residue_run
     searcher = Searcher(out, "residues")
-    agg = searcher.search(ids=["P00042"], k=5, aggregate="proteins", residue_hits=30)
-    raw = searcher.search(ids=["P00042"], k=30)  # each of the 10 residues of P00042: its 30 nearest residues
+    # this fixture's proteins table is not its residues' means: every residue searched (two-stage has its tests)
+    agg = searcher.search(ids=["P00042"], k=5, aggregate="proteins", residue_hits=30, residue_mode="global")
+    raw = searcher.search(ids=["P00042"], k=30, residue_mode="global")  # each of the 10 residues of P00042: its 30 nearest residues
     best: dict[str, float] = {}
     count: dict[str, int] = {}
     for pid, score in zip(raw.column("id").to_pylist(), raw.column("score").to_pylist()):
@@ -341,7 +343,7 @@ def test_residue_hits_aggregate_to_proteins(residue_run, capsys):
     assert agg.column("id")[0].as_py() == "P00042"
 
     code, text, err = rdscale(["search", "-o", out, "--table", "residues", "--id", "P00042", "--aggregate",
-                               "proteins", "--residue-hits", 30, "-k", 5], capsys)
+                               "proteins", "--residue-hits", 30, "-k", 5, "--residue-mode", "global"], capsys)
     assert code == 0 and text.splitlines()[0].split() == ["query", "id", "score", "hits", "rank"], (text, err)
     assert [line.split()[1] for line in text.splitlines()[2:]] == want
     with pytest.raises(S.SearchError, match="applies to residue search"):

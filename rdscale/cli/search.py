@@ -89,6 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the cheapest search parameters (ef, nprobe, funnel shortlist) reaching it are stored with the "
                    "index and used by `search` unless it asks for another --recall; 0 skips calibration")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if an identical index exists")
+    p.add_argument("--ray", metavar="ADDRESS", nargs="?", const="auto",
+                   help="faiss IVF_FLAT / IVF_PQ: train in this process on a sample, add the rows in Ray tasks per "
+                   "fragment group and merge them in one more (the Ray cluster at ADDRESS, default auto; `local` "
+                   "starts one here)")
+    p.add_argument("--id-index", action="store_true",
+                   help="also a scalar (BTREE) index on each table's id column, kept if one exists: two-stage "
+                   "residue search reads the shortlisted proteins' residues through it (--table residues)")
     p.add_argument("--list", action="store_true", help="list the existing indexes and exit")
     p.set_defaults(func=cmd_index)
 
@@ -134,6 +141,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "protein, and the number of its residues hit); --residue-hits residue hits per query residue")
     p.add_argument("--residue-hits", type=int,
                    help="with --aggregate: residue hits taken per query residue (default max(10k, 100))")
+    p.add_argument("--residue-mode", choices=["two-stage", "global"],
+                   help="with --table residues: two-stage (default for exact mode) shortlists proteins by their "
+                   "per-protein embedding, then searches their residues exactly; global searches every residue "
+                   "(exactly, or with the residues index for ann / funnel, their default)")
+    p.add_argument("--protein-shortlist", type=int,
+                   help="two-stage residue search: proteins shortlisted per query protein (default max(20k, 200))")
     p.add_argument("--exclude-self", action="store_true", help="with --id: drop the query row from its results")
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="with --fasta: the chain's checkpoints, if they moved since the run (smallest first)")
@@ -156,7 +169,19 @@ def cmd_index(args: argparse.Namespace) -> int:
     params = dict(args.params)
     from rdscale.search.calibrate import describe
 
+    if args.ray:
+        if args.backend == "lance":
+            raise S.SearchError("--ray builds faiss indexes (--backend faiss)")
+        from rdscale.cluster.index import ray_builder
+
+        params["builder"] = ray_builder(address=args.ray)
+
     for table in args.table:
+        if args.id_index:
+            from rdscale.search.keys_index import ensure_id_index
+
+            made = ensure_id_index(args.out, table)
+            print(f"{table}: scalar BTREE index on id ({'built' if made else 'kept: it exists'})")
         widths = args.width or [S.chain_levels(S.open_table(args.out, table))[0]]
         for width in widths:
             started = time.perf_counter()
@@ -269,6 +294,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         shortlist=args.shortlist, rerank_width=args.rerank_width, nprobes=args.nprobes,
         refine_factor=args.refine_factor, ef=args.ef, backend=args.backend, recall=args.recall,
     )
+    if args.residue_mode is not None or args.protein_shortlist is not None:
+        common.update(residue_mode=args.residue_mode, protein_shortlist=args.protein_shortlist)
     if args.aggregate:
         common.update(aggregate=args.aggregate, residue_hits=args.residue_hits)
     elif args.residue_hits is not None:

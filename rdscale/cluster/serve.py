@@ -70,6 +70,8 @@ class SearchRequest(BaseModel):
     release: str | None = Field(None, description="a release tag (GET /card lists them): search that version")
     aggregate: str | None = Field(None, description="proteins: residue hits aggregated to proteins")
     residue_hits: StrictInt | None = None
+    residue_mode: str | None = Field(None, description="residues: two-stage (default for exact) or global")
+    protein_shortlist: StrictInt | None = Field(None, description="two-stage: proteins shortlisted per query")
     recall: float | None = Field(None, description="ann / funnel: recall@k to reach, from the index's calibrated "
                                  "curve (default: the point calibrated at `rdscale index`)")
 

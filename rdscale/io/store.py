@@ -65,6 +65,7 @@ def run_schemas(
     metadata: dict[bytes, bytes],
     residues: bool = True,
     residue_dtype: str = "float16",
+    protein_dtype: str = "float32",
 ) -> dict[str, pa.Schema]:
     """Arrow schemas of a run's tables. width: k_m of the chain; storage_width: per-residue prefix stored."""
     d = width if storage_width is None else storage_width
@@ -72,6 +73,8 @@ def run_schemas(
         raise StoreError(f"output.storage_width={d} must be between 1 and the embedding width {width}")
     if residue_dtype not in RESIDUE_DTYPES:
         raise StoreError(f"output.residue_dtype must be one of {sorted(RESIDUE_DTYPES)}, got {residue_dtype!r}")
+    if protein_dtype not in RESIDUE_DTYPES:
+        raise StoreError(f"output.protein_dtype must be one of {sorted(RESIDUE_DTYPES)}, got {protein_dtype!r}")
     schemas = {
         PROTEINS: pa.schema(
             [
@@ -80,7 +83,7 @@ def run_schemas(
                 ("length", pa.int32()),
                 ("sequence", pa.string()),
                 ("source", pa.string()),
-                ("embedding", pa.list_(pa.float32(), width)),
+                ("embedding", pa.list_(RESIDUE_DTYPES[protein_dtype], width)),
                 ("shard", pa.int32()),
             ],
             metadata=metadata,
@@ -150,8 +153,11 @@ def _fixed_list(values: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeList
 
 
 def proteins_table(rows: Sequence[dict[str, Any]], embeddings: np.ndarray, shard: int, schema: pa.Schema) -> pa.Table:
-    """rows: dicts with id, description, sequence, source; embeddings: (n, k_m) float32 per-protein means."""
+    """rows: dicts with id, description, sequence, source; embeddings: (n, k_m) float32 per-protein means, stored
+    in the schema's dtype (output.protein_dtype)."""
     n = len(rows)
+    value_type = schema.field("embedding").type.value_type
+    dtype = np.float16 if value_type == pa.float16() else np.float32
     return pa.table(
         {
             "id": [r["id"] for r in rows],
@@ -159,7 +165,7 @@ def proteins_table(rows: Sequence[dict[str, Any]], embeddings: np.ndarray, shard
             "length": pa.array([len(r["sequence"]) for r in rows], pa.int32()),
             "sequence": [r["sequence"] for r in rows],
             "source": [r["source"] for r in rows],
-            "embedding": _fixed_list(embeddings.astype(np.float32, copy=False).reshape(n, -1), pa.float32()),
+            "embedding": _fixed_list(embeddings.astype(dtype, copy=False).reshape(n, -1), value_type),
             "shard": pa.array(np.full(n, shard, dtype=np.int32)),
         },
         schema=schema,

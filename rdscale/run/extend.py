@@ -290,7 +290,9 @@ class _ProteinColumn:
         z_mean = _fsl_numpy(batch.column(EMBEDDING)).astype(np.float64)  # (n, width)
         full = self.step.apply([torch.as_tensor(z_mean), torch.as_tensor(h_mean)], dtype=torch.float64).numpy()
         full[:, : self.width] = z_mean
-        column = pa.FixedSizeListArray.from_arrays(pa.array(full.astype(np.float32).ravel(), pa.float32()), self.k_new)
+        stored = batch.column(EMBEDDING).type.value_type  # output.protein_dtype: the widened column keeps it
+        dtype = np.float16 if stored == pa.float16() else np.float32
+        column = pa.FixedSizeListArray.from_arrays(pa.array(full.astype(dtype).ravel(), stored), self.k_new)
         return pa.RecordBatch.from_arrays([column], names=[STAGED])
 
 

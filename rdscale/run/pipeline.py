@@ -252,6 +252,8 @@ def run_key(cfg: Config, shards: Sequence[Shard], manifest: dict) -> str:
         "remove_gaps": cfg.input.remove_gaps,
         "output": [cfg.output.residues, cfg.output.storage_width, cfg.output.residue_dtype],
     }
+    if cfg.output.protein_dtype != "float32":  # only when set, so the keys of earlier runs stay what they were
+        payload["protein_dtype"] = cfg.output.protein_dtype
     if dedupe.enabled(cfg):  # only when on, so the keys of runs made without it stay what they were
         payload["dedupe_sequences"] = True
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
@@ -310,7 +312,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     key = run_key(cfg, shards, manifest)
     metadata = schema_metadata(levels, manifest, recorded_config(cfg.to_dict()), key)
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
-                          residue_dtype=cfg.output.residue_dtype)
+                          residue_dtype=cfg.output.residue_dtype, protein_dtype=cfg.output.protein_dtype)
     store = RunStore(cfg.output.dir, schemas, key, lease=lease)
     removed = store.recover()
     refuse_or_redo(store, shards, options, redo=redo_changed)

@@ -98,6 +98,11 @@ class UpdateShard(DedupShard):
     keep: frozenset = frozenset()
 
 
+def _stored_dtype(schema: pa.Schema) -> str:
+    """The proteins table's embedding dtype (output.protein_dtype of the run): a release keeps it."""
+    return "float16" if schema.field("embedding").type.value_type == pa.float16() else "float32"
+
+
 def _input_name(path: str) -> str:
     """An input as the update records it: an absolute path, or the URI (independent of the working directory)."""
     loc = Location.parse(path)
@@ -347,6 +352,7 @@ def update(run_dir: str | Location, inputs: Sequence[str], release: str, *, over
     manifest = meta.get("fit_manifest") or {}
     frozen = ("models", "embedding.layer", "embedding.long_policy", "embedding.window", "embedding.overlap",
               "input.remove_gaps", "output.dir", "output.residues", "output.storage_width", "output.residue_dtype",
+              "output.protein_dtype",
               "fit.")
     bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith(frozen)]
     if bad:
@@ -381,7 +387,8 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         run_key = (proteins_schema.metadata or {}).get(META_RUN_KEY, b"").decode()
         schemas = run_schemas(levels[-1], cfg.output.storage_width, dict(proteins_schema.metadata or {}),
                               residues=run.has_table(RESIDUES) and cfg.output.residues,
-                              residue_dtype=cfg.output.residue_dtype)
+                              residue_dtype=cfg.output.residue_dtype,
+                              protein_dtype=_stored_dtype(proteins_schema))
         store = RunStore(run.location, schemas, run_key, lease=lease)
         return store, schemas
 

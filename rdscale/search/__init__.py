@@ -25,7 +25,7 @@ _EXPORTS = {
     **dict.fromkeys(("Searcher", "build_index", "list_indexes", "search"), "searcher"),
     **dict.fromkeys(("QueryEmbedder", "embed_sequences", "search_sequences"), "sequences"),
     **dict.fromkeys(("IndexInfo", "MissingIndexError", "SearchError", "chain_levels", "open_table"), "tables"),
-    **dict.fromkeys(("BACKENDS", "DEFAULT_INDEX_TYPE", "INDEX_TYPES", "METRICS", "MODES", "TABLES"), "names"),
+    **dict.fromkeys(("BACKENDS", "DEFAULT_INDEX_TYPE", "INDEX_TYPES", "METRICS", "MODES", "RESIDUE_MODES", "TABLES"), "names"),
 }
 __all__ = sorted(_EXPORTS)
 

@@ -111,11 +111,13 @@ def build_faiss_index(
     metric: str = "cosine",
     rebuild: bool = False,
     progress: bool = False,
+    builder=None,
     **params: Any,
 ) -> IndexInfo:
     """Build (or keep, if an identical fresh one exists) the FAISS index of ``table`` at prefix ``width``
-    (``progress``: a bar of the rows added, which is most of an HNSW build's time)."""
-    faiss = import_faiss()
+    (``progress``: a bar of the rows added, which is most of an HNSW build's time). ``builder(ds, table, width,
+    index_type, metric, params)``: builds and writes the index file instead (a distributed build)."""
+    import_faiss()  # the one-line error when faiss-cpu is missing, before any work
     index_type = index_type.upper()
     if index_type not in FAISS_INDEX_TYPES:
         raise SearchError(f"unknown faiss index type {index_type!r}; expected one of {FAISS_INDEX_TYPES}")
@@ -135,9 +137,25 @@ def build_faiss_index(
                                                                             table_layout(ds)):
             return replace(info, calibration=old.get("calibration") or {})
 
-    index = build_in_memory(ds, width, index_type, metric, resolved, table=table, progress=progress)
+    if builder is None:
+        index = build_in_memory(ds, width, index_type, metric, resolved, table=table, progress=progress)
+        write_index(ds, table, width, metric, index)
+    else:  # e.g. rdscale.cluster.index: built and written by Ray tasks, the driver holding the training rows only
+        builder(ds, table, width, index_type, metric, resolved)
     record = {"table": table, "width": width, "metric": metric, "index_type": index_type, "params": info.params,
               "num_rows": num_rows, "layout": table_layout(ds), "file": name}
+    try:
+        _write_sidecar(ds, name, record)  # last: an index without its sidecar is rebuilt, never trusted
+    except (RuntimeError, OSError) as err:
+        raise SearchError(f"cannot write the faiss index {name} of {run}: {_write_error(err)}") from None
+    return info
+
+
+def write_index(ds: lance.LanceDataset, table: str, width: int, metric: str, index) -> None:
+    """Write ``index`` as the FAISS index file of ``table`` at ``width`` (the sidecar is written after)."""
+    faiss = import_faiss()
+    run = run_dir_of(ds.uri)
+    name = f"{table}.p{width}.{metric}.faiss"
     try:
         if isinstance(run, Path):
             path = faiss_path(run, table, width, metric)
@@ -147,10 +165,8 @@ def build_faiss_index(
             with tempfile.TemporaryDirectory(prefix="rdscale-faiss-") as tmp:
                 _write_file(faiss, index, Path(tmp) / name)
                 (run / INDEX_DIR / name).write_bytes((Path(tmp) / name).read_bytes())
-        _write_sidecar(ds, name, record)  # last: an index without its sidecar is rebuilt, never trusted
     except (RuntimeError, OSError) as err:  # FAISS passes the writer's error on as a RuntimeError with its text
         raise SearchError(f"cannot write the faiss index {name} of {run}: {_write_error(err)}") from None
-    return info
 
 
 def _write_file(faiss, index, path: Path) -> None:
@@ -245,6 +261,14 @@ def build_in_memory(ds: lance.LanceDataset, width: int, index_type: str, metric:
                     table: str = "table", fragments: list | None = None, progress: bool = False):
     """A FAISS index over the width-``width`` prefix of ``ds`` (or of its ``fragments`` only, in that order),
     streamed in batches; labels are row positions in that scan order."""
+    index = trained_empty(ds, width, index_type, metric, params, table, fragments)
+    return add_rows(index, ds, width, metric, table, fragments, progress)
+
+
+def trained_empty(ds: lance.LanceDataset, width: int, index_type: str, metric: str, params: dict[str, Any],
+                  table: str = "table", fragments: list | None = None):
+    """An empty FAISS index (IVF: trained on a uniform sample of max(64 nlist, 16384) rows of ``ds`` or its
+    ``fragments``; that sample is all of the table it holds in memory)."""
     _check_values(index_type, params)  # --param values are YAML: "abc", 0, -1 or 2.5 would reach FAISS
     faiss = import_faiss()
     frags = fragments if fragments is not None else ds.get_fragments()
@@ -269,8 +293,18 @@ def build_in_memory(ds: lance.LanceDataset, width: int, index_type: str, metric:
         train = _sample(ds, width, max(64 * nlist, 256 * 64), num_rows, fragments=fragments)
         index.train(unit_rows(train) if ip else train)
         index.nprobe = int(params["nprobe"])
+    return index
+
+
+def add_rows(index, ds: lance.LanceDataset, width: int, metric: str, table: str = "table",
+             fragments: list | None = None, progress: bool = False):
+    """``index`` with the width-``width`` prefixes of ``ds`` (or of its ``fragments``, in that order) added,
+    streamed in batches; labels are row positions in that scan order (from 0)."""
+    ip = metric == "cosine"
+    frags = fragments if fragments is not None else ds.get_fragments()
+    num_rows = sum(f.count_rows() for f in frags)
     added = 0
-    with Progress(total=num_rows, unit="row", desc=f"indexing {table} (width {width}, {index_type})",
+    with Progress(total=num_rows, unit="row", desc=f"indexing {table} (width {width}, {type(index).__name__})",
                   enabled=progress) as bar:
         for block in _stream(ds, width, fragments=fragments):
             index.add(unit_rows(block) if ip else block)

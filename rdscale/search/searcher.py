@@ -37,6 +37,7 @@ from rdscale.search import calibrate as C
 from rdscale.search import exact as E
 from rdscale.search import faiss_index as F
 from rdscale.search import lance_index as L
+from rdscale.search.names import RESIDUE_MODES
 from rdscale.search.tables import (
     BACKENDS,
     EMBEDDING,
@@ -116,6 +117,7 @@ class Searcher:
         self._build = list(build)
         self._models, self._device = models, device
         self._lock = threading.RLock()
+        self._proteins: Searcher | None = None  # residues: the proteins searcher of two-stage search's stage 1
         self._open()
 
     def _open(self) -> None:
@@ -146,6 +148,7 @@ class Searcher:
         self._faiss: dict[str, Any] = {}
         self._indexes: list[IndexInfo] | None = None
         self._protein_codes: tuple[np.ndarray, pa.Array] | None = None  # residues: (n,) protein code, names
+        self._residue_runs: tuple[np.ndarray, np.ndarray] | None = None  # (n,) positions by protein, (p+1,) offsets
         self._embedder = None
         self._memory_indexes: list[IndexInfo] = []
         for spec in self._build:
@@ -461,6 +464,8 @@ class Searcher:
         aggregate: str | None = None,
         residue_hits: int | None = None,
         recall: float | None = None,
+        residue_mode: str | None = None,
+        protein_shortlist: int | None = None,
     ) -> pa.Table:
         """As ``rdscale.search.search`` (see there), on this searcher's table. ``backend``: "faiss" or "lance" to
         pick the index for ann / funnel (default: the narrowest index for the metric, FAISS first at equal width).
@@ -484,6 +489,10 @@ class Searcher:
         ef = None if ef is None else min(ef, n)  # a search breadth beyond the row count buys nothing
         refine_factor = _positive("refine_factor", refine_factor)
         residue_hits = _positive("residue_hits", residue_hits)
+        protein_shortlist = _positive("protein_shortlist", protein_shortlist)
+        residue_mode = self._residue_mode(residue_mode, mode)
+        if protein_shortlist is not None and residue_mode != "two-stage":
+            raise SearchError("protein_shortlist applies to two-stage residue search")
         k_out = k
         if aggregate is not None:
             if aggregate != "proteins":
@@ -553,6 +562,11 @@ class Searcher:
             raise SearchError(f"query {labels[zero] if labels is not None else zero} is all zeros in its first "
                               f"{width} numbers: its cosine distance is undefined (use metric l2)")
         k_fetch = min(k + 1, n) if self_pos is not None and exclude_self else k
+        if residue_mode == "two-stage":
+            dist, pos = self._two_stage(q, width, k_fetch, metric, filter, labels, protein_shortlist, k_out)
+            if aggregate is not None:
+                return self._aggregate(dist, pos, k, k_out, labels, self_pos if exclude_self else None)
+            return self._table(dist, pos, k, labels, self_pos if exclude_self else None)
         rows = self.filter_rows(filter)
 
         if mode == "exact":
@@ -569,6 +583,160 @@ class Searcher:
         if aggregate is not None:
             return self._aggregate(dist, pos, k, k_out, labels, self_pos if exclude_self else None)
         return self._table(dist, pos, k, labels, self_pos if exclude_self else None)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # residue search in two stages (PLMSearch / pLM-BLAST style): proteins shortlisted by their per-protein
+    # embedding (the mean of their residues' embeddings), then only the shortlisted proteins' residues searched
+
+    def _residue_mode(self, residue_mode: str | None, mode: str) -> str | None:
+        """The residue search to run (None for the proteins table): two-stage by default for exact search;
+        ann / funnel name the residues table's own (global) index."""
+        if self.table != "residues":
+            if residue_mode is not None:
+                raise SearchError("residue_mode applies to residue search (table residues)")
+            return None
+        if residue_mode is None:
+            # a partition searcher (sharded search) holds some of the residues: each searches its own exactly
+            return "two-stage" if mode == "exact" and self._frags is None else "global"
+        if residue_mode not in RESIDUE_MODES:
+            raise SearchError(f"unknown residue_mode {residue_mode!r}; expected one of {RESIDUE_MODES}")
+        if residue_mode == "two-stage" and mode != "exact":
+            raise SearchError(f"two-stage residue search searches the shortlisted proteins' residues exactly; mode "
+                              f"{mode} searches the residues table's own index: use residue_mode global")
+        if residue_mode == "two-stage" and self._frags is not None:
+            raise SearchError("a partition searcher (fragments=) searches its residues globally")
+        return residue_mode
+
+    def use_proteins(self, proteins: Searcher) -> None:
+        """Stage 1 of two-stage residue search uses ``proteins`` (a searcher over the same run's proteins table,
+        e.g. the server's) instead of opening its own."""
+        if proteins.table != "proteins":
+            raise SearchError(f"use_proteins needs a proteins searcher, got {proteins.table}")
+        with self._lock:
+            self._proteins = proteins
+
+    def proteins_searcher(self) -> Searcher | None:
+        """The proteins searcher of stage 1 (opened on first use, as resident as this one); None when the run
+        has no proteins table."""
+        with self._lock:
+            if self._proteins is None:
+                try:
+                    self._proteins = Searcher(self.dataset_path, "proteins", resident=self.resident,
+                                              version=self.version)
+                except SearchError:
+                    return None
+            return self._proteins
+
+    def _residue_groups(self) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+        """((n,) residue positions grouped by protein, (p + 1,) offsets into it, (p,) protein ids): protein j's
+        residues are positions[offsets[j]:offsets[j + 1]], in scan order."""
+        with self._lock:
+            if self._protein_codes is None:
+                enc = pc.dictionary_encode(self.key_columns()["id"])
+                self._protein_codes = (enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary)
+            codes, names = self._protein_codes
+            if self._residue_runs is None:
+                order = np.argsort(codes, kind="stable")
+                offsets = np.searchsorted(codes[order], np.arange(len(names) + 1))
+                self._residue_runs = (order.astype(np.int64), offsets)
+            return (*self._residue_runs, names)
+
+    def _shortlist(self, means: np.ndarray, metric: str, n_short: int) -> list[list[str]] | None:
+        """Stage 1: for each (g, w) mean query vector, the ids of its ``n_short`` nearest proteins: with the
+        proteins table's index (funnel: the index's shortlist re-ranked exactly at the widest proteins level the
+        query covers) when it has a fresh one for ``metric``, else exact. None: no stage 1 is possible (no proteins
+        table, or none of its levels fits the query's width) - every residue is searched."""
+        proteins = self.proteins_searcher()
+        if proteins is None:
+            return None
+        w1 = max((w for w in proteins.levels if w <= means.shape[1]), default=None)
+        if w1 is None:
+            return None
+        options: dict[str, Any] = {"mode": "exact", "width": w1}
+        try:
+            index = proteins.find_index(None, metric)
+        except MissingIndexError:
+            index = None
+        if index is not None and index.width <= w1:
+            options = {"mode": "funnel", "width": index.width, "rerank_width": w1}
+        labels = [str(i) for i in range(len(means))]
+        found = proteins.search(means[:, :w1], k=n_short, metric=metric, labels=labels, **options)
+        query = np.asarray(found.column("query").to_pylist(), dtype=np.int64)
+        ids = found.column("id").to_pylist()
+        out: list[list[str]] = [[] for _ in range(len(means))]
+        for g, pid in zip(query, ids):
+            out[g].append(pid)
+        return out
+
+    def _two_stage(self, q, width: int, k: int, metric: str, filter: str | None, labels, protein_shortlist,
+                   k_out: int):
+        """((nq, m) distances, (nq, m) positions) of the residue queries ``q`` (nq, >= width), each searched
+        exactly over the residues of the proteins its query protein shortlists (stage 1).
+
+        Query proteins: labels ``name:pos`` group by ``name``; unlabelled vectors are all one protein's residues.
+        A query protein's stage-1 vector is the mean of its residue vectors: a protein's stored embedding is the
+        mean over its residues (the chain is affine per residue), so for a sequence query this is its
+        per-protein embedding. ``protein_shortlist`` proteins per query protein (default max(20 k, 200)); when
+        the residues table holds no more proteins than that, every residue is searched (the result is exact)."""
+        order, offsets, names = self._residue_groups()
+        n_short = protein_shortlist or max(20 * k_out, 200)
+        if labels is None:
+            group = np.zeros(len(q), np.int64)
+        else:
+            heads = [str(lbl).rpartition(":")[0] or str(lbl) for lbl in labels]
+            where: dict[str, int] = {}
+            group = np.array([where.setdefault(h, len(where)) for h in heads], np.int64)
+        n_groups = int(group.max()) + 1
+        lists = None
+        if len(names) > n_short:
+            means = np.zeros((n_groups, q.shape[1]), np.float64)  # (g, w) mean residue vector per query protein
+            np.add.at(means, group, q)
+            means /= np.bincount(group, minlength=n_groups)[:, None]
+            lists = self._shortlist(means.astype(np.float32), metric, n_short)
+        if lists is None:  # every protein is shortlisted: one exact search over the table
+            return self._exact(q, width, k, metric, self.filter_rows(filter))
+        code_of = {name: i for i, name in enumerate(names.to_pylist())}
+        dist = np.full((len(q), k), np.inf, np.float32)
+        pos = np.full((len(q), k), -1, np.int64)
+        for g in range(n_groups):
+            members = np.flatnonzero(group == g)
+            codes = [code_of[p] for p in lists[g] if p in code_of]  # proteins without residues hold none
+            d, p = self._search_proteins(q[members, :width], names, codes, order, offsets, width, k, metric,
+                                         filter)
+            dist[members, : d.shape[1]], pos[members, : p.shape[1]] = d, p
+        return dist, pos
+
+    def _search_proteins(self, q, names: pa.Array, codes: list[int], order, offsets, width: int, k: int,
+                         metric: str, filter: str | None):
+        """Stage 2: exact top-k of ``q`` (nq, width) over the residues of proteins ``codes`` (and ``filter``).
+        Resident: their rows of the held matrix. Otherwise they are read from the table by ``id IN (...)`` (a
+        scalar index on ``id`` makes that a lookup; without one Lance scans the id column)."""
+        if not codes:
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        if self.resident:
+            rows = np.sort(np.concatenate([order[offsets[c] : offsets[c + 1]] for c in codes]))
+            kept = self.filter_rows(filter)
+            if kept is not None:
+                rows = rows[np.isin(rows, kept, assume_unique=True)]
+            if len(rows) == 0:
+                return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+            x, x_sq = self._prepared_rows(width, metric)
+            return E.topk(q, x, x_sq, k, rows=rows)
+        ids = ", ".join("'" + str(names[c].as_py()).replace("'", "''") + "'" for c in codes)
+        predicate = f"id IN ({ids})" if not filter else f"(id IN ({ids})) AND ({filter})"
+        column = prefix_column(width, self.full_width)
+        if not _column_is_complete(self.ds, column):
+            column = EMBEDDING
+        try:
+            found = self.ds.scanner(columns=[column], filter=predicate, with_row_id=True).to_table()
+        except Exception as err:  # noqa: BLE001 - Lance raises ValueError/OSError/RuntimeError for bad SQL
+            raise SearchError(f"bad filter {filter!r}: {_lance_message(err)}") from None
+        if found.num_rows == 0:
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        positions = self.positions_of_rowids(found.column("_rowid").to_numpy())
+        x, x_sq = E.prepare_rows(_embedding_block(found.column(column), width), metric)  # (m, width)
+        d, i = E.topk(q, x, x_sq, min(k, len(positions)))
+        return d, np.where(i >= 0, positions[np.maximum(i, 0)], -1)
 
     def query_width(self, mode: str = "exact", width: int | None = None, rerank_width: int | None = None,
                     metric: str = "cosine", backend: str | None = None, **_: Any) -> int:
@@ -845,6 +1013,8 @@ def search(
     aggregate: str | None = None,
     residue_hits: int | None = None,
     recall: float | None = None,
+    residue_mode: str | None = None,
+    protein_shortlist: int | None = None,
 ) -> pa.Table:
     """k nearest rows of ``table`` for each query, at prefix width ``width`` (one-shot: for many queries over
     time, keep a ``Searcher``).
@@ -862,6 +1032,10 @@ def search(
     ``recall`` (ann / funnel): the recall@k the index's calibration curve must meet; the search then uses its
     cheapest point that does (rdscale.search.calibrate). Without it, and without explicit ``shortlist`` /
     ``nprobes`` / ``ef`` / ``refine_factor``, the point calibrated for the index's target (default 0.95) is used.
+    ``residue_mode`` (residues): "two-stage" (the default for exact mode) shortlists ``protein_shortlist`` proteins
+    (default max(20 k, 200)) per query protein by its mean residue vector in the proteins table (with its index
+    when it has one), then searches exactly those proteins' residues; "global" (the default for ann / funnel)
+    searches the whole residues table (exactly, or with its own index).
 
     Returns a table with columns ``query`` (int32 row of ``queries``, or the query key string for ``ids``; for
     residues ``"id:pos"``), ``id`` (and ``pos`` for residues), ``score`` (float32 distance, smaller = closer;
@@ -874,7 +1048,8 @@ def search(
     return searcher.search(queries, ids=ids, width=width, k=k, mode=mode, metric=metric, filter=filter,
                            shortlist=shortlist, rerank_width=rerank_width, nprobes=nprobes,
                            refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend,
-                           aggregate=aggregate, residue_hits=residue_hits, recall=recall)
+                           aggregate=aggregate, residue_hits=residue_hits, recall=recall,
+                           residue_mode=residue_mode, protein_shortlist=protein_shortlist)
 
 
 def default_backend(dataset_path: str | Path) -> str:
@@ -894,6 +1069,7 @@ def build_index(
     backend: str | None = None,
     progress: bool = False,
     recall: float | None = C.DEFAULT_RECALL,
+    builder=None,
     **params: Any,
 ) -> IndexInfo:
     """A vector index on the width-``width`` prefix of ``table`` (None = the stored width), calibrated for
@@ -908,6 +1084,7 @@ def build_index(
     (``rebuild=True`` forces a new one). ``progress``: a bar of the rows added (FAISS) or per build stage (Lance).
     ``recall``: the recall@10 target the index is calibrated for on held-out rows (rdscale.search.calibrate; the
     curve is stored with the index and ``search`` uses its cheapest point meeting the target); None skips it.
+    ``builder`` (faiss): builds and writes the index instead of this process (rdscale.cluster.index.ray_builder).
     """
     if backend is None:
         backend = default_backend(dataset_path)
@@ -929,7 +1106,7 @@ def build_index(
             raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
         width = check_width(ds, width)
         info = F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild,
-                                   progress, **params)
+                                   progress, builder=builder, **params)
     if recall is None or info.num_rows < C.MIN_ROWS or (info.calibration and info.calibration.get("target") == recall
                                                         and info.calibration.get("k") == C.DEFAULT_K):
         return info

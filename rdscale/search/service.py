@@ -5,7 +5,7 @@ Ray Serve and FastAPI; tests and the benchmark call it in-process.
 A request is a dict with exactly one of ``ids`` (protein ids; for residues ``"ID:POS"`` or a bare ``"ID"``),
 ``sequences`` ({name: sequence}, embedded through the run's chain) or ``vectors`` (a list of equal-length lists
 of numbers), plus any of the ``search`` options: table, k, mode, width, metric, filter, shortlist, rerank_width,
-nprobes, refine_factor, ef, exclude_self, backend, aggregate, residue_hits, recall (the recall@k to meet: the cheapest calibrated point of the index), and ``release`` (a release tag of
+nprobes, refine_factor, ef, exclude_self, backend, aggregate, residue_hits, residue_mode, protein_shortlist, recall (the recall@k to meet: the cheapest calibrated point of the index), and ``release`` (a release tag of
 `rdscale update`: search that earlier version, exact mode). The answer lists the hits as rows, exactly the rows
 ``rdscale search`` prints and writes: ``{"queries": n, "hits": [{"query", "id", ["pos"], "score", "rank",
 ["hits"]}, ...]}``. Bad requests raise ``SearchError`` (``KeyNotFoundError`` for unknown keys,
@@ -35,7 +35,7 @@ from rdscale.search.sequences import clean_query, sequence_queries, stack_querie
 from rdscale.search.tables import TABLES, KeyNotFoundError, SearchError, open_table  # noqa: F401
 
 OPTIONS = ("k", "mode", "width", "metric", "filter", "shortlist", "rerank_width", "nprobes", "refine_factor", "ef",
-           "exclude_self", "backend", "aggregate", "residue_hits", "recall")
+           "exclude_self", "backend", "aggregate", "residue_hits", "recall", "residue_mode", "protein_shortlist")
 QUERY_KINDS = ("ids", "sequences", "vectors")
 EMBED_CHUNK = 16  # sequences embedded per step: a cancelled or timed-out request stops within one step
 _CACHE_ENTRIES = 256  # query embeddings kept (a page asks /search, then /explain, for the same sequence)
@@ -85,6 +85,8 @@ class SearchService:
         if not wanted:
             open_table(run, "proteins")  # raises the usual "no Lance dataset" error
         self.searchers = {t: Searcher(run, t, models=models, device=device) for t in wanted}
+        if "residues" in self.searchers and "proteins" in self.searchers:  # two-stage search's stage 1: held once
+            self.searchers["residues"].use_proteins(self.searchers["proteins"])
         self.max_queries = max_queries
         self._models, self._device = models, device
         self._lock = threading.Lock()
