@@ -109,9 +109,11 @@ def _record(level: int, index: int, rng: np.random.Generator, sequence: str) -> 
     return Rec(f"UniRef{level}_{acc}", f"{name} n={members} Tax={taxon} TaxID={taxid} RepID={rep}", sequence)
 
 
-def _chunk(seed: int, c: int, count: int, level: int, dup_rate: float) -> list[Rec]:
+def _chunk(seed: int, c: int, count: int, level: int, dup_rate: float, cap: int | None = None) -> list[Rec]:
     rng = np.random.default_rng([seed, c, 1])
     lens = lengths(rng, count)
+    if cap is not None:  # tests only: short proteins keep tiny models' CPU time small (the bench never caps)
+        lens = np.minimum(lens, cap)
     seqs = _sequences(rng, lens)
     # identical sequences under other ids: a copy of an earlier record of the same chunk
     dup = np.flatnonzero(rng.random(count) < dup_rate)
@@ -121,10 +123,10 @@ def _chunk(seed: int, c: int, count: int, level: int, dup_rate: float) -> list[R
     return [_record(level, c * CHUNK + i, rng, s) for i, s in enumerate(seqs)]
 
 
-def records(n: int, seed: int = 0, level: int = 50, dup_rate: float = 0.01) -> Iterator[Rec]:
-    """The N records of database `seed`, in file order."""
+def records(n: int, seed: int = 0, level: int = 50, dup_rate: float = 0.01, cap: int | None = None) -> Iterator[Rec]:
+    """The N records of database `seed`, in file order. cap: cut every length to at most this (tests)."""
     for c in range(-(-n // CHUNK)):
-        yield from _chunk(seed, c, min(CHUNK, n - c * CHUNK), level, dup_rate)
+        yield from _chunk(seed, c, min(CHUNK, n - c * CHUNK), level, dup_rate, cap)
 
 
 @dataclass
@@ -138,14 +140,15 @@ class ReleaseCounts:
 def _mutate(rng: np.random.Generator, seq: str) -> str:
     """One substitution (most edits between releases are small), or a fresh sequence for 1 in 5."""
     if rng.random() < 0.2:
-        return _sequences(rng, lengths(rng, 1))[0]
+        return _sequences(rng, np.array([len(seq)]))[0]  # same length: a cap (tests) still holds
     i = int(rng.integers(len(seq)))
     new = AA[(int(np.flatnonzero(AA == ord(seq[i]))[0]) + 1 + int(rng.integers(19))) % 20]
     return seq[:i] + chr(new) + seq[i + 1:]
 
 
 def release_b(n: int, seed: int = 0, level: int = 50, dup_rate: float = 0.01, changed: float = 0.01,
-              removed: float = 0.005, added: float = 0.01, counts: ReleaseCounts | None = None) -> Iterator[Rec]:
+              removed: float = 0.005, added: float = 0.01, counts: ReleaseCounts | None = None,
+              cap: int | None = None) -> Iterator[Rec]:
     """Release B of database `seed` (whose release A is `records(n, seed, ...)`): each record of A is kept, changed
     (probability `changed`) or removed (`removed`); after each chunk, new records (`added` x the chunk's size on
     average) with ids no release A record has. `counts` is filled in as the records are yielded."""
@@ -154,7 +157,7 @@ def release_b(n: int, seed: int = 0, level: int = 50, dup_rate: float = 0.01, ch
     new_index = chunks * CHUNK  # ids of added records: past every index of A, one more per added record
     for c in range(chunks):
         rng = np.random.default_rng([seed, c, 2])
-        for rec in _chunk(seed, c, min(CHUNK, n - c * CHUNK), level, dup_rate):
+        for rec in _chunk(seed, c, min(CHUNK, n - c * CHUNK), level, dup_rate, cap):
             u = rng.random()
             if u < removed:
                 counts.removed += 1
@@ -167,7 +170,7 @@ def release_b(n: int, seed: int = 0, level: int = 50, dup_rate: float = 0.01, ch
             yield rec
         k = int(rng.binomial(min(CHUNK, n - c * CHUNK), added))
         if k:
-            lens = lengths(rng, k)
+            lens = lengths(rng, k) if cap is None else np.minimum(lengths(rng, k), cap)
             for s in _sequences(rng, lens):
                 counts.added += 1
                 yield _record(level, new_index, rng, s)

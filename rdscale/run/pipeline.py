@@ -352,9 +352,11 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     if todo:
         store.drop_derived_columns()  # an index built before this resume does not cover the new rows
     check_complete(store, shards, accounting=False)  # the plan, not only the shards that started
+    store.scalar_indexes()  # before the dedupe pass: its deletes are `shard = s AND id IN (...)` lookups
     summary.duplicates_moved = store.dedupe_across_shards()
     if cfg.output.compact and not store.compact():
         summary.warnings.append("compaction failed (see the log); the tables are complete but fragmented")
+    store.scalar_indexes()  # the rejects the dedupe pass wrote (a no-op when there were none)
     summary.seconds = time.perf_counter() - started
     counts = store.counts()
     summary.records = counts["records"]
