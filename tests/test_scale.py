@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from helpers import bench_module, make_cfg
 
-from rdscale.run.pipeline import LocalExecutor, run
+from rdscale.io.fasta import ValidationOptions
+from rdscale.io.location import Location
+from rdscale.run.pipeline import LocalExecutor, plan, run
 from rdscale.run.update import update
 
 gen = bench_module("uniref_gen")
@@ -79,3 +81,41 @@ def test_update_through_the_scalar_index_equals_a_fresh_run(releases, tiny_famil
                      **{"input.shard_mb": 0.004, "fit.artifact": str(run_dir / "fit")})
     run(fresh, LocalExecutor(), progress=False)
     assert_same(content(run_dir), content(tmp_path / "fresh"))
+
+
+def test_resume_reuses_the_grouping_plan(releases, tiny_family, tmp_path, monkeypatch):
+    """A run with input.dedupe_sequences killed mid-commit, then resumed: the resume takes the grouping kept in the
+    run instead of reading the whole input again, and ends with the rows of an uninterrupted run."""
+    from helpers import embed_killed_before_ledger
+
+    from rdscale.run import dedupe
+    from rdscale.run.pipeline import embed
+
+    tmp, _ = releases
+    fasta = tmp_path / "A.fasta"  # a copy: edited below
+    fasta.write_bytes((tmp / "A.fasta").read_bytes())
+    settings = {"input.shard_mb": 0.004, "input.dedupe_sequences": True}
+    whole = make_cfg(tmp_path, fasta, tiny_family[:1], "whole", **settings)
+    embed(whole, None, LocalExecutor(), progress=False)
+    assert (tmp_path / "whole" / dedupe.PLAN_CACHE).is_file()
+
+    groupings = []
+    real = dedupe.plan_duplicates
+    monkeypatch.setattr(dedupe, "plan_duplicates", lambda *a, **k: groupings.append(1) or real(*a, **k))
+    cfg = make_cfg(tmp_path, fasta, tiny_family[:1], "killed", **settings)
+    embed_killed_before_ledger(cfg, commits=2)
+    assert groupings == [1]
+    summary = embed(cfg, None, LocalExecutor(), progress=False)
+    assert groupings == [1]  # the resume did not group again
+    assert summary.copies > 0 and summary.shards_skipped == 2
+    assert_same(content(tmp_path / "killed"), content(tmp_path / "whole"))
+
+    # the same plan reuses the grouping; an input edited in place (size, mtime) is grouped again
+    cache = Location.parse(tmp_path / "killed" / dedupe.PLAN_CACHE)
+    shards = plan(cfg)
+    _, reused = dedupe.cached_plan(cache, shards, ValidationOptions())
+    assert reused and groupings == [1]
+    with open(fasta, "a") as f:
+        f.write(">UniRef50_EXTRA1 added n=1 Tax=x TaxID=1 RepID=EXTRA1\nMKVLAAGIVG\n")
+    _, reused = dedupe.cached_plan(cache, plan(cfg), ValidationOptions())
+    assert not reused and groupings == [1, 1]

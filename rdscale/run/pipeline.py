@@ -303,9 +303,11 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     duplicates = None
     if dedupe.enabled(cfg):
         executor = executor or make_executor(cfg)
-        duplicates = dedupe.plan_duplicates(shards, options, progress=progress, map_shards=executor.map_shards)
+        cache = Run(cfg.output.dir).location.join(dedupe.PLAN_CACHE)
+        duplicates, reused = dedupe.cached_plan(cache, shards, options, progress=progress,
+                                                map_shards=executor.map_shards)
         shards = duplicates.shards
-        log.info("%s", duplicates.line())
+        log.info("%s%s", duplicates.line(), " (the grouping of an earlier start of this plan)" if reused else "")
     key = run_key(cfg, shards, manifest)
     metadata = schema_metadata(levels, manifest, recorded_config(cfg.to_dict()), key)
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
