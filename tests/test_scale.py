@@ -119,3 +119,24 @@ def test_resume_reuses_the_grouping_plan(releases, tiny_family, tmp_path, monkey
         f.write(">UniRef50_EXTRA1 added n=1 Tax=x TaxID=1 RepID=EXTRA1\nMKVLAAGIVG\n")
     _, reused = dedupe.cached_plan(cache, plan(cfg), ValidationOptions())
     assert not reused and groupings == [1, 1]
+
+
+def test_stub_models_embed_deterministically_without_a_network(releases, tmp_path):
+    """`stub:WIDTH` (a benchmarking aid): a chain of stubs runs the whole pipeline (fit included) and gives the
+    same finite vectors in every run; a malformed name is refused."""
+    from rdscale.model.loading import describe_model
+    from rdscale.model.stub import stub_width
+
+    tmp, _ = releases
+    out = []
+    for name in ("one", "two"):
+        cfg = make_cfg(tmp_path, tmp / "A.fasta", ["stub:16", "stub:24"], name, **{"output.residues": "false"})
+        run(cfg, LocalExecutor(), progress=False)
+        out.append(lance.dataset(str(tmp_path / name / "proteins.lance")).to_table(
+            columns=["id", "embedding"]).sort_by("id"))
+    a, b = (np.stack(t["embedding"].to_numpy(zero_copy_only=False)) for t in out)
+    assert a.shape == (N, 24) and np.isfinite(a).all() and a.std(axis=0).min() > 0
+    np.testing.assert_array_equal(a, b)
+    assert describe_model("stub:24")["sha256"] == "stub-v1"
+    with pytest.raises(ValueError, match="stub:WIDTH"):
+        stub_width("stub:wide")

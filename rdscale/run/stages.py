@@ -35,6 +35,7 @@ from rdscale.io.store import (
     write_table_fragments,
 )
 from rdscale.model.fast_esm import model_budgets
+from rdscale.model.stub import StubEmbedder
 from rdscale.run.integrity import RecordsDigest
 from rdscale.run.writer import ChunkWriter
 
@@ -132,7 +133,7 @@ class ChainEncoder:
         self.budgets = model_budgets(e.toks_per_batch, [lm.spec.width for lm in self.loaded],
                                      e.toks_per_batch_per_model)
         self.embedders = [
-            Embedder(
+            StubEmbedder(lm.spec.width, e.long_policy, e.window) if lm.model is None else Embedder(
                 lm, layer=e.layer, toks_per_batch=budget, long_policy=e.long_policy,
                 window=e.window, overlap=e.overlap, forward=e.forward, fast_attention=e.attention,
                 compile=e.compile,
