@@ -140,3 +140,25 @@ def test_stub_models_embed_deterministically_without_a_network(releases, tmp_pat
     assert describe_model("stub:24")["sha256"] == "stub-v1"
     with pytest.raises(ValueError, match="stub:WIDTH"):
         stub_width("stub:wide")
+
+
+def test_capacity_plan_labels_every_figure_from_the_committed_bench():
+    """docs/capacity.md is generated from bench/results/bench_scale.json: the plan names both databases, says
+    which numbers are measured, extrapolated or estimates, and admits that no GPU figure was measured when no
+    GPU benchmark file says `cuda`."""
+    import json
+
+    from helpers import ROOT
+
+    bench_module("benchkit")
+    plan = bench_module("capacity_plan")
+    scale = json.loads((ROOT / "bench" / "results" / "bench_scale.json").read_text())
+    text = plan.plan(scale, None)
+    for word in ("UniRef50", "UniRef100", "**measured**", "**extrapolated**", "**Estimates**", "GPUs"):
+        assert word in text, word
+    gpu = [d for _, d in plan.gpu_files() if str(d.get("device", "")).startswith("cuda")]
+    assert ("No GPU figure was measured" in text) == (not gpu)
+    # the bytes of UniRef50's proteins at k_m = 1280 are at least the raw float32 vectors
+    per_row = plan.row_costs(scale)["proteins"]["other_per_row"]
+    assert 0 < per_row < 2000
+    assert text == plan.plan(scale, None)  # deterministic: regenerating changes nothing
