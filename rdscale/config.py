@@ -45,6 +45,11 @@ class EmbeddingConfig:
     compile: bool = False  # torch.compile the fast forward's elementwise work (pays on GPUs; compiles once per model)
     # per-model token budgets, smallest model first; null: toks_per_batch scaled by k_largest / k_i (at most 8x)
     toks_per_batch_per_model: list[int] | None = None
+    # per-GPU budgets replacing toks_per_batch on matching devices, keyed by part of the device name: {H100: 32768,
+    # A10G: 8192} (case-insensitive, longest matching key wins; "cpu" for CPU actors)
+    toks_per_batch_by_device: dict[str, int] = field(default_factory=dict)
+    # no key matches: this many tokens per GiB of GPU memory left after the chain's weights (null: toks_per_batch)
+    toks_per_gib: int | None = None
 
 
 @dataclass
@@ -69,7 +74,10 @@ class OutputConfig:
 @dataclass
 class RayConfig:
     address: str | None = None  # None: start a local Ray (or join RAY_ADDRESS when set); "auto": join a cluster
-    num_actors: int = 1  # embedding actors (one per GPU on a cluster)
+    # embedding actors (one per GPU on a cluster), or "auto": as many as the cluster's nodes hold at the start, and
+    # more as nodes join (the apply pass's pool grows up to max_actors)
+    num_actors: int | str = 1
+    max_actors: int | None = None  # the apply pass's pool grows up to this as nodes join (null: fixed; auto: no cap)
     gpus_per_actor: float | None = None  # None: 1 when some node of the Ray cluster has a GPU, else 0
     cpus_per_actor: float = 1.0
     object_store_mb: int | None = None  # local Ray only
@@ -166,6 +174,12 @@ def _problems(cfg: Config):
     if per_model is not None and (len(per_model) != len(cfg.models) or min(per_model, default=8) < 8):
         yield (f"embedding.toks_per_batch_per_model must list one budget (>= 8) per model ({len(cfg.models)}), "
                f"got {per_model}")
+    for name, budget in (e.toks_per_batch_by_device or {}).items():
+        if not (isinstance(name, str) and name.strip()) or isinstance(budget, bool) or not isinstance(budget, int) \
+                or not 8 <= budget <= MAX_TOKS_PER_BATCH:
+            yield (f"embedding.toks_per_batch_by_device must map part of a device name to a token budget in "
+                   f"[8, {MAX_TOKS_PER_BATCH}], e.g. {{H100: 32768, A10G: 8192}}; got {name!r}: {budget!r}")
+    yield from between("embedding.toks_per_gib", e.toks_per_gib, 1, MAX_TOKS_PER_BATCH)
     if cfg.fit.regression not in ("pcr", "ols"):
         yield f"fit.regression must be pcr or ols, not {cfg.fit.regression!r}"
     yield from between("fit.sample_sequences", cfg.fit.sample_sequences, 1, 1 << 40)
@@ -182,7 +196,14 @@ def _problems(cfg: Config):
                        "an integer (or null for the full width)")
     yield from between("output.records_per_batch", o.records_per_batch, 1, MAX_RECORDS_PER_BATCH)
     r = cfg.ray
-    yield from between("ray.num_actors", r.num_actors, 1, 1 << 20)
+    if isinstance(r.num_actors, str) or isinstance(r.num_actors, bool) or not isinstance(r.num_actors, int):
+        if r.num_actors != "auto":
+            yield f"ray.num_actors must be an integer or auto, got {r.num_actors!r}"
+    else:
+        yield from between("ray.num_actors", r.num_actors, 1, 1 << 20)
+    yield from between("ray.max_actors", r.max_actors, 1, 1 << 20)
+    if isinstance(r.num_actors, int) and r.max_actors is not None and r.max_actors < r.num_actors:
+        yield f"ray.max_actors ({r.max_actors}) must be at least ray.num_actors ({r.num_actors})"
     yield from between("ray.gpus_per_actor", r.gpus_per_actor, 0, 1024, "a number")
     yield from between("ray.cpus_per_actor", r.cpus_per_actor, 0, 1 << 16, "a number")
     yield from between("ray.object_store_mb", r.object_store_mb, 1, 1 << 30)

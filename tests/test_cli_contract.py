@@ -613,7 +613,7 @@ def test_any_override_gives_a_valid_config_or_a_config_error(key, value):
     assert 1 <= e.window <= 1022 and 0 <= e.overlap < e.window and 8 <= e.toks_per_batch
     assert o.records_per_batch >= 1 and (o.storage_width is None or o.storage_width >= 1)
     assert 0 < cfg.input.shard_mb <= 1 << 20 and math.isfinite(cfg.input.shard_mb)
-    assert cfg.ray.num_actors >= 1 and o.residue_dtype in ("float16", "float32")
+    assert (cfg.ray.num_actors == "auto" or cfg.ray.num_actors >= 1) and o.residue_dtype in ("float16", "float32")
 
 
 @given(raw=st.text(max_size=40))

@@ -6,6 +6,7 @@ with the test session's own Ray (`ray_session`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -161,11 +162,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta):
-    """`ray start --head` (job server on free ports, token authentication), then the README's submit command on
-    the demo config with the checkpoints and the output as absolute paths; the job's tables must be complete."""
+@contextlib.contextmanager
+def job_server():
+    """`ray start --head` (job server on free ports, token authentication) for this test only; yields (the job
+    server's address, the environment to submit with). Stopped with SIGTERM, as `ray stop` does, limited to the
+    processes this test started."""
+    import secrets
     import shutil
     import signal
     import tempfile
@@ -173,13 +175,9 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
     import urllib.error
     import urllib.request
 
-    import lance
-
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     temp = Path(tempfile.mkdtemp(prefix="rdj", dir="/tmp"))  # short: Ray's socket paths live under it
     token = temp / "auth_token"
-    import secrets
-
     token.write_text(secrets.token_hex(32))
     env = _child_env()
     # Token authentication, with a token file of this test's own (never ~/.ray/auth_token).
@@ -195,7 +193,6 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
          f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", "--num-gpus=0",
          f"--temp-dir={temp / 'ray'}", "--disable-usage-stats"],
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
-    out = tmp_path / "job_out"
     try:
         deadline = time.time() + 120
         while True:
@@ -209,15 +206,44 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
             assert head.poll() is None, (temp / "head.log").read_text()[-3000:]
             assert time.time() < deadline, "the head's job server did not come up"
             time.sleep(1)
-        cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        head_log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a submit command, again while the job server answers before the head's agent can take jobs."""
+    import time
+
+    for _ in range(30):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480, check=False)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(2)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta):
+    """`ray start --head`, then the README's submit command on the demo config with the checkpoints and the
+    output as absolute paths; the job's tables must be complete."""
+    import lance
+
+    out = tmp_path / "job_out"
+    with job_server() as (address, env):
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
                "python", "jobs/rdscale_job.py", "run", "-c", "demo", "--fasta", str(small_fasta),
                "--models", *map(str, tiny_family), "-o", str(out)]
-        for _ in range(30):  # the job server answers before the head's agent can take jobs
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480, check=False)
-            log = proc.stdout + proc.stderr
-            if "No available agent" not in log:
-                break
-            time.sleep(2)
+        proc = submit(cmd, env)
+        log = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "succeeded" in log, log[-4000:]
         job_log = log[log.index("Running entrypoint"):]
         print(job_log)  # shown with pytest -s
@@ -229,14 +255,64 @@ def test_ray_job_submit_runs_the_demo_command(tmp_path, tiny_family, small_fasta
         residues = lance.dataset(str(out / "residues.lance")).count_rows()
         assert proteins.num_rows == 12 and residues == sum(proteins["length"].to_pylist())
         assert (out / "fit" / "manifest.json").exists()
-    finally:
-        head.send_signal(signal.SIGTERM)  # what `ray stop` does, limited to the processes this test started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        head_log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_job_whose_driver_dies_is_resubmitted_and_resumed(tmp_path, tiny_family, small_fasta, local_small):
+    """jobs/resubmit.py around `ray job submit`: the job's driver is killed (SIGKILL) once a shard is committed; the
+    wrapper resubmits the same command, the new driver takes over the dead one's lease and resumes, and the rows
+    equal the uninterrupted run's."""
+    import json as _json
+    import signal
+    import threading
+    import time
+
+    import lance
+    from test_pipeline import assert_same_tables
+
+    out, hold = tmp_path / "job_out", tmp_path / "hold"
+    hold.touch()  # the first driver holds after its first ledger commit, until it is killed
+    killed: dict = {}
+
+    def kill_the_driver():
+        deadline = time.time() + 400
+        lease = out / "_writer.lease"
+        while time.time() < deadline:
+            try:
+                if lance.dataset(str(out / "shards.lance")).count_rows() >= 1 and lease.exists():
+                    break
+            except (OSError, ValueError):  # not written yet
+                pass
+            time.sleep(0.2)
+        else:
+            return
+        pid = int(_json.loads(lease.read_text())["pid"])  # the driver: the lease's owner
+        killed["committed"] = lance.dataset(str(out / "shards.lance")).count_rows()
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+        hold.unlink()
+
+    with job_server() as (address, env):
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        runtime = _json.dumps({"env_vars": {"RDSCALE_FAULT_HOLD": str(hold)}})
+        cmd = [sys.executable, "jobs/resubmit.py", "--retries", "2", "--delay", "1", "--",
+               ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", runtime,
+               "--", "python", "jobs/rdscale_job.py", "run", "-c", "conf/demo.yaml", "--fasta", str(small_fasta),
+               "--models", *map(str, tiny_family), "-o", str(out), "--set", "input.shard_mb=0.0004",
+               "--set", "embedding.window=120", "--set", "embedding.overlap=30",
+               "--set", "embedding.toks_per_batch=1024", "--set", "output.residue_dtype=float32",
+               "--set", "output.records_per_batch=8", "--set", f"fit.artifact={local_small / 'fit'}"]
+        killer = threading.Thread(target=kill_the_driver, daemon=True)
+        killer.start()
+        proc = submit(cmd, env)
+        killer.join(timeout=10)
+    log = proc.stdout + proc.stderr
+    assert "pid" in killed, f"the driver was never killed:\n{log[-4000:]}"
+    assert proc.returncode == 0 and "resubmitting" in proc.stderr, log[-4000:]
+    shards = lance.dataset(str(out / "shards.lance")).to_table().to_pylist()
+    assert killed["committed"] < len(shards)  # killed mid-run
+    assert_same_tables(out, local_small)
 
 
 # ------------------------------------------------------------------------------------------------ driver memory
@@ -329,3 +405,28 @@ def test_job_entry_point_refuses_paths_inside_the_upload(tmp_path, monkeypatch, 
                             "--models", *map(str, tiny_family)]) is None
     monkeypatch.chdir(tmp_path)  # not in an upload: nothing to say
     assert job.check_paths(["run", "-c", str(upload / "conf" / "demo.yaml")]) is None
+
+
+# ------------------------------------------------------------------------------------------------ elastic pool
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_elastic_pool_follows_the_nodes_and_finishes_when_one_goes(tmp_path, tiny_family):
+    """`ray.num_actors: auto` on a real multi-node cluster (a subprocess: its own Ray; see tests/elastic_child.py):
+    the pool is sized from the nodes there are, a node removed mid-run leaves the run to the actor left (no rerun),
+    a node added mid-run does not disturb the run, and both runs' tables equal the --local run's."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "elastic_child.py"), str(tmp_path / "w"),
+                           *map(str, tiny_family)], capture_output=True, text=True, env=_child_env(), timeout=580,
+                          check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    report = json.loads(lines[-1][len("RESULT "):])
+    assert "error" not in report, report["error"]
+    assert report["actors_at_start"] == 1 and report["actors_before_shrink"] == 2  # follows the nodes
+    grow, shrink = report["grow"], report["shrink"]
+    assert grow["finished"] and grow["same_as_local"], grow
+    assert grow["committed_at_change"] < grow["shards"], "the node joined after the run"
+    print("pool grew onto the new node:", grow["actor_on_new_node"])  # Ray Data's decision (see elastic_child.py)
+    assert shrink["removed"] and shrink["committed_at_change"] < shrink["shards"], shrink
+    assert shrink["finished"] and shrink["same_as_local"], shrink  # with the actor left, no rerun

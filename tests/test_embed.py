@@ -281,3 +281,53 @@ def test_bfloat16_embeddings_track_float32(tiny_family):
     assert a.dtype == torch.bfloat16
     cos = torch.nn.functional.cosine_similarity(a.float(), b, dim=-1)
     assert cos.min() > 0.98
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# out-of-memory back-off
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(1, 90), min_size=1, max_size=14), at=st.integers(2, 6),
+       forward=st.sampled_from(["fast", "plain"]))
+def test_oom_back_off_splits_batches_and_changes_no_number(small, lengths, at, forward):
+    """A forward that fails for `at` or more sequences (as a smaller GPU would): every batch is split until it
+    runs, the budget drops, and the embeddings are those of an Embedder that never failed."""
+    from rdscale.model.embed import inject_oom
+
+    rng = random.Random(sum(lengths) + at)
+    seqs = [random_protein(rng, n) for n in lengths]
+    clean = Embedder(small, toks_per_batch=400, forward=forward, window=60, overlap=15)
+    faulty = Embedder(small, toks_per_batch=400, forward=forward, window=60, overlap=15)
+    faulty.forward_wrapper = inject_oom(at_batch_size=at)
+    want, got = clean.embed(seqs), faulty.embed(seqs)
+    for w, g in zip(want, got):
+        assert w.shape == g.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    if clean.stats.batches and max(len(b) for b in clean._plan([len(s) for s in seqs])) >= at:
+        assert faulty.stats.oom_splits > 0 and faulty.toks_per_batch < 400
+    # The next call packs under the lowered budget: fewer or no failures.
+    before = faulty.stats.oom_splits
+    faulty.embed(seqs)
+    assert faulty.stats.oom_splits - before <= before
+
+
+def test_oom_on_one_long_sequence_windows_it_and_logs_one_line_per_event(small, caplog):
+    from rdscale.model.embed import inject_oom
+
+    rng = random.Random(7)
+    seq = random_protein(rng, 100)
+    emb = Embedder(small, toks_per_batch=4096, window=1022)
+    emb.forward_wrapper = inject_oom(above_tokens=70)  # 102 tokens fail; windows of 50 residues (52 tokens) run
+    with caplog.at_level("WARNING", logger="rdscale.model.embed"):
+        (out,) = emb.embed([seq])
+    assert out.shape == (100, small.spec.width) and torch.isfinite(out).all()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "out of memory on one sequence of 100 residues" in lines[0], lines
+    # Stitched windows: residues far from the cut equal the first window's own embedding.
+    (first,) = Embedder(small, toks_per_batch=4096).embed([seq[:50]])
+    torch.testing.assert_close(out[:20], first[:20], rtol=0, atol=1e-5)
+    # Nothing fits at all: the error is raised, not looped on.
+    emb.forward_wrapper = inject_oom(above_tokens=3)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        emb.embed([seq])

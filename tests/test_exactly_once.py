@@ -628,7 +628,7 @@ def test_an_index_of_a_partial_run_is_refused(partial_run):
     vec = last["embedding"].to_numpy(zero_copy_only=False)[0][None, :]
     with pytest.raises(MissingIndexError):
         search(out, vec, k=1, mode="ann", width=32)
-    build_index(out, width=32, index_type="IVF_FLAT")
+    build_index(out, width=32, index_type="IVF_FLAT", backend="lance")
     hits = search(out, vec, k=1, mode="ann", width=32)
     assert hits["id"][0].as_py() == last["id"][0].as_py()
 

@@ -266,3 +266,28 @@ def test_killed_actor_loses_and_duplicates_nothing(ray_session, tmp_path, clean_
     run(cfg, progress=False)
     assert marker.exists(), "the fault was not injected"
     assert_same_tables(tmp_path / "killed", full_dir)
+
+
+# ----------------------------------------------------------------------------------------------- out of memory
+
+
+def test_out_of_memory_back_off_keeps_the_tables(tmp_path, clean_fasta, tiny_family, local_run, caplog):
+    """Every forward of 3 or more sequences raises torch.cuda.OutOfMemoryError (the embedder's fault hook): the
+    actor splits and goes on, and the tables equal the run without the fault."""
+    _, full_dir, _ = local_run
+    cfg = make_cfg(tmp_path, clean_fasta, tiny_family, "oom",
+                   **{"fit.artifact": str(full_dir / "fit"), "ray.fault_injection": {"oom_at_batch_size": 3}})
+    with caplog.at_level("WARNING", logger="rdscale.model.embed"):
+        run(cfg, LocalExecutor(), progress=False)
+    assert any("out of memory on a batch of" in r.getMessage() for r in caplog.records), "no fault was injected"
+    assert_same_tables(tmp_path / "oom", full_dir)
+
+
+@pytest.mark.ray
+def test_out_of_memory_back_off_in_ray_actors(ray_session, tmp_path, clean_fasta, tiny_family, local_run):
+    _, full_dir, _ = local_run
+    cfg = make_cfg(tmp_path, clean_fasta, tiny_family, "oom_ray",
+                   **{"ray.address": None, "ray.num_actors": 1, "ray.cpus_per_actor": 0.5,
+                      "fit.artifact": str(full_dir / "fit"), "ray.fault_injection": {"oom_at_batch_size": 2}})
+    run(cfg, progress=False)
+    assert_same_tables(tmp_path / "oom_ray", full_dir)

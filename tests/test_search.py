@@ -88,9 +88,9 @@ def indexed_run(tmp_path_factory, run_dir):
     src, prot, res = run_dir
     out = tmp_path_factory.mktemp("search_indexed") / "run"
     shutil.copytree(src, out)
-    S.build_index(out, table="proteins", width=8, metric="cosine")
-    S.build_index(out, table="proteins", width=16, metric="l2", index_type="IVF_PQ")
-    S.build_index(out, table="residues", width=8, metric="cosine")
+    S.build_index(out, table="proteins", width=8, metric="cosine", backend="lance")
+    S.build_index(out, table="proteins", width=16, metric="l2", index_type="IVF_PQ", backend="lance")
+    S.build_index(out, table="residues", width=8, metric="cosine", backend="lance")
     return out, prot, res
 
 
@@ -187,7 +187,7 @@ def test_build_index_adds_prefix_column_without_rewriting_others(run_dir, tmp_pa
     before = lance.dataset(str(tmp_path / "run" / "proteins.lance"))
     files_before = {f.fragment_id: [d.path for d in f.metadata.files] for f in before.get_fragments()}
 
-    info = S.build_index(tmp_path / "run", width=16, metric="cosine")
+    info = S.build_index(tmp_path / "run", width=16, metric="cosine", backend="lance")
 
     ds = lance.dataset(str(tmp_path / "run" / "proteins.lance"))
     assert info.column == "embedding_p16" and info.width == 16 and info.metric == "cosine"
@@ -202,12 +202,12 @@ def test_build_index_adds_prefix_column_without_rewriting_others(run_dir, tmp_pa
     assert [i.width for i in S.list_indexes(tmp_path / "run")] == [16]
 
     version = ds.version
-    again = S.build_index(tmp_path / "run", width=16, metric="cosine")
+    again = S.build_index(tmp_path / "run", width=16, metric="cosine", backend="lance")
     assert again == info
     assert lance.dataset(str(tmp_path / "run" / "proteins.lance")).version == version  # a no-op
 
     # a different metric replaces the index on that column (one vector index per column)
-    S.build_index(tmp_path / "run", width=16, metric="l2")
+    S.build_index(tmp_path / "run", width=16, metric="l2", backend="lance")
     assert [(i.width, i.metric) for i in S.list_indexes(tmp_path / "run")] == [(16, "l2")]
     vector = [d for d in lance.dataset(str(tmp_path / "run" / "proteins.lance")).describe_indices()
               if d.type_url.endswith("VectorIndexDetails")]  # besides the run's scalar indexes on id and shard
@@ -225,7 +225,7 @@ def test_default_index_params_follow_row_count_and_width():
 def test_rows_appended_after_indexing_need_a_new_index(run_dir, tmp_path):
     src, prot, _ = run_dir
     shutil.copytree(src, tmp_path / "run")
-    S.build_index(tmp_path / "run", width=8)
+    S.build_index(tmp_path / "run", width=8, backend="lance")
     new = (prot[:1] * -3.0).astype(np.float32)  # far from every stored point in direction
     extra = write_proteins(tmp_path / "extra.lance", new).to_table()
     extra = extra.set_column(0, "id", pa.array(["NEW"]))
@@ -235,7 +235,7 @@ def test_rows_appended_after_indexing_need_a_new_index(run_dir, tmp_path):
         S.search(tmp_path / "run", new, width=8, mode="ann")
     assert S.search(tmp_path / "run", new, width=32, k=1).column("id").to_pylist() == ["NEW"]  # exact: fine
 
-    S.build_index(tmp_path / "run", width=8)
+    S.build_index(tmp_path / "run", width=8, backend="lance")
     assert S.search(tmp_path / "run", new, width=8, k=1, mode="ann").column("id").to_pylist() == ["NEW"]
 
 
@@ -249,7 +249,7 @@ def test_ann_recall_at_10_is_high_with_default_parameters(tmp_path):
     x = clustered(n, dim, 200, spread=0.5, seed=5)
     write_proteins(tmp_path / "proteins.lance", x, levels=[16, 32], max_rows_per_file=20_000)
     t0 = time.perf_counter()
-    S.build_index(tmp_path, width=32)
+    S.build_index(tmp_path, width=32, backend="lance")
     built = time.perf_counter() - t0
     rng = np.random.default_rng(6)
     q = x[rng.choice(n, 100, replace=False)] + 0.05 * rng.standard_normal((100, dim)).astype(np.float32)
@@ -350,7 +350,7 @@ def test_clear_errors(run_dir, tmp_path):
     with pytest.raises(S.SearchError, match="exceeds the stored embedding width 16"):
         S.search(out, prot[:1], table="residues", width=32)
     with pytest.raises(S.SearchError, match="not a chain level"):
-        S.build_index(out, width=24)
+        S.build_index(out, width=24, backend="lance")
     with pytest.raises(S.SearchError, match="query vectors are 8 wide .* needs at least 16"):
         S.search(out, prot[:2, :8], width=16)
     with pytest.raises(S.SearchError, match="not in the proteins table: nope"):
@@ -360,14 +360,14 @@ def test_clear_errors(run_dir, tmp_path):
     with pytest.raises(S.SearchError, match="unknown mode"):
         S.search(out, prot[:1], mode="fast")
     with pytest.raises(S.SearchError, match="unknown index type"):
-        S.build_index(out, width=8, index_type="KD_TREE")
+        S.build_index(out, width=8, index_type="KD_TREE", backend="lance")
     with pytest.raises(S.SearchError, match="no Lance dataset"):
         S.search(tmp_path / "nowhere", prot[:1])
 
     empty = write_proteins(tmp_path / "proteins.lance", np.zeros((0, 32), np.float32))
     assert empty.count_rows() == 0
     with pytest.raises(S.SearchError, match="empty"):
-        S.build_index(tmp_path, width=8)
+        S.build_index(tmp_path, width=8, backend="lance")
     with pytest.raises(S.SearchError, match="empty"):
         S.search(tmp_path, prot[:1])
 
@@ -444,8 +444,9 @@ def test_cli_index_parameters_and_list(run_dir, tmp_path, capsys):
     assert (info.column, info.index_type, info.metric) == ("embedding", "IVF_PQ", "l2")  # 16 = stored width
     assert info.params == {"num_partitions": 4, "num_sub_vectors": 4}
     code, out, _ = rdscale(["index", "-o", run, "--list", "--table", "proteins", "residues"], capsys)
-    assert out.splitlines() == ["proteins: no vector indexes",
-                                "residues: width 16 lance IVF_PQ l2 on embedding (num_partitions=4, num_sub_vectors=4)"]
+    assert out.splitlines()[:2] == ["proteins: no vector indexes",
+                                    "residues: width 16 lance IVF_PQ l2 on embedding (num_partitions=4, num_sub_vectors=4)"]
+    assert out.splitlines()[2].startswith("residues:   ann recall@10 ")  # the calibration follows each index
 
 
 def test_cli_search_by_vector_with_filter_matches_the_api(run_dir, tmp_path, capsys):
@@ -532,7 +533,7 @@ def test_query_sequence_embedding_is_the_stored_embedding(real_run):
 def test_searching_a_database_sequence_returns_that_protein_first(real_run, mode, tmp_path):
     run, seqs = real_run
     if mode == "funnel":
-        S.build_index(run, width=32)
+        S.build_index(run, width=32, backend="lance")
     queries = {name: seqs[name] for name in ("R04", "R00", "R17")}  # R04 is longer than the window
     result = S.search_sequences(run, queries, k=3, mode=mode, width=32 if mode == "funnel" else None)
     first = result.filter(pa.compute.equal(result.column("rank"), 1))

@@ -90,8 +90,12 @@ def test_openapi_schema_and_info(server):
     assert httpx.get(f"{server}/docs", timeout=10).status_code == 200
     info = httpx.get(f"{server}/info", timeout=10).json()
     assert info["tables"]["proteins"]["rows"] == 2000 and info["tables"]["residues"]["width"] == 16
-    assert {"width": 8, "metric": "cosine", "backend": "faiss", "index_type": "HNSW"} in \
-        info["tables"]["proteins"]["indexes"]
+    (hnsw,) = [i for i in info["tables"]["proteins"]["indexes"] if i["backend"] == "faiss" and i["width"] == 8]
+    assert (hnsw["metric"], hnsw["index_type"]) == ("cosine", "HNSW")
+    # its calibrated recall curve (rdscale index calibrates every index), the cheapest point first
+    assert hnsw["recall"]["target"] == 0.95 and hnsw["recall"]["curves"]["funnel"][0]["cost"] > 0
+    body = {"vectors": [[1.0] * 32], "mode": "funnel", "width": 8, "backend": "faiss", "recall": 0.99, "k": 3}
+    assert len(httpx.post(f"{server}/search", json=body, timeout=30).json()["hits"]) == 3
 
 
 def test_concurrent_clients_get_the_cli_answers(server, run):

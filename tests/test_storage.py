@@ -206,12 +206,15 @@ def test_compact_and_index_hints_on_s3_run(s3_runs, s3, capsys, tmp_path):
     assert _cli("compact", str(tmp_path / "nothing")) == 2
     assert not (tmp_path / "nothing").exists()
     assert not Location.parse(s3.uri("compacted", "nothing")).exists()
-    # FAISS indexes cannot live beside an S3 run: the search hint names --backend lance, not a refused command
+    # FAISS indexes live beside an S3 run as objects: the search hint names the command that builds one, and it works
     capsys.readouterr()
     first = before["proteins"]["id"][0].as_py()
     assert _cli("search", copy.uri, "--id", first, "--mode", "ann", "--backend", "faiss") == 1
     err = capsys.readouterr().err
-    assert "--backend lance" in err and "--backend faiss`" not in err, err
+    assert "--backend faiss`" in err, err
+    assert _cli("index", copy.uri, "--width", "32", "--backend", "faiss") == 0
+    assert _cli("search", copy.uri, "--id", first, "--mode", "ann", "--backend", "faiss", "--width", "32") == 0
+    assert first in capsys.readouterr().out
 
 
 def test_copied_run_still_works(s3_runs, s3, tiny_family, capsys):

@@ -162,7 +162,20 @@ def cmd_info(args) -> int:
 
     for line in release_lines(run):
         print(line)
+    for line in _cost_lines(run):
+        print(line)
     return 0
+
+
+def _cost_lines(run) -> list[str]:
+    """Throughput, device-hours and an ETA from the ledger's provenance columns (none for older runs)."""
+    from rdscale.io.runs import LEDGER
+    from rdscale.io.store import run_status
+    from rdscale.run.provenance import cost_lines
+
+    if not run.has_table(LEDGER):
+        return []
+    return cost_lines(run.dataset(LEDGER).to_table().to_pylist(), run_status(run)["planned"])
 
 
 def _table_info(run: Run) -> dict:

@@ -74,8 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prefix width(s) to index, chain levels (default: the narrowest level, for funnel search)")
     p.add_argument("--metric", choices=S.METRICS, default="cosine", help="distance (default: cosine)")
     p.add_argument("--backend", choices=S.BACKENDS, default=None,
-                   help="faiss (default: faster at equal recall, see bench/results/bench_search.json) or lance "
-                   "(the default for a run on object storage, where the index lives inside the table)")
+                   help="faiss (default, also for a run on object storage, where the index is stored beside the "
+                   "run and fetched once per node; faster at equal recall, see bench/results/bench_search*.json) "
+                   "or lance (the index lives inside the table)")
     p.add_argument("--index-type", type=str.upper,
                    help=f"faiss: one of {', '.join(FAISS_INDEX_TYPES)} (default {DEFAULT_FAISS_INDEX_TYPE}); "
                    f"lance: one of {', '.join(S.INDEX_TYPES)} (default {S.DEFAULT_INDEX_TYPE})")
@@ -83,6 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="index parameter overriding the defaults derived from the row count; faiss: m, "
                    "ef_construction (HNSW), nlist, nprobe, pq_m, pq_bits (IVF); lance: passed to create_index "
                    "(num_partitions, num_sub_vectors, m, ef_construction, sample_rate, ...); repeatable")
+    p.add_argument("--recall", type=float, default=0.95,
+                   help="recall@10 the index is calibrated for on held-out rows of the table (default 0.95): "
+                   "the cheapest search parameters (ef, nprobe, funnel shortlist) reaching it are stored with the "
+                   "index and used by `search` unless it asks for another --recall; 0 skips calibration")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if an identical index exists")
     p.add_argument("--list", action="store_true", help="list the existing indexes and exit")
     p.set_defaults(func=cmd_index)
@@ -118,6 +123,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobes", type=int, help="ann / funnel: IVF partitions probed (default: Lance's)")
     p.add_argument("--refine-factor", type=int, help="ann / funnel: re-rank refine_factor * k candidates exactly")
     p.add_argument("--ef", type=int, help="ann / funnel: HNSW search breadth")
+    p.add_argument("--recall", type=float,
+                   help="ann / funnel: the recall@k to reach; picks the cheapest point of the index's calibrated "
+                   "curve that meets it (default: the point calibrated at `rdscale index`, recall 0.95); not "
+                   "with --shortlist / --nprobes / --ef / --refine-factor")
     p.add_argument("--backend", choices=S.BACKENDS,
                    help="ann / funnel: the index to use (default: the narrowest for the metric; faiss first)")
     p.add_argument("--aggregate", choices=["proteins"],
@@ -145,21 +154,22 @@ def cmd_index(args: argparse.Namespace) -> int:
             _print_indexes(args.out, table)
         return 0
     params = dict(args.params)
-    if args.backend is None:
-        from rdscale.io.location import is_remote
+    from rdscale.search.calibrate import describe
 
-        args.backend = "lance" if is_remote(args.out) else "faiss"
     for table in args.table:
         widths = args.width or [S.chain_levels(S.open_table(args.out, table))[0]]
         for width in widths:
             started = time.perf_counter()
             info = S.build_index(args.out, table=table, width=width, index_type=args.index_type,
                                  metric=args.metric, rebuild=args.rebuild, backend=args.backend,
-                                 progress=not args.quiet, **params)
+                                 progress=not args.quiet, recall=args.recall or None, **params)
             shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
             where = f"{INDEX_DIR}/{info.index_name}" if info.backend == "faiss" else info.column
             print(f"{table}: {info.backend} {info.index_type} {info.metric} index on {where} (width {info.width}, "
                   f"{info.num_rows} rows; {shown}) in {time.perf_counter() - started:.1f} s")
+            if info.calibration:
+                for mode in ("ann", "funnel"):
+                    print(f"{table}:   calibrated {describe(info.calibration, mode)}")
     return 0
 
 
@@ -167,6 +177,7 @@ def _print_indexes(run: str, table: str) -> None:
     infos = S.list_indexes(run, table)
     if not infos:
         print(f"{table}: no vector indexes")
+    from rdscale.search.calibrate import describe
     from rdscale.search.searcher import index_is_fresh
 
     ds = S.open_table(run, table) if infos else None
@@ -176,6 +187,13 @@ def _print_indexes(run: str, table: str) -> None:
         stale = "" if index_is_fresh(ds, info) else "; STALE: the table changed since it was built, rerun `rdscale index` for it"
         print(f"{table}: width {info.width} {info.backend} {info.index_type} {info.metric} on {where} "
               f"({shown}){stale}")
+        for mode in ("ann", "funnel"):
+            print(f"{table}:   {describe(info.calibration, mode)}")
+            curve = (info.calibration or {}).get(mode) or []
+            if curve:
+                points = ", ".join(f"{p['recall']:.3f}@" + "/".join(f"{k}={v}" for k, v in sorted(p["params"].items()))
+                                   for p in curve)
+                print(f"{table}:     curve (recall@{info.calibration['k']}@params, cheapest first): {points}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +267,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     common = dict(
         table=args.table, width=args.width, k=args.k, mode=args.mode, metric=args.metric, filter=args.filter,
         shortlist=args.shortlist, rerank_width=args.rerank_width, nprobes=args.nprobes,
-        refine_factor=args.refine_factor, ef=args.ef, backend=args.backend,
+        refine_factor=args.refine_factor, ef=args.ef, backend=args.backend, recall=args.recall,
     )
     if args.aggregate:
         common.update(aggregate=args.aggregate, residue_hits=args.residue_hits)

@@ -178,6 +178,26 @@ def _alive_nodes() -> list[dict[str, float]]:
     return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
 
 
+def actor_slots(nodes: Sequence[dict[str, float]], cpus: float, gpus: float) -> int:
+    """How many actors of `cpus` CPU and `gpus` GPU the nodes hold at once (each node on its own: an actor cannot
+    span nodes)."""
+    return sum(int(min(n.get("CPU", 0.0) / cpus if cpus else 1e9, n.get("GPU", 0.0) / gpus if gpus else 1e9))
+               for n in nodes if n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus)
+
+
+def pool_sizes(num_actors: int | str, max_actors: int | None, slots: int) -> tuple[int, int, int | None]:
+    """(min, initial, max) of the apply pass's actor pool; max None = no cap. A number: that many actors, growing
+    up to max_actors when it is set. "auto": the actors the cluster holds now (at least one), then as many as join,
+    up to max_actors; at least one so a run starts on the first node that can hold an actor (autoscaling)."""
+    if num_actors == "auto":
+        start = max(1, slots)
+        if max_actors is not None:
+            start = min(start, max_actors)
+        return 1, start, max_actors
+    n = int(num_actors)
+    return n, n, max(n, max_actors) if max_actors is not None else n
+
+
 def _is_local_path(text: str) -> bool:
     return "://" not in str(text)
 
@@ -331,10 +351,8 @@ class RayExecutor:
         nodes = _alive_nodes()
         fits = [n for n in nodes if n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus]
         if fits:
-            # How many actors the nodes hold at once (each node on its own: an actor cannot span nodes).
-            slots = sum(int(min(n.get("CPU", 0.0) / cpus if cpus else 1e9,
-                                n.get("GPU", 0.0) / gpus if gpus else 1e9)) for n in fits)
-            if slots < self.cfg.ray.num_actors:
+            slots = actor_slots(fits, cpus, gpus)
+            if self.cfg.ray.num_actors != "auto" and slots < self.cfg.ray.num_actors:
                 log.warning("ray.num_actors=%d but the cluster's nodes hold %d actors of %g CPU and %g GPU at once; "
                             "the rest wait for resources", self.cfg.ray.num_actors, slots, cpus, gpus)
             return
@@ -347,6 +365,15 @@ class RayExecutor:
             log.warning("%s, or wait for the autoscaler (RDSCALE_AUTOSCALER=1)", message)
             return
         raise ResourceError(message)
+
+    def actors_now(self, work: int) -> int:
+        """Actors for a pass of fixed size (fit, extend): ray.num_actors, or for "auto" those the cluster holds
+        now; never more than there are pieces of `work`."""
+        n = self.cfg.ray.num_actors
+        if n == "auto":
+            n = actor_slots(_alive_nodes(), float(self.cfg.ray.cpus_per_actor), self.gpus)
+            n = min(n, self.cfg.ray.max_actors or n)
+        return max(1, min(int(n), work))
 
     def _warn_local_paths(self) -> None:
         if len(_alive_nodes()) < 2:
@@ -370,7 +397,7 @@ class RayExecutor:
         raise RuntimeError("the fit pass lost an actor's accumulator twice; run the same command again")
 
     def _fit_tree(self, models, cfg, plan) -> dict | None:
-        n = max(1, min(cfg.ray.num_actors, len(plan)))
+        n = self.actors_now(len(plan))
         worker_cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor,
                                 max_restarts=cfg.ray.max_restarts,
                                 max_task_retries=cfg.ray.max_restarts)(init_errors_at_first_call(_FitActor))
@@ -403,13 +430,25 @@ class RayExecutor:
             batch_format="pyarrow",
             # Ray Data restarts a dead actor and retries its batches by default (max_restarts=-1); a retried
             # batch only rewrites uncommitted fragments, so nothing is lost or duplicated.
-            compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_actors),
+            compute=self._pool(),
             num_gpus=self.gpus,
             num_cpus=cfg.ray.cpus_per_actor,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 yield int(row["shard"]), int(row["shard_records"]), ShardResult(**json.loads(row["result"]))
+
+    def _pool(self):
+        """The apply pass's actor pool: fixed, or elastic (ray.num_actors: auto, or ray.max_actors): Ray Data
+        adds actors as nodes with room join (an autoscaler's, or any `ray start --address`) and work is queued, up
+        to the maximum."""
+        low, start, high = pool_sizes(self.cfg.ray.num_actors, self.cfg.ray.max_actors,
+                                      actor_slots(_alive_nodes(), float(self.cfg.ray.cpus_per_actor), self.gpus))
+        if low == start == high:
+            return ray.data.ActorPoolStrategy(size=low)
+        log.info("elastic actor pool: %d actor(s) now, at least %d, at most %s", start, low,
+                 high if high is not None else "as many as the cluster holds")
+        return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=start)
 
     def map_shards(self, fn, shards: Sequence[Shard], *args) -> Iterator[Any]:
         """fn(shard, *args) for every shard as Ray tasks (taking no whole CPU, like the read tasks; about one in
@@ -445,7 +484,7 @@ class RayExecutor:
         as they finish. Only fragment descriptions (and the schema) travel back to the driver."""
 
         def runner(fragment_ids: list[int], version: int):
-            actors = self._extend_actors(model, cfg, min(cfg.ray.num_actors, len(fragment_ids)))
+            actors = self._extend_actors(model, cfg, self.actors_now(len(fragment_ids)))
             step_ref = ray.put(step)
             pending = {}
             queue = list(fragment_ids)

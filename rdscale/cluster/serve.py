@@ -70,6 +70,8 @@ class SearchRequest(BaseModel):
     release: str | None = Field(None, description="a release tag (GET /card lists them): search that version")
     aggregate: str | None = Field(None, description="proteins: residue hits aggregated to proteins")
     residue_hits: StrictInt | None = None
+    recall: float | None = Field(None, description="ann / funnel: recall@k to reach, from the index's calibrated "
+                                 "curve (default: the point calibrated at `rdscale index`)")
 
 
 class Hit(BaseModel):

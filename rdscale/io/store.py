@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +29,7 @@ from lance.fragment import FragmentMetadata, write_fragments
 
 from rdscale import __version__
 from rdscale.errors import RdscaleError
+from rdscale.io.lease import LeaseError, pause_point
 from rdscale.io.location import Location
 from rdscale.io.partitions import HashPartitions
 from rdscale.io.runs import (  # noqa: F401 - re-exported: table names and metadata keys live with the run
@@ -116,6 +118,17 @@ LEDGER_SCHEMA = pa.schema(
         ("digest", pa.string()),
         ("file_size", pa.int64()),
         ("file_mtime_ns", pa.int64()),
+        # Provenance and cost (rdscale.run.provenance): what wrote the shard's rows and the actors' seconds on it.
+        # Runs from before these columns keep their ledger as it is; readers treat the columns as optional.
+        ("host", pa.string()),
+        ("device", pa.string()),
+        ("cuda", pa.string()),
+        ("torch", pa.string()),
+        ("esm", pa.string()),
+        ("rdscale", pa.string()),
+        ("dtype", pa.string()),
+        ("seconds", pa.float64()),
+        ("committed_at", pa.float64()),
     ]
 )
 
@@ -223,6 +236,8 @@ class ShardResult:
     residues: int = 0
     digest: str = ""  # of the shard's records as the reader saw them (rdscale.run.integrity.records_digest)
     embedded: int = 0  # residues that went through the models (not copies; also for per-protein output)
+    seconds: float = 0.0  # the actors' time on these rows (summed over parts: device-seconds)
+    provenance: dict[str, str] = field(default_factory=dict)  # rdscale.run.provenance.collect() of who wrote them
 
     def add(self, other: "ShardResult") -> None:
         for name, frags in other.fragments.items():
@@ -239,17 +254,19 @@ class ShardResult:
         self.rejects += other.rejects
         self.residues += other.residues
         self.embedded += other.embedded
+        self.seconds += other.seconds
+        self.provenance = self.provenance or other.provenance
 
 
 class RunStore:
     """The Lance tables of one run directory, opened by the driver."""
 
-    def __init__(self, out_dir: str | Path | Location, schemas: dict[str, pa.Schema], run_key: str):
+    def __init__(self, out_dir: str | Path | Location, schemas: dict[str, pa.Schema], run_key: str, lease=None):
         self.run = Run(out_dir)
         self.root = self.run.location
         self.schemas = schemas
         self.run_key = run_key
-        self.lease = None  # rdscale.io.lease.WriterLease: when set, every change checks it is still held
+        self.lease = lease  # rdscale.io.lease.WriterLease: when set, every change is a fenced step of it
         self.root.mkdir()
         for name, schema in schemas.items():
             self._open_or_create(name, schema)
@@ -275,7 +292,11 @@ class RunStore:
                 )
             return
         try:
-            lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, []), storage_options=self._options)
+            with self.step(f"create {name}"):
+                if dataset_exists(uri):  # created by the writer whose lease this one took over, meanwhile
+                    return
+                lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, []),
+                                          storage_options=self._options)
         except (OSError, ValueError) as err:
             if self.root.is_local:
                 raise
@@ -289,97 +310,108 @@ class RunStore:
         table = self.dataset(LEDGER).to_table()
         return {row["shard"]: row for row in table.to_pylist()}
 
-    def _check_lease(self, required: bool = False) -> None:
+    @contextmanager
+    def step(self, what: str, required: bool = False):
+        """One fenced write to the run (rdscale.io.lease.WriterLease.step): under the commit gate, after checking
+        that the lease is still ours, so a writer that lost its lease writes nothing. Without a lease (library use
+        on a private directory) there is no fence, unless `required`."""
         if self.lease is not None:
-            self.lease.check()
+            with self.lease.step(what):
+                yield
         elif required:
             raise StoreError(f"{self.root}: recovery deletes rows of unrecorded shards and must hold the run's writer "
                              "lease (rdscale.io.lease.WriterLease); set RunStore.lease first")
+        else:
+            yield
 
     def recover(self) -> int:
         """Delete rows left by shards that never reached the ledger (a run killed mid-commit), and data files no
         table version references (fragments of shards that failed before their commit). Only the lease holder may
         do this: another writer's uncommitted shard looks exactly like a dead one's. Returns rows deleted."""
-        self._check_lease(required=True)
-        done = sorted(self.committed())
         deleted = 0
-        for name in self.schemas:
-            ds = self.dataset(name)
-            predicate = f"shard NOT IN ({', '.join(map(str, done))})" if done else "shard >= -2147483648"
-            stray = ds.count_rows(filter=predicate)
-            if stray:
-                log.warning("removing %d rows of uncommitted shards from %s", stray, name)
-                ds.delete(predicate)
-                deleted += stray
-        self.cleanup_orphans()
+        with self.step("recover", required=True):  # the ledger read and the deletes: no commit in between
+            done = sorted(self.committed())
+            for name in self.schemas:
+                ds = self.dataset(name)
+                predicate = f"shard NOT IN ({', '.join(map(str, done))})" if done else "shard >= -2147483648"
+                stray = ds.count_rows(filter=predicate)
+                if stray:
+                    log.warning("removing %d rows of uncommitted shards from %s", stray, name)
+                    ds.delete(predicate)
+                    deleted += stray
+            self.cleanup_orphans()
         return deleted
 
     def cleanup_orphans(self) -> int:
         """Delete data files that no version of a table references (written by workers of a shard that never
-        committed). Keeps every version. Returns files removed; a failure is a warning (they only waste space)."""
-        self._check_lease(required=True)
+        committed). Keeps every version. Returns files removed; a failure is a warning (they only waste space).
+        Under the gate: a writer that lost its lease can no longer commit, so the files its workers wrote stay
+        unreferenced for good, and a file that a committed version references is never removed."""
         removed = 0
         for name in (*self.schemas, LEDGER):
-            try:
-                stats = self.dataset(name).cleanup_old_versions(
-                    older_than=datetime.timedelta(days=36500), delete_unverified=True
-                )
-                removed += int(getattr(stats, "data_files_removed", 0) or 0)
-            except Exception as err:  # noqa: BLE001 - cleanup is best effort
-                log.warning("could not remove orphan data files of %s: %s", self.uri(name), one_line(err))
+            with self.step(f"cleanup {name}", required=True):
+                try:
+                    stats = self.dataset(name).cleanup_old_versions(
+                        older_than=datetime.timedelta(days=36500), delete_unverified=True
+                    )
+                    removed += int(getattr(stats, "data_files_removed", 0) or 0)
+                except Exception as err:  # noqa: BLE001 - cleanup is best effort
+                    log.warning("could not remove orphan data files of %s: %s", self.uri(name), one_line(err))
         if removed:
             log.info("removed %d orphan data file(s) of uncommitted shards", removed)
         return removed
 
     def forget_shards(self, shards: Sequence[int]) -> int:
         """Delete every row of `shards` and then their ledger rows (to redo them). Returns table rows deleted."""
-        self._check_lease(required=True)
         if not shards:
             return 0
         predicate = f"shard IN ({', '.join(str(int(s)) for s in shards)})"
         deleted = 0
         for name in self.schemas:
-            ds = self.dataset(name)
-            n = ds.count_rows(filter=predicate)
-            if n:
-                ds.delete(predicate)
-                deleted += n
-        self.dataset(LEDGER).delete(predicate)
+            with self.step(f"forget {name}", required=True):
+                ds = self.dataset(name)
+                n = ds.count_rows(filter=predicate)
+                if n:
+                    ds.delete(predicate)
+                    deleted += n
+        with self.step("forget ledger", required=True):
+            self.dataset(LEDGER).delete(predicate)
         return deleted
 
     def commit_shard(self, result: ShardResult, key: str, fingerprint: dict[str, Any] | None = None) -> bool:
         """Driver side: make one shard's fragments visible, table by table, then record it in the ledger.
         Idempotent: a shard already in the ledger is not committed again (its new fragments stay orphans, removed by
-        `cleanup_orphans`). Returns whether this call committed it. fingerprint: digest, file_size, file_mtime_ns."""
-        self._check_lease()
-        if self.dataset(LEDGER).count_rows(filter=f"shard = {int(result.shard)}"):
-            log.warning("shard %d is already committed; not committing it twice", result.shard)
-            return False
+        `cleanup_orphans`). Returns whether this call committed it. fingerprint: digest, file_size, file_mtime_ns, and
+        the provenance columns (rdscale.run.provenance.ledger_values).
+        Each table's commit and the ledger append is a fenced step (`step`): a writer that lost its lease on the way
+        stops before its next write, and the shard stays out of the ledger (its rows are removed by the successor's
+        recovery)."""
+        with self.step("commit check"):
+            if self.dataset(LEDGER).count_rows(filter=f"shard = {int(result.shard)}"):
+                log.warning("shard %d is already committed; not committing it twice", result.shard)
+                return False
         fp = fingerprint or {}
         fault_point("before_tables")
         for name, frags in result.fragments.items():
             if not frags:
                 continue
-            ds = self.dataset(name)
-            op = lance.LanceOperation.Append([FragmentMetadata.from_json(f) for f in frags])
-            lance.LanceDataset.commit(self.uri(name), op, read_version=ds.version, storage_options=self._options)
+            with self.step(f"append {name}"):
+                ds = self.dataset(name)
+                op = lance.LanceOperation.Append([FragmentMetadata.from_json(f) for f in frags])
+                lance.LanceDataset.commit(self.uri(name), op, read_version=ds.version, storage_options=self._options)
             fault_point("between_tables")
         fault_point("before_ledger")
-        row = pa.table(
-            {
-                "shard": pa.array([result.shard], pa.int32()),
-                "key": [key],
-                "records": pa.array([result.records], pa.int64()),
-                "proteins": pa.array([result.proteins], pa.int64()),
-                "rejects": pa.array([result.rejects], pa.int64()),
-                "residues": pa.array([result.residues], pa.int64()),
-                "digest": [fp.get("digest") or result.digest or None],
-                "file_size": pa.array([fp.get("file_size")], pa.int64()),
-                "file_mtime_ns": pa.array([fp.get("file_mtime_ns")], pa.int64()),
-            },
-            schema=LEDGER_SCHEMA,
-        )
-        lance.write_dataset(row, self.uri(LEDGER), mode="append", storage_options=self._options)
+        values = {**fp, "shard": result.shard, "key": key, "records": result.records, "proteins": result.proteins,
+                  "rejects": result.rejects, "residues": result.residues,
+                  "digest": fp.get("digest") or result.digest or None}
+        with self.step("append ledger"):
+            # The ledger's own columns: a run from before the provenance columns goes on without them.
+            schema = self.dataset(LEDGER).schema.remove_metadata()
+            row = pa.table({f.name: pa.array([values.get(f.name)], f.type) for f in schema}, schema=schema)
+            if self.dataset(LEDGER).count_rows(filter=f"shard = {int(result.shard)}"):
+                raise StoreError(f"shard {result.shard} of {self.root} was committed by another writer meanwhile; "
+                                 "stopping without committing it twice")
+            lance.write_dataset(row, self.uri(LEDGER), mode="append", storage_options=self._options)
         fault_point("after_ledger")
         return True
 
@@ -417,6 +449,11 @@ class RunStore:
                     new.append(found[1])
         if not moved:
             return 0
+        with self.step("move duplicates"):
+            self._move_duplicates(moved, new)
+        return sum(t.num_rows for t in moved)
+
+    def _move_duplicates(self, moved: list[pa.Table], new: list[pa.Table]) -> None:
         moved_t = pa.concat_tables(moved)  # (id, shard): proteins to delete
         new_t = pa.concat_tables(new)  # (id, shard, reason): rejects not written by an earlier, killed attempt
         # Write the rejects first, then delete: a kill in between leaves rows a rerun recognises (see above).
@@ -443,7 +480,6 @@ class RunStore:
                     clauses, size = [], 0
         if clauses:
             self._delete(" OR ".join(clauses))
-        return moved_t.num_rows
 
     def _delete(self, predicate: str) -> None:
         if RESIDUES in self.schemas:
@@ -458,11 +494,13 @@ class RunStore:
         called again, which merges them in (`optimize_indices`, incremental). Called by the writing verbs at their
         end. Only an optimisation, like `compact`: a failure (disk full, say) is a warning and leaves the tables as
         they were (readers are correct with or without an index). Returns {table: [columns indexed or updated]}."""
-        self._check_lease()
         done: dict[str, list[str]] = {}
         for name in self.schemas:
             try:
-                self._scalar_indexes_of(name, done)
+                with self.step(f"index {name}"):  # an index commit is a write to the run: fenced like the others
+                    self._scalar_indexes_of(name, done)
+            except LeaseError:
+                raise
             except Exception as err:  # noqa: BLE001 - see docstring
                 log.warning("could not index %s by id and shard (lookups in it scan instead): %s", self.uri(name),
                             one_line(err))
@@ -494,17 +532,17 @@ class RunStore:
         their vector indexes): rows added since read them as null, so an index built before a resume would
         silently miss the new rows. Dropping is metadata-only; `rdscale index` builds them again. Returns
         'table.column' of what was dropped."""
-        self._check_lease()
         dropped = []
         for name, schema in self.schemas.items():
-            ds = self.dataset(name)
-            extra = [c for c in ds.schema.names if c not in schema.names]
-            if extra:
-                for index in ds.describe_indices() if hasattr(ds, "describe_indices") else []:
-                    if set(getattr(index, "field_names", []) or []) & set(extra):
-                        ds.drop_index(index.name)
-                self.dataset(name).drop_columns(extra)
-                dropped += [f"{name}.{c}" for c in extra]
+            with self.step(f"drop derived {name}"):
+                ds = self.dataset(name)
+                extra = [c for c in ds.schema.names if c not in schema.names]
+                if extra:
+                    for index in ds.describe_indices() if hasattr(ds, "describe_indices") else []:
+                        if set(getattr(index, "field_names", []) or []) & set(extra):
+                            ds.drop_index(index.name)
+                    self.dataset(name).drop_columns(extra)
+                    dropped += [f"{name}.{c}" for c in extra]
         if dropped:
             log.warning("rows were added to the run: dropped the derived column(s) %s (and their indexes); run "
                         "`rdscale index` again", ", ".join(dropped))
@@ -513,13 +551,15 @@ class RunStore:
     def compact(self) -> bool:
         """Merge small fragments. Only an optimisation: a failure (disk full, say) leaves the committed tables as
         they were and is reported as a warning, not as a failed run. Returns whether every table was compacted."""
-        self._check_lease()
         ok = True
         for name in self.schemas:
             try:
-                ds = self.dataset(name)
-                if len(ds.get_fragments()) > 1:
-                    ds.optimize.compact_files()
+                with self.step(f"compact {name}"):
+                    ds = self.dataset(name)
+                    if len(ds.get_fragments()) > 1:
+                        ds.optimize.compact_files()
+            except LeaseError:
+                raise
             except Exception as err:  # noqa: BLE001 - see docstring
                 ok = False
                 log.warning("compaction of %s failed, the table is intact but fragmented: %s", self.uri(name),
@@ -546,6 +586,7 @@ def fault_point(point: str) -> None:
     hook = FAULT_HOOKS.get(point)
     if hook is not None:
         hook()
+    pause_point(point)
     hold = os.environ.get("RDSCALE_FAULT_HOLD")
     if hold and point == "after_ledger":
         while os.path.exists(hold):

@@ -10,7 +10,8 @@ positions above 256 are rounded), and the LM head is skipped. In float32 it matc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,8 +20,33 @@ import torch.nn.functional as F
 
 from rdscale.model.loading import LoadedModel
 
+log = logging.getLogger(__name__)
+
 LONG_POLICIES = ("window", "truncate", "reject")
 _EXTRA_TOKENS = 2  # BOS and EOS around every sequence
+MIN_OOM_WINDOW = 16  # residues: a piece this short that still runs out of memory is not split further
+
+# What a forward raises when the device's memory is exhausted. torch.cuda.OutOfMemoryError on CUDA; CPU allocations
+# that fail raise RuntimeError and are not caught (a host out of memory is not a batch-size problem).
+OutOfMemory = torch.cuda.OutOfMemoryError
+
+# Forward wrapper: (forward, flat token ids (N,), cu_seqlens of its pieces) -> the forward's result. The supported
+# hook for fault injection (Embedder.forward_wrapper): a test raises OutOfMemory from it at a chosen batch size.
+ForwardWrapper = Callable[[Callable[[], torch.Tensor], int, int], torch.Tensor]
+
+
+def inject_oom(at_batch_size: int | None = None, above_tokens: int | None = None) -> ForwardWrapper:
+    """A forward_wrapper that raises OutOfMemory, as a GPU would, for a batch of at least `at_batch_size` sequences
+    or more than `above_tokens` tokens (BOS/EOS included), and runs every other forward. For tests and drills
+    (ray.fault_injection: {oom_at_batch_size: N} / {oom_above_tokens: N})."""
+
+    def wrapper(run: Callable[[], torch.Tensor], tokens: int, sequences: int) -> torch.Tensor:
+        if (at_batch_size is not None and sequences >= at_batch_size) or (
+                above_tokens is not None and tokens > above_tokens):
+            raise OutOfMemory(f"injected: CUDA out of memory ({sequences} sequences, {tokens} tokens)")
+        return run()
+
+    return wrapper
 
 
 def pack_batches(lengths: Sequence[int], toks_per_batch: int, max_batch_size: int | None = None) -> list[list[int]]:
@@ -108,6 +134,7 @@ class EmbedStats:
     tokens: int = 0  # real tokens, BOS/EOS included
     padded_tokens: int = 0  # batch * max length, summed over batches
     truncated: list[int] = field(default_factory=list)  # indices (per call) of truncated sequences, last call
+    oom_splits: int = 0  # batches split (or single pieces windowed) after running out of device memory
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +159,13 @@ class Embedder:
         Ignored with attention="esm".
     fast_attention: attention backend of the fast forward (rdscale.model.fast_esm.ATTENTION_BACKENDS).
     compile: fuse the fast forward's elementwise work with torch.compile (first batch compiles, tens of seconds).
+
+    Out-of-memory back-off: a batch whose forward raises torch.cuda.OutOfMemoryError is split in halves and
+    retried (down to one piece, then one piece in overlapping windows of half its length, down to
+    MIN_OOM_WINDOW residues); the token budget drops below the failed batch's tokens for the rest of this
+    Embedder's life, and one warning line is logged per event. Splitting a batch changes no number (every
+    sequence is embedded on its own either way); windowing a single sequence does (like long_policy="window").
+    forward_wrapper: None, or a callable (run, tokens, sequences) -> run() around every forward; fault injection.
 
     embed() returns, per sequence, an ordinary (not inference-mode) tensor (L_i, k) on the model's device in
     the model's dtype: float32 on CPU, bfloat16/float16 on GPU as resolved by load_model.
@@ -174,6 +208,7 @@ class Embedder:
             raise ValueError(f"forward must be 'fast' or 'plain', got {forward!r}")
         self.forward = forward if attention == "sdpa" else "plain"
         self.stats = EmbedStats()
+        self.forward_wrapper: ForwardWrapper | None = None
         self._fast = None
         if self.forward == "fast":
             from rdscale.model.fast_esm import FastESM2
@@ -255,22 +290,8 @@ class Embedder:
                 plans.append([(first + w, a, b) for w, a, b in stitch_plan(windows, n)])
 
         outputs: list[torch.Tensor | None] = [None] * len(pieces)
-        if self._fast is not None:
-            self._embed_packed(tokens, pieces, outputs)
-        for batch in [] if self._fast is not None else pack_batches([e - s for _, s, e in pieces], self.toks_per_batch, self.max_batch_size):
-            batch_tokens = self._batch_tokens([tokens[i][s:e] for i, s, e in (pieces[p] for p in batch)])
-            # Whether the batch is padded is read on the host: on the device it would be a synchronisation.
-            padded = bool(batch_tokens.eq(self._pad).any())
-            with torch.inference_mode():
-                hidden = self._forward(batch_tokens.to(self.device, non_blocking=True), padded)  # (B, T, k)
-            # Outside inference mode, clone() gives ordinary tensors that do not pin the whole batch in memory.
-            for row, p in enumerate(batch):
-                _, s, e = pieces[p]
-                outputs[p] = hidden[row, 1 : 1 + e - s].clone()
-            self.stats.batches += 1
-            self.stats.tokens += sum(pieces[p][2] - pieces[p][1] + _EXTRA_TOKENS for p in batch)
-            self.stats.padded_tokens += batch_tokens.numel()
-
+        piece_tokens = [tokens[i][s:e] for i, s, e in pieces]  # each (L_p,) int64
+        self._embed_pieces(piece_tokens, outputs)
         results: list[torch.Tensor] = []
         for plan in plans:
             if len(plan) == 1:
@@ -283,26 +304,94 @@ class Embedder:
         self.stats.truncated = [i for i in long if self.long_policy == "truncate"]
         return results
 
-    def _embed_packed(self, tokens, pieces, outputs) -> None:
-        """Fast path: pieces packed back to back under the token budget, no padding; fills outputs[p]."""
-        from rdscale.model.fast_esm import pack_by_tokens
+    def _plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Batches of piece indices under the current token budget (packed: real tokens; plain: padded)."""
+        if self._fast is not None:
+            from rdscale.model.fast_esm import pack_by_tokens
 
-        for batch in pack_by_tokens([e - s for _, s, e in pieces], self.toks_per_batch):
+            return pack_by_tokens(lengths, self.toks_per_batch)
+        return pack_batches(lengths, self.toks_per_batch, self.max_batch_size)
+
+    def _embed_pieces(self, pieces: list[np.ndarray], outputs: list) -> None:
+        """outputs[p] := (L_p, k) for every piece p (token ids without BOS/EOS), batch by batch, splitting a
+        batch that runs out of device memory (see the class docstring)."""
+        queue = self._plan([len(p) for p in pieces])
+        queue.reverse()  # a stack: split halves go back on top and run next
+        while queue:
+            batch = queue.pop()
+            try:
+                hidden = self._run_batch([pieces[p] for p in batch])
+            except OutOfMemory:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the failed forward's blocks, back before the retry
+                tokens = sum(len(pieces[p]) + _EXTRA_TOKENS for p in batch)
+                self.stats.oom_splits += 1
+                if len(batch) > 1:
+                    # Below the failed batch's tokens from now on: later batches of this shape do not fail again.
+                    self.toks_per_batch = max(1, min(self.toks_per_batch, tokens // 2))
+                    half = len(batch) // 2
+                    queue += [batch[half:], batch[:half]]
+                    log.warning("out of memory on a batch of %d sequences (%d tokens) on %s: split in two; token "
+                                "budget now %d", len(batch), tokens, self.device, self.toks_per_batch)
+                    continue
+                # Below this piece's tokens: its windows (half as long, each with its own BOS/EOS) run one by one.
+                self.toks_per_batch = max(1, min(self.toks_per_batch, tokens - 1))
+                outputs[batch[0]] = self._embed_windowed(pieces[batch[0]], tokens)
+                continue
+            for p, h in zip(batch, hidden):
+                outputs[p] = h
+
+    def _embed_windowed(self, piece: np.ndarray, tokens: int) -> torch.Tensor:
+        """(L, k) of one piece that ran out of memory alone: overlapping windows of half its length, stitched like
+        long_policy="window" (each window through _embed_pieces, so a window that still fails is halved again)."""
+        n = len(piece)
+        window = n // 2
+        if window < MIN_OOM_WINDOW:
+            raise OutOfMemory(f"out of memory on one piece of {n} residues on {self.device}, even after splitting")
+        overlap = min(self.overlap, window // 4)
+        windows = plan_windows(n, window, overlap)
+        log.warning("out of memory on one sequence of %d residues (%d tokens) on %s: embedded in %d windows of %d",
+                    n, tokens, self.device, len(windows), window)
+        outs: list = [None] * len(windows)
+        self._embed_pieces([piece[s:e] for s, e in windows], outs)
+        return torch.cat([outs[w][a - windows[w][0] : b - windows[w][0]] for w, a, b in stitch_plan(windows, n)])
+
+    def _run_batch(self, pieces: list[np.ndarray]) -> list[torch.Tensor]:
+        """One forward over `pieces` (token ids without BOS/EOS) -> per piece (L_p, k), each owning its memory."""
+        tokens = sum(len(p) + _EXTRA_TOKENS for p in pieces)
+        if self._fast is not None:
             ids, cu = [], [0]
-            for p in batch:
-                i, s, e = pieces[p]
-                ids += [np.array([self._bos]), tokens[i][s:e], np.array([self._eos])]
-                cu.append(cu[-1] + e - s + _EXTRA_TOKENS)
+            for p in pieces:
+                ids += [np.array([self._bos]), p, np.array([self._eos])]
+                cu.append(cu[-1] + len(p) + _EXTRA_TOKENS)
             flat = torch.from_numpy(np.concatenate(ids))  # (N,)
-            with torch.inference_mode():
-                hidden = self._fast(flat.to(self.device, non_blocking=True), cu, self.layer)  # (N, k)
+
+            def run() -> torch.Tensor:
+                with torch.inference_mode():
+                    return self._fast(flat.to(self.device, non_blocking=True), cu, self.layer)  # (N, k)
+
+            hidden = run() if self.forward_wrapper is None else self.forward_wrapper(run, tokens, len(pieces))
             # Outside inference mode, clone() gives ordinary tensors, each owning its memory (a kept output does
             # not pin the batch).
-            for p, a, b in zip(batch, cu[:-1], cu[1:]):
-                outputs[p] = hidden[a + 1 : b - 1].clone()  # (L, k): BOS and EOS dropped
-            self.stats.batches += 1
-            self.stats.tokens += cu[-1]
-            self.stats.padded_tokens += cu[-1]
+            out = [hidden[a + 1 : b - 1].clone() for a, b in zip(cu[:-1], cu[1:])]  # (L, k): BOS and EOS dropped
+            padded = cu[-1]
+        else:
+            batch_tokens = self._batch_tokens(pieces)
+            # Whether the batch is padded is read on the host: on the device it would be a synchronisation.
+            has_padding = bool(batch_tokens.eq(self._pad).any())
+
+            def run() -> torch.Tensor:
+                with torch.inference_mode():
+                    return self._forward(batch_tokens.to(self.device, non_blocking=True), has_padding)  # (B, T, k)
+
+            hidden = run() if self.forward_wrapper is None else self.forward_wrapper(run, tokens, len(pieces))
+            # Outside inference mode, clone() gives ordinary tensors that do not pin the whole batch in memory.
+            out = [hidden[row, 1 : 1 + len(p)].clone() for row, p in enumerate(pieces)]
+            padded = batch_tokens.numel()
+        self.stats.batches += 1
+        self.stats.tokens += tokens
+        self.stats.padded_tokens += padded
+        return out
 
     def _batch_tokens(self, pieces: list[np.ndarray]) -> torch.Tensor:
         """(B, T) int64: BOS, residues, EOS, then padding."""

@@ -107,6 +107,28 @@ def pack_by_tokens(lengths, toks_per_batch: int) -> list[list[int]]:
     return batches
 
 
+GIB = 1 << 30
+
+
+def device_budget(name: str, total_memory: int | None, toks_per_batch: int,
+                  by_device: dict[str, int] | None = None, toks_per_gib: int | None = None,
+                  weight_bytes: int = 0) -> int:
+    """The token budget (of the chain's largest model) on one device, from its name and memory in bytes.
+
+    by_device: budgets keyed by part of the device's name, matched case-insensitively ("H100" matches
+    "NVIDIA H100 80GB HBM3"; "cpu" the CPU); the longest matching key wins, so {"A100": a, "A100 80GB": b} tells
+    the two A100s apart. No key matches: toks_per_gib tokens per GiB of the memory left after the chain's weights
+    (`weight_bytes`), when both are known; else toks_per_batch."""
+    low = name.lower()
+    matches = [key for key in (by_device or {}) if key.lower() in low]
+    if matches:
+        return int(by_device[max(matches, key=len)])
+    if toks_per_gib and total_memory:
+        free_gib = max(0.0, (total_memory - weight_bytes) / GIB)
+        return max(8, int(toks_per_gib * free_gib))
+    return int(toks_per_batch)
+
+
 def model_budgets(toks_per_batch: int, widths: Sequence[int], explicit: Sequence[int] | None = None,
                   max_scale: float = 8.0) -> list[int]:
     """Token budget per model of a chain. A model's FLOPs and activation memory per token grow with its width, so

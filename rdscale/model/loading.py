@@ -28,6 +28,7 @@ import torch
 from esm.model.esm2 import ESM2
 
 from rdscale.errors import RdscaleError
+from rdscale.model.hf import HUB_ID, hf_files, read_hf_checkpoint
 from rdscale.model.stub import describe_stub, is_stub, load_stub
 
 HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
@@ -460,6 +461,38 @@ def _fetched(name_or_path) -> tuple[object, str | None]:
     return Path(Location.parse(name_or_path).local_copy()), str(name_or_path)
 
 
+def _hub_snapshot(name: str) -> Path:
+    """A Hugging Face hub id (owner/name) -> its local snapshot (downloaded once, needs huggingface_hub and a
+    network)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{name} is neither a local checkpoint nor loadable here: a Hugging Face hub id "
+                                "needs `pip install huggingface_hub` and a network (or pass the downloaded "
+                                "folder)") from None
+    return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"]))
+
+
+def _local_checkpoint(name_or_path) -> Path:
+    """A path given for a checkpoint: a fair-esm .pt file, or a Hugging Face-layout folder / file (a hub id
+    owner/name that is no local path is fetched)."""
+    path = Path(str(name_or_path)).expanduser()
+    if not path.exists() and HUB_ID.match(str(name_or_path)):
+        path = _hub_snapshot(str(name_or_path))
+    if hf_files(path) is not None:
+        return path
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def _read_any(path: Path) -> tuple[dict, Path]:
+    """(fair-esm checkpoint dict, the file whose bytes identify it) of a fair-esm .pt or a Hugging Face layout."""
+    if hf_files(path) is not None:
+        return read_hf_checkpoint(path)
+    return read_checkpoint(path, mmap=True), path
+
+
 def describe_model(name_or_path) -> dict:
     """{name, source, width, layers, sha256} of a model without building it: the family table for a hub name
     (sha256 None until downloaded), the checkpoint's own config (memory-mapped, weights untouched) for a file.
@@ -474,12 +507,18 @@ def describe_model(name_or_path) -> dict:
         cached = hub_checkpoint_path(spec.name)
         sha = checkpoint_sha256(cached) if cached.is_file() else None
         return {"name": spec.name, "source": spec.name, "width": spec.width, "layers": spec.layers, "sha256": sha}
-    path = Path(str(name_or_path)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    shape = _shape_of(read_checkpoint(path, mmap=True)["cfg"]["model"], path)
-    return {"name": path.stem, "source": str(path), "width": shape["encoder_embed_dim"],
-            "layers": shape["encoder_layers"], "sha256": checkpoint_sha256(path)}
+    path = _local_checkpoint(name_or_path)
+    data, weights = _read_any(path)
+    shape = _shape_of(data["cfg"]["model"], path)
+    return {"name": _model_name(path), "source": str(path), "width": shape["encoder_embed_dim"],
+            "layers": shape["encoder_layers"], "sha256": checkpoint_sha256(weights)}
+
+
+def _model_name(path: Path) -> str:
+    """A checkpoint's name: the .pt file's stem, or a Hugging Face folder's name (of the folder of a weights file)."""
+    if hf_files(path) is not None:
+        return (path if path.is_dir() else path.parent).name
+    return path.stem
 
 
 def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
@@ -493,9 +532,7 @@ def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
         return dataclasses.replace(loaded, source=uri)
     text = str(name_or_path)
     if _is_path(name_or_path):
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+        path = _local_checkpoint(name_or_path)
         family_spec = None
     else:
         family_spec = resolve_name(text)
@@ -504,10 +541,11 @@ def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
 
     # Memory-mapped: weights go from the page cache straight to the device in the target dtype (model.to below),
     # with no full host copy of the file first.
-    data = read_checkpoint(path, mmap=True)
+    data, weights = _read_any(path)  # a Hugging Face layout is converted to fair-esm's (rdscale.model.hf)
     model, alphabet = _build_esm2(data, path)
     spec = ModelSpec.of(
-        family_spec.name if family_spec else path.stem, model.num_layers, model.embed_dim, model.attention_heads
+        family_spec.name if family_spec else _model_name(path), model.num_layers, model.embed_dim,
+        model.attention_heads
     )
     if family_spec is not None and spec != family_spec:
         raise CheckpointError(f"{path} does not hold {family_spec.name}: its config gives {spec}")
@@ -517,7 +555,7 @@ def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
         alphabet=alphabet,
         spec=spec,
         source=family_spec.name if family_spec else str(path),
-        sha256=checkpoint_sha256(path),
+        sha256=checkpoint_sha256(weights),
         device=device,
         dtype=dtype,
     )

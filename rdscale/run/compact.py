@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from rdscale.config import ConfigError
+from rdscale.io.lease import fenced
 from rdscale.io.runs import Run
 from rdscale.io.store import DATA_TABLES, LEDGER, PROTEINS
 
@@ -44,10 +45,13 @@ def compact_run(out_dir: str | Path, cleanup: bool = False, target_rows: int | N
         rows = ds.count_rows()
         if before > 1:
             options = {"target_rows_per_fragment": target_rows} if target_rows else {}
-            ds.optimize.compact_files(**options)
+            with fenced(uri, f"compact {name}"):  # under the caller's lease: a fenced step (rdscale.io.lease)
+                run.dataset(name).optimize.compact_files(**options)
             ds = run.dataset(name)
         if cleanup:
-            ds.cleanup_old_versions(older_than=timedelta(0), error_if_tagged_old_versions=False)  # keeps releases
+            with fenced(uri, f"cleanup {name}"):  # keeps releases
+                run.dataset(name).cleanup_old_versions(older_than=timedelta(0), error_if_tagged_old_versions=False)
+            ds = run.dataset(name)
         after = len(ds.get_fragments())
         if ds.count_rows() != rows:  # compaction never changes rows; refuse to report success if it did
             raise RuntimeError(f"{uri}: {rows} rows before compaction, {ds.count_rows()} after")

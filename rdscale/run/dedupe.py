@@ -27,6 +27,7 @@ options. Anything else (an input edited in place, another shard size) makes a ne
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -38,9 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Record, Shard, ValidationOptions, read_shard
-from rdscale.io.location import Location
+from rdscale.io.location import Location, LocationError
 from rdscale.io.partitions import HashPartitions, partitions_for, repeated
 from rdscale.progress import Progress
 from rdscale.run.integrity import DUPS_KEY
@@ -167,11 +167,12 @@ def plan_key(shards: Sequence[Shard], options: ValidationOptions) -> str:
     return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def cached_plan(cache: Location | None, shards: Sequence[Shard], options: ValidationOptions,
+def cached_plan(cache: Location | None, shards: Sequence[Shard], options: ValidationOptions, *, guard=None,
                 **kwargs) -> tuple[DuplicatePlan, bool]:
     """`plan_duplicates`, or the grouping kept at `cache` when it was made for the same plan (`plan_key`); a new
-    grouping is kept there for the next resume. Only the run's writer (lease holder) calls this. Returns (plan,
-    whether it came from the cache). kwargs: plan_duplicates'."""
+    grouping is kept there for the next resume. Only the run's writer (lease holder) calls this; `guard(what)`: a
+    context manager around the write (the lease's fenced step), held for the write only, not the grouping.
+    Returns (plan, whether it came from the cache). kwargs: plan_duplicates'."""
     key = plan_key(shards, options) if cache is not None else None
     if cache is not None and cache.is_file():
         try:
@@ -188,9 +189,11 @@ def cached_plan(cache: Location | None, shards: Sequence[Shard], options: Valida
         assignments = {str(s.index): {"skip": sorted(s.skip), "copies": [list(c) for c in s.copies]}
                        for s in plan.shards if isinstance(s, DedupShard) and (s.skip or s.copies)}
         data = {"key": key, "counters": {c: getattr(plan, c) for c in _COUNTERS}, "assignments": assignments}
-        try:  # written whole (one object / one file write); a partial local file is caught by the reader above
-            cache.write_bytes(gzip.compress(json.dumps(data).encode("utf-8", "surrogatepass"), compresslevel=3))
-        except (OSError, RdscaleError) as err:  # only an optimisation: the run goes on; a resume groups again
+        payload = gzip.compress(json.dumps(data).encode("utf-8", "surrogatepass"), compresslevel=3)
+        try:  # written whole (an atomic rename / one PUT)
+            with guard("grouping plan") if guard is not None else contextlib.nullcontext():
+                cache.write_bytes(payload)
+        except (OSError, LocationError) as err:  # only an optimisation: the run goes on, a resume groups again
             log.warning("could not keep the grouping plan at %s (a resume will group again): %s", cache, err)
     return plan, False
 

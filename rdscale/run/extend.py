@@ -43,6 +43,7 @@ from rdscale.errors import RdscaleError
 from rdscale.fit.artifact import ArtifactError, load_fit, save_fit
 from rdscale.fit.chain import ChainFit, fit_chain
 from rdscale.fit.moments import Moments
+from rdscale.io.lease import fenced
 from rdscale.io.location import Location, set_storage_options, storage_options
 from rdscale.io.runs import EXTENSIONS_KEY, Run, open_dataset
 from rdscale.io.store import (
@@ -303,10 +304,12 @@ def _extend_table(uri: str, fn, columns: list[str], partial: Location, bar: Prog
 
     ds = open_dataset(uri)
     if STAGED in ds.schema.names:  # killed between the Merge commit and the switch
-        return _switch(ds), 0
+        return _switch(uri), 0
     if any(f.deletion_file() is not None for f in ds.get_fragments()):
         # Row-aligned new columns need fragments without deletion vectors; compaction materialises deletions.
-        ds.optimize.compact_files(materialize_deletions=True, materialize_deletions_threshold=0.0)
+        with fenced(uri, "extend compact"):
+            open_dataset(uri).optimize.compact_files(materialize_deletions=True,
+                                                     materialize_deletions_threshold=0.0)
         ds = open_dataset(uri)
         partial.delete()
     partial.mkdir()
@@ -340,9 +343,10 @@ def _extend_table(uri: str, fn, columns: list[str], partial: Location, bar: Prog
         for fragment_id, as_json, schema in runner([f.fragment_id for f in todo], ds.version):
             record(fragment_id, as_json)
     fragments = [FragmentMetadata.from_json((partial / f"{f.fragment_id}.json").read_text()) for f in all_frags]
-    lance.LanceDataset.commit(uri, lance.LanceOperation.Merge(fragments, schema), read_version=ds.version,
-                              storage_options=Location.parse(uri).storage_options or None)
-    _switch(open_dataset(uri))
+    with fenced(uri, "extend merge"):  # each commit proves the run's lease is still ours (rdscale.io.lease)
+        lance.LanceDataset.commit(uri, lance.LanceOperation.Merge(fragments, schema), read_version=ds.version,
+                                  storage_options=Location.parse(uri).storage_options or None)
+    _switch(uri)
     return rows, skipped
 
 
@@ -380,15 +384,22 @@ class FragmentExtender:
         return fragment_id, as_json if isinstance(as_json, str) else json.dumps(as_json), schema
 
 
-def _switch(ds: lance.LanceDataset) -> int:
+def _switch(uri: str) -> int:
     """Make the staged column the `embedding` column (two metadata-only steps, each safe to redo)."""
-    if EMBEDDING in ds.schema.names:
-        ds.drop_columns([EMBEDDING])
-    ds.alter_columns({"path": STAGED, "name": EMBEDDING})
-    return ds.count_rows()
+    with fenced(uri, "extend switch"):
+        ds = open_dataset(uri)
+        if EMBEDDING in ds.schema.names:
+            ds.drop_columns([EMBEDDING])
+        ds.alter_columns({"path": STAGED, "name": EMBEDDING})
+        return ds.count_rows()
 
 
 def _update_metadata(uri: str, levels: list[int], manifest: dict, extension: dict) -> None:
+    with fenced(uri, "extend metadata"):
+        _write_metadata(uri, levels, manifest, extension)
+
+
+def _write_metadata(uri: str, levels: list[int], manifest: dict, extension: dict) -> None:
     ds = open_dataset(uri)
     md = {k.decode(): v.decode() for k, v in (ds.schema.metadata or {}).items()}
     exts = json.loads(md.get(EXTENSIONS_KEY, "[]"))
@@ -493,7 +504,8 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
             shutil.rmtree(staging, ignore_errors=True)
             save_fit(step, staging, models=[prefix_model, new], moments=moments,
                      extra={"source": source, "sequences": n_seq})
-            staging.rename(step_dir.path)
+            with fenced(run.uri, "extend step"):
+                staging.rename(step_dir.path)
         else:  # no renames on object stores: the manifest, written last, marks a complete artifact
             save_fit(step, step_dir, models=[prefix_model, new], moments=moments,
                      extra={"source": source, "sequences": n_seq})

@@ -209,7 +209,8 @@ def write_plan(store: RunStore, shards: Sequence[Shard]) -> None:
     """Record the run's shard plan next to its tables (atomically), for readers and for the end-of-run check."""
     payload = {"run_key": store.run_key, "shards": len(shards), "keys": [shard_key(s) for s in shards],
                INPUTS_KEY: (read_plan(store.root) or {}).get(INPUTS_KEY) or {}}  # kept: refuse_or_redo's
-    (store.root / PLAN_FILE).write_text(json.dumps(payload, indent=1))  # atomic: temp file + rename, or one PUT
+    with store.step("plan"):
+        (store.root / PLAN_FILE).write_text(json.dumps(payload, indent=1))  # atomic: temp file + rename, or one PUT
 
 
 def read_plan(root: str | Path | Location) -> dict[str, Any] | None:

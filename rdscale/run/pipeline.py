@@ -30,7 +30,7 @@ from rdscale.io.store import (
     schema_metadata,
 )
 from rdscale.progress import Progress
-from rdscale.run import dedupe
+from rdscale.run import dedupe, provenance
 from rdscale.run.integrity import (
     EMPTY_DIGEST,
     check_complete,
@@ -198,10 +198,10 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
         with writing(cfg.output.dir) as lease:
             root = Path(cfg.output.dir)
             staging = fit(cfg, executor, out=root / f"fit.partial.{lease.run_id}")
-            lease.check()
-            if (root / "fit").exists():
-                shutil.rmtree(root / "fit")
-            staging.rename(root / "fit")
+            with lease.step("fit"):
+                if (root / "fit").exists():
+                    shutil.rmtree(root / "fit")
+                staging.rename(root / "fit")
             return root / "fit"
     executor = executor or make_executor(cfg)
     shards = plan(cfg)
@@ -271,7 +271,8 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
         with writing(cfg.output.dir) as held:
             return embed(cfg, fit_dir, executor, progress, lease=held, redo_changed=redo_changed, restart=restart)
     if restart:
-        _clear(cfg.output.dir, keep_fit=True)
+        with lease.step("restart"):
+            _clear(cfg.output.dir, keep_fit=True)
     models = _check_models(cfg)
     fit_dir = fit_dir or cfg.fit.artifact
     if fit_dir:
@@ -304,7 +305,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     if dedupe.enabled(cfg):
         executor = executor or make_executor(cfg)
         cache = Run(cfg.output.dir).location.join(dedupe.PLAN_CACHE)
-        duplicates, reused = dedupe.cached_plan(cache, shards, options, progress=progress,
+        duplicates, reused = dedupe.cached_plan(cache, shards, options, guard=lease.step, progress=progress,
                                                 map_shards=executor.map_shards)
         shards = duplicates.shards
         log.info("%s%s", duplicates.line(), " (the grouping of an earlier start of this plan)" if reused else "")
@@ -312,8 +313,7 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     metadata = schema_metadata(levels, manifest, recorded_config(cfg.to_dict()), key)
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
                           residue_dtype=cfg.output.residue_dtype)
-    store = RunStore(cfg.output.dir, schemas, key)
-    store.lease = lease
+    store = RunStore(cfg.output.dir, schemas, key, lease=lease)
     removed = store.recover()
     refuse_or_redo(store, shards, options, redo=redo_changed)
     write_plan(store, shards)
@@ -333,18 +333,22 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
         pending: dict[int, ShardResult] = {}
         keys = {s.index: shard_key(s) for s in shards}
         records_seen = 0
+        watch = provenance.ChangeWatch(list(done.values()), log)
         with Progress(total=len(todo), unit="shard", desc="embedding", enabled=progress) as bar:
             for index, total, part in executor.apply(cfg, models, str(fit_dir) if fit_dir else None, uris,
                                                       schemas, todo):
                 acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
                 acc.add(part)
+                watch.see(part.provenance)
                 summary.residues_embedded += part.embedded
                 records_seen += part.records
                 bar.postfix(records=records_seen, residues=summary.residues_embedded)
                 if acc.records == total:
                     result = pending.pop(index)
                     digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
-                    store.commit_shard(result, keys[index], {**stats[index], "digest": digest})
+                    store.commit_shard(result, keys[index], {**stats[index], "digest": digest,
+                                                             **provenance.ledger_values(result.provenance,
+                                                                                        result.seconds)})
                     bar.update(1)
         if pending:
             raise StoreError(
@@ -378,7 +382,8 @@ def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *,
     set_storage_options(cfg.storage.options)
     with writing(cfg.output.dir) as lease:
         if restart:
-            _clear(cfg.output.dir)
+            with lease.step("restart"):
+                _clear(cfg.output.dir)
         fit_dir = cfg.fit.artifact
         if not fit_dir:
             fit_loc = default_fit(cfg.output.dir)
@@ -389,13 +394,18 @@ def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *,
                 root = Path(cfg.output.dir)
                 executor = executor or make_executor(cfg)
                 staging = root / f"fit.partial.{lease.run_id}"  # per run: never shared with another writer
-                clear_stale_staging(root)
+                with lease.step("clear staging"):
+                    clear_stale_staging(root)
                 fit(cfg, executor, out=staging, final=fit_loc.path)
-                lease.check()
-                staging.rename(fit_loc.path)
+                with lease.step("fit"):
+                    staging.rename(fit_loc.path)
             else:  # no renames on object stores: the manifest, written last, marks a complete artifact
+                # (its files are written without the gate, which a long fit would hold for minutes: a writer that
+                # lost its lease meanwhile stops at the step below, and a successor fitting the same sample writes
+                # the same bytes, since the fit is deterministic)
                 fit(cfg, executor or make_executor(cfg), out=fit_loc)
-                lease.check()
+                with lease.step("fit"):
+                    pass  # the proof that the fit just written is this lease holder's, before embedding with it
             fit_dir = fit_loc.uri
         return embed(cfg, fit_dir, executor, progress=progress, lease=lease, redo_changed=redo_changed)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -34,8 +35,10 @@ from rdscale.io.store import (
     residues_table,
     write_table_fragments,
 )
-from rdscale.model.fast_esm import model_budgets
+from rdscale.model.embed import inject_oom
+from rdscale.model.fast_esm import device_budget, model_budgets
 from rdscale.model.stub import StubEmbedder
+from rdscale.run import provenance
 from rdscale.run.integrity import RecordsDigest
 from rdscale.run.writer import ChunkWriter
 
@@ -119,6 +122,15 @@ def columns_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: cols[k][i] for k in cols} for i in range(n)]
 
 
+def device_properties(device: torch.device) -> tuple[str, int | None]:
+    """(name, total memory in bytes or None) of a torch device: the GPU's own name ("NVIDIA H100 80GB HBM3") on
+    CUDA, "cpu" (memory unknown: a CPU's budget is not a memory question) otherwise."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.name, int(props.total_memory)
+    return device.type, None
+
+
 class ChainEncoder:
     """The chain's models, loaded once, on one device. `models` smallest first."""
 
@@ -130,7 +142,15 @@ class ChainEncoder:
         device = None if e.device == "auto" else e.device
         dtype = None if e.dtype == "auto" else e.dtype
         self.loaded = [load_model(m, device=device, dtype=dtype) for m in models]
-        self.budgets = model_budgets(e.toks_per_batch, [lm.spec.width for lm in self.loaded],
+        self.device_name, memory = device_properties(self.loaded[0].device)
+        weights = sum(p.numel() * p.element_size() for lm in self.loaded if lm.model is not None  # stubs: none
+                      for p in lm.model.parameters())
+        self.toks_per_batch = device_budget(self.device_name, memory, e.toks_per_batch, e.toks_per_batch_by_device,
+                                            e.toks_per_gib, weights)
+        if self.toks_per_batch != e.toks_per_batch:
+            log.info("token budget %d on %s (embedding.toks_per_batch_by_device / toks_per_gib)",
+                     self.toks_per_batch, self.device_name)
+        self.budgets = model_budgets(self.toks_per_batch, [lm.spec.width for lm in self.loaded],
                                      e.toks_per_batch_per_model)
         self.embedders = [
             StubEmbedder(lm.spec.width, e.long_policy, e.window) if lm.model is None else Embedder(
@@ -209,7 +229,7 @@ class FitWorker:
                     continue
                 batch.append(item.sequence)
                 taken += 1
-                if sum(map(len, batch)) >= 4 * self.cfg.embedding.toks_per_batch:
+                if sum(map(len, batch)) >= 4 * self.encoder.toks_per_batch:
                     self._update(batch)
                     batch = []
         if batch:
@@ -274,7 +294,12 @@ class ApplyStage:
         self.storage_width = schemas[RESIDUES].field("embedding").type.list_size if RESIDUES in schemas else 0
         self.batches_seen = 0
         self.fault = dict(cfg.ray.fault_injection or {})
+        if "oom_at_batch_size" in self.fault or "oom_above_tokens" in self.fault:
+            for embedder in self.encoder.embedders:
+                embedder.forward_wrapper = inject_oom(self.fault.get("oom_at_batch_size"),
+                                                      self.fault.get("oom_above_tokens"))
         self.writer = ChunkWriter(overlap=cfg.output.overlap_writes, max_pending=2)
+        self.provenance = provenance.collect(self.encoder.device_name, self.encoder.loaded[0].dtype)
 
     def rd_embeddings(self, sequences: Sequence[str]) -> list[torch.Tensor]:
         """-> per sequence (L, k_m) float32: the reverse-distilled embedding (or the one model's, for extract)."""
@@ -317,6 +342,7 @@ class ApplyStage:
         return out
 
     def process(self, shard: int, rows: list[dict[str, Any]]) -> ShardResult:
+        started = time.perf_counter()
         accepted = [r for r in rows if r["accepted"] and not self.encoder.too_long(r["sequence"])]
         rejected = [r for r in rows if not r["accepted"]]
         rejected += [
@@ -325,7 +351,7 @@ class ApplyStage:
         ]
         records = len(rows) + sum(len(json.loads(r["copies"])) for r in rows if r.get("copies"))
         result = ShardResult(shard=shard, fragments={}, records=records, rejects=len(rejected),
-                             digest=rows[0].get("shard_digest") or "" if rows else "")
+                             digest=rows[0].get("shard_digest") or "" if rows else "", provenance=self.provenance)
         if rejected:
             self.writer.submit(lambda: {REJECTS: write_table_fragments(
                 self.uris[REJECTS], rejects_table(rejected, shard, self.schemas[REJECTS]))})
@@ -341,6 +367,7 @@ class ApplyStage:
         for fragments in self.writer.drain():
             for name, frags in fragments.items():
                 result.fragments.setdefault(name, []).extend(frags)
+        result.seconds = time.perf_counter() - started  # this actor's (its device's) time on these rows
         return result
 
     def _chunk_job(self, shard: int, chunk: list[dict[str, Any]]):

@@ -70,7 +70,7 @@ from rdscale.io.store import (
     sql_in_list,
 )
 from rdscale.progress import Progress
-from rdscale.run import dedupe
+from rdscale.run import dedupe, provenance
 from rdscale.run.dedupe import DedupShard, seq_digest
 from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, writing
 
@@ -382,11 +382,11 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         schemas = run_schemas(levels[-1], cfg.output.storage_width, dict(proteins_schema.metadata or {}),
                               residues=run.has_table(RESIDUES) and cfg.output.residues,
                               residue_dtype=cfg.output.residue_dtype)
-        store = RunStore(run.location, schemas, run_key)
-        store.lease = lease
+        store = RunStore(run.location, schemas, run_key, lease=lease)
         return store, schemas
 
-    _mark_followed(run)  # finish a marking an interrupted update began
+    with lease.step("update state"):  # every write of an update is a fenced step (rdscale.io.lease)
+        _mark_followed(run)  # finish a marking an interrupted update began
     store, schemas = open_store()
     if running:
         entry = running[0]
@@ -426,17 +426,19 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
     if not running:
         done = [e for e in entries if e["status"] == "done"]
         if not done:  # the run as it was stays readable by name (a later update's previous release is tagged)
-            for t, v in before.items():
-                if entry["previous"] not in run.dataset(t).tags.list():
-                    run.dataset(t).tags.create(entry["previous"], v)
-        if _mark_followed(run, start=True):
+            with lease.step("tag previous"):
+                for t, v in before.items():
+                    if entry["previous"] not in run.dataset(t).tags.list():
+                        run.dataset(t).tags.create(entry["previous"], v)
+        with lease.step("update state"):
+            marked = _mark_followed(run, start=True)
+        if marked:
             store, schemas = open_store()
         entries.append(entry)
-        _write_state(run, state)
-    lease.check()
+        with lease.step("update state"):
+            _write_state(run, state)
     store.recover()
-    if store.drop_derived_columns():
-        lease.check()
+    store.drop_derived_columns()
 
     report = UpdateReport(release=release, previous=entry["previous"], unchanged=diff.unchanged,
                           changed=diff.changed, new=diff.new, removed=diff.removed,
@@ -477,22 +479,25 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         stats = fingerprints(todo) if all(Location.parse(s.path).is_local for s in todo) else {}
         uris = {name: store.uri(name) for name in schemas}
         pending: dict[int, ShardResult] = {}
+        watch = provenance.ChangeWatch(list(done.values()), log)
         with Progress(total=len(todo), unit="shard", desc=f"update {release}", enabled=progress) as bar:
             for index, total, part in executor.apply(cfg, models, fit_dir, uris, schemas, todo):
                 acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
                 acc.add(part)
+                watch.see(part.provenance)
                 report.residues_this_call += part.embedded
                 if acc.records == total:
                     result = pending.pop(index)
                     digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
-                    store.commit_shard(result, keys[index], {**stats.get(index, {}), "digest": digest})
+                    store.commit_shard(result, keys[index], {**stats.get(index, {}), "digest": digest,
+                                                             **provenance.ledger_values(result.provenance,
+                                                                                        result.seconds)})
                     bar.update(1)
         if pending:
             raise StoreError(f"{len(pending)} shard(s) of the update did not complete ({sorted(pending)}); run the "
                              "same command again to resume")
 
     # 2. delete what the release no longer holds: ids gone, old rows of changed ids, every old reject
-    lease.check()
     store.scalar_indexes()  # the deletes below are `id IN (...)` lookups in the index, not scans of the table
     old = f"shard < {base}"
     drop_ids = pc.unique(diff.drop["id"]).to_pylist() if diff.drop.num_rows else []
@@ -506,19 +511,19 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                 dropped_residues[int(v["values"])] = dropped_residues.get(int(v["values"]), 0) + int(v["counts"])
     for i in range(0, len(drop_ids), _CHUNK):
         predicate = f"{old} AND id IN ({sql_in_list(drop_ids[i:i + _CHUNK])})"
-        lease.check()
-        if RESIDUES in schemas:
-            store.dataset(RESIDUES).delete(predicate)
-        store.dataset(PROTEINS).delete(predicate)
-    lease.check()
-    if store.dataset(REJECTS).count_rows(filter=old):
-        store.dataset(REJECTS).delete(old)
+        with lease.step("delete gone ids"):
+            if RESIDUES in schemas:
+                store.dataset(RESIDUES).delete(predicate)
+            store.dataset(PROTEINS).delete(predicate)
+    with lease.step("delete old rejects"):
+        if store.dataset(REJECTS).count_rows(filter=old):
+            store.dataset(REJECTS).delete(old)
     # unchanged sequences under a new description: the row's description is replaced, its embedding kept
     if diff.relabel is not None:
         for i in range(0, diff.relabel.num_rows, _CHUNK):
-            lease.check()
-            store.dataset(PROTEINS).merge_insert("id").when_matched_update_all().execute(
-                diff.relabel.slice(i, _CHUNK))
+            with lease.step("relabel"):
+                store.dataset(PROTEINS).merge_insert("id").when_matched_update_all().execute(
+                    diff.relabel.slice(i, _CHUNK))
         report.relabelled = diff.relabel.num_rows
 
     # 3. the old shards' ledger rows: what they hold now (one atomic merge; computed from the versions the update
@@ -543,17 +548,17 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                                  pa.array(residues_left, pa.int64()))
         current = store.dataset(LEDGER).to_table(filter=old)
         if not current.sort_by("shard").equals(fixed.sort_by("shard")):
-            lease.check()
-            store.dataset(LEDGER).merge_insert("shard").when_matched_update_all().execute(fixed)
+            with lease.step("ledger counts"):
+                store.dataset(LEDGER).merge_insert("shard").when_matched_update_all().execute(fixed)
 
     # 4. finish like `embed`, then tag the release
     store.dedupe_across_shards()
     store.scalar_indexes()  # rejects written since step 2 (the tagged version carries current indexes)
     _check_accounting(store)
-    lease.check()
-    report.versions = {t: run.dataset(t).version for t in TABLES if run.has_table(t)}
-    for t, v in report.versions.items():
-        _tag(run.dataset(t), release, v)
+    with lease.step("tag release"):
+        report.versions = {t: run.dataset(t).version for t in TABLES if run.has_table(t)}
+        for t, v in report.versions.items():
+            _tag(run.dataset(t), release, v)
     store.cleanup_orphans()
     # what went through the models: the rows this update wrote (all attempts), less the copies it wrote
     written = store.dataset(PROTEINS).to_table(columns=["length"], filter=f"shard >= {base}")
@@ -562,7 +567,8 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
     report.seconds = time.perf_counter() - started
     entry.update(status="done", versions=report.versions, report=report.to_dict(),
                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    _write_state(run, state)
+    with lease.step("update state"):
+        _write_state(run, state)
     return report
 
 

@@ -1,7 +1,8 @@
 """FAISS vector indexes on a chain-level prefix (the ``faiss`` backend of ``rdscale index``; extra ``rdscale[faiss]``).
 
 An index is built by streaming the prefix of the ``embedding`` column out of the Lance table in batches (the
-prefix column ``embedding_p<w>`` when it exists) and lives inside the run directory, so the run stays
+prefix column ``embedding_p<w>`` when it exists) and lives inside the run directory (on an object store: objects
+under the run's prefix, fetched once per node into rdscale's object cache by searchers), so the run stays
 relocatable: ``<run>/indexes/<table>.p<width>.<metric>.faiss`` plus a JSON sidecar (same name, ``.json``) with
 the index type, parameters, the metric and the table layout it was built from (row count and fragments, to tell
 a stale index). The sidecar holds no paths. FAISS labels are row positions in the table's scan order (fragment
@@ -19,6 +20,8 @@ import contextlib
 import json
 import math
 import os
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +115,6 @@ def build_faiss_index(
 ) -> IndexInfo:
     """Build (or keep, if an identical fresh one exists) the FAISS index of ``table`` at prefix ``width``
     (``progress``: a bar of the rows added, which is most of an HNSW build's time)."""
-    if not isinstance(run_dir_of(ds.uri), Path):
-        raise SearchError(f"FAISS indexes are kept on a local disk beside the run; {run_dir_of(ds.uri)} is on an "
-                          "object store: use --backend lance (Lance's index lives inside the table)")
     faiss = import_faiss()
     index_type = index_type.upper()
     if index_type not in FAISS_INDEX_TYPES:
@@ -126,38 +126,48 @@ def build_faiss_index(
         raise SearchError(f"unknown {index_type} parameter(s) {sorted(unknown)}; expected "
                           f"{sorted(default_faiss_params(index_type, 10_000, width))}")
     run = run_dir_of(ds.uri)
-    path = faiss_path(run, table, width, metric)
-    info = IndexInfo(table, width, prefix_column(width, stored_width(ds)), path.name, index_type, metric, num_rows,
+    name = f"{table}.p{width}.{metric}.faiss"
+    info = IndexInfo(table, width, prefix_column(width, stored_width(ds)), name, index_type, metric, num_rows,
                      _jsonable(resolved), backend="faiss")
-    sidecar = path.with_suffix(".json")
-    if not rebuild and path.is_file() and sidecar.is_file():
-        old = json.loads(sidecar.read_text())
+    old = _read_sidecar(ds, name)
+    if not rebuild and old is not None and _exists(ds, name):
         if (old.get("index_type"), old.get("params"), old.get("layout")) == (index_type, info.params,
                                                                             table_layout(ds)):
-            return info
+            return replace(info, calibration=old.get("calibration") or {})
 
     index = build_in_memory(ds, width, index_type, metric, resolved, table=table, progress=progress)
     record = {"table": table, "width": width, "metric": metric, "index_type": index_type, "params": info.params,
-              "num_rows": num_rows, "layout": table_layout(ds), "file": path.name}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp_sidecar = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
+              "num_rows": num_rows, "layout": table_layout(ds), "file": name}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # through Python's file: FAISS's own writer leaves a short file on a full disk without a word (fclose's
-        # error is not checked), Python raises the OSError, and fsync surfaces what the page cache still held
+        if isinstance(run, Path):
+            path = faiss_path(run, table, width, metric)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_file(faiss, index, path)
+        else:  # an object beside the run (<run>/indexes/...): searchers fetch it once into their node's cache
+            with tempfile.TemporaryDirectory(prefix="rdscale-faiss-") as tmp:
+                _write_file(faiss, index, Path(tmp) / name)
+                (run / INDEX_DIR / name).write_bytes((Path(tmp) / name).read_bytes())
+        _write_sidecar(ds, name, record)  # last: an index without its sidecar is rebuilt, never trusted
+    except (RuntimeError, OSError) as err:  # FAISS passes the writer's error on as a RuntimeError with its text
+        raise SearchError(f"cannot write the faiss index {name} of {run}: {_write_error(err)}") from None
+    return info
+
+
+def _write_file(faiss, index, path: Path) -> None:
+    """Write through Python's file, then rename into place: FAISS's own writer leaves a short file on a full disk
+    without a word (fclose's error is not checked), Python raises the OSError, and fsync surfaces what the page
+    cache still held. Nothing is left behind on failure."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
         with open(tmp, "wb") as f:
             faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
             f.flush()
             os.fsync(f.fileno())
-        tmp_sidecar.write_text(json.dumps(record, indent=1))
         os.replace(tmp, path)
-        os.replace(tmp_sidecar, sidecar)
-    except (RuntimeError, OSError) as err:  # FAISS passes the writer's error on as a RuntimeError with its text
-        for leftover in (tmp, tmp_sidecar):
-            with contextlib.suppress(OSError):
-                leftover.unlink(missing_ok=True)
-        raise SearchError(f"cannot write the faiss index {path}: {_write_error(err)}") from None
-    return info
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 _WRITE_ERRORS = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
@@ -174,6 +184,43 @@ def _write_error(err: BaseException) -> str:
     if "write error" in text or "ret == " in text:  # FAISS's check after fwrite: a short write is a full disk
         return "write failed (no space left on device?)"
     return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def _index_location(ds: lance.LanceDataset, name: str):
+    """``<run>/indexes/<name>``: a Path for a local run, a Location on an object store."""
+    return run_dir_of(ds.uri) / INDEX_DIR / name
+
+
+def _exists(ds: lance.LanceDataset, name: str) -> bool:
+    where = _index_location(ds, name)
+    return where.is_file() if isinstance(where, Path) else where.exists()
+
+
+def _sidecar_name(name: str) -> str:
+    return name[: -len(".faiss")] + ".json" if name.endswith(".faiss") else name + ".json"
+
+
+def _read_sidecar(ds: lance.LanceDataset, name: str) -> dict | None:
+    where = _index_location(ds, _sidecar_name(name))
+    try:
+        return json.loads(where.read_text())
+    except (OSError, ValueError):  # missing (a LocationError is an OSError or ValueError too) or not JSON
+        return None
+
+
+def _write_sidecar(ds: lance.LanceDataset, name: str, record: dict) -> None:
+    where = _index_location(ds, _sidecar_name(name))
+    if isinstance(where, Path):
+        tmp = where.with_name(where.name + f".tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, where)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+    else:
+        where.write_text(json.dumps(record, indent=1))
 
 
 _LOWEST = {"m": 2, "pq_bits": 1}  # HNSW needs two links per node; every other parameter at least 1
@@ -238,37 +285,51 @@ def list_faiss_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
     """FAISS indexes of ``table`` in its run directory (fresh or stale; see ``is_fresh``)."""
     out = []
     run = run_dir_of(ds.uri)
-    if not isinstance(run, Path):  # a run on an object store has only Lance indexes
-        return out
     folder = run / INDEX_DIR
-    if not folder.is_dir():
-        return out
-    full = stored_width(ds)
-    for sidecar in sorted(folder.glob(f"{table}.p*.json")):
+    if isinstance(run, Path):
+        names = [p.name for p in folder.glob(f"{table}.p*.json")] if folder.is_dir() else []
+    else:  # an object-store run: the objects beside it
         try:
-            rec = json.loads(sidecar.read_text())
-        except json.JSONDecodeError:
+            names = [loc.name for loc in folder.list()]
+        except (OSError, ValueError):
+            names = []
+    present = set(names) if not isinstance(run, Path) else None
+    full = stored_width(ds)
+    for sidecar in sorted(n for n in names if n.startswith(f"{table}.p") and n.endswith(".json")):
+        try:
+            rec = json.loads((folder / sidecar).read_text())
+        except (OSError, ValueError):
             continue
-        if rec.get("table") != table or not (folder / str(rec.get("file"))).is_file():
+        have = (folder / str(rec.get("file"))).is_file() if present is None else str(rec.get("file")) in present
+        if rec.get("table") != table or not have:
             continue
         width = int(rec["width"])
         out.append(IndexInfo(table, width, prefix_column(width, full), rec["file"], rec["index_type"],
-                             rec["metric"], int(rec["num_rows"]), rec.get("params", {}), backend="faiss"))
+                             rec["metric"], int(rec["num_rows"]), rec.get("params", {}), backend="faiss",
+                             calibration=rec.get("calibration") or {}))
     return sorted(out, key=lambda i: (i.width, i.metric))
 
 
 def is_fresh(ds: lance.LanceDataset, info: IndexInfo) -> bool:
     """True if the table still has the layout the index was built from (its labels still mean the same rows)."""
-    sidecar = (run_dir_of(ds.uri) / INDEX_DIR / info.index_name).with_suffix(".json")
-    try:
-        return json.loads(sidecar.read_text()).get("layout") == table_layout(ds)
-    except (OSError, json.JSONDecodeError):
-        return False
+    record = _read_sidecar(ds, info.index_name)
+    return record is not None and record.get("layout") == table_layout(ds)
+
+
+def store_calibration(ds: lance.LanceDataset, info: IndexInfo, calibration: dict) -> None:
+    """Record ``calibration`` (rdscale.search.calibrate) in the index's sidecar."""
+    record = _read_sidecar(ds, info.index_name)
+    if record is None:
+        raise SearchError(f"the sidecar of {info.index_name} vanished while it was calibrated; rebuild the index")
+    record["calibration"] = calibration
+    _write_sidecar(ds, info.index_name, record)
 
 
 def load_faiss_index(ds: lance.LanceDataset, info: IndexInfo):
     faiss = import_faiss()
-    path = run_dir_of(ds.uri) / INDEX_DIR / info.index_name
+    path = _index_location(ds, info.index_name)
+    if not isinstance(path, Path):  # an object beside an object-store run: fetched once into the node's cache
+        path = path.local_copy()
     try:
         return faiss.read_index(str(path))
     except RuntimeError as err:

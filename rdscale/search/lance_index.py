@@ -236,6 +236,14 @@ def build_lance_index(
     return info
 
 
+def store_calibration(dataset_path: str | Path, info: IndexInfo, calibration: dict) -> None:
+    """Record ``calibration`` (rdscale.search.calibrate) beside the index's parameters in ``rdscale.indexes``."""
+    ds = open_table(dataset_path, info.table)
+    record = _recorded_indexes(ds)
+    record[info.column] = {**_jsonable(asdict(info)), "calibration": _jsonable(calibration)}
+    ds.update_schema_metadata({INDEXES_KEY: json.dumps(record, sort_keys=True)})
+
+
 def list_lance_indexes(dataset_path: str | Path, table: str = "proteins") -> list[IndexInfo]:
     """Vector indexes on the prefix columns of ``table`` (from Lance's index list), narrowest first."""
     ds = open_table(dataset_path, table)
@@ -257,7 +265,9 @@ def _live_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
         rec = recorded.get(column, {})
         params = rec.get("params", {}) if rec.get("index_name") == name else {}
         num_rows = rec.get("num_rows", 0) if params else 0
-        infos.append(IndexInfo(table, width, column, name, idx["index_type"], idx["metric"], num_rows, params))
+        calibration = rec.get("calibration") or {} if params else {}
+        infos.append(IndexInfo(table, width, column, name, idx["index_type"], idx["metric"], num_rows, params,
+                               calibration=calibration))
     return sorted(infos, key=lambda i: (i.width, i.metric))
 
 

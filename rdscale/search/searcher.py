@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rdscale.io.store import reader_filter, unfinished_writes
+from rdscale.search import calibrate as C
 from rdscale.search import exact as E
 from rdscale.search import faiss_index as F
 from rdscale.search import lance_index as L
@@ -51,11 +53,13 @@ from rdscale.search.tables import (
     check_width,
     open_table,
     prefix_column,
+    reopen,
     run_dir_of,
     stored_width,
 )
 
 _SCAN_ROWS = 32768  # rows per streamed batch (non-resident exact search)
+RERANK_ROWS = ("float32", "float16", "store")
 _RERANK_QUERIES = 64  # queries per re-rank block: (64, shortlist, width) float32 candidates at a time
 _FILTER_CACHE = 16
 _FEW_ROWS = 1024  # ann / funnel with a filter keeping at most this many rows (or 4 k) scan them exactly
@@ -94,11 +98,20 @@ class Searcher:
     def __init__(self, dataset_path: str | Path, table: str = "proteins", *, resident: bool = True,
                  models: Sequence[str] | None = None, device: str | None = None,
                  fragments: Sequence[int] | None = None, build: Sequence[dict] = (),
-                 version: int | str | None = None):
+                 version: int | str | None = None, rerank_rows: str = "float32"):
+        if rerank_rows not in RERANK_ROWS:
+            raise SearchError(f"rerank_rows must be one of {RERANK_ROWS}, got {rerank_rows!r}")
+        # where the funnel's re-rank reads rows from: the resident float32 matrix (with resident=True), a float16
+        # copy of the rows at the rerank width (half the memory; distances to ~1e-3), or the table ("store":
+        # only each query's candidates are read, nothing held)
+        self.rerank_rows = rerank_rows if resident else "store"
+        if fragments is not None and self.rerank_rows != "float32":
+            raise SearchError("a partition searcher (fragments=) holds its rows as float32")
         self.dataset_path = dataset_path
         self.version = version  # an earlier table version or release tag (rdscale update); None: the latest
         self.table = table
-        self.resident = resident or fragments is not None
+        # the float32 matrix is held only with rerank_rows="float32"; otherwise exact search streams the table
+        self.resident = (resident and rerank_rows == "float32") or fragments is not None
         self.fragment_ids = None if fragments is None else [int(f) for f in fragments]
         self._build = list(build)
         self._models, self._device = models, device
@@ -128,6 +141,7 @@ class Searcher:
         self._rowid_sorted: tuple[np.ndarray, np.ndarray] | None = None  # (sorted row ids, their positions)
         self._raw: np.ndarray | None = None  # (n, full_width) stored dtype, scan order
         self._prepared: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._half: dict[tuple[int, str], np.ndarray] = {}  # (width, metric) -> (n, width) float16 re-rank rows
         self._filters: dict[str, np.ndarray] = {}
         self._faiss: dict[str, Any] = {}
         self._indexes: list[IndexInfo] | None = None
@@ -166,6 +180,7 @@ class Searcher:
     def close(self) -> None:
         self._raw = None
         self._prepared.clear()
+        self._half.clear()
         self._faiss.clear()
 
     def __enter__(self) -> Searcher:  # noqa: PYI034
@@ -214,11 +229,29 @@ class Searcher:
                 self._prepared[key] = E.prepare_rows(self.matrix()[:, :width], metric)
             return self._prepared[key]
 
+    def _half_rows(self, width: int, metric: str) -> np.ndarray:
+        """(n, width) float16 re-rank rows (cosine: unit rows), streamed from the table: the float32 matrix is
+        never held."""
+        with self._lock:
+            key = (width, metric)
+            if key not in self._half:
+                out = np.empty((self.num_rows, width), np.float16)
+                start = 0
+                for block in F._stream(self.ds, width, fragments=self._frags):  # (b, width) float32
+                    out[start : start + len(block)] = E.unit_rows(block) if metric == "cosine" else block
+                    start += len(block)
+                if start != self.num_rows:
+                    raise SearchError(f"{self.ds.uri} changed while it was loaded; retry")
+                self._half[key] = out
+            return self._half[key]
+
     def load(self, width: int | None = None, metric: str = "cosine") -> Searcher:
         """Load now what exact search at ``width`` needs (else it loads on the first query)."""
         self.key_columns()
         if self.resident:
             self._prepared_rows(self.width(width), _check_metric(metric))
+        elif self.rerank_rows == "float16":
+            self._half_rows(self.width(width), _check_metric(metric))
         return self
 
     def positions_of_rowids(self, rowids: np.ndarray) -> np.ndarray:
@@ -293,10 +326,44 @@ class Searcher:
         key = (width, metric, backend)
         found = self._found_index.get(key)
         if found is None:
-            found = self._find_index(width, metric, backend)
+            try:
+                found = self._find_index(width, metric, backend)
+            except MissingIndexError as err:
+                # an index built after this searcher opened the table (a new table version, a new FAISS file)
+                if not self._adopt_new_indexes():
+                    if self._table_changed():
+                        raise MissingIndexError(f"{err} (the table changed since this searcher opened it: call "
+                                                "Searcher.refresh(), or restart the server)") from None
+                    raise
+                found = self._find_index(width, metric, backend)
             with self._lock:
                 self._found_index[key] = found
         return found
+
+    def _table_changed(self) -> bool:
+        if self.version is not None or self._frags is not None:
+            return False
+        latest = reopen(self.ds)
+        return F.table_layout(latest) != F.table_layout(self.ds)
+
+    def recheck_indexes(self) -> None:
+        """Pick up indexes built since this searcher opened the table, when its rows are unchanged (the server's
+        /info calls it, so a page lists an index built while the server runs)."""
+        self._adopt_new_indexes()
+
+    def _adopt_new_indexes(self) -> bool:
+        """Re-read the index lists (the latest table version for Lance's, the index folder for FAISS's) when the
+        table's rows are unchanged, so the resident state stays valid; True if that was possible."""
+        if self.version is not None or self._frags is not None:
+            return False
+        latest = reopen(self.ds)
+        if F.table_layout(latest) != F.table_layout(self.ds):
+            return False  # rows added or rewritten: positions would shift; refresh() reloads everything
+        with self._lock:
+            self.ds = latest
+            self._indexes = None
+            self._found_index.clear()
+        return True
 
     def _find_index(self, width: int | None, metric: str, backend: str | None = None) -> IndexInfo:
         if backend is not None and backend not in BACKENDS:
@@ -306,14 +373,6 @@ class Searcher:
         live = [i for i in self.indexes() if i.metric == metric and backend in (None, i.backend)]
         what = f"{backend + ' ' if backend else ''}{metric} vector index"
         hint = f"rdscale index {run_dir_of(self.dataset_path)} --table {self.table} --width {{}} --metric " + metric
-        if backend == "faiss" and not live:
-            from rdscale.io.location import is_remote
-
-            if is_remote(self.dataset_path):  # `rdscale index --backend faiss` refuses such a run: never hint it
-                raise MissingIndexError(
-                    f"no faiss index on the {self.table} table: FAISS indexes are kept on a local disk beside the "
-                    f"run, and {run_dir_of(self.dataset_path)} is on an object store; use --backend lance (build it "
-                    f"with `{hint.format(width or self.levels[0])} --backend lance`)")
         if backend:
             hint += f" --backend {backend}"
         if width is None:
@@ -401,6 +460,7 @@ class Searcher:
         labels: Sequence[str] | None = None,
         aggregate: str | None = None,
         residue_hits: int | None = None,
+        recall: float | None = None,
     ) -> pa.Table:
         """As ``rdscale.search.search`` (see there), on this searcher's table. ``backend``: "faiss" or "lance" to
         pick the index for ann / funnel (default: the narrowest index for the metric, FAISS first at equal width).
@@ -434,12 +494,27 @@ class Searcher:
         elif residue_hits is not None:
             raise SearchError("residue_hits only applies with aggregate='proteins'")
 
+        if recall is not None:
+            recall = C.check_recall(recall)
+            given = [name for name, v in (("shortlist", shortlist), ("nprobes", nprobes), ("ef", ef),
+                                          ("refine_factor", refine_factor)) if v is not None]
+            if given and mode != "exact":
+                raise SearchError(f"give recall or the search parameters ({', '.join(given)}), not both: recall "
+                                  "picks them from the index's calibration")
         index = None
-        if mode == "exact":
+        if mode == "exact":  # exact search has recall 1 whatever recall asks
             width = self.width(width)
         else:
             index = self.find_index(width, metric, backend)
             width = index.width
+            if shortlist is None and nprobes is None and ef is None and refine_factor is None:
+                # the calibrated point: the cheapest measured parameters meeting recall (default: the index's target)
+                tuned = C.search_params(index, mode, k, recall)
+                shortlist, nprobes = tuned.get("shortlist"), tuned.get("nprobes")
+                if shortlist is not None:  # exclude_self fetches k + 1: never a shortlist shorter than that
+                    shortlist = max(shortlist, min(k + 1, n))
+                ef, refine_factor = tuned.get("ef"), tuned.get("refine_factor")
+                ef = None if ef is None else min(ef, n)
         need = width
         if mode == "funnel":
             rerank_width = self.width(rerank_width)
@@ -495,6 +570,16 @@ class Searcher:
             return self._aggregate(dist, pos, k, k_out, labels, self_pos if exclude_self else None)
         return self._table(dist, pos, k, labels, self_pos if exclude_self else None)
 
+    def query_width(self, mode: str = "exact", width: int | None = None, rerank_width: int | None = None,
+                    metric: str = "cosine", backend: str | None = None, **_: Any) -> int:
+        """How many numbers of a query vector a search with these options reads: the search width (ann: the
+        index's), the rerank width for funnel. Sequence queries run the chain only that far."""
+        if mode == "funnel":
+            return self.width(rerank_width)
+        if mode == "ann":
+            return self.find_index(width, _check_metric(metric), backend).width
+        return self.width(width)
+
     def search_sequences(self, sequences: Sequence[str] | dict[str, str], **kwargs: Any) -> pa.Table:
         """``search`` with query sequences embedded through the run's chain (loaded once per searcher)."""
         from rdscale.search.sequences import sequence_queries, stack_queries
@@ -502,7 +587,7 @@ class Searcher:
         names, seqs = sequence_queries(sequences)
         if not seqs:
             raise SearchError("no query sequences")
-        vectors = self.embedder().embed(seqs, names)
+        vectors = self.embedder().embed(seqs, names, width=self.query_width(**kwargs))
         labels, q = stack_queries(names, vectors, self.table)
         return self.search(q, labels=labels, **kwargs)
 
@@ -519,6 +604,23 @@ class Searcher:
         """(n,) scan positions of protein ids in this (proteins) table, -1 for an id it does not hold."""
         at = pc.index_in(pa.array(list(ids), pa.string()), value_set=self.key_columns()["id"])
         return at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def exact_positions(self, q: np.ndarray, width: int, k: int, metric: str = "cosine"):
+        """((nq, k) distances, (nq, k) scan positions) of exact search at ``width`` (no filter, no self drop)."""
+        return self._exact(np.ascontiguousarray(q, dtype=np.float32), width, min(k, self.num_rows), metric, None)
+
+    def index_positions(self, q: np.ndarray, index: IndexInfo, k: int, mode: str = "ann", *,
+                        shortlist: int | None = None, rerank_width: int | None = None, nprobes: int | None = None,
+                        ef: int | None = None, refine_factor: int | None = None):
+        """((nq, k) distances, (nq, k) scan positions) of an ann or funnel search with ``index`` and exactly these
+        parameters (no calibrated defaults, no filter): what the calibrator measures."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if mode == "ann":
+            return self._ann(q, index, k, None, None, nprobes, ef, refine_factor)
+        rerank_width = self.width(rerank_width)
+        _, pos = self._ann(q, index, min(shortlist or max(10 * k, 100), self.num_rows), None, None, nprobes, ef,
+                           refine_factor)
+        return self._rerank(q[:, :rerank_width], pos, index.metric, k)
 
     # -----------------------------------------------------------------------------------------------------------
     # the three modes: each returns ((nq, m) float32 distances sorted per row, (nq, m) int64 positions, -1 = none)
@@ -571,10 +673,10 @@ class Searcher:
         nearest = {"column": index.column, "q": q[:, : index.width], "k": k, "metric": index.metric}
         if nprobes is not None:
             nearest["nprobes"] = min(nprobes, int(params.get("num_partitions", nprobes)))
-        if ef is not None:
-            nearest["ef"] = max(ef, k)
         if refine_factor is not None:
             nearest["refine_factor"] = max(1, min(refine_factor, self.num_rows // max(k, 1)))
+        if ef is not None:  # Lance walks its graph for refine_factor * k candidates, and wants ef >= that
+            nearest["ef"] = max(ef, k * nearest.get("refine_factor", 1))
         found = self.ds.to_table(columns=["_distance"], nearest=nearest, filter=filter, prefilter=True,
                                  with_row_id=True, disable_scoring_autoprojection=True)
         qi = found.column("query_index").to_numpy().astype(np.int64)
@@ -617,12 +719,15 @@ class Searcher:
         nq = len(q)
         dist = np.full(cand.shape, np.inf, np.float32)
         valid = cand >= 0
-        if self.resident:
-            x, _ = self._prepared_rows(width, metric)  # cosine: unit rows, normalised once, not per query
+        if self.rerank_rows != "store":
+            if self.rerank_rows == "float16":
+                x = self._half_rows(width, metric)  # (n, width) float16
+            else:
+                x, _ = self._prepared_rows(width, metric)  # cosine: unit rows, normalised once, not per query
             qp = E.unit_rows(q) if metric == "cosine" else q
             for s in range(0, nq, _RERANK_QUERIES):
                 c = cand[s : s + _RERANK_QUERIES]
-                rows = x[np.where(c >= 0, c, 0)]  # (b, shortlist, width)
+                rows = x[np.where(c >= 0, c, 0)].astype(np.float32, copy=False)  # (b, shortlist, width)
                 if metric == "cosine":
                     dist[s : s + _RERANK_QUERIES] = 1.0 - np.einsum("qsw,qw->qs", rows, qp[s : s + _RERANK_QUERIES])
                 else:
@@ -739,6 +844,7 @@ def search(
     version: int | str | None = None,
     aggregate: str | None = None,
     residue_hits: int | None = None,
+    recall: float | None = None,
 ) -> pa.Table:
     """k nearest rows of ``table`` for each query, at prefix width ``width`` (one-shot: for many queries over
     time, keep a ``Searcher``).
@@ -753,6 +859,9 @@ def search(
     "faiss" or "lance" to choose the index (default: the narrowest for the metric, FAISS first at equal width).
     ``version``: search an earlier table version or release tag (`rdscale update`; exact mode), default the latest.
     ``aggregate="proteins"`` / ``residue_hits`` (residues): protein hits from residue hits, as ``Searcher.search``.
+    ``recall`` (ann / funnel): the recall@k the index's calibration curve must meet; the search then uses its
+    cheapest point that does (rdscale.search.calibrate). Without it, and without explicit ``shortlist`` /
+    ``nprobes`` / ``ef`` / ``refine_factor``, the point calibrated for the index's target (default 0.95) is used.
 
     Returns a table with columns ``query`` (int32 row of ``queries``, or the query key string for ``ids``; for
     residues ``"id:pos"``), ``id`` (and ``pos`` for residues), ``score`` (float32 distance, smaller = closer;
@@ -765,7 +874,14 @@ def search(
     return searcher.search(queries, ids=ids, width=width, k=k, mode=mode, metric=metric, filter=filter,
                            shortlist=shortlist, rerank_width=rerank_width, nprobes=nprobes,
                            refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend,
-                           aggregate=aggregate, residue_hits=residue_hits)
+                           aggregate=aggregate, residue_hits=residue_hits, recall=recall)
+
+
+def default_backend(dataset_path: str | Path) -> str:
+    """faiss, for a run on a local disk and on an object store alike (there its index is an object beside the run,
+    fetched once per node): on SeaweedFS it answered 16x the q/s of Lance's index at equal recall
+    (bench/results/bench_search_s3.json)."""
+    return "faiss"
 
 
 def build_index(
@@ -775,35 +891,105 @@ def build_index(
     index_type: str | None = None,
     metric: str = "cosine",
     rebuild: bool = False,
-    backend: str = "lance",
+    backend: str | None = None,
     progress: bool = False,
+    recall: float | None = C.DEFAULT_RECALL,
     **params: Any,
 ) -> IndexInfo:
-    """A vector index on the width-``width`` prefix of ``table`` (None = the stored width).
+    """A vector index on the width-``width`` prefix of ``table`` (None = the stored width), calibrated for
+    ``recall``.
 
+    ``backend=None`` (the default, as ``rdscale index``): faiss (``default_backend``), also for an object-store run.
     ``backend="lance"``: Lance's index on a materialised prefix column (``index_type`` one of
     ``tables.INDEX_TYPES``, default IVF_HNSW_SQ; ``params`` go to ``LanceDataset.create_index``).
     ``backend="faiss"``: a FAISS index stored in ``<run>/indexes`` (``index_type`` HNSW (default), IVF_FLAT or
     IVF_PQ; ``params`` as in ``faiss_index.default_faiss_params``). ``metric``: "cosine" or "l2"; a search uses
     the metric its index was built with. Idempotent: an identical index that covers every row is kept
     (``rebuild=True`` forces a new one). ``progress``: a bar of the rows added (FAISS) or per build stage (Lance).
+    ``recall``: the recall@10 target the index is calibrated for on held-out rows (rdscale.search.calibrate; the
+    curve is stored with the index and ``search`` uses its cheapest point meeting the target); None skips it.
     """
+    if backend is None:
+        backend = default_backend(dataset_path)
     if backend not in BACKENDS:
         raise SearchError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     unfinished = unfinished_writes(open_table(dataset_path, table).uri)
     if unfinished:  # an index covers every row of the table, uncommitted or about to be replaced ones too
         raise SearchError(f"not indexing {table}: {unfinished}")
+    if recall is not None:
+        recall = C.check_recall(recall)
     if backend == "lance":
-        return L.build_lance_index(dataset_path, table, width, index_type or L.DEFAULT_INDEX_TYPE, metric,
+        info = L.build_lance_index(dataset_path, table, width, index_type or L.DEFAULT_INDEX_TYPE, metric,
                                    rebuild, progress, **params)
-    metric = _check_metric(metric)
-    ds = open_table(dataset_path, table)
-    reader_filter(ds.uri)  # warns when the run is incomplete (embed drops derived columns when it adds rows)
-    if ds.count_rows() == 0:
-        raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
-    width = check_width(ds, width)
-    return F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild, progress,
-                               **params)
+    else:
+        metric = _check_metric(metric)
+        ds = open_table(dataset_path, table)
+        reader_filter(ds.uri)  # warns when the run is incomplete (embed drops derived columns when it adds rows)
+        if ds.count_rows() == 0:
+            raise SearchError(f"the {table} table at {ds.uri} is empty: nothing to index")
+        width = check_width(ds, width)
+        info = F.build_faiss_index(ds, table, width, index_type or F.DEFAULT_FAISS_INDEX_TYPE, metric, rebuild,
+                                   progress, **params)
+    if recall is None or info.num_rows < C.MIN_ROWS or (info.calibration and info.calibration.get("target") == recall
+                                                        and info.calibration.get("k") == C.DEFAULT_K):
+        return info
+    return calibrate(dataset_path, info, recall)
+
+
+_RESIDENT_BYTES = 2 << 30  # calibration holds the twin table in memory up to this size; larger ones are streamed
+
+
+def _write_twin(ds: lance.LanceDataset, table: str, held: np.ndarray, path: Path) -> np.ndarray:
+    """Write ``table`` without the rows at scan positions ``held`` (keys and embedding only, same schema
+    metadata) to ``path``; returns the held rows' (m, full) float32 embeddings."""
+    columns = [*TABLES[table], EMBEDDING]
+    schema = pa.schema([ds.schema.field(c) for c in columns], metadata=ds.schema.metadata)
+    full = stored_width(ds)
+    queries = np.empty((len(held), full), np.float32)
+
+    def batches():
+        start = 0
+        for batch in ds.scanner(columns=columns, batch_size=_SCAN_ROWS).to_batches():
+            b = batch.num_rows
+            lo, hi = np.searchsorted(held, [start, start + b])
+            local = held[lo:hi] - start
+            if len(local):
+                queries[lo:hi] = _embedding_block(batch.column(EMBEDDING).take(pa.array(local)), full)
+            keep = np.ones(b, bool)
+            keep[local] = False
+            start += b
+            if keep.any():
+                yield pa.RecordBatch.from_arrays([batch.column(c).filter(pa.array(keep)) for c in columns],
+                                                 schema=schema)
+
+    lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), str(path))
+    return queries
+
+
+def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAULT_RECALL) -> IndexInfo:
+    """Measure ``info``'s recall curves on held-out rows and store them with the index; returns it with its
+    calibration. The curves come from a twin index (same type and parameters) built in a temporary folder over
+    the table without the calibration rows (rdscale.search.calibrate says why)."""
+    import tempfile
+
+    ds = open_table(dataset_path, info.table)
+    held = C.sample_positions(ds.count_rows())
+    with tempfile.TemporaryDirectory(prefix="rdscale-calibrate-") as tmp:
+        queries = _write_twin(ds, info.table, held, Path(tmp) / f"{info.table}.lance")
+        if info.backend == "faiss":
+            twin_ds = open_table(tmp, info.table)
+            twin = F.build_faiss_index(twin_ds, info.table, info.width, info.index_type, info.metric, **info.params)
+        else:
+            twin = L.build_lance_index(tmp, info.table, info.width, info.index_type, info.metric, **info.params)
+        size = len(queries) and (ds.count_rows() * queries.shape[1] * queries.itemsize)
+        searcher = Searcher(tmp, info.table, resident=size <= _RESIDENT_BYTES)
+        record = C.calibrate_index(searcher, twin, queries, target=recall)
+        searcher.close()
+    if info.backend == "faiss":
+        F.store_calibration(ds, info, record)
+    else:
+        L.store_calibration(dataset_path, info, record)
+    return replace(info, calibration=record)
 
 
 def index_is_fresh(ds: lance.LanceDataset, info: IndexInfo) -> bool:

@@ -52,8 +52,6 @@ class QueryEmbedder:
                  device: str | None = None):
         from rdscale.config import load_config
         from rdscale.fit.artifact import ArtifactError, load_fit
-        from rdscale.model.loading import DeviceError
-        from rdscale.run.stages import ChainEncoder
 
         ds = open_table(dataset_path, table)
         run = run_dir_of(dataset_path)
@@ -72,35 +70,78 @@ class QueryEmbedder:
         value_type = ds.schema.field(EMBEDDING).type.value_type
         self.store_dtype = np.float16 if value_type == pa.float16() else np.float32
 
-        fit_dir = _fit_dir_of(run, manifest, config)
-        try:
-            self.encoder = ChainEncoder(model_names, cfg)
-        except DeviceError as err:  # the models are fine; the device is not (no "pass --models" hint)
-            raise SearchError(f"cannot embed the queries: {err}") from err
-        except (OSError, ValueError) as err:
-            raise SearchError(
-                f"cannot load the run's models {model_names}: {err}. Pass models= (--models) with their current "
-                "paths"
-            ) from err
+        self.model_names = model_names
+        self.manifest_models = manifest["models"]
+        self.fit_dir = _fit_dir_of(run, manifest, config)
+        self.extended = bool(manifest.get("extensions"))
+        self.run = run
+        self.encoder = None  # a ChainEncoder over the first `models_loaded` models, grown on demand
+        self.models_loaded = 0
         self.fit = None
         self.fits = None
-        if fit_dir is not None:
+        self._level_widths = [int(m.get("width", 0)) for m in self.manifest_models]  # output width per level
+        if self.fit_dir is not None:
             try:
-                self.fit, base = load_fit(fit_dir)
-                # An extended run's chain is the base fit's models, then one model per `rdscale extend` step.
-                load_fit(fit_dir, expect_models=self.encoder.model_info()[: len(base["models"])])
+                self.fit, base = load_fit(self.fit_dir)
             except ArtifactError as err:
-                raise SearchError(f"the models do not match the run's fit at {fit_dir}: {err}") from err
-        if manifest.get("extensions"):
+                raise SearchError(f"the models do not match the run's fit at {self.fit_dir}: {err}") from err
+            self._level_widths = [int(w) for w in self.fit.widths]
+        if self.extended:
             from rdscale.run.extend import ExtendError, load_query_chain
 
             try:
                 self.fits = load_query_chain(run)
             except ExtendError as err:
                 raise SearchError(str(err)) from err
+            self._level_widths = [*[int(w) for w in self.fits[0].widths],
+                                  *[int(f.widths[-1]) for f in self.fits[1:]]]
 
-    def embed(self, sequences: Sequence[str], names: Sequence[str] | None = None) -> np.ndarray | list[np.ndarray]:
-        """As ``embed_sequences``: (q, k_m) for proteins, one (L_i, d) array per sequence for residues."""
+    def models_for(self, width: int | None) -> int:
+        """How many of the chain's models a query vector ``width`` wide needs (None: all): the first level at
+        least that wide (the level-j embedding is the first k_j numbers of the full one)."""
+        n = len(self.model_names)
+        if width is None:
+            return n
+        for j, w in enumerate(self._level_widths[:n], start=1):
+            if w >= width:
+                return j
+        return n
+
+    def _chain(self, upto: int):
+        """The ChainEncoder over the first ``upto`` models, loading them now if they are not (the run's fit is
+        checked against every model loaded; the ones not loaded yet are checked when they are)."""
+        from rdscale.fit.artifact import ArtifactError, load_fit
+        from rdscale.model.loading import DeviceError
+        from rdscale.run.stages import ChainEncoder
+
+        if self.encoder is not None and self.models_loaded >= upto:
+            return self.encoder
+        try:
+            encoder = ChainEncoder(self.model_names[:upto], self.cfg)
+        except DeviceError as err:  # the models are fine; the device is not (no "pass --models" hint)
+            raise SearchError(f"cannot embed the queries: {err}") from err
+        except (OSError, ValueError) as err:
+            raise SearchError(
+                f"cannot load the run's models {self.model_names[:upto]}: {err}. Pass models= (--models) with their "
+                "current paths"
+            ) from err
+        if self.fit is not None:
+            n_base = len(self.fit.widths)
+            loaded = encoder.model_info()[:n_base]
+            # models not loaded yet: name and width from the manifest (their checkpoints are checked on loading)
+            rest = [{k: m[k] for k in ("name", "width") if k in m} for m in self.manifest_models[len(loaded):n_base]]
+            try:
+                load_fit(self.fit_dir, expect_models=loaded + rest)
+            except ArtifactError as err:
+                raise SearchError(f"the models do not match the run's fit at {self.fit_dir}: {err}") from err
+        self.encoder, self.models_loaded = encoder, upto
+        return encoder
+
+    def embed(self, sequences: Sequence[str], names: Sequence[str] | None = None,
+              width: int | None = None) -> np.ndarray | list[np.ndarray]:
+        """As ``embed_sequences``: (q, k_m) for proteins, one (L_i, d) array per sequence for residues.
+        ``width``: the query width the search needs; the chain then runs only up to the first level at least
+        that wide (and the vectors are k_j wide): a search at the first level loads and runs the first model."""
         import torch
 
         names = [f"seq{i}" for i in range(len(sequences))] if names is None else list(names)
@@ -121,8 +162,10 @@ class QueryEmbedder:
                 f"query {shown} is longer than the {window}-residue model window, and this run rejected such "
                 "sequences (embedding.long_policy=reject), so the database holds nothing comparable"
             )
+        upto = self.models_for(width)
+        encoder = self._chain(upto)
         try:
-            blocks = self.encoder.blocks(list(sequences))  # [seq][model] (L, k_i) float32
+            blocks = [b[:upto] for b in encoder.blocks(list(sequences))]  # [seq][model <= upto] (L, k_i) float32
         except ValueError as err:  # the message names the sequence by position: say which query that is
             where = str(err).split(":", 1)
             head = where[0].split()
@@ -130,16 +173,17 @@ class QueryEmbedder:
                 raise SearchError(f"query {names[int(head[1])]}: {where[1].strip()}") from err
             raise SearchError(f"cannot embed the queries: {err}") from err
         with torch.no_grad():
-            if self.fits is not None:
+            if self.fits is not None and upto > len(self.fits[0].widths):
                 from rdscale.run.extend import apply_chain
 
-                rd = [apply_chain(self.fits, b).float().cpu() for b in blocks]  # [seq] (L, k_m), extended chain
+                rd = [apply_chain(self.fits[: 1 + upto - len(self.fits[0].widths)], b).float().cpu()
+                      for b in blocks]  # [seq] (L, k_upto), extended chain
             else:
-                fit = self.fit
-                rd = [(fit.apply(b) if fit is not None else b[0]).float().cpu() for b in blocks]  # [seq] (L, k_m)
+                fit = self.fits[0] if self.fits is not None else self.fit
+                rd = [(fit.apply(b) if fit is not None else b[0]).float().cpu() for b in blocks]  # [seq] (L, k_j)
         if self.table == "proteins":
             return torch.stack([e.mean(dim=0) for e in rd]).numpy()  # (q, k_m), as proteins.embedding
-        d = self.width
+        d = min(self.width, rd[0].shape[1])
         return [e[:, :d].numpy().astype(self.store_dtype).astype(np.float32) for e in rd]  # [seq] (L, d)
 
 

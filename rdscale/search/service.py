@@ -5,7 +5,7 @@ Ray Serve and FastAPI; tests and the benchmark call it in-process.
 A request is a dict with exactly one of ``ids`` (protein ids; for residues ``"ID:POS"`` or a bare ``"ID"``),
 ``sequences`` ({name: sequence}, embedded through the run's chain) or ``vectors`` (a list of equal-length lists
 of numbers), plus any of the ``search`` options: table, k, mode, width, metric, filter, shortlist, rerank_width,
-nprobes, refine_factor, ef, exclude_self, backend, aggregate, residue_hits, and ``release`` (a release tag of
+nprobes, refine_factor, ef, exclude_self, backend, aggregate, residue_hits, recall (the recall@k to meet: the cheapest calibrated point of the index), and ``release`` (a release tag of
 `rdscale update`: search that earlier version, exact mode). The answer lists the hits as rows, exactly the rows
 ``rdscale search`` prints and writes: ``{"queries": n, "hits": [{"query", "id", ["pos"], "score", "rank",
 ["hits"]}, ...]}``. Bad requests raise ``SearchError`` (``KeyNotFoundError`` for unknown keys,
@@ -35,7 +35,7 @@ from rdscale.search.sequences import clean_query, sequence_queries, stack_querie
 from rdscale.search.tables import TABLES, KeyNotFoundError, SearchError, open_table  # noqa: F401
 
 OPTIONS = ("k", "mode", "width", "metric", "filter", "shortlist", "rerank_width", "nprobes", "refine_factor", "ef",
-           "exclude_self", "backend", "aggregate", "residue_hits")
+           "exclude_self", "backend", "aggregate", "residue_hits", "recall")
 QUERY_KINDS = ("ids", "sequences", "vectors")
 EMBED_CHUNK = 16  # sequences embedded per step: a cancelled or timed-out request stops within one step
 _CACHE_ENTRIES = 256  # query embeddings kept (a page asks /search, then /explain, for the same sequence)
@@ -95,6 +95,8 @@ class SearchService:
                 s.load()
 
     def info(self) -> dict[str, Any]:
+        for s in self.searchers.values():
+            s.recheck_indexes()
         return {
             "run": run_name(self.run),
             "tables": {
@@ -103,7 +105,7 @@ class SearchService:
                     "width": s.full_width,
                     "levels": s.levels,
                     "indexes": [{"width": i.width, "metric": i.metric, "backend": i.backend,
-                                 "index_type": i.index_type} for i in s.indexes()],
+                                 "index_type": i.index_type, "recall": recall_info(i)} for i in s.indexes()],
                 }
                 for t, s in self.searchers.items()
             },
@@ -132,7 +134,7 @@ class SearchService:
                 raise SearchError("ids must be a non-empty list of strings")
             result = searcher.search(ids=[parse_key(v, table) for v in value], **options)
         elif kind == "sequences":
-            labels, q = self.embed(table, value, cancelled)
+            labels, q = self.embed(table, value, cancelled, width=searcher.query_width(**options))
             result = searcher.search(q, labels=labels, **options)
         else:
             result = searcher.search(vectors_of(value), **options)
@@ -163,17 +165,20 @@ class SearchService:
             raise RequestTooLarge(f"{n} {kind} in one request; this server takes at most {self.max_queries} "
                                   "(rdscale serve --max-queries): send them in several requests")
 
-    def embed(self, table: str, sequences: Any, cancelled: Callable[[], bool] | None = None
-              ) -> tuple[list[str], np.ndarray]:
+    def embed(self, table: str, sequences: Any, cancelled: Callable[[], bool] | None = None,
+              width: int | None = None) -> tuple[list[str], np.ndarray]:
         """(labels, (q, w) vectors) of {name: sequence} through the run's chain, as ``Searcher.search_sequences``
         embeds them, EMBED_CHUNK sequences at a time (``cancelled`` is polled between chunks); recent query
-        embeddings are kept, so asking again for the same sequence costs nothing."""
+        embeddings are kept, so asking again for the same sequence costs nothing. ``width``: the numbers the search
+        reads; the chain runs only to the first level that wide (None: the whole chain). A kept embedding at least
+        that wide serves as well, cut to its prefix (the levels nest)."""
         if not isinstance(sequences, dict) or not sequences or not all(isinstance(v, str)
                                                                      for v in sequences.values()):
             raise SearchError("sequences must be a non-empty object {name: sequence}")
         names, seqs = sequence_queries(sequences)
         searcher = self._searcher(table)
-        vectors: list[np.ndarray | None] = [self._cached(table, q) for q in seqs]
+        need = searcher.full_width if width is None else width
+        vectors: list[np.ndarray | None] = [self._cached(table, q, need) for q in seqs]
         first: dict[str, int] = {}  # a sequence asked twice in one request is embedded once
         for i, v in enumerate(vectors):
             if v is None:
@@ -183,19 +188,21 @@ class SearchService:
             if cancelled is not None and cancelled():
                 raise SearchCancelled(f"the request was cancelled after {start} of {len(todo)} sequences")
             chunk = todo[start : start + EMBED_CHUNK]
-            got = searcher.embedder().embed([seqs[i] for i in chunk], [names[i] for i in chunk])
+            got = searcher.embedder().embed([seqs[i] for i in chunk], [names[i] for i in chunk], width=width)
             for i, v in zip(chunk, got):  # proteins: (q, k_m) rows; residues: one (L, d) array per sequence
                 vectors[i] = np.asarray(v)
                 self._keep(table, seqs[i], vectors[i])
         vectors = [v if v is not None else vectors[first[clean_query(q)]] for v, q in zip(vectors, seqs)]
+        common = min(v.shape[-1] for v in vectors)  # kept ones may be wider than this request's level
+        vectors = [v[..., :common] for v in vectors]
         if table == "proteins":
             return list(names), np.stack(vectors)  # (q, k_m)
         return stack_queries(names, vectors, table)
 
-    def _cached(self, table: str, sequence: str) -> np.ndarray | None:
+    def _cached(self, table: str, sequence: str, width: int) -> np.ndarray | None:
         with self._lock:
             key = (table, clean_query(sequence))
-            if key in self._embedded:
+            if key in self._embedded and self._embedded[key].shape[-1] >= width:
                 self._embedded.move_to_end(key)
                 return self._embedded[key]
         return None
@@ -204,7 +211,10 @@ class SearchService:
         if vector.size > _CACHE_MAX_FLOATS:
             return
         with self._lock:
-            self._embedded[(table, clean_query(sequence))] = vector
+            key = (table, clean_query(sequence))
+            if key in self._embedded and self._embedded[key].shape[-1] >= vector.shape[-1]:
+                return  # a wider one is kept already
+            self._embedded[key] = vector
             while len(self._embedded) > _CACHE_ENTRIES:
                 self._embedded.popitem(last=False)
 
@@ -309,6 +319,17 @@ class SearchService:
         query = clean_query(next(iter(sequence.values())))
         return {"of": target, "width": int(q.shape[1]), "sequence": query,
                 "similarity": [round(float(v), 4) for v in best], "best_match": [int(j) for j in sim.argmax(axis=1)]}
+
+def recall_info(info) -> dict[str, Any] | None:
+    """An index's calibration for clients: k, target, the default point per mode and the measured curves (each
+    point: params, recall, recall_low (one-sided 95 % bound), cost); None for an uncalibrated index."""
+    cal = info.calibration or {}
+    if not cal:
+        return None
+    return {"k": cal.get("k"), "target": cal.get("target"), "queries": cal.get("queries"),
+            "default": cal.get("default", {}), "reached": cal.get("reached", {}),
+            "curves": {mode: cal.get(mode, []) for mode in ("ann", "funnel")}}
+
 
 def vectors_of(value: Any) -> np.ndarray:
     """(q, w) float32 from a JSON list of equal-length lists of finite numbers (or one list: one query)."""

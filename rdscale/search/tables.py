@@ -64,6 +64,8 @@ class IndexInfo:
     num_rows: int
     params: dict[str, Any] = field(default_factory=dict)
     backend: str = "lance"  # "lance" (Lance's index on the prefix column) or "faiss" (<run>/indexes/<index_name>)
+    # recall curves measured when it was built (rdscale.search.calibrate): {"k", "target", "ann": [...], ...}
+    calibration: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

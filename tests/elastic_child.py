@@ -1,0 +1,166 @@
+"""Run by tests/test_cluster.py in a subprocess: the apply pass's elastic actor pool (`ray.num_actors: auto`) on a
+real multi-node Ray cluster (`ray.cluster_utils.Cluster`, nodes of one "GPU" and one CPU each).
+
+    python tests/elastic_child.py WORKDIR MODEL...
+
+Reports on stdout, as `RESULT {json}` (the parent test asserts):
+- `grow`: the run starts on the head alone (one actor), a node joins after the first commit; the tables equal the
+  --local run's, and `actor_on_new_node` says whether Ray Data grew the pool onto it (reported, not required: Ray
+  Data adds an actor only when work queues up behind the ones it has, which a tiny CPU run need not do);
+- `shrink`: the run starts on two nodes (two actors), one node is removed after the first commit; the run finishes
+  with the actor left (or, when Ray Data waits for the lost actor's restart, within the time given, stops and the
+  same command finishes it), and the tables equal the --local run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lance
+from test_pipeline import assert_same_tables, write_fasta
+
+NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 << 20}
+
+
+def ledger_rows(out: Path) -> int:
+    try:
+        return lance.dataset(str(out / "shards.lance")).count_rows()
+    except (OSError, ValueError):  # not written yet
+        return 0
+
+
+def pool_nodes() -> set[str]:
+    """Node ids of the apply pass's actors (Ray Data's MapWorker actors) alive now."""
+    import ray._private.state as state
+
+    return {a["Address"]["NodeID"] for a in state.actors().values()
+            if "MapWorker" in a.get("ActorClassName", "") and a.get("State") == "ALIVE"}
+
+
+def run_with(cfg, during, hold: Path, timeout: float) -> dict:
+    """Run cfg on the cluster in a thread; `during()` is called once the first shard is committed, while the
+    driver holds after that commit (rdscale.io.store.fault_point). Returns what happened."""
+    from rdscale.cluster.executor import RayExecutor
+    from rdscale.run.pipeline import run
+
+    out = Path(cfg.output.dir)
+    hold.touch()
+    os.environ["RDSCALE_FAULT_HOLD"] = str(hold)
+    state: dict = {}
+
+    def target():
+        try:
+            state["summary"] = run(cfg, RayExecutor(cfg), progress=False)
+        except Exception as err:  # noqa: BLE001 - reported; the rerun repairs it
+            state["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    deadline = time.time() + 240
+    while ledger_rows(out) < 1 and time.time() < deadline and worker.is_alive():
+        time.sleep(0.05)
+    state["committed_at_change"] = ledger_rows(out)
+    try:
+        state.update(during())
+    finally:
+        hold.unlink(missing_ok=True)
+        del os.environ["RDSCALE_FAULT_HOLD"]
+    worker.join(timeout=timeout)
+    state["finished"] = not worker.is_alive() and "summary" in state
+    state["hung"] = worker.is_alive()
+    if "summary" in state:
+        state["shards"] = state.pop("summary").shards_total
+    return state
+
+
+def main() -> int:
+    work = Path(sys.argv[1])
+    models = sys.argv[2:]
+    work.mkdir(parents=True, exist_ok=True)
+    fasta = write_fasta(work / "in.fasta", n=80, seed=11)
+    from rdscale.config import load_config
+    from rdscale.run.pipeline import LocalExecutor, run
+
+    base = [f"models={json.dumps(models)}", f"input.paths=[{fasta}]", "input.shard_mb=0.0003",
+            "embedding.window=120", "embedding.overlap=30", "embedding.toks_per_batch=512",
+            "output.residue_dtype=float32", "output.records_per_batch=2"]
+    local_dir = work / "local"
+    run(load_config(None, [*base, f"output.dir={local_dir}", "ray.address=local"]), LocalExecutor(), progress=False)
+    elastic = [*base, f"fit.artifact={local_dir / 'fit'}", "ray.num_actors=auto", "ray.cpus_per_actor=0.5",
+               "ray.gpus_per_actor=1"]
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    report: dict = {}
+    cluster = Cluster(initialize_head=True, head_node_args=dict(NODE))
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cluster.wait_for_nodes()
+    hung = False
+    try:
+        from rdscale.cluster.executor import RayExecutor
+
+        # -- grow: one node at the start, a second joins mid-run --------------------------------------------------
+        cfg = load_config(None, [*elastic, f"output.dir={work / 'grow'}"])
+        report["actors_at_start"] = RayExecutor(cfg).actors_now(10**6)
+        added: dict = {}
+
+        seen: set[str] = set()
+        watching = threading.Event()
+
+        def watch() -> None:  # the nodes the pool's actors run on, for the rest of the run
+            while not watching.is_set():
+                seen.update(pool_nodes())
+                time.sleep(0.25)
+
+        def add_a_node() -> dict:
+            added["node"] = cluster.add_node(**NODE)
+            cluster.wait_for_nodes()
+            threading.Thread(target=watch, daemon=True).start()
+            return {}
+
+        report["grow"] = run_with(cfg, add_a_node, work / "hold-grow", timeout=240)
+        watching.set()
+        report["grow"]["actor_on_new_node"] = added["node"].node_id in seen
+        report["grow"]["pool_nodes_seen"] = len(seen)
+        if report["grow"]["finished"]:
+            assert_same_tables(work / "grow", local_dir)
+            report["grow"]["same_as_local"] = True
+
+        # -- shrink: two nodes at the start, one removed mid-run ----------------------------------------------------
+        cfg = load_config(None, [*elastic, f"output.dir={work / 'shrink'}"])
+        report["actors_before_shrink"] = RayExecutor(cfg).actors_now(10**6)
+
+        def remove_a_node() -> dict:
+            time.sleep(2)  # both actors busy
+            cluster.remove_node(added["node"])
+            return {"removed": True}
+
+        report["shrink"] = run_with(cfg, remove_a_node, work / "hold-shrink", timeout=120)
+        hung = report["shrink"]["hung"]
+        if not hung:
+            if not report["shrink"]["finished"]:  # the same command again finishes it, on the node left
+                summary = run(cfg, RayExecutor(cfg), progress=False)
+                report["shrink"]["skipped_on_rerun"] = summary.shards_skipped
+            assert_same_tables(work / "shrink", local_dir)
+            report["shrink"]["same_as_local"] = True
+    except Exception:  # noqa: BLE001 - reported to the parent test, which fails with it
+        report["error"] = traceback.format_exc()
+    print("RESULT " + json.dumps(report), flush=True)
+    if hung:  # a run thread still waits inside Ray: leave without joining it
+        os._exit(0)
+    ray.shutdown()
+    cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
