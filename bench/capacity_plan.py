@@ -238,16 +238,20 @@ def plan(scale: dict, driver: dict | None) -> str:
     name = "8M > ... > 3B (uniref50_cluster.yaml)"
     gpus = math.ceil(hours[name] / 24 / 0.8)  # 80%: stragglers, the fit pass, restarts
     nodes = math.ceil(gpus / 8)
+    actors = nodes * 8  # whole nodes: every GPU of them an actor
     out_bytes = DATABASES["UniRef50"]["proteins"] * (p["other_per_row"] + 4 * 2560) + DATABASES["UniRef50"]["residues"]
     lines += ["## A Ray cluster for UniRef50 in a day (estimate)", "",
               f"Chain `{name}`, per-protein output at k_m = 2560: ~{fmt(hours[name])} GPU-hours (above). At 80% "
-              f"of the day busy: **{gpus} GPUs**, e.g. {nodes} nodes of 8 x H100 (`ray.num_actors: {gpus}`, "
+              f"of the day busy: **{gpus} GPUs**, i.e. {nodes} node{'s' if nodes > 1 else ''} of 8 x H100 "
+              f"(`ray.num_actors: {actors}`, "
               "`gpus_per_actor: 1`, `cpus_per_actor: 4`: 32 CPUs per node for readers and writers). The head node "
               "(driver): 8 CPUs, 16 GB of memory (the driver needs < 1 GB, measured above; Ray's own processes "
               "the rest), 50 GB of local disk for the dedupe scratch and the gzip index. Output: "
               f"{fmt(out_bytes, 'B')} written over the day, {fmt(out_bytes / 86400, 'B')}/s on average, to an "
               "object store or shared filesystem every node can write. Input: the gzip FASTA on the same store, "
-              "read once for the gzip index and once by the workers (plus once for `input.dedupe_sequences`).", ""]
+              "read once for the gzip index and once by the workers (plus once for `input.dedupe_sequences`). The "
+              f"GPU count scales with 1 / utilisation: at 15% instead of {GPU['mfu']:.0%}, "
+              f"{math.ceil(gpus * GPU['mfu'] / 0.15)} GPUs.", ""]
     return "\n".join(lines) + "\n"
 
 
