@@ -71,6 +71,13 @@ class StubEmbedder:
         self.freq = torch.from_numpy(rng.uniform(0.01, 0.5, width).astype(np.float32))  # (w,)
         self.long_policy = long_policy
         self.window = window
+        self._wave = torch.zeros((0, width))  # (L_max, w) positional term, grown on demand: computed once
+
+    def _positions(self, n: int) -> torch.Tensor:
+        if n > len(self._wave):
+            pos = torch.arange(max(n, 2 * len(self._wave), 1024), dtype=torch.float32)[:, None]  # (L, 1)
+            self._wave = 0.1 * torch.sin(pos * self.freq)
+        return self._wave[:n]
 
     def embed(self, sequences) -> list[torch.Tensor]:
         out = []
@@ -80,6 +87,5 @@ class StubEmbedder:
             codes = np.frombuffer(seq.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64) - ord("A")
             codes = torch.from_numpy(np.where((codes >= 0) & (codes < _LETTERS), codes, _LETTERS))  # (L,)
             prev = torch.cat([torch.tensor([_LETTERS]), codes[:-1]])  # (L,) left neighbour, X at the start
-            pos = torch.arange(len(codes), dtype=torch.float32)[:, None]  # (L, 1)
-            out.append(self.letter[codes] + self.left[prev] + 0.1 * torch.sin(pos * self.freq))  # (L, w)
+            out.append(self.letter[codes] + self.left[prev] + self._positions(len(codes)))  # (L, w)
         return out
