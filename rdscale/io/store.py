@@ -57,6 +57,7 @@ class StoreError(RdscaleError, RuntimeError):
 
 
 RESIDUE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+SCALAR_INDEXED = ("id", "shard")  # BTREE-indexed columns of every data table (RunStore.scalar_indexes)
 
 
 def run_schemas(
@@ -490,6 +491,47 @@ class RunStore:
         if RESIDUES in self.schemas:
             self.dataset(RESIDUES).delete(predicate)
         self.dataset(PROTEINS).delete(predicate)
+
+    def scalar_indexes(self) -> dict[str, list[str]]:
+        """Build, or bring up to date, the BTREE indexes on `id` and `shard` of every data table (not the ledger:
+        a row per shard). An update's `id IN (...)` deletes and the dedupe pass's lookups then read the index
+        instead of scanning the table, and recovery's / readers' `shard IN (...)` filters likewise. Lance keeps an
+        index valid across appends: fragments added since it was built are scanned (only those) until this is
+        called again, which merges them in (`optimize_indices`, incremental). Called by the writing verbs at their
+        end. Only an optimisation, like `compact`: a failure (disk full, say) is a warning and leaves the tables as
+        they were (readers are correct with or without an index). Returns {table: [columns indexed or updated]}."""
+        done: dict[str, list[str]] = {}
+        for name in self.schemas:
+            try:
+                with self.step(f"index {name}"):  # an index commit is a write to the run: fenced like the others
+                    self._scalar_indexes_of(name, done)
+            except LeaseError:
+                raise
+            except Exception as err:  # noqa: BLE001 - see docstring
+                log.warning("could not index %s by id and shard (lookups in it scan instead): %s", self.uri(name),
+                            one_line(err))
+        return done
+
+    def _scalar_indexes_of(self, name: str, done: dict[str, list[str]]) -> None:
+        """One table's part of `scalar_indexes`."""
+        ds = self.dataset(name)
+        if ds.count_rows() == 0:
+            return  # nothing to index yet (Lance refuses an index of an empty table)
+        have = {tuple(getattr(d, "field_names", []) or []): d for d in ds.describe_indices()}
+        stale = []
+        for column in SCALAR_INDEXED:
+            if column not in ds.schema.names:
+                continue
+            current = have.get((column,))
+            if current is None:
+                ds.create_scalar_index(column, "BTREE", name=f"{column}_idx", replace=True)
+                ds = self.dataset(name)
+                done.setdefault(name, []).append(column)
+            elif ds.stats.index_stats(current.name).get("num_unindexed_fragments", 0):
+                stale.append(current.name)
+        if stale:
+            ds.optimize.optimize_indices(index_names=stale)
+            done.setdefault(name, []).extend(n.removesuffix("_idx") for n in stale)
 
     def drop_derived_columns(self) -> list[str]:
         """Drop columns that readers added after the run wrote its rows (prefix columns of `rdscale index` and

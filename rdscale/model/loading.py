@@ -29,6 +29,7 @@ from esm.model.esm2 import ESM2
 
 from rdscale.errors import RdscaleError
 from rdscale.model.hf import HUB_ID, hf_files, read_hf_checkpoint
+from rdscale.model.stub import describe_stub, is_stub, load_stub
 
 HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 
@@ -496,6 +497,8 @@ def describe_model(name_or_path) -> dict:
     """{name, source, width, layers, sha256} of a model without building it: the family table for a hub name
     (sha256 None until downloaded), the checkpoint's own config (memory-mapped, weights untouched) for a file.
     A checkpoint URI is fetched once per node into a local cache; its source stays the URI."""
+    if is_stub(name_or_path):  # a benchmarking aid (rdscale.model.stub)
+        return describe_stub(name_or_path)
     name_or_path, uri = _fetched(name_or_path)
     if uri is not None:
         return {**describe_model(name_or_path), "source": uri}
@@ -521,6 +524,8 @@ def _model_name(path: Path) -> str:
 def load_model(name_or_path, device=None, dtype=None) -> LoadedModel:
     """Load an ESM-2 model by hub name/alias (downloaded once into torch.hub's cache), from a local .pt file, or
     from a checkpoint URI (fetched once per node into a local cache; `source` stays the URI)."""
+    if is_stub(name_or_path):  # no weights: the chain encoder gives it a StubEmbedder
+        return load_stub(name_or_path)
     name_or_path, uri = _fetched(name_or_path)
     if uri is not None:
         loaded = load_model(name_or_path, device=device, dtype=dtype)

@@ -19,10 +19,16 @@ affected shards changed instead of mixing two groupings.
 
 Memory is bounded like `dedupe_across_shards`: the (id) and (digest, id, shard, ...) rows are hash-partitioned and
 spilled to a scratch folder when the input is large; the driver holds one partition plus the copies found.
+
+The grouping reads the whole input once, so its result is kept in the run (`dedupe_plan.json.gz`, see
+`cached_plan`) and reused by a resume of the same plan: same shards, same input files (size and mtime), same
+options. Anything else (an input edited in place, another shard size) makes a new grouping.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import json
 import logging
@@ -34,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rdscale.io.fasta import Record, Shard, ValidationOptions, read_shard
-from rdscale.io.location import Location
+from rdscale.io.location import Location, LocationError
 from rdscale.io.partitions import HashPartitions, partitions_for, repeated
 from rdscale.progress import Progress
 from rdscale.run.integrity import DUPS_KEY
@@ -121,18 +127,75 @@ def plan_duplicates(shards: Sequence[Shard], options: ValidationOptions, *, rows
         excluded = pa.array(ambiguous, pa.string())
         for part in by_seq:
             _groups(part, excluded, plan, skip, copies)
+    assignments = {index: {"skip": sorted(skip.get(index, ())),
+                           "copies": [list(c[2:]) for c in sorted(copies.get(index, []))]}
+                   for index in skip.keys() | copies.keys()}
+    plan.shards = _assign(shards, assignments)
+    return plan
+
+
+def _assign(shards: Sequence[Shard], assignments: dict[int, dict]) -> list[Shard]:
+    """The shards with their part in the grouping: {shard index: {"skip": [ids], "copies": [[canonical id, copy
+    id, copy description, copy source], ...] in copy order}}; shards without an entry stay as they are."""
     out = []
     for shard in shards:
-        if shard.index in skip or shard.index in copies:
-            written = sorted(copies.get(shard.index, []))
-            assignment = {"skip": frozenset(skip.get(shard.index, ())), "copies": tuple(c[2:] for c in written)}
+        found = assignments.get(shard.index)
+        if found is not None:
+            assignment = {"skip": frozenset(found["skip"]), "copies": tuple(tuple(c) for c in found["copies"])}
             if isinstance(shard, DedupShard):  # e.g. an update's shard: keeps its own fields
                 shard = replace(shard, **assignment)
             else:
                 shard = DedupShard(**{f.name: getattr(shard, f.name) for f in fields(Shard)}, **assignment)
         out.append(shard)
-    plan.shards = out
-    return plan
+    return out
+
+
+PLAN_CACHE = "dedupe_plan.json.gz"  # in the run: the last grouping, with the key of the plan it was made for
+_COUNTERS = ("sequences", "copies", "groups", "residues_saved", "ambiguous_ids")
+
+
+def plan_key(shards: Sequence[Shard], options: ValidationOptions) -> str:
+    """What the grouping depends on: every shard (its type and fields), the input files' size and mtime, the
+    validation options. Equal keys: the grouping would come out the same."""
+    files = {}
+    for path in dict.fromkeys(s.path for s in shards):
+        found = Location.parse(path).fingerprint()
+        files[path] = [found["size"], found["mtime_ns"]]
+    described = [[type(s).__name__, *[getattr(s, f.name) for f in fields(s)]] for s in shards]
+    payload = json.dumps({"version": 1, "shards": described, "files": files, "options": repr(options)},
+                         sort_keys=True, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
+    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def cached_plan(cache: Location | None, shards: Sequence[Shard], options: ValidationOptions, *, guard=None,
+                **kwargs) -> tuple[DuplicatePlan, bool]:
+    """`plan_duplicates`, or the grouping kept at `cache` when it was made for the same plan (`plan_key`); a new
+    grouping is kept there for the next resume. Only the run's writer (lease holder) calls this; `guard(what)`: a
+    context manager around the write (the lease's fenced step), held for the write only, not the grouping.
+    Returns (plan, whether it came from the cache). kwargs: plan_duplicates'."""
+    key = plan_key(shards, options) if cache is not None else None
+    if cache is not None and cache.is_file():
+        try:
+            data = json.loads(gzip.decompress(cache.read_bytes()))
+        except (OSError, ValueError) as err:  # damaged (a kill while writing it): group again
+            log.warning("ignoring the damaged grouping plan %s: %s", cache, err)
+            data = {}
+        if data.get("key") == key:
+            plan = DuplicatePlan(shards=_assign(shards, {int(k): v for k, v in data["assignments"].items()}),
+                                 **{c: int(data["counters"][c]) for c in _COUNTERS})
+            return plan, True
+    plan = plan_duplicates(shards, options, **kwargs)
+    if cache is not None:
+        assignments = {str(s.index): {"skip": sorted(s.skip), "copies": [list(c) for c in s.copies]}
+                       for s in plan.shards if isinstance(s, DedupShard) and (s.skip or s.copies)}
+        data = {"key": key, "counters": {c: getattr(plan, c) for c in _COUNTERS}, "assignments": assignments}
+        payload = gzip.compress(json.dumps(data).encode("utf-8", "surrogatepass"), compresslevel=3)
+        try:  # written whole (an atomic rename / one PUT)
+            with guard("grouping plan") if guard is not None else contextlib.nullcontext():
+                cache.write_bytes(payload)
+        except (OSError, LocationError) as err:  # only an optimisation: the run goes on, a resume groups again
+            log.warning("could not keep the grouping plan at %s (a resume will group again): %s", cache, err)
+    return plan, False
 
 
 def map_here(fn, shards, *args):

@@ -266,7 +266,8 @@ def _ranges(indices: Iterable[int]) -> str:
 
 # ------------------------------------------------------------------------------------------------ run location
 
-RUN_ENTRIES = ("proteins.lance", "residues.lance", "rejects.lance", f"{LEDGER}.lance", "fit", PLAN_FILE)
+RUN_ENTRIES = ("proteins.lance", "residues.lance", "rejects.lance", f"{LEDGER}.lance", "fit", PLAN_FILE,
+               "dedupe_plan.json.gz")  # the last: rdscale.run.dedupe.PLAN_CACHE (dedupe imports this module)
 
 
 def clear_run(root: Path, keep_fit: bool = False) -> None:

@@ -306,9 +306,11 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     duplicates = None
     if dedupe.enabled(cfg):
         executor = executor or make_executor(cfg)
-        duplicates = dedupe.plan_duplicates(shards, options, progress=progress, map_shards=executor.map_shards)
+        cache = Run(cfg.output.dir).location.join(dedupe.PLAN_CACHE)
+        duplicates, reused = dedupe.cached_plan(cache, shards, options, guard=lease.step, progress=progress,
+                                                map_shards=executor.map_shards)
         shards = duplicates.shards
-        log.info("%s", duplicates.line())
+        log.info("%s%s", duplicates.line(), " (the grouping of an earlier start of this plan)" if reused else "")
     key = run_key(cfg, shards, manifest)
     metadata = schema_metadata(levels, manifest, recorded_config(cfg.to_dict()), key)
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
@@ -358,9 +360,11 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     if todo:
         store.drop_derived_columns()  # an index built before this resume does not cover the new rows
     check_complete(store, shards, accounting=False)  # the plan, not only the shards that started
+    store.scalar_indexes()  # before the dedupe pass: its deletes are `shard = s AND id IN (...)` lookups
     summary.duplicates_moved = store.dedupe_across_shards()
     if cfg.output.compact and not store.compact():
         summary.warnings.append("compaction failed (see the log); the tables are complete but fragmented")
+    store.scalar_indexes()  # the rejects the dedupe pass wrote (a no-op when there were none)
     summary.seconds = time.perf_counter() - started
     counts = store.counts()
     summary.records = counts["records"]

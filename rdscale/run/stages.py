@@ -37,6 +37,7 @@ from rdscale.io.store import (
 )
 from rdscale.model.embed import inject_oom
 from rdscale.model.fast_esm import device_budget, model_budgets
+from rdscale.model.stub import StubEmbedder
 from rdscale.run import provenance
 from rdscale.run.integrity import RecordsDigest
 from rdscale.run.writer import ChunkWriter
@@ -142,7 +143,8 @@ class ChainEncoder:
         dtype = None if e.dtype == "auto" else e.dtype
         self.loaded = [load_model(m, device=device, dtype=dtype) for m in models]
         self.device_name, memory = device_properties(self.loaded[0].device)
-        weights = sum(p.numel() * p.element_size() for lm in self.loaded for p in lm.model.parameters())
+        weights = sum(p.numel() * p.element_size() for lm in self.loaded if lm.model is not None  # stubs: none
+                      for p in lm.model.parameters())
         self.toks_per_batch = device_budget(self.device_name, memory, e.toks_per_batch, e.toks_per_batch_by_device,
                                             e.toks_per_gib, weights)
         if self.toks_per_batch != e.toks_per_batch:
@@ -151,7 +153,7 @@ class ChainEncoder:
         self.budgets = model_budgets(self.toks_per_batch, [lm.spec.width for lm in self.loaded],
                                      e.toks_per_batch_per_model)
         self.embedders = [
-            Embedder(
+            StubEmbedder(lm.spec.width, e.long_policy, e.window) if lm.model is None else Embedder(
                 lm, layer=e.layer, toks_per_batch=budget, long_policy=e.long_policy,
                 window=e.window, overlap=e.overlap, forward=e.forward, fast_attention=e.attention,
                 compile=e.compile,

@@ -505,6 +505,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                              "same command again to resume")
 
     # 2. delete what the release no longer holds: ids gone, old rows of changed ids, every old reject
+    store.scalar_indexes()  # the deletes below are `id IN (...)` lookups in the index, not scans of the table
     old = f"shard < {base}"
     drop_ids = pc.unique(diff.drop["id"]).to_pylist() if diff.drop.num_rows else []
     dropped_residues: dict[int, int] = {}
@@ -559,6 +560,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
 
     # 4. finish like `embed`, then tag the release
     store.dedupe_across_shards()
+    store.scalar_indexes()  # rejects written since step 2 (the tagged version carries current indexes)
     _check_accounting(store)
     with lease.step("tag release"):
         report.versions = {t: run.dataset(t).version for t in TABLES if run.has_table(t)}

@@ -1,0 +1,338 @@
+"""Every verb as a UniRef-shaped database grows: wall time, cost per record, peak RSS, fragments, manifest bytes,
+commit latency against committed shards, and each verb's growth exponent.
+
+Inputs come from bench/uniref_gen.py (UniRef50 lengths: median ~270, ~4% past 1,022, tail to ~35k; 1% identical
+sequences under other ids). The embedder is a chain of `stub:WIDTH` models (rdscale.model.stub: deterministic
+vectors, no FLOPs, behind the same stage interface), so what is measured is the I/O, commit and driver work of
+each verb, at sizes no CPU could embed; `--real N` also runs the tiny random ESM-2 family on N records and states
+residues/s (real forwards, CPU). Per size, on one run directory, in this order:
+
+    run (fit + embed) -> rerun (nothing to do) -> verify -> update (1% changed, 0.5% removed, 1% added)
+    -> compact -> index (a vector index at the 16-wide first level) -> search (100 queries by id, exact and ann)
+
+Variants: per-protein only (`--sizes`), and per-residue at a narrow storage width (16, float16: `--residue-sizes`;
+its index and search only with `--residue-index`: an IVF-PQ over every residue takes minutes on 2 cores).
+The verbs run in this process (LocalExecutor; `--ray` runs run/rerun/update through a local Ray instead, whose
+worker RSS is then not in `peak_rss_mb`). The driver-only paths (shard plan and the dedupe grouping pass, the
+parts of a run that read the whole input on the driver) run alone at `--driver-sizes` (1e7 takes a 3.3 GB file).
+
+    python bench/bench_scale.py                                  # 1e4 and 1e5, ~5 min on 2 cores
+    python bench/bench_scale.py --sizes 10000 100000 1000000 --driver-sizes 10000000   # the lead's long run
+
+Writes bench/results/bench_scale.json and bench/results/bench_scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import benchkit
+import numpy as np
+import uniref_gen as gen
+from benchkit import MB, ROOT, status_kb, write_results
+
+sys.path.insert(0, str(ROOT))
+
+from rdscale.io import store as store_mod  # noqa: E402
+from rdscale.io.fasta import ValidationOptions  # noqa: E402
+from rdscale.run import dedupe  # noqa: E402
+from rdscale.run.compact import compact_run  # noqa: E402
+from rdscale.run.pipeline import LocalExecutor, plan, run  # noqa: E402
+from rdscale.run.update import update  # noqa: E402
+from rdscale.run.verify import verify  # noqa: E402
+
+CHAIN = ["stub:16", "stub:64"]  # 16: the level indexes are built at; rows are narrower than ESM-2's: capacity_plan.py
+# scales bytes to real widths, and the RD apply (a real (sum L, 80) x (80, 64) product per chunk) stays small
+VERBS = ["run", "rerun", "verify", "update", "compact", "index", "search_exact", "search_ann"]
+TABLES = ["proteins", "residues", "rejects", "shards"]
+
+
+class PeakRss:
+    """Peak resident memory of this process while the block runs, sampled every 20 ms (VmHWM is process-wide
+    and monotonic between resets; sampling works without resetting it)."""
+
+    def __enter__(self):
+        self.peak = status_kb("VmRSS")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, status_kb("VmRSS"))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, status_kb("VmRSS"))
+        self.mb = self.peak * 1024 / MB
+
+
+class CommitClock:
+    """Times every shard commit (tables + ledger row) of the driver: (shards committed before it, seconds)."""
+
+    def __init__(self):
+        self.points: list[tuple[int, float]] = []
+        self._real = store_mod.RunStore.commit_shard
+
+    def __enter__(self):
+        clock = self
+
+        def timed_commit(store, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = clock._real(store, *args, **kwargs)
+            clock.points.append((len(clock.points), time.perf_counter() - t0))
+            return out
+
+        store_mod.RunStore.commit_shard = timed_commit
+        return self
+
+    def __exit__(self, *exc):
+        store_mod.RunStore.commit_shard = self._real
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def table_facts(run_dir: Path) -> dict:
+    """Per table: rows, fragments, bytes on disk (every version), bytes of the live version's data files, and the
+    latest manifest's size (what each commit rewrites and each open reads)."""
+    import lance
+
+    out = {}
+    for name in TABLES:
+        path = run_dir / f"{name}.lance"
+        if not path.exists():
+            continue
+        ds = lance.dataset(str(path))
+        frags = ds.get_fragments()
+        live = sum((path / "data" / d.path).stat().st_size for f in frags for d in f.data_files()
+                   if (path / "data" / d.path).exists())
+        manifests = sorted((path / "_versions").glob("*.manifest"), key=lambda p: p.stat().st_mtime_ns)
+        out[name] = {"rows": ds.count_rows(), "fragments": len(frags), "bytes_on_disk": dir_bytes(path),
+                     "bytes_live": live, "manifest_bytes": manifests[-1].stat().st_size if manifests else 0,
+                     "versions": len(manifests)}
+    return out
+
+
+def cfg(tmp: Path, fasta: Path, models, out: str, ray: bool, **extra):
+    extra = {"fit.sample_sequences": 1000, "input.shard_mb": 0.25, **extra}
+    if ray:
+        extra["ray.address"] = "null"
+    return benchkit.cfg_for(tmp, fasta, models, out, **extra)
+
+
+def measure_verb(name: str, fn, n: int, facts_of: Path | None, results: dict) -> object:
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - t0
+    row = {"seconds": seconds, "per_record_us": 1e6 * seconds / n, "peak_rss_mb": rss.mb}
+    if facts_of is not None:
+        row["tables"] = table_facts(facts_of)
+    results[name] = row
+    frag = row.get("tables", {}).get("proteins", {}).get("fragments", "")
+    print(f"  {name:<13} {seconds:8.2f} s  {row['per_record_us']:8.1f} us/record  rss {rss.mb:7.0f} MB  "
+          f"proteins fragments {frag}", flush=True)
+    return value
+
+
+def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_index: bool = False) -> dict:
+    tag = f"{'res' if residues else 'prot'}{n}"
+    fa, fb = tmp / f"A{n}.fasta", tmp / f"B{n}.fasta"
+    if not fa.exists():
+        gen.write_fasta(fa, gen.records(n, seed=1))
+    counts = gen.ReleaseCounts()
+    if not fb.exists():
+        gen.write_fasta(fb, gen.release_b(n, seed=1, changed=0.01, removed=0.005, added=0.01, counts=counts))
+    extra = {"output.residues": "true", "output.storage_width": 16, "output.residue_dtype": "float16"} \
+        if residues else {"output.residues": "false"}
+    c = cfg(tmp, fa, CHAIN, tag, ray, **extra)
+    run_dir = tmp / tag
+    out: dict = {"n": n, "residues": residues, "verbs": {}}
+    verbs = out["verbs"]
+    print(f"N={n} ({'per-residue, width 16 float16' if residues else 'per-protein'})", flush=True)
+    with CommitClock() as clock:
+        summary = measure_verb("run", lambda: run(c, executor, progress=False), n, run_dir, verbs)
+    out["shards"] = summary.shards_total
+    out["residues_total"] = sum(len(r.sequence) for r in gen.records(n, seed=1))
+    # commit latency against committed shards: ~50 points along the run
+    step = max(1, len(clock.points) // 50)
+    out["commit_latency"] = [[k, s] for k, s in clock.points[::step]]
+    out["commit_latency_median_ms"] = 1e3 * float(np.median([s for _, s in clock.points])) if clock.points else None
+    measure_verb("rerun", lambda: run(c, executor, progress=False), n, None, verbs)
+    problems = measure_verb("verify", lambda: verify(run_dir), n, None, verbs)
+    assert not problems, problems
+    where = f"ray.address={'null' if ray else 'local'}"
+    report = measure_verb("update", lambda: update(run_dir, [str(fb)], "B", overrides=[where], executor=executor,
+                                                   progress=False), n, run_dir, verbs)
+    out["update"] = {"changed": report.changed, "new": report.new, "removed": report.removed,
+                     "ratio_to_run": verbs["update"]["seconds"] / verbs["run"]["seconds"]}
+    measure_verb("compact", lambda: compact_run(run_dir), n, run_dir, verbs)
+    from rdscale.search.searcher import build_index, search
+
+    table = "residues" if residues else "proteins"
+    width = 16  # the chain's first level (an index is built at a level), and the residues' storage width
+    if residues and not residue_index:  # an IVF-PQ over every residue: minutes at 1e4 proteins on 2 cores
+        out["run_dir_bytes"] = dir_bytes(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return out
+    measure_verb("index", lambda: build_index(run_dir, table=table, width=width, metric="cosine"), n, None, verbs)
+    import lance
+
+    ids = lance.dataset(str(run_dir / "proteins.lance")).to_table(columns=["id"], limit=100)["id"].to_pylist()
+    if residues:
+        keys = [(i, 0) for i in ids]
+        measure_verb("search_exact", lambda: search(run_dir, ids=keys, table=table, width=width, k=10), n, None,
+                     verbs)
+        measure_verb("search_ann", lambda: search(run_dir, ids=keys, table=table, width=width, k=10, mode="ann"),
+                     n, None, verbs)
+    else:
+        measure_verb("search_exact", lambda: search(run_dir, ids=ids, width=width, k=10), n, None, verbs)
+        measure_verb("search_ann", lambda: search(run_dir, ids=ids, width=width, k=10, mode="ann"), n, None, verbs)
+    out["run_dir_bytes"] = dir_bytes(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+def driver_only(tmp: Path, n: int) -> dict:
+    """The paths that read the whole input on the driver, alone: shard plan and the dedupe grouping pass."""
+    path = tmp / f"D{n}.fasta"
+    t0 = time.perf_counter()
+    info = gen.write_fasta(path, gen.records(n, seed=2))
+    made = time.perf_counter() - t0
+    c = cfg(tmp, path, CHAIN, f"driver{n}", False, **{"input.shard_mb": 64})
+    row = {"n": n, "input_bytes": info["bytes"], "generate_seconds": made}
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        shards = plan(c)
+        row["plan_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grouping = dedupe.plan_duplicates(shards, ValidationOptions())
+        row["grouping_seconds"] = time.perf_counter() - t0
+    row.update(shards=len(shards), copies=grouping.copies, peak_rss_mb=rss.mb,
+               grouping_per_record_us=1e6 * row["grouping_seconds"] / n)
+    print(f"driver N={n}: plan {row['plan_seconds']:.2f} s, grouping {row['grouping_seconds']:.1f} s, "
+          f"rss {rss.mb:.0f} MB", flush=True)
+    path.unlink()
+    return row
+
+
+def real_models(tmp: Path, n: int) -> dict:
+    """The tiny random ESM-2 family (widths 32/48/64, 2-4 layers) on N UniRef-shaped records, CPU: residues/s."""
+    from rdscale.model.loading import build_tiny_family
+
+    models = build_tiny_family(tmp / "tiny", widths=(32, 48, 64), layers=(2, 3, 4))
+    fa = tmp / f"R{n}.fasta"
+    gen.write_fasta(fa, gen.records(n, seed=3))
+    c = cfg(tmp, fa, models, "real", False, **{"output.residues": "false", "fit.sample_sequences": 200})
+    t0 = time.perf_counter()
+    summary = run(c, LocalExecutor(), progress=False)
+    seconds = time.perf_counter() - t0
+    row = {"n": n, "seconds": seconds, "residues_embedded": summary.residues_embedded,
+           "residues_per_s": summary.residues_embedded / seconds, "models": "tiny random ESM-2 32/48/64, CPU"}
+    print(f"real tiny models N={n}: {seconds:.1f} s, {row['residues_per_s']:,.0f} residues/s", flush=True)
+    return row
+
+
+def fit_growth(points: list[tuple[int, float]]) -> dict:
+    """seconds = fixed + per_record * N (least squares), and the exponent k of seconds ~ N^k between the two
+    largest sizes (with the fixed cost taken off when that leaves both positive)."""
+    ns = np.array([p[0] for p in points], float)
+    ts = np.array([p[1] for p in points], float)
+    if len(ns) < 2:
+        return {}
+    per, fixed = np.polyfit(ns, ts, 1)
+    fixed = max(0.0, float(fixed))
+    (n1, t1), (n2, t2) = sorted(zip(ns, ts))[-2:]
+    k_raw = math.log(t2 / t1) / math.log(n2 / n1) if t1 > 0 and t2 > 0 else None
+    a, b = t1 - fixed, t2 - fixed
+    k_var = math.log(b / a) / math.log(n2 / n1) if a > 0 and b > 0 else k_raw
+    return {"fixed_seconds": fixed, "per_record_us": 1e6 * float(per), "exponent": k_raw,
+            "exponent_without_fixed": k_var, "sizes": [int(x) for x in ns]}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for verb in VERBS:
+        pts = [(s["n"], s["verbs"][verb]["per_record_us"]) for s in result["sizes"]
+               if not s["residues"] and verb in s["verbs"]]
+        if pts:
+            left.plot(*zip(*pts), marker="o", label=verb)
+    left.set(xscale="log", yscale="log", xlabel="proteins N", ylabel="wall us per record",
+             title="per-protein run, stub:16 -> stub:64 chain (LocalExecutor)")
+    left.legend(fontsize=8)
+    for s in result["sizes"]:
+        if s["commit_latency"]:
+            k, sec = zip(*s["commit_latency"])
+            right.plot(k, [1e3 * x for x in sec], ".", label=f"N={s['n']}{' residues' if s['residues'] else ''}")
+    right.set(xlabel="shards committed before", ylabel="commit latency (ms)", title="shard commit latency")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
+    ap.add_argument("--residue-sizes", type=int, nargs="*", default=[10_000])
+    ap.add_argument("--driver-sizes", type=int, nargs="*", default=[])
+    ap.add_argument("--real", type=int, default=2000, help="records for the real tiny models (0: skip)")
+    ap.add_argument("--residue-index", action="store_true", help="also index and search the residues variant")
+    ap.add_argument("--ray", action="store_true", help="run/rerun/update through a local Ray")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_scale.json"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    executor = None if args.ray else LocalExecutor()
+    started = time.perf_counter()
+    try:
+        result = {**benchkit.torch_machine(), "chain": CHAIN, "executor": "ray" if args.ray else "local",
+                  "generator": {"median": gen.MEDIAN, "sigma": gen.SIGMA, "max": gen.MAX_LEN, "dup_rate": 0.01},
+                  "sizes": [], "driver": [], "real": None}
+        for n in args.sizes:
+            result["sizes"].append(one_size(tmp, n, False, args.ray, executor))
+        for n in args.residue_sizes:
+            result["sizes"].append(one_size(tmp, n, True, args.ray, executor, args.residue_index))
+        for n in args.driver_sizes:
+            result["driver"].append(driver_only(tmp, n))
+        if args.real:
+            result["real"] = real_models(tmp, args.real)
+        growth = {}
+        for residues in (False, True):
+            rows = [s for s in result["sizes"] if s["residues"] == residues]
+            for verb in VERBS:
+                pts = [(s["n"], s["verbs"][verb]["seconds"]) for s in rows if verb in s["verbs"]]
+                if len(pts) >= 2:
+                    growth[f"{'residues' if residues else 'proteins'}:{verb}"] = fit_growth(pts)
+        if len(result["driver"]) >= 2:
+            growth["driver:grouping"] = fit_growth([(d["n"], d["grouping_seconds"]) for d in result["driver"]])
+        result["growth"] = growth
+        result["seconds_total"] = time.perf_counter() - started
+        print(f"\n{'verb':<24} {'fixed s':>8} {'us/record':>10} {'exponent':>9}")
+        for verb, g in growth.items():
+            print(f"{verb:<24} {g['fixed_seconds']:8.2f} {g['per_record_us']:10.1f} "
+                  f"{g['exponent'] if g['exponent'] is not None else float('nan'):9.2f}")
+        write_results(args.out, result)
+        plot(result, Path(args.out).with_suffix(".png"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
