@@ -373,7 +373,7 @@ def test_search_by_id_sequence_and_fasta_with_widths_and_modes(server, browser, 
         box = browser.find_element(By.ID, "recall")
         box.clear()
         box.send_keys("0.9")
-        search(browser, ids[0], mode="ann", k=5)
+        search(browser, ids[0], table="proteins", mode="ann", k=5)
         assert_rows_equal_api(browser, server, {"ids": [ids[0]], "k": 5, "mode": "ann", "recall": 0.9})
         assert "recall=0.9" in browser.current_url
         box.clear()

@@ -147,7 +147,7 @@ def build_faiss_index(
     try:
         _write_sidecar(ds, name, record)  # last: an index without its sidecar is rebuilt, never trusted
     except (RuntimeError, OSError) as err:
-        raise SearchError(f"cannot write the faiss index {name} of {run}: {_write_error(err)}") from None
+        raise SearchError(f"cannot write the faiss index {run / INDEX_DIR / name}: {_write_error(err)}") from None
     return info
 
 
@@ -166,7 +166,7 @@ def write_index(ds: lance.LanceDataset, table: str, width: int, metric: str, ind
                 _write_file(faiss, index, Path(tmp) / name)
                 (run / INDEX_DIR / name).write_bytes((Path(tmp) / name).read_bytes())
     except (RuntimeError, OSError) as err:  # FAISS passes the writer's error on as a RuntimeError with its text
-        raise SearchError(f"cannot write the faiss index {name} of {run}: {_write_error(err)}") from None
+        raise SearchError(f"cannot write the faiss index {run / INDEX_DIR / name}: {_write_error(err)}") from None
 
 
 def _write_file(faiss, index, path: Path) -> None:
