@@ -296,6 +296,10 @@ def trained_empty(ds: lance.LanceDataset, width: int, index_type: str, metric: s
     return index
 
 
+# FAISS classes -> the index types users name (`--index-type`), for progress lines
+_TYPE_NAMES = {"IndexHNSWFlat": "HNSW", "IndexIVFFlat": "IVF_FLAT", "IndexIVFPQ": "IVF_PQ"}
+
+
 def add_rows(index, ds: lance.LanceDataset, width: int, metric: str, table: str = "table",
              fragments: list | None = None, progress: bool = False):
     """``index`` with the width-``width`` prefixes of ``ds`` (or of its ``fragments``, in that order) added,
@@ -304,7 +308,8 @@ def add_rows(index, ds: lance.LanceDataset, width: int, metric: str, table: str 
     frags = fragments if fragments is not None else ds.get_fragments()
     num_rows = sum(f.count_rows() for f in frags)
     added = 0
-    with Progress(total=num_rows, unit="row", desc=f"indexing {table} (width {width}, {type(index).__name__})",
+    kind = _TYPE_NAMES.get(type(index).__name__, type(index).__name__)
+    with Progress(total=num_rows, unit="row", desc=f"indexing {table} (width {width}, {kind})",
                   enabled=progress) as bar:
         for block in _stream(ds, width, fragments=fragments):
             index.add(unit_rows(block) if ip else block)
