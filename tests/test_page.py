@@ -373,13 +373,13 @@ def test_search_by_id_sequence_and_fasta_with_widths_and_modes(server, browser, 
         box = browser.find_element(By.ID, "recall")
         box.clear()
         box.send_keys("0.9")
-        search(browser, ids[0], table="proteins", mode="ann", k=5)
+        search(browser, ids[0], table="proteins", mode="ann", k=5, release="")
         assert_rows_equal_api(browser, server, {"ids": [ids[0]], "k": 5, "mode": "ann", "recall": 0.9})
         assert "recall=0.9" in browser.current_url
         box.clear()
 
     # a past release by its tag (exact mode)
-    search(browser, ids[1], table="proteins", release="initial")
+    search(browser, ids[1], table="proteins", mode="exact", k=3, release="initial")
     assert_rows_equal_api(browser, server, {"ids": [ids[1]], "k": 3, "release": "initial"})
 
     # the permalink, opened afresh, shows the same search

@@ -516,7 +516,11 @@ class Searcher:
         else:
             index = self.find_index(width, metric, backend)
             width = index.width
-            if shortlist is None and nprobes is None and ef is None and refine_factor is None:
+            if recall is not None and not (index.calibration or {}).get(mode) and index.num_rows < C.MIN_ROWS:
+                # a table too small to calibrate (rdscale index leaves it): exact search meets any recall target
+                width = self.width(rerank_width) if mode == "funnel" else width
+                mode, index = "exact", None
+            elif shortlist is None and nprobes is None and ef is None and refine_factor is None:
                 # the calibrated point: the cheapest measured parameters meeting recall (default: the index's target)
                 tuned = C.search_params(index, mode, k, recall)
                 shortlist, nprobes = tuned.get("shortlist"), tuned.get("nprobes")
