@@ -41,7 +41,6 @@ from rdscale.search.tables import IndexInfo, SearchError
 DEFAULT_RECALL = 0.95
 DEFAULT_K = 10
 NUM_QUERIES = 200
-LANCE_MARGIN = 1.5  # Lance's calibrated shortlist / ef are widened by this factor (see search_params)
 MIN_ROWS = 100  # smaller tables are not calibrated: ten neighbours out of a few dozen rows measure nothing
 CALIBRATION_SEED = 2_000_003  # rows drawn for calibration; tests and benches query with their own generators
 STOP_RECALL = 0.995  # the walk stops once a point measures this (every target up to 0.99 is then on the curve)
@@ -208,12 +207,6 @@ def search_params(info: IndexInfo, mode: str, k: int, recall: float | None) -> d
                               "...)")
         point = best
     params = dict(point["params"])
-    if info.backend == "lance":
-        # Lance's curve is measured on a twin index whose k-means (unseeded) differs from the served index's: its
-        # shortlist and ef get a margin, so the served index meets the target too, not only its twin
-        for name in ("ef", "shortlist"):
-            if name in params:
-                params[name] = int(math.ceil(params[name] * LANCE_MARGIN))
     scale = k / int(cal.get("k", DEFAULT_K))
     if scale > 1:  # calibrated at k_cal neighbours: a larger k needs a proportionally wider search
         for name in ("ef", "shortlist"):
