@@ -28,10 +28,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rdscale.search.request import option_fields
 from rdscale.search.service import RequestTooLarge, SearchCancelled
 from rdscale.search.tables import KeyNotFoundError, SearchError
 
@@ -46,34 +47,26 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
             "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'")
 
 
-class SearchRequest(BaseModel):
-    """One search: exactly one of ids, sequences or vectors, and the options of `rdscale search`."""
+def _http_type(kind: Any) -> Any:
+    """A SearchRequest option's type over HTTP: integers strict (JSON 10.0 or "10" is not k=10)."""
+    return {int: StrictInt, int | None: StrictInt | None}.get(kind, kind)
 
-    model_config = ConfigDict(extra="forbid")
-    table: str = Field("proteins", description="proteins or residues")
-    ids: list[str] | None = Field(None, description="stored keys: protein ids; residues: ID:POS or ID (all)")
-    sequences: dict[str, str] | None = Field(None, description="{name: sequence}, embedded through the run's chain")
-    vectors: list[list[float]] | list[float] | None = Field(
-        None, description="query vectors (q, w) or one vector (w,), w >= the width searched")
-    k: StrictInt = Field(10, description="neighbours per query")
-    mode: str = Field("exact", description="exact, ann or funnel")
-    width: StrictInt | None = Field(None, description="prefix width, a chain level")
-    metric: str = Field("cosine", description="cosine or l2")
-    filter: str | None = Field(None, description="Lance SQL predicate on the table's columns")
-    shortlist: StrictInt | None = None
-    rerank_width: StrictInt | None = None
-    nprobes: StrictInt | None = None
-    refine_factor: StrictInt | None = None
-    ef: StrictInt | None = None
-    exclude_self: bool = False
-    backend: str | None = Field(None, description="faiss or lance (ann / funnel)")
-    release: str | None = Field(None, description="a release tag (GET /card lists them): search that version")
-    aggregate: str | None = Field(None, description="proteins: residue hits aggregated to proteins")
-    residue_hits: StrictInt | None = None
-    residue_mode: str | None = Field(None, description="residues: two-stage (default for exact) or global")
-    protein_shortlist: StrictInt | None = Field(None, description="two-stage: proteins shortlisted per query")
-    recall: float | None = Field(None, description="ann / funnel: recall@k to reach, from the index's calibrated "
-                                 "curve (default: the point calibrated at `rdscale index`)")
+
+# One search: exactly one of ids, sequences or vectors, and the options of `rdscale search` (rdscale.search.request,
+# where they are declared once; the service makes the SearchRequest that checks them).
+SearchRequest = create_model(
+    "SearchRequest",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="One search: exactly one of ids, sequences or vectors, and the options of `rdscale search`.",
+    table=(str, Field("proteins", description="proteins or residues")),
+    ids=(list[str] | None, Field(None, description="stored keys: protein ids; residues: ID:POS or ID (all)")),
+    sequences=(dict[str, str] | None, Field(None, description="{name: sequence}, embedded through the run's chain")),
+    vectors=(list[list[float]] | list[float] | None, Field(
+        None, description="query vectors (q, w) or one vector (w,), w >= the width searched")),
+    release=(str | None, Field(None, description="a release tag (GET /card lists them): search that version")),
+    **{name: (_http_type(kind), Field(default, description=doc or None))
+       for name, kind, default, doc in option_fields()},
+)
 
 
 class Hit(BaseModel):

@@ -239,7 +239,7 @@ def check_complete(store: RunStore, shards: Sequence[Shard], accounting: bool = 
                          f"{_ranges(wrong + extra)}); rerun with --redo-changed")
     if not accounting:
         return
-    rows = {name: _per_shard(store, name) for name in (PROTEINS, REJECTS)}
+    rows = {name: rows_per_shard(store, name) for name in (PROTEINS, REJECTS)}
     bad = []
     for index, row in sorted(ledger.items()):
         have = rows[PROTEINS].get(index, 0) + rows[REJECTS].get(index, 0)
@@ -250,12 +250,21 @@ def check_complete(store: RunStore, shards: Sequence[Shard], accounting: bool = 
                          f"{' ...' if len(bad) > 5 else ''}; run `rdscale verify {store.root}`")
 
 
-def _per_shard(store: RunStore, name: str) -> dict[int, int]:
-    table = store.dataset(name).to_table(columns=["shard"])
+def rows_per_shard(tables: Any, name: str) -> dict[int, int]:
+    """{shard: rows} of table `name` of `tables` (a RunStore or a Run: anything with `.dataset(name)`)."""
+    table = tables.dataset(name).to_table(columns=["shard"])
     if table.num_rows == 0:
         return {}
     counts = pc.value_counts(table["shard"])
     return {int(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
+
+
+def residue_rows(lengths, cfg: Any):
+    """(n,) residue rows stored for proteins of these (n,) lengths (`cfg`: the run's Config): one per position,
+    only the first embedding.window under long_policy truncate."""
+    if cfg.embedding.long_policy == "truncate":
+        return pc.min_element_wise(lengths, cfg.embedding.window)
+    return lengths
 
 
 def _ranges(indices: Iterable[int]) -> str:

@@ -72,7 +72,8 @@ from rdscale.io.store import (
 from rdscale.progress import Progress
 from rdscale.run import dedupe, provenance
 from rdscale.run.dedupe import DedupShard, seq_digest
-from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, writing
+from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, residue_rows, rows_per_shard, writing
+from rdscale.run.pipeline import make_executor, plan
 
 log = logging.getLogger(__name__)
 
@@ -336,8 +337,6 @@ def update(run_dir: str | Location, inputs: Sequence[str], release: str, *, over
     """Bring the run at `run_dir` to the release in `inputs` (FASTA files), tagged `release`. `overrides`:
     `section.key=value` settings over the run's recorded config (e.g. ray.address=local, embedding.device=cuda);
     the models, fit and embedding settings are the run's own."""
-    from rdscale.run.pipeline import make_executor, plan
-
     if not _NAME.match(release or ""):
         raise UpdateError(f"release name {release!r}: use letters, digits, '.', '-' and '_' (e.g. 2024_01)")
     if release.isdigit():  # `--release 3` and lance.dataset(version="3") would read table version 3
@@ -628,9 +627,7 @@ def abort_update(run_dir: str | Location, storage_options: dict | None = None) -
 
 def _check_accounting(store: RunStore) -> None:
     """Every ledger shard's record count equals its proteins + rejects rows (as `check_complete` checks)."""
-    from rdscale.run.integrity import _per_shard
-
-    rows = {name: _per_shard(store, name) for name in (PROTEINS, REJECTS)}
+    rows = {name: rows_per_shard(store, name) for name in (PROTEINS, REJECTS)}
     bad = []
     for index, row in sorted(store.committed().items()):
         have = rows[PROTEINS].get(index, 0) + rows[REJECTS].get(index, 0)
@@ -677,9 +674,6 @@ def verify_release(run_dir: str | Location) -> list[str]:
     versions): every accepted record of the release is in proteins with the same id, sequence and description,
     and nothing else is; the rejects are as many as the release's; no protein id twice; every ledger shard's
     record count equals its rows; residues only of stored proteins, as many as the ledger says. Returns problems."""
-    from rdscale.run.integrity import _per_shard
-    from rdscale.run.pipeline import plan
-
     run = Run(run_dir).require()
     entry = followed_release(run)
     if entry is None:
@@ -716,7 +710,7 @@ def verify_release(run_dir: str | Location) -> list[str]:
         problems.append(f"rejects: {rejects} rows, release {entry['name']} has {diff.rejects + diff.repeated} "
                         f"rejects")
     ledger = run.dataset(LEDGER).to_table()
-    rows = {name: _per_shard(_Tables(run), name) for name in (PROTEINS, REJECTS)}
+    rows = {name: rows_per_shard(run, name) for name in (PROTEINS, REJECTS)}
     for index, records in zip(ledger["shard"].to_pylist(), ledger["records"].to_pylist()):
         have = rows[PROTEINS].get(index, 0) + rows[REJECTS].get(index, 0)
         if have != records:
@@ -724,21 +718,9 @@ def verify_release(run_dir: str | Location) -> list[str]:
     if run.has_table(RESIDUES):
         # one row per position of every stored protein (the ledger's residue counts also hold the rows of a
         # repeated id that `dedupe_across_shards` moved to rejects after its shard committed)
-        from rdscale.run.verify import residue_rows
-
         residues = run.dataset(RESIDUES).count_rows()
         lengths = proteins.to_table(columns=["length"])["length"].cast(pa.int64())
         expected = int(pc.sum(residue_rows(lengths, cfg)).as_py() or 0)
         if residues != expected:
             problems.append(f"residues: {residues} rows, the stored proteins have {expected} positions")
     return problems
-
-
-class _Tables:
-    """What `integrity._per_shard` needs of a store: its datasets by name."""
-
-    def __init__(self, run: Run):
-        self.run = run
-
-    def dataset(self, name: str):
-        return self.run.dataset(name)

@@ -44,7 +44,8 @@ from rdscale.io.store import (
     run_status,
 )
 from rdscale.progress import Progress
-from rdscale.run.integrity import DUPS_KEY, RecordsDigest, key_range, shard_key
+from rdscale.run.integrity import DUPS_KEY, RecordsDigest, key_range, residue_rows, shard_key
+from rdscale.run.update import followed_release, verify_release
 
 MAX_LINES = 50
 ROWS_PER_PARTITION = 1_000_000
@@ -70,22 +71,12 @@ def _mod_p(values):
     return pc.if_else(pc.greater_equal(rest, _P), pc.subtract(rest, _P), rest)
 
 
-def residue_rows(lengths, cfg: Config):
-    """(n,) residue rows stored for proteins of these (n,) lengths: one per position, only the first
-    embedding.window under long_policy truncate."""
-    if cfg.embedding.long_policy == "truncate":
-        return pc.min_element_wise(lengths, cfg.embedding.window)
-    return lengths
-
-
 def _seq_digest(sequence: str) -> str:
     return hashlib.blake2b(sequence.encode(), digest_size=12).hexdigest()
 
 
 def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scratch: str | None = None,
            progress: bool = False) -> list[str]:
-    from rdscale.run.update import followed_release, verify_release
-
     run = Run(run_dir) if not isinstance(run_dir, Run) else run_dir
     if not run.has_table(PROTEINS) or not run.has_table(LEDGER):
         raise StoreError(f"{run} holds no rdscale run (no proteins.lance / shards.lance)")

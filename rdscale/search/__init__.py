@@ -22,8 +22,8 @@ import importlib
 # and the CLI's parsers do not pull in numpy, Lance and FAISS.
 _EXPORTS = {
     **dict.fromkeys(("format_results", "recall_at_k", "write_results"), "results"),
-    **dict.fromkeys(("Searcher", "build_index", "list_indexes", "search"), "searcher"),
-    **dict.fromkeys(("QueryEmbedder", "embed_sequences", "search_sequences"), "sequences"),
+    **dict.fromkeys(("Searcher", "build_index", "list_indexes", "search", "search_sequences"), "searcher"),
+    **dict.fromkeys(("QueryEmbedder", "embed_sequences"), "sequences"),
     **dict.fromkeys(("IndexInfo", "MissingIndexError", "SearchError", "chain_levels", "open_table"), "tables"),
     **dict.fromkeys(("BACKENDS", "DEFAULT_INDEX_TYPE", "INDEX_TYPES", "METRICS", "MODES", "RESIDUE_MODES", "TABLES"), "names"),
 }

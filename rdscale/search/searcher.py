@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,11 @@ from rdscale.search import exact as E
 from rdscale.search import faiss_index as F
 from rdscale.search import lance_index as L
 from rdscale.search.names import RESIDUE_MODES
+from rdscale.search.request import SearchRequest
+from rdscale.search.sequences import QueryEmbedder, sequence_queries, stack_queries
 from rdscale.search.tables import (
     BACKENDS,
     EMBEDDING,
-    MODES,
     TABLES,
     IndexInfo,
     KeyNotFoundError,
@@ -73,19 +74,31 @@ def num_queries(result: pa.Table) -> int:
     return int(raw) if raw else len(set(result.column("query").to_pylist()))
 
 
-def _positive(name: str, value: int | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise SearchError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _lance_message(err: BaseException) -> str:
     """Lance's error text without the Rust source location it appends."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     head, sep, tail = text.rpartition(", /")
     return head if sep and ".rs:" in tail else text
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A ``SearchRequest`` resolved against one table (``Searcher._plan``): what the search then runs."""
+
+    request: SearchRequest
+    mode: str  # exact when a recall target meets a table too small to calibrate
+    filter: str | None  # the request's, with the committed-rows filter of a run being written
+    k: int  # hits fetched per query (clamped to the rows; residue hits when aggregating)
+    k_out: int  # hits returned per query
+    index: IndexInfo | None  # ann / funnel
+    width: int  # the searched prefix width
+    need: int  # numbers of a query read: the width, or funnel's rerank width
+    rerank_width: int | None
+    shortlist: int | None
+    nprobes: int | None
+    ef: int | None
+    refine_factor: int | None
+    residue_mode: str | None
 
 
 class Searcher:
@@ -443,86 +456,53 @@ class Searcher:
             labels = [":".join(map(str, w)) for w in expanded]
         return labels, self.vectors(positions, self.full_width), positions
 
-    def search(
-        self,
-        queries: np.ndarray | None = None,
-        *,
-        ids: Sequence[str] | Sequence[tuple[str, int]] | None = None,
-        width: int | None = None,
-        k: int = 10,
-        mode: str = "exact",
-        metric: str = "cosine",
-        filter: str | None = None,
-        shortlist: int | None = None,
-        rerank_width: int | None = None,
-        nprobes: int | None = None,
-        refine_factor: int | None = None,
-        ef: int | None = None,
-        exclude_self: bool = False,
-        backend: str | None = None,
-        labels: Sequence[str] | None = None,
-        aggregate: str | None = None,
-        residue_hits: int | None = None,
-        recall: float | None = None,
-        residue_mode: str | None = None,
-        protein_shortlist: int | None = None,
-    ) -> pa.Table:
-        """As ``rdscale.search.search`` (see there), on this searcher's table. ``backend``: "faiss" or "lance" to
-        pick the index for ann / funnel (default: the narrowest index for the metric, FAISS first at equal width).
-        ``labels``: names for the rows of ``queries`` (the ``query`` column then holds them).
+    def search(self, queries: np.ndarray | None = None, *, ids: Sequence[str] | Sequence[tuple[str, int]] | None = None,
+               labels: Sequence[str] | None = None, request: SearchRequest | None = None, **options: Any) -> pa.Table:
+        """As ``rdscale.search.search`` (see there), on this searcher's table; the options are a ``SearchRequest``
+        (``request=``) or its fields as keywords (``k=``, ``mode=``, ``width=``, ...). ``backend``: "faiss" or
+        "lance" to pick the index for ann / funnel (default: the narrowest index for the metric, FAISS first at
+        equal width). ``labels``: names for the rows of ``queries`` (the ``query`` column then holds them).
         ``aggregate="proteins"`` (residues table only): take ``residue_hits`` residue hits per query residue
         (default max(10 k, 100)) and aggregate them per query protein to protein hits (see ``_aggregate``)."""
-        if mode not in MODES:
-            raise SearchError(f"unknown mode {mode!r}; expected one of {MODES}")
+        plan = self._plan(SearchRequest.of(request, **options))
+        labels, q, self_pos = self._query_vectors(plan, queries, ids, labels)
+        return self._answer(plan, q, labels, self_pos)
+
+    def _plan(self, req: SearchRequest) -> _Plan:
+        """What a search runs on this table: the request's options resolved against it (k clamped to its rows,
+        the index and width, the calibrated parameters for a recall target, the residue mode)."""
+        mode = req.mode
         if self.version is not None and mode != "exact":  # an index covers the latest version's rows only
             raise SearchError(f"an earlier release ({self.version}) is searched in exact mode only (indexes "
                               f"belong to the latest version); drop --mode {mode}")
+        filter = req.filter
         if self._committed:
             filter = self._committed if not filter else f"({self._committed}) AND ({filter})"
-        metric = _check_metric(metric)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise SearchError(f"k must be a positive integer, got {k!r}")
         n = self.num_rows
-        k = min(int(k), n)  # a table holds no more neighbours than rows: never ask an index for more
-        shortlist = _positive("shortlist", shortlist)
-        nprobes, ef = _positive("nprobes", nprobes), _positive("ef", ef)
-        ef = None if ef is None else min(ef, n)  # a search breadth beyond the row count buys nothing
-        refine_factor = _positive("refine_factor", refine_factor)
-        residue_hits = _positive("residue_hits", residue_hits)
-        protein_shortlist = _positive("protein_shortlist", protein_shortlist)
-        residue_mode = self._residue_mode(residue_mode, mode)
-        if protein_shortlist is not None and residue_mode != "two-stage":
+        k = min(req.k, n)  # a table holds no more neighbours than rows: never ask an index for more
+        shortlist, nprobes, refine_factor = req.shortlist, req.nprobes, req.refine_factor
+        ef = None if req.ef is None else min(req.ef, n)  # a search breadth beyond the row count buys nothing
+        residue_mode = self._residue_mode(req.residue_mode, mode)
+        if req.protein_shortlist is not None and residue_mode != "two-stage":
             raise SearchError("protein_shortlist applies to two-stage residue search")
         k_out = k
-        if aggregate is not None:
-            if aggregate != "proteins":
-                raise SearchError(f"unknown aggregate {aggregate!r}; expected 'proteins'")
+        if req.aggregate is not None:
             if self.table != "residues":
                 raise SearchError("aggregate='proteins' applies to residue search (table residues)")
-            k = min(residue_hits or max(10 * k, 100), n)
-        elif residue_hits is not None:
-            raise SearchError("residue_hits only applies with aggregate='proteins'")
-
-        if recall is not None:
-            recall = C.check_recall(recall)
-            given = [name for name, v in (("shortlist", shortlist), ("nprobes", nprobes), ("ef", ef),
-                                          ("refine_factor", refine_factor)) if v is not None]
-            if given and mode != "exact":
-                raise SearchError(f"give recall or the search parameters ({', '.join(given)}), not both: recall "
-                                  "picks them from the index's calibration")
-        index = None
+            k = min(req.residue_hits or max(10 * k, 100), n)
+        index, width, rerank_width = None, req.width, req.rerank_width
         if mode == "exact":  # exact search has recall 1 whatever recall asks
             width = self.width(width)
         else:
-            index = self.find_index(width, metric, backend)
+            index = self.find_index(width, req.metric, req.backend)
             width = index.width
-            if recall is not None and not (index.calibration or {}).get(mode) and index.num_rows < C.MIN_ROWS:
+            if req.recall is not None and not (index.calibration or {}).get(mode) and index.num_rows < C.MIN_ROWS:
                 # a table too small to calibrate (rdscale index leaves it): exact search meets any recall target
                 width = self.width(rerank_width) if mode == "funnel" else width
                 mode, index = "exact", None
             elif shortlist is None and nprobes is None and ef is None and refine_factor is None:
                 # the calibrated point: the cheapest measured parameters meeting recall (default: the index's target)
-                tuned = C.search_params(index, mode, k, recall)
+                tuned = C.search_params(index, mode, k, req.recall)
                 shortlist, nprobes = tuned.get("shortlist"), tuned.get("nprobes")
                 if shortlist is not None:  # exclude_self fetches k + 1: never a shortlist shorter than that
                     shortlist = max(shortlist, min(k + 1, n))
@@ -534,12 +514,16 @@ class Searcher:
             if rerank_width < width:
                 raise SearchError(f"rerank_width {rerank_width} is narrower than the shortlist width {width}")
             need = rerank_width
+        return _Plan(req, mode, filter, k, k_out, index, width, need, rerank_width, shortlist, nprobes, ef,
+                     refine_factor, residue_mode)
 
+    def _query_vectors(self, plan: _Plan, queries, ids, labels):
+        """(labels, (nq, need) float32 queries, (nq,) positions of ids queries or None), checked."""
         if (queries is None) == (ids is None):
             raise SearchError("give exactly one of queries= (vectors) or ids= (stored keys)")
         if isinstance(ids, str):  # one key, not a sequence of one-letter keys
             ids = [ids]
-        if exclude_self and ids is None:
+        if plan.request.exclude_self and ids is None:
             raise SearchError("exclude_self applies to ids= queries (a stored row to leave out)")
         self_pos = None
         if ids is not None:
@@ -554,39 +538,46 @@ class Searcher:
                 raise SearchError(f"queries must be numbers, got {q.dtype}")
             if labels is not None and len(labels) != len(q):
                 raise SearchError(f"{len(labels)} labels for {len(q)} queries")
+        need, width = plan.need, plan.width
         if q.shape[1] < need:
             raise SearchError(
-                f"query vectors are {q.shape[1]} wide but {mode} search at this width needs at least {need} numbers"
+                f"query vectors are {q.shape[1]} wide but {plan.mode} search at this width needs at least {need} "
+                "numbers"
             )
         q = np.ascontiguousarray(q[:, :need], dtype=np.float32)  # (nq, need)
         if not np.isfinite(q).all():
             raise SearchError(f"query {int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])} holds NaN or inf")
-        if metric == "cosine" and not q[:, :width].any(axis=1).all():  # no direction: every distance would be 1
+        if plan.request.metric == "cosine" and not q[:, :width].any(axis=1).all():  # no direction: distance 1
             zero = int(np.flatnonzero(~q[:, :width].any(axis=1))[0])
             raise SearchError(f"query {labels[zero] if labels is not None else zero} is all zeros in its first "
                               f"{width} numbers: its cosine distance is undefined (use metric l2)")
-        k_fetch = min(k + 1, n) if self_pos is not None and exclude_self else k
-        if residue_mode == "two-stage":
-            dist, pos = self._two_stage(q, width, k_fetch, metric, filter, labels, protein_shortlist, k_out)
-            if aggregate is not None:
-                return self._aggregate(dist, pos, k, k_out, labels, self_pos if exclude_self else None)
-            return self._table(dist, pos, k, labels, self_pos if exclude_self else None)
-        rows = self.filter_rows(filter)
+        return labels, q, self_pos
 
-        if mode == "exact":
-            dist, pos = self._exact(q, width, k_fetch, metric, rows)
-        elif mode == "ann":
-            dist, pos = self._ann(q, index, k_fetch, filter, rows, nprobes, ef, refine_factor)
+    def _answer(self, plan: _Plan, q: np.ndarray, labels, self_pos) -> pa.Table:
+        """The hits table of the planned search for (nq, need) queries ``q``."""
+        req, k, mode, metric = plan.request, plan.k, plan.mode, plan.request.metric
+        excluded = self_pos if req.exclude_self else None
+        k_fetch = min(k + 1, self.num_rows) if excluded is not None else k
+        if plan.residue_mode == "two-stage":
+            dist, pos = self._two_stage(q, plan.width, k_fetch, metric, plan.filter, labels, req.protein_shortlist,
+                                        plan.k_out)
         else:
-            n_short = min(shortlist if shortlist is not None else max(10 * k, 100), n)
-            if n_short < k_fetch:
-                extra = ", k + 1 with exclude_self" if k_fetch > k else ""
-                raise SearchError(f"shortlist ({n_short}) must be at least k ({k_fetch}{extra})")
-            dist, pos = self._ann(q, index, n_short, filter, rows, nprobes, ef, refine_factor)
-            dist, pos = self._rerank(q[:, :rerank_width], pos, metric, k_fetch)
-        if aggregate is not None:
-            return self._aggregate(dist, pos, k, k_out, labels, self_pos if exclude_self else None)
-        return self._table(dist, pos, k, labels, self_pos if exclude_self else None)
+            rows = self.filter_rows(plan.filter)
+            search = (plan.nprobes, plan.ef, plan.refine_factor)
+            if mode == "exact":
+                dist, pos = self._exact(q, plan.width, k_fetch, metric, rows)
+            elif mode == "ann":
+                dist, pos = self._ann(q, plan.index, k_fetch, plan.filter, rows, *search)
+            else:
+                n_short = min(plan.shortlist if plan.shortlist is not None else max(10 * k, 100), self.num_rows)
+                if n_short < k_fetch:
+                    extra = ", k + 1 with exclude_self" if k_fetch > k else ""
+                    raise SearchError(f"shortlist ({n_short}) must be at least k ({k_fetch}{extra})")
+                dist, pos = self._ann(q, plan.index, n_short, plan.filter, rows, *search)
+                dist, pos = self._rerank(q[:, :plan.rerank_width], pos, metric, k_fetch)
+        if req.aggregate is not None:
+            return self._aggregate(dist, pos, k, plan.k_out, labels, excluded)
+        return self._table(dist, pos, k, labels, excluded)
 
     # -----------------------------------------------------------------------------------------------------------
     # residue search in two stages (PLMSearch / pLM-BLAST style): proteins shortlisted by their per-protein
@@ -742,31 +733,29 @@ class Searcher:
         d, i = E.topk(q, x, x_sq, min(k, len(positions)))
         return d, np.where(i >= 0, positions[np.maximum(i, 0)], -1)
 
-    def query_width(self, mode: str = "exact", width: int | None = None, rerank_width: int | None = None,
-                    metric: str = "cosine", backend: str | None = None, **_: Any) -> int:
-        """How many numbers of a query vector a search with these options reads: the search width (ann: the
-        index's), the rerank width for funnel. Sequence queries run the chain only that far."""
-        if mode == "funnel":
-            return self.width(rerank_width)
-        if mode == "ann":
-            return self.find_index(width, _check_metric(metric), backend).width
-        return self.width(width)
+    def query_width(self, request: SearchRequest | None = None, **options: Any) -> int:
+        """How many numbers of a query vector a search with this request (or these options) reads: the search
+        width (ann: the index's), the rerank width for funnel. Sequence queries run the chain only that far."""
+        req = SearchRequest.of(request, **options)
+        if req.mode == "funnel":
+            return self.width(req.rerank_width)
+        if req.mode == "ann":
+            return self.find_index(req.width, req.metric, req.backend).width
+        return self.width(req.width)
 
-    def search_sequences(self, sequences: Sequence[str] | dict[str, str], **kwargs: Any) -> pa.Table:
+    def search_sequences(self, sequences: Sequence[str] | dict[str, str], request: SearchRequest | None = None,
+                         **options: Any) -> pa.Table:
         """``search`` with query sequences embedded through the run's chain (loaded once per searcher)."""
-        from rdscale.search.sequences import sequence_queries, stack_queries
-
+        req = SearchRequest.of(request, **options)
         names, seqs = sequence_queries(sequences)
         if not seqs:
             raise SearchError("no query sequences")
-        vectors = self.embedder().embed(seqs, names, width=self.query_width(**kwargs))
+        vectors = self.embedder().embed(seqs, names, width=self.query_width(req))
         labels, q = stack_queries(names, vectors, self.table)
-        return self.search(q, labels=labels, **kwargs)
+        return self.search(q, labels=labels, request=req)
 
     def embedder(self):
         """The run's chain as a ``QueryEmbedder`` for this table (loaded on first use, then kept)."""
-        from rdscale.search.sequences import QueryEmbedder
-
         with self._lock:
             if self._embedder is None:
                 self._embedder = QueryEmbedder(self.dataset_path, self.table, self._models, self._device)
@@ -1001,30 +990,16 @@ def search(
     *,
     ids: Sequence[str] | Sequence[tuple[str, int]] | None = None,
     table: str = "proteins",
-    width: int | None = None,
-    k: int = 10,
-    mode: str = "exact",
-    metric: str = "cosine",
-    filter: str | None = None,
-    shortlist: int | None = None,
-    rerank_width: int | None = None,
-    nprobes: int | None = None,
-    refine_factor: int | None = None,
-    ef: int | None = None,
-    exclude_self: bool = False,
-    backend: str | None = None,
     version: int | str | None = None,
-    aggregate: str | None = None,
-    residue_hits: int | None = None,
-    recall: float | None = None,
-    residue_mode: str | None = None,
-    protein_shortlist: int | None = None,
+    request: SearchRequest | None = None,
+    **options: Any,
 ) -> pa.Table:
     """k nearest rows of ``table`` for each query, at prefix width ``width`` (one-shot: for many queries over
     time, keep a ``Searcher``).
 
     Give either ``queries`` ((q, w) vectors, w >= the width needed) or ``ids`` (stored keys: protein ids, or
-    (id, pos) pairs for residues). ``width``: a chain level; None means the stored width for ``exact``, and the
+    (id, pos) pairs for residues), and the options as a ``SearchRequest`` (``request=``) or its fields as
+    keywords (rdscale.search.request). ``width``: a chain level; None means the stored width for ``exact``, and the
     narrowest indexed width (for ``metric``) for ``ann`` / ``funnel``. ``filter``: a Lance SQL predicate on the
     table's other columns (e.g. ``"length > 100"``), applied before ranking. ``shortlist`` (funnel): candidates
     taken from the index, default max(10 * k, 100). ``rerank_width`` (funnel): default the stored width.
@@ -1046,14 +1021,9 @@ def search(
     see rdscale.search.tables), ``rank`` (int32, 1-based), sorted by query then rank. Fewer than ``k`` rows
     per query only if the (filtered) table has fewer.
     """
-    if mode not in MODES:
-        raise SearchError(f"unknown mode {mode!r}; expected one of {MODES}")
+    req = SearchRequest.of(request, **options)  # a bad option is refused before the table is opened
     searcher = Searcher(dataset_path, table, resident=False, version=version)
-    return searcher.search(queries, ids=ids, width=width, k=k, mode=mode, metric=metric, filter=filter,
-                           shortlist=shortlist, rerank_width=rerank_width, nprobes=nprobes,
-                           refine_factor=refine_factor, ef=ef, exclude_self=exclude_self, backend=backend,
-                           aggregate=aggregate, residue_hits=residue_hits, recall=recall,
-                           residue_mode=residue_mode, protein_shortlist=protein_shortlist)
+    return searcher.search(queries, ids=ids, request=req)
 
 
 def default_backend(dataset_path: str | Path) -> str:
@@ -1184,3 +1154,24 @@ def list_indexes(dataset_path: str | Path, table: str = "proteins") -> list[Inde
     ds = open_table(dataset_path, table)
     infos = L._live_indexes(ds, table) + F.list_faiss_indexes(ds, table)
     return sorted(infos, key=lambda i: (i.width, i.metric, i.backend != "faiss"))
+
+
+def search_sequences(
+    dataset_path: str | Path,
+    sequences: Sequence[str] | dict[str, str],
+    *,
+    table: str = "proteins",
+    models: Sequence[str] | None = None,
+    device: str | None = None,
+    **kwargs: Any,
+) -> pa.Table:
+    """``search`` with query sequences, embedded by ``embed_sequences``; ``kwargs`` as for ``search``.
+
+    ``sequences``: {name: sequence} or a list (named seq0, seq1, ...). The ``query`` column holds the name, or
+    ``"name:pos"`` (0-based residue) for per-residue search, where every residue of a query is its own query.
+    """
+    names, seqs = sequence_queries(sequences)
+    if not seqs:
+        raise SearchError("no query sequences")
+    with Searcher(dataset_path, table=table, models=models, device=device) as searcher:
+        return searcher.search_sequences(dict(zip(names, seqs)), **kwargs)

@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from rdscale.config import load_config
+from rdscale.fit.artifact import ArtifactError, load_fit
+from rdscale.io.fasta import residue_letters
+from rdscale.io.location import Location
+from rdscale.io.runs import Run
+from rdscale.model.loading import DeviceError
+from rdscale.run.extend import ExtendError, apply_chain, load_query_chain  # core moves these to rdscale/fit/
+from rdscale.run.stages import ChainEncoder
 from rdscale.search.tables import (
     EMBEDDING,
     SearchError,
@@ -25,9 +33,6 @@ from rdscale.search.tables import (
 def _fit_dir_of(run: Path, manifest: dict, config: dict) -> Path | None:
     """Where the run's fit artifact is (rdscale.io.runs.Run.fit_location: the recorded one, relative to the run,
     else <run>/fit, else the configured fit.artifact); None for a single-model (extract) run, which has no fit."""
-    from rdscale.io.location import Location
-    from rdscale.io.runs import Run
-
     found = Run(run).fit_location(manifest, config)
     if found is not None:
         return Path(found.path) if found.is_local else found
@@ -50,9 +55,6 @@ class QueryEmbedder:
 
     def __init__(self, dataset_path: str | Path, table: str = "proteins", models: Sequence[str] | None = None,
                  device: str | None = None):
-        from rdscale.config import load_config
-        from rdscale.fit.artifact import ArtifactError, load_fit
-
         ds = open_table(dataset_path, table)
         run = run_dir_of(dataset_path)
         self.table = table
@@ -87,8 +89,6 @@ class QueryEmbedder:
                 raise SearchError(f"the models do not match the run's fit at {self.fit_dir}: {err}") from err
             self._level_widths = [int(w) for w in self.fit.widths]
         if self.extended:
-            from rdscale.run.extend import ExtendError, load_query_chain
-
             try:
                 self.fits = load_query_chain(run)
             except ExtendError as err:
@@ -110,10 +110,6 @@ class QueryEmbedder:
     def _chain(self, upto: int):
         """The ChainEncoder over the first ``upto`` models, loading them now if they are not (the run's fit is
         checked against every model loaded; the ones not loaded yet are checked when they are)."""
-        from rdscale.fit.artifact import ArtifactError, load_fit
-        from rdscale.model.loading import DeviceError
-        from rdscale.run.stages import ChainEncoder
-
         if self.encoder is not None and self.models_loaded >= upto:
             return self.encoder
         try:
@@ -142,8 +138,6 @@ class QueryEmbedder:
         """As ``embed_sequences``: (q, k_m) for proteins, one (L_i, d) array per sequence for residues.
         ``width``: the query width the search needs; the chain then runs only up to the first level at least
         that wide (and the vectors are k_j wide): a search at the first level loads and runs the first model."""
-        import torch
-
         names = [f"seq{i}" for i in range(len(sequences))] if names is None else list(names)
         if len(sequences) == 0:
             raise SearchError("no query sequences")
@@ -174,8 +168,6 @@ class QueryEmbedder:
             raise SearchError(f"cannot embed the queries: {err}") from err
         with torch.no_grad():
             if self.fits is not None and upto > len(self.fits[0].widths):
-                from rdscale.run.extend import apply_chain
-
                 rd = [apply_chain(self.fits[: 1 + upto - len(self.fits[0].widths)], b).float().cpu()
                       for b in blocks]  # [seq] (L, k_upto), extended chain
             else:
@@ -190,8 +182,6 @@ class QueryEmbedder:
 def clean_query(sequence):
     """A query sequence as the pipeline reads a FASTA record's (rdscale.io.fasta.residue_letters): upper-cased,
     whitespace removed, one trailing '*' stripped (anything not a string is left for the embedder to refuse)."""
-    from rdscale.io.fasta import residue_letters
-
     if not isinstance(sequence, str):
         return sequence
     return residue_letters(sequence.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
@@ -237,26 +227,3 @@ def stack_queries(names: Sequence[str], vectors, table: str) -> tuple[list[str],
         return list(names), np.asarray(vectors)
     labels = [f"{n}:{pos}" for n, v in zip(names, vectors) for pos in range(len(v))]
     return labels, np.concatenate(vectors, axis=0)  # (sum L, d)
-
-
-def search_sequences(
-    dataset_path: str | Path,
-    sequences: Sequence[str] | dict[str, str],
-    *,
-    table: str = "proteins",
-    models: Sequence[str] | None = None,
-    device: str | None = None,
-    **kwargs: Any,
-) -> pa.Table:
-    """``search`` with query sequences, embedded by ``embed_sequences``; ``kwargs`` as for ``search``.
-
-    ``sequences``: {name: sequence} or a list (named seq0, seq1, ...). The ``query`` column holds the name, or
-    ``"name:pos"`` (0-based residue) for per-residue search, where every residue of a query is its own query.
-    """
-    from rdscale.search.searcher import Searcher
-
-    names, seqs = sequence_queries(sequences)
-    if not seqs:
-        raise SearchError("no query sequences")
-    with Searcher(dataset_path, table=table, models=models, device=device) as searcher:
-        return searcher.search_sequences(dict(zip(names, seqs)), **kwargs)

@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from rdscale.io.location import Location
 from rdscale.io.runs import Run
 from rdscale.search.exact import unit_rows
+from rdscale.search.request import OPTIONS, SearchRequest
 from rdscale.search.searcher import Searcher, num_queries
 from rdscale.search.sequences import clean_query, sequence_queries, stack_queries
 from rdscale.search.tables import TABLES, KeyNotFoundError, SearchError, open_table  # noqa: F401
 
-OPTIONS = ("k", "mode", "width", "metric", "filter", "shortlist", "rerank_width", "nprobes", "refine_factor", "ef",
-           "exclude_self", "backend", "aggregate", "residue_hits", "recall", "residue_mode", "protein_shortlist")
 QUERY_KINDS = ("ids", "sequences", "vectors")
 EMBED_CHUNK = 16  # sequences embedded per step: a cancelled or timed-out request stops within one step
 _CACHE_ENTRIES = 256  # query embeddings kept (a page asks /search, then /explain, for the same sequence)
@@ -54,15 +54,11 @@ class SearchCancelled(SearchError):
 
 def _tables_of(run: str | Path) -> list[str]:
     """The tables the run holds, on a local disk or an object store (a Path test would find none on s3://)."""
-    from rdscale.io.runs import Run
-
     return [t for t in TABLES if Run(run).has_table(t)]
 
 
 def run_name(run: str | Path) -> str:
     """The run's last path component (``s3://bucket/runs/x`` -> ``x``), never its bucket or credentials."""
-    from rdscale.io.location import Location
-
     return Location.parse(run).name
 
 
@@ -127,19 +123,19 @@ class SearchService:
         given = [kind for kind in QUERY_KINDS if request.get(kind) is not None]
         if len(given) != 1:
             raise SearchError(f"give exactly one of {list(QUERY_KINDS)}, got {given or 'none'}")
-        options = {name: request[name] for name in OPTIONS if request.get(name) is not None}
+        options = SearchRequest.from_given(request)  # the same one-line errors as Searcher.search and the CLI
         kind = given[0]
         value = request[kind]
         self._check_size(kind, value)
         if kind == "ids":
             if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
                 raise SearchError("ids must be a non-empty list of strings")
-            result = searcher.search(ids=[parse_key(v, table) for v in value], **options)
+            result = searcher.search(ids=[parse_key(v, table) for v in value], request=options)
         elif kind == "sequences":
-            labels, q = self.embed(table, value, cancelled, width=searcher.query_width(**options))
-            result = searcher.search(q, labels=labels, **options)
+            labels, q = self.embed(table, value, cancelled, width=searcher.query_width(options))
+            result = searcher.search(q, labels=labels, request=options)
         else:
-            result = searcher.search(vectors_of(value), **options)
+            result = searcher.search(vectors_of(value), request=options)
         rows = result.to_pylist()
         for row in rows:  # float32 -> the nearest float64 repr a client reads back exactly
             row["score"] = float(np.float32(row["score"]))
