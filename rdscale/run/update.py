@@ -37,7 +37,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -274,15 +274,62 @@ def _split(rows: pa.Table) -> pa.Table:
 # ------------------------------------------------------------------------------------------------ state
 
 
-def read_state(run: Run) -> dict[str, Any]:
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class Release:
+    """One release an update brings a run to: an entry of the run's update state (`updates.json`), the same
+    keys in the same JSON. Made when the update starts, rewritten when it is done."""
+
+    name: str
+    inputs: list[str]  # the release's FASTA files, as `_input_name` records them
+    base: int  # shard number of the release's first shard: one past the run's highest before the update
+    before: dict[str, int]  # table -> the version the update compares against (and `--abort` restores)
+    previous: str  # the release the run was at
+    previous_versions: dict[str, int] | None = None  # first update only: the run's versions, tagged `previous`
+    previous_proteins: int | None = None  # first update only: rows before it
+    status: str = "running"  # "running" (also: interrupted) or "done"
+    started: str = ""
+    versions: dict[str, int] | None = None  # done: table -> the version tagged with the release name
+    report: dict[str, Any] | None = None  # done: UpdateReport.to_dict()
+    finished: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> Release:
+        known = {f.name for f in fields(cls)}
+        release = cls(**{k: v for k, v in entry.items() if k in known})
+        release.base = int(release.base)
+        release.before = {k: int(v) for k, v in release.before.items()}
+        return release
+
+    def to_dict(self) -> dict[str, Any]:
+        """The updates.json entry: a running release has no versions, report or finished keys yet."""
+        entry = asdict(self)
+        for key in ("versions", "report", "finished"):
+            if entry[key] is None:
+                del entry[key]
+        return entry
+
+    def resume_command(self, run: Run) -> str:
+        return f"rdscale update {run} --release {self.name} --fasta {' '.join(self.inputs)}"
+
+
+def read_releases(run: Run) -> list[Release]:
+    """The run's update state: its releases, oldest first (none for a run never updated)."""
     loc = run.location.join(STATE_FILE)
     if not loc.is_file():
-        return {"releases": []}
-    return json.loads(loc.read_text())
+        return []
+    return [Release.from_dict(e) for e in json.loads(loc.read_text())["releases"]]
 
 
-def _write_state(run: Run, state: dict[str, Any]) -> None:
-    run.location.join(STATE_FILE).write_text(json.dumps(state, indent=1))
+def _write_releases(run: Run, entries: Sequence[Release]) -> None:
+    run.location.join(STATE_FILE).write_text(json.dumps({"releases": [e.to_dict() for e in entries]}, indent=1))
 
 
 def releases(run: str | Run) -> list[dict[str, Any]]:
@@ -290,13 +337,13 @@ def releases(run: str | Run) -> list[dict[str, Any]]:
     was never updated has none."""
     run = Run(run) if not isinstance(run, Run) else run
     out = []
-    for entry in read_state(run)["releases"]:
-        if entry.get("previous_versions") and not any(r["name"] == entry["previous"] for r in out):
-            out.append({"name": entry["previous"], "versions": entry["previous_versions"],
-                        "proteins": entry.get("previous_proteins"), "status": "done"})
-        out.append({"name": entry["name"], "versions": entry.get("versions", {}),
-                    "proteins": (entry.get("report") or {}).get("proteins"), "status": entry["status"],
-                    "report": entry.get("report")})
+    for entry in read_releases(run):
+        if entry.previous_versions and not any(r["name"] == entry.previous for r in out):
+            out.append({"name": entry.previous, "versions": entry.previous_versions,
+                        "proteins": entry.previous_proteins, "status": "done"})
+        out.append({"name": entry.name, "versions": entry.versions or {},
+                    "proteins": (entry.report or {}).get("proteins"), "status": entry.status,
+                    "report": entry.report})
     return out
 
 
@@ -365,151 +412,213 @@ def update(run_dir: str | Location, inputs: Sequence[str], release: str, *, over
         cfg.storage.options = dict(storage_options)
     set_storage_options(cfg.storage.options)
     with writing(cfg.output.dir) as lease:
-        return _update(run, cfg, manifest, release, previous, lease, executor or make_executor(cfg), plan,
-                       progress, rows_per_partition)
+        return _update(_Updating(run, cfg, manifest, lease, executor or make_executor(cfg), progress,
+                                 rows_per_partition), release, previous)
 
 
-def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, lease, executor, plan,
-            progress: bool, rows_per_partition: int) -> UpdateReport:
-    started = time.perf_counter()
-    state = read_state(run)
-    entries = state["releases"]
-    running = [e for e in entries if e["status"] != "done"]
-    inputs = [_input_name(p) for p in cfg.input.paths]
-    if any(e["name"] == release and e["status"] == "done" for e in entries):
-        raise UpdateError(f"{run} is already at release {release}; choose a new release name")
-    shards = plan(cfg)
-    levels = [int(w) for w in run.levels()]
+@dataclass
+class _Updating:
+    """What every step of one update works with: the run, its config for the release, the fit manifest it was
+    embedded with, the writer lease every write is fenced by, the executor, and the run's store (reopened when
+    the update changes the run key)."""
 
-    def open_store() -> tuple[RunStore, dict]:
-        proteins_schema = run.dataset(PROTEINS).schema
+    run: Run
+    cfg: Config
+    manifest: dict
+    lease: Any
+    executor: Any
+    progress: bool
+    rows_per_partition: int
+    levels: list[int] = field(default_factory=list)
+    store: RunStore | None = None
+    schemas: dict = field(default_factory=dict)
+
+    def open_store(self) -> None:
+        proteins_schema = self.run.dataset(PROTEINS).schema
         run_key = (proteins_schema.metadata or {}).get(META_RUN_KEY, b"").decode()
-        schemas = run_schemas(levels[-1], cfg.output.storage_width, dict(proteins_schema.metadata or {}),
-                              residues=run.has_table(RESIDUES) and cfg.output.residues,
-                              residue_dtype=cfg.output.residue_dtype,
-                              protein_dtype=_stored_dtype(proteins_schema))
-        store = RunStore(run.location, schemas, run_key, lease=lease)
-        return store, schemas
+        self.schemas = run_schemas(self.levels[-1], self.cfg.output.storage_width,
+                                   dict(proteins_schema.metadata or {}),
+                                   residues=self.run.has_table(RESIDUES) and self.cfg.output.residues,
+                                   residue_dtype=self.cfg.output.residue_dtype,
+                                   protein_dtype=_stored_dtype(proteins_schema))
+        self.store = RunStore(self.run.location, self.schemas, run_key, lease=self.lease)
 
-    with lease.step("update state"):  # every write of an update is a fenced step (rdscale.io.lease)
-        _mark_followed(run)  # finish a marking an interrupted update began
-    store, schemas = open_store()
-    if running:
-        entry = running[0]
-        if entry["name"] != release:
-            raise UpdateError(f"the update of {run} to release {entry['name']} was interrupted; finish it first "
-                              f"(rdscale update {run} --release {entry['name']} --fasta {' '.join(entry['inputs'])})")
-        if entry["inputs"] != inputs:
-            raise UpdateError(f"the interrupted update to release {release} read {' '.join(entry['inputs'])}; "
-                              "rerun it with the same --fasta files")
-        log.info("resuming the interrupted update to release %s", release)
-    else:
-        if any(release in run.dataset(t).tags.list() for t in TABLES if run.has_table(t)):
-            raise UpdateError(f"{run} already has a table version tagged {release}; choose a new release name")
-        done = [e for e in entries if e["status"] == "done"]
-        status = run_status(run)
-        if not done and not status["complete"]:  # its partial state must not become the previous release
-            raise UpdateError(f"{run} is an interrupted run ({incomplete_message(status)}); finish it (rerun the "
-                              "command that made it) before updating it to a release")
-        previous = done[-1]["name"] if done else previous
-        store.recover()  # rows of an interrupted run's unrecorded shards must not enter the comparison
-        before = {t: run.dataset(t).version for t in TABLES if run.has_table(t)}
-        base = max(store.committed(), default=-1) + 1
-        entry = {"name": release, "inputs": inputs, "base": base, "before": before, "previous": previous,
-                 "previous_versions": before if not done else None,
-                 "previous_proteins": run.dataset(PROTEINS).count_rows() if not done else None,
-                 "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    base, before = int(entry["base"]), {k: int(v) for k, v in entry["before"].items()}
 
+def _update(u: _Updating, name: str, previous: str) -> UpdateReport:
+    """plan -> compare -> record -> embed -> delete -> ledger -> tag: each step below, resumable as a whole."""
+    started = time.perf_counter()
+    entries = read_releases(u.run)
+    if any(e.name == name and e.done for e in entries):
+        raise UpdateError(f"{u.run} is already at release {name}; choose a new release name")
+    shards = plan(u.cfg)
+    u.levels = [int(w) for w in u.run.levels()]
+    with u.lease.step("update state"):  # every write of an update is a fenced step (rdscale.io.lease)
+        _mark_followed(u.run)  # finish a marking an interrupted update began
+    u.open_store()
+    release, resumed = _begin(u, entries, name, previous)
     # Everything that can refuse the update is checked before its first write (a refused update leaves no trace):
     # the checkpoints, then the whole release, read and compared with the run (pure reading).
-    _check_checkpoints(run, cfg, manifest)
-    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
-    planned = [UpdateShard(**{**{f: getattr(s, f) for f in Shard.__dataclass_fields__}, "index": base + s.index})
-               for s in shards]
-    diff = diff_release(run.dataset(PROTEINS, version=before[PROTEINS]), planned, options, rows_per_partition)
+    _check_checkpoints(u.run, u.cfg, u.manifest)
+    options = ValidationOptions(remove_gaps=u.cfg.input.remove_gaps)
+    planned = [UpdateShard(**{**_shard_fields(s), "index": release.base + s.index}) for s in shards]
+    diff = diff_release(u.run.dataset(PROTEINS, version=release.before[PROTEINS]), planned, options,
+                        u.rows_per_partition)
+    if not resumed:
+        _record_start(u, entries, release)
+    u.store.recover()
+    u.store.drop_derived_columns()
 
-    if not running:
-        done = [e for e in entries if e["status"] == "done"]
-        if not done:  # the run as it was stays readable by name (a later update's previous release is tagged)
-            with lease.step("tag previous"):
-                for t, v in before.items():
-                    if entry["previous"] not in run.dataset(t).tags.list():
-                        run.dataset(t).tags.create(entry["previous"], v)
-        with lease.step("update state"):
-            marked = _mark_followed(run, start=True)
-        if marked:
-            store, schemas = open_store()
-        entries.append(entry)
-        with lease.step("update state"):
-            _write_state(run, state)
-    store.recover()
-    store.drop_derived_columns()
-
-    report = UpdateReport(release=release, previous=entry["previous"], unchanged=diff.unchanged,
+    report = UpdateReport(release=name, previous=release.previous, unchanged=diff.unchanged,
                           changed=diff.changed, new=diff.new, removed=diff.removed,
                           rejects=diff.rejects + diff.repeated,
                           residues_release=diff.residues_release, shards_total=len(planned))
-    todo_shards = [UpdateShard(**{**{f: getattr(s, f) for f in Shard.__dataclass_fields__},
-                                  "keep": frozenset(diff.todo[s.index])}) for s in planned]
-    if dedupe.enabled(cfg):  # identical new sequences embedded once (the grouping is deterministic: a resumed
-        # update, comparing against the same versions, finds the same copies)
-        duplicates = dedupe.plan_duplicates(todo_shards, options, progress=progress, map_shards=executor.map_shards)
-        todo_shards = duplicates.shards
-        report.copies, report.residues_saved = duplicates.copies, duplicates.residues_saved
+    todo = _shards_to_embed(u, planned, diff, options, report)
+    _embed(u, release, todo, report)  # 1.
+    dropped_residues = _delete_old_rows(u, release, diff, report)  # 2.
+    _correct_ledger(u, release, diff, dropped_residues)  # 3.
+    _finish(u, entries, release, report)  # 4.
+    report.seconds = time.perf_counter() - started
+    release.report = report.to_dict()
+    with u.lease.step("update state"):
+        _write_releases(u.run, entries)
+    return report
 
-    # 1. embed the new and changed sequences, shard by shard (resumable through the ledger)
+
+def _shard_fields(shard: Shard) -> dict[str, Any]:
+    return {f: getattr(shard, f) for f in Shard.__dataclass_fields__}
+
+
+def _begin(u: _Updating, entries: list[Release], name: str, previous: str) -> tuple[Release, bool]:
+    """(the release to make, whether it resumes an interrupted update): refuses another interrupted release, other
+    inputs, a tag taken, an interrupted run; a new release compares against the tables' versions now."""
+    run = u.run
+    running = [e for e in entries if not e.done]
+    inputs = [_input_name(p) for p in u.cfg.input.paths]
+    if running:
+        release = running[0]
+        if release.name != name:
+            raise UpdateError(f"the update of {run} to release {release.name} was interrupted; finish it first "
+                              f"({release.resume_command(run)})")
+        if release.inputs != inputs:
+            raise UpdateError(f"the interrupted update to release {name} read {' '.join(release.inputs)}; "
+                              "rerun it with the same --fasta files")
+        log.info("resuming the interrupted update to release %s", name)
+        return release, True
+    if any(name in run.dataset(t).tags.list() for t in TABLES if run.has_table(t)):
+        raise UpdateError(f"{run} already has a table version tagged {name}; choose a new release name")
+    done = [e for e in entries if e.done]
+    status = run_status(run)
+    if not done and not status["complete"]:  # its partial state must not become the previous release
+        raise UpdateError(f"{run} is an interrupted run ({incomplete_message(status)}); finish it (rerun the "
+                          "command that made it) before updating it to a release")
+    u.store.recover()  # rows of an interrupted run's unrecorded shards must not enter the comparison
+    before = {t: run.dataset(t).version for t in TABLES if run.has_table(t)}
+    base = max(u.store.committed(), default=-1) + 1
+    return Release(name=name, inputs=inputs, base=base, before=before,
+                   previous=done[-1].name if done else previous,
+                   previous_versions=before if not done else None,
+                   previous_proteins=run.dataset(PROTEINS).count_rows() if not done else None,
+                   started=_now()), False
+
+
+def _record_start(u: _Updating, entries: list[Release], release: Release) -> None:
+    """The first writes of a new release: the run as it was tagged (first update), the run key marked, the release
+    recorded as running."""
+    if not any(e.done for e in entries):  # the run as it was stays readable by name (later previous releases are
+        # tagged by their own update)
+        with u.lease.step("tag previous"):
+            for t, v in release.before.items():
+                if release.previous not in u.run.dataset(t).tags.list():
+                    u.run.dataset(t).tags.create(release.previous, v)
+    with u.lease.step("update state"):
+        marked = _mark_followed(u.run, start=True)
+    if marked:
+        u.open_store()
+    entries.append(release)
+    with u.lease.step("update state"):
+        _write_releases(u.run, entries)
+
+
+def _shards_to_embed(u: _Updating, planned: list[UpdateShard], diff: Diff, options: ValidationOptions,
+                     report: UpdateReport) -> list[UpdateShard]:
+    """The release's shards, each keeping only the ids to embed; identical new sequences embedded once."""
+    shards = [UpdateShard(**{**_shard_fields(s), "keep": frozenset(diff.todo[s.index])}) for s in planned]
+    if dedupe.enabled(u.cfg):  # the grouping is deterministic: a resumed update, comparing against the same
+        # versions, finds the same copies
+        duplicates = dedupe.plan_duplicates(shards, options, progress=u.progress,
+                                            map_shards=u.executor.map_shards)
+        shards = duplicates.shards
+        report.copies, report.residues_saved = duplicates.copies, duplicates.residues_saved
+    return shards
+
+
+def _embed_models(u: _Updating) -> tuple[list[str], Any]:
+    """(models, fit): the run's own chain and frozen fit, with the extension steps of a run grown by `extend`."""
+    run, cfg, manifest = u.run, u.cfg, u.manifest
+    fit_loc = run.fit_location(manifest, None) if len(cfg.models) > 1 else None
+    if len(cfg.models) > 1 and fit_loc is None:
+        raise UpdateError(f"the fit artifact of {run} was not found; an update embeds with the run's own fit")
+    fit_dir = fit_loc.uri if fit_loc is not None else None
+    models = list(cfg.models)
+    if manifest.get("extensions"):  # grown by `rdscale extend`: its models and steps after the chain's
+        models += [m.get("source") or m.get("name") for m in manifest["models"][len(cfg.models):]]
+        steps = run.extension_steps(manifest)
+        missing = [str(s) for s in steps if s is None or not s.join("manifest.json").is_file()]
+        if missing or fit_dir is None:
+            raise UpdateError(f"the extension steps of {run} were not found ({', '.join(missing) or 'no fit'});"
+                              " an update embeds with the run's own fit and steps")
+        fit_dir = [fit_dir, *(s.uri for s in steps)]
+    return models, fit_dir
+
+
+def _embed(u: _Updating, release: Release, shards: list[UpdateShard], report: UpdateReport) -> None:
+    """1. the new and changed sequences, shard by shard, each committed into the ledger as it completes (an
+    interrupted update resumes from its last committed shard)."""
+    run, store = u.run, u.store
     done = store.committed()
-    keys = {s.index: f"update:{release}:{_input_name(s.path)}@{s.start}-{'eof' if s.end is None else s.end}"
-            for s in todo_shards}
-    for s in todo_shards:
+    keys = {s.index: f"update:{release.name}:{_input_name(s.path)}@{s.start}-{'eof' if s.end is None else s.end}"
+            for s in shards}
+    for s in shards:
         if s.index in done and done[s.index]["key"] != keys[s.index]:
             raise StoreError(f"the ledger of {run} holds shard {s.index} with another key ({done[s.index]['key']}); "
                              "the update state does not match the run")
-    todo = [s for s in todo_shards if s.index not in done]
-    report.shards_skipped = len(todo_shards) - len(todo)
-    if todo:
-        fit_loc = run.fit_location(manifest, None) if len(cfg.models) > 1 else None
-        if len(cfg.models) > 1 and fit_loc is None:
-            raise UpdateError(f"the fit artifact of {run} was not found; an update embeds with the run's own fit")
-        fit_dir = fit_loc.uri if fit_loc is not None else None
-        models = list(cfg.models)
-        if manifest.get("extensions"):  # grown by `rdscale extend`: its models and steps after the chain's
-            models += [m.get("source") or m.get("name") for m in manifest["models"][len(cfg.models):]]
-            steps = run.extension_steps(manifest)
-            missing = [str(s) for s in steps if s is None or not s.join("manifest.json").is_file()]
-            if missing or fit_dir is None:
-                raise UpdateError(f"the extension steps of {run} were not found ({', '.join(missing) or 'no fit'});"
-                                  " an update embeds with the run's own fit and steps")
-            fit_dir = [fit_dir, *(s.uri for s in steps)]
-        stats = fingerprints(todo) if all(Location.parse(s.path).is_local for s in todo) else {}
-        uris = {name: store.uri(name) for name in schemas}
-        pending: dict[int, ShardResult] = {}
-        watch = provenance.ChangeWatch(list(done.values()), log)
-        with Progress(total=len(todo), unit="shard", desc=f"update {release}", enabled=progress) as bar:
-            for index, total, part in executor.apply(cfg, models, fit_dir, uris, schemas, todo):
-                acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
-                acc.add(part)
-                watch.see(part.provenance)
-                report.residues_this_call += part.embedded
-                if acc.records == total:
-                    result = pending.pop(index)
-                    digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
-                    store.commit_shard(result, keys[index], {**stats.get(index, {}), "digest": digest,
-                                                             **provenance.ledger_values(result.provenance,
-                                                                                        result.seconds)})
-                    bar.update(1)
-        if pending:
-            raise StoreError(f"{len(pending)} shard(s) of the update did not complete ({sorted(pending)}); run the "
-                             "same command again to resume")
+    todo = [s for s in shards if s.index not in done]
+    report.shards_skipped = len(shards) - len(todo)
+    if not todo:
+        return
+    models, fit_dir = _embed_models(u)
+    stats = fingerprints(todo) if all(Location.parse(s.path).is_local for s in todo) else {}
+    uris = {name: store.uri(name) for name in u.schemas}
+    pending: dict[int, ShardResult] = {}
+    watch = provenance.ChangeWatch(list(done.values()), log)
+    with Progress(total=len(todo), unit="shard", desc=f"update {release.name}", enabled=u.progress) as bar:
+        for index, total, part in u.executor.apply(u.cfg, models, fit_dir, uris, u.schemas, todo):
+            acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
+            acc.add(part)
+            watch.see(part.provenance)
+            report.residues_this_call += part.embedded
+            if acc.records == total:
+                result = pending.pop(index)
+                digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
+                store.commit_shard(result, keys[index], {**stats.get(index, {}), "digest": digest,
+                                                         **provenance.ledger_values(result.provenance,
+                                                                                    result.seconds)})
+                bar.update(1)
+    if pending:
+        raise StoreError(f"{len(pending)} shard(s) of the update did not complete ({sorted(pending)}); run the "
+                         "same command again to resume")
 
-    # 2. delete what the release no longer holds: ids gone, old rows of changed ids, every old reject
+
+def _delete_old_rows(u: _Updating, release: Release, diff: Diff, report: UpdateReport) -> dict[int, int]:
+    """2. what the release no longer holds: ids gone, old rows of changed ids, every old reject; unchanged
+    sequences under a new description relabelled. Returns {old shard: its residue rows deleted}."""
+    run, store, lease = u.run, u.store, u.lease
     store.scalar_indexes()  # the deletes below are `id IN (...)` lookups in the index, not scans of the table
-    old = f"shard < {base}"
+    old = f"shard < {release.base}"
     drop_ids = pc.unique(diff.drop["id"]).to_pylist() if diff.drop.num_rows else []
     dropped_residues: dict[int, int] = {}
-    if RESIDUES in schemas and drop_ids:
-        residues_before = run.dataset(RESIDUES, version=before[RESIDUES])
+    if RESIDUES in u.schemas and drop_ids:
+        residues_before = run.dataset(RESIDUES, version=release.before[RESIDUES])
         for i in range(0, len(drop_ids), _CHUNK):
             got = residues_before.to_table(columns=["shard"],
                                            filter=f"{old} AND id IN ({sql_in_list(drop_ids[i:i + _CHUNK])})")
@@ -518,7 +627,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
     for i in range(0, len(drop_ids), _CHUNK):
         predicate = f"{old} AND id IN ({sql_in_list(drop_ids[i:i + _CHUNK])})"
         with lease.step("delete gone ids"):
-            if RESIDUES in schemas:
+            if RESIDUES in u.schemas:
                 store.dataset(RESIDUES).delete(predicate)
             store.dataset(PROTEINS).delete(predicate)
     with lease.step("delete old rejects"):
@@ -531,51 +640,54 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
                 store.dataset(PROTEINS).merge_insert("id").when_matched_update_all().execute(
                     diff.relabel.slice(i, _CHUNK))
         report.relabelled = diff.relabel.num_rows
+    return dropped_residues
 
-    # 3. the old shards' ledger rows: what they hold now (one atomic merge; computed from the versions the update
-    # started from, so a rerun writes the same rows)
-    ledger_before = run.dataset(LEDGER, version=before[LEDGER]).to_table()
-    if ledger_before.num_rows:
-        dropped = {}
-        if diff.drop.num_rows:
-            for v in pc.value_counts(diff.drop["shard"]).to_pylist():
-                dropped[int(v["values"])] = int(v["counts"])
-        shard_ids = ledger_before["shard"].to_pylist()
-        proteins_left = [p - dropped.get(s, 0) for s, p in zip(shard_ids, ledger_before["proteins"].to_pylist())]
-        residues_left = [None if r is None else r - dropped_residues.get(s, 0)
-                         for s, r in zip(shard_ids, ledger_before["residues"].to_pylist())]
-        fixed = ledger_before.set_column(LEDGER_SCHEMA.get_field_index("records"), "records",
-                                         pa.array(proteins_left, pa.int64()))
-        fixed = fixed.set_column(LEDGER_SCHEMA.get_field_index("proteins"), "proteins",
-                                 pa.array(proteins_left, pa.int64()))
-        fixed = fixed.set_column(LEDGER_SCHEMA.get_field_index("rejects"), "rejects",
-                                 pa.array(np.zeros(len(shard_ids), np.int64)))
-        fixed = fixed.set_column(LEDGER_SCHEMA.get_field_index("residues"), "residues",
-                                 pa.array(residues_left, pa.int64()))
-        current = store.dataset(LEDGER).to_table(filter=old)
-        if not current.sort_by("shard").equals(fixed.sort_by("shard")):
-            with lease.step("ledger counts"):
-                store.dataset(LEDGER).merge_insert("shard").when_matched_update_all().execute(fixed)
 
-    # 4. finish like `embed`, then tag the release
+def _correct_ledger(u: _Updating, release: Release, diff: Diff, dropped_residues: dict[int, int]) -> None:
+    """3. the old shards' ledger rows: what they hold now (one atomic merge; computed from the versions the update
+    started from, so a rerun writes the same rows)."""
+    ledger_before = u.run.dataset(LEDGER, version=release.before[LEDGER]).to_table()
+    if not ledger_before.num_rows:
+        return
+    dropped = {}
+    if diff.drop.num_rows:
+        for v in pc.value_counts(diff.drop["shard"]).to_pylist():
+            dropped[int(v["values"])] = int(v["counts"])
+    shard_ids = ledger_before["shard"].to_pylist()
+    proteins_left = [p - dropped.get(s, 0) for s, p in zip(shard_ids, ledger_before["proteins"].to_pylist())]
+    residues_left = [None if r is None else r - dropped_residues.get(s, 0)
+                     for s, r in zip(shard_ids, ledger_before["residues"].to_pylist())]
+    fixed = ledger_before.set_column(LEDGER_SCHEMA.get_field_index("records"), "records",
+                                     pa.array(proteins_left, pa.int64()))
+    fixed = fixed.set_column(LEDGER_SCHEMA.get_field_index("proteins"), "proteins",
+                             pa.array(proteins_left, pa.int64()))
+    fixed = fixed.set_column(LEDGER_SCHEMA.get_field_index("rejects"), "rejects",
+                             pa.array(np.zeros(len(shard_ids), np.int64)))
+    fixed = fixed.set_column(LEDGER_SCHEMA.get_field_index("residues"), "residues",
+                             pa.array(residues_left, pa.int64()))
+    current = u.store.dataset(LEDGER).to_table(filter=f"shard < {release.base}")
+    if not current.sort_by("shard").equals(fixed.sort_by("shard")):
+        with u.lease.step("ledger counts"):
+            u.store.dataset(LEDGER).merge_insert("shard").when_matched_update_all().execute(fixed)
+
+
+def _finish(u: _Updating, entries: list[Release], release: Release, report: UpdateReport) -> None:
+    """4. finish like `embed` (dedupe across shards, indexes, accounting), tag the release, count what it did;
+    the release is then done (written by the caller, with the report)."""
+    run, store = u.run, u.store
     store.dedupe_across_shards()
     store.scalar_indexes()  # rejects written since step 2 (the tagged version carries current indexes)
     _check_accounting(store)
-    with lease.step("tag release"):
+    with u.lease.step("tag release"):
         report.versions = {t: run.dataset(t).version for t in TABLES if run.has_table(t)}
         for t, v in report.versions.items():
-            _tag(run.dataset(t), release, v)
+            _tag(run.dataset(t), release.name, v)
     store.cleanup_orphans()
     # what went through the models: the rows this update wrote (all attempts), less the copies it wrote
-    written = store.dataset(PROTEINS).to_table(columns=["length"], filter=f"shard >= {base}")
+    written = store.dataset(PROTEINS).to_table(columns=["length"], filter=f"shard >= {release.base}")
     report.residues_embedded = int(pc.sum(written["length"]).as_py() or 0) - report.residues_saved
     report.proteins = store.dataset(PROTEINS).count_rows()
-    report.seconds = time.perf_counter() - started
-    entry.update(status="done", versions=report.versions, report=report.to_dict(),
-                 finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    with lease.step("update state"):
-        _write_state(run, state)
-    return report
+    release.status, release.versions, release.finished = "done", report.versions, _now()
 
 
 def _check_checkpoints(run: Run, cfg: Config, manifest: dict) -> None:
@@ -600,29 +712,29 @@ def abort_update(run_dir: str | Location, storage_options: dict | None = None) -
         set_storage_options(storage_options)
     run = Run(run_dir).require()
     with writing(run.uri) as lease:
-        state = read_state(run)
-        running = [e for e in state["releases"] if e["status"] != "done"]
+        entries = read_releases(run)
+        running = [e for e in entries if not e.done]
         if not running:
             raise UpdateError(f"{run} has no interrupted update to abort")
-        entry = running[0]
-        first = bool(entry.get("previous_versions"))
-        for t, version in entry["before"].items():
+        release = running[0]
+        first = bool(release.previous_versions)
+        for t, version in release.before.items():
             if not run.has_table(t):
                 continue
             lease.check()
-            if run.dataset(t).version != int(version):
-                run.dataset(t, version=int(version)).restore()  # also the run key the update changed
+            if run.dataset(t).version != version:
+                run.dataset(t, version=version).restore()  # also the run key the update changed
             tags = run.dataset(t).tags
-            for name in (entry["name"], *([entry["previous"]] if first else [])):
+            for name in (release.name, *([release.previous] if first else [])):
                 if name in tags.list():
                     tags.delete(name)
-        state["releases"] = [e for e in state["releases"] if e is not entry]
-        if state["releases"]:
-            _write_state(run, state)
+        entries = [e for e in entries if e is not release]
+        if entries:
+            _write_releases(run, entries)
         else:
             run.location.join(STATE_FILE).delete()
-    return (f"aborted the update of {run} to release {entry['name']}: its tables are back at their versions "
-            f"from before it" + (f" (release {entry['previous']})" if not first else ""))
+    return (f"aborted the update of {run} to release {release.name}: its tables are back at their versions "
+            f"from before it" + (f" (release {release.previous})" if not first else ""))
 
 
 def _check_accounting(store: RunStore) -> None:
@@ -651,20 +763,16 @@ def release_lines(run: str | Run) -> list[str]:
             counts.append(f"rejects {run.dataset(REJECTS, version=name).count_rows()}")
         current = " (current)" if version == proteins.version else ""
         lines.append(f"  {name}: proteins.lance v{version}, {', '.join(counts)}{current}")
-    running = [e for e in read_state(run)["releases"] if e["status"] != "done"]
-    for entry in running:
-        lines.append(f"  {entry['name']}: update interrupted; rerun `rdscale update {run} --release {entry['name']} "
-                     f"--fasta {' '.join(entry['inputs'])}` to finish it, or `rdscale update {run} --abort` to undo "
-                     "it")
+    for release in (e for e in read_releases(run) if not e.done):
+        lines.append(f"  {release.name}: update interrupted; rerun `{release.resume_command(run)}` to finish it, or "
+                     f"`rdscale update {run} --abort` to undo it")
     return ["releases (table versions tagged by `rdscale update`):", *lines] if lines else []
 
 
-def followed_release(run_dir: str | Location) -> dict[str, Any] | None:
-    """The last update entry of a run that follows a database (done or interrupted), or None."""
+def followed_release(run_dir: str | Location | Run) -> Release | None:
+    """The last release of a run that follows a database (done or interrupted), or None."""
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    if not run.location.join(STATE_FILE).is_file():
-        return None
-    entries = read_state(run)["releases"]
+    entries = read_releases(run)
     return entries[-1] if entries else None
 
 
@@ -678,11 +786,11 @@ def verify_release(run_dir: str | Location) -> list[str]:
     entry = followed_release(run)
     if entry is None:
         raise UpdateError(f"{run} was never updated")
-    if entry["status"] != "done":
-        return [f"the update to release {entry['name']} was interrupted; rerun `rdscale update {run} --release "
-                f"{entry['name']} --fasta {' '.join(entry['inputs'])}` to finish it"]
+    if not entry.done:
+        return [f"the update to release {entry.name} was interrupted; rerun `{entry.resume_command(run)}` to "
+                "finish it"]
     config = run.metadata().get("config") or {}
-    cfg = Config.from_dict(config, [f"input.paths={json.dumps(entry['inputs'])}", "ray.address=local",
+    cfg = Config.from_dict(config, [f"input.paths={json.dumps(entry.inputs)}", "ray.address=local",
                                     "fit.artifact=null"])
     options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
     shards = plan(cfg)
@@ -691,14 +799,14 @@ def verify_release(run_dir: str | Location) -> list[str]:
     read = diff.rejects + diff.repeated + diff.unchanged + diff.changed + diff.new
     headers = sum(file_headers(p) for p in cfg.input.paths)
     if headers != read:  # the reader itself, checked by an independent count (as `verify` does for a run)
-        problems.append(f"release {entry['name']}: its files hold {headers} record(s) ('>' at a line start), the "
+        problems.append(f"release {entry.name}: its files hold {headers} record(s) ('>' at a line start), the "
                         f"reader found {read}: records were lost or invented reading them")
     if diff.changed or diff.new or diff.removed:
-        problems.append(f"proteins differ from release {entry['name']}: {diff.changed} with another sequence, "
+        problems.append(f"proteins differ from release {entry.name}: {diff.changed} with another sequence, "
                         f"{diff.new} missing, {diff.removed} not in the release")
     if diff.relabel is not None:
         problems.append(f"{diff.relabel.num_rows} protein(s) with another description than in release "
-                        f"{entry['name']} (e.g. {diff.relabel['id'][0].as_py()})")
+                        f"{entry.name} (e.g. {diff.relabel['id'][0].as_py()})")
     proteins = run.dataset(PROTEINS)
     ids = proteins.to_table(columns=["id"])["id"]
     if len(pc.unique(ids)) != len(ids):
@@ -707,7 +815,7 @@ def verify_release(run_dir: str | Location) -> list[str]:
     # the release's rejects: those its shards reject (a repeated id inside one shard among them), and the
     # repeats of an id across shards, which the run moves to rejects (duplicate_id) after their shards committed
     if rejects != diff.rejects + diff.repeated:
-        problems.append(f"rejects: {rejects} rows, release {entry['name']} has {diff.rejects + diff.repeated} "
+        problems.append(f"rejects: {rejects} rows, release {entry.name} has {diff.rejects + diff.repeated} "
                         f"rejects")
     ledger = run.dataset(LEDGER).to_table()
     rows = {name: rows_per_shard(run, name) for name in (PROTEINS, REJECTS)}
