@@ -390,73 +390,23 @@ def fit_chain(
     min_residues: refuse fits from fewer residues (default K + 1: below that the joint covariance is singular
         by construction). A warning is issued below 10 K.
     """
-    if regression not in REGRESSIONS:
-        raise ChainFitError(f"regression must be one of {REGRESSIONS}, got {regression!r}")
-    if not 0.0 < fallback_fraction <= 1.0:
-        raise ChainFitError(f"fallback_fraction must be in (0, 1], got {fallback_fraction}")
-    if noise_variance is not None and not noise_variance >= 0.0:
-        raise ChainFitError(f"noise_variance must be >= 0, got {noise_variance}")
+    _check_options(regression, noise_variance, fallback_fraction)
     widths = tuple(int(w) for w in widths)
     _check_widths(widths)
-    if isinstance(moments, Mapping):
-        moments = Moments.from_arrays(moments)
-    if not isinstance(moments, Moments):
-        raise ChainFitError(f"fit_chain expects Moments or their to_arrays() dict, got {type(moments).__name__}")
-    k_total = sum(widths)
-    if moments.width != k_total:
-        raise ChainFitError(
-            f"moments have width {moments.width} but the chain widths {widths} sum to {k_total}: "
-            "accumulate moments of the concatenation [h_1, ..., h_m] in chain order"
-        )
+    moments = _chain_moments(moments, widths)
     n = moments.count
-    needed = k_total + 1 if min_residues is None else int(min_residues)
-    if n < max(needed, 2):
-        raise InsufficientDataError(
-            f"the fit sample has {n} residues; a chain of widths {widths} (K = {k_total}) needs at least "
-            f"{max(needed, 2)} (ideally >= {10 * k_total}): embed more sequences for the fit pass"
-        )
-    if n < 10 * k_total:
-        warnings.warn(
-            f"fitting a chain with K = {k_total} from only {n} residues (< 10 K); the fit may be unstable",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _check_sample(n, widths, min_residues)
 
     cov = moments.covariance()  # (K, K) float64
     starts = np.concatenate([[0], np.cumsum(widths)])
-    transform = np.zeros((k_total, widths[0]))  # (K, k_1): acc_1 = x_c E_1
+    transform = np.zeros((sum(widths), widths[0]))  # (K, k_1): acc_1 = x_c E_1
     transform[: widths[0], :] = np.eye(widths[0])
     predictors, directions, steps = [], [], []
     for i in range(1, len(widths)):
         block = slice(int(starts[i]), int(starts[i + 1]))
-        n_new = widths[i] - widths[i - 1]
-        predictor, q_map, info = solve_step(cov, transform, block, n, regression, noise_variance, fallback_fraction)
-        direction, kept_eig, all_eig = residual_directions(cov, q_map, n_new)
-        residual_var = float(np.clip(all_eig, 0, None).sum())
-        if kept_eig[-1] <= RCOND * max(float(all_eig[0]), 1e-300):
-            warnings.warn(
-                f"step {i + 1}: the residual has fewer than {n_new} non-null directions on the fit data; "
-                "the trailing new columns are arbitrary (is the larger model a function of the smaller ones?)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        new_cols = q_map @ direction  # (K, n_new): loadings of r_i V_i on x_c
-        total_var = float(np.trace(cov[block, block]))
-        steps.append(
-            StepDiagnostics(
-                step=i + 1,
-                input_width=widths[i - 1],
-                target_width=widths[i],
-                new_directions=n_new,
-                components_kept=info["components_kept"],
-                noise_variance=info["noise_variance"],
-                threshold=info["threshold"],
-                residual_r2=1.0 - residual_var / total_var if total_var > 0 else float("nan"),
-                residual_variance=residual_var,
-                captured_variance=float(np.clip(kept_eig, 0, None).sum() / residual_var) if residual_var > 0 else 0.0,
-                leakage=_leakage(cov, transform, new_cols),
-            )
-        )
+        predictor, direction, new_cols, step = _fit_step(cov, transform, block, i, widths, n, regression,
+                                                         noise_variance, fallback_fraction)
+        steps.append(step)
         predictors.append(predictor)
         directions.append(direction)
         transform = np.concatenate([transform, new_cols], axis=1)  # (K, k_i)
@@ -473,6 +423,81 @@ def fit_chain(
         n_residues=n,
         options=options,
     )
+
+
+def _check_options(regression: str, noise_variance: float | None, fallback_fraction: float) -> None:
+    if regression not in REGRESSIONS:
+        raise ChainFitError(f"regression must be one of {REGRESSIONS}, got {regression!r}")
+    if not 0.0 < fallback_fraction <= 1.0:
+        raise ChainFitError(f"fallback_fraction must be in (0, 1], got {fallback_fraction}")
+    if noise_variance is not None and not noise_variance >= 0.0:
+        raise ChainFitError(f"noise_variance must be >= 0, got {noise_variance}")
+
+
+def _chain_moments(moments: Moments | Mapping[str, np.ndarray], widths: tuple[int, ...]) -> Moments:
+    """`moments` as Moments of width K = sum(widths), the concatenation [h_1, ..., h_m] in chain order."""
+    if isinstance(moments, Mapping):
+        moments = Moments.from_arrays(moments)
+    if not isinstance(moments, Moments):
+        raise ChainFitError(f"fit_chain expects Moments or their to_arrays() dict, got {type(moments).__name__}")
+    k_total = sum(widths)
+    if moments.width != k_total:
+        raise ChainFitError(
+            f"moments have width {moments.width} but the chain widths {widths} sum to {k_total}: "
+            "accumulate moments of the concatenation [h_1, ..., h_m] in chain order"
+        )
+    return moments
+
+
+def _check_sample(n: int, widths: tuple[int, ...], min_residues: int | None) -> None:
+    """Refuses fewer than min_residues (default K + 1) residues; warns below 10 K."""
+    k_total = sum(widths)
+    needed = k_total + 1 if min_residues is None else int(min_residues)
+    if n < max(needed, 2):
+        raise InsufficientDataError(
+            f"the fit sample has {n} residues; a chain of widths {widths} (K = {k_total}) needs at least "
+            f"{max(needed, 2)} (ideally >= {10 * k_total}): embed more sequences for the fit pass"
+        )
+    if n < 10 * k_total:
+        warnings.warn(
+            f"fitting a chain with K = {k_total} from only {n} residues (< 10 K); the fit may be unstable",
+            RuntimeWarning,
+            stacklevel=3,  # fit_chain's caller
+        )
+
+
+def _fit_step(cov: np.ndarray, transform: np.ndarray, block: slice, i: int, widths: tuple[int, ...], n: int,
+              regression: str, noise_variance: float | None, fallback_fraction: float):
+    """Step i + 1 of the chain: (predictor, (n_new, n_new) direction, (K, n_new) new columns of the transform,
+    StepDiagnostics). cov: (K, K); transform: (K, k_i) the accumulated embedding's loadings on x_c; block: model
+    i + 1's columns of x."""
+    n_new = widths[i] - widths[i - 1]
+    predictor, q_map, info = solve_step(cov, transform, block, n, regression, noise_variance, fallback_fraction)
+    direction, kept_eig, all_eig = residual_directions(cov, q_map, n_new)
+    residual_var = float(np.clip(all_eig, 0, None).sum())
+    if kept_eig[-1] <= RCOND * max(float(all_eig[0]), 1e-300):
+        warnings.warn(
+            f"step {i + 1}: the residual has fewer than {n_new} non-null directions on the fit data; "
+            "the trailing new columns are arbitrary (is the larger model a function of the smaller ones?)",
+            RuntimeWarning,
+            stacklevel=3,  # fit_chain's caller
+        )
+    new_cols = q_map @ direction  # (K, n_new): loadings of r_i V_i on x_c
+    total_var = float(np.trace(cov[block, block]))
+    step = StepDiagnostics(
+        step=i + 1,
+        input_width=widths[i - 1],
+        target_width=widths[i],
+        new_directions=n_new,
+        components_kept=info["components_kept"],
+        noise_variance=info["noise_variance"],
+        threshold=info["threshold"],
+        residual_r2=1.0 - residual_var / total_var if total_var > 0 else float("nan"),
+        residual_variance=residual_var,
+        captured_variance=float(np.clip(kept_eig, 0, None).sum() / residual_var) if residual_var > 0 else 0.0,
+        leakage=_leakage(cov, transform, new_cols),
+    )
+    return predictor, direction, new_cols, step
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------

@@ -82,115 +82,138 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
         raise StoreError(f"{run} holds no rdscale run (no proteins.lance / shards.lance)")
     if followed_release(run) is not None:  # `rdscale update` moved it to another release: check that one
         return verify_release(run.location)
-    problems: list[str] = []
     tables = [name for name in (PROTEINS, RESIDUES, REJECTS) if run.has_table(name)]
-    for name in tables:
-        for missing in missing_data_files(run.table_uri(name)):
-            problems.append(f"{name}: data file {missing} is missing")
+    problems = [f"{name}: data file {missing} is missing"
+                for name in tables for missing in missing_data_files(run.table_uri(name))]
     if problems:
         return problems  # the tables cannot be read
 
     meta = run.metadata()
     cfg = Config.from_dict(meta.get("config") or {})
     status = run_status(run)
-    committed = set(status["committed"])
     if not status["complete"]:
-        problems.append(f"incomplete: {len(committed)} of {status['planned']} shards committed")
-
-    # --- metadata: one run key and one fit manifest across tables, matching the fit on disk
-    schemas = {name: run.dataset(name).schema.metadata or {} for name in tables}
-    if len({md.get(META_RUN_KEY) for md in schemas.values()}) != 1:
-        problems.append(f"tables carry different run keys: {sorted(schemas)}")
-    if len({md.get(META_MANIFEST) for md in schemas.values()}) != 1:
-        problems.append("tables carry different fit manifests in their metadata")
-    problems += _check_fit(run, meta.get("fit_manifest") or {})
-
-    # --- inputs
+        problems.append(f"incomplete: {len(status['committed'])} of {status['planned']} shards committed")
+    problems += _check_metadata(run, tables, meta)
     missing_inputs = [p for p in cfg.input.paths if not Location.parse(p).is_file()]
     if missing_inputs:
         problems.append(f"input file(s) not found: {', '.join(missing_inputs)} (cannot check records against the "
-                     "input)")
+                        "input)")
         return problems
-    shards = plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
-                         index_dir=run.gzip_index)
-    ledger = {r["shard"]: r for r in run.dataset(LEDGER).to_table().to_pylist()}
-    copies = any(DUPS_KEY in str(r["key"]) for r in ledger.values())  # rdscale.run.dedupe
-    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
     rows = run.dataset(PROTEINS).count_rows() + (run.dataset(REJECTS).count_rows() if REJECTS in tables else 0)
     parts = partitions_for(2 * rows, rows_per_partition)
-
-    with HashPartitions(parts, _RECORDS, "source", scratch) as records, \
-            HashPartitions(parts, pa.schema([("id", pa.string())]), "id", scratch) as protein_ids:
-        bar = Progress(total=len(shards), unit="shard", desc="verify: reading the input", enabled=progress)
-        read_per_file: dict[int, int] = {}
-        for shard in shards:
-            digest = RecordsDigest()
-            batch = _Batch()
-            for item in read_shard(shard, options):
-                read_per_file[shard.file_index] = read_per_file.get(shard.file_index, 0) + 1
-                digest.update(item)
-                seq = "" if isinstance(item, Reject) else _seq_digest(item.sequence)
-                batch.add(f"{item.path}:{item.offset}", item.id, seq, shard.index, 0)
-                if len(batch) >= _BATCH:
-                    records.add(batch.take())
-            records.add(batch.take())
-            row = ledger.get(shard.index)
-            if row is not None:
-                if key_range(row["key"]) != shard_key(shard):  # the input's plan, without dedupe's assignment
-                    problems.append(f"shard {shard.index}: ledger range {row['key']} differs from the input's plan "
-                                 f"{shard_key(shard)}")
-                elif row.get("digest") and row["digest"] != digest.hexdigest():
-                    problems.append(f"shard {shard.index}: {shard.path} changed since the shard was embedded "
-                                 f"(bytes {shard.start}-{shard.end or 'eof'})")
-            bar.update(1)
-        bar.close()
-        for file_index, path in enumerate(cfg.input.paths):
-            headers, read = file_headers(path), read_per_file.get(file_index, 0)
-            if headers != read:
-                problems.append(f"{path}: holds {headers} record(s) ('>' at a line start), the reader found {read}: "
-                                "records were lost or invented reading it (line endings? report this)")
-        for index in sorted(set(ledger) - {s.index for s in shards}):
-            problems.append(f"shard {index}: in the ledger but not in the input's shard plan")
-
-        stray: dict[str, set[int]] = {}
-        bar = Progress(total=rows, unit="row", desc="verify: reading proteins and rejects", enabled=progress)
-        for name, where in ((PROTEINS, 1), (REJECTS, 2)):
-            if name not in tables:
-                continue
-            columns = ["source", "id", "shard"] + (["sequence"] if where == 1 else [])
-            for part in run.dataset(name).to_batches(columns=columns, batch_size=_BATCH):
-                bar.update(part.num_rows)
-                shard_col = part.column("shard")
-                outside = pc.invert(pc.is_in(shard_col, value_set=pa.array(sorted(committed), pa.int32())))
-                if pc.any(outside).as_py():
-                    stray.setdefault(name, set()).update(pc.unique(shard_col.filter(outside)).to_pylist())
-                seqs = ([_seq_digest(s) for s in part.column("sequence").to_pylist()] if where == 1
-                        else [""] * part.num_rows)
-                records.add(pa.record_batch(
-                    [part.column("source"), part.column("id"), pa.array(seqs, pa.string()),
-                     part.column("shard").cast(pa.int32()), pa.array([where] * part.num_rows, pa.int8())],
-                    schema=_RECORDS))
-                if where == 1:
-                    protein_ids.add(pa.record_batch([part.column("id")], names=["id"]))
-        bar.close()
-        for name, found in stray.items():
-            problems.append(f"{name}: rows of uncommitted shard(s) {sorted(found)[:10]}")
-        for part in records:
-            _check_records(part, committed, status["complete"] or not copies, problems)
-        dup_ids, example = 0, None
-        for part in protein_ids:
-            many = repeated(part["id"])
-            if len(many):
-                dup_ids += len(many)
-                example = example or many[0].as_py()
-        if dup_ids:
-            problems.append(f"proteins: {dup_ids} id(s) stored more than once, e.g. {example}")
-
+    problems += _check_against_input(run, cfg, tables, status, rows, parts, scratch, progress)
     if RESIDUES in tables:
         problems += _check_residues(run, cfg, parts, scratch, progress)
     if len(problems) > MAX_LINES:
         return problems[:MAX_LINES] + [f"... and {len(problems) - MAX_LINES} more"]
     return problems
+
+
+def _check_metadata(run: Run, tables: list[str], meta: dict[str, Any]) -> list[str]:
+    """One run key and one fit manifest across tables, matching the fit on disk."""
+    problems = []
+    schemas = {name: run.dataset(name).schema.metadata or {} for name in tables}
+    if len({md.get(META_RUN_KEY) for md in schemas.values()}) != 1:
+        problems.append(f"tables carry different run keys: {sorted(schemas)}")
+    if len({md.get(META_MANIFEST) for md in schemas.values()}) != 1:
+        problems.append("tables carry different fit manifests in their metadata")
+    return problems + _check_fit(run, meta.get("fit_manifest") or {})
+
+
+def _check_against_input(run: Run, cfg: Config, tables: list[str], status: dict[str, Any], rows: int, parts: int,
+                         scratch: str | None, progress: bool) -> list[str]:
+    """Every input record in exactly one of proteins or rejects, and nothing else there: the (source, id, digest)
+    rows of the input and of the tables, hash-partitioned by source, compared one partition at a time."""
+    committed = set(status["committed"])
+    shards = plan_shards(cfg.input.paths, shard_bytes=int(cfg.input.shard_mb * (1 << 20)),
+                         index_dir=run.gzip_index)
+    ledger = {r["shard"]: r for r in run.dataset(LEDGER).to_table().to_pylist()}
+    copies = any(DUPS_KEY in str(r["key"]) for r in ledger.values())  # rdscale.run.dedupe
+    with HashPartitions(parts, _RECORDS, "source", scratch) as records, \
+            HashPartitions(parts, pa.schema([("id", pa.string())]), "id", scratch) as protein_ids:
+        problems = _read_input(cfg, shards, ledger, records, progress)
+        problems += _read_tables(run, tables, committed, rows, records, protein_ids, progress)
+        for part in records:
+            _check_records(part, committed, status["complete"] or not copies, problems)
+        problems += _repeated_ids(protein_ids)
+    return problems
+
+
+def _read_input(cfg: Config, shards: list, ledger: dict[int, dict], records: HashPartitions,
+                progress: bool) -> list[str]:
+    """The input's records into `records` (where 0); each shard's ledger range and digest, each file's record
+    count against an independent count of its headers."""
+    problems = []
+    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
+    bar = Progress(total=len(shards), unit="shard", desc="verify: reading the input", enabled=progress)
+    read_per_file: dict[int, int] = {}
+    for shard in shards:
+        digest = RecordsDigest()
+        batch = _Batch()
+        for item in read_shard(shard, options):
+            read_per_file[shard.file_index] = read_per_file.get(shard.file_index, 0) + 1
+            digest.update(item)
+            seq = "" if isinstance(item, Reject) else _seq_digest(item.sequence)
+            batch.add(f"{item.path}:{item.offset}", item.id, seq, shard.index, 0)
+            if len(batch) >= _BATCH:
+                records.add(batch.take())
+        records.add(batch.take())
+        row = ledger.get(shard.index)
+        if row is not None:
+            if key_range(row["key"]) != shard_key(shard):  # the input's plan, without dedupe's assignment
+                problems.append(f"shard {shard.index}: ledger range {row['key']} differs from the input's plan "
+                                f"{shard_key(shard)}")
+            elif row.get("digest") and row["digest"] != digest.hexdigest():
+                problems.append(f"shard {shard.index}: {shard.path} changed since the shard was embedded "
+                                f"(bytes {shard.start}-{shard.end or 'eof'})")
+        bar.update(1)
+    bar.close()
+    for file_index, path in enumerate(cfg.input.paths):
+        headers, read = file_headers(path), read_per_file.get(file_index, 0)
+        if headers != read:
+            problems.append(f"{path}: holds {headers} record(s) ('>' at a line start), the reader found {read}: "
+                            "records were lost or invented reading it (line endings? report this)")
+    for index in sorted(set(ledger) - {s.index for s in shards}):
+        problems.append(f"shard {index}: in the ledger but not in the input's shard plan")
+    return problems
+
+
+def _read_tables(run: Run, tables: list[str], committed: set[int], rows: int, records: HashPartitions,
+                 protein_ids: HashPartitions, progress: bool) -> list[str]:
+    """The proteins' and rejects' rows into `records` (where 1, 2) and the protein ids into `protein_ids`; rows of
+    uncommitted shards reported."""
+    stray: dict[str, set[int]] = {}
+    bar = Progress(total=rows, unit="row", desc="verify: reading proteins and rejects", enabled=progress)
+    for name, where in ((PROTEINS, 1), (REJECTS, 2)):
+        if name not in tables:
+            continue
+        columns = ["source", "id", "shard"] + (["sequence"] if where == 1 else [])
+        for part in run.dataset(name).to_batches(columns=columns, batch_size=_BATCH):
+            bar.update(part.num_rows)
+            shard_col = part.column("shard")
+            outside = pc.invert(pc.is_in(shard_col, value_set=pa.array(sorted(committed), pa.int32())))
+            if pc.any(outside).as_py():
+                stray.setdefault(name, set()).update(pc.unique(shard_col.filter(outside)).to_pylist())
+            seqs = ([_seq_digest(s) for s in part.column("sequence").to_pylist()] if where == 1
+                    else [""] * part.num_rows)
+            records.add(pa.record_batch(
+                [part.column("source"), part.column("id"), pa.array(seqs, pa.string()),
+                 part.column("shard").cast(pa.int32()), pa.array([where] * part.num_rows, pa.int8())],
+                schema=_RECORDS))
+            if where == 1:
+                protein_ids.add(pa.record_batch([part.column("id")], names=["id"]))
+    bar.close()
+    return [f"{name}: rows of uncommitted shard(s) {sorted(found)[:10]}" for name, found in stray.items()]
+
+
+def _repeated_ids(protein_ids: HashPartitions) -> list[str]:
+    dup_ids, example = 0, None
+    for part in protein_ids:
+        many = repeated(part["id"])
+        if len(many):
+            dup_ids += len(many)
+            example = example or many[0].as_py()
+    return [f"proteins: {dup_ids} id(s) stored more than once, e.g. {example}"] if dup_ids else []
 
 
 class _Batch:
