@@ -69,6 +69,7 @@ from rdscale.io.store import (
     run_status,
     sql_in_list,
 )
+from rdscale.model.loading import describe_model  # torch: imported with run.pipeline's stages anyway
 from rdscale.progress import Progress
 from rdscale.run import dedupe, provenance
 from rdscale.run.dedupe import DedupShard, seq_digest
@@ -692,8 +693,6 @@ def _finish(u: _Updating, entries: list[Release], release: Release, report: Upda
 
 def _check_checkpoints(run: Run, cfg: Config, manifest: dict) -> None:
     """The run's checkpoints (chain, then extension steps) still hold the weights it was embedded with (sha256)."""
-    from rdscale.model.loading import describe_model  # torch: only for an update that will embed
-
     recorded = manifest.get("models") or []
     specs = list(cfg.models) + [m.get("source") or m.get("name") for m in recorded[len(cfg.models):]]
     for spec, model in zip(specs, recorded):
