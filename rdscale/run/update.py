@@ -336,7 +336,8 @@ def update(run_dir: str | Location, inputs: Sequence[str], release: str, *, over
     """Bring the run at `run_dir` to the release in `inputs` (FASTA files), tagged `release`. `overrides`:
     `section.key=value` settings over the run's recorded config (e.g. ray.address=local, embedding.device=cuda);
     the models, fit and embedding settings are the run's own."""
-    from rdscale.run.pipeline import make_executor, plan
+    from rdscale.run.executor import make_executor
+    from rdscale.run.pipeline import plan
 
     if not _NAME.match(release or ""):
         raise UpdateError(f"release name {release!r}: use letters, digits, '.', '-' and '_' (e.g. 2024_01)")

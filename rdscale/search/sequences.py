@@ -87,7 +87,8 @@ class QueryEmbedder:
                 raise SearchError(f"the models do not match the run's fit at {self.fit_dir}: {err}") from err
             self._level_widths = [int(w) for w in self.fit.widths]
         if self.extended:
-            from rdscale.run.extend import ExtendError, load_query_chain
+            from rdscale.fit.artifact import load_query_chain
+            from rdscale.fit.extension import ExtendError
 
             try:
                 self.fits = load_query_chain(run)
@@ -112,7 +113,7 @@ class QueryEmbedder:
         checked against every model loaded; the ones not loaded yet are checked when they are)."""
         from rdscale.fit.artifact import ArtifactError, load_fit
         from rdscale.model.loading import DeviceError
-        from rdscale.run.stages import ChainEncoder
+        from rdscale.model.encoder import ChainEncoder
 
         if self.encoder is not None and self.models_loaded >= upto:
             return self.encoder
@@ -174,7 +175,7 @@ class QueryEmbedder:
             raise SearchError(f"cannot embed the queries: {err}") from err
         with torch.no_grad():
             if self.fits is not None and upto > len(self.fits[0].widths):
-                from rdscale.run.extend import apply_chain
+                from rdscale.fit.extension import apply_chain
 
                 rd = [apply_chain(self.fits[: 1 + upto - len(self.fits[0].widths)], b).float().cpu()
                       for b in blocks]  # [seq] (L, k_upto), extended chain
