@@ -270,6 +270,24 @@ def route_worker_output(log_file: str | None) -> WorkerOutput | None:
     return handler
 
 
+# What each actor's constructor gets: small values only (a config, model names, a fit's location, table URIs and
+# schemas), so that Ray passes them inline; the stage's setup() loads the models and the fit inside the actor.
+# tests/test_executors.py holds each under 64 KB pickled.
+
+
+def fit_actor_args(models: Sequence[str], cfg: Config) -> tuple:
+    return list(models), cfg
+
+
+def apply_actor_kwargs(cfg: Config, models: Sequence[str], fit_dir, uris: dict[str, str],
+                       schemas: dict[str, pa.Schema]) -> dict[str, Any]:
+    return {"cfg": cfg, "models": list(models), "fit_dir": fit_dir, "uris": dict(uris), "schemas": dict(schemas)}
+
+
+def extend_actor_args(model: str, cfg: Config) -> tuple:
+    return model, cfg
+
+
 class RayExecutor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -363,7 +381,7 @@ class RayExecutor:
         worker_cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor,
                                 max_restarts=cfg.ray.max_restarts,
                                 max_task_retries=cfg.ray.max_restarts)(as_actor(_FitActor))
-        workers = [worker_cls.remote(models, cfg) for _ in range(n)]
+        workers = [worker_cls.remote(*fit_actor_args(models, cfg)) for _ in range(n)]
         shares = [plan[i::n] for i in range(n)]
         try:
             # A restarted actor reruns its whole share (the task is retried), so these counts are always complete.
@@ -386,8 +404,7 @@ class RayExecutor:
                                       num_cpus=SIDE_TASK_CPUS)
         ds = ds.map_batches(
             as_actor(ApplyStage),
-            fn_constructor_kwargs={"cfg": cfg, "models": list(models), "fit_dir": fit_dir, "uris": uris,
-                                   "schemas": schemas},
+            fn_constructor_kwargs=apply_actor_kwargs(cfg, models, fit_dir, uris, schemas),
             batch_size=cfg.output.records_per_batch,
             batch_format="pyarrow",
             # Ray Data restarts a dead actor and retries its batches by default (max_restarts=-1); a retried
@@ -429,7 +446,7 @@ class RayExecutor:
     def _extend_actors(self, model: str, cfg: Config, n: int) -> list:
         cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor, max_restarts=cfg.ray.max_restarts,
                          max_task_retries=cfg.ray.max_restarts)(as_actor(FragmentExtender))
-        return [cls.remote(model, cfg) for _ in range(max(1, n))]
+        return [cls.remote(*extend_actor_args(model, cfg)) for _ in range(max(1, n))]
 
     def extend_fit_step(self, model: str, cfg: Config, run: str, sample: int, regression: str, width: int):
         """The extension step fitted on a sample of the run, in one actor (the new model may not fit the driver)."""
