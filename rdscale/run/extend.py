@@ -20,6 +20,12 @@ metadata-only operations, each detected and completed on restart.
 
 Extendable runs store the residue table at full width (output.storage_width null). float32 residues extend
 exactly; float16 residues extend within float16 rounding of z.
+
+`extend` reads as its steps: `plan_extension` (the run as stored, the new model) -> `_step` (reused, from a longer
+fit, or the executor's `extend_fit_step`) -> `_extend_tables` (the executor's `extend_runner` over each table's
+fragments, committed as one Merge) -> `_commit` (the new level in every table's metadata). The new model runs in
+the executor's stage (rdscale.run.stages.FragmentExtender), in this process or in Ray actors; the step's
+mathematics is rdscale.fit.extension.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ from pathlib import Path
 from typing import Sequence
 
 import lance
-import pyarrow as pa
 from lance.fragment import FragmentMetadata
 
 from rdscale.config import Config
