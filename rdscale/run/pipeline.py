@@ -239,13 +239,10 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     executors = _once(executor, cfg)  # Ray starts only if a step needs it
     planned = _plan_embedding(cfg, fit_dir or cfg.fit.artifact, lease, executors, progress)
     state = _open_store(cfg, planned, lease, redo_changed)
-    started = time.perf_counter()
     if state.todo:
         _apply(cfg, planned, state, executors(), progress)
     _finish(cfg, planned, state)
-    summary = state.summary
-    summary.seconds = time.perf_counter() - started
-    return summary
+    return state.summary
 
 
 def _once(executor: Executor | None, cfg: Config) -> Callable[[], Executor]:
@@ -305,6 +302,7 @@ class EmbedState:
     todo: list[Shard]
     committed: list[dict]
     summary: Summary
+    started: float = field(default_factory=time.perf_counter)  # this invocation's embedding began
 
 
 def _open_store(cfg: Config, planned: EmbedPlan, lease: WriterLease, redo_changed: bool) -> EmbedState:
@@ -368,6 +366,7 @@ def _finish(cfg: Config, planned: EmbedPlan, state: EmbedState) -> None:
     if cfg.output.compact and not store.compact():
         summary.warnings.append("compaction failed (see the log); the tables are complete but fragmented")
     store.scalar_indexes()  # the rejects the dedupe pass wrote (a no-op when there were none)
+    summary.seconds = time.perf_counter() - state.started
     counts = store.counts()
     summary.records = counts["records"]
     summary.proteins = counts["proteins"]
