@@ -35,7 +35,8 @@ from rdscale.io.fasta import ValidationOptions  # noqa: E402
 from rdscale.io.runs import Run  # noqa: E402
 from rdscale.model.loading import build_tiny_family  # noqa: E402
 from rdscale.run.dedupe import plan_duplicates  # noqa: E402
-from rdscale.run.pipeline import LocalExecutor, embed, plan  # noqa: E402
+from rdscale.run.executor import LocalExecutor  # noqa: E402
+from rdscale.run.pipeline import embed, plan  # noqa: E402
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 

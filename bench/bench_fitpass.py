@@ -71,7 +71,8 @@ def bench_chain(name: str, args, scratch: Path) -> dict:
     cfg = Config(models=[str(c) for c in checkpoints], input=InputConfig(paths=[str(fasta)]),
                  embedding=EmbeddingConfig(toks_per_batch=args.toks_per_batch, device="cpu", dtype="float32"),
                  fit=FitConfig(sample_sequences=len(sequences))).validate()
-    worker = FitWorker(cfg.models, cfg)  # loads the chain once; every variant below uses these models
+    worker = FitWorker(cfg.models, cfg)
+    worker.setup()  # loads the chain once; every variant below uses these models
     encoder = worker.encoder
     plan = [(shard, len(sequences)) for shard in plan_shards([str(fasta)], 1 << 40)]
     k_total = sum(encoder.widths)

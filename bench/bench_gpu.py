@@ -374,7 +374,8 @@ class Bench:
             OutputConfig,
             RayConfig,
         )
-        from rdscale.run.pipeline import LocalExecutor, embed
+        from rdscale.run.executor import LocalExecutor
+        from rdscale.run.pipeline import embed
 
         out_dir = self.scratch / f"run_{len(self.rows)}"
         cfg = Config(

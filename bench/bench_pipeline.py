@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from rdscale.io.fasta import Record, read_fasta  # noqa: E402
 from rdscale.model.loading import build_tiny_family, esm2_parameter_count  # noqa: E402
 from rdscale.run.extend import extend  # noqa: E402
-from rdscale.run.pipeline import LocalExecutor, embed, fit  # noqa: E402
+from rdscale.run.executor import LocalExecutor  # noqa: E402
+from rdscale.run.pipeline import embed, fit  # noqa: E402
 
 
 def main() -> None:

@@ -45,7 +45,8 @@ from rdscale.io import store as store_mod  # noqa: E402
 from rdscale.io.fasta import ValidationOptions  # noqa: E402
 from rdscale.run import dedupe  # noqa: E402
 from rdscale.run.compact import compact_run  # noqa: E402
-from rdscale.run.pipeline import LocalExecutor, plan, run  # noqa: E402
+from rdscale.run.executor import LocalExecutor  # noqa: E402
+from rdscale.run.pipeline import plan, run  # noqa: E402
 from rdscale.run.update import update  # noqa: E402
 from rdscale.run.verify import verify  # noqa: E402
 

@@ -39,7 +39,8 @@ from rdscale.config import load_config
 from rdscale.io.fasta import Record, plan_shards, read_fasta, read_shard
 from rdscale.io.location import Location
 from rdscale.model.loading import build_tiny_family
-from rdscale.run.pipeline import LocalExecutor, embed, fit
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import embed, fit
 
 
 def _cfg(fasta: str, models, out: str, **extra):

@@ -29,7 +29,8 @@ from benchkit import ROOT, timed, torch_machine, write_results
 sys.path.insert(0, str(ROOT))
 
 from rdscale.model.loading import build_tiny_family  # noqa: E402
-from rdscale.run.pipeline import LocalExecutor, embed, run  # noqa: E402
+from rdscale.run.executor import LocalExecutor  # noqa: E402
+from rdscale.run.pipeline import embed, run  # noqa: E402
 from rdscale.run.update import update  # noqa: E402
 
 AA = "ACDEFGHIKLMNPQRSTVWY"

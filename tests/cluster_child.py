@@ -68,7 +68,8 @@ def main() -> int:
     os.chdir(elsewhere)
 
     from rdscale.config import load_config
-    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run
 
     local_dir = work / "project" / "runs" / "local"
     local = run(load_config(config, [f"output.dir={local_dir}", "ray.address=local"]), LocalExecutor(), progress=False)

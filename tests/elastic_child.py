@@ -87,7 +87,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     fasta = write_fasta(work / "in.fasta", n=80, seed=11)
     from rdscale.config import load_config
-    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run
 
     base = [f"models={json.dumps(models)}", f"input.paths=[{fasta}]", "input.shard_mb=0.0003",
             "embedding.window=120", "embedding.overlap=30", "embedding.toks_per_batch=512",

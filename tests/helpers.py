@@ -11,7 +11,7 @@ import lance
 
 from rdscale.cli.main import main
 from rdscale.config import load_config
-from rdscale.run.pipeline import LocalExecutor
+from rdscale.run.executor import LocalExecutor
 
 
 def invoke(capsys, argv):
@@ -83,7 +83,8 @@ def embed_killed_before_ledger(cfg, commits: int) -> None:
     import pytest
 
     from rdscale.io import store
-    from rdscale.run.pipeline import LocalExecutor, embed
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import embed
 
     calls = []
 

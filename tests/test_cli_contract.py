@@ -563,7 +563,8 @@ def logged_by(name: str, monkeypatch):
 def test_log_names_the_final_fit_location_not_the_staging_one(tmp_path, tiny_family, monkeypatch):
     from helpers import make_cfg
 
-    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run
 
     with logged_by("rdscale.run.pipeline", monkeypatch) as records:
         fasta = write_fasta(tmp_path / "a.fasta", n=4, seed=1)

@@ -81,7 +81,8 @@ def small_fasta(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_small(tmp_path_factory, small_fasta, tiny_family):
-    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run
 
     tmp = tmp_path_factory.mktemp("cl_local")
     cfg = make_cfg(tmp, small_fasta, tiny_family)

@@ -15,7 +15,8 @@ from rdscale.io.fasta import Record, ValidationOptions, read_shard
 from rdscale.io.store import FAULT_HOOKS
 from rdscale.run import dedupe
 from rdscale.run.integrity import InputChangedError
-from rdscale.run.pipeline import LocalExecutor, embed, plan, run
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import embed, plan, run
 
 
 def write_records(path, records):

@@ -35,7 +35,8 @@ from rdscale.io.fasta import plan_shards, read_fasta
 from rdscale.io.lease import LEASE_NAME, LeaseError, LeaseInfo, WriterLease, read_lease
 from rdscale.io.store import LEDGER, StoreError, committed_filter, run_status
 from rdscale.run.integrity import InputChangedError
-from rdscale.run.pipeline import LocalExecutor, embed, fit, run
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import embed, fit, run
 from rdscale.run.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def test_other_models_refused_unless_restart(tmp_path, tiny_family, base):
     with pytest.raises(ArtifactMismatchError, match="sha256"):
         embed(cfg_b, tmp_path / "run" / "fit", LocalExecutor(), progress=False)
     with pytest.raises(ArtifactMismatchError):
-        ApplyStage(cfg_b, other, str(tmp_path / "run" / "fit"), {}, {})
+        ApplyStage(cfg_b, other, str(tmp_path / "run" / "fit"), {}, {}).setup()
     assert snapshot(tmp_path / "run") == before and not (tmp_path / "run" / LEASE_NAME).exists()
 
     summary = run(cfg_b, LocalExecutor(), progress=False, restart=True)

@@ -11,7 +11,8 @@ from helpers import make_cfg, table, write_fasta
 
 import rdscale.model.loading
 from rdscale.run.extend import ExtendError, extend
-from rdscale.run.pipeline import LocalExecutor, run
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import run
 
 
 def embeddings(run_dir, name):
@@ -93,10 +94,10 @@ def test_interrupted_extension_resumes_without_loss_or_duplicates(tmp_path, fast
                                                                   monkeypatch):
     small = two_level_run(tmp_path, fasta, tiny_family, "small", **{"output.compact": False})
     assert len(lance.dataset(str(small / "residues.lance")).get_fragments()) > 2
-    import rdscale.run.extend as ext
+    import rdscale.run.stages as ext
 
     calls = {"n": 0}
-    original = ext._ResidueColumn.__call__
+    original = ext.ResidueColumn.__call__
 
     def dying(self, batch):
         calls["n"] += 1
@@ -104,11 +105,11 @@ def test_interrupted_extension_resumes_without_loss_or_duplicates(tmp_path, fast
             raise KeyboardInterrupt
         return original(self, batch)
 
-    monkeypatch.setattr(ext._ResidueColumn, "__call__", dying)
+    monkeypatch.setattr(ext.ResidueColumn, "__call__", dying)
     with pytest.raises(KeyboardInterrupt):
         extend(small, str(tiny_family[2]), progress=False)
     assert any((small / "extend.partial" / "residues").glob("*.json"))
-    monkeypatch.setattr(ext._ResidueColumn, "__call__", original)
+    monkeypatch.setattr(ext.ResidueColumn, "__call__", original)
     summary = extend(small, str(tiny_family[2]), progress=False)
     assert summary.fragments_skipped >= 1
     res, res_emb = embeddings(small, "residues")

@@ -216,7 +216,7 @@ def test_batches_are_queued_without_a_host_synchronisation(tiny_family, forward)
 
 
 def test_smaller_models_of_a_chain_take_larger_token_budgets():
-    from rdscale.run.stages import model_budgets
+    from rdscale.model.fast_esm import model_budgets
 
     assert model_budgets(16384, [320, 480, 640, 1280]) == [65536, 43690, 32768, 16384]
     assert model_budgets(1000, [8, 2560]) == [8000, 1000]  # at most 8x
@@ -243,7 +243,8 @@ sys.path.insert(0, "bench")
 import bench_gpu
 bench_gpu.refuse_unneeded_packages()  # ray, yaml, safetensors, scipy, ... now raise ModuleNotFoundError
 from rdscale.config import Config, EmbeddingConfig, InputConfig, OutputConfig, RayConfig
-from rdscale.run.pipeline import LocalExecutor, embed
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import embed
 cfg = Config(models=[sys.argv[1]], input=InputConfig(paths=[sys.argv[2]]),
              embedding=EmbeddingConfig(device="cpu", toks_per_batch=256),
              output=OutputConfig(dir=sys.argv[3], storage_width=16), ray=RayConfig(address="local")).validate()

@@ -297,7 +297,8 @@ def frozen_base(tmp_path_factory, tiny_family):
     """An input, a fit of the tiny family on it, and the tables of an uninterrupted run (for comparison)."""
     from helpers import make_cfg, write_fasta
 
-    from rdscale.run.pipeline import LocalExecutor, embed, fit
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import embed, fit
 
     tmp = tmp_path_factory.mktemp("frozen_base")
     fasta = write_fasta(tmp / "in.fasta", n=16, seed=5)
@@ -467,7 +468,8 @@ def test_ray_driver_that_loses_its_lease_stops_at_its_next_step(tmp_path, ray_se
     from helpers import make_cfg
 
     from rdscale.cluster.executor import RayExecutor
-    from rdscale.run.pipeline import LocalExecutor, embed
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import embed
     from rdscale.run.verify import verify
 
     fasta, fit_dir, reference = frozen_base
@@ -524,7 +526,8 @@ def update_world(tmp_path_factory, tiny_family):
     from helpers import make_cfg
     from test_update import releases_ab, write_records
 
-    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run
 
     tmp = tmp_path_factory.mktemp("fence_update")
     a, b = releases_ab()

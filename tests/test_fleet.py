@@ -61,7 +61,7 @@ def test_config_validates_the_device_table():
 
 
 def test_chain_encoder_takes_its_devices_budget(tiny_family):
-    from rdscale.run.stages import ChainEncoder
+    from rdscale.model.encoder import ChainEncoder
 
     cfg = load_config(None, [f"models={[str(m) for m in tiny_family]}", "embedding.toks_per_batch=4096",
                              "embedding.toks_per_batch_by_device={cpu: 512, H100: 65536}"])
@@ -101,7 +101,8 @@ def test_ledger_records_provenance_and_a_resume_on_other_software_warns_once(tmp
     from test_pipeline import assert_same_tables
 
     from rdscale import __version__
-    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run
 
     fasta = write_fasta(tmp_path / "in.fasta", n=30, seed=4)
     run(make_cfg(tmp_path, fasta, tiny_family, "whole"), LocalExecutor(), progress=False)
@@ -139,7 +140,8 @@ def test_update_warns_on_a_changed_version_and_old_runs_without_the_columns_stil
     from test_update import releases_ab, write_records
 
     from rdscale.cli.main import main
-    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run
     from rdscale.run.update import update
 
     a, b = releases_ab(seed=5, n=16)
@@ -205,7 +207,8 @@ def test_auto_pool_on_the_session_cluster_equals_local(ray_session, tmp_path, ti
     from test_pipeline import assert_same_tables
 
     from rdscale.cluster.executor import RayExecutor
-    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run
 
     fasta = write_fasta(tmp_path / "in.fasta", n=12, seed=6)
     run(make_cfg(tmp_path, fasta, tiny_family, "local"), LocalExecutor(), progress=False)

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from helpers import make_cfg, write_fasta
 
 from rdscale.io import fasta as fasta_mod
-from rdscale.run.pipeline import LocalExecutor, embed, run
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import embed, run
 from rdscale.io.headcount import count_headers, file_headers
 from rdscale.run.verify import verify
 

@@ -244,6 +244,7 @@ def test_fit_worker_accumulates_with_the_configured_gram(tiny_family, tmp_path):
         cfg = Config(models=[str(p) for p in tiny_family], input=InputConfig(paths=[str(fasta)]),
                      embedding=EmbeddingConfig(device="cpu", toks_per_batch=512), fit=FitConfig(gram=gram)).validate()
         worker = FitWorker(cfg.models, cfg)
+        worker.setup()
         assert worker.moments.gram == gram
         worker.run(plan)
         moments[gram] = worker.moments

@@ -24,7 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rdscale.io.store import residues_table, run_schemas
-from rdscale.run.pipeline import LocalExecutor, embed, fit
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import embed, fit
 from rdscale.run.writer import ChunkWriter
 from tests.test_pipeline import make_cfg, snapshot, write_fasta
 
@@ -167,7 +168,8 @@ def test_overlapped_writes_give_byte_identical_tables(fitted, tiny_family):
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, "tests")  # the suite's shared helpers
-    from rdscale.run.pipeline import LocalExecutor, embed
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import embed
     from helpers import make_cfg
     from tests.test_overlap import SMALL
     from pathlib import Path

@@ -17,8 +17,9 @@ from helpers import StopAfter, make_cfg, table, write_fasta
 from rdscale.fit.artifact import load_fit
 from rdscale.io.fasta import Reject, read_fasta
 from rdscale.io.store import read_metadata
-from rdscale.run.pipeline import LocalExecutor, embed, fit, run
-from rdscale.run.stages import ChainEncoder
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import embed, fit, run
+from rdscale.model.encoder import ChainEncoder
 
 
 def checksum(t) -> str:

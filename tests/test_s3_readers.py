@@ -14,7 +14,8 @@ from rdscale.cli.main import main
 from rdscale.io.location import Location
 from rdscale.io.runs import Run
 from rdscale.io.store import StoreError, committed_filter, reader_filter, run_status
-from rdscale.run.pipeline import LocalExecutor, embed, fit
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import embed, fit
 
 
 @pytest.fixture(scope="module")

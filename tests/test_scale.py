@@ -10,7 +10,8 @@ from helpers import bench_module, make_cfg
 
 from rdscale.io.fasta import ValidationOptions
 from rdscale.io.location import Location
-from rdscale.run.pipeline import LocalExecutor, plan, run
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import plan, run
 from rdscale.run.update import update
 
 gen = bench_module("uniref_gen")

@@ -200,7 +200,8 @@ def test_eval_reconstruction_of_an_extended_run_reports_the_extension_step(tmp_p
     from helpers import make_cfg, write_fasta
 
     from rdscale.run.extend import extend
-    from rdscale.run.pipeline import LocalExecutor, run
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run
 
     fasta = write_fasta(tmp_path / "ext.fasta", n=12, seed=5)
     run(make_cfg(tmp_path, fasta, tiny_family[:2], "small"), LocalExecutor(), progress=False)

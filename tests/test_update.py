@@ -11,7 +11,8 @@ from helpers import AA, StopAfter, make_cfg
 
 from rdscale.errors import RdscaleError
 from rdscale.io.lease import WriterLease
-from rdscale.run.pipeline import LocalExecutor, run
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import run
 from rdscale.run.update import UpdateError, releases, update
 
 

@@ -219,7 +219,7 @@ def _extension_steps(run_dir: str) -> list:
 
 class _ExtendedChain:
     """The base fit followed by extension steps, shaped like a ChainFit for the DMS embedder: widths of every
-    model, one level per width, apply = the run's stored embedding (rdscale.run.extend.apply_chain)."""
+    model, one level per width, apply = the run's stored embedding (rdscale.fit.extension.apply_chain)."""
 
     def __init__(self, fits: list, loaded: list):
         from rdscale.config import ConfigError
@@ -231,7 +231,7 @@ class _ExtendedChain:
             raise ConfigError(f"{len(loaded)} models for a chain of {len(fits[0].widths)} + {len(fits) - 1} steps")
 
     def apply(self, blocks):
-        from rdscale.run.extend import apply_chain
+        from rdscale.fit.extension import apply_chain
 
         return apply_chain(self.fits, blocks)
 
@@ -256,7 +256,8 @@ def _with_extensions(run_dir: str, rows: list[dict], models: list[str]) -> tuple
 
 def _fresh_fit(cfg: Config, out: Path) -> tuple[Path, Path]:
     """Fit the chain on the config's sample in this process -> (artifact dir, report dir)."""
-    from rdscale.run.pipeline import LocalExecutor, fit
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import fit
 
     log.info("fitting %s on up to %d sequences of %s", " -> ".join(cfg.models), cfg.fit.sample_sequences,
              ", ".join(cfg.input.paths))

@@ -28,35 +28,19 @@ from ray.data.datasource import Datasource, ReadTask
 
 from rdscale.config import Config
 from rdscale.errors import RdscaleError
+from rdscale.fit.moments import Moments
 from rdscale.io.fasta import Shard, ValidationOptions
 from rdscale.io.location import set_storage_options, set_worker_context
 from rdscale.io.store import ShardResult
 from rdscale.run.stages import (
-    ROW_FIELDS,
+    SHARD_BATCH_SCHEMA,
     ApplyStage,
     FitWorker,
-    rows_to_columns,
-    shard_rows,
+    FragmentExtender,
+    shard_batches,
 )
 
 log = logging.getLogger(__name__)
-
-ROW_SCHEMA = pa.schema(
-    [
-        ("shard", pa.int32()),
-        ("shard_records", pa.int64()),
-        ("accepted", pa.bool_()),
-        ("id", pa.string()),
-        ("description", pa.string()),
-        ("sequence", pa.string()),
-        ("source", pa.string()),
-        ("reason", pa.string()),
-        ("shard_digest", pa.string()),
-        ("copies", pa.string()),
-    ]
-)
-assert tuple(ROW_SCHEMA.names) == ROW_FIELDS
-
 
 class FastaDatasource(Datasource):
     """One read task per shard; each yields the shard's rows (records and rejects) in blocks."""
@@ -77,42 +61,32 @@ class FastaDatasource(Datasource):
             size = (shard.end - shard.start) if shard.end is not None else None
             meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=(shard.path,))
             tasks.append(ReadTask(_shard_reader(shard, self.options, self.rows_per_block, self.storage), meta,
-                                  schema=ROW_SCHEMA))
+                                  schema=SHARD_BATCH_SCHEMA))
         return tasks
 
 
 def _shard_reader(shard: Shard, options: ValidationOptions, rows_per_block: int, storage: dict | None = None):
     def read() -> Iterator[pa.Table]:
-        set_storage_options(storage)  # credentials given in the config, not only in every node's environment
-        _as_worker()
-        rows, digest = shard_rows(shard, options)
-        if not rows:
-            # An empty shard still reports itself so the driver can commit it (zero records).
-            yield pa.table(
-                {"shard": [shard.index], "shard_records": [0], "accepted": [False], "id": [""],
-                 "description": [""], "sequence": [""], "source": [""], "reason": ["__empty_shard__"],
-                 "shard_digest": [digest], "copies": [""]},
-                schema=ROW_SCHEMA,
-            )
-            return
-        for i in range(0, len(rows), rows_per_block):
-            yield pa.table(rows_to_columns(rows[i : i + rows_per_block]), schema=ROW_SCHEMA)
+        worker_entry(storage)
+        yield from shard_batches(shard, options, rows_per_block)
 
     return read
 
 
-def init_errors_at_first_call(cls: type) -> type:
-    """`cls` for a Ray actor, with an rdscale error of its constructor (a checkpoint that does not load, a device
-    that is not there) kept and raised by its first method call instead. Raised in the constructor it reaches the
-    driver as an ActorDiedError that keeps only text (a traceback the CLI cannot word as one line), after
-    max_restarts restarts that fail the same way; raised by a method it is a RayTaskError whose cause is the
-    rdscale error itself."""
+def as_actor(cls: type) -> type:
+    """A stage class (rdscale.run.stages) for a Ray actor: its constructor keeps the small arguments and runs the
+    stage's `setup()` (storage options, models, fit) once, in the actor. An rdscale error of the setup (a
+    checkpoint that does not load, a device that is not there) is kept and raised by the actor's first method
+    call instead: raised in the constructor it reaches the driver as an ActorDiedError that keeps only text (a
+    traceback the CLI cannot word as one line), after max_restarts restarts that fail the same way; raised by a
+    method it is a RayTaskError whose cause is the rdscale error itself."""
 
     def __init__(self, *args, **kwargs):
         self._init_error = None
         _as_worker()  # an actor's object-store errors name the node it runs on
         try:
             cls.__init__(self, *args, **kwargs)
+            self.setup()
         except RdscaleError as err:
             self._init_error = err
 
@@ -133,29 +107,15 @@ def init_errors_at_first_call(cls: type) -> type:
                                        "__qualname__": cls.__qualname__, **{n: guarded(n) for n in names}})
 
 
-class _ApplyActor(ApplyStage):
-    """ApplyStage that recognises the empty-shard marker row (which carries no record)."""
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        table = batch if isinstance(batch, pa.Table) else pa.table(batch)
-        marker = pa.compute.equal(table["reason"], "__empty_shard__")
-        empties = table.filter(marker)
-        out = {"shard": [], "shard_records": [], "result": []}
-        for shard, digest in dict(zip(empties["shard"].to_pylist(), empties["shard_digest"].to_pylist())).items():
-            out["shard"].append(shard)
-            out["shard_records"].append(0)
-            out["result"].append(json.dumps({"shard": shard, "fragments": {}, "digest": digest}))
-        rest = table.filter(pa.compute.invert(marker))
-        if rest.num_rows:
-            produced = super().__call__(rest)
-            for key in out:
-                out[key].extend(produced[key])
-        return out
+def worker_entry(storage: dict | None) -> None:
+    """Where a Ray task (a shard reader, a map_shards task) starts: the run's storage options, given in the config
+    and not only in every node's environment, become this process's. Actors take them in their stage's setup."""
+    set_storage_options(storage)
+    _as_worker()
 
 
 def _with_storage(storage: dict, fn, *args):
-    set_storage_options(storage)
-    _as_worker()
+    worker_entry(storage)
     return fn(*args)
 
 
@@ -167,6 +127,10 @@ def _as_worker() -> None:
 
 class ResourceError(RdscaleError, ValueError):
     """A resource request no node of the Ray cluster can satisfy; the message says what to change."""
+
+
+class ActorLostError(RdscaleError, RuntimeError):
+    """Actors were lost more often than a pass can redo; running the same command again resumes."""
 
 
 # Read tasks and side tasks (dedupe partitions, merges) take no whole CPU: on a cluster whose CPUs all went to the
@@ -225,8 +189,6 @@ class _FitActor(FitWorker):
         return self.moments.to_arrays()
 
     def absorb(self, arrays: dict) -> None:
-        from rdscale.fit.moments import Moments
-
         self.moments = self.moments.merge(Moments.from_arrays(arrays, device=self.moments.device))
 
 
@@ -306,6 +268,24 @@ def route_worker_output(log_file: str | None) -> WorkerOutput | None:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", handler)
     return handler
+
+
+# What each actor's constructor gets: small values only (a config, model names, a fit's location, table URIs and
+# schemas), so that Ray passes them inline; the stage's setup() loads the models and the fit inside the actor.
+# tests/test_executors.py holds each under 64 KB pickled.
+
+
+def fit_actor_args(models: Sequence[str], cfg: Config) -> tuple:
+    return list(models), cfg
+
+
+def apply_actor_kwargs(cfg: Config, models: Sequence[str], fit_dir, uris: dict[str, str],
+                       schemas: dict[str, pa.Schema]) -> dict[str, Any]:
+    return {"cfg": cfg, "models": list(models), "fit_dir": fit_dir, "uris": dict(uris), "schemas": dict(schemas)}
+
+
+def extend_actor_args(model: str, cfg: Config) -> tuple:
+    return model, cfg
 
 
 class RayExecutor:
@@ -394,14 +374,14 @@ class RayExecutor:
                 return [result]
             log.warning("a fit actor was restarted during the moments merge and lost its accumulator; "
                         "redoing the fit pass" + (" once more" if attempt == 0 else ""))
-        raise RuntimeError("the fit pass lost an actor's accumulator twice; run the same command again")
+        raise ActorLostError("the fit pass lost an actor's accumulator twice; run the same command again")
 
     def _fit_tree(self, models, cfg, plan) -> dict | None:
         n = self.actors_now(len(plan))
         worker_cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor,
                                 max_restarts=cfg.ray.max_restarts,
-                                max_task_retries=cfg.ray.max_restarts)(init_errors_at_first_call(_FitActor))
-        workers = [worker_cls.remote(models, cfg) for _ in range(n)]
+                                max_task_retries=cfg.ray.max_restarts)(as_actor(_FitActor))
+        workers = [worker_cls.remote(*fit_actor_args(models, cfg)) for _ in range(n)]
         shares = [plan[i::n] for i in range(n)]
         try:
             # A restarted actor reruns its whole share (the task is retried), so these counts are always complete.
@@ -423,9 +403,8 @@ class RayExecutor:
                                       override_num_blocks=len(shards),
                                       num_cpus=SIDE_TASK_CPUS)
         ds = ds.map_batches(
-            init_errors_at_first_call(_ApplyActor),
-            fn_constructor_kwargs={"cfg": cfg, "models": list(models), "fit_dir": fit_dir, "uris": uris,
-                                   "schemas": schemas},
+            as_actor(ApplyStage),
+            fn_constructor_kwargs=apply_actor_kwargs(cfg, models, fit_dir, uris, schemas),
             batch_size=cfg.output.records_per_batch,
             batch_format="pyarrow",
             # Ray Data restarts a dead actor and retries its batches by default (max_restarts=-1); a retried
@@ -465,11 +444,9 @@ class RayExecutor:
     # -- extend: the new model in actors over the stored run's fragments ------------------------------------------
 
     def _extend_actors(self, model: str, cfg: Config, n: int) -> list:
-        from rdscale.run.extend import FragmentExtender
-
         cls = ray.remote(num_gpus=self.gpus, num_cpus=cfg.ray.cpus_per_actor, max_restarts=cfg.ray.max_restarts,
-                         max_task_retries=cfg.ray.max_restarts)(init_errors_at_first_call(FragmentExtender))
-        return [cls.remote(model, cfg) for _ in range(max(1, n))]
+                         max_task_retries=cfg.ray.max_restarts)(as_actor(FragmentExtender))
+        return [cls.remote(*extend_actor_args(model, cfg)) for _ in range(max(1, n))]
 
     def extend_fit_step(self, model: str, cfg: Config, run: str, sample: int, regression: str, width: int):
         """The extension step fitted on a sample of the run, in one actor (the new model may not fit the driver)."""

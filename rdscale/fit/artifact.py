@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 import rdscale
 from rdscale.errors import RdscaleError
 from rdscale.fit.chain import REGRESSIONS, ChainFit, ChainFitError, StepDiagnostics
+from rdscale.fit.extension import ExtendError
 from rdscale.fit.moments import Moments, MomentsError
 from rdscale.io.location import Location, is_remote
+from rdscale.io.runs import Run
 
 __all__ = [
     "FORMAT",
@@ -148,6 +148,8 @@ def save_fit(
         manifest_path.unlink()
 
     tensors = _fit_tensors(fit)
+    from safetensors.numpy import save_file  # here: extraction (no fit) runs without safetensors installed
+
     _write_atomic(out / TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
     files = {"tensors": {"file": TENSORS, "sha256": _sha256(out / TENSORS),
                          "shapes": {name: list(arr.shape) for name, arr in tensors.items()}}}
@@ -282,6 +284,9 @@ def _load_checked(directory: Path, entry: Any, what: str) -> dict[str, np.ndarra
             f"{path} has sha256 {digest} but the manifest records {entry['sha256']}: the file was modified or "
             "corrupted; copy the artifact again or rerun the fit"
         )
+    from safetensors import SafetensorError  # here: extraction (no fit) runs without safetensors installed
+    from safetensors.numpy import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -421,3 +426,21 @@ def _check_expected(stored: list, expected: Sequence[Mapping[str, Any]]) -> None
                 f"model {i} ({have.get('name')}): checkpoint sha256 {want['sha256']} differs from the one the fit "
                 f"was made with ({have['sha256']}); the weights changed, refit the chain"
             )
+
+
+def load_query_chain(run_dir: str | Path | Run) -> list[ChainFit]:
+    """The fits that turn per-model embeddings into this run's stored embedding: the base fit, then each
+    extension step in order (for embedding queries the same way)."""
+    run = Run(run_dir)
+    meta = run.metadata()
+    manifest = meta.get("fit_manifest") or {}
+    fits = []
+    base = run.fit_location(manifest, meta.get("config") or {})
+    if base is not None:
+        fits.append(load_fit(base)[0])
+    for step in run.extension_steps(manifest):
+        try:
+            fits.append(load_fit(step)[0])
+        except ArtifactError as err:
+            raise ExtendError(f"extension step {step} of {run} cannot be read: {err}") from err
+    return fits

@@ -1,7 +1,9 @@
-"""The driver: plans shards, runs the fit pass and the apply pass through an executor, commits, summarises.
+"""The driver of `rdscale fit / embed / run`: plans shards, runs the fit pass and the apply pass through an
+executor (rdscale/run/executor.py: the same stages in this process or on Ray), commits on the run, summarises.
 
-Two executors run the same stages (rdscale/stages.py): `LocalExecutor` in this process (tiny inputs, debugging,
-tests of the logic) and `RayExecutor` (rdscale/cluster/executor.py: Ray Data + actor pools, locally or on a cluster).
+`embed` reads as its steps: `_plan_embedding` (the fit, the shards, the tables' schemas) -> `_open_store` (what
+is committed, what is left) -> `_apply` (the executor's apply pass, each shard committed as it completes) ->
+`_finish` (completeness, duplicates across shards, indexes, counts).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 from rdscale.config import Config, ConfigError
+from rdscale.fit.artifact import load_fit, save_fit
+from rdscale.fit.chain import fit_chain
+from rdscale.fit.moments import Moments
 from rdscale.io.fasta import Shard, ValidationOptions, nucleotide_share, plan_shards
 from rdscale.io.lease import WriterLease
 from rdscale.io.location import Location, set_storage_options
@@ -29,8 +34,10 @@ from rdscale.io.store import (
     run_schemas,
     schema_metadata,
 )
+from rdscale.model.loading import describe_model
 from rdscale.progress import Progress
 from rdscale.run import dedupe, provenance
+from rdscale.run.executor import Executor, make_executor
 from rdscale.run.integrity import (
     EMPTY_DIGEST,
     check_complete,
@@ -43,13 +50,7 @@ from rdscale.run.integrity import (
     write_plan,
     writing,
 )
-from rdscale.run.stages import (
-    ApplyStage,
-    FitWorker,
-    iter_row_batches,
-    sample_plan,
-    shard_rows,
-)
+from rdscale.run.stages import sample_plan
 
 log = logging.getLogger(__name__)
 
@@ -92,54 +93,7 @@ class Summary:
         return out
 
 
-class Executor(Protocol):
-    def fit_moments(self, models: Sequence[str], cfg: Config, plan: list[tuple[Shard, int]]) -> list[dict]:
-        ...
-
-    def apply(
-        self, cfg: Config, models: Sequence[str], fit_dir: str | None, uris: dict[str, str],
-        schemas: dict[str, Any], shards: Sequence[Shard],
-    ) -> Iterator[tuple[int, int, ShardResult]]:
-        """Yields (shard index, records in that shard, partial result) as batches complete, in any order."""
-        ...
-
-    def map_shards(self, fn, shards: Sequence[Shard], *args) -> Iterator[Any]:
-        """fn(shard, *args) for every shard (a plain function of small results), yielded in shard order."""
-        ...
-
-
-class LocalExecutor:
-    """Runs the stages in this process, one batch after another."""
-
-    def fit_moments(self, models, cfg, plan):
-        return [FitWorker(models, cfg).run(plan)]
-
-    map_shards = staticmethod(dedupe.map_here)
-
-    def apply(self, cfg, models, fit_dir, uris, schemas, shards):
-        stage = ApplyStage(cfg, models, fit_dir, uris, schemas)
-        options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
-        for shard in shards:
-            rows, digest = shard_rows(shard, options)
-            if not rows:
-                yield shard.index, 0, ShardResult(shard=shard.index, fragments={}, digest=digest)
-                continue
-            for batch in iter_row_batches(rows, cfg.output.records_per_batch):
-                out = stage(batch)
-                for s, total, result in zip(out["shard"], out["shard_records"], out["result"]):
-                    yield s, total, ShardResult(**json.loads(result))
-
-
-def make_executor(cfg: Config) -> Executor:
-    if cfg.ray.address == "local":
-        return LocalExecutor()
-    from rdscale.cluster.executor import RayExecutor
-
-    return RayExecutor(cfg)
-
-
 def plan(cfg: Config) -> list[Shard]:
-    set_storage_options(cfg.storage.options)
     if not cfg.input.paths:
         raise ConfigError("no input FASTA files: set input.paths in the config or pass --fasta")
     missing = [p for p in cfg.input.paths if not Location.parse(p).is_file()]
@@ -187,10 +141,7 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
         final: str | Path | None = None) -> Path:
     """Fit pass: moments of the chain's embeddings on the sample, merged, solved; writes the fit artifact.
     `final`: where the artifact ends up when `out` is a staging directory (only for the log line)."""
-    from rdscale.fit.artifact import save_fit
-    from rdscale.fit.chain import fit_chain
-    from rdscale.fit.moments import Moments
-
+    set_storage_options(cfg.storage.options)
     models = _check_models(cfg)
     if len(models) < 2:
         raise ConfigError("a fit needs a chain of at least two models (smallest first)")
@@ -259,6 +210,18 @@ def run_key(cfg: Config, shards: Sequence[Shard], manifest: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
+@dataclass
+class EmbedPlan:
+    """What one `embed` commits: the models and their fit, the shards, and the tables they go to."""
+
+    models: list[str]
+    fit_dir: str | None
+    shards: list[Shard]
+    schemas: dict[str, Any]
+    key: str  # run_key: what makes two invocations the same run
+    duplicates: dedupe.DuplicatePlan | None = None
+
+
 def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | None = None,
           progress: bool = True, *, lease: WriterLease | None = None, redo_changed: bool = False,
           restart: bool = False) -> Summary:
@@ -266,8 +229,6 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     same output.dir. With one model and no fit, this is plain extraction (`rdscale extract`).
     Holds the run's writer lease throughout (`lease`: one the caller already holds). redo_changed: redo committed
     shards whose input changed instead of refusing; restart: delete the previous tables first (not the fit)."""
-    from rdscale.model.loading import describe_model
-
     set_storage_options(cfg.storage.options)
     if lease is None:
         with writing(cfg.output.dir) as held:
@@ -275,13 +236,31 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
     if restart:
         with lease.step("restart"):
             _clear(cfg.output.dir, keep_fit=True)
-    models = _check_models(cfg)
-    fit_dir = fit_dir or cfg.fit.artifact
-    if fit_dir:
-        from rdscale.fit.artifact import (
-            load_fit,  # here: extraction runs without safetensors
-        )
+    executors = _once(executor, cfg)  # Ray starts only if a step needs it
+    planned = _plan_embedding(cfg, fit_dir or cfg.fit.artifact, lease, executors, progress)
+    state = _open_store(cfg, planned, lease, redo_changed)
+    if state.todo:
+        _apply(cfg, planned, state, executors(), progress)
+    _finish(cfg, planned, state)
+    return state.summary
 
+
+def _once(executor: Executor | None, cfg: Config) -> Callable[[], Executor]:
+    """`executor`, or the config's, made on first use."""
+    held = [executor]
+
+    def get() -> Executor:
+        if held[0] is None:
+            held[0] = make_executor(cfg)
+        return held[0]
+
+    return get
+
+
+def _plan_embedding(cfg: Config, fit_dir: str | Path | None, lease: WriterLease, executors, progress: bool) -> EmbedPlan:
+    """The fit (checked against the models), the shards (grouped for dedupe), the tables' schemas and run key."""
+    models = _check_models(cfg)
+    if fit_dir:
         fit_obj, manifest = load_fit(fit_dir, expect_models=[describe_model(m) for m in models])
         # where `extend` and `search` find it again: relative to the run when inside it (a copied run still works)
         manifest = {**manifest, "artifact": Run(cfg.output.dir).ref(_absolute(fit_dir))}
@@ -293,88 +272,109 @@ def embed(cfg: Config, fit_dir: str | Path | None = None, executor: Executor | N
             )
         levels = list(fit_obj.levels)
     elif len(models) == 1:
-        from rdscale.model.loading import describe_model
-
         info = describe_model(models[0])
         manifest = {"models": [info], "chain": [info["name"]], "fit": None}
         levels = [info["width"]]
     else:
         raise ConfigError("a chain of several models needs a fit: run `rdscale fit` first or use `rdscale run`")
-
     shards = plan(cfg)
-    options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
     duplicates = None
     if dedupe.enabled(cfg):
-        executor = executor or make_executor(cfg)
         cache = Run(cfg.output.dir).location.join(dedupe.PLAN_CACHE)
-        duplicates, reused = dedupe.cached_plan(cache, shards, options, guard=lease.step, progress=progress,
-                                                map_shards=executor.map_shards)
+        duplicates, reused = dedupe.cached_plan(cache, shards, ValidationOptions(remove_gaps=cfg.input.remove_gaps),
+                                                guard=lease.step, progress=progress,
+                                                map_shards=executors().map_shards)
         shards = duplicates.shards
         log.info("%s%s", duplicates.line(), " (the grouping of an earlier start of this plan)" if reused else "")
     key = run_key(cfg, shards, manifest)
     metadata = schema_metadata(levels, manifest, recorded_config(cfg.to_dict()), key)
     schemas = run_schemas(levels[-1], cfg.output.storage_width, metadata, residues=cfg.output.residues,
                           residue_dtype=cfg.output.residue_dtype, protein_dtype=cfg.output.protein_dtype)
-    store = RunStore(cfg.output.dir, schemas, key, lease=lease)
+    return EmbedPlan(models=models, fit_dir=str(fit_dir) if fit_dir else None, shards=shards, schemas=schemas,
+                     key=key, duplicates=duplicates)
+
+
+@dataclass
+class EmbedState:
+    """The run being written: its tables, the shards still to embed, the ledger rows already committed."""
+
+    store: RunStore
+    todo: list[Shard]
+    committed: list[dict]
+    summary: Summary
+    started: float = field(default_factory=time.perf_counter)  # this invocation's embedding began
+
+
+def _open_store(cfg: Config, planned: EmbedPlan, lease: WriterLease, redo_changed: bool) -> EmbedState:
+    """The run's tables, recovered from an interrupted commit and checked against the inputs; the plan recorded;
+    the shards still to embed."""
+    shards = planned.shards
+    store = RunStore(cfg.output.dir, planned.schemas, planned.key, lease=lease)
     removed = store.recover()
-    refuse_or_redo(store, shards, options, redo=redo_changed)
+    refuse_or_redo(store, shards, ValidationOptions(remove_gaps=cfg.input.remove_gaps), redo=redo_changed)
     write_plan(store, shards)
-    stats = fingerprints(shards)
     done = store.committed()
     todo = [s for s in shards if s.index not in done]
     summary = Summary(out_dir=str(store.root), shards_total=len(shards), shards_skipped=len(shards) - len(todo),
-                      fit_dir=str(fit_dir) if fit_dir else None)
-    if duplicates is not None:
-        summary.copies, summary.residues_saved = duplicates.copies, duplicates.residues_saved
+                      fit_dir=planned.fit_dir)
+    if planned.duplicates is not None:
+        summary.copies, summary.residues_saved = planned.duplicates.copies, planned.duplicates.residues_saved
     if removed:
         log.warning("removed %d rows left by an interrupted commit", removed)
-    started = time.perf_counter()
-    if todo:
-        executor = executor or make_executor(cfg)
-        uris = {name: store.uri(name) for name in schemas}
-        pending: dict[int, ShardResult] = {}
-        keys = {s.index: shard_key(s) for s in shards}
-        records_seen = 0
-        watch = provenance.ChangeWatch(list(done.values()), log)
-        with Progress(total=len(todo), unit="shard", desc="embedding", enabled=progress) as bar:
-            for index, total, part in executor.apply(cfg, models, str(fit_dir) if fit_dir else None, uris,
-                                                      schemas, todo):
-                acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
-                acc.add(part)
-                watch.see(part.provenance)
-                summary.residues_embedded += part.embedded
-                records_seen += part.records
-                bar.postfix(records=records_seen, residues=summary.residues_embedded)
-                if acc.records == total:
-                    result = pending.pop(index)
-                    digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
-                    store.commit_shard(result, keys[index], {**stats[index], "digest": digest,
-                                                             **provenance.ledger_values(result.provenance,
-                                                                                        result.seconds)})
-                    bar.update(1)
-        if pending:
-            raise StoreError(
-                f"{len(pending)} shard(s) did not complete ({sorted(pending)}); their rows were not committed. "
-                "Run the same command again to resume."
-            )
-    if todo:
+    return EmbedState(store=store, todo=todo, committed=list(done.values()), summary=summary)
+
+
+def _apply(cfg: Config, planned: EmbedPlan, state: EmbedState, executor: Executor, progress: bool) -> None:
+    """The executor's apply pass over the shards to do; each is committed once all its records came back."""
+    store, todo, summary = state.store, state.todo, state.summary
+    uris = {name: store.uri(name) for name in planned.schemas}
+    stats = fingerprints(planned.shards)
+    keys = {s.index: shard_key(s) for s in planned.shards}
+    pending: dict[int, ShardResult] = {}
+    records_seen = 0
+    watch = provenance.ChangeWatch(state.committed, log)
+    with Progress(total=len(todo), unit="shard", desc="embedding", enabled=progress) as bar:
+        for index, total, part in executor.apply(cfg, planned.models, planned.fit_dir, uris, planned.schemas, todo):
+            acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
+            acc.add(part)
+            watch.see(part.provenance)
+            summary.residues_embedded += part.embedded
+            records_seen += part.records
+            bar.postfix(records=records_seen, residues=summary.residues_embedded)
+            if acc.records == total:
+                result = pending.pop(index)
+                digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
+                store.commit_shard(result, keys[index], {**stats[index], "digest": digest,
+                                                         **provenance.ledger_values(result.provenance,
+                                                                                    result.seconds)})
+                bar.update(1)
+    if pending:
+        raise StoreError(
+            f"{len(pending)} shard(s) did not complete ({sorted(pending)}); their rows were not committed. "
+            "Run the same command again to resume."
+        )
+
+
+def _finish(cfg: Config, planned: EmbedPlan, state: EmbedState) -> None:
+    """Completeness against the plan, duplicate ids across shards, indexes, compaction, the summary's counts."""
+    store, summary = state.store, state.summary
+    if state.todo:
         store.drop_derived_columns()  # an index built before this resume does not cover the new rows
-    check_complete(store, shards, accounting=False)  # the plan, not only the shards that started
+    check_complete(store, planned.shards, accounting=False)  # the plan, not only the shards that started
     store.scalar_indexes()  # before the dedupe pass: its deletes are `shard = s AND id IN (...)` lookups
     summary.duplicates_moved = store.dedupe_across_shards()
     if cfg.output.compact and not store.compact():
         summary.warnings.append("compaction failed (see the log); the tables are complete but fragmented")
     store.scalar_indexes()  # the rejects the dedupe pass wrote (a no-op when there were none)
-    summary.seconds = time.perf_counter() - started
+    summary.seconds = time.perf_counter() - state.started
     counts = store.counts()
     summary.records = counts["records"]
     summary.proteins = counts["proteins"]
     summary.rejects = counts["rejects"]
     summary.residues = counts.get(RESIDUES, 0)
-    summary.tables = {name: store.uri(name) for name in DATA_TABLES if name in schemas}
-    check_complete(store, shards)  # and again after the duplicates moved between tables
+    summary.tables = {name: store.uri(name) for name in DATA_TABLES if name in planned.schemas}
+    check_complete(store, planned.shards)  # and again after the duplicates moved between tables
     store.cleanup_orphans()
-    return summary
 
 
 def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *, restart: bool = False,

@@ -1,13 +1,20 @@
-"""Pipeline stages as plain Python: no Ray here, so every stage is testable in-process.
+"""The passes that run a model, as plain Python: no Ray here, so every stage is testable in-process.
 
-- `shard_rows`: one FASTA shard -> rows (accepted records and rejects), each tagged with its shard and the shard's
-  record count (the driver commits a shard once it has seen that many records come back).
-- `ChainEncoder`: every model of the chain resident on one device; sequences -> per-model embeddings, moments of
-  the concatenation (fit pass) or reverse-distilled embeddings (apply pass).
+A stage is built from small arguments (a config, model names, a fit's location: what a Ray actor's constructor
+can carry inline) and does its heavy work once, in `setup()`, where it runs: the run's storage options become
+this process's, the models and the fit are loaded. An executor (rdscale.run.executor.LocalExecutor, or
+rdscale.cluster.executor.RayExecutor) constructs each stage, calls `setup()`, then feeds it.
+
+- `shard_batches`: one FASTA shard -> batches of `SHARD_BATCH_SCHEMA` rows (accepted records and rejects), each
+  tagged with its shard and the shard's record count (the driver commits a shard once it has seen that many
+  records come back). Both executors read shards through it.
 - `FitWorker`: accumulates moments over a list of sample assignments (fit pass).
-- `ApplyStage`: a batch of rows -> Lance fragments of proteins / residues / rejects, written where the actor runs
+- `ApplyStage`: a batch of rows -> Lance fragments of proteins / residues / rejects, written where the stage runs
   (chunk by chunk, by a writer thread while the next chunk runs through the models: rdscale/run/writer.py);
-  returns only small fragment descriptions, once all of them are written (apply pass).
+  returns only small fragment descriptions (`ShardResult`), once all of them are written (apply pass).
+- `FragmentExtender`: the new model of `rdscale extend`: the extension step fitted on a sample of the run, and
+  whole Lance fragments given the new embedding column (extend pass).
+- The chain's models themselves are `rdscale.model.encoder.ChainEncoder`.
 """
 
 from __future__ import annotations
@@ -20,11 +27,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import lance
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from rdscale.config import Config
+from rdscale.errors import RdscaleError
+from rdscale.fit.artifact import ArtifactMismatchError, load_fit
+from rdscale.fit.chain import ChainFit, fit_chain
+from rdscale.fit.extension import ExtendError, apply_chain
+from rdscale.fit.moments import Moments
 from rdscale.io.fasta import Record, Reject, Shard, ValidationOptions, read_shard
+from rdscale.io.location import set_storage_options
+from rdscale.io.runs import Run, open_dataset
 from rdscale.io.store import (
     PROTEINS,
     REJECTS,
@@ -33,21 +50,39 @@ from rdscale.io.store import (
     proteins_table,
     rejects_table,
     residues_table,
+    sql_in_list,
     write_table_fragments,
 )
 from rdscale.model.embed import inject_oom
-from rdscale.model.fast_esm import device_budget, model_budgets
-from rdscale.model.stub import StubEmbedder
+from rdscale.model.encoder import ChainEncoder
 from rdscale.run import provenance
 from rdscale.run.integrity import RecordsDigest
 from rdscale.run.writer import ChunkWriter
 
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = (
-    "shard", "shard_records", "accepted", "id", "description", "sequence", "source", "reason", "shard_digest",
-    "copies",
+# The rows a shard reader emits, the apply stage's input on both executors. A shard with no record to embed
+# (empty, or every record left to other shards or to an earlier release) is one row with shard_records 0 and no
+# record (null id): it carries the shard's digest to the shard's commit.
+SHARD_BATCH_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("shard_records", pa.int64()),
+        ("accepted", pa.bool_()),
+        ("id", pa.string()),
+        ("description", pa.string()),
+        ("sequence", pa.string()),
+        ("source", pa.string()),
+        ("reason", pa.string()),
+        ("shard_digest", pa.string()),
+        ("copies", pa.string()),
+    ]
 )
+ROW_FIELDS = tuple(SHARD_BATCH_SCHEMA.names)
+
+
+class StageError(RdscaleError, ValueError):
+    """A stage asked to do what its inputs cannot give (a changed input, a chain without its fit)."""
 
 
 def _record_row(item: Record | Reject, shard: Shard, total: int, digest: str = "") -> dict[str, Any]:
@@ -91,7 +126,7 @@ def shard_rows(shard: Shard, options: ValidationOptions) -> tuple[list[dict[str,
             if row["accepted"] and row["id"] in copies:
                 row["copies"] = json.dumps(copies.pop(row["id"]))
         if copies:  # the plan and the shard disagree: the input changed since the plan was made
-            raise ValueError(f"{shard.path}: record(s) {', '.join(list(copies)[:3])} are no longer in bytes "
+            raise StageError(f"{shard.path}: record(s) {', '.join(list(copies)[:3])} are no longer in bytes "
                              f"{shard.start}-{shard.end or 'eof'}; the input changed during the run")
     return rows, text
 
@@ -122,75 +157,6 @@ def columns_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: cols[k][i] for k in cols} for i in range(n)]
 
 
-def device_properties(device: torch.device) -> tuple[str, int | None]:
-    """(name, total memory in bytes or None) of a torch device: the GPU's own name ("NVIDIA H100 80GB HBM3") on
-    CUDA, "cpu" (memory unknown: a CPU's budget is not a memory question) otherwise."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return props.name, int(props.total_memory)
-    return device.type, None
-
-
-class ChainEncoder:
-    """The chain's models, loaded once, on one device. `models` smallest first."""
-
-    def __init__(self, models: Sequence[str], cfg: Config):
-        from rdscale.model.embed import Embedder
-        from rdscale.model.loading import load_model
-
-        e = cfg.embedding
-        device = None if e.device == "auto" else e.device
-        dtype = None if e.dtype == "auto" else e.dtype
-        self.loaded = [load_model(m, device=device, dtype=dtype) for m in models]
-        self.device_name, memory = device_properties(self.loaded[0].device)
-        weights = sum(p.numel() * p.element_size() for lm in self.loaded if lm.model is not None  # stubs: none
-                      for p in lm.model.parameters())
-        self.toks_per_batch = device_budget(self.device_name, memory, e.toks_per_batch, e.toks_per_batch_by_device,
-                                            e.toks_per_gib, weights)
-        if self.toks_per_batch != e.toks_per_batch:
-            log.info("token budget %d on %s (embedding.toks_per_batch_by_device / toks_per_gib)",
-                     self.toks_per_batch, self.device_name)
-        self.budgets = model_budgets(self.toks_per_batch, [lm.spec.width for lm in self.loaded],
-                                     e.toks_per_batch_per_model)
-        self.embedders = [
-            StubEmbedder(lm.spec.width, e.long_policy, e.window) if lm.model is None else Embedder(
-                lm, layer=e.layer, toks_per_batch=budget, long_policy=e.long_policy,
-                window=e.window, overlap=e.overlap, forward=e.forward, fast_attention=e.attention,
-                compile=e.compile,
-            )
-            for lm, budget in zip(self.loaded, self.budgets)
-        ]
-        # Apply-stage chunk: the largest budget, so every model runs its own full batches on it.
-        self.chunk_tokens = max(self.budgets)
-        self.window = e.window
-        self.long_policy = e.long_policy
-        self.widths = [lm.spec.width for lm in self.loaded]
-
-    @property
-    def device(self) -> torch.device:
-        return self.loaded[0].device
-
-    def model_info(self) -> list[dict[str, Any]]:
-        return [
-            {"name": lm.spec.name, "source": lm.source, "width": lm.spec.width, "sha256": lm.sha256,
-             "layers": lm.spec.layers}
-            for lm in self.loaded
-        ]
-
-    def too_long(self, sequence: str) -> bool:
-        return self.long_policy == "reject" and len(sequence) > self.window
-
-    def blocks(self, sequences: Sequence[str]) -> list[list[torch.Tensor]]:
-        """-> per sequence, per model: (L, k_i) float32 (float64 when the models run in float64) on the device."""
-        per_model = [emb.embed(sequences) for emb in self.embedders]  # [model][seq] (L, k_i)
-        dtype = torch.float64 if self.loaded[0].dtype == torch.float64 else torch.float32
-        return [[per_model[m][s].to(dtype) for m in range(len(per_model))] for s in range(len(sequences))]
-
-    def concatenated(self, sequences: Sequence[str]) -> torch.Tensor:
-        """-> x: (sum L, K) float32 on the device, the per-residue concatenation [h_1, ..., h_m]."""
-        return torch.cat([torch.cat(b, dim=1) for b in self.blocks(sequences)], dim=0)
-
-
 def sample_plan(shards: Sequence[Shard], n_sequences: int) -> list[tuple[Shard, int]]:
     """Which shards the fit sample is drawn from and how many accepted records each contributes: the first
     `quota` records of up to `n_sequences` shards spread evenly over the input, so a sorted database (UniRef is
@@ -203,17 +169,33 @@ def sample_plan(shards: Sequence[Shard], n_sequences: int) -> list[tuple[Shard, 
     return [(shards[i], quota) for i in picks]
 
 
-class FitWorker:
+class Stage:
+    """A pass that runs a model. The constructor keeps small arguments only; `setup()` runs once where the stage
+    runs (this process, or a Ray actor) and is the one place a worker takes the run's storage options."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        # storage.options (credentials, endpoint) given in the config: not only in every node's environment
+        set_storage_options(self.cfg.storage.options)
+        self.load()
+
+    def load(self) -> None:
+        """Load the models (and the fit) this stage runs: once per stage."""
+        raise NotImplementedError
+
+
+class FitWorker(Stage):
     """Fit pass: accumulates the moments of [h_1, ..., h_m] over its share of the sample, on its device."""
 
     def __init__(self, models: Sequence[str], cfg: Config):
-        from rdscale.fit.moments import Moments
-        from rdscale.io.location import set_storage_options
+        super().__init__(cfg)
+        self.models = list(models)
 
-        set_storage_options(cfg.storage.options)
-        self.cfg = cfg
-        self.encoder = ChainEncoder(models, cfg)
-        self.moments = Moments(sum(self.encoder.widths), device=self.encoder.device, gram=cfg.fit.gram)
+    def load(self) -> None:
+        self.encoder = ChainEncoder(self.models, self.cfg)
+        self.moments = Moments(sum(self.encoder.widths), device=self.encoder.device, gram=self.cfg.fit.gram)
         self.sequences = 0
         self.residues = 0
 
@@ -251,7 +233,7 @@ class FitWorker:
         }
 
 
-class ApplyStage:
+class ApplyStage(Stage):
     """Apply pass for a batch of rows: embed accepted records through the chain (or one model, for extract),
     write proteins / residues / rejects fragments, return per-shard fragment descriptions as JSON strings.
 
@@ -265,32 +247,33 @@ class ApplyStage:
         uris: dict[str, str],
         schemas: dict[str, Any],
     ):
-        from rdscale.io.location import set_storage_options
+        super().__init__(cfg)
+        self.models = list(models)
+        # `rdscale extend` steps after the fit: fit_dir = [fit, step, ...], one more model each
+        self.fit_dirs = [fit_dir] if isinstance(fit_dir, (str, os.PathLike)) else list(fit_dir or [])
+        self.uris = uris
+        self.schemas = schemas
 
-        set_storage_options(cfg.storage.options)
-        self.cfg = cfg
-        self.encoder = ChainEncoder(models, cfg)
+    def load(self) -> None:
+        cfg = self.cfg
+        self.encoder = ChainEncoder(self.models, cfg)
         self.fit = None
-        self.steps: list = []  # `rdscale extend` steps after the fit: fit_dir = [fit, step, ...], one more model each
-        fits = [fit_dir] if isinstance(fit_dir, (str, os.PathLike)) else list(fit_dir or [])
-        if fits:  # imported only here: extraction runs without safetensors installed
-            from rdscale.fit.artifact import ArtifactMismatchError, load_fit
-
+        self.steps: list = []
+        if self.fit_dirs:
             info = self.encoder.model_info()
-            chain = len(info) - (len(fits) - 1)
+            chain = len(info) - (len(self.fit_dirs) - 1)
             # The fit must come from these very models (names, widths, checkpoint digests), or its numbers
             # mean nothing.
-            self.fit = load_fit(fits[0], expect_models=info[:chain])[0]
-            for step_dir, model in zip(fits[1:], info[chain:]):
+            self.fit = load_fit(self.fit_dirs[0], expect_models=info[:chain])[0]
+            for step_dir, model in zip(self.fit_dirs[1:], info[chain:]):
                 step, manifest = load_fit(step_dir)
                 sha = (manifest.get("models") or [{}])[-1].get("sha256")
                 if step.widths[-1] != model["width"] or (sha and model["sha256"] and sha != model["sha256"]):
                     raise ArtifactMismatchError(f"extension step {step_dir} was not fitted with {model['source']}")
                 self.steps.append(step)
-        if self.fit is None and len(models) != 1:
-            raise ValueError("a chain of several models needs a fit artifact to apply")
-        self.uris = uris
-        self.schemas = schemas
+        if self.fit is None and len(self.models) != 1:
+            raise StageError("a chain of several models needs a fit artifact to apply")
+        schemas = self.schemas
         self.storage_width = schemas[RESIDUES].field("embedding").type.list_size if RESIDUES in schemas else 0
         self.batches_seen = 0
         self.fault = dict(cfg.ray.fault_injection or {})
@@ -309,8 +292,6 @@ class ApplyStage:
         lengths = [b[0].shape[0] for b in blocks]
         stacked = [torch.cat([b[m] for b in blocks], dim=0) for m in range(len(blocks[0]))]  # [model] (sum L, k_i)
         if self.steps:  # an extended run's rows: the base chain, then each extension step on [z, h_next]
-            from rdscale.run.extend import apply_chain
-
             rd = apply_chain([self.fit, *self.steps], stacked)  # (sum L, k_last)
         else:
             rd = self.fit.apply(stacked)  # (sum L, k_m)
@@ -326,7 +307,7 @@ class ApplyStage:
             Path(marker).write_text("killed")
             os._exit(1)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+    def __call__(self, batch: pa.Table | dict[str, Any]) -> dict[str, list]:
         self.batches_seen += 1
         self._maybe_fail()
         rows = columns_to_rows(batch)
@@ -335,7 +316,11 @@ class ApplyStage:
             by_shard.setdefault(int(row["shard"]), []).append(row)
         out = {"shard": [], "shard_records": [], "result": []}
         for shard, shard_rows_ in by_shard.items():
-            result = self.process(shard, shard_rows_)
+            records = [r for r in shard_rows_ if r["id"] is not None]  # not the row of a shard without records
+            if records:
+                result = self.process(shard, records)
+            else:
+                result = ShardResult(shard=shard, fragments={}, digest=shard_rows_[0]["shard_digest"] or "")
             out["shard"].append(shard)
             out["shard_records"].append(int(shard_rows_[0]["shard_records"]))
             out["result"].append(json.dumps(asdict(result)))
@@ -406,6 +391,171 @@ class ApplyStage:
         return job, sum(lengths[i] for i in take), len(rows)
 
 
+# -- extend: the new model over the stored run ----------------------------------------------------------------
+
+EMBEDDING = "embedding"
+STAGED = "embedding__extended"  # the new column version while fragments are being written
+
+
+def _sample_ids(proteins: lance.LanceDataset, n: int) -> list[str]:
+    """Up to n protein ids spread evenly over the table (the run is in input order)."""
+    total = proteins.count_rows()
+    if total == 0:
+        raise ExtendError("the run's proteins table is empty: nothing to extend")
+    rows = np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(np.int64))
+    return proteins.take(rows.tolist(), columns=["id"])["id"].to_pylist()
+
+
+def fit_step_from_prefix(run: Run, encoder, sample_sequences: int, regression: str, width: int,
+                         chunk: int = 64) -> tuple[ChainFit, Moments, int]:
+    """Moments of [z; h_new] over the residues of a sample of proteins -> the 2-block step fit."""
+    proteins = run.dataset(PROTEINS)
+    residues = run.dataset(RESIDUES) if run.has_table(RESIDUES) else None
+    if residues is None:
+        raise ExtendError(
+            f"{run} stores per-protein embeddings only: fitting the new step needs per-residue embeddings. "
+            "Pass --from-fit with a fit of the longer chain (fitted together with this run's fit)."
+        )
+    ids = _sample_ids(proteins, sample_sequences)
+    k_new = encoder.widths[0]
+    moments = Moments(width + k_new, device=encoder.device)
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk]
+        seqs = dict(zip(*proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({sql_in_list(part)})")
+                        .to_pydict().values()))
+        rows = residues.to_table(columns=["id", "pos", EMBEDDING], filter=f"id IN ({sql_in_list(part)})")
+        rows = rows.sort_by([("id", "ascending"), ("pos", "ascending")])
+        z_all = _fsl_numpy(rows[EMBEDDING])  # (n_rows, width)
+        order = sorted(seqs)
+        h = encoder.blocks([seqs[k] for k in order])  # [seq][model] (L, k_new)
+        start = 0
+        z_parts, h_parts = [], []
+        for key, blocks in zip(order, h):
+            n = int(pc.sum(pc.equal(rows["id"], key)).as_py() or 0)
+            z_parts.append(z_all[start : start + n])
+            h_parts.append(blocks[0][:n])
+            start += n
+        z = torch.as_tensor(np.concatenate(z_parts), dtype=h_parts[0].dtype, device=encoder.device)
+        moments.update(torch.cat([z, torch.cat(h_parts)], dim=1))  # (n, width + k_new)
+    return fit_chain(moments, (width, k_new), regression=regression), moments, len(ids)
+
+
+def _fsl_numpy(column) -> np.ndarray:
+    """fixed_size_list column -> (n, w) float32."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.array(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), -1)
+
+
+class ResidueColumn:
+    """merge_columns value function for residue fragments: (id, pos, embedding) batches -> the new embedding.
+
+    Rows of a protein are contiguous and in pos order, so each protein is embedded once, when its first row is
+    seen (its rows may span batches and fragments; the last protein is kept for that). Its mean h is recorded
+    for the proteins pass."""
+
+    def __init__(self, step: ChainFit, encoder, sequences: dict[str, str], out_type: pa.DataType):
+        self.step, self.encoder, self.sequences, self.out_type = step, encoder, sequences, out_type
+        self.width, self.k_new = step.widths
+        self.current: dict[str, torch.Tensor] = {}
+        self.protein_means: dict[str, np.ndarray] = {}
+
+    def _embed(self, ids: list[str]) -> None:
+        missing = [i for i in ids if i not in self.current]
+        if not missing:
+            return
+        unknown = [i for i in missing if i not in self.sequences]
+        if unknown:
+            raise ExtendError(f"residues of {unknown[:3]} have no row in proteins.lance; the run is inconsistent")
+        blocks = self.encoder.blocks([self.sequences[i] for i in missing])
+        keep = {i: self.current[i] for i in ids if i in self.current}
+        for key, b in zip(missing, blocks):
+            keep[key] = b[0]
+            self.protein_means[key] = b[0].double().mean(dim=0).cpu().numpy()
+        self.current = keep
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        ids = batch.column("id").to_pylist()
+        pos = np.asarray(batch.column("pos").to_numpy(zero_copy_only=False), dtype=np.int64)
+        order = list(dict.fromkeys(ids))
+        self._embed(order)
+        id_array = np.asarray(ids)
+        h = torch.cat([self.current[i][pos[id_array == i]] for i in order])  # (n, k_new) in row order
+        if 1 + sum(ids[j] != ids[j - 1] for j in range(1, len(ids))) != len(order):
+            raise ExtendError("residue rows of a protein are not contiguous; the residues table was reordered")
+        z = torch.as_tensor(_fsl_numpy(batch.column(EMBEDDING)), dtype=h.dtype, device=h.device)  # (n, width)
+        full = self.step.apply([z, h])  # (n, k_new): [z, new block]
+        full[:, : self.width] = z  # z exactly as stored (apply copies it; this keeps it bit-identical)
+        values = full.cpu().numpy().astype(self.out_type.to_pandas_dtype(), copy=False)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), type=self.out_type), self.k_new)
+        return pa.RecordBatch.from_arrays([column], names=[STAGED])
+
+
+class ProteinColumn:
+    """merge_columns value function for protein fragments: ([mean z; mean h] - mean) @ P per protein."""
+
+    def __init__(self, step: ChainFit, encoder, means: dict[str, np.ndarray] | None):
+        self.step, self.encoder, self.means = step, encoder, means
+        self.width, self.k_new = step.widths
+
+    def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        ids = batch.column("id").to_pylist()
+        seqs = batch.column("sequence").to_pylist()
+        if self.means:  # the residue pass's mean h; a protein whose residues an earlier attempt extended: its own
+            for key, seq in zip(ids, seqs):
+                if key not in self.means:
+                    self.means[key] = self.encoder.blocks([seq])[0][0].double().mean(dim=0).cpu().numpy()
+            h_mean = np.stack([self.means[i] for i in ids])  # (n, k_new) float64
+        else:
+            h_mean = np.stack([b[0].double().mean(dim=0).cpu().numpy() for b in self.encoder.blocks(seqs)])
+        z_mean = _fsl_numpy(batch.column(EMBEDDING)).astype(np.float64)  # (n, width)
+        full = self.step.apply([torch.as_tensor(z_mean), torch.as_tensor(h_mean)], dtype=torch.float64).numpy()
+        full[:, : self.width] = z_mean
+        stored = batch.column(EMBEDDING).type.value_type  # output.protein_dtype: the widened column keeps it
+        dtype = np.float16 if stored == pa.float16() else np.float32
+        column = pa.FixedSizeListArray.from_arrays(pa.array(full.astype(dtype).ravel(), stored), self.k_new)
+        return pa.RecordBatch.from_arrays([column], names=[STAGED])
+
+
+class FragmentExtender(Stage):
+    """Extend pass: the new model of `rdscale extend`, loaded once in `setup()`; then the extension step fitted on
+    a sample of the run (`fit_step`), or whole Lance fragments given the new embedding column (`fragment`:
+    uncommitted; the driver commits them all as one Merge).
+
+    reuse_means: keep each protein's mean h from the residue fragments this stage extended and give proteins the
+    new column from them (one forward per protein). For one stage that sees every residue fragment (in-process);
+    stages spread over actors see only some, so there every protein fragment forwards its sequences again."""
+
+    def __init__(self, model: str, cfg: Config, reuse_means: bool = False):
+        super().__init__(cfg)
+        self.model = model
+        self.means: dict[str, np.ndarray] | None = {} if reuse_means else None
+
+    def load(self) -> None:
+        self.encoder = ChainEncoder([self.model], self.cfg)
+
+    def fit_step(self, run: str, sample_sequences: int, regression: str, width: int):
+        return fit_step_from_prefix(Run(run), self.encoder, sample_sequences, regression, width)
+
+    def fragment(self, table: str, uri: str, version: int, fragment_id: int, step: ChainFit,
+                 out_type: pa.DataType | None, proteins_uri: str) -> tuple[int, str, pa.Schema]:
+        frag = open_dataset(uri, version=version).get_fragment(fragment_id)
+        if table == RESIDUES:
+            ids = pc.unique(frag.to_table(columns=["id"])["id"]).to_pylist()
+            proteins, sequences = open_dataset(proteins_uri), {}
+            for i in range(0, len(ids), 5000):
+                got = proteins.to_table(columns=["id", "sequence"], filter=f"id IN ({sql_in_list(ids[i:i + 5000])})")
+                sequences.update(zip(got["id"].to_pylist(), got["sequence"].to_pylist()))
+            fn = ResidueColumn(step, self.encoder, sequences, out_type)
+            meta, schema = frag.merge_columns(fn, columns=["id", "pos", EMBEDDING])
+            if self.means is not None:
+                self.means.update(fn.protein_means)
+        else:
+            meta, schema = frag.merge_columns(ProteinColumn(step, self.encoder, self.means),
+                                              columns=["id", "sequence", EMBEDDING])
+        as_json = meta.to_json()
+        return fragment_id, as_json if isinstance(as_json, str) else json.dumps(as_json), schema
+
+
 def chunk_rows(rows: Sequence[dict[str, Any]], chunk_tokens: int, window: int) -> Iterator[list[dict[str, Any]]]:
     """Consecutive groups of rows of about `chunk_tokens` tokens (BOS/EOS per window included); a row larger
     than that is a chunk of its own. Input order is kept."""
@@ -441,6 +591,13 @@ def _to_host_async(tensors: list[torch.Tensor | None]) -> tuple[list[torch.Tenso
     return host, event
 
 
-def iter_row_batches(rows: Sequence[dict[str, Any]], size: int) -> Iterator[dict[str, list]]:
-    for i in range(0, len(rows), size):
-        yield rows_to_columns(rows[i : i + size])
+def shard_batches(shard: Shard, options: ValidationOptions, rows_per_batch: int) -> Iterator[pa.Table]:
+    """The rows of one shard as batches of SHARD_BATCH_SCHEMA, what either executor's apply pass reads. A shard
+    with no record to embed is one row without a record (see SHARD_BATCH_SCHEMA), so that it is committed too."""
+    rows, digest = shard_rows(shard, options)
+    if not rows:
+        yield pa.Table.from_pylist([{"shard": shard.index, "shard_records": 0, "shard_digest": digest}],
+                                   schema=SHARD_BATCH_SCHEMA)
+        return
+    for i in range(0, len(rows), rows_per_batch):
+        yield pa.table(rows_to_columns(rows[i : i + rows_per_batch]), schema=SHARD_BATCH_SCHEMA)

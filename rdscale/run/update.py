@@ -74,7 +74,8 @@ from rdscale.progress import Progress
 from rdscale.run import dedupe, provenance
 from rdscale.run.dedupe import DedupShard, seq_digest
 from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, residue_rows, rows_per_shard, writing
-from rdscale.run.pipeline import make_executor, plan
+from rdscale.run.executor import make_executor
+from rdscale.run.pipeline import plan
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ import pyarrow as pa
 import torch
 
 from rdscale.config import load_config
-from rdscale.fit.artifact import ArtifactError, load_fit
+from rdscale.fit.artifact import ArtifactError, load_fit, load_query_chain
+from rdscale.fit.extension import ExtendError, apply_chain
 from rdscale.io.fasta import residue_letters
 from rdscale.io.location import Location
 from rdscale.io.runs import Run
+from rdscale.model.encoder import ChainEncoder
 from rdscale.model.loading import DeviceError
-from rdscale.run.extend import ExtendError, apply_chain, load_query_chain  # core moves these to rdscale/fit/
-from rdscale.run.stages import ChainEncoder
 from rdscale.search.tables import (
     EMBEDDING,
     SearchError,
