@@ -7,6 +7,7 @@ error (a typo in a config should not silently fall back to a default on a 1,000-
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -344,33 +345,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = safe_yaml(text, str(p)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must hold a mapping at the top level")
-        # Paths in a config file are relative to its folder; a packaged config (`-c demo`) has no folder a user
-        # knows, so its paths are relative to the current directory (the repository root for the demo).
-        _resolve_relative_paths(data, Path.cwd() if p.parent == PACKAGED_CONFIGS else p.parent)
+        _resolve_relative_paths(data, p.parent)  # paths in a config file are relative to its folder
     for text in overrides or []:
         apply_override(data, *parse_override(text))
     _resolve_relative_paths(data, Path.cwd(), default_output=True)  # the rest came from the command line
     return _build(Config, data, "").validate()
 
 
-PACKAGED_CONFIGS = Path(__file__).parent / "conf"
+def packaged_config_dir() -> Path | None:
+    """The folder of the shipped configs: the package rdscale.conf, which is the repository's top-level conf/
+    (pyproject.toml maps it; an editable install points at the checkout's, a wheel carries a copy)."""
+    spec = importlib.util.find_spec("rdscale.conf")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if Path(folder).is_dir():
+            return Path(folder)
+    return None
 
 
 def packaged_configs() -> list[str]:
-    """Names of the configs shipped inside the package (rdscale/conf/*.yaml): `-c demo` works from a wheel."""
-    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    """Names of the shipped configs (conf/*.yaml, the package rdscale.conf): `-c demo` works from a wheel."""
+    folder = packaged_config_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config file: `path` itself if it exists, else the packaged config of that name (`demo`, `demo.yaml` or
-    the repository's old spelling `conf/demo.yaml`)."""
+    """A config file: `path` itself if it exists, else the shipped config of that name (`demo` or `demo.yaml`)."""
     p = Path(path)
     if p.is_file():
         return p
+    folder = packaged_config_dir()
     name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
-    if str(p.parent) in (".", "conf") and (PACKAGED_CONFIGS / name).is_file():
-        return PACKAGED_CONFIGS / name
-    raise ConfigError(f"config file {p} does not exist (packaged configs: {', '.join(packaged_configs())})")
+    if folder is not None and str(p.parent) == "." and (folder / name).is_file():
+        return folder / name
+    shipped = ", ".join(packaged_configs()) or "none found: reinstall rdscale (pip install -e .)"
+    raise ConfigError(f"config file {p} does not exist (packaged configs: {shipped})")
 
 
 def _is_local_path(text: str) -> bool:
