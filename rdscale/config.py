@@ -16,11 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rdscale.errors import RdscaleError
-
-
-class ConfigError(RdscaleError, ValueError):
-    """A configuration file or override that cannot be used; the message says which key and why."""
+from rdscale.errors import ConfigError
 
 
 @dataclass

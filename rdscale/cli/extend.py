@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from rdscale.cli.args import add_fit_argument, add_run_argument
+from rdscale.cli.args import add_fit_argument, add_run_argument, quiet_ray
+from rdscale.run.extend import extend, storage_overrides
+from rdscale.run.integrity import writing
 
 
 def cmd_extend(args) -> int:
-    from rdscale.cli.main import _quiet_ray
-    from rdscale.run.extend import extend, storage_overrides
-    from rdscale.run.integrity import writing
-
-    _quiet_ray(args, uses_ray=not args.local)
+    quiet_ray(args, uses_ray=not args.local)
     storage_overrides(args.overrides)  # the lease below is on the run's store already
     with writing(args.out):  # the run's writer lease: never beside a `run`/`embed` into the same folder
         summary = extend(

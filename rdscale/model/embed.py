@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rdscale.model.fast_esm import FastESM2, pack_by_tokens
 from rdscale.model.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,6 @@ class Embedder:
         self.forward_wrapper: ForwardWrapper | None = None
         self._fast = None
         if self.forward == "fast":
-            from rdscale.model.fast_esm import FastESM2
-
             self._fast = FastESM2(self.model, attention=fast_attention, compile=compile)
 
         alphabet = loaded.alphabet
@@ -307,8 +306,6 @@ class Embedder:
     def _plan(self, lengths: Sequence[int]) -> list[list[int]]:
         """Batches of piece indices under the current token budget (packed: real tokens; plain: padded)."""
         if self._fast is not None:
-            from rdscale.model.fast_esm import pack_by_tokens
-
             return pack_by_tokens(lengths, self.toks_per_batch)
         return pack_batches(lengths, self.toks_per_batch, self.max_batch_size)
 
