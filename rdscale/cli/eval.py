@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rdscale.cli.args import check_output_location
-from rdscale.config import Config, ConfigError, load_config
+from rdscale.config import REGRESSIONS, Config, ConfigError, load_config
 from rdscale.eval.dms import make_embed_fn
 from rdscale.eval.evaluate import (
     format_reconstruction,
@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--fit", metavar="DIR", help="fit artifact directory (written by `rdscale fit`)")
     r.add_argument("--fasta", nargs="+", metavar="FILE", help="fit fresh on a sample of these FASTA files")
     r.add_argument("--sample", type=int, metavar="N", help="fresh fit: sequences in the sample (fit.sample_sequences)")
-    r.add_argument("--regression", choices=("pcr", "ols"), help="fresh fit: fit.regression")
+    r.add_argument("--regression", choices=REGRESSIONS, help="fresh fit: fit.regression")
     _common_args(r)
     r.add_argument("-o", "--out", help="where to write reconstruction.json/.md (fresh fit: also the artifact, "
                    "in <out>/fit; default <output.dir>/eval-reconstruction). Without it, --fit only prints")

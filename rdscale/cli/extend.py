@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rdscale.cli.args import add_fit_argument, add_run_argument, quiet_ray
+from rdscale.config import REGRESSIONS
 from rdscale.run.extend import extend, storage_overrides
 from rdscale.run.integrity import writing
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_fit_argument(p, "take the new step from this fit of the longer chain (fitted together with this run's fit) "
                      "instead of fitting it", "--from-fit")
     p.add_argument("--sample", type=int, default=1000, help="proteins whose residues fit the new step (default 1000)")
-    p.add_argument("--regression", choices=("pcr", "ols"), default="pcr")
+    p.add_argument("--regression", choices=REGRESSIONS, default="pcr")
     p.add_argument("--local", action="store_true",
                    help="run the new model in this process instead of in Ray actors over the run's fragments")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
