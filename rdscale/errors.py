@@ -37,6 +37,9 @@ class FastaFormatError(RdscaleError, ValueError):
         self.detail = detail
         super().__init__(f"{self.path}: {detail} (at {where})")
 
+    def __reduce__(self):  # raised in Ray workers: rebuilt on the driver from the same three parts
+        return (type(self), (self.path, self.where, self.detail))
+
 
 def _chain(err: BaseException):
     seen = set()

@@ -7,9 +7,7 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-from pathlib import Path
 from types import ModuleType
 
 from rdscale import __version__, config
@@ -24,7 +22,6 @@ from rdscale.cli.args import (
 from rdscale.cli.process import exit_without_teardown, tune_malloc
 from rdscale.config import Config
 from rdscale.errors import exit_code, user_facing
-from rdscale.io.lease import LEASE_NAME
 from rdscale.progress import quiet_library_logs
 
 log = logging.getLogger("rdscale")
@@ -279,26 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        _remove_if_empty(created)
+        if created:  # a writer's output checks ran: its verbs module is imported
+            verbs.remove_if_empty(created)
         code = exit_code(err)
         kind = "configuration error" if code == 2 else "error"
         print(f"rdscale {args.verb}: {kind}: {message}", file=sys.stderr)
         return code
-
-
-def _remove_if_empty(created: list[Path]) -> None:
-    """Remove the output directories this command created, when the failure left nothing committed in them."""
-    for path in created:
-        if not path.is_dir():
-            continue
-        if (path / LEASE_NAME).exists():
-            # another writer holds the run (ours is released before we get here): its directory, never ours to
-            # remove, even when two commands created it at the same moment
-            continue
-        # worth keeping (resumable): a finished fit artifact or a committed shard (a ledger data file)
-        committed = any(path.rglob("manifest.json")) or any(path.glob("shards.lance/data/*"))
-        if not committed:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+from pathlib import Path
 
 from rdscale.cli.checks import check_outputs
 from rdscale.config import Config, ConfigError
 from rdscale.fit.artifact import load_fit
+from rdscale.io.lease import LEASE_NAME
 from rdscale.io.runs import DATA_TABLES, LEDGER, Run, default_fit
 from rdscale.io.store import committed_filter, incomplete_message, missing_data_files, run_status
 from rdscale.model.loading import build_tiny_family
@@ -120,6 +123,21 @@ def cmd_make_tiny_family(args) -> int:
     for p in paths:
         print(p)
     return 0
+
+
+def remove_if_empty(created: list[Path]) -> None:
+    """Remove the output directories this command created, when the failure left nothing committed in them."""
+    for path in created:
+        if not path.is_dir():
+            continue
+        if (path / LEASE_NAME).exists():
+            # another writer holds the run (ours is released before we get here): its directory, never ours to
+            # remove, even when two commands created it at the same moment
+            continue
+        # worth keeping (resumable): a finished fit artifact or a committed shard (a ledger data file)
+        committed = any(path.rglob("manifest.json")) or any(path.glob("shards.lance/data/*"))
+        if not committed:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # verb -> what it does; the writers (extract, fit, embed, run) take the config main.py loaded and checked with

@@ -131,11 +131,6 @@ class Shard:
         return f"{self.path}@{self.start}-{'eof' if self.end is None else self.end}"
 
 
-
-    def __reduce__(self):  # raised in Ray workers: rebuilt on the driver from the same three parts
-        return (type(self), (self.path, self.where, self.detail))
-
-
 # --------------------------------------------------------------------------------------------------- formats
 
 _GZIP_MAGIC = b"\x1f\x8b"
