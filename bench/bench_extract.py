@@ -14,7 +14,7 @@ Same checkpoint, same FASTA, same device, same token budget, same thread count. 
 - ``rdscale Embedder, window``: the default policy: long sequences are embedded in overlapping 1022-residue
   windows, so every residue gets a row (more work per residue returned when the input has long proteins).
 - ``rdscale extract --local`` (end to end, a subprocess): FASTA -> shards -> embeddings -> Lance tables
-  (proteins, residues, rejects) written to a fresh directory, with ``rdscale/conf/demo.yaml`` and the same checkpoint
+  (proteins, residues, rejects) written to a fresh directory, with ``conf/demo.yaml`` and the same checkpoint
   and token budget. Timed as wall time of the whole command, interpreter and torch start-up included; the rate
   rdscale itself reports (embedding and writing, start-up excluded) is recorded too.
 
@@ -100,7 +100,7 @@ def rdscale_cli(checkpoint: Path, fasta: Path, toks_per_batch: int, threads: int
     out_dir = Path(tempfile.mkdtemp(dir=scratch))
     rdscale = Path(sys.executable).with_name("rdscale")
     command = [str(rdscale) if rdscale.exists() else "rdscale", "--quiet", "extract", "--local",
-               "-c", str(REPO / "rdscale/conf/demo.yaml"), "--models", str(checkpoint), "--fasta", str(fasta),
+               "-c", str(REPO / "conf/demo.yaml"), "--models", str(checkpoint), "--fasta", str(fasta),
                "-o", str(out_dir), "--set", f"embedding.toks_per_batch={toks_per_batch}", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()

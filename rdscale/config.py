@@ -7,6 +7,7 @@ error (a typo in a config should not silently fall back to a default on a 1,000-
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -15,11 +16,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rdscale.errors import RdscaleError
+from rdscale.errors import ConfigError
 
 
-class ConfigError(RdscaleError, ValueError):
-    """A configuration file or override that cannot be used; the message says which key and why."""
+# The allowed values of the config's named choices, written here once: the modules that take them (rdscale.model.embed,
+# rdscale.model.fast_esm, rdscale.fit.chain, rdscale.fit.moments, the CLI's choices) import these.
+LONG_POLICIES = ("window", "truncate", "reject")  # a sequence longer than the model's window
+FORWARDS = ("fast", "plain")  # packed forward without padding (rdscale.model.fast_esm) | fair-esm's padded batches
+ATTENTION_BACKENDS = ("auto", "flash", "varlen", "nested", "padded")  # the fast forward's attention
+REGRESSIONS = ("pcr", "ols")  # principal-component regression (the paper's) | ordinary least squares
+GRAM_MODES = ("auto", "float64", "float32")  # the moments' Gram matrix precision
+STORED_DTYPES = ("float16", "float32")  # output.residue_dtype, output.protein_dtype
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    """("a", "b", "c") -> "a, b or c", as the config's messages name the allowed values."""
+    return f"{', '.join(values[:-1])} or {values[-1]}" if len(values) > 1 else values[0]
 
 
 @dataclass
@@ -35,13 +47,13 @@ class InputConfig:
 class EmbeddingConfig:
     layer: int = -1
     toks_per_batch: int = 4096
-    long_policy: str = "window"  # window | truncate | reject
+    long_policy: str = "window"  # LONG_POLICIES: window | truncate | reject
     window: int = 1022
     overlap: int = 256
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    forward: str = "fast"  # fast (packed, no padding: rdscale.model.fast_esm) | plain (padded batches)
-    attention: str = "auto"  # fast forward's attention: auto | flash | varlen | nested | padded
+    forward: str = "fast"  # FORWARDS: fast (packed, no padding: rdscale.model.fast_esm) | plain (padded batches)
+    attention: str = "auto"  # ATTENTION_BACKENDS, the fast forward's: auto | flash | varlen | nested | padded
     compile: bool = False  # torch.compile the fast forward's elementwise work (pays on GPUs; compiles once per model)
     # per-model token budgets, smallest model first; null: toks_per_batch scaled by k_largest / k_i (at most 8x)
     toks_per_batch_per_model: list[int] | None = None
@@ -55,7 +67,7 @@ class EmbeddingConfig:
 @dataclass
 class FitConfig:
     sample_sequences: int = 1000  # fit on this many accepted sequences spread over the input
-    regression: str = "pcr"  # pcr | ols
+    regression: str = "pcr"  # REGRESSIONS: pcr | ols
     artifact: str | None = None  # reuse an existing fit instead of fitting (embed / run)
     gram: str = "auto"  # moments' Gram: auto (float32 on CUDA, float64 elsewhere) | float64 | float32 (folded)
 
@@ -158,8 +170,8 @@ def _problems(cfg: Config):
     e = cfg.embedding
     yield from between("embedding.layer", e.layer, -MAX_LAYER, MAX_LAYER)
     yield from between("embedding.toks_per_batch", e.toks_per_batch, 8, MAX_TOKS_PER_BATCH)
-    if e.long_policy not in ("window", "truncate", "reject"):
-        yield f"embedding.long_policy must be window, truncate or reject, not {e.long_policy!r}"
+    if e.long_policy not in LONG_POLICIES:
+        yield f"embedding.long_policy must be {_one_of(LONG_POLICIES)}, not {e.long_policy!r}"
     yield from between("embedding.window", e.window, 1, MAX_WINDOW)
     if not 0 <= e.overlap < e.window:
         yield f"embedding.overlap must be in [0, embedding.window) = [0, {e.window}), got {e.overlap!r}"
@@ -167,10 +179,10 @@ def _problems(cfg: Config):
         yield f"embedding.device must be one of {', '.join(DEVICES)}, got {e.device!r}"
     if e.dtype.lower() not in DTYPES:
         yield f"embedding.dtype must be one of {', '.join(DTYPES)}, got {e.dtype!r}"
-    if e.forward not in ("fast", "plain"):
-        yield f"embedding.forward must be fast or plain, not {e.forward!r}"
-    if e.attention not in ("auto", "flash", "varlen", "nested", "padded"):
-        yield f"embedding.attention must be auto, flash, varlen, nested or padded, not {e.attention!r}"
+    if e.forward not in FORWARDS:
+        yield f"embedding.forward must be {_one_of(FORWARDS)}, not {e.forward!r}"
+    if e.attention not in ATTENTION_BACKENDS:
+        yield f"embedding.attention must be {_one_of(ATTENTION_BACKENDS)}, not {e.attention!r}"
     per_model = e.toks_per_batch_per_model
     if per_model is not None and (len(per_model) != len(cfg.models) or min(per_model, default=8) < 8):
         yield (f"embedding.toks_per_batch_per_model must list one budget (>= 8) per model ({len(cfg.models)}), "
@@ -181,20 +193,20 @@ def _problems(cfg: Config):
             yield (f"embedding.toks_per_batch_by_device must map part of a device name to a token budget in "
                    f"[8, {MAX_TOKS_PER_BATCH}], e.g. {{H100: 32768, A10G: 8192}}; got {name!r}: {budget!r}")
     yield from between("embedding.toks_per_gib", e.toks_per_gib, 1, MAX_TOKS_PER_BATCH)
-    if cfg.fit.regression not in ("pcr", "ols"):
-        yield f"fit.regression must be pcr or ols, not {cfg.fit.regression!r}"
+    if cfg.fit.regression not in REGRESSIONS:
+        yield f"fit.regression must be {_one_of(REGRESSIONS)}, not {cfg.fit.regression!r}"
     yield from between("fit.sample_sequences", cfg.fit.sample_sequences, 1, 1 << 40)
     if cfg.fit.artifact is not None and not cfg.fit.artifact.strip():
         yield "fit.artifact must be a directory or null"
-    if cfg.fit.gram not in ("auto", "float64", "float32"):
-        yield f"fit.gram must be auto, float64 or float32, not {cfg.fit.gram!r}"
+    if cfg.fit.gram not in GRAM_MODES:
+        yield f"fit.gram must be {_one_of(GRAM_MODES)}, not {cfg.fit.gram!r}"
     o = cfg.output
     if not o.dir.strip():
         yield "output.dir must name a directory"
-    if o.residue_dtype not in ("float16", "float32"):
-        yield f"output.residue_dtype must be float16 or float32, got {o.residue_dtype!r}"
-    if o.protein_dtype not in ("float16", "float32"):
-        yield f"output.protein_dtype must be float16 or float32, got {o.protein_dtype!r}"
+    if o.residue_dtype not in STORED_DTYPES:
+        yield f"output.residue_dtype must be {_one_of(STORED_DTYPES)}, got {o.residue_dtype!r}"
+    if o.protein_dtype not in STORED_DTYPES:
+        yield f"output.protein_dtype must be {_one_of(STORED_DTYPES)}, got {o.protein_dtype!r}"
     yield from between("output.storage_width", o.storage_width, 1, 1 << 20,
                        "an integer (or null for the full width)")
     yield from between("output.records_per_batch", o.records_per_batch, 1, MAX_RECORDS_PER_BATCH)
@@ -344,33 +356,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = safe_yaml(text, str(p)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must hold a mapping at the top level")
-        # Paths in a config file are relative to its folder; a packaged config (`-c demo`) has no folder a user
-        # knows, so its paths are relative to the current directory (the repository root for the demo).
-        _resolve_relative_paths(data, Path.cwd() if p.parent == PACKAGED_CONFIGS else p.parent)
+        _resolve_relative_paths(data, p.parent)  # paths in a config file are relative to its folder
     for text in overrides or []:
         apply_override(data, *parse_override(text))
     _resolve_relative_paths(data, Path.cwd(), default_output=True)  # the rest came from the command line
     return _build(Config, data, "").validate()
 
 
-PACKAGED_CONFIGS = Path(__file__).parent / "conf"
+def packaged_config_dir() -> Path | None:
+    """The folder of the shipped configs: the package rdscale.conf, which is the repository's top-level conf/
+    (pyproject.toml maps it; an editable install points at the checkout's, a wheel carries a copy)."""
+    spec = importlib.util.find_spec("rdscale.conf")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if Path(folder).is_dir():
+            return Path(folder)
+    return None
 
 
 def packaged_configs() -> list[str]:
-    """Names of the configs shipped inside the package (rdscale/conf/*.yaml): `-c demo` works from a wheel."""
-    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    """Names of the shipped configs (conf/*.yaml, the package rdscale.conf): `-c demo` works from a wheel."""
+    folder = packaged_config_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config file: `path` itself if it exists, else the packaged config of that name (`demo`, `demo.yaml` or
-    the repository's old spelling `conf/demo.yaml`)."""
+    """A config file: `path` itself if it exists, else the shipped config of that name (`demo` or `demo.yaml`)."""
     p = Path(path)
     if p.is_file():
         return p
+    folder = packaged_config_dir()
     name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
-    if str(p.parent) in (".", "conf") and (PACKAGED_CONFIGS / name).is_file():
-        return PACKAGED_CONFIGS / name
-    raise ConfigError(f"config file {p} does not exist (packaged configs: {', '.join(packaged_configs())})")
+    if folder is not None and str(p.parent) == "." and (folder / name).is_file():
+        return folder / name
+    shipped = ", ".join(packaged_configs()) or "none found: reinstall rdscale (pip install -e .)"
+    raise ConfigError(f"config file {p} does not exist (packaged configs: {shipped})")
 
 
 def _is_local_path(text: str) -> bool:

@@ -10,12 +10,35 @@ corrupt FASTA file on a cluster reads the same as on a laptop."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 
 
 class RdscaleError(Exception):
     """An error the user can act on: bad input, config, location, artifact or run. Its message is one line."""
+
+
+# The errors below are raised by more than one layer; each lives here, the bottom of the import graph, so that the
+# modules raising it never import one another for it.
+
+
+class ConfigError(RdscaleError, ValueError):
+    """A configuration file or override that cannot be used; the message says which key and why."""
+
+
+class FastaFormatError(RdscaleError, ValueError):
+    """The input is not FASTA or its compressed stream is damaged; names the file and where it broke (raised by the
+    FASTA reader, rdscale.io.fasta, and by the gzip seek-point index, rdscale.io.gzindex)."""
+
+    def __init__(self, path: str | os.PathLike, where: str, detail: str):
+        self.path = str(path)
+        self.where = where
+        self.detail = detail
+        super().__init__(f"{self.path}: {detail} (at {where})")
+
+    def __reduce__(self):  # raised in Ray workers: rebuilt on the driver from the same three parts
+        return (type(self), (self.path, self.where, self.detail))
 
 
 def _chain(err: BaseException):
@@ -171,8 +194,6 @@ def user_facing(err: BaseException, where: str | None = None) -> str | None:
 
 def exit_code(err: BaseException) -> int:
     """2 for a configuration or usage error, 1 for any other user error."""
-    from rdscale.config import ConfigError
-
     if any(isinstance(e, ConfigError) for e in _chain(err)):
         return 2
     remote = None if any(isinstance(e, RdscaleError) for e in _chain(err)) else _remote_rdscale_error(err)

@@ -3,7 +3,7 @@
 Every fenced block of README.md and docs/*.md carries a marker word after its language:
 
     ```bash run / ```python run                     executed on CPU from the repository root (a scratch copy of it)
-                                                     after `rdscale run -c demo` made runs/demo
+                                                     after `rdscale run -c conf/demo.yaml` made runs/demo
     ```bash gpu / ```bash cluster / ```bash internet  not run: shell syntax checked (bash -n), every `rdscale ...`
                                                      command parsed by rdscale's own argument parser and its config
                                                      (-c NAME, --set key=value) loaded by the real config loader,
@@ -403,12 +403,13 @@ IGNORE = ("..git", ".git", ".venv", "runs", "models", "__pycache__", "*.egg-info
 
 def scratch_repo(dst: Path) -> Path:
     """A copy of the repository's files (no venv, runs or models) with the demo run made: what a user has after
-    `rdscale make-tiny-family models/tiny && rdscale run -c demo`."""
+    `rdscale make-tiny-family models/tiny && rdscale run -c conf/demo.yaml` (the copy's own config file: `-c demo`
+    names the installed one, whose paths lead to the checkout rdscale is installed from)."""
     import shutil
 
     shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(*IGNORE))
     env = scratch_env()
-    for cmd in (["rdscale", "-q", "make-tiny-family", "models/tiny"], ["rdscale", "-q", "run", "-c", "demo", "--local"]):
+    for cmd in (["rdscale", "-q", "make-tiny-family", "models/tiny"], ["rdscale", "-q", "run", "-c", "conf/demo.yaml", "--local"]):
         proc = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True, timeout=300, check=False)
         if proc.returncode:
             raise DocError(f"demo setup {' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}")

@@ -511,7 +511,7 @@ def test_bad_fasta_read_by_a_ray_worker_is_one_line(world, tmp_path, residues):
 
 _NOTICES_CHILD = """
 import logging, os, sys, warnings
-from rdscale.progress import route_ray_notices
+from rdscale.cluster.progress import route_ray_notices
 
 path = route_ray_notices(sys.argv[1])
 logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.INFO)
@@ -742,7 +742,7 @@ def test_memory_monitor_kills_are_one_line_with_the_details_in_the_log(tmp_path,
 _KILLS_CHILD = """
 import logging, sys, time
 import ray
-from rdscale.progress import route_ray_notices
+from rdscale.cluster.progress import route_ray_notices
 from rdscale.cluster.executor import ray_log_file, route_worker_output
 
 logging.basicConfig(level=logging.WARNING)

@@ -59,16 +59,22 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch)
     assert load_config(None, []).output.dir == str(tmp_path / "runs/rdscale")
 
 
-def test_packaged_demo_config_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
-    # A packaged config (`-c demo`, inside the installed package) has no folder a user knows: its relative paths
-    # resolve against the current directory, made absolute on the driver all the same.
+def test_packaged_demo_config_paths_are_relative_to_its_own_file(tmp_path, monkeypatch):
+    # A shipped config (`-c demo`, the package rdscale.conf: the repository's conf/) follows the rule of every config
+    # file: its relative paths resolve against its own folder, never the current directory.
+    from rdscale.config import packaged_config_dir
+
+    shipped = packaged_config_dir()
+    assert (shipped / "demo.yaml").is_file()
     for where in (ROOT, tmp_path):
         monkeypatch.chdir(where)
         cfg = load_config("demo")
-        assert cfg.input.paths == [str(where / "examples" / "example.fasta")]
-        assert cfg.models[0] == str(where / "models" / "tiny" / "esm2_t2_32_tiny.pt")
-        assert cfg.output.dir == str(where / "runs" / "demo")
-    assert Path(load_config(ROOT / "rdscale" / "conf" / "demo.yaml").input.paths[0]).is_absolute()
+        assert cfg.input.paths == [str(shipped.parent / "examples" / "example.fasta")]
+        assert cfg.models[0] == str(shipped.parent / "models" / "tiny" / "esm2_t2_32_tiny.pt")
+        assert cfg.output.dir == str(shipped.parent / "runs" / "demo")
+    cfg = load_config(ROOT / "conf" / "demo.yaml")  # the checkout's file, by its real path
+    assert cfg.input.paths == [str(ROOT / "examples" / "example.fasta")]
+    assert cfg.output.dir == str(ROOT / "runs" / "demo")
 
 
 # ------------------------------------------------------------------------------------------------ resources

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_python_tags_in_yaml_are_refused(tmp_path):
 
 def test_bundled_configs_load():
     for name in ("demo", "single_gpu", "uniref50_cluster"):
-        cfg = load_config(f"conf/{name}.yaml")
+        cfg = load_config(Path(__file__).resolve().parents[1] / "conf" / f"{name}.yaml")
         assert cfg.models
 
 

@@ -14,8 +14,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "rdscale"
 
-# (importing module, imported module): why it cannot sit at the top of the importing module.
-ALLOWED_LAZY: dict[tuple[str, str], str] = {}
+# (importing module, imported module): why it cannot sit at the top of the importing module. An imported name that is
+# a package covers the modules inside it (the CLI's dispatcher: one place, one reason, one module per verb).
+ALLOWED_LAZY: dict[tuple[str, str], str] = {
+    ("rdscale.cli.main", "rdscale.cli"): "the CLI's dispatcher (_verb_module) imports only the module of the verb "
+    "being run, each of which imports its stack (torch, Lance, Ray, search) at its top: `rdscale --help`, "
+    "`rdscale config` and `rdscale info --help` import none of them",
+    ("rdscale.cli.search", "rdscale.cluster.index"): "Ray (cluster.index defines @ray.remote tasks) only for "
+    "`rdscale index --ray`; every other index build and search would pay Ray's import",
+}
+
+
+def _allowed(importer: str, imported: str) -> bool:
+    return any(importer == a and (imported == b or imported.startswith(b + ".")) for a, b in ALLOWED_LAZY)
 
 
 def _module_name(path: Path) -> str:
@@ -146,7 +157,7 @@ def test_no_import_cycles():
 
 def test_in_function_imports_are_allowlisted():
     _, lazy, _ = import_graph()
-    extra = sorted({(a, b) for a, b, _ in lazy} - set(ALLOWED_LAZY))
+    extra = sorted({(a, b) for a, b, _ in lazy if not _allowed(a, b)})
     assert len(ALLOWED_LAZY) <= 8
     assert not extra, f"{len(extra)} in-function imports of rdscale modules not on ALLOWED_LAZY: {extra}"
 
@@ -154,6 +165,12 @@ def test_in_function_imports_are_allowlisted():
 def test_ray_is_imported_only_in_cluster():
     _, _, ray_outside = import_graph()
     assert not ray_outside, f"ray imported outside rdscale/cluster/: {ray_outside}"
+
+
+def test_an_allowlisted_package_covers_only_its_own_modules():
+    assert _allowed("rdscale.cli.main", "rdscale.cli.search") and _allowed("rdscale.cli.main", "rdscale.cli")
+    assert not _allowed("rdscale.cli.main", "rdscale.cluster.executor")
+    assert not _allowed("rdscale.cli.main", "rdscale.clix") and not _allowed("rdscale.cli.eval", "rdscale.cli.main")
 
 
 def test_the_checker_sees_a_cycle_hidden_in_a_function():
@@ -168,5 +185,5 @@ if __name__ == "__main__":  # a report while the refactor is under way
         print("cycle:", " <-> ".join(c))
     print(len(lazy), "in-function imports of rdscale modules;", len({(a, b) for a, b, _ in lazy}), "distinct pairs")
     for a, b, line in sorted(lazy):
-        print(f"  {a}:{line} -> {b}")
+        print(f"  {a}:{line} -> {b}{'  (allowed)' if _allowed(a, b) else ''}")
     print("ray outside cluster/:", ray_outside)

@@ -461,7 +461,7 @@ def test_packaged_configs_resolve_by_name(tmp_path, monkeypatch):
     cfg = load_config("demo_s3")
     assert cfg.output.dir.startswith("s3://") and all(m.startswith("s3://") for m in cfg.models)
     assert cfg.input.paths == ["s3://rdscale-demo/in/example.fasta"]
-    assert load_config("conf/demo.yaml").models == load_config("demo").models
+    assert load_config(REPO / "conf" / "demo.yaml").models == load_config("demo").models
     with pytest.raises(ConfigError, match="packaged configs: demo"):
         load_config("no_such_config")
 

@@ -1,6 +1,7 @@
 """The built wheel works on its own: `pip wheel . --no-deps`, installed into a fresh virtual environment outside
-the repository, runs the README's install-and-demo path (rdscale config -c demo, make-tiny-family, run -c demo
---local, info) from a folder that holds only the example FASTA. The dependencies come from this environment's
+the repository, prints the shipped configs (rdscale config -c demo, -c uniref50_cluster: conf/ packaged as
+rdscale.conf) and runs the demo (make-tiny-family, run -c demo --local with its inputs named on the command line,
+info) from a folder that holds only the example FASTA. The dependencies come from this environment's
 site-packages (a path entry, offline-safe), never rdscale itself: the import must resolve inside the new venv."""
 
 from __future__ import annotations
@@ -64,10 +65,26 @@ def test_wheel_in_a_fresh_venv_runs_the_readme_demo(tmp_path):
     assert Path(where).is_relative_to(fresh), where
     assert shutil.which("rdscale", path=env["PATH"]) == str(bin_dir / "rdscale")
 
+    # The shipped configs' relative paths are relative to their own file, inside the installed package.
     config = _run(["rdscale", "config", "-c", "demo"], work, env)
-    assert "examples/example.fasta" in config and str(work / "runs" / "demo") in config
+    installed = Path(where).parent  # site-packages/rdscale; the demo names ../examples from rdscale/conf
+    assert f"- {installed / 'examples' / 'example.fasta'}" in config and "shard_mb: 0.03" in config, config
+    cluster = _run(["rdscale", "config", "-c", "uniref50_cluster"], work, env)
+    assert "- /data/uniref50/uniref50.fasta.gz" in cluster and "esm2_t36_3B_UR50D" in cluster, cluster
     _run(["rdscale", "make-tiny-family", "models/tiny"], work, env)
-    summary = _run(["rdscale", "run", "-c", "demo", "--local"], work, env)
+    models = [str(Path("models/tiny") / f"esm2_t{n}_tiny.pt") for n in ("2_32", "3_48", "4_64")]
+    summary = _run(["rdscale", "run", "-c", "demo", "--local", "--models", *models,
+                    "--fasta", "examples/example.fasta", "-o", "runs/demo"], work, env)
     assert "records: 120 (proteins 120 + rejects 0)" in summary, summary
     info = _run(["rdscale", "info", "runs/demo"], work, env)
     assert "proteins: 120 rows" in info and "levels (prefix widths): [32, 48, 64]" in info, info
+
+
+def test_pyproject_lists_every_package():
+    """pyproject.toml names the packages (conf/ is mapped in as rdscale.conf): a new package must be added there, or
+    the wheel leaves it out."""
+    tomllib = pytest.importorskip("tomllib")
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "rdscale").rglob("__init__.py")}
+    assert set(setup["packages"]) == found | {"rdscale.conf", "rdscale.cluster.page"}
+    assert setup["package-dir"] == {"rdscale.conf": "conf"} and (ROOT / "conf" / "demo.yaml").is_file()

@@ -8,10 +8,16 @@ Imports nothing heavy: `rdscale --help` must not pay for Lance, torch or Ray."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import tempfile
+import time
 from pathlib import Path
 
+from rdscale.cluster.progress import route_ray_notices
 from rdscale.errors import RdscaleError
+
+log = logging.getLogger("rdscale")
 
 
 class OutputLocationError(RdscaleError, ValueError):
@@ -105,3 +111,12 @@ def _read_only(path: Path) -> bool:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except (OSError, AttributeError):
         return False
+
+
+def quiet_ray(args: argparse.Namespace, uses_ray: bool) -> None:
+    """A Ray run's terminal shows rdscale's progress and summary; Ray's own notices go to a log file (-v: both).
+    uses_ray: whether the verb will start Ray."""
+    if args.verbose or not uses_ray:
+        return
+    path = Path(tempfile.gettempdir()) / f"rdscale-{args.verb}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.info("Ray's own messages: %s", route_ray_notices(path))

@@ -1,11 +1,17 @@
-"""Checks of a writing verb's chain made before any pass runs (from the checkpoints' configs, no model built), so
-a mistake that would otherwise surface after the fit pass (minutes to hours on a real database) stops at once."""
+"""Checks a writing verb makes before any pass runs: its output locations can be written, and its chain and layer
+fit the checkpoints (read from their configs, no model built), so a mistake that would otherwise surface after the
+fit pass (minutes to hours on a real database) stops at once."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
+from rdscale.cli.args import check_output_location
 from rdscale.config import Config, ConfigError
+from rdscale.io.location import set_storage_options
+from rdscale.model.loading import describe_model, resolve_device_dtype
 
 
 def check_chain(cfg: Config, described: Sequence[dict]) -> None:
@@ -20,8 +26,6 @@ def check_chain(cfg: Config, described: Sequence[dict]) -> None:
     if cfg.ray.address == "local" and (cfg.embedding.device != "auto" or cfg.embedding.dtype != "auto"):
         # in this process: the device and dtype must work here (on a Ray cluster the workers' devices count, and
         # the driver may have no GPU at all)
-        from rdscale.model.loading import resolve_device_dtype
-
         e = cfg.embedding
         resolve_device_dtype(None if e.device == "auto" else e.device, None if e.dtype == "auto" else e.dtype)
     width = cfg.output.storage_width
@@ -30,18 +34,33 @@ def check_chain(cfg: Config, described: Sequence[dict]) -> None:
                           f"{described[-1]['name']}; use at most {widths[-1]} (or null for the full width)")
 
 
-# storage.options keys whose values are credentials (Lance's / object_store's names and the clouds' own)
-_SECRET_WORDS = ("secret", "token", "password", "account_key", "access_key", "sas", "credential", "private")
+def check_outputs(args: argparse.Namespace, cfg: Config) -> tuple[list[str], list[Path]]:
+    """Before any pass starts: every location the verb will write (by `cfg`, the verb's loaded config) can be
+    written. Returns those locations and the directories among them that did not exist yet, so that a failed
+    command leaves no half-made output directory behind."""
+    set_storage_options(cfg.storage.options)  # the checks below may read checkpoints on an object store
+    targets = [cfg.output.dir]
+    if getattr(args, "fit", None) and args.verb == "fit":
+        targets.append(args.fit)
+    _check_layer(cfg)
+    fresh = []
+    for target in targets:
+        check_output_location(target)
+        if "://" not in str(target) and not Path(target).exists():
+            fresh.append(Path(target))
+    return [str(t) for t in targets], fresh
 
 
-def redacted(cfg_dict: dict) -> dict:
-    """The config as `rdscale config` prints it: credential values in storage.options shown as '***' (the
-    output gets pasted into issues and logs; a run's metadata never records storage at all)."""
-    out = dict(cfg_dict)
-    storage = dict(out.get("storage") or {})
-    options = storage.get("options")
-    if isinstance(options, dict):
-        storage["options"] = {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else v
-                              for k, v in options.items()}
-        out["storage"] = storage
-    return out
+def _check_layer(cfg: Config) -> None:
+    """embedding.layer against each model's depth, from the checkpoint's config (no model is built)."""
+    if not cfg.models:
+        return
+    layer = cfg.embedding.layer
+    described = []
+    for model in cfg.models:
+        described.append(describe_model(model))
+        layers = described[-1]["layers"]
+        if not -(layers + 1) <= layer <= layers:
+            raise ConfigError(f"embedding.layer must be in [{-(layers + 1)}, {layers}] for {model} ({layers} "
+                              f"layers; 0 = token embeddings, -1 = last), got {layer}")
+    check_chain(cfg, described)

@@ -18,12 +18,26 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rdscale.cli.args import check_output_location
-
-if TYPE_CHECKING:  # imported when a sub-verb runs, not for --help
-    from rdscale.config import Config
+from rdscale.config import REGRESSIONS, Config, ConfigError, load_config
+from rdscale.eval.dms import make_embed_fn
+from rdscale.eval.evaluate import (
+    format_reconstruction,
+    reconstruction_report,
+    run_dms,
+    summarise,
+    write_reconstruction,
+    write_report,
+)
+from rdscale.fit.artifact import load_fit, load_moments
+from rdscale.io.location import Location, is_remote
+from rdscale.io.runs import Run, default_fit
+from rdscale.model.loading import load_model
+from rdscale.fit.extension import apply_chain
+from rdscale.run.executor import LocalExecutor
+from rdscale.run.pipeline import fit
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--fit", metavar="DIR", help="fit artifact directory (written by `rdscale fit`)")
     r.add_argument("--fasta", nargs="+", metavar="FILE", help="fit fresh on a sample of these FASTA files")
     r.add_argument("--sample", type=int, metavar="N", help="fresh fit: sequences in the sample (fit.sample_sequences)")
-    r.add_argument("--regression", choices=("pcr", "ols"), help="fresh fit: fit.regression")
+    r.add_argument("--regression", choices=REGRESSIONS, help="fresh fit: fit.regression")
     _common_args(r)
     r.add_argument("-o", "--out", help="where to write reconstruction.json/.md (fresh fit: also the artifact, "
                    "in <out>/fit; default <output.dir>/eval-reconstruction). Without it, --fit only prints")
@@ -107,16 +121,11 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
         overrides.append(f"models={json.dumps(args.models)}")
     if args.device:
         overrides.append(f"embedding.device={args.device}")
-    from rdscale.config import load_config
-
     return load_config(args.config, overrides)
 
 
 def _local_report_dir(out: str | None) -> None:
     """Reports go to a local directory (a Path of s3://b/x is a local folder 's3:/b/x', written 'successfully')."""
-    from rdscale.config import ConfigError
-    from rdscale.io.location import is_remote
-
     if out and is_remote(out):
         raise ConfigError(f"-o {out}: eval writes its report to a local directory; give a local path (and copy "
                           "it to the object store afterwards)")
@@ -124,12 +133,8 @@ def _local_report_dir(out: str | None) -> None:
 
 def _apply_run(args: argparse.Namespace, models: bool = False) -> None:
     """RUN (a run directory) -> --fit RUN/fit, and with models=True its chain's checkpoints as --models."""
-    from rdscale.config import ConfigError
-
     if not args.run:
         return
-    from rdscale.io.runs import default_fit
-
     fit_loc = default_fit(args.run)
     fit_dir = Path(fit_loc.path) if fit_loc.is_local else fit_loc.uri
     manifest_path = fit_loc.join("manifest.json")
@@ -147,14 +152,6 @@ def _apply_run(args: argparse.Namespace, models: bool = False) -> None:
 
 
 def cmd_reconstruction(args: argparse.Namespace) -> int:
-    from rdscale.config import ConfigError
-    from rdscale.eval.evaluate import (
-        format_reconstruction,
-        reconstruction_report,
-        write_reconstruction,
-    )
-    from rdscale.fit.artifact import load_fit, load_moments
-
     _local_report_dir(args.out)
     _apply_run(args)
     fresh = bool(args.config or args.fasta)
@@ -166,8 +163,6 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
     if args.fit:
         if args.fasta or args.sample or args.regression or args.models:
             raise ConfigError("--models, --sample and --regression describe a fresh fit; --fit reads a finished one")
-        from rdscale.io.location import is_remote
-
         fit_dir = args.fit if is_remote(args.fit) else Path(args.fit)
         out = Path(args.out) if args.out else None
         if out is not None:
@@ -180,8 +175,6 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
         cfg = _load(args, extra)
         check_output_location(args.out or Path(cfg.output.dir) / "eval-reconstruction", "report directory")
         # never <output.dir>/fit itself: that artifact belongs to the run whose embeddings were made with it
-        from rdscale.io.location import is_remote
-
         if not args.out and is_remote(cfg.output.dir):
             raise ConfigError(f"output.dir is {cfg.output.dir}: pass -o with a local directory for the report")
         fit_dir, out = _fresh_fit(cfg, Path(args.out) if args.out else Path(cfg.output.dir) / "eval-reconstruction")
@@ -211,8 +204,6 @@ def cmd_reconstruction(args: argparse.Namespace) -> int:
 
 
 def _extension_steps(run_dir: str) -> list:
-    from rdscale.io.runs import Run
-
     run = Run(run_dir)
     return run.extension_steps() if run.has_table("proteins") else []
 
@@ -222,8 +213,6 @@ class _ExtendedChain:
     model, one level per width, apply = the run's stored embedding (rdscale.fit.extension.apply_chain)."""
 
     def __init__(self, fits: list, loaded: list):
-        from rdscale.config import ConfigError
-
         self.fits = fits
         self.widths = tuple(int(m.spec.width) for m in loaded)
         self.levels = [*fits[0].levels, *(int(f.widths[-1]) for f in fits[1:])]
@@ -231,16 +220,12 @@ class _ExtendedChain:
             raise ConfigError(f"{len(loaded)} models for a chain of {len(fits[0].widths)} + {len(fits) - 1} steps")
 
     def apply(self, blocks):
-        from rdscale.fit.extension import apply_chain
-
         return apply_chain(self.fits, blocks)
 
 
 def _with_extensions(run_dir: str, rows: list[dict], models: list[str]) -> tuple[list[dict], list[str]]:
     """The base fit's rows followed by one row per extension step of the run (`rdscale extend`), numbered on
     along the run's chain; each step regresses the new model on the whole stored prefix."""
-    from rdscale.eval.evaluate import reconstruction_report
-
     steps = _extension_steps(run_dir)
     widths = [*rows[0]["from_widths"], *(r["to_width"] for r in rows)] if rows else []
     for step in steps:
@@ -256,26 +241,12 @@ def _with_extensions(run_dir: str, rows: list[dict], models: list[str]) -> tuple
 
 def _fresh_fit(cfg: Config, out: Path) -> tuple[Path, Path]:
     """Fit the chain on the config's sample in this process -> (artifact dir, report dir)."""
-    from rdscale.run.executor import LocalExecutor
-    from rdscale.run.pipeline import fit
-
     log.info("fitting %s on up to %d sequences of %s", " -> ".join(cfg.models), cfg.fit.sample_sequences,
              ", ".join(cfg.input.paths))
     return fit(cfg, LocalExecutor(), out=out / "fit"), out
 
 
 def cmd_dms(args: argparse.Namespace) -> int:
-    from rdscale.config import ConfigError
-    from rdscale.eval.dms import make_embed_fn
-    from rdscale.eval.evaluate import (
-        reconstruction_report,
-        run_dms,
-        summarise,
-        write_report,
-    )
-    from rdscale.fit.artifact import load_fit
-    from rdscale.model.loading import load_model
-
     _local_report_dir(args.out)
     chain_of_run = bool(args.run) and not args.models and not args.config  # the run's own chain, extensions too
     _apply_run(args, models=True)
@@ -283,8 +254,6 @@ def cmd_dms(args: argparse.Namespace) -> int:
     n_base = len(args.models or [])
     args.models = [*(args.models or []), *(json.loads(st.join("manifest.json").read_text())["models"][-1]["source"]
                                            for st in steps)] or args.models
-
-    from rdscale.io.location import Location, is_remote
 
     # DMS inputs on an object store are fetched once into the local cache (they are small)
     args.csv = [Location.parse(p).local_copy() if is_remote(p) else p for p in args.csv]
@@ -310,11 +279,9 @@ def cmd_dms(args: argparse.Namespace) -> int:
 
     fit, reconstruction = None, None
     fit_dir = args.fit or cfg.fit.artifact
-    from rdscale.io.runs import default_fit as _default_fit
-
-    default_fit = _default_fit(cfg.output.dir)
-    if not fit_dir and len(loaded) > 1 and (default_fit / "manifest.json").is_file():
-        fit_dir = default_fit  # where `rdscale run` / `rdscale fit` put it, as `rdscale embed` looks
+    output_fit = default_fit(cfg.output.dir)
+    if not fit_dir and len(loaded) > 1 and (output_fit / "manifest.json").is_file():
+        fit_dir = output_fit  # where `rdscale run` / `rdscale fit` put it, as `rdscale embed` looks
         log.info("using the fit artifact %s (output.dir/fit)", fit_dir)
     if fit_dir:
         # the rd levels only mean something for the checkpoints the chain was fitted on: names, widths, hashes

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from rdscale.cli.args import add_fit_argument, add_run_argument
+from rdscale.cli.args import add_fit_argument, add_run_argument, quiet_ray
+from rdscale.config import REGRESSIONS
+from rdscale.run.extend import extend, storage_overrides
+from rdscale.run.integrity import writing
 
 
 def cmd_extend(args) -> int:
-    from rdscale.cli.main import _quiet_ray
-    from rdscale.run.extend import extend, storage_overrides
-    from rdscale.run.integrity import writing
-
-    _quiet_ray(args, uses_ray=not args.local)
+    quiet_ray(args, uses_ray=not args.local)
     storage_overrides(args.overrides)  # the lease below is on the run's store already
     with writing(args.out):  # the run's writer lease: never beside a `run`/`embed` into the same folder
         summary = extend(
@@ -36,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_fit_argument(p, "take the new step from this fit of the longer chain (fitted together with this run's fit) "
                      "instead of fitting it", "--from-fit")
     p.add_argument("--sample", type=int, default=1000, help="proteins whose residues fit the new step (default 1000)")
-    p.add_argument("--regression", choices=("pcr", "ols"), default="pcr")
+    p.add_argument("--regression", choices=REGRESSIONS, default="pcr")
     p.add_argument("--local", action="store_true",
                    help="run the new model in this process instead of in Ray actors over the run's fragments")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -8,22 +8,21 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
+from types import ModuleType
 
-from rdscale import __version__
+from rdscale import __version__, config
 from rdscale.cli.args import (
     add_fit_argument,
     add_global_flags,
     add_global_flags_everywhere,
     add_run_argument,
-    check_output_location,
+    quiet_ray,
     resolve_run,
 )
-
-if TYPE_CHECKING:  # the config module (yaml, dataclasses) is imported when a verb runs, not for --help
-    from rdscale.config import Config
-    from rdscale.io.runs import Run
+from rdscale.cli.process import exit_without_teardown, tune_malloc
+from rdscale.config import Config
+from rdscale.errors import exit_code, user_facing
+from rdscale.progress import quiet_library_logs
 
 log = logging.getLogger("rdscale")
 
@@ -80,159 +79,31 @@ def _load(args: argparse.Namespace) -> Config:
         overrides.append(f"embedding.device={args.device}")
     if getattr(args, "local", False):
         overrides.append("ray.address=local")
-    from rdscale.config import load_config
-
-    return load_config(args.config, overrides)
+    return config.load_config(args.config, overrides)
 
 
-def _print_summary(summary, query_hint: bool = True) -> None:
-    print("\n".join(summary.lines()))
-    if query_hint:
-        print(
-            "\nnext: rdscale index {0} --width <level>   then   rdscale search {0} --id <protein id>\n"
-            "      or in Python: lance.dataset('{1}').to_table()".format(summary.out_dir, summary.tables.get("proteins"))
-        )
+# storage.options keys whose values are credentials (Lance's / object_store's names and the clouds' own)
+_SECRET_WORDS = ("secret", "token", "password", "account_key", "access_key", "sas", "credential", "private")
 
 
-def cmd_extract(args, cfg: Config | None = None) -> int:
-    from rdscale.run.pipeline import embed
-
-    cfg = cfg if cfg is not None else _load(args)
-    if len(cfg.models) != 1:
-        from rdscale.config import ConfigError
-
-        if getattr(args, "models", None):  # named on the command line: the user meant a chain, say so
-            raise ConfigError(f"extract embeds with one model; got {len(cfg.models)} in --models "
-                              "(use `rdscale run` for a chain)")
-        # a packaged chain config (-c demo, -c single_gpu): its largest model, the one esm-extract users want
-        import dataclasses
-
-        log.info("extract: the config names a chain of %d models; embedding with its last one, %s (--models "
-                 "picks another)", len(cfg.models), cfg.models[-1])
-        cfg = dataclasses.replace(cfg, models=[cfg.models[-1]])
-    _print_summary(embed(cfg, fit_dir=None, progress=not args.quiet))
-    return 0
-
-
-def cmd_fit(args, cfg: Config | None = None) -> int:
-    from rdscale.run.pipeline import fit
-
-    cfg = cfg if cfg is not None else _load(args)
-    fit_dir = fit(cfg, out=args.fit)
-    from rdscale.fit.artifact import load_fit
-
-    _, manifest = load_fit(fit_dir)
-    print(f"fit artifact: {fit_dir}")
-    for step in manifest.get("steps", []):
-        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in step.items()))
-    return 0
-
-
-def cmd_embed(args, cfg: Config | None = None) -> int:
-    from rdscale.run.pipeline import embed
-
-    cfg = cfg if cfg is not None else _load(args)
-    fit_dir = args.fit or cfg.fit.artifact
-    if not fit_dir and len(cfg.models) > 1:
-        from rdscale.io.runs import default_fit
-
-        fit_dir = str(default_fit(cfg.output.dir))
-    _print_summary(embed(cfg, fit_dir=fit_dir, progress=not args.quiet, redo_changed=args.redo_changed,
-                         restart=args.restart))
-    return 0
-
-
-def cmd_run(args, cfg: Config | None = None) -> int:
-    from rdscale.run.pipeline import run
-
-    cfg = cfg if cfg is not None else _load(args)
-    _print_summary(run(cfg, progress=not args.quiet, restart=args.restart, redo_changed=args.redo_changed))
-    return 0
-
-
-def cmd_info(args) -> int:
-    from rdscale.io.runs import Run
-
-    run = Run(args.out).require()
-    meta = _table_info(run)
-    print(f"levels (prefix widths): {meta.get('levels')}")
-    models = (meta.get("fit_manifest") or {}).get("models", [])
-    print("models: " + ", ".join(f"{m.get('name')} ({m.get('width')})" for m in models))
-    from rdscale.run.update import release_lines
-
-    for line in release_lines(run):
-        print(line)
-    for line in _cost_lines(run):
-        print(line)
-    return 0
-
-
-def _cost_lines(run) -> list[str]:
-    """Throughput, device-hours and an ETA from the ledger's provenance columns (none for older runs)."""
-    from rdscale.io.runs import LEDGER
-    from rdscale.io.store import run_status
-    from rdscale.run.provenance import cost_lines
-
-    if not run.has_table(LEDGER):
-        return []
-    return cost_lines(run.dataset(LEDGER).to_table().to_pylist(), run_status(run)["planned"])
-
-
-def _table_info(run: Run) -> dict:
-    """Row counts of a run's committed shards (local or on an object store), with what is incomplete or damaged;
-    returns its metadata."""
-    from rdscale.io.runs import DATA_TABLES
-    from rdscale.io.store import (
-        committed_filter,
-        incomplete_message,
-        missing_data_files,
-        run_status,
-    )
-
-    status = run_status(run)
-    tables = [name for name in DATA_TABLES if run.has_table(name)]
-    missing = {name: missing_data_files(run.table(name)) for name in tables}
-    where = None if any(missing.values()) else committed_filter(run, status)  # rows of committed shards only
-    if incomplete_message(status):
-        print(f"{incomplete_message(status)} (rerun the same command to finish; counts below are of those shards)")
-    for name, gone in missing.items():
-        if gone:
-            print(f"{name}: damaged, {len(gone)} data file(s) missing  ({run.table_uri(name)})")
-            print("\n".join(f"damaged: data file {g} is missing; run `rdscale verify {run}`" for g in gone[:3]))
-        else:
-            print(f"{name}: {run.dataset(name).count_rows(filter=where)} rows  ({run.table_uri(name)})")
-    return run.metadata()
+def redacted(cfg_dict: dict) -> dict:
+    """The config as `rdscale config` prints it: credential values in storage.options shown as '***' (the
+    output gets pasted into issues and logs; a run's metadata never records storage at all)."""
+    out = dict(cfg_dict)
+    storage = dict(out.get("storage") or {})
+    options = storage.get("options")
+    if isinstance(options, dict):
+        storage["options"] = {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else v
+                              for k, v in options.items()}
+        out["storage"] = storage
+    return out
 
 
 def cmd_config(args) -> int:
-    import yaml
-
-    from rdscale.cli.checks import redacted
+    import yaml  # with the config loader: not for --help
 
     cfg = _load(args)
     print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False, default_flow_style=False), end="")
-    return 0
-
-
-def cmd_compact(args) -> int:
-    from rdscale.run.compact import compact_run, compactable
-    from rdscale.run.integrity import writing
-
-    compactable(args.out)  # before the lease, which would create a mistyped directory
-    with writing(args.out):  # the writer lease: never while a run writes into the same directory
-        results = compact_run(args.out, cleanup=args.cleanup, target_rows=args.target_rows)
-    for name, r in results.items():
-        print(f"{name}: {r['fragments_before']} -> {r['fragments_after']} fragments, {r['rows']} rows")
-    return 0
-
-
-def cmd_make_tiny_family(args) -> int:
-    from rdscale.model.loading import build_tiny_family
-
-    layers = args.layers if args.layers is not None else [2 + i for i in range(len(args.widths))]
-    paths = build_tiny_family(args.dir, widths=tuple(args.widths), layers=tuple(layers), seed=args.seed)
-    for p in paths:
-        print(p)
     return 0
 
 
@@ -252,10 +123,30 @@ _GROUP_HELP = {
 _WRITERS = ("extract", "fit", "embed", "run")  # verbs that create an output directory
 
 
-def _register_group(sub: argparse._SubParsersAction, group: str) -> None:
-    import importlib
+def _verb_module(group: str) -> ModuleType:
+    """The CLI's one lazy import: the module of the verbs being run (or whose --help is asked), never the others.
+    Each imports its whole stack (torch, Lance, Ray, the search stack) at its top, so `rdscale --help`, `rdscale
+    config` and `rdscale info --help` import none of them. `group`: a value of _GROUPS, or "verbs" for the verbs
+    whose parsers are built here (their commands live in rdscale.cli.verbs)."""
+    if group == "search":
+        from rdscale.cli import search as module
+    elif group == "eval":
+        from rdscale.cli import eval as module
+    elif group == "extend":
+        from rdscale.cli import extend as module
+    elif group == "verify":
+        from rdscale.cli import verify as module
+    elif group == "serve":
+        from rdscale.cli import serve as module
+    elif group == "update":
+        from rdscale.cli import update as module
+    else:
+        from rdscale.cli import verbs as module
+    return module
 
-    importlib.import_module(f"rdscale.cli.{group}").register(sub)
+
+def _register_group(sub: argparse._SubParsersAction, group: str) -> None:
+    _verb_module(group).register(sub)
 
 
 def build_parser(verb: str | None = None, full: bool = True) -> argparse.ArgumentParser:
@@ -275,23 +166,23 @@ def build_parser(verb: str | None = None, full: bool = True) -> argparse.Argumen
                        description="Like fair-esm's esm-extract, into Lance tables (proteins, residues, rejects). "
                        "Takes one model: --models MODEL, or the config's last (largest) model.")
     _config_args(p, models_help=ONE_MODEL_HELP)
-    p.set_defaults(func=cmd_extract)
+    p.set_defaults(func=None)  # rdscale.cli.verbs.COMMANDS["extract"], when it runs
 
     p = sub.add_parser("fit", help="fit pass: moments on a sample, solve the chain, write the fit artifact")
     _config_args(p)
     add_fit_argument(p, "where to write the artifact (default: <output.dir>/fit)", "--fit-out")
-    p.set_defaults(func=cmd_fit)
+    p.set_defaults(func=None)  # rdscale.cli.verbs.COMMANDS["fit"], when it runs
 
     p = sub.add_parser("embed", help="apply pass: reverse-distilled embeddings of every record into Lance (resumable)")
     _config_args(p)
     add_fit_argument(p, "fit artifact directory (default: fit.artifact, else <output.dir>/fit)")
     _resume_args(p)
-    p.set_defaults(func=cmd_embed)
+    p.set_defaults(func=None)  # rdscale.cli.verbs.COMMANDS["embed"], when it runs
 
     p = sub.add_parser("run", help="fit, then embed: the whole pipeline (resumable)")
     _config_args(p)
     _resume_args(p)
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=None)  # rdscale.cli.verbs.COMMANDS["run"], when it runs
 
     p = sub.add_parser("config", help="print the effective config (file + flags + --set) as YAML; runs nothing",
                        description="Loads and validates the config exactly as `rdscale run` would, applies the "
@@ -301,7 +192,7 @@ def build_parser(verb: str | None = None, full: bool = True) -> argparse.Argumen
 
     p = sub.add_parser("info", help="what a run directory holds")
     add_run_argument(p, "run directory or object-store prefix (s3://bucket/run)")
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=None)  # rdscale.cli.verbs.COMMANDS["info"], when it runs
 
     p = sub.add_parser("compact", help="merge a finished run's small Lance fragments (runs no longer compact at "
                        "the end)", description="Compact the proteins, residues, rejects and ledger tables of a run "
@@ -310,7 +201,7 @@ def build_parser(verb: str | None = None, full: bool = True) -> argparse.Argumen
     p.add_argument("--cleanup", action="store_true",
                    help="also delete the data files of older table versions (frees disk; no time travel back)")
     p.add_argument("--target-rows", type=int, default=None, help="rows per compacted fragment (Lance default)")
-    p.set_defaults(func=cmd_compact)
+    p.set_defaults(func=None)  # rdscale.cli.verbs.COMMANDS["compact"], when it runs
 
     p = sub.add_parser("make-tiny-family", help="write a tiny random ESM-2 family (offline demo and tests)")
     p.add_argument("dir", help="output directory for the checkpoints")
@@ -319,7 +210,7 @@ def build_parser(verb: str | None = None, full: bool = True) -> argparse.Argumen
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="depth of each model, one per width (default 2, 3, 4, ...)")
     p.add_argument("--seed", type=int, default=0, help="same seed and arguments: the same files (default 0)")
-    p.set_defaults(func=cmd_make_tiny_family)
+    p.set_defaults(func=None)  # rdscale.cli.verbs.COMMANDS["make-tiny-family"], when it runs
 
     done: set[str] = set()
     wanted = set(_GROUPS.values()) if full else {_GROUPS.get(verb)}
@@ -346,8 +237,6 @@ def _find_verb(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `rdscale` command itself (callers in Python pass argv and keep their interpreter)
-        from rdscale.cli.process import exit_without_teardown, tune_malloc
-
         tune_malloc()
         exit_without_teardown(main(sys.argv[1:]))
     argv = list(argv)
@@ -360,17 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     if not args.verbose:
-        from rdscale.progress import quiet_library_logs
-
         quiet_library_logs()
     targets, created = [], []
     try:
+        if getattr(args, "func", None) is not None:  # a verb of another module (_GROUPS), imported to build its parser
+            return args.func(args)
+        verbs = _verb_module("verbs")
         if args.verb in _WRITERS:  # the config is loaded once, here, and handed to the checks and the verb
             cfg = _load(args)
-            targets, created = _check_outputs(args, cfg)
-            _quiet_ray(args, uses_ray=cfg.ray.address != "local")
-            return args.func(args, cfg)
-        return args.func(args)
+            targets, created = verbs.check_outputs(args, cfg)
+            quiet_ray(args, uses_ray=cfg.ray.address != "local")
+            return verbs.COMMANDS[args.verb](args, cfg)
+        return verbs.COMMANDS[args.verb](args)
     except BrokenPipeError:  # `rdscale search ... | head`: the reader has gone; what was written stays written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
         return 141  # as a process killed by SIGPIPE (`cat`, `yes` in a pipe into head)
@@ -379,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one clear line, not a traceback
-        from rdscale.errors import exit_code, user_facing
-
         message = user_facing(err, where=", ".join(map(str, targets)) or None)
         if message is None:
             raise
@@ -388,85 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        _remove_if_empty(created)
+        if created:  # a writer's output checks ran: its verbs module is imported
+            verbs.remove_if_empty(created)
         code = exit_code(err)
         kind = "configuration error" if code == 2 else "error"
         print(f"rdscale {args.verb}: {kind}: {message}", file=sys.stderr)
         return code
-
-
-def _check_outputs(args: argparse.Namespace, cfg: Config) -> tuple[list[str], list[Path]]:
-    """Before any pass starts: every location the verb will write (by `cfg`, the verb's loaded config) can be
-    written. Returns those locations and the directories among them that did not exist yet, so that a failed
-    command leaves no half-made output directory behind."""
-    from rdscale.io.location import set_storage_options
-
-    set_storage_options(cfg.storage.options)  # the checks below may read checkpoints on an object store
-    targets = [cfg.output.dir]
-    if getattr(args, "fit", None) and args.verb == "fit":
-        targets.append(args.fit)
-    _check_layer(cfg)
-    fresh = []
-    for target in targets:
-        check_output_location(target)
-        if "://" not in str(target) and not Path(target).exists():
-            fresh.append(Path(target))
-    return [str(t) for t in targets], fresh
-
-
-def _check_layer(cfg: Config) -> None:
-    """embedding.layer against each model's depth, from the checkpoint's config (no model is built)."""
-    if not cfg.models:
-        return
-    from rdscale.config import ConfigError
-    from rdscale.model.loading import describe_model
-
-    layer = cfg.embedding.layer
-    described = []
-    for model in cfg.models:
-        described.append(describe_model(model))
-        layers = described[-1]["layers"]
-        if not -(layers + 1) <= layer <= layers:
-            raise ConfigError(f"embedding.layer must be in [{-(layers + 1)}, {layers}] for {model} ({layers} "
-                              f"layers; 0 = token embeddings, -1 = last), got {layer}")
-    from rdscale.cli.checks import check_chain
-
-    check_chain(cfg, described)
-
-
-def _quiet_ray(args: argparse.Namespace, uses_ray: bool | None = None) -> None:
-    """A Ray run's terminal shows rdscale's progress and summary; Ray's own notices go to a log file (-v: both).
-    uses_ray: whether the verb will start Ray (None: from its config's ray.address)."""
-    if uses_ray is None:
-        uses_ray = _load(args).ray.address != "local"
-    if args.verbose or not uses_ray:
-        return
-    import tempfile
-    import time
-
-    from rdscale.progress import route_ray_notices
-
-    path = Path(tempfile.gettempdir()) / f"rdscale-{args.verb}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    log.info("Ray's own messages: %s", route_ray_notices(path))
-
-
-def _remove_if_empty(created: list[Path]) -> None:
-    """Remove the output directories this command created, when the failure left nothing committed in them."""
-    import shutil
-
-    from rdscale.io.lease import LEASE_NAME
-
-    for path in created:
-        if not path.is_dir():
-            continue
-        if (path / LEASE_NAME).exists():
-            # another writer holds the run (ours is released before we get here): its directory, never ours to
-            # remove, even when two commands created it at the same moment
-            continue
-        # worth keeping (resumable): a finished fit artifact or a committed shard (a ledger data file)
-        committed = any(path.rglob("manifest.json")) or any(path.glob("shards.lance/data/*"))
-        if not committed:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

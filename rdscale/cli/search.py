@@ -13,9 +13,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rdscale import search as S  # lazy: only names are read until a command runs
+from rdscale import search as S
 from rdscale.cli.args import add_run_argument
+from rdscale.config import ConfigError, safe_yaml
+from rdscale.errors import FastaFormatError
+from rdscale.io.fasta import Reject, read_fasta
+from rdscale.io.location import Location, is_remote
+from rdscale.search.calibrate import describe
+from rdscale.search.keys_index import ensure_id_index
 from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES, INDEX_DIR
+from rdscale.search.searcher import Searcher, index_is_fresh, num_queries
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,8 +49,6 @@ def _param(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--param {text!r} must look like key=value, e.g. num_partitions=64")
     key, raw = text.split("=", 1)
-    from rdscale.config import ConfigError, safe_yaml
-
     if key.strip() in _NAMED:  # would collide with build_index's own arguments
         raise argparse.ArgumentTypeError(f"--param {key.strip()}: use --{key.strip().replace('_', '-')}")
     try:
@@ -167,19 +172,15 @@ def cmd_index(args: argparse.Namespace) -> int:
             _print_indexes(args.out, table)
         return 0
     params = dict(args.params)
-    from rdscale.search.calibrate import describe
-
     if args.ray:
         if args.backend == "lance":
             raise S.SearchError("--ray builds faiss indexes (--backend faiss)")
-        from rdscale.cluster.index import ray_builder
+        from rdscale.cluster.index import ray_builder  # Ray only for --ray (on ALLOWED_LAZY)
 
         params["builder"] = ray_builder(address=args.ray)
 
     for table in args.table:
         if args.id_index:
-            from rdscale.search.keys_index import ensure_id_index
-
             made = ensure_id_index(args.out, table)
             print(f"{table}: scalar BTREE index on id ({'built' if made else 'kept: it exists'})")
         widths = args.width or [S.chain_levels(S.open_table(args.out, table))[0]]
@@ -202,9 +203,6 @@ def _print_indexes(run: str, table: str) -> None:
     infos = S.list_indexes(run, table)
     if not infos:
         print(f"{table}: no vector indexes")
-    from rdscale.search.calibrate import describe
-    from rdscale.search.searcher import index_is_fresh
-
     ds = S.open_table(run, table) if infos else None
     for info in infos:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
@@ -235,8 +233,6 @@ def parse_residue_key(text: str) -> str | tuple[str, int]:
 
 def _local_query_file(path: str | Path, what: str) -> Path:
     """A query file, local or on an object store (fetched into the local cache, as run inputs are)."""
-    from rdscale.io.location import Location, is_remote
-
     if is_remote(path):
         loc = Location.parse(path)
         if not loc.is_file():
@@ -250,8 +246,6 @@ def _local_query_file(path: str | Path, what: str) -> Path:
 
 def read_query_fasta(path: str | Path) -> dict[str, str]:
     """{id: sequence} of a query FASTA file; any record the pipeline would reject is an error naming it."""
-    from rdscale.io.fasta import FastaFormatError, Reject, read_fasta
-
     path = _local_query_file(path, "query FASTA")
     queries: dict[str, str] = {}
     try:
@@ -308,8 +302,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     table = common.pop("table")
     # one searcher for all the queries: the table, its index and the chain are opened once; not resident, since
     # one command reads the table once anyway (streamed for exact search, candidate rows only for the funnel)
-    from rdscale.search.searcher import Searcher, num_queries
-
     searcher = Searcher(args.out, table, resident=False, models=args.models, device=args.device,
                         version=int(args.release) if (args.release or "").isdigit() else args.release)
     if args.ids:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import time
+import errno
+import socket
 
 from rdscale.cli.args import add_run_argument
+from rdscale.cluster.serve import serve_until_interrupted
+from rdscale.search.tables import SearchError, open_table
 
 SERVE_EPILOG = """examples:
   rdscale serve runs/demo --port 8000
@@ -57,25 +59,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _check_port(host: str, port: int) -> None:
     """A port out of range or taken is one line here, before Ray starts (Serve's proxy would fail with a
     traceback per retry)."""
-    import socket
-
-    from rdscale.search.tables import SearchError
-
     if not 1 <= port <= 65535:
         raise SearchError(f"--port {port} is not a TCP port (1-65535)")
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.bind((host, port))
     except OSError as err:
-        import errno
-
         hint = " (another server listens there: choose another --port)" if err.errno == errno.EADDRINUSE else ""
         raise SearchError(f"cannot listen on {host}:{port}: {err.strerror or err}{hint}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rdscale.search.tables import SearchError, open_table
-
     if args.replicas < 1 or args.num_cpus < 0:
         raise SearchError("--replicas must be >= 1 and --num-cpus >= 0")
     if not (args.max_body_mb > 0 and args.max_queries >= 1 and args.timeout > 0):
@@ -83,27 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_port(args.host, args.port)
     for table in args.table or ["proteins"]:
         open_table(args.out, table)  # a wrong path is one line here, not a replica's traceback
-    import ray
-
-    from rdscale.cluster import serve as server
-
-    ray.init(address=args.address, include_dashboard=False, configure_logging=False)
-    try:
-        url = server.start(args.out, host=args.host, port=args.port, replicas=args.replicas,
-                           num_cpus=args.num_cpus, tables=args.table, models=args.models, device=args.device,
-                           max_body_mb=args.max_body_mb, max_queries=args.max_queries, timeout_s=args.timeout)
-    except ray.exceptions.RayError as err:  # the proxy could not bind, a replica failed to load the run, ...
-        server.stop()
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise SearchError(f"the server did not start: {lines[-1] if lines else type(err).__name__}") from err
-    print(f"rdscale serve: {args.out} at {url} (search page {url}/, POST /search, GET /info, schema {url}/docs); "
-          "Ctrl-C stops",
-          file=sys.stderr, flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    serve_until_interrupted(args.out, address=args.address, host=args.host, port=args.port,
+                            replicas=args.replicas, num_cpus=args.num_cpus, tables=args.table, models=args.models,
+                            device=args.device, max_body_mb=args.max_body_mb, max_queries=args.max_queries,
+                            timeout_s=args.timeout)
     return 0

@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 
 from rdscale.cli.args import add_run_argument
+from rdscale.run.update import UpdateError, abort_update, update
 
 
 def cmd_update(args) -> int:
-    from rdscale.run.update import UpdateError, abort_update, update
-
     if args.abort:
         if args.fasta or args.release:
             raise UpdateError("--abort undoes the interrupted update; it takes no --fasta or --release")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 
 from rdscale.cli.args import add_run_argument
+from rdscale.run.verify import verify
 
 
 def cmd_verify(args) -> int:
-    from rdscale.run.verify import verify
-
     problems = verify(args.out, progress=not args.quiet)
     if problems:
         for line in problems:

@@ -21,10 +21,13 @@ computing, as it does when the client goes away). Never a 500 for bad input.
 
 import asyncio
 import logging
+import sys
 import threading
+import time
 from importlib import resources
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -33,7 +36,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdscale.search.request import option_fields
-from rdscale.search.service import RequestTooLarge, SearchCancelled
+from rdscale.search.service import RequestTooLarge, SearchCancelled, SearchService
 from rdscale.search.tables import KeyNotFoundError, SearchError
 
 log = logging.getLogger(__name__)
@@ -203,8 +206,6 @@ def _asset(name: str) -> str:
 class SearchDeployment:
     def __init__(self, run: str, tables: list[str] | None = None, models: list[str] | None = None,
                  device: str | None = None, limits: dict | None = None, service: str | None = None):
-        from rdscale.search.service import SearchService
-
         limits = {"max_body": int(MAX_BODY_MB * 2**20), "timeout": TIMEOUT_S, "max_queries": MAX_QUERIES,
                   **(limits or {})}
         _BodyLimit.max_body = int(limits["max_body"])
@@ -306,3 +307,25 @@ def start(run: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int 
 def stop() -> None:
     """Remove the deployment and shut Serve down (the Ray session itself stays up)."""
     serve.shutdown()
+
+
+def serve_until_interrupted(run: str, *, address: str | None = None, **options: Any) -> None:
+    """`rdscale serve`: join (or start) Ray at `address`, start the server (`start`'s options), say where it
+    listens, and keep it up until Ctrl-C. A server that cannot start is one SearchError line."""
+    ray.init(address=address, include_dashboard=False, configure_logging=False)
+    try:
+        url = start(run, **options)
+    except ray.exceptions.RayError as err:  # the proxy could not bind, a replica failed to load the run, ...
+        stop()
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise SearchError(f"the server did not start: {lines[-1] if lines else type(err).__name__}") from err
+    print(f"rdscale serve: {run} at {url} (search page {url}/, POST /search, GET /info, schema {url}/docs); "
+          "Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()

@@ -35,7 +35,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from rdscale.errors import RdscaleError
+from rdscale.errors import FastaFormatError, RdscaleError
+from rdscale.io.fasta import Reject, read_fasta
+from rdscale.model.embed import Embedder
 
 __all__ = [
     "AMINO_ACIDS",
@@ -171,8 +173,6 @@ def read_wild_type(source: str | Path, dataset: str | None = None) -> str:
                 f"wild type {str(source)[:40]!r} is neither an existing FASTA file nor a protein sequence"
             )
         return sequence
-    from rdscale.io.fasta import FastaFormatError, Reject, read_fasta
-
     records: dict[str, str] = {}  # id -> sequence, validated by the pipeline's own FASTA reader
     refused: dict[str, str] = {}  # id -> why the reader rejected it
     try:
@@ -649,8 +649,6 @@ def make_embed_fn(models: Sequence[Any], fit: Any | None = None, **embedder_opti
     rdscale.model.embed.Embedder (toks_per_batch, long_policy, ...). Arrays are float32 on the host.
     """
     import torch
-
-    from rdscale.model.embed import Embedder
 
     models = list(models)
     if not models:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from rdscale.errors import RdscaleError
+from rdscale.fit.chain import pcr_components
 from rdscale.eval.dms import (
     DMSResult,
     EmbedFn,
@@ -130,8 +131,6 @@ def r2_from_moments(
     if regression == "pcr":
         if count is None:
             raise EvaluationError("PCR's noise edge depends on the residue count: pass Moments, not a covariance")
-        from rdscale.fit.chain import pcr_components
-
         keep, _, _ = pcr_components(eigvals, count, "pcr")
     else:
         keep = eigvals > _RCOND * max(float(eigvals.max(initial=0.0)), 0.0)

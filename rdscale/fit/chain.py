@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rdscale.config import REGRESSIONS
 from rdscale.errors import RdscaleError
 from rdscale.fit.moments import Moments
 
@@ -65,7 +66,6 @@ __all__ = [
     "solve_step",
 ]
 
-REGRESSIONS = ("pcr", "ols")
 # Eigenvalues below RCOND * largest are treated as exact zeros (the pseudo-inverse floor). Covariances of float32
 # embeddings carry round-off of order 1e-14 relative in truly dependent directions; real signal sits far above.
 RCOND = 1e-12

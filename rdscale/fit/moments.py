@@ -34,12 +34,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from rdscale.config import GRAM_MODES
 from rdscale.errors import RdscaleError
 
 __all__ = ["GRAM_MODES", "Moments", "MomentsError", "merge_all"]
 
 _ARRAY_KEYS = ("count", "mean", "comoment")
-GRAM_MODES = ("auto", "float64", "float32")
 # The float32 Gram cuts values into 8-bit integer slices; products of two are below 2^16, so blocks of 2^8 rows
 # sum to integers below 2^24, which float32 holds exactly (see _gram_sliced).
 _SLICE_BITS = 8

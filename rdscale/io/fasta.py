@@ -46,7 +46,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from rdscale.errors import RdscaleError
+from rdscale.errors import FastaFormatError
+from rdscale.io.gzindex import open_at, seek_points, spacing_for
 from rdscale.io.location import Location
 
 __all__ = [
@@ -128,19 +129,6 @@ class Shard:
     @property
     def key(self) -> str:
         return f"{self.path}@{self.start}-{'eof' if self.end is None else self.end}"
-
-
-class FastaFormatError(RdscaleError, ValueError):
-    """The input is not FASTA or its compressed stream is damaged; names the file and where it broke."""
-
-    def __init__(self, path: str | os.PathLike, where: str, detail: str):
-        self.path = str(path)
-        self.where = where
-        self.detail = detail
-        super().__init__(f"{self.path}: {detail} (at {where})")
-
-    def __reduce__(self):  # raised in Ray workers: rebuilt on the driver from the same three parts
-        return (type(self), (self.path, self.where, self.detail))
 
 
 # --------------------------------------------------------------------------------------------------- formats
@@ -235,8 +223,6 @@ def plan_shards(
         size = Location.parse(path).size()
         gz_index = None
         if fmt == "gzip" and index_dir is not None and size > shard_bytes:
-            from rdscale.io.gzindex import seek_points, spacing_for
-
             gz_index, points, _ = seek_points(path, index_dir, spacing_for(shard_bytes))
             ranges = [(p, points[i + 1] if i + 1 < len(points) else None) for i, p in enumerate(points)]
         elif fmt == "gzip" or size <= shard_bytes:
@@ -315,8 +301,6 @@ def _plain_lines(path: str, start: int, opened=None) -> Iterator[Line]:
 
 def _indexed_gzip_lines(path: str, start: int, index: str) -> Iterator[Line]:
     """Lines of the decompressed stream from `start` on (resynchronised like a plain file), via the index."""
-    from rdscale.io.gzindex import open_at
-
     gz, raw = open_at(path, index)
     pos = start
     try:

@@ -22,6 +22,7 @@ import struct
 import time
 import zlib
 
+from rdscale.errors import FastaFormatError
 from rdscale.io.location import Location
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def spacing_for(shard_bytes: int) -> int:
 
 
 def _format_error(path: str, where: str, detail: str) -> Exception:
-    from rdscale.io.fasta import FastaFormatError
-
     return FastaFormatError(path, where, detail)
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Protocol
 
 from rdscale.errors import RdscaleError
+from rdscale.io.location import storage_options
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,6 @@ _BOTO_KEYS = {
 
 
 def _boto_options() -> dict[str, str]:
-    from rdscale.io.location import storage_options
-
     out = {}
     for key, value in storage_options().items():
         name = _BOTO_KEYS.get(key.lower())

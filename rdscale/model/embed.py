@@ -18,11 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rdscale.config import FORWARDS, LONG_POLICIES
+from rdscale.errors import ConfigError
+from rdscale.model.fast_esm import FastESM2, pack_by_tokens
 from rdscale.model.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
-LONG_POLICIES = ("window", "truncate", "reject")
 _EXTRA_TOKENS = 2  # BOS and EOS around every sequence
 MIN_OOM_WINDOW = 16  # residues: a piece this short that still runs out of memory is not split further
 
@@ -58,9 +60,9 @@ def pack_batches(lengths: Sequence[int], toks_per_batch: int, max_batch_size: in
     own gets a batch of its own. Every index appears exactly once; batches come shortest first.
     """
     if toks_per_batch < 1:
-        raise ValueError(f"toks_per_batch must be positive, got {toks_per_batch}")
+        raise ConfigError(f"toks_per_batch must be positive, got {toks_per_batch}")
     if max_batch_size is not None and max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be positive or None, got {max_batch_size}")
+        raise ConfigError(f"max_batch_size must be positive or None, got {max_batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     batch: list[int] = []
@@ -86,10 +88,10 @@ def plan_windows(length: int, window: int = 1022, overlap: int | None = None) ->
     the last.
     """
     if window < 1:
-        raise ValueError(f"window must be positive, got {window}")
+        raise ConfigError(f"window must be positive, got {window}")
     overlap = window // 4 if overlap is None else overlap
     if not 0 <= overlap < window:
-        raise ValueError(f"overlap must be in [0, window), got overlap={overlap}, window={window}")
+        raise ConfigError(f"overlap must be in [0, window), got overlap={overlap}, window={window}")
     if length < 0:
         raise ValueError(f"length must be non-negative, got {length}")
     if length <= window:
@@ -189,30 +191,28 @@ class Embedder:
         self.model = loaded.model
         n_layers = self.model.num_layers
         if not -(n_layers + 1) <= layer <= n_layers:
-            raise ValueError(f"layer must be in [{-(n_layers + 1)}, {n_layers}] for {loaded.spec.name}, got {layer}")
+            raise ConfigError(f"layer must be in [{-(n_layers + 1)}, {n_layers}] for {loaded.spec.name}, got {layer}")
         self.layer = layer % (n_layers + 1)
         if long_policy not in LONG_POLICIES:
-            raise ValueError(f"long_policy must be one of {LONG_POLICIES}, got {long_policy!r}")
+            raise ConfigError(f"long_policy must be one of {LONG_POLICIES}, got {long_policy!r}")
         if attention not in ("sdpa", "esm"):
             raise ValueError(f"attention must be 'sdpa' or 'esm', got {attention!r}")
         plan_windows(window + 1, window, overlap)  # validates window and overlap
         if toks_per_batch < 1:
-            raise ValueError(f"toks_per_batch must be positive, got {toks_per_batch}")
+            raise ConfigError(f"toks_per_batch must be positive, got {toks_per_batch}")
         self.toks_per_batch = toks_per_batch
         self.long_policy = long_policy
         self.window = window
         self.overlap = window // 4 if overlap is None else overlap
         self.max_batch_size = max_batch_size
         self.attention = attention
-        if forward not in ("fast", "plain"):
-            raise ValueError(f"forward must be 'fast' or 'plain', got {forward!r}")
+        if forward not in FORWARDS:
+            raise ConfigError(f"forward must be one of {FORWARDS}, got {forward!r}")
         self.forward = forward if attention == "sdpa" else "plain"
         self.stats = EmbedStats()
         self.forward_wrapper: ForwardWrapper | None = None
         self._fast = None
         if self.forward == "fast":
-            from rdscale.model.fast_esm import FastESM2
-
             self._fast = FastESM2(self.model, attention=fast_attention, compile=compile)
 
         alphabet = loaded.alphabet
@@ -307,8 +307,6 @@ class Embedder:
     def _plan(self, lengths: Sequence[int]) -> list[list[int]]:
         """Batches of piece indices under the current token budget (packed: real tokens; plain: padded)."""
         if self._fast is not None:
-            from rdscale.model.fast_esm import pack_by_tokens
-
             return pack_by_tokens(lengths, self.toks_per_batch)
         return pack_batches(lengths, self.toks_per_batch, self.max_batch_size)
 

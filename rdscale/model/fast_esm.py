@@ -35,7 +35,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "flash", "varlen", "nested", "padded")
+from rdscale.config import ATTENTION_BACKENDS
+from rdscale.errors import ConfigError
+
 T_BUCKET = 64
 B_BUCKET = 4
 
@@ -61,7 +63,7 @@ def _accepts_scale(fn) -> bool:
 def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend "auto" means here, or a clear ValueError when a named one cannot run on this device/dtype."""
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        raise ConfigError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     half = dtype in (torch.float16, torch.bfloat16)
     cuda = device.type == "cuda"
     have_flash = importlib.util.find_spec("flash_attn") is not None
@@ -74,9 +76,9 @@ def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) ->
             return "nested"
         return "padded"
     if backend == "flash" and not (cuda and half and have_flash):
-        raise ValueError("attention backend 'flash' needs the flash-attn package, CUDA and float16/bfloat16")
+        raise ConfigError("attention backend 'flash' needs the flash-attn package, CUDA and float16/bfloat16")
     if backend == "varlen" and not (cuda and half and _varlen_attn() is not None):
-        raise ValueError("attention backend 'varlen' needs torch.nn.attention.varlen (a release whose varlen_attn "
+        raise ConfigError("attention backend 'varlen' needs torch.nn.attention.varlen (a release whose varlen_attn "
                          "takes scale), CUDA and float16/bfloat16")
     return backend
 
@@ -90,7 +92,7 @@ def pack_by_tokens(lengths, toks_per_batch: int) -> list[list[int]]:
     length (ties by index) so the padded attention fallback pads little. An over-budget sequence is a batch of
     its own. Every index appears exactly once."""
     if toks_per_batch < 1:
-        raise ValueError(f"toks_per_batch must be positive, got {toks_per_batch}")
+        raise ConfigError(f"toks_per_batch must be positive, got {toks_per_batch}")
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     batch: list[int] = []

@@ -28,6 +28,7 @@ import torch
 from esm.model.esm2 import ESM2
 
 from rdscale.errors import RdscaleError
+from rdscale.io.location import Location, is_remote
 from rdscale.model.hf import HUB_ID, hf_files, read_hf_checkpoint
 from rdscale.model.stub import describe_stub, is_stub, load_stub
 
@@ -454,8 +455,6 @@ def _is_path(name_or_path) -> bool:
 
 def _fetched(name_or_path) -> tuple[object, str | None]:
     """A checkpoint URI (s3://, gs://, az://) -> (its copy in this node's cache, the URI); anything else as is."""
-    from rdscale.io.location import Location, is_remote
-
     if not is_remote(name_or_path):
         return name_or_path, None
     return Path(Location.parse(name_or_path).local_copy()), str(name_or_path)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rdscale.errors import ConfigError
+
 PREFIX = "stub:"
 DIGEST = "stub-v1"
 _LETTERS = 26  # A..Z; anything else counts as X
@@ -28,7 +30,7 @@ def is_stub(name) -> bool:
 def stub_width(name: str) -> int:
     match = re.fullmatch(r"stub:(\d+)", name)
     if not match or not 1 <= int(match.group(1)) <= 65536:
-        raise ValueError(f"a stub model is named stub:WIDTH with WIDTH in 1..65536, got {name!r}")
+        raise ConfigError(f"a stub model is named stub:WIDTH with WIDTH in 1..65536, got {name!r}")
     return int(match.group(1))
 
 
