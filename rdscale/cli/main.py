@@ -170,12 +170,11 @@ def cmd_info(args) -> int:
 def _cost_lines(run) -> list[str]:
     """Throughput, device-hours and an ETA from the ledger's provenance columns (none for older runs)."""
     from rdscale.io.runs import LEDGER
-    from rdscale.io.store import run_status
     from rdscale.run.provenance import cost_lines
 
     if not run.has_table(LEDGER):
         return []
-    return cost_lines(run.dataset(LEDGER).to_table().to_pylist(), run_status(run)["planned"])
+    return cost_lines(run.dataset(LEDGER).to_table().to_pylist(), run.status()["planned"])
 
 
 def _table_info(run: Run) -> dict:
@@ -183,16 +182,14 @@ def _table_info(run: Run) -> dict:
     returns its metadata."""
     from rdscale.io.runs import DATA_TABLES
     from rdscale.io.store import (
-        committed_filter,
         incomplete_message,
         missing_data_files,
-        run_status,
     )
 
-    status = run_status(run)
+    status = run.status()
     tables = [name for name in DATA_TABLES if run.has_table(name)]
     missing = {name: missing_data_files(run.table(name)) for name in tables}
-    where = None if any(missing.values()) else committed_filter(run, status)  # rows of committed shards only
+    where = None if any(missing.values()) else run.committed_filter(status)  # rows of committed shards only
     if incomplete_message(status):
         print(f"{incomplete_message(status)} (rerun the same command to finish; counts below are of those shards)")
     for name, gone in missing.items():
@@ -454,17 +451,17 @@ def _remove_if_empty(created: list[Path]) -> None:
     """Remove the output directories this command created, when the failure left nothing committed in them."""
     import shutil
 
-    from rdscale.io.lease import LEASE_NAME
+    from rdscale.io.runs import Run
 
     for path in created:
         if not path.is_dir():
             continue
-        if (path / LEASE_NAME).exists():
+        if Run(path).lease_file.exists():
             # another writer holds the run (ours is released before we get here): its directory, never ours to
             # remove, even when two commands created it at the same moment
             continue
         # worth keeping (resumable): a finished fit artifact or a committed shard (a ledger data file)
-        committed = any(path.rglob("manifest.json")) or any(path.glob("shards.lance/data/*"))
+        committed = any(path.rglob("manifest.json")) or any(Path(Run(path).ledger).glob("data/*"))
         if not committed:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from rdscale import search as S  # lazy: only names are read until a command runs
 from rdscale.cli.args import add_run_argument
-from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES, INDEX_DIR
+from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -189,7 +189,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                                  metric=args.metric, rebuild=args.rebuild, backend=args.backend,
                                  progress=not args.quiet, recall=args.recall or None, **params)
             shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
-            where = f"{INDEX_DIR}/{info.index_name}" if info.backend == "faiss" else info.column
+            where = info.where
             print(f"{table}: {info.backend} {info.index_type} {info.metric} index on {where} (width {info.width}, "
                   f"{info.num_rows} rows; {shown}) in {time.perf_counter() - started:.1f} s")
             if info.calibration:

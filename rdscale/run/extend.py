@@ -439,9 +439,9 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     run = Run(run_dir if "://" in str(run_dir) else Path(run_dir).absolute())  # actors never see our cwd
     if "://" not in str(model) and (str(model).endswith(".pt") or "/" in str(model)):
         model = str(Path(model).expanduser().absolute())  # a checkpoint path, not a hub name
-    from rdscale.io.store import LEDGER, incomplete_message, run_status
+    from rdscale.io.store import LEDGER, incomplete_message
 
-    if run.has_table(LEDGER) and (why := incomplete_message(run_status(run))):
+    if run.has_table(LEDGER) and (why := incomplete_message(run.status())):
         # Extending a partial run would change the tables' schema under the shards still to be embedded.
         raise ExtendError(f"{run} is {why}; finish the run first (rerun the same `rdscale run` command), "
                           "then extend")
@@ -450,7 +450,7 @@ def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, 
     cfg = Config.from_dict(info["config"], list(overrides)) if info["config"] else Config()
     cfg.storage.options = storage_options()  # never recorded in the run: this process's go to the actors
     step_dir = run.fit_ext(width)
-    partial_root = run.location / "extend.partial"
+    partial_root = run.extend_partial
 
     if local is True:
         cfg.ray.address = "local"

@@ -61,12 +61,10 @@ from rdscale.io.store import (
     LEDGER_SCHEMA,
     RunStore,
     ShardResult,
-    UPDATE_STATE,
     StoreError,
     _IdPartitions,
     incomplete_message,
     run_schemas,
-    run_status,
     sql_in_list,
 )
 from rdscale.progress import Progress
@@ -76,7 +74,6 @@ from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, writing
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = UPDATE_STATE
 FOLLOWED = "followed-"  # run key prefix of a run that `rdscale update` moved to another release
 INITIAL = "initial"  # the tag of a run's versions before its first update
 TABLES = (PROTEINS, RESIDUES, REJECTS, LEDGER)
@@ -274,14 +271,14 @@ def _split(rows: pa.Table) -> pa.Table:
 
 
 def read_state(run: Run) -> dict[str, Any]:
-    loc = run.location.join(STATE_FILE)
+    loc = run.update_state
     if not loc.is_file():
         return {"releases": []}
     return json.loads(loc.read_text())
 
 
 def _write_state(run: Run, state: dict[str, Any]) -> None:
-    run.location.join(STATE_FILE).write_text(json.dumps(state, indent=1))
+    run.update_state.write_text(json.dumps(state, indent=1))
 
 
 def releases(run: str | Run) -> list[dict[str, Any]]:
@@ -408,7 +405,7 @@ def _update(run: Run, cfg: Config, manifest: dict, release: str, previous: str, 
         if any(release in run.dataset(t).tags.list() for t in TABLES if run.has_table(t)):
             raise UpdateError(f"{run} already has a table version tagged {release}; choose a new release name")
         done = [e for e in entries if e["status"] == "done"]
-        status = run_status(run)
+        status = run.status()
         if not done and not status["complete"]:  # its partial state must not become the previous release
             raise UpdateError(f"{run} is an interrupted run ({incomplete_message(status)}); finish it (rerun the "
                               "command that made it) before updating it to a release")
@@ -621,7 +618,7 @@ def abort_update(run_dir: str | Location, storage_options: dict | None = None) -
         if state["releases"]:
             _write_state(run, state)
         else:
-            run.location.join(STATE_FILE).delete()
+            run.update_state.delete()
     return (f"aborted the update of {run} to release {entry['name']}: its tables are back at their versions "
             f"from before it" + (f" (release {entry['previous']})" if not first else ""))
 
@@ -665,7 +662,7 @@ def release_lines(run: str | Run) -> list[str]:
 def followed_release(run_dir: str | Location) -> dict[str, Any] | None:
     """The last update entry of a run that follows a database (done or interrupted), or None."""
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
-    if not run.location.join(STATE_FILE).is_file():
+    if not run.update_state.is_file():
         return None
     entries = read_state(run)["releases"]
     return entries[-1] if entries else None

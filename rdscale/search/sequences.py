@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from rdscale.io.runs import Run
 from rdscale.search.tables import (
     EMBEDDING,
     SearchError,
     open_table,
-    run_dir_of,
     stored_width,
 )
 from rdscale.search.tables import (
@@ -22,19 +22,16 @@ from rdscale.search.tables import (
 )
 
 
-def _fit_dir_of(run: Path, manifest: dict, config: dict) -> Path | None:
+def _fit_dir_of(run: Run, manifest: dict, config: dict) -> Path | None:
     """Where the run's fit artifact is (rdscale.io.runs.Run.fit_location: the recorded one, relative to the run,
     else <run>/fit, else the configured fit.artifact); None for a single-model (extract) run, which has no fit."""
-    from rdscale.io.location import Location
-    from rdscale.io.runs import Run
-
     found = Run(run).fit_location(manifest, config)
     if found is not None:
         return Path(found.path) if found.is_local else found
     if len(manifest.get("models", [])) == 1:
         return None
     raise SearchError(
-        f"no fit artifact for {run}: neither {Location.parse(run) / 'fit'} nor the run's fit.artifact holds a "
+        f"no fit artifact for {run}: neither {Run(run).fit} nor the run's fit.artifact holds a "
         "manifest.json; sequence queries are embedded through the run's own fitted chain"
     )
 
@@ -54,7 +51,7 @@ class QueryEmbedder:
         from rdscale.fit.artifact import ArtifactError, load_fit
 
         ds = open_table(dataset_path, table)
-        run = run_dir_of(dataset_path)
+        run = Run.of(dataset_path)
         self.table = table
         manifest = _run_metadata(ds, "rdscale.fit_manifest")
         config = _run_metadata(ds, "rdscale.config")
