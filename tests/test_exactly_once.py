@@ -203,7 +203,7 @@ def test_other_models_refused_unless_restart(tmp_path, tiny_family, base):
 
     summary = run(cfg_b, LocalExecutor(), progress=False, restart=True)
     assert summary.shards_skipped == 0 and summary.records == 24
-    meta = store_mod.read_metadata(tmp_path / "run" / "proteins.lance")
+    meta = Run(tmp_path / "run").metadata()
     from rdscale.model.loading import checkpoint_sha256
 
     assert [m["sha256"] for m in meta["fit_manifest"]["models"]] == [checkpoint_sha256(p) for p in other]

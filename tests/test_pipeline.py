@@ -16,7 +16,7 @@ from helpers import StopAfter, make_cfg, table, write_fasta
 
 from rdscale.fit.artifact import load_fit
 from rdscale.io.fasta import Reject, read_fasta
-from rdscale.io.store import read_metadata
+from rdscale.io.runs import read_metadata
 from rdscale.run.pipeline import LocalExecutor, embed, fit, run
 from rdscale.run.stages import ChainEncoder
 

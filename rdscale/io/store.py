@@ -48,7 +48,6 @@ from rdscale.io.runs import (  # noqa: F401 - re-exported: table names and metad
     incomplete_message,
     open_dataset,
 )
-from rdscale.io.runs import read_metadata as _read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -659,12 +658,6 @@ def sql_str(value: str) -> str:
 def sql_in_list(values) -> str:
     """`'a', 'b', ...` for an `IN (...)` filter."""
     return ", ".join(sql_str(v) for v in values)
-
-
-def read_metadata(path: str | Path | Location) -> dict[str, Any]:
-    """The rdscale metadata of a run's table (proteins.lance etc.), decoded (see rdscale.io.runs)."""
-    return _read_metadata(path)
-
 
 
 # ------------------------------------------------------------------------------------------ errors and status
