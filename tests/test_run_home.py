@@ -13,7 +13,7 @@ from helpers import embed_killed_before_ledger, make_cfg, write_fasta
 from rdscale.io import runs
 from rdscale.io.runs import LEDGER, PROTEINS, Run, incomplete_message
 from rdscale.io.store import reader_filter
-from rdscale.search import Searcher, open_table, search
+from rdscale.search import Searcher, list_indexes, open_table, search
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rdscale"
 HOME = PACKAGE / "io" / "runs.py"
@@ -162,6 +162,7 @@ def test_search_takes_a_run_or_a_path(runs_dir):
     assert search(tmp / "partial", ids=ids, k=3).equals(by_path)
     assert search(run.table(PROTEINS), ids=ids, k=3).equals(by_path)  # a table location names its run
     assert open_table(run).uri == open_table(str(run)).uri
+    assert list_indexes(run) == list_indexes(str(run))
     with Searcher(run) as by_run, Searcher(str(run)) as by_str:  # resident: its own float order, compared alike
         assert by_run.search(ids=ids, k=3).equals(by_str.search(ids=ids, k=3))
         assert by_run.search(ids=ids, k=3)["id"].equals(by_path["id"])
