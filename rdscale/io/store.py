@@ -287,7 +287,7 @@ class RunStore:
 
     def _open_or_create(self, name: str, schema: pa.Schema) -> None:
         uri = self.uri(name)
-        if dataset_exists(uri):
+        if self.run.has_table(name):
             found = self.dataset(name).schema
             key = (found.metadata or {}).get(META_RUN_KEY, b"").decode()
             if key != self.run_key:
@@ -299,17 +299,17 @@ class RunStore:
             return
         try:
             with self.step(f"create {name}"):
-                if dataset_exists(uri):  # created by the writer whose lease this one took over, meanwhile
+                if self.run.has_table(name):  # created by the writer whose lease this one took over, meanwhile
                     return
                 lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, []),
                                           storage_options=self._options)
         except (OSError, ValueError) as err:
             if self.root.is_local:
                 raise
-            raise Location.parse(uri).error(err, "create the Lance dataset") from None
+            raise self.run.table(name).error(err, "create the Lance dataset") from None
 
     def dataset(self, name: str) -> lance.LanceDataset:
-        return open_dataset(self.uri(name))
+        return self.run.dataset(name)
 
     def committed(self) -> dict[int, dict[str, Any]]:
         """Ledger rows of the shards whose output is complete, by shard index."""
