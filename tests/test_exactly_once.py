@@ -33,7 +33,8 @@ from rdscale.fit.artifact import ArtifactMismatchError
 from rdscale.io import store as store_mod
 from rdscale.io.fasta import plan_shards, read_fasta
 from rdscale.io.lease import LEASE_NAME, LeaseError, LeaseInfo, WriterLease, read_lease
-from rdscale.io.store import LEDGER, StoreError, committed_filter, run_status
+from rdscale.io.runs import Run
+from rdscale.io.store import LEDGER, StoreError
 from rdscale.run.integrity import InputChangedError
 from rdscale.run.executor import LocalExecutor
 from rdscale.run.pipeline import embed, fit, run
@@ -99,7 +100,7 @@ def test_input_edited_in_place_same_size_is_refused_then_redone(tmp_path, tiny_f
     cfg = cfg_for(tmp_path, fasta, tiny_family, fit_dir)
     with pytest.raises(KeyboardInterrupt):
         embed(cfg, None, StopAfter(3), progress=False)
-    committed = run_status(tmp_path / "run")["committed"]
+    committed = Run(tmp_path / "run").status()["committed"]
     assert committed == [0, 1, 2]
     # One residue changed in a committed shard (record 0) and one in an uncommitted shard (the last record).
     records = list(read_fasta(fasta))
@@ -115,7 +116,7 @@ def test_input_edited_in_place_same_size_is_refused_then_redone(tmp_path, tiny_f
         embed(cfg, None, LocalExecutor(), progress=False)
     message = str(err.value)
     assert str(fasta) in message and "\n" not in message and "--redo-changed" in message
-    assert run_status(tmp_path / "run")["committed"] == [0, 1, 2]  # the refusal touched nothing
+    assert Run(tmp_path / "run").status()["committed"] == [0, 1, 2]  # the refusal touched nothing
 
     summary = embed(cfg, None, LocalExecutor(), progress=False, redo_changed=True)
     assert summary.records == 24 and summary.shards_skipped == 2  # exactly the changed shard 0 was redone
@@ -152,7 +153,7 @@ def test_record_moving_across_a_shard_boundary(tmp_path, tiny_family, base, dire
     cfg = cfg_for(tmp_path, fasta, tiny_family, fit_dir)
     with pytest.raises(KeyboardInterrupt):
         embed(cfg, None, StopAfter(shard + 1), progress=False)
-    assert run_status(tmp_path / "run")["committed"] == list(range(shard + 1))
+    assert Run(tmp_path / "run").status()["committed"] == list(range(shard + 1))
 
     # Shrink (or grow) the record before the header by n residues; the last record grows (or shrinks) by as much,
     # keeping the size. Line lengths change, which FASTA allows.
@@ -203,7 +204,7 @@ def test_other_models_refused_unless_restart(tmp_path, tiny_family, base):
 
     summary = run(cfg_b, LocalExecutor(), progress=False, restart=True)
     assert summary.shards_skipped == 0 and summary.records == 24
-    meta = store_mod.read_metadata(tmp_path / "run" / "proteins.lance")
+    meta = Run(tmp_path / "run").metadata()
     from rdscale.model.loading import checkpoint_sha256
 
     assert [m["sha256"] for m in meta["fit_manifest"]["models"]] == [checkpoint_sha256(p) for p in other]
@@ -235,10 +236,10 @@ def test_completion_is_checked_against_the_plan(tmp_path, tiny_family, base):
     n = len(plan_shards([str(src)], SHARD))
     with pytest.raises(StoreError, match=f"incomplete: {n - 1} of {n} shards committed"):
         embed(cfg, None, SkipShard(2), progress=False)
-    assert run_status(tmp_path / "run") == {"committed": [i for i in range(n) if i != 2], "planned": n,
+    assert Run(tmp_path / "run").status() == {"committed": [i for i in range(n) if i != 2], "planned": n,
                                             "complete": False}
     embed(cfg, None, LocalExecutor(), progress=False)
-    assert run_status(tmp_path / "run")["complete"] and verify(tmp_path / "run") == []
+    assert Run(tmp_path / "run").status()["complete"] and verify(tmp_path / "run") == []
 
 
 def test_commit_of_a_committed_shard_is_a_no_op(tmp_path, tiny_family, base):
@@ -578,10 +579,10 @@ def test_readers_of_a_partial_run(partial_run, capsys):
     from rdscale.search import search
 
     cfg, out = partial_run
-    status = run_status(out)
+    status = Run(out).status()
     assert status["committed"] == [0, 1] and not status["complete"]
     proteins = lance.dataset(str(out / "proteins.lance"))
-    committed_rows = proteins.count_rows(filter=committed_filter(out))
+    committed_rows = proteins.count_rows(filter=Run(out).committed_filter())
     assert proteins.count_rows() > committed_rows > 0  # the third shard's rows are in the table
 
     assert main(["info", "-o", str(out)]) == 0

@@ -16,10 +16,10 @@ from helpers import StopAfter, make_cfg, table, write_fasta
 
 from rdscale.fit.artifact import load_fit
 from rdscale.io.fasta import Reject, read_fasta
-from rdscale.io.store import read_metadata
+from rdscale.io.runs import read_metadata
+from rdscale.model.encoder import ChainEncoder
 from rdscale.run.executor import LocalExecutor
 from rdscale.run.pipeline import embed, fit, run
-from rdscale.model.encoder import ChainEncoder
 
 
 def checksum(t) -> str:

@@ -13,7 +13,7 @@ from helpers import embed_killed_before_ledger, make_cfg, write_fasta
 from rdscale.cli.main import main
 from rdscale.io.location import Location
 from rdscale.io.runs import Run
-from rdscale.io.store import StoreError, committed_filter, reader_filter, run_status
+from rdscale.io.store import StoreError, reader_filter
 from rdscale.run.executor import LocalExecutor
 from rdscale.run.pipeline import embed, fit
 
@@ -52,13 +52,13 @@ def _info(capsys, run: str) -> str:
 def test_info_of_a_partial_s3_run_equals_its_local_twin(twins, s3, capsys):
     cfgs, _ = twins
     local, remote = cfgs["local"].output.dir, cfgs["s3"].output.dir
-    status = run_status(remote)
-    assert status == run_status(local)
+    status = Run(remote).status()
+    assert status == Run(local).status()
     assert status["committed"] == [0, 1] and not status["complete"] and status["planned"] > 3
 
     a, b = _info(capsys, local), _info(capsys, remote)
     assert b == a
-    committed = Run(remote).dataset("proteins").count_rows(filter=committed_filter(remote))
+    committed = Run(remote).dataset("proteins").count_rows(filter=Run(remote).committed_filter())
     total = Run(remote).dataset("proteins").count_rows()
     assert total > committed > 0  # the third shard's rows are in the S3 table, and info does not count them
     assert f"incomplete: 2 of {status['planned']} shards committed" in b

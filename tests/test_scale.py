@@ -9,7 +9,7 @@ import pytest
 from helpers import bench_module, make_cfg
 
 from rdscale.io.fasta import ValidationOptions
-from rdscale.io.location import Location
+from rdscale.io.runs import Run
 from rdscale.run.executor import LocalExecutor
 from rdscale.run.pipeline import plan, run
 from rdscale.run.update import update
@@ -98,7 +98,7 @@ def test_resume_reuses_the_grouping_plan(releases, tiny_family, tmp_path, monkey
     settings = {"input.shard_mb": 0.004, "input.dedupe_sequences": True}
     whole = make_cfg(tmp_path, fasta, tiny_family[:1], "whole", **settings)
     embed(whole, None, LocalExecutor(), progress=False)
-    assert (tmp_path / "whole" / dedupe.PLAN_CACHE).is_file()
+    assert Run(tmp_path / "whole").dedupe_plan.is_file()
 
     groupings = []
     real = dedupe.plan_duplicates
@@ -112,7 +112,7 @@ def test_resume_reuses_the_grouping_plan(releases, tiny_family, tmp_path, monkey
     assert_same(content(tmp_path / "killed"), content(tmp_path / "whole"))
 
     # the same plan reuses the grouping; an input edited in place (size, mtime) is grouped again
-    cache = Location.parse(tmp_path / "killed" / dedupe.PLAN_CACHE)
+    cache = Run(tmp_path / "killed").dedupe_plan
     shards = plan(cfg)
     _, reused = dedupe.cached_plan(cache, shards, ValidationOptions())
     assert reused and groupings == [1]

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rdscale.io.runs import Run
-from rdscale.io.store import update_in_progress
-from rdscale.run.update import STATE_FILE, Release, followed_release, read_releases, releases
+from rdscale.run.update import Release, followed_release, read_releases, releases
 
 RUNNING = {"name": "B1", "inputs": ["/data/b.fasta"], "base": 4, "before": {"proteins.lance": 3, "shards.lance": 5},
            "previous": "initial", "previous_versions": {"proteins.lance": 3, "shards.lance": 5},
@@ -30,13 +30,13 @@ def test_round_trip_keeps_the_json_entry():
 def test_state_file_read_by_every_reader(tmp_path):
     run = Run(tmp_path)
     assert read_releases(run) == [] and followed_release(run) is None and releases(run) == []
-    (tmp_path / STATE_FILE).write_text(json.dumps({"releases": [RUNNING]}))
+    Path(run.update_state).write_text(json.dumps({"releases": [RUNNING]}))
     assert read_releases(run) == [Release.from_dict(RUNNING)]
     assert followed_release(run).name == "B1"
-    assert "release B1 is running or was interrupted" in update_in_progress(tmp_path)
+    assert "release B1 is running or was interrupted" in run.update_in_progress()
     assert [(r["name"], r["status"]) for r in releases(run)] == [("initial", "done"), ("B1", "running")]
     assert Release.from_dict(RUNNING).resume_command(run) == f"rdscale update {run} --release B1 --fasta /data/b.fasta"
-    (tmp_path / STATE_FILE).write_text(json.dumps({"releases": [DONE]}))
-    assert update_in_progress(tmp_path) is None
+    Path(run.update_state).write_text(json.dumps({"releases": [DONE]}))
+    assert run.update_in_progress() is None
     assert releases(run)[-1] == {"name": "B1", "versions": DONE["versions"], "proteins": 31, "status": "done",
                                  "report": DONE["report"]}

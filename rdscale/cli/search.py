@@ -21,7 +21,7 @@ from rdscale.io.fasta import Reject, read_fasta
 from rdscale.io.location import Location, is_remote
 from rdscale.search.calibrate import describe
 from rdscale.search.keys_index import ensure_id_index
-from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES, INDEX_DIR
+from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES
 from rdscale.search.searcher import Searcher, index_is_fresh, num_queries
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                                  metric=args.metric, rebuild=args.rebuild, backend=args.backend,
                                  progress=not args.quiet, recall=args.recall or None, **params)
             shown = ", ".join(f"{k}={v}" for k, v in sorted(info.params.items()))
-            where = f"{INDEX_DIR}/{info.index_name}" if info.backend == "faiss" else info.column
+            where = info.where
             print(f"{table}: {info.backend} {info.index_type} {info.metric} index on {where} (width {info.width}, "
                   f"{info.num_rows} rows; {shown}) in {time.perf_counter() - started:.1f} s")
             if info.calibration:

@@ -12,9 +12,8 @@ from pathlib import Path
 from rdscale.cli.checks import check_outputs
 from rdscale.config import Config, ConfigError
 from rdscale.fit.artifact import load_fit
-from rdscale.io.lease import LEASE_NAME
-from rdscale.io.runs import DATA_TABLES, LEDGER, Run, default_fit
-from rdscale.io.store import committed_filter, incomplete_message, missing_data_files, run_status
+from rdscale.io.runs import DATA_TABLES, LEDGER, Run, default_fit, incomplete_message
+from rdscale.io.store import missing_data_files
 from rdscale.model.loading import build_tiny_family
 from rdscale.run.compact import compact_run, compactable
 from rdscale.run.integrity import writing
@@ -87,16 +86,16 @@ def _cost_lines(run) -> list[str]:
     """Throughput, device-hours and an ETA from the ledger's provenance columns (none for older runs)."""
     if not run.has_table(LEDGER):
         return []
-    return cost_lines(run.dataset(LEDGER).to_table().to_pylist(), run_status(run)["planned"])
+    return cost_lines(run.dataset(LEDGER).to_table().to_pylist(), run.status()["planned"])
 
 
 def _table_info(run: Run) -> dict:
     """Row counts of a run's committed shards (local or on an object store), with what is incomplete or damaged;
     returns its metadata."""
-    status = run_status(run)
+    status = run.status()
     tables = [name for name in DATA_TABLES if run.has_table(name)]
     missing = {name: missing_data_files(run.table(name)) for name in tables}
-    where = None if any(missing.values()) else committed_filter(run, status)  # rows of committed shards only
+    where = None if any(missing.values()) else run.committed_filter(status)  # rows of committed shards only
     if incomplete_message(status):
         print(f"{incomplete_message(status)} (rerun the same command to finish; counts below are of those shards)")
     for name, gone in missing.items():
@@ -130,12 +129,12 @@ def remove_if_empty(created: list[Path]) -> None:
     for path in created:
         if not path.is_dir():
             continue
-        if (path / LEASE_NAME).exists():
+        if Run(path).lease_file.exists():
             # another writer holds the run (ours is released before we get here): its directory, never ours to
             # remove, even when two commands created it at the same moment
             continue
         # worth keeping (resumable): a finished fit artifact or a committed shard (a ledger data file)
-        committed = any(path.rglob("manifest.json")) or any(path.glob("shards.lance/data/*"))
+        committed = any(path.rglob("manifest.json")) or any(Path(Run(path).ledger).glob("data/*"))
         if not committed:
             shutil.rmtree(path, ignore_errors=True)
 

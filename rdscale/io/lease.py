@@ -44,11 +44,10 @@ from typing import Callable, ContextManager, Iterator, Protocol
 
 from rdscale.errors import RdscaleError
 from rdscale.io.location import storage_options
+from rdscale.io.runs import GATE_NAME, LEASE_NAME  # the run's file names live with the run
 
 log = logging.getLogger(__name__)
 
-LEASE_NAME = "_writer.lease"
-GATE_NAME = "_writer.gate"
 RENEW_SECONDS = float(os.environ.get("RDSCALE_LEASE_RENEW_S", "10"))
 STALE_SECONDS = float(os.environ.get("RDSCALE_LEASE_STALE_S", "120"))
 GATE_WAIT_SECONDS = float(os.environ.get("RDSCALE_LEASE_GATE_WAIT_S", "60"))

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from lance.fragment import FragmentMetadata, write_fragments
 
 from rdscale import __version__
-from rdscale.errors import RdscaleError
+from rdscale.errors import RdscaleError, write_problem
 from rdscale.io.lease import LeaseError, pause_point
 from rdscale.io.location import Location
 from rdscale.io.partitions import HashPartitions
@@ -45,9 +45,9 @@ from rdscale.io.runs import (  # noqa: F401 - re-exported: table names and metad
     RESIDUES,
     Run,
     dataset_exists,
+    incomplete_message,
     open_dataset,
 )
-from rdscale.io.runs import read_metadata as _read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class RunStore:
 
     def _open_or_create(self, name: str, schema: pa.Schema) -> None:
         uri = self.uri(name)
-        if dataset_exists(uri):
+        if self.run.has_table(name):
             found = self.dataset(name).schema
             key = (found.metadata or {}).get(META_RUN_KEY, b"").decode()
             if key != self.run_key:
@@ -299,17 +299,17 @@ class RunStore:
             return
         try:
             with self.step(f"create {name}"):
-                if dataset_exists(uri):  # created by the writer whose lease this one took over, meanwhile
+                if self.run.has_table(name):  # created by the writer whose lease this one took over, meanwhile
                     return
                 lance.LanceDataset.commit(uri, lance.LanceOperation.Overwrite(schema, []),
                                           storage_options=self._options)
         except (OSError, ValueError) as err:
             if self.root.is_local:
                 raise
-            raise Location.parse(uri).error(err, "create the Lance dataset") from None
+            raise self.run.table(name).error(err, "create the Lance dataset") from None
 
     def dataset(self, name: str) -> lance.LanceDataset:
-        return open_dataset(self.uri(name))
+        return self.run.dataset(name)
 
     def committed(self) -> dict[int, dict[str, Any]]:
         """Ledger rows of the shards whose output is complete, by shard index."""
@@ -660,12 +660,6 @@ def sql_in_list(values) -> str:
     return ", ".join(sql_str(v) for v in values)
 
 
-def read_metadata(path: str | Path | Location) -> dict[str, Any]:
-    """The rdscale metadata of a run's table (proteins.lance etc.), decoded (see rdscale.io.runs)."""
-    return _read_metadata(path)
-
-
-
 # ------------------------------------------------------------------------------------------ errors and status
 
 
@@ -679,64 +673,8 @@ def storage_error(err: BaseException, location: str | Path) -> StoreError | None
     """A one-line StoreError naming `location` when `err` (or what caused it, also inside Ray's wrappers) is a
     storage problem a user can fix (disk full, quota, permissions, read-only); None for anything else. The wording
     is the error contract's own (rdscale.errors.write_problem), so a CLI user sees the same line either way."""
-    from rdscale.errors import write_problem
-
     message = write_problem(err, location)
     return StoreError(message) if message else None
-
-
-def _as_run(root: str | Path | Location | Run) -> Run:
-    return root if isinstance(root, Run) else Run(root)
-
-
-def run_status(root: str | Path | Location | Run) -> dict[str, Any]:
-    """What a reader needs to know about a run (a local directory or an object-store prefix): {'committed': sorted
-    shard indices in the ledger, 'planned': number of shards of the run's plan (None for runs written before plans
-    were recorded), 'complete': bool}. Readers must read only committed shards' rows (`committed_filter`)."""
-    run = _as_run(root)
-    has_ledger = run.has_table(LEDGER)
-    committed = sorted(run.dataset(LEDGER).to_table(columns=["shard"])["shard"].to_pylist()) if has_ledger else []
-    planned = None
-    plan_file = run.location.join(PLAN_FILE)
-    if plan_file.is_file():
-        data = plan_file.read_bytes()  # a denied or failed read is an error, not "no plan"
-        try:
-            planned = int(json.loads(data)["shards"])
-        except (ValueError, KeyError, TypeError):
-            planned = None
-    complete = planned is not None and set(range(planned)) <= set(committed)
-    if planned is None and has_ledger:
-        complete = True  # a run from before plans were recorded: nothing to compare against
-    return {"committed": committed, "planned": planned, "complete": complete}
-
-
-def incomplete_message(status: dict[str, Any]) -> str | None:
-    if status["complete"]:
-        return None
-    return f"incomplete: {len(status['committed'])} of {status['planned']} shards committed"
-
-
-def committed_filter(root: str | Path | Location | Run, status: dict[str, Any] | None = None) -> str | None:
-    """A Lance filter selecting the rows of committed shards only, or None when every row is committed (a complete
-    run, after recovery). Rows of a shard whose ledger row is missing belong to a commit in progress or an
-    interrupted one and must not be read. status: `run_status(root)`, when the caller has it already."""
-    run = _as_run(root)
-    status = run_status(run) if status is None else status
-    if status["complete"] and _no_stray_rows(run, status["committed"]):
-        return None
-    done = status["committed"]
-    return f"shard IN ({', '.join(map(str, done))})" if done else "shard < -2147483647"
-
-
-def _no_stray_rows(run: Run, done: list[int]) -> bool:
-    if not done:
-        return False
-    if not run.has_table(PROTEINS):
-        return True
-    return run.dataset(PROTEINS).count_rows(filter=f"shard NOT IN ({', '.join(map(str, done))})") == 0
-
-
-PLAN_FILE = "run_plan.json"
 
 
 def reader_filter(table_uri: str | Path | Location, user_filter: str | None = None) -> str | None:
@@ -751,38 +689,17 @@ def reader_filter(table_uri: str | Path | Location, user_filter: str | None = No
     if missing:
         raise StoreError(f"{table} is damaged: {len(missing)} data file(s) are missing (e.g. {missing[0]}); "
                          f"run `rdscale verify {run}`, then rerun the run into a new output.dir")
-    status = run_status(run)
+    status = run.status()
     why = incomplete_message(status)
     if why:
         log.warning("%s is %s; reading the committed shards' rows only", run, why)
-    updating = update_in_progress(run)
+    updating = run.update_in_progress()
     if updating:
         log.warning("%s: %s", run, updating)
-    committed = committed_filter(run, status)
+    committed = run.committed_filter(status)
     if committed is None:
         return user_filter
     return committed if not user_filter else f"({committed}) AND ({user_filter})"
-
-
-UPDATE_STATE = "updates.json"  # rdscale.run.update's record of a run's releases
-
-
-def update_in_progress(root: str | Path | Location | Run) -> str | None:
-    """What a reader of the run must know while `rdscale update` is running or was interrupted (its tables are
-    then between two releases), in words; None otherwise."""
-    state = _as_run(root).location.join(UPDATE_STATE)
-    if not state.is_file():
-        return None
-    try:
-        running = [e for e in json.loads(state.read_text()).get("releases", []) if e.get("status") != "done"]
-    except (ValueError, AttributeError):
-        return None
-    if not running:
-        return None
-    entry = running[0]
-    return (f"the update to release {entry.get('name')} is running or was interrupted: until it finishes, an id "
-            f"may be found twice (old and new row) and removed ids may still be found; read the previous release "
-            f"({entry.get('previous')}) with --release, or finish or abort the update (rdscale update --abort)")
 
 
 def unfinished_writes(table_uri: str | Path | Location) -> str | None:
@@ -791,11 +708,11 @@ def unfinished_writes(table_uri: str | Path | Location) -> str | None:
     run = Run(Location.parse(table_uri).parent)
     if not run.has_table(LEDGER):
         return None
-    why = incomplete_message(run_status(run))
+    why = incomplete_message(run.status())
     if why:
         return (f"{run} is {why}: finish the run (rerun the same command) first; search reads its committed rows "
                 "meanwhile")
-    updating = update_in_progress(run)
+    updating = run.update_in_progress()
     return f"{updating}" if updating else None
 
 

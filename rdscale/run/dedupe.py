@@ -20,7 +20,7 @@ affected shards changed instead of mixing two groupings.
 Memory is bounded like `dedupe_across_shards`: the (id) and (digest, id, shard, ...) rows are hash-partitioned and
 spilled to a scratch folder when the input is large; the driver holds one partition plus the copies found.
 
-The grouping reads the whole input once, so its result is kept in the run (`dedupe_plan.json.gz`, see
+The grouping reads the whole input once, so its result is kept in the run (`Run.dedupe_plan`, see
 `cached_plan`) and reused by a resume of the same plan: same shards, same input files (size and mtime), same
 options. Anything else (an input edited in place, another shard size) makes a new grouping.
 """
@@ -150,7 +150,6 @@ def _assign(shards: Sequence[Shard], assignments: dict[int, dict]) -> list[Shard
     return out
 
 
-PLAN_CACHE = "dedupe_plan.json.gz"  # in the run: the last grouping, with the key of the plan it was made for
 _COUNTERS = ("sequences", "copies", "groups", "residues_saved", "ambiguous_ids")
 
 

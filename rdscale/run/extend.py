@@ -47,7 +47,7 @@ from rdscale.fit.chain import ChainFit
 from rdscale.fit.extension import ExtendError, check_prefix_fit, step_from_longer_fit
 from rdscale.io.lease import fenced
 from rdscale.io.location import Location, set_storage_options, storage_options
-from rdscale.io.runs import EXTENSIONS_KEY, Run, open_dataset
+from rdscale.io.runs import EXTENSIONS_KEY, Run, incomplete_message, open_dataset
 from rdscale.io.store import (
     LEDGER,
     META_LEVELS,
@@ -55,8 +55,7 @@ from rdscale.io.store import (
     PROTEINS,
     REJECTS,
     RESIDUES,
-    incomplete_message,
-    run_status,
+
 )
 from rdscale.model.loading import describe_model
 from rdscale.progress import Progress
@@ -286,7 +285,7 @@ def plan_extension(run_dir: str | Path, model: str, overrides: Sequence[str], lo
     run = Run(run_dir if "://" in str(run_dir) else Path(run_dir).absolute())  # actors never see our cwd
     if "://" not in str(model) and (str(model).endswith(".pt") or "/" in str(model)):
         model = str(Path(model).expanduser().absolute())  # a checkpoint path, not a hub name
-    if run.has_table(LEDGER) and (why := incomplete_message(run_status(run))):
+    if run.has_table(LEDGER) and (why := incomplete_message(run.status())):
         # Extending a partial run would change the tables' schema under the shards still to be embedded.
         raise ExtendError(f"{run} is {why}; finish the run first (rerun the same `rdscale run` command), "
                           "then extend")

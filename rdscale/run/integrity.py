@@ -33,9 +33,8 @@ from rdscale.errors import RdscaleError
 from rdscale.io.fasta import Record, Reject, Shard, ValidationOptions, read_shard
 from rdscale.io.lease import WriterLease
 from rdscale.io.location import Location
+from rdscale.io.runs import FIT, PARTIAL_FIT, Run
 from rdscale.io.store import (
-    LEDGER,
-    PLAN_FILE,
     PROTEINS,
     REJECTS,
     RunStore,
@@ -202,7 +201,7 @@ def refuse_or_redo(store: RunStore, shards: Sequence[Shard], options: Validation
 def _record_contents(store: RunStore, contents: dict[str, str]) -> None:
     plan = read_plan(store.root) or {}
     if plan.get(INPUTS_KEY) != contents:
-        (store.root / PLAN_FILE).write_text(json.dumps({**plan, INPUTS_KEY: contents}, indent=1))
+        store.run.plan.write_text(json.dumps({**plan, INPUTS_KEY: contents}, indent=1))
 
 
 def write_plan(store: RunStore, shards: Sequence[Shard]) -> None:
@@ -210,11 +209,11 @@ def write_plan(store: RunStore, shards: Sequence[Shard]) -> None:
     payload = {"run_key": store.run_key, "shards": len(shards), "keys": [shard_key(s) for s in shards],
                INPUTS_KEY: (read_plan(store.root) or {}).get(INPUTS_KEY) or {}}  # kept: refuse_or_redo's
     with store.step("plan"):
-        (store.root / PLAN_FILE).write_text(json.dumps(payload, indent=1))  # atomic: temp file + rename, or one PUT
+        store.run.plan.write_text(json.dumps(payload, indent=1))  # atomic: temp file + rename, or one PUT
 
 
 def read_plan(root: str | Path | Location) -> dict[str, Any] | None:
-    path = Location.parse(root) / PLAN_FILE
+    path = Run(root).plan
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError, RdscaleError):
@@ -275,10 +274,6 @@ def _ranges(indices: Iterable[int]) -> str:
 
 # ------------------------------------------------------------------------------------------------ run location
 
-RUN_ENTRIES = ("proteins.lance", "residues.lance", "rejects.lance", f"{LEDGER}.lance", "fit", PLAN_FILE,
-               "dedupe_plan.json.gz")  # the last: rdscale.run.dedupe.PLAN_CACHE (dedupe imports this module)
-
-
 def clear_run(root: Path, keep_fit: bool = False) -> None:
     """--restart: delete what rdscale wrote in a run directory (never other files), keeping the writer lease (and
     the fit, for `embed --restart`, which applies it)."""
@@ -286,9 +281,9 @@ def clear_run(root: Path, keep_fit: bool = False) -> None:
         return
     for entry in root.iterdir():
         name = entry.name
-        if keep_fit and name == "fit":
+        if keep_fit and name == FIT:
             continue
-        if name in RUN_ENTRIES or name.startswith(("fit.partial", "fit_ext_")):
+        if Run.is_written(name):
             if entry.is_dir():
                 shutil.rmtree(entry)
             else:
@@ -300,7 +295,7 @@ def clear_stale_staging(root: Path, keep: str | None = None) -> None:
     """Remove fit staging directories of earlier, dead runs (the caller holds the lease, so none is live)."""
     if not root.exists():
         return
-    for entry in root.glob("fit.partial*"):
+    for entry in root.glob(f"{PARTIAL_FIT}*"):
         if entry.name != keep:
             shutil.rmtree(entry, ignore_errors=True)
 

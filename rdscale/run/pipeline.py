@@ -148,12 +148,12 @@ def fit(cfg: Config, executor: Executor | None = None, out: str | Path | None = 
     if out is None:  # <output.dir>/fit belongs to the run there: write it under the run's lease, staged
         with writing(cfg.output.dir) as lease:
             root = Path(cfg.output.dir)
-            staging = fit(cfg, executor, out=root / f"fit.partial.{lease.run_id}")
+            staging = fit(cfg, executor, out=Path(Run(root).partial_fit(lease.run_id)))
             with lease.step("fit"):
-                if (root / "fit").exists():
-                    shutil.rmtree(root / "fit")
-                staging.rename(root / "fit")
-            return root / "fit"
+                if Path(default_fit(root)).exists():
+                    shutil.rmtree(default_fit(root))
+                staging.rename(default_fit(root))
+            return Path(default_fit(root))
     executor = executor or make_executor(cfg)
     shards = plan(cfg)
     sample = sample_plan(shards, cfg.fit.sample_sequences)
@@ -280,7 +280,7 @@ def _plan_embedding(cfg: Config, fit_dir: str | Path | None, lease: WriterLease,
     shards = plan(cfg)
     duplicates = None
     if dedupe.enabled(cfg):
-        cache = Run(cfg.output.dir).location.join(dedupe.PLAN_CACHE)
+        cache = Run(cfg.output.dir).dedupe_plan
         duplicates, reused = dedupe.cached_plan(cache, shards, ValidationOptions(remove_gaps=cfg.input.remove_gaps),
                                                 guard=lease.step, progress=progress,
                                                 map_shards=executors().map_shards)
@@ -395,7 +395,7 @@ def run(cfg: Config, executor: Executor | None = None, progress: bool = True, *,
             elif fit_loc.is_local:
                 root = Path(cfg.output.dir)
                 executor = executor or make_executor(cfg)
-                staging = root / f"fit.partial.{lease.run_id}"  # per run: never shared with another writer
+                staging = Path(Run(root).partial_fit(lease.run_id))  # per run: never shared with another writer
                 with lease.step("clear staging"):
                     clear_stale_staging(root)
                 fit(cfg, executor, out=staging, final=fit_loc.path)

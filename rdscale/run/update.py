@@ -61,12 +61,10 @@ from rdscale.io.store import (
     LEDGER_SCHEMA,
     RunStore,
     ShardResult,
-    UPDATE_STATE,
     StoreError,
     _IdPartitions,
     incomplete_message,
     run_schemas,
-    run_status,
     sql_in_list,
 )
 from rdscale.model.loading import describe_model  # torch: imported with run.pipeline's stages anyway
@@ -79,7 +77,6 @@ from rdscale.run.pipeline import plan
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = UPDATE_STATE
 FOLLOWED = "followed-"  # run key prefix of a run that `rdscale update` moved to another release
 INITIAL = "initial"  # the tag of a run's versions before its first update
 TABLES = (PROTEINS, RESIDUES, REJECTS, LEDGER)
@@ -324,14 +321,14 @@ class Release:
 
 def read_releases(run: Run) -> list[Release]:
     """The run's update state: its releases, oldest first (none for a run never updated)."""
-    loc = run.location.join(STATE_FILE)
+    loc = run.update_state
     if not loc.is_file():
         return []
     return [Release.from_dict(e) for e in json.loads(loc.read_text())["releases"]]
 
 
 def _write_releases(run: Run, entries: Sequence[Release]) -> None:
-    run.location.join(STATE_FILE).write_text(json.dumps({"releases": [e.to_dict() for e in entries]}, indent=1))
+    run.update_state.write_text(json.dumps({"releases": [e.to_dict() for e in entries]}, indent=1))
 
 
 def releases(run: str | Run) -> list[dict[str, Any]]:
@@ -509,7 +506,7 @@ def _begin(u: _Updating, entries: list[Release], name: str, previous: str) -> tu
     if any(name in run.dataset(t).tags.list() for t in TABLES if run.has_table(t)):
         raise UpdateError(f"{run} already has a table version tagged {name}; choose a new release name")
     done = [e for e in entries if e.done]
-    status = run_status(run)
+    status = run.status()
     if not done and not status["complete"]:  # its partial state must not become the previous release
         raise UpdateError(f"{run} is an interrupted run ({incomplete_message(status)}); finish it (rerun the "
                           "command that made it) before updating it to a release")
@@ -732,7 +729,7 @@ def abort_update(run_dir: str | Location, storage_options: dict | None = None) -
         if entries:
             _write_releases(run, entries)
         else:
-            run.location.join(STATE_FILE).delete()
+            run.update_state.delete()
     return (f"aborted the update of {run} to release {release.name}: its tables are back at their versions "
             f"from before it" + (f" (release {release.previous})" if not first else ""))
 

@@ -41,7 +41,6 @@ from rdscale.io.store import (
     RESIDUES,
     StoreError,
     missing_data_files,
-    run_status,
 )
 from rdscale.progress import Progress
 from rdscale.run.integrity import DUPS_KEY, RecordsDigest, key_range, residue_rows, shard_key
@@ -90,7 +89,7 @@ def verify(run_dir: str | Any, rows_per_partition: int = ROWS_PER_PARTITION, scr
 
     meta = run.metadata()
     cfg = Config.from_dict(meta.get("config") or {})
-    status = run_status(run)
+    status = run.status()
     if not status["complete"]:
         problems.append(f"incomplete: {len(status['committed'])} of {status['planned']} shards committed")
     problems += _check_metadata(run, tables, meta)

@@ -28,9 +28,11 @@ from typing import Any
 import lance
 import numpy as np
 
+from rdscale.io.location import Location
+from rdscale.io.runs import Run
 from rdscale.progress import Progress
 from rdscale.search.exact import unit_rows
-from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES, INDEX_DIR  # noqa: F401
+from rdscale.search.names import DEFAULT_FAISS_INDEX_TYPE, FAISS_INDEX_TYPES  # noqa: F401
 from rdscale.search.tables import (
     EMBEDDING,
     IndexInfo,
@@ -39,7 +41,6 @@ from rdscale.search.tables import (
     _embedding_block,
     _jsonable,
     prefix_column,
-    run_dir_of,
     stored_width,
 )
 
@@ -59,8 +60,19 @@ def import_faiss():
     return faiss
 
 
-def faiss_path(run: Path, table: str, width: int, metric: str) -> Path:
-    return Path(run) / INDEX_DIR / f"{table}.p{width}.{metric}.faiss"
+def faiss_name(table: str, width: int, metric: str) -> str:
+    """The file name of the FAISS index of ``table`` at ``width`` (in the run's `Run.index_dir`)."""
+    return f"{table}.p{width}.{metric}.faiss"
+
+
+def faiss_path(run: str | Path | Run, table: str, width: int, metric: str) -> Path:
+    """The index file of a local run."""
+    return _local_or_remote(Run(run).index_dir.join(faiss_name(table, width, metric)))
+
+
+def _local_or_remote(where: Location) -> Path | Location:
+    """A Path for a local file (written through Python's file and renamed into place), else the Location."""
+    return Path(where.uri) if where.is_local else where
 
 
 def table_layout(ds: lance.LanceDataset) -> list[list[int]]:
@@ -127,8 +139,7 @@ def build_faiss_index(
     if unknown:
         raise SearchError(f"unknown {index_type} parameter(s) {sorted(unknown)}; expected "
                           f"{sorted(default_faiss_params(index_type, 10_000, width))}")
-    run = run_dir_of(ds.uri)
-    name = f"{table}.p{width}.{metric}.faiss"
+    name = faiss_name(table, width, metric)
     info = IndexInfo(table, width, prefix_column(width, stored_width(ds)), name, index_type, metric, num_rows,
                      _jsonable(resolved), backend="faiss")
     old = _read_sidecar(ds, name)
@@ -147,26 +158,25 @@ def build_faiss_index(
     try:
         _write_sidecar(ds, name, record)  # last: an index without its sidecar is rebuilt, never trusted
     except (RuntimeError, OSError) as err:
-        raise SearchError(f"cannot write the faiss index {run / INDEX_DIR / name}: {_write_error(err)}") from None
+        raise SearchError(f"cannot write the faiss index {_index_location(ds, name)}: {_write_error(err)}") from None
     return info
 
 
 def write_index(ds: lance.LanceDataset, table: str, width: int, metric: str, index) -> None:
     """Write ``index`` as the FAISS index file of ``table`` at ``width`` (the sidecar is written after)."""
     faiss = import_faiss()
-    run = run_dir_of(ds.uri)
-    name = f"{table}.p{width}.{metric}.faiss"
+    name = faiss_name(table, width, metric)
+    where = _index_location(ds, name)
     try:
-        if isinstance(run, Path):
-            path = faiss_path(run, table, width, metric)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_file(faiss, index, path)
+        if isinstance(where, Path):
+            where.parent.mkdir(parents=True, exist_ok=True)
+            _write_file(faiss, index, where)
         else:  # an object beside the run (<run>/indexes/...): searchers fetch it once into their node's cache
             with tempfile.TemporaryDirectory(prefix="rdscale-faiss-") as tmp:
                 _write_file(faiss, index, Path(tmp) / name)
-                (run / INDEX_DIR / name).write_bytes((Path(tmp) / name).read_bytes())
+                where.write_bytes((Path(tmp) / name).read_bytes())
     except (RuntimeError, OSError) as err:  # FAISS passes the writer's error on as a RuntimeError with its text
-        raise SearchError(f"cannot write the faiss index {run / INDEX_DIR / name}: {_write_error(err)}") from None
+        raise SearchError(f"cannot write the faiss index {where}: {_write_error(err)}") from None
 
 
 def _write_file(faiss, index, path: Path) -> None:
@@ -203,8 +213,8 @@ def _write_error(err: BaseException) -> str:
 
 
 def _index_location(ds: lance.LanceDataset, name: str):
-    """``<run>/indexes/<name>``: a Path for a local run, a Location on an object store."""
-    return run_dir_of(ds.uri) / INDEX_DIR / name
+    """``<run>/indexes/<name>`` (`Run.index_dir`): a Path for a local run, a Location on an object store."""
+    return _local_or_remote(Run.of(ds.uri).index_dir.join(name))
 
 
 def _exists(ds: lance.LanceDataset, name: str) -> bool:
@@ -323,16 +333,15 @@ def add_rows(index, ds: lance.LanceDataset, width: int, metric: str, table: str 
 def list_faiss_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
     """FAISS indexes of ``table`` in its run directory (fresh or stale; see ``is_fresh``)."""
     out = []
-    run = run_dir_of(ds.uri)
-    folder = run / INDEX_DIR
-    if isinstance(run, Path):
+    folder = _local_or_remote(Run.of(ds.uri).index_dir)
+    if isinstance(folder, Path):
         names = [p.name for p in folder.glob(f"{table}.p*.json")] if folder.is_dir() else []
     else:  # an object-store run: the objects beside it
         try:
             names = [loc.name for loc in folder.list()]
         except (OSError, ValueError):
             names = []
-    present = set(names) if not isinstance(run, Path) else None
+    present = set(names) if not isinstance(folder, Path) else None
     full = stored_width(ds)
     for sidecar in sorted(n for n in names if n.startswith(f"{table}.p") and n.endswith(".json")):
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rdscale.io.runs import Run
 from rdscale.search.tables import SearchError, open_table
 
 
@@ -16,7 +17,7 @@ def has_id_index(ds) -> bool:
     return any(list(i.get("fields") or []) == ["id"] for i in ds.list_indices())
 
 
-def ensure_id_index(dataset_path: str | Path, table: str = "residues") -> bool:
+def ensure_id_index(dataset_path: str | Path | Run, table: str = "residues") -> bool:
     """A BTREE index on ``id`` of ``table``; True if this call made it, False if one existed."""
     ds = open_table(dataset_path, table)
     if has_id_index(ds):

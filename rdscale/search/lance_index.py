@@ -20,6 +20,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from rdscale.io.runs import Run
 from rdscale.io.store import reader_filter
 from rdscale.progress import Progress
 from rdscale.search.tables import (
@@ -37,7 +38,6 @@ from rdscale.search.tables import (
     open_table,
     prefix_column,
     reopen,
-    run_dir_of,
     stored_width,
 )
 
@@ -153,7 +153,7 @@ class _StageProgress:
 
 
 def build_lance_index(
-    dataset_path: str | Path,
+    dataset_path: str | Path | Run,
     table: str = "proteins",
     width: int | None = None,
     index_type: str = DEFAULT_INDEX_TYPE,
@@ -236,7 +236,7 @@ def build_lance_index(
     return info
 
 
-def store_calibration(dataset_path: str | Path, info: IndexInfo, calibration: dict) -> None:
+def store_calibration(dataset_path: str | Path | Run, info: IndexInfo, calibration: dict) -> None:
     """Record ``calibration`` (rdscale.search.calibrate) beside the index's parameters in ``rdscale.indexes``."""
     ds = open_table(dataset_path, info.table)
     record = _recorded_indexes(ds)
@@ -244,7 +244,7 @@ def store_calibration(dataset_path: str | Path, info: IndexInfo, calibration: di
     ds.update_schema_metadata({INDEXES_KEY: json.dumps(record, sort_keys=True)})
 
 
-def list_lance_indexes(dataset_path: str | Path, table: str = "proteins") -> list[IndexInfo]:
+def list_lance_indexes(dataset_path: str | Path | Run, table: str = "proteins") -> list[IndexInfo]:
     """Vector indexes on the prefix columns of ``table`` (from Lance's index list), narrowest first."""
     ds = open_table(dataset_path, table)
     return _live_indexes(ds, table)
@@ -271,7 +271,7 @@ def _live_indexes(ds: lance.LanceDataset, table: str) -> list[IndexInfo]:
     return sorted(infos, key=lambda i: (i.width, i.metric))
 
 
-def _index_hint(dataset_path: str | Path, table: str, width: int, metric: str) -> str:
-    return f"rdscale index {run_dir_of(dataset_path)} --table {table} --width {width} --metric {metric}"
+def _index_hint(dataset_path: str | Path | Run, table: str, width: int, metric: str) -> str:
+    return f"rdscale index {Run.of(dataset_path)} --table {table} --width {width} --metric {metric}"
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from rdscale.io.location import Location, is_remote
 from rdscale.search.tables import SearchError
 
 # evaluation and output
@@ -57,8 +58,6 @@ def write_results(result: pa.Table, path: str | Path, fmt: str | None = None) ->
     """Write results as ``fmt`` ("arrow", "csv" or "parquet"), by default told by the extension: .arrow / .ipc /
     .feather (Arrow IPC file), .csv, .parquet. ``path`` may be on an object store (s3://, gs://, az://): the file
     is written locally and uploaded (a Path would turn s3://b/x into a local folder 's3:/b')."""
-    from rdscale.io.location import Location, is_remote
-
     if is_remote(path):
         import tempfile
 

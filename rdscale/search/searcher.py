@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rdscale.io.runs import Run
 from rdscale.io.store import reader_filter, unfinished_writes
 from rdscale.search import calibrate as C
 from rdscale.search import exact as E
@@ -56,7 +57,6 @@ from rdscale.search.tables import (
     open_table,
     prefix_column,
     reopen,
-    run_dir_of,
     stored_width,
 )
 
@@ -388,7 +388,7 @@ class Searcher:
             width = self.width(width)
         live = [i for i in self.indexes() if i.metric == metric and backend in (None, i.backend)]
         what = f"{backend + ' ' if backend else ''}{metric} vector index"
-        hint = f"rdscale index {run_dir_of(self.dataset_path)} --table {self.table} --width {{}} --metric " + metric
+        hint = f"rdscale index {Run.of(self.dataset_path)} --table {self.table} --width {{}} --metric " + metric
         if backend:
             hint += f" --backend {backend}"
         if width is None:
@@ -1126,7 +1126,7 @@ def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAU
     ds = open_table(dataset_path, info.table)
     held = C.sample_positions(ds.count_rows())
     with tempfile.TemporaryDirectory(prefix="rdscale-calibrate-") as tmp:
-        queries = _write_twin(ds, info.table, held, Path(tmp) / f"{info.table}.lance")
+        queries = _write_twin(ds, info.table, held, Path(Run(tmp).table(info.table)))
         if info.backend == "faiss":
             twin_ds = open_table(tmp, info.table)
             twin = F.build_faiss_index(twin_ds, info.table, info.width, info.index_type, info.metric, **info.params)

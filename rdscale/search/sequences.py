@@ -14,7 +14,6 @@ from rdscale.config import load_config
 from rdscale.fit.artifact import ArtifactError, load_fit, load_query_chain
 from rdscale.fit.extension import ExtendError, apply_chain
 from rdscale.io.fasta import residue_letters
-from rdscale.io.location import Location
 from rdscale.io.runs import Run
 from rdscale.model.encoder import ChainEncoder
 from rdscale.model.loading import DeviceError
@@ -22,7 +21,6 @@ from rdscale.search.tables import (
     EMBEDDING,
     SearchError,
     open_table,
-    run_dir_of,
     stored_width,
 )
 from rdscale.search.tables import (
@@ -30,7 +28,7 @@ from rdscale.search.tables import (
 )
 
 
-def _fit_dir_of(run: Path, manifest: dict, config: dict) -> Path | None:
+def _fit_dir_of(run: Run, manifest: dict, config: dict) -> Path | None:
     """Where the run's fit artifact is (rdscale.io.runs.Run.fit_location: the recorded one, relative to the run,
     else <run>/fit, else the configured fit.artifact); None for a single-model (extract) run, which has no fit."""
     found = Run(run).fit_location(manifest, config)
@@ -39,7 +37,7 @@ def _fit_dir_of(run: Path, manifest: dict, config: dict) -> Path | None:
     if len(manifest.get("models", [])) == 1:
         return None
     raise SearchError(
-        f"no fit artifact for {run}: neither {Location.parse(run) / 'fit'} nor the run's fit.artifact holds a "
+        f"no fit artifact for {run}: neither {Run(run).fit} nor the run's fit.artifact holds a "
         "manifest.json; sequence queries are embedded through the run's own fitted chain"
     )
 
@@ -56,7 +54,7 @@ class QueryEmbedder:
     def __init__(self, dataset_path: str | Path, table: str = "proteins", models: Sequence[str] | None = None,
                  device: str | None = None):
         ds = open_table(dataset_path, table)
-        run = run_dir_of(dataset_path)
+        run = Run.of(dataset_path)
         self.table = table
         manifest = _run_metadata(ds, "rdscale.fit_manifest")
         config = _run_metadata(ds, "rdscale.config")

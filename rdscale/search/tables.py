@@ -4,7 +4,8 @@ errors search raises, and reading a fixed-size-list embedding column as a numpy 
 Conventions (shared by every module of rdscale.search):
 
 - Tables: ``<run>/proteins.lance`` (key ``id``) and ``<run>/residues.lance`` (key ``id``, ``pos``); see
-  docs/architecture.md, "store". ``dataset_path`` is the run directory, or a ``*.lance`` directory itself.
+  docs/architecture.md, "store". ``dataset_path`` is a `rdscale.io.runs.Run`, a run directory (path or URI), or a
+  ``*.lance`` directory itself; `Run.of` turns each into the run.
 - Widths: a search width must be a chain level (schema metadata ``rdscale.levels``) no larger than the stored
   width, or the stored width itself (residues may be stored narrower than the widest level).
 - Scores are distances, smaller = closer: ``cosine`` -> ``1 - cos(q, x)`` on the width-``w`` prefixes (each
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from rdscale.errors import RdscaleError
-from rdscale.io.location import Location
+from rdscale.io.runs import INDEX_DIR, PROTEINS, RESIDUES, Run, dataset_exists, open_dataset, table_location
 from rdscale.search.names import (  # noqa: F401 - re-exported
     BACKENDS,
     DEFAULT_INDEX_TYPE,
@@ -67,24 +68,25 @@ class IndexInfo:
     # recall curves measured when it was built (rdscale.search.calibrate): {"k", "target", "ann": [...], ...}
     calibration: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @property
+    def where(self) -> str:
+        """Where the index is, for a reader: its file relative to the run (faiss), or its column (lance)."""
+        return f"{INDEX_DIR}/{self.index_name}" if self.backend == "faiss" else self.column
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # opening tables, widths, columns
 
 
-def open_table(dataset_path: str | Path, table: str = "proteins",
+def open_table(dataset_path: str | Path | Run, table: str = PROTEINS,
                version: int | str | None = None) -> lance.LanceDataset:
-    """The Lance dataset of ``table`` in run directory ``dataset_path`` (or ``dataset_path`` itself if it is one);
+    """The Lance dataset of ``table`` in the run ``dataset_path`` (or ``dataset_path`` itself if it is a table);
     ``version``: an earlier table version or tag (a release of `rdscale update`), default the latest."""
     if table not in TABLES:
         raise SearchError(f"unknown table {table!r}; expected one of {sorted(TABLES)}")
-    from rdscale.io.runs import dataset_exists, open_dataset
-
-    path = Location.parse(dataset_path)  # a local directory or an object-store prefix
-    if not path.name.endswith(".lance"):
-        path = path / f"{table}.lance"
+    path = dataset_path.table(table) if isinstance(dataset_path, Run) else table_location(dataset_path, table)
     if not dataset_exists(path):
-        if table == "residues" and dataset_exists(path.parent / "proteins.lance"):
+        if table == RESIDUES and Run.of(path).has_table(PROTEINS):
             raise SearchError(f"the run at {path.parent} has no residues table (it was run with output.residues: "
                               "false); search --table proteins instead")
         raise SearchError(f"no Lance dataset at {path} (is {dataset_path} an rdscale run directory?)")
@@ -165,19 +167,7 @@ def _jsonable(obj: Any) -> Any:
 
 def reopen(ds: lance.LanceDataset) -> lance.LanceDataset:
     """The latest version of ``ds``, opened with its location's storage options."""
-    from rdscale.io.runs import open_dataset
-
     return open_dataset(ds.uri)
-
-
-def run_dir_of(dataset_path: str | Path) -> Path | Location:
-    """The run directory: ``dataset_path`` itself, or the parent of a ``*.lance`` table (a Location for
-    object-store runs)."""
-    loc = Location.parse(dataset_path)
-    if not loc.is_local:
-        return loc.parent if loc.name.endswith(".lance") else loc
-    path = Path(dataset_path)
-    return path.parent if path.suffix == ".lance" else path
 
 
 # ---------------------------------------------------------------------------------------------------------------
