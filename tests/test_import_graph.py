@@ -20,6 +20,8 @@ ALLOWED_LAZY: dict[tuple[str, str], str] = {
     ("rdscale.cli.main", "rdscale.cli"): "the CLI's dispatcher (_verb_module) imports only the module of the verb "
     "being run, each of which imports its stack (torch, Lance, Ray, search) at its top: `rdscale --help`, "
     "`rdscale config` and `rdscale info --help` import none of them",
+    ("rdscale.run.executor", "rdscale.cluster.executor"): "make_executor imports Ray's executor only for a run "
+    "that asks for Ray: a `ray.address: local` run, and `rdscale extract` on an install without Ray, never do",
     ("rdscale.cli.search", "rdscale.cluster.index"): "Ray (cluster.index defines @ray.remote tasks) only for "
     "`rdscale index --ray`; every other index build and search would pay Ray's import",
 }

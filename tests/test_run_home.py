@@ -133,7 +133,8 @@ def runs_dir(tmp_path_factory, tiny_family):
 
 
 def test_status_and_committed_filter_of_an_interrupted_run(runs_dir):
-    from rdscale.run.pipeline import LocalExecutor, embed
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import embed
 
     tmp, cfg = runs_dir
     run = Run(tmp / "partial")

@@ -256,7 +256,7 @@ class Extension:
 
     @property
     def partial(self) -> Location:
-        return self.run.location / "extend.partial"
+        return self.run.extend_partial
 
 
 def extend(run_dir: str | Path, model: str, from_fit: str | Path | None = None, sample_sequences: int = 1000,

@@ -300,20 +300,6 @@ def clear_stale_staging(root: Path, keep: str | None = None) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def check_fit_models(fit_dir: Path, models: Sequence[str]) -> None:
-    """Refuse a fit made from other models than the config's (count, order, names, widths, checkpoint digests)."""
-    from rdscale.fit.artifact import ArtifactMismatchError, load_fit
-    from rdscale.model.loading import describe_model
-
-    try:
-        load_fit(fit_dir, expect_models=[describe_model(m) for m in models])
-    except ArtifactMismatchError as err:
-        raise ArtifactMismatchError(
-            f"{fit_dir} was fitted with other models than the config names ({err}); rerun with --restart to start "
-            "over with these models, or choose a new output.dir"
-        ) from None
-
-
 @contextmanager
 def writing(location: str | Path, lease: WriterLease | None = None) -> Iterator[WriterLease]:
     """Hold the run location's writer lease for the block (or reuse `lease`, already held by the caller), and turn

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rdscale.config import Config, ConfigError
-from rdscale.fit.artifact import load_fit, save_fit
+from rdscale.fit.artifact import ArtifactMismatchError, load_fit, save_fit
 from rdscale.fit.chain import fit_chain
 from rdscale.fit.moments import Moments
 from rdscale.io.fasta import Shard, ValidationOptions, nucleotide_share, plan_shards
@@ -41,7 +41,6 @@ from rdscale.run.executor import Executor, make_executor
 from rdscale.run.integrity import (
     EMPTY_DIGEST,
     check_complete,
-    check_fit_models,
     clear_run,
     clear_stale_staging,
     fingerprints,
@@ -129,6 +128,17 @@ def _warn_if_nucleotide(paths) -> None:
             log.warning("%s looks like nucleotide sequences (%.0f%% of its first %d residues are A, C, G, T, U or "
                         "N); rdscale embeds protein sequences and reads these letters as amino acids", path,
                         100 * share, seen)
+
+
+def check_fit_models(fit_dir: Path, models: Sequence[str]) -> None:
+    """Refuse a fit made from other models than the config's (count, order, names, widths, checkpoint digests)."""
+    try:
+        load_fit(fit_dir, expect_models=[describe_model(m) for m in models])
+    except ArtifactMismatchError as err:
+        raise ArtifactMismatchError(
+            f"{fit_dir} was fitted with other models than the config names ({err}); rerun with --restart to start "
+            "over with these models, or choose a new output.dir"
+        ) from None
 
 
 def _check_models(cfg: Config) -> list[str]:
