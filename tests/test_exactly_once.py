@@ -307,17 +307,26 @@ def test_lease_is_exclusive_under_a_race(tmp_path):
 
 
 RACE = (
-    "import sys, time; from rdscale.io.lease import WriterLease, LeaseError\n"
-    "t = float(sys.argv[2]); time.sleep(max(0.0, t - time.time()))\n"
+    "import sys, time; from pathlib import Path; from rdscale.io.lease import WriterLease, LeaseError\n"
+    "Path(sys.argv[2] + '.' + sys.argv[3]).touch()\n"  # imported: ready to race
+    "while not Path(sys.argv[2]).exists(): time.sleep(0.001)\n"
     "try:\n    l = WriterLease(sys.argv[1], renew_every=0).acquire(); print('won'); time.sleep(1.5)\n"
     "except LeaseError:\n    print('lost')\n"
 )
 
 
 def _race(location: str, env: dict, n: int = 8) -> list[str]:
-    start = time.time() + 2.0
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, location, str(start)], env=env, stdout=subprocess.PIPE,
-                              text=True) for _ in range(n)]
+    """n processes acquire the lease at the same moment: each imports first, then all start on one signal (a
+    start time fixed in advance would stagger them on a loaded machine, where imports take seconds)."""
+    import tempfile
+
+    go = Path(tempfile.mkdtemp()) / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, location, str(go), str(i)], env=env,
+                              stdout=subprocess.PIPE, text=True) for i in range(n)]
+    deadline = time.time() + 120
+    while sum(Path(f"{go}.{i}").exists() for i in range(n)) < n and time.time() < deadline:
+        time.sleep(0.01)
+    go.touch()
     return sorted(p.communicate(timeout=60)[0].strip() for p in procs)
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from test_search import real_run, rdscale, write_proteins  # noqa: F401 - a fixture
 from test_search_searcher import load_bench
 
+from rdscale.io.runs import Run
 from rdscale import search as S
 from rdscale.search import calibrate as C
 from rdscale.search.searcher import Searcher
@@ -329,7 +330,7 @@ def test_an_s3_run_is_indexed_with_the_defaults_faiss_as_an_object_beside_it(s3,
     upload(tmp_path / "run", remote)
     code, out, _ = rdscale(["index", remote, "--width", "32"], capsys)  # the default, as for a local run
     assert code == 0 and "faiss HNSW" in out
-    names = sorted(loc.name for loc in (S.tables.Location.parse(remote) / "indexes").list())
+    names = sorted(loc.name for loc in Run(remote).index_dir.list())
     assert names == ["proteins.p32.cosine.faiss", "proteins.p32.cosine.json"]
     (info,) = S.list_indexes(remote)
     assert info.backend == "faiss" and info.calibration["reached"]["funnel"]
