@@ -135,3 +135,25 @@ def test_a_stage_without_a_chain_says_so_in_setup(tmp_path):
     with pytest.raises(SearchError, match="no chain to embed queries with"):
         stage.setup()
 
+
+
+@pytest.mark.ray
+def test_sharded_search_embeds_sequences_in_a_query_actor(ray_session, runs):
+    """ShardedSearcher's sequence queries: one QueryActor (the stage built from its small arguments, set up in the
+    actor) embeds them; the hits are a single Searcher's."""
+    from rdscale.cluster.search import ShardedSearcher
+    from rdscale.search.searcher import Searcher
+
+    full, _ = runs
+    seqs = table(full, "proteins")["sequence"].to_pylist()
+    queries = {"a": seqs[0], "b": seqs[5][::-1]}
+    sharded = ShardedSearcher(full, num_shards=2, num_cpus=0, device="cpu")
+    try:
+        for options in ({"k": 4}, {"k": 3, "width": 32}):
+            got = sharded.search_sequences(queries, **options)
+            want = Searcher(full, device="cpu").search_sequences(queries, **options)
+            for c in ("query", "id", "rank"):
+                assert got.column(c).to_pylist() == want.column(c).to_pylist()
+            np.testing.assert_allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), atol=1e-6)
+    finally:
+        sharded.close()
