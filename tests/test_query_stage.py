@@ -157,3 +157,18 @@ def test_sharded_search_embeds_sequences_in_a_query_actor(ray_session, runs):
             np.testing.assert_allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), atol=1e-6)
     finally:
         sharded.close()
+
+
+@pytest.mark.ray
+def test_sharded_sequence_queries_on_a_table_without_a_chain_say_why(ray_session, tmp_path):
+    from test_search import write_proteins
+
+    from rdscale.cluster.search import ShardedSearcher
+
+    write_proteins(tmp_path / "proteins.lance", np.ones((4, 8), np.float32))
+    sharded = ShardedSearcher(tmp_path, num_shards=1, num_cpus=0)
+    try:
+        with pytest.raises(SearchError, match="no chain to embed queries with"):
+            sharded.search_sequences({"q": "MKTAYIAKQR"})
+    finally:
+        sharded.close()

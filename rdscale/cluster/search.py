@@ -48,9 +48,15 @@ class QueryActor:
 
     def __init__(self, run: str, table: str, models: list[str] | None, device: str | None, storage: dict):
         self.stage = QueryEmbedder(run, table, models, device, storage)
-        self.stage.setup()
+        self.error = None
+        try:
+            self.stage.setup()
+        except SearchError as err:  # kept for the caller: an actor that fails to start says only that it died
+            self.error = err
 
     def embed(self, sequences: list[str], names: list[str], width: int | None):
+        if self.error is not None:
+            raise self.error
         return self.stage(sequences, names, width=width)
 
 
