@@ -19,7 +19,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from rdscale.io.location import storage_options
+from rdscale.search.request import SearchRequest
 from rdscale.search.searcher import NUM_QUERIES_KEY, Searcher
+from rdscale.search.sequences import QueryEmbedder, sequence_queries, stack_queries
 from rdscale.search.tables import TABLES, SearchError, open_table
 
 
@@ -36,6 +39,25 @@ class ShardActor:
 
     def search(self, queries: np.ndarray, options: dict) -> pa.Table:
         return self.searcher.search(queries, **options)
+
+
+@ray.remote
+class QueryActor:
+    """The query pass on Ray: a ``QueryEmbedder`` stage built from its small arguments and set up once, here
+    (storage options, the run's chain and fit); its models load as the asked widths need them."""
+
+    def __init__(self, run: str, table: str, models: list[str] | None, device: str | None, storage: dict):
+        self.stage = QueryEmbedder(run, table, models, device, storage)
+        self.error = None
+        try:
+            self.stage.setup()
+        except SearchError as err:  # kept for the caller: an actor that fails to start says only that it died
+            self.error = err
+
+    def embed(self, sequences: list[str], names: list[str], width: int | None):
+        if self.error is not None:
+            raise self.error
+        return self.stage(sequences, names, width=width)
 
 
 def partition_fragments(fragments: list[tuple[int, int]], num_shards: int) -> list[list[int]]:
@@ -58,7 +80,8 @@ class ShardedSearcher:
     ``Searcher.build_memory_index`` (width, index_type, metric, params). ``num_cpus``: reserved per actor."""
 
     def __init__(self, run: str | Path, table: str = "proteins", num_shards: int | None = None,
-                 build: Sequence[dict] = (), num_cpus: float = 1.0):
+                 build: Sequence[dict] = (), num_cpus: float = 1.0, models: Sequence[str] | None = None,
+                 device: str | None = None):
         ds = open_table(run, table)
         fragments = [(f.fragment_id, f.count_rows()) for f in ds.get_fragments()]
         if not fragments:
@@ -73,29 +96,55 @@ class ShardedSearcher:
                        for grp in self.groups]
         self.num_rows = sum(ray.get([a.num_rows.remote() for a in self.actors]))
         self._lookup = Searcher(run, table, resident=False)  # id queries: the stored rows, read on demand
+        self.run, self.num_cpus = str(run), num_cpus
+        self._models, self._device = (list(models) if models else None), device
+        self._query_actor = None  # sequence queries: one QueryActor, started on the first
+
+    def query_width(self, **options: Any) -> int | None:
+        """How far the chain runs for a sequence query with these options: as ``Searcher.query_width``; ann (the
+        shards' in-memory indexes) at the asked width, or the whole chain."""
+        req = SearchRequest.of(None, **options)
+        if req.mode == "ann":
+            return req.width
+        return self._lookup.query_width(req)
+
+    def search_sequences(self, sequences: Sequence[str] | dict[str, str], **options: Any) -> pa.Table:
+        """``search`` with query sequences, embedded through the run's chain by a QueryActor (set up once)."""
+        names, seqs = sequence_queries(sequences)
+        if not seqs:
+            raise SearchError("no query sequences")
+        if self._query_actor is None:
+            self._query_actor = QueryActor.options(num_cpus=self.num_cpus).remote(
+                self.run, self.table, self._models, self._device, storage_options())
+        vectors = ray.get(self._query_actor.embed.remote(seqs, names, self.query_width(**options)))
+        labels, q = stack_queries(names, vectors, self.table)
+        return self.search(q, labels=labels, **options)
 
     def search(self, queries: np.ndarray | None = None, *, ids=None, k: int = 10, exclude_self: bool = False,
-               **options: Any) -> pa.Table:
-        """As ``Searcher.search`` (same options and result table), merged over the shards."""
+               labels: Sequence[str] | None = None, **options: Any) -> pa.Table:
+        """As ``Searcher.search`` (same options and result table), merged over the shards. ``labels``: names for
+        the rows of ``queries``."""
         if (queries is None) == (ids is None):
             raise SearchError("give exactly one of queries= (vectors) or ids= (stored keys)")
         if options.get("aggregate") is not None:
             raise SearchError("aggregate= is not supported by sharded search: a protein's residues may span shards")
-        labels, self_keys = None, None
+        self_keys = None
         if ids is not None:
             labels, q, _ = self._lookup.lookup(ids)
             self_keys = [tuple(lbl.rsplit(":", 1)) if self.table == "residues" else (lbl,) for lbl in labels]
         else:
             q = np.asarray(queries, dtype=np.float32)
             q = q[None, :] if q.ndim == 1 else q
+            if labels is not None and len(labels) != len(q):
+                raise SearchError(f"{len(labels)} labels for {len(q)} queries")
         fetch = k + 1 if exclude_self and self_keys is not None else k
         parts = ray.get([a.search.remote(q, {**options, "k": fetch}) for a in self.actors])
         return merge_topk(parts, k, len(q), self.keys, labels, self_keys if exclude_self else None)
 
     def close(self) -> None:
-        for a in self.actors:
+        for a in [*self.actors, *([self._query_actor] if self._query_actor is not None else [])]:
             ray.kill(a)
-        self.actors = []
+        self.actors, self._query_actor = [], None
 
 
 def merge_topk(parts: list[pa.Table], k: int, nq: int, keys: Sequence[str], labels=None, self_keys=None) -> pa.Table:

@@ -755,10 +755,13 @@ class Searcher:
         return self.search(q, labels=labels, request=req)
 
     def embedder(self):
-        """The run's chain as a ``QueryEmbedder`` for this table (loaded on first use, then kept)."""
+        """The run's chain as a ``QueryEmbedder`` stage for this table (set up on first use, then kept; its
+        models load as the queries' widths need them)."""
         with self._lock:
             if self._embedder is None:
-                self._embedder = QueryEmbedder(self.dataset_path, self.table, self._models, self._device)
+                stage = QueryEmbedder(self.dataset_path, self.table, self._models, self._device)
+                stage.setup()
+                self._embedder = stage
             return self._embedder
 
     def positions_of_keys(self, ids: Sequence[str]) -> np.ndarray:

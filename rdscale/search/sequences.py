@@ -14,9 +14,11 @@ from rdscale.config import load_config
 from rdscale.fit.artifact import ArtifactError, load_fit, load_query_chain
 from rdscale.fit.extension import ExtendError, apply_chain
 from rdscale.io.fasta import residue_letters
+from rdscale.io.location import storage_options
 from rdscale.io.runs import Run
 from rdscale.model.encoder import ChainEncoder
 from rdscale.model.loading import DeviceError
+from rdscale.run.stages import Stage
 from rdscale.search.tables import (
     EMBEDDING,
     SearchError,
@@ -42,30 +44,48 @@ def _fit_dir_of(run: Run, manifest: dict, config: dict) -> Path | None:
     )
 
 
-class QueryEmbedder:
-    """The run's chain (models, fit artifact, embedding settings), loaded once, to embed query sequences exactly as
-    the run embedded its database. A long-lived ``Searcher`` or the query server keeps one; ``embed_sequences`` is
-    the one-shot form.
+class QueryEmbedder(Stage):
+    """Query pass: embeds query sequences exactly as the run embedded its database, through the run's chain
+    (models, fit artifact, embedding settings). A long-lived ``Searcher``, the query server's replicas and the
+    sharded search hold one; ``embed_sequences`` is the one-shot form.
+
+    Built from small arguments (the run's location, the table, model names, a device, the storage options), so a
+    Ray actor or a Serve replica can carry them inline; ``setup()``, once where it runs, applies the storage options
+    and reads the run's chain: its fit manifest and config, the fit (and an extended run's steps). The models
+    themselves load on demand, level by level: a query the first level answers loads only the first model.
 
     ``models`` overrides the checkpoint paths / names recorded in the fit manifest; ``device``: where to run the
-    models (default: a GPU if there is one).
+    models (default: a GPU if there is one); ``storage``: object-store options (default: this process's).
     """
 
-    def __init__(self, dataset_path: str | Path, table: str = "proteins", models: Sequence[str] | None = None,
-                 device: str | None = None):
-        ds = open_table(dataset_path, table)
-        run = Run.of(dataset_path)
+    def __init__(self, dataset_path: str | Path | Run, table: str = "proteins", models: Sequence[str] | None = None,
+                 device: str | None = None, storage: dict | None = None):
+        # the run's embedding settings are read in setup(); until then the config carries the storage options only
+        cfg = load_config(None)
+        cfg.storage.options = dict(storage_options() if storage is None else storage)
+        super().__init__(cfg)
+        self.dataset_path = str(dataset_path)
         self.table = table
+        self.models = list(models) if models else None
+        self.device = device
+
+    def load(self) -> None:
+        """The run's chain metadata and fit, read once (no model is loaded here: ``_chain`` loads them)."""
+        ds = open_table(self.dataset_path, self.table)
+        run = Run.of(self.dataset_path)
         manifest = _run_metadata(ds, "rdscale.fit_manifest")
         config = _run_metadata(ds, "rdscale.config")
         if not manifest.get("models") or not config:
             raise SearchError(f"{ds.uri} has no rdscale.fit_manifest / rdscale.config schema metadata: it was not "
                               "written by `rdscale run` / `embed`, so there is no chain to embed queries with")
-        model_names = list(models) if models else [m.get("source") or m.get("name") for m in manifest["models"]]
+        models = self.models
+        model_names = models if models else [m.get("source") or m.get("name") for m in manifest["models"]]
         if len(model_names) != len(manifest["models"]):
             raise SearchError(f"{len(model_names)} models given for a chain of {len(manifest['models'])}")
-        embedding = {**config.get("embedding", {}), "device": device or "auto", "dtype": "auto"}
-        self.cfg = cfg = load_config(None, [f"embedding={json.dumps(embedding)}"])
+        embedding = {**config.get("embedding", {}), "device": self.device or "auto", "dtype": "auto"}
+        storage = self.cfg.storage.options
+        self.cfg = load_config(None, [f"embedding={json.dumps(embedding)}"])
+        self.cfg.storage.options = storage
         self.width = stored_width(ds)
         value_type = ds.schema.field(EMBEDDING).type.value_type
         self.store_dtype = np.float16 if value_type == pa.float16() else np.float32
@@ -93,6 +113,10 @@ class QueryEmbedder:
                 raise SearchError(str(err)) from err
             self._level_widths = [*[int(w) for w in self.fits[0].widths],
                                   *[int(f.widths[-1]) for f in self.fits[1:]]]
+
+    def __call__(self, sequences: Sequence[str], names: Sequence[str] | None = None,
+                 width: int | None = None) -> np.ndarray | list[np.ndarray]:
+        return self.embed(sequences, names, width=width)
 
     def models_for(self, width: int | None) -> int:
         """How many of the chain's models a query vector ``width`` wide needs (None: all): the first level at
@@ -208,7 +232,9 @@ def embed_sequences(
     """
     if len(sequences) == 0:
         raise SearchError("no query sequences")
-    return QueryEmbedder(dataset_path, table, models=models, device=device).embed(sequences, names)
+    stage = QueryEmbedder(dataset_path, table, models=models, device=device)
+    stage.setup()
+    return stage.embed(sequences, names)
 
 
 def sequence_queries(sequences: Sequence[str] | dict[str, str]) -> tuple[list[str], list[str]]:

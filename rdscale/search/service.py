@@ -91,6 +91,10 @@ class SearchService:
         if preload:  # pay the loading once, before the first request, not inside it
             for s in self.searchers.values():
                 s.load()
+                try:  # the query stage's setup (the run's chain and fit; its models load as widths need them)
+                    s.embedder()
+                except SearchError:
+                    pass  # a table without a chain serves vector and id queries; a sequence query says why not
 
     def info(self) -> dict[str, Any]:
         for s in self.searchers.values():
