@@ -68,6 +68,7 @@ class QueryEmbedder(Stage):
         self.table = table
         self.models = list(models) if models else None
         self.device = device
+        self.ready = False  # set by setup(); a caller in this process that skipped it gets it on first use
 
     def load(self) -> None:
         """The run's chain metadata and fit, read once (no model is loaded here: ``_chain`` loads them)."""
@@ -113,6 +114,7 @@ class QueryEmbedder(Stage):
                 raise SearchError(str(err)) from err
             self._level_widths = [*[int(w) for w in self.fits[0].widths],
                                   *[int(f.widths[-1]) for f in self.fits[1:]]]
+        self.ready = True
 
     def __call__(self, sequences: Sequence[str], names: Sequence[str] | None = None,
                  width: int | None = None) -> np.ndarray | list[np.ndarray]:
@@ -121,6 +123,8 @@ class QueryEmbedder(Stage):
     def models_for(self, width: int | None) -> int:
         """How many of the chain's models a query vector ``width`` wide needs (None: all): the first level at
         least that wide (the level-j embedding is the first k_j numbers of the full one)."""
+        if not self.ready:
+            self.setup()
         n = len(self.model_names)
         if width is None:
             return n
@@ -160,6 +164,8 @@ class QueryEmbedder(Stage):
         """As ``embed_sequences``: (q, k_m) for proteins, one (L_i, d) array per sequence for residues.
         ``width``: the query width the search needs; the chain then runs only up to the first level at least
         that wide (and the vectors are k_j wide): a search at the first level loads and runs the first model."""
+        if not self.ready:
+            self.setup()
         names = [f"seq{i}" for i in range(len(sequences))] if names is None else list(names)
         if len(sequences) == 0:
             raise SearchError("no query sequences")
