@@ -69,3 +69,19 @@ def s3(s3_server, monkeypatch):
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture
+def loaded_models(monkeypatch):
+    """The checkpoints a test's code loads, in order (a spy on rdscale.model.loading.load_model)."""
+    import rdscale.model.loading
+
+    seen = []
+    original = rdscale.model.loading.load_model
+
+    def spy(name_or_path, *args, **kwargs):
+        seen.append(str(name_or_path))
+        return original(name_or_path, *args, **kwargs)
+
+    monkeypatch.setattr(rdscale.model.loading, "load_model", spy)
+    return seen

@@ -38,19 +38,6 @@ def two_level_run(tmp_path, fasta, tiny_family, name, **overrides):
     return tmp_path / name
 
 
-@pytest.fixture
-def loaded_models(monkeypatch):
-    seen = []
-    original = rdscale.model.loading.load_model
-
-    def spy(name_or_path, *args, **kwargs):
-        seen.append(str(name_or_path))
-        return original(name_or_path, *args, **kwargs)
-
-    monkeypatch.setattr(rdscale.model.loading, "load_model", spy)
-    return seen
-
-
 @pytest.mark.parametrize("residue_dtype, atol", [("float32", 1e-4), ("float16", 1e-2)])
 def test_extension_equals_the_chain_from_scratch(tmp_path, fasta, tiny_family, full_chain, loaded_models,
                                                  residue_dtype, atol):

@@ -43,19 +43,6 @@ def runs(tmp_path_factory, fasta, tiny_family):
     return tmp / "full", tmp / "extended"
 
 
-@pytest.fixture
-def loaded_models(monkeypatch):
-    seen = []
-    original = rdscale.model.loading.load_model
-
-    def spy(name_or_path, *args, **kwargs):
-        seen.append(str(name_or_path))
-        return original(name_or_path, *args, **kwargs)
-
-    monkeypatch.setattr(rdscale.model.loading, "load_model", spy)
-    return seen
-
-
 def reference(run_dir, sequences, upto):
     """(q, k) protein vectors of the run's chain over its first `upto` models, computed here from its parts."""
     proteins = table(run_dir, "proteins")
