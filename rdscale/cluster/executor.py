@@ -483,6 +483,8 @@ class RayExecutor:
             # Never restarted by Ray: Ray Data passes the pool's map function (and its DataContext) through the
             # object store, and Ray's core worker warns that an actor restarted after those objects are lost
             # cannot start. A lost actor fails this dataset instead, and apply() redoes its uncommitted shards.
+            # (An extra keyword of map_batches: Ray Data's documented way to set it, though Ray 2.60 marks extra
+            # keywords deprecated with a DeprecationWarning, which Python shows only in tests.)
             max_restarts=0,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
