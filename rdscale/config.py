@@ -94,7 +94,7 @@ class RayConfig:
     gpus_per_actor: float | None = None  # None: 1 when some node of the Ray cluster has a GPU, else 0
     cpus_per_actor: float = 1.0
     object_store_mb: int | None = None  # local Ray only
-    max_restarts: int = 3  # fit-pass actors; apply-pass actors follow Ray Data (restarted, batch retried)
+    max_restarts: int = 3  # fit/extend actors' restarts; apply pass: new pools over uncommitted shards (-1: no limit)
     fault_injection: dict[str, Any] = field(default_factory=dict)  # tests only: {"exit_on_batch": N, "marker": path}
 
 

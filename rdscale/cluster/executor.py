@@ -5,9 +5,11 @@
   not depend on how the sample was split.
 - apply pass: a Ray Data pipeline: `FastaDatasource` (one read task per byte-range shard) -> `map_batches` with
   the `ApplyStage` callable class on an actor pool (`num_gpus` per actor, fractional allowed). Actors write Lance
-  fragments themselves and return only fragment descriptions; the driver commits shard by shard. A dead actor is
-  restarted by Ray and its batch retried; fragments written by the failed attempt were never reported, so they are
-  never committed (nothing lost, nothing duplicated).
+  fragments themselves and return only fragment descriptions; the driver commits shard by shard. The pool's actors
+  are never restarted by Ray (max_restarts=0: Ray Data hands them their map function through the object store, and
+  an actor restarted after that object is lost cannot start). When an actor or a node is lost, the driver starts a
+  new pool over the shards not yet committed (up to ray.max_restarts times); fragments written by the failed
+  attempt were never reported, so they are never committed (nothing lost, nothing duplicated).
 """
 
 from __future__ import annotations
@@ -131,6 +133,33 @@ class ResourceError(RdscaleError, ValueError):
 
 class ActorLostError(RdscaleError, RuntimeError):
     """Actors were lost more often than a pass can redo; running the same command again resumes."""
+
+
+def lost_worker(err: BaseException) -> str | None:
+    """What the cluster lost, in a few words ("actor 1a2b3c4d on node 10.0.0.7"), when `err` says that an actor,
+    a worker process, a node or an object on a lost node went away: work that a new actor can redo. None for any
+    other error, among them the work's own (an rdscale error, a user code exception, an actor whose constructor
+    raised), which would fail again the same way."""
+    chain, seen, e = [], set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    if any(isinstance(e, (RdscaleError, ray.exceptions.UserCodeException)) for e in chain):
+        return None
+    for e in chain:
+        if isinstance(e, ray.exceptions.RayActorError) and not e.actor_init_failed:
+            ip = re.search(r"\bip: (\S+)", str(e))
+            return (f"actor {(e.actor_id or '?')[:8]}" + (f" on node {ip.group(1)}" if ip else "")
+                    + (" (node preempted)" if e.preempted else ""))
+        if isinstance(e, ray.exceptions.NodeDiedError):
+            return f"a node ({next(iter(str(e).splitlines()), '').strip()[:120]})"
+        if isinstance(e, ray.exceptions.WorkerCrashedError):
+            return "a worker process"
+        if isinstance(e, ray.exceptions.ObjectLostError) and not isinstance(
+                e, (ray.exceptions.ObjectFreedError, ray.exceptions.ReferenceCountingAssertionError)):
+            return f"object {(e.object_ref_hex or '?')[:8]} (its node or owner)"
+    return None
 
 
 # Read tasks and side tasks (dedupe partitions, merges) take no whole CPU: on a cluster whose CPUs all went to the
@@ -398,6 +427,47 @@ class RayExecutor:
                 "models": counts[0]["models"]}
 
     def apply(self, cfg, models, fit_dir, uris, schemas, shards) -> Iterator[tuple[int, int, ShardResult]]:
+        """The apply pass over `shards`, each shard's parts yielded together once all its records came back (the
+        caller commits it then). An actor or a node lost mid-pass fails the pass's dataset; a new one then runs
+        over the shards not yet yielded, up to ray.max_restarts times (-1: no limit). A shard's parts from the
+        failed dataset are dropped: their fragments were never committed, and the shard is redone whole."""
+        left, retries, limit = list(shards), 0, int(cfg.ray.max_restarts)
+        while left:
+            parts: dict[int, list[tuple[int, ShardResult]]] = {}
+            done: set[int] = set()
+            rows = self._apply_once(cfg, models, fit_dir, uris, schemas, left)
+            while True:
+                try:
+                    index, total, part = next(rows)
+                except StopIteration:
+                    # Shards whose parts did not add up: the caller reports them as not completed.
+                    for index, got in parts.items():
+                        for total, part in got:
+                            yield index, total, part
+                    return
+                except Exception as err:
+                    what = lost_worker(err)
+                    if what is None:
+                        raise  # the work's own error (a user's, a bug's): redoing it would fail the same way
+                    left = [s for s in left if s.index not in done]
+                    if 0 <= limit <= retries:
+                        raise ActorLostError(
+                            f"the apply pass lost {what} and has redone lost work {retries} time(s) "
+                            f"(ray.max_restarts={limit}); {len(left)} shard(s) were not committed: run the same "
+                            "command again to resume") from err
+                    retries += 1
+                    log.warning("the apply pass lost %s; redoing its %d uncommitted shard(s) on a new actor pool "
+                                "(retry %d%s)", what, len(left), retries, f" of {limit}" if limit >= 0 else "")
+                    break
+                got = parts.setdefault(index, [])
+                got.append((total, part))
+                if sum(p.records for _, p in got) == total:
+                    del parts[index]
+                    done.add(index)
+                    for total_, part_ in got:
+                        yield index, total_, part_
+
+    def _apply_once(self, cfg, models, fit_dir, uris, schemas, shards) -> Iterator[tuple[int, int, ShardResult]]:
         options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
         ds = ray.data.read_datasource(FastaDatasource(shards, options, storage=cfg.storage.options),
                                       override_num_blocks=len(shards),
@@ -407,11 +477,15 @@ class RayExecutor:
             fn_constructor_kwargs=apply_actor_kwargs(cfg, models, fit_dir, uris, schemas),
             batch_size=cfg.output.records_per_batch,
             batch_format="pyarrow",
-            # Ray Data restarts a dead actor and retries its batches by default (max_restarts=-1); a retried
-            # batch only rewrites uncommitted fragments, so nothing is lost or duplicated.
             compute=self._pool(),
             num_gpus=self.gpus,
             num_cpus=cfg.ray.cpus_per_actor,
+            # Never restarted by Ray: Ray Data passes the pool's map function (and its DataContext) through the
+            # object store, and Ray's core worker warns that an actor restarted after those objects are lost
+            # cannot start. A lost actor fails this dataset instead, and apply() redoes its uncommitted shards.
+            # (An extra keyword of map_batches: Ray Data's documented way to set it, though Ray 2.60 marks extra
+            # keywords deprecated with a DeprecationWarning, which Python shows only in tests.)
+            max_restarts=0,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
