@@ -41,7 +41,8 @@ class FastaFormatError(RdscaleError, ValueError):
         return (type(self), (self.path, self.where, self.detail))
 
 
-def _chain(err: BaseException):
+def error_chain(err: BaseException):
+    """`err`, then what caused it (a Ray error's `cause`, `__cause__`, `__context__`), each once."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -118,7 +119,7 @@ _WRITE_PROBLEMS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.
 def write_problem(err: BaseException, where: str | Path) -> str | None:
     """One line for a failure to write `where` that the user can fix (disk full, quota, permissions, read-only),
     found anywhere in the cause chain (also inside Ray's wrappers); None for anything else."""
-    for e in _chain(err):
+    for e in error_chain(err):
         code = getattr(e, "errno", None)
         if code is None:
             rust = _RUST_OS_ERROR.search(str(e))
@@ -140,7 +141,7 @@ def _remote_rdscale_error(err: BaseException) -> tuple[type, str] | None:
     __cause__ on the way (only the remote traceback's text names it)."""
     import importlib
 
-    for e in _chain(err):
+    for e in error_chain(err):
         if not type(e).__module__.startswith("ray."):
             continue
         found = None
@@ -165,7 +166,7 @@ def _remote_rdscale_error(err: BaseException) -> tuple[type, str] | None:
 def user_facing(err: BaseException, where: str | None = None) -> str | None:
     """The message to print for an error the user can act on, or None for a bug (show the traceback).
     `where`: the output location the command writes, named in OS errors that name no path themselves."""
-    ours = [e for e in _chain(err) if isinstance(e, RdscaleError)]
+    ours = [e for e in error_chain(err) if isinstance(e, RdscaleError)]
     if not ours:
         remote = _remote_rdscale_error(err)
         if remote is not None:
@@ -178,12 +179,12 @@ def user_facing(err: BaseException, where: str | None = None) -> str | None:
             return _one_line(str(plain[0]).strip())
         text = str(ours[-1]).strip()
         return _one_line(text.splitlines()[-1])
-    for e in _chain(err):  # Lance (as OSError or ArrowInvalid): a data file its manifest lists is gone
+    for e in error_chain(err):  # Lance (as OSError or ArrowInvalid): a data file its manifest lists is gone
         missing = _MISSING_TABLE_FILE.search(str(e))
         if missing:
             return (f"/{missing.group(1).lstrip('/')} is missing: the table is damaged (a file deleted or "
                     "half-copied); restore it, or run again into a new output directory")
-    for e in _chain(err):  # an OS error the user caused, only if no RdscaleError explains it better
+    for e in error_chain(err):  # an OS error the user caused, only if no RdscaleError explains it better
         if isinstance(e, FileNotFoundError) and e.errno is None:  # raised by rdscale with its own message
             return _one_line(str(e))
         message = _os_message(e, where)
@@ -194,9 +195,9 @@ def user_facing(err: BaseException, where: str | None = None) -> str | None:
 
 def exit_code(err: BaseException) -> int:
     """2 for a configuration or usage error, 1 for any other user error."""
-    if any(isinstance(e, ConfigError) for e in _chain(err)):
+    if any(isinstance(e, ConfigError) for e in error_chain(err)):
         return 2
-    remote = None if any(isinstance(e, RdscaleError) for e in _chain(err)) else _remote_rdscale_error(err)
+    remote = None if any(isinstance(e, RdscaleError) for e in error_chain(err)) else _remote_rdscale_error(err)
     return 2 if remote is not None and issubclass(remote[0], ConfigError) else 1
 
 

@@ -29,7 +29,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from rdscale.config import Config
-from rdscale.errors import RdscaleError
+from rdscale.errors import RdscaleError, error_chain
 from rdscale.fit.moments import Moments
 from rdscale.io.fasta import Shard, ValidationOptions
 from rdscale.io.location import set_storage_options, set_worker_context
@@ -140,11 +140,7 @@ def lost_worker(err: BaseException) -> str | None:
     a worker process, a node or an object on a lost node went away: work that a new actor can redo. None for any
     other error, among them the work's own (an rdscale error, a user code exception, an actor whose constructor
     raised), which would fail again the same way."""
-    chain, seen, e = [], set(), err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    chain = list(error_chain(err))
     if any(isinstance(e, (RdscaleError, ray.exceptions.UserCodeException)) for e in chain):
         return None
     for e in chain:
