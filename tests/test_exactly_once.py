@@ -308,10 +308,17 @@ def test_lease_is_exclusive_under_a_race(tmp_path):
 
 RACE = (
     "import sys, time; from pathlib import Path; from rdscale.io.lease import WriterLease, LeaseError\n"
-    "Path(sys.argv[2] + '.' + sys.argv[3]).touch()\n"  # imported: ready to race
-    "while not Path(sys.argv[2]).exists(): time.sleep(0.001)\n"
-    "try:\n    l = WriterLease(sys.argv[1], renew_every=0).acquire(); print('won'); time.sleep(1.5)\n"
-    "except LeaseError:\n    print('lost')\n"
+    "go, me, n = sys.argv[2], sys.argv[3], int(sys.argv[4])\n"
+    "Path(go + '.' + me).touch()\n"  # imported: ready to race
+    "while not Path(go).exists(): time.sleep(0.001)\n"
+    "try:\n    l = WriterLease(sys.argv[1], renew_every=0).acquire(); print('won', flush=True); won = True\n"
+    "except LeaseError:\n    print('lost', flush=True); won = False\n"
+    "Path(go + '.done.' + me).touch()\n"
+    # The winner holds the lease until every racer has tried: on a loaded machine a late racer would otherwise find
+    # the winner gone and rightly take over its stale lease.
+    "deadline = time.time() + 120\n"
+    "while won and sum(Path(go + '.done.' + str(i)).exists() for i in range(n)) < n and time.time() < deadline:\n"
+    "    time.sleep(0.01)\n"
 )
 
 
@@ -321,13 +328,13 @@ def _race(location: str, env: dict, n: int = 8) -> list[str]:
     import tempfile
 
     go = Path(tempfile.mkdtemp()) / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, location, str(go), str(i)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, location, str(go), str(i), str(n)], env=env,
                               stdout=subprocess.PIPE, text=True) for i in range(n)]
     deadline = time.time() + 120
     while sum(Path(f"{go}.{i}").exists() for i in range(n)) < n and time.time() < deadline:
         time.sleep(0.01)
     go.touch()
-    return sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    return sorted(p.communicate(timeout=180)[0].strip() for p in procs)
 
 
 @pytest.fixture(scope="module")
