@@ -341,7 +341,8 @@ class ApplyStage(Stage):
             self.writer.submit(lambda: {REJECTS: write_table_fragments(
                 self.uris[REJECTS], rejects_table(rejected, shard, self.schemas[REJECTS]))})
         # Chunk by chunk: the writer thread builds and writes chunk i while chunk i+1 runs through the models.
-        for chunk in chunk_rows(accepted, self.encoder.chunk_tokens, self.encoder.window):
+        for chunk in chunk_rows(accepted, self.encoder.chunk_tokens, self.encoder.window,
+                                truncate=self.cfg.embedding.long_policy == "truncate"):
             job, residues, written = self._chunk_job(shard, chunk)
             self.writer.submit(job)
             result.proteins += written
@@ -556,13 +557,15 @@ class FragmentExtender(Stage):
         return fragment_id, as_json if isinstance(as_json, str) else json.dumps(as_json), schema
 
 
-def chunk_rows(rows: Sequence[dict[str, Any]], chunk_tokens: int, window: int) -> Iterator[list[dict[str, Any]]]:
+def chunk_rows(rows: Sequence[dict[str, Any]], chunk_tokens: int, window: int,
+               truncate: bool = False) -> Iterator[list[dict[str, Any]]]:
     """Consecutive groups of rows of about `chunk_tokens` tokens (BOS/EOS per window included); a row larger
-    than that is a chunk of its own. Input order is kept."""
+    than that is a chunk of its own. Input order is kept. ``truncate`` (long_policy truncate): a row costs only
+    its first window (counting whole sequences made chunks of a few rows: tiny forwards and fragments)."""
     chunk: list[dict[str, Any]] = []
     tokens = 0
     for row in rows:
-        n = len(row["sequence"])
+        n = min(len(row["sequence"]), window) if truncate else len(row["sequence"])
         cost = n + 2 * max(1, -(-n // max(1, window)))
         if chunk and tokens + cost > chunk_tokens:
             yield chunk
