@@ -219,6 +219,11 @@ def test_auto_pool_on_the_session_cluster_equals_local(ray_session, tmp_path, ti
     assert executor.actors_now(100) == int(ray_session.cluster_resources()["CPU"])  # CPU actors: one per CPU
     run(cfg, executor, progress=False)
     assert_same_tables(tmp_path / "auto", tmp_path / "local")
+    # The elastic pool's upscaling threshold was set on its dataset's context, never on the driver's.
+    from ray.data.context import DEFAULT_ACTOR_POOL_UTIL_UPSCALING_THRESHOLD, DataContext
+
+    threshold = DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+    assert threshold == DEFAULT_ACTOR_POOL_UTIL_UPSCALING_THRESHOLD
 
 
 @pytest.mark.ray
