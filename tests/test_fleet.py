@@ -219,6 +219,42 @@ def test_auto_pool_on_the_session_cluster_equals_local(ray_session, tmp_path, ti
     assert executor.actors_now(100) == int(ray_session.cluster_resources()["CPU"])  # CPU actors: one per CPU
     run(cfg, executor, progress=False)
     assert_same_tables(tmp_path / "auto", tmp_path / "local")
+    # The elastic pool's upscaling threshold was set on its dataset's context, never on the driver's.
+    from ray.data.context import DEFAULT_ACTOR_POOL_UTIL_UPSCALING_THRESHOLD, DataContext
+
+    threshold = DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+    assert threshold == DEFAULT_ACTOR_POOL_UTIL_UPSCALING_THRESHOLD
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_elastic_pool_grows_onto_a_node_added_mid_run(tmp_path, tiny_family):
+    """A real two-node Ray cluster (a subprocess: its own Ray; see tests/elastic_child.py): the run starts on node-a
+    (one actor), whose actor is held at its first batch until node-b, added mid-run, has committed a shard; so the
+    run finishes only if Ray Data grew the pool onto node-b. The ledger's host column (RDSCALE_LEASE_HOST per node)
+    says which node embedded each shard, and the tables equal the --local run's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "elastic_child.py"), str(tmp_path / "w"), "grow",
+                           *map(str, tiny_family)], capture_output=True, text=True, env=env, timeout=580, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no result (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    report = json.loads(lines[-1][len("RESULT "):])
+    assert "error" not in report, report["error"]
+    grow = report["grow"]
+    assert report["actors_at_start"] == 1 and grow["pool_at_start"] == 1, report
+    assert grow["committed_before_join"] == 0, grow  # node-a's actor held: nothing done before node-b joined
+    assert grow["hosts"].get("node-b", 0) >= 1, grow  # a shard embedded by an actor the pool grew onto node-b
+    assert sum(grow["hosts"].values()) == grow["shards"], grow
+    assert grow["finished"] and grow["same_as_local"], grow
 
 
 # ------------------------------------------------------------------------------------------------ resubmitting

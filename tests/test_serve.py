@@ -179,3 +179,114 @@ def test_service_in_process_equals_the_cli(run):
                                                                           "mode": "funnel"}))
     agg = service.search({"table": "residues", "ids": ["P00012"], "k": 3, "aggregate": "proteins"})
     assert agg["hits"][0]["id"] == "P00012" and agg["hits"][0]["hits"] >= 10
+
+
+# ------------------------------------------------------------------------------------------------ sequence batching
+
+
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory, tiny_family):
+    """A real run of the tiny three-model chain (sequence queries embed through it), and its sequences."""
+    from helpers import AA, make_cfg, write_fasta
+
+    from rdscale.run.executor import LocalExecutor
+    from rdscale.run.pipeline import run as run_pipeline
+
+    tmp = tmp_path_factory.mktemp("chain_run")
+    fasta = write_fasta(tmp / "in.fasta", n=24, seed=3)
+    run_pipeline(make_cfg(tmp, fasta, tiny_family, "run"), LocalExecutor(), progress=False)
+    rng = np.random.default_rng(5)
+    # 12 distinct sequences of different lengths (a batch pads them to its longest)
+    return tmp / "run", ["".join(rng.choice(list(AA), size=20 + 5 * i)) for i in range(12)]
+
+
+def _alone(out, sequences, **options):
+    """Each sequence searched on its own, one request after another (a fresh service: nothing kept)."""
+    service = SearchService(out, ["proteins"], max_batch=1)
+    answers = [service.search({"sequences": {f"q{i}": s}, "k": 5, **options}) for i, s in enumerate(sequences)]
+    assert service.batcher.forwards == len(sequences)
+    return answers
+
+
+def test_concurrent_sequence_queries_share_forwards_and_equal_one_by_one(chain_run):
+    import threading
+
+    out, sequences = chain_run
+    want = _alone(out, sequences)
+    service = SearchService(out, ["proteins"], max_batch=16, batch_wait_ms=200)
+    barrier = threading.Barrier(len(sequences))
+
+    def ask(i):
+        barrier.wait()
+        return service.search({"sequences": {f"q{i}": sequences[i]}, "k": 5})
+
+    with ThreadPoolExecutor(len(sequences)) as pool:
+        got = list(pool.map(ask, range(len(sequences))))
+    assert service.batcher.forwards < len(sequences)  # grouped: fewer forwards than requests
+    for g, w in zip(got, want):
+        assert g["queries"] == 1 and same_rows(g["hits"], w["hits"]), (g, w)
+    # A batch one of whose sequences is refused: the others still get their answers, the bad one its own error.
+    service = SearchService(out, ["proteins"], max_batch=16, batch_wait_ms=200)
+    barrier = threading.Barrier(3)
+
+    def ask_or_error(name_seq):
+        barrier.wait()
+        try:
+            return service.search({"sequences": dict([name_seq]), "k": 5})
+        except S.SearchError as err:
+            return str(err)
+
+    with ThreadPoolExecutor(3) as pool:
+        mixed = list(pool.map(ask_or_error, [("q0", sequences[0]), ("bad", "MK1J"), ("q1", sequences[1])]))
+    assert same_rows(mixed[0]["hits"], want[0]["hits"]) and same_rows(mixed[2]["hits"], want[1]["hits"])
+    assert isinstance(mixed[1], str) and "\n" not in mixed[1]
+
+
+def test_serve_batches_concurrent_sequence_queries_over_http(ray_session, chain_run, tmp_path):
+    """Real HTTP clients at once: their sequence queries are embedded in fewer forwards than requests (the slow
+    test service logs one line per forward) and answered as one-by-one queries are. (Last in this module: it
+    restarts Serve on another run.)"""
+    from pathlib import Path
+
+    from rdscale.cluster import serve as rs
+
+    out, sequences = chain_run
+    want = _alone(out, sequences)
+    log = tmp_path / "embed.log"
+    rs.stop()
+    port = free_port()
+    url = rs.start(str(out), port=port, num_cpus=0, service="slow_service:SlowSearchService", max_batch=16,
+                   batch_wait_ms=5, runtime_env={"env_vars": {"RDSCALE_TEST_EMBED_DELAY": "0.5",
+                                                              "RDSCALE_TEST_EMBED_LOG": str(log),
+                                                              "PYTHONPATH": str(Path(__file__).parent)}})
+    try:
+        with httpx.Client(timeout=120) as client:
+            def ask(i):
+                r = client.post(f"{url}/search", json={"sequences": {f"q{i}": sequences[i]}, "k": 5})
+                return r.status_code, r.json()
+
+            with ThreadPoolExecutor(len(sequences)) as pool:
+                got = list(pool.map(ask, range(len(sequences))))
+    finally:
+        rs.stop()
+    for (status, body), w in zip(got, want):
+        assert status == 200 and same_rows(body["hits"], w["hits"]), (body, w)
+    forwards = [int(line) for line in log.read_text().split()]
+    assert sum(forwards) == len(sequences) and len(forwards) < len(sequences), forwards
+
+
+def test_num_gpus_reaches_the_replicas_options(monkeypatch):
+    from rdscale.cluster import serve as rs
+
+    assert rs.actor_options(0.0, 0.5)["num_gpus"] == 0.5
+    assert "num_gpus" not in rs.actor_options(1.0, 0.0)  # the default: CPUs only
+    assert rs.actor_options(2.0, 1.0, {"env_vars": {}}) == {"num_cpus": 2.0, "num_gpus": 1.0,
+                                                           "runtime_env": {"env_vars": {}}}
+    monkeypatch.setattr(rs, "_cluster_gpus", lambda: [0.0, 0.0])
+    with pytest.raises(S.SearchError, match="no GPU"):
+        rs.check_gpus(1.0)
+    monkeypatch.setattr(rs, "_cluster_gpus", lambda: [0.0, 1.0])
+    rs.check_gpus(0.5)
+    rs.check_gpus(0.0)
+    with pytest.raises(S.SearchError, match="at most 1"):
+        rs.check_gpus(2.0)

@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="searcher replicas across the cluster (default 1)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
+    p.add_argument("--num-gpus", type=float, default=0.0,
+                   help="GPUs reserved per replica for its sequence-query encoder (default 0; fractions share a "
+                   "GPU); refused when no node of the cluster has that many")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="sequences of concurrent requests embedded in one forward (default 16; 1: no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a sequence query waits for others to share its forward (default 5 ms)")
     p.add_argument("--table", nargs="+", choices=["proteins", "residues"],
                    help="tables to serve (default: every table the run has)")
     p.add_argument("--models", nargs="+", metavar="MODEL",
@@ -70,15 +77,18 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.replicas < 1 or args.num_cpus < 0:
-        raise SearchError("--replicas must be >= 1 and --num-cpus >= 0")
+    if args.replicas < 1 or args.num_cpus < 0 or args.num_gpus < 0:
+        raise SearchError("--replicas must be >= 1, --num-cpus and --num-gpus >= 0")
+    if args.max_batch < 1 or args.batch_wait_ms < 0:
+        raise SearchError("--max-batch must be >= 1 and --batch-wait-ms >= 0")
     if not (args.max_body_mb > 0 and args.max_queries >= 1 and args.timeout > 0):
         raise SearchError("--max-body-mb and --timeout must be > 0 and --max-queries >= 1")
     _check_port(args.host, args.port)
     for table in args.table or ["proteins"]:
         open_table(args.out, table)  # a wrong path is one line here, not a replica's traceback
     serve_until_interrupted(args.out, address=args.address, host=args.host, port=args.port,
-                            replicas=args.replicas, num_cpus=args.num_cpus, tables=args.table, models=args.models,
-                            device=args.device, max_body_mb=args.max_body_mb, max_queries=args.max_queries,
-                            timeout_s=args.timeout)
+                            replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                            tables=args.table, models=args.models, device=args.device,
+                            max_body_mb=args.max_body_mb, max_queries=args.max_queries, timeout_s=args.timeout,
+                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
     return 0

@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -161,6 +163,10 @@ def lost_worker(err: BaseException) -> str | None:
 # Read tasks and side tasks (dedupe partitions, merges) take no whole CPU: on a cluster whose CPUs all went to the
 # actor pool (or whose free CPU is split across nodes in fractions) a task asking for one CPU is never scheduled.
 SIDE_TASK_CPUS = 0
+
+# An elastic pool's upscaling threshold (Ray Data's actor_pool_util_upscaling_threshold, tasks in flight per actor):
+# 1.0 = grow whenever every actor has work (see RayExecutor._apply_once).
+ELASTIC_UPSCALING_THRESHOLD = 1.0
 
 
 def _alive_nodes() -> list[dict[str, float]]:
@@ -468,36 +474,49 @@ class RayExecutor:
         ds = ray.data.read_datasource(FastaDatasource(shards, options, storage=cfg.storage.options),
                                       override_num_blocks=len(shards),
                                       num_cpus=SIDE_TASK_CPUS)
-        ds = ds.map_batches(
-            as_actor(ApplyStage),
-            fn_constructor_kwargs=apply_actor_kwargs(cfg, models, fit_dir, uris, schemas),
-            batch_size=cfg.output.records_per_batch,
-            batch_format="pyarrow",
-            compute=self._pool(),
-            num_gpus=self.gpus,
-            num_cpus=cfg.ray.cpus_per_actor,
-            # Never restarted by Ray: Ray Data passes the pool's map function (and its DataContext) through the
-            # object store, and Ray's core worker warns that an actor restarted after those objects are lost
-            # cannot start. A lost actor fails this dataset instead, and apply() redoes its uncommitted shards.
-            # (An extra keyword of map_batches: Ray Data's documented way to set it, though Ray 2.60 marks extra
-            # keywords deprecated with a DeprecationWarning, which Python shows only in tests.)
-            max_restarts=0,
-        )
+        pool, elastic = self._pool()
+        with warnings.catch_warnings():
+            # Ray 2.60 warns that extra keywords (ray_remote_args) are deprecated, but offers no named parameter
+            # for max_restarts (its own ActorPoolMapOperator points to map_batches(..., max_restarts=0)).
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds = ds.map_batches(
+                as_actor(ApplyStage),
+                fn_constructor_kwargs=apply_actor_kwargs(cfg, models, fit_dir, uris, schemas),
+                batch_size=cfg.output.records_per_batch,
+                batch_format="pyarrow",
+                compute=pool,
+                num_gpus=self.gpus,
+                num_cpus=cfg.ray.cpus_per_actor,
+                # Never restarted by Ray: Ray Data passes the pool's map function (and its DataContext) through
+                # the object store, and Ray's core worker warns that an actor restarted after those objects are
+                # lost cannot start. A lost actor fails this dataset instead, and apply() redoes its uncommitted
+                # shards.
+                max_restarts=0,
+            )
+        if elastic:
+            # Ray Data adds actors only when the pool's utilisation (tasks in flight / actors) reaches its
+            # upscaling threshold, 1.75 by default: each actor with a second task queued behind the one it runs.
+            # A pool whose readers keep pace with it only now and then sits below that, and a node that joins
+            # waits. Embedding actors are the costly part and a joined node's GPUs are otherwise idle: grow as
+            # soon as every actor is busy (the new actors are still capped by the free resources and max_size).
+            # This dataset's context only (a copy of the driver's).
+            ds.context.autoscaling_config = dataclasses.replace(
+                ds.context.autoscaling_config, actor_pool_util_upscaling_threshold=ELASTIC_UPSCALING_THRESHOLD)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 yield int(row["shard"]), int(row["shard_records"]), ShardResult(**json.loads(row["result"]))
 
-    def _pool(self):
-        """The apply pass's actor pool: fixed, or elastic (ray.num_actors: auto, or ray.max_actors): Ray Data
-        adds actors as nodes with room join (an autoscaler's, or any `ray start --address`) and work is queued, up
-        to the maximum."""
+    def _pool(self) -> tuple[Any, bool]:
+        """The apply pass's actor pool, and whether it is elastic (ray.num_actors: auto, or ray.max_actors): Ray
+        Data then adds actors as nodes with room join (an autoscaler's, or any `ray start --address`) while every
+        actor is busy, up to the maximum."""
         low, start, high = pool_sizes(self.cfg.ray.num_actors, self.cfg.ray.max_actors,
                                       actor_slots(_alive_nodes(), float(self.cfg.ray.cpus_per_actor), self.gpus))
         if low == start == high:
-            return ray.data.ActorPoolStrategy(size=low)
+            return ray.data.ActorPoolStrategy(size=low), False
         log.info("elastic actor pool: %d actor(s) now, at least %d, at most %s", start, low,
                  high if high is not None else "as many as the cluster holds")
-        return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=start)
+        return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=start), True
 
     def map_shards(self, fn, shards: Sequence[Shard], *args) -> Iterator[Any]:
         """fn(shard, *args) for every shard as Ray tasks (taking no whole CPU, like the read tasks; about one in

@@ -21,6 +21,7 @@ computing, as it does when the client goes away). Never a 500 for bad input.
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 import time
@@ -36,7 +37,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdscale.search.request import option_fields
-from rdscale.search.service import RequestTooLarge, SearchCancelled, SearchService
+from rdscale.search.service import BATCH_WAIT_MS, MAX_BATCH, RequestTooLarge, SearchCancelled, SearchService
 from rdscale.search.tables import KeyNotFoundError, SearchError
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,9 @@ class SearchDeployment:
 
             module, _, attr = service.partition(":")
             factory = getattr(importlib.import_module(module), attr)
-        self.service = factory(run, tables, models=models, device=device, max_queries=limits["max_queries"])
+        self.service = factory(run, tables, models=models, device=device, max_queries=limits["max_queries"],
+                               max_batch=int(limits.get("max_batch", MAX_BATCH)),
+                               batch_wait_ms=float(limits.get("batch_wait_ms", BATCH_WAIT_MS)))
 
     async def _call(self, method, body: dict) -> Any:
         """``method(body, cancelled)`` on a worker thread, under the time limit. A client that goes away (Serve
@@ -286,20 +289,52 @@ class SearchDeployment:
         return Response(_asset(name), media_type=PAGE_ASSETS[name], headers={"Cache-Control": "no-cache"})
 
 
+def _cluster_gpus() -> list[float]:
+    """GPUs of each alive node of the connected Ray cluster."""
+    return [float((n.get("Resources") or {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_gpus(num_gpus: float) -> None:
+    """Refuse, in one line, GPUs per replica that no node has (Serve would wait for such a replica forever). An
+    autoscaling cluster adds GPU nodes on demand: RDSCALE_AUTOSCALER=1 lets the request through."""
+    if num_gpus <= 0 or os.environ.get("RDSCALE_AUTOSCALER") == "1":
+        return
+    gpus = _cluster_gpus()
+    most = max(gpus, default=0.0)
+    if most <= 0:
+        raise SearchError(f"--num-gpus {num_gpus:g}, but the Ray cluster has no GPU ({len(gpus)} node(s)); "
+                          "serve on CPUs (--num-gpus 0), or join a cluster with GPU nodes (--address)")
+    if most < num_gpus:
+        raise SearchError(f"--num-gpus {num_gpus:g}, but the largest node has at most {most:g} GPU; lower it "
+                          "(fractions share a GPU between replicas)")
+
+
+def actor_options(num_cpus: float, num_gpus: float = 0.0, runtime_env: dict | None = None) -> dict[str, Any]:
+    """A replica's Ray actor options: the CPUs and GPUs it reserves (a reserved GPU is the one its query encoder
+    uses: Ray sets the replica's CUDA_VISIBLE_DEVICES), and its runtime environment."""
+    return {"num_cpus": num_cpus, **({"num_gpus": float(num_gpus)} if num_gpus else {}),
+            **({"runtime_env": runtime_env} if runtime_env else {})}
+
+
 def start(run: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
-          tables: list[str] | None = None, models: list[str] | None = None, device: str | None = None,
-          max_body_mb: float = MAX_BODY_MB, max_queries: int = MAX_QUERIES, timeout_s: float = TIMEOUT_S,
+          num_gpus: float = 0.0, tables: list[str] | None = None, models: list[str] | None = None,
+          device: str | None = None, max_body_mb: float = MAX_BODY_MB, max_queries: int = MAX_QUERIES,
+          timeout_s: float = TIMEOUT_S, max_batch: int = MAX_BATCH, batch_wait_ms: float = BATCH_WAIT_MS,
           service: str | None = None, runtime_env: dict | None = None) -> str:
     """Start Serve's HTTP proxy (in the connected Ray cluster) and the deployment; returns the base URL.
 
-    Limits per request: ``max_body_mb`` (413), ``max_queries`` (413), ``timeout_s`` (408). ``service``:
-    ``"module:Name"`` of a ``SearchService`` subclass to serve instead (importable in the replicas, e.g. through
-    ``runtime_env``, Ray's per-actor environment). Blocks until every replica has loaded its searchers, so the
-    first request is answered from memory."""
+    Limits per request: ``max_body_mb`` (413), ``max_queries`` (413), ``timeout_s`` (408). ``num_gpus``: GPUs
+    reserved per replica, for its query encoder (refused when no node has that many). ``max_batch`` /
+    ``batch_wait_ms``: concurrent sequence queries share a forward of the encoder (rdscale.search.service.
+    EmbedBatcher). ``service``: ``"module:Name"`` of a ``SearchService`` subclass to serve instead (importable in
+    the replicas, e.g. through ``runtime_env``, Ray's per-actor environment). Blocks until every replica has
+    loaded its searchers, so the first request is answered from memory."""
+    check_gpus(float(num_gpus))
     serve.start(http_options={"host": host, "port": int(port)})
-    actor = {"num_cpus": num_cpus, **({"runtime_env": runtime_env} if runtime_env else {})}
+    actor = actor_options(num_cpus, num_gpus, runtime_env)
     deployment = SearchDeployment.options(num_replicas=int(replicas), ray_actor_options=actor)
-    limits = {"max_body": int(max_body_mb * 2**20), "max_queries": int(max_queries), "timeout": float(timeout_s)}
+    limits = {"max_body": int(max_body_mb * 2**20), "max_queries": int(max_queries), "timeout": float(timeout_s),
+              "max_batch": int(max_batch), "batch_wait_ms": float(batch_wait_ms)}
     serve.run(deployment.bind(str(run), tables, models, device, limits, service), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 

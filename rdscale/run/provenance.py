@@ -8,7 +8,6 @@ are not bit-comparable, so such a change is worth one line, never a refusal.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from rdscale import __version__
+from rdscale.io.lease import this_host
 
 # Ledger columns (strings) naming what wrote a shard's rows; `seconds` (float64, the actors' time on the shard,
 # summed: device-seconds) and `committed_at` (float64, Unix time of the commit) follow them in the ledger.
@@ -34,7 +34,7 @@ def _version(package: str) -> str:
 def collect(device_name: str, dtype: torch.dtype) -> dict[str, str]:
     """This process's provenance, for an actor whose models run on `device_name` in `dtype`."""
     return {
-        "host": socket.gethostname(),
+        "host": this_host(),  # RDSCALE_LEASE_HOST when set: nodes that share a host name each set their own
         "device": device_name,
         "cuda": torch.version.cuda or "",
         "torch": torch.__version__,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def _fit_dir_of(run: Run, manifest: dict, config: dict) -> Path | None:
         f"no fit artifact for {run}: neither {Run(run).fit} nor the run's fit.artifact holds a "
         "manifest.json; sequence queries are embedded through the run's own fitted chain"
     )
+
+
+_LOADING = threading.Lock()  # QueryEmbedder._chain: model loading, one at a time per process
 
 
 class QueryEmbedder(Stage):
@@ -135,8 +139,17 @@ class QueryEmbedder(Stage):
 
     def _chain(self, upto: int):
         """The ChainEncoder over the first ``upto`` models, loading them now if they are not (the run's fit is
-        checked against every model loaded; the ones not loaded yet are checked when they are)."""
+        checked against every model loaded; the ones not loaded yet are checked when they are). One load at a
+        time in a process: a server's concurrent requests would otherwise load the same models twice, and the
+        checkpoint loader's allow-list of pickled globals is process-wide state that one thread's load leaves
+        while another's is reading ("refusing to load ...")."""
         if self.encoder is not None and self.models_loaded >= upto:
+            return self.encoder
+        with _LOADING:
+            return self._load_chain(upto)
+
+    def _load_chain(self, upto: int):
+        if self.encoder is not None and self.models_loaded >= upto:  # loaded while this thread waited
             return self.encoder
         try:
             encoder = ChainEncoder(self.model_names[:upto], self.cfg)

@@ -38,6 +38,8 @@ from rdscale.search.tables import TABLES, KeyNotFoundError, SearchError, open_ta
 
 QUERY_KINDS = ("ids", "sequences", "vectors")
 EMBED_CHUNK = 16  # sequences embedded per step: a cancelled or timed-out request stops within one step
+MAX_BATCH = 16  # default sequences of concurrent requests embedded in one forward (rdscale serve --max-batch)
+BATCH_WAIT_MS = 5.0  # default time the first of them waits for others (--batch-wait-ms)
 _CACHE_ENTRIES = 256  # query embeddings kept (a page asks /search, then /explain, for the same sequence)
 _CACHE_MAX_FLOATS = 1 << 20  # a longer per-residue query embedding is not kept
 EXPLAIN_MAX_TARGETS = 100
@@ -75,8 +77,11 @@ class SearchService:
     """Searchers over the tables of one run, kept for the life of the service (a server replica)."""
 
     def __init__(self, run: str | Path, tables: list[str] | None = None, preload: bool = True,
-                 models: list[str] | None = None, device: str | None = None, max_queries: int | None = None):
+                 models: list[str] | None = None, device: str | None = None, max_queries: int | None = None,
+                 max_batch: int = MAX_BATCH, batch_wait_ms: float = BATCH_WAIT_MS):
         self.run = str(run)
+        # Concurrent requests' sequences (each request's calls come from its own thread) share a forward.
+        self.batcher = EmbedBatcher(max_batch, batch_wait_ms / 1000.0)
         wanted = tables or _tables_of(run)
         if not wanted:
             open_table(run, "proteins")  # raises the usual "no Lance dataset" error
@@ -190,7 +195,10 @@ class SearchService:
             if cancelled is not None and cancelled():
                 raise SearchCancelled(f"the request was cancelled after {start} of {len(todo)} sequences")
             chunk = todo[start : start + EMBED_CHUNK]
-            got = searcher.embedder().embed([seqs[i] for i in chunk], [names[i] for i in chunk], width=width)
+            embedder = searcher.embedder()
+            got = self.batcher.embed((table, embedder.models_for(width)),
+                                     lambda s, n: embedder.embed(s, n, width=width),
+                                     [seqs[i] for i in chunk], [names[i] for i in chunk])
             for i, v in zip(chunk, got):  # proteins: (q, k_m) rows; residues: one (L, d) array per sequence
                 vectors[i] = np.asarray(v)
                 self._keep(table, seqs[i], vectors[i])
@@ -321,6 +329,77 @@ class SearchService:
         query = clean_query(next(iter(sequence.values())))
         return {"of": target, "width": int(q.shape[1]), "sequence": query,
                 "similarity": [round(float(v), 4) for v in best], "best_match": [int(j) for j in sim.argmax(axis=1)]}
+
+class _Batch:
+    def __init__(self):
+        self.sequences: list[str] = []
+        self.names: list[str] = []
+        self.members = 0
+        self.closed = threading.Event()  # full, or its wait is over: no one joins any more
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class EmbedBatcher:
+    """Sequence embedding for concurrent callers (a server's requests, each on its own thread), grouped: the first
+    caller of a key waits up to ``max_wait_s`` for others (or until ``max_batch`` sequences have come), then runs
+    one forward for them all and hands each caller its rows. A key is what makes a forward shareable: the table
+    and the number of chain models the search width needs (rdscale.search.sequences.QueryEmbedder.models_for).
+
+    Each caller gets what embedding its own sequences alone would give (the encoder embeds each sequence on its
+    own; only the padding of a batch is shared). A batch that fails (one caller's sequence is refused, say) is
+    redone caller by caller, so each gets its own answer or its own error. ``max_batch`` 1: no grouping."""
+
+    def __init__(self, max_batch: int = MAX_BATCH, max_wait_s: float = BATCH_WAIT_MS / 1000.0):
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait_s = max(0.0, float(max_wait_s))
+        self._lock = threading.Lock()
+        self._open: dict[Any, _Batch] = {}
+        self.forwards = 0  # embedding calls made (for tests and benchmarks: fewer than callers when grouped)
+
+    def embed(self, key: Any, embed: Callable[[list[str], list[str]], Any], sequences: list[str],
+              names: list[str]) -> Any:
+        """``embed(sequences, names)`` (rows, or one array per sequence) for these sequences, in a shared call."""
+        if self.max_batch == 1 or len(sequences) >= self.max_batch:
+            return self._call(embed, sequences, names)
+        with self._lock:
+            batch = self._open.get(key)
+            lead = batch is None or len(batch.sequences) + len(sequences) > self.max_batch
+            if lead:
+                if batch is not None:
+                    batch.closed.set()  # full for us: its leader starts now
+                batch = self._open[key] = _Batch()
+            start = len(batch.sequences)
+            batch.sequences += sequences
+            batch.names += names
+            batch.members += 1
+            if len(batch.sequences) >= self.max_batch:
+                batch.closed.set()
+        if lead:
+            batch.closed.wait(self.max_wait_s)
+            with self._lock:
+                if self._open.get(key) is batch:
+                    del self._open[key]
+                batch.closed.set()
+            try:
+                batch.result = self._call(embed, batch.sequences, batch.names)
+            except Exception as err:  # noqa: BLE001 - handed to every member below
+                batch.error = err
+            batch.done.set()
+        else:
+            batch.done.wait()
+        if batch.error is not None:
+            if batch.members == 1:
+                raise batch.error
+            return self._call(embed, sequences, names)  # whose sequence failed it: each finds out alone
+        return batch.result[start : start + len(sequences)]
+
+    def _call(self, embed, sequences, names):
+        with self._lock:
+            self.forwards += 1
+        return embed(list(sequences), list(names))
+
 
 def recall_info(info) -> dict[str, Any] | None:
     """An index's calibration for clients: k, target, the default point per mode and the measured curves (each
