@@ -1,7 +1,7 @@
 """Recall as a setting (rdscale.search.calibrate): indexes calibrated at build time on held-out rows, searched at
 the cheapest measured point meeting a recall.
 
-Recall is checked on queries drawn fresh from each generator (never rows of the table, so disjoint from the
+Recall is checked on 2000 queries drawn fresh from each generator (never rows of the table, so disjoint from the
 calibration rows), against exact search: the bench's generator (Gaussian clusters, decaying scale) and a harder
 one (low-rank centres, 400 overlapping clusters, noise; a perfect prefix-32 shortlist of 100 reaches ~0.997).
 """
@@ -41,19 +41,20 @@ def hard(n: int, dim: int, n_clusters: int, seed: int, rank: int = 24) -> np.nda
 
 @pytest.fixture(scope="module")
 def bench_data(tmp_path_factory):
-    """The bench generator, 12000 x 128; 300 fresh queries from the same law."""
+    """The bench generator, 12000 x 128; 2000 fresh queries from the same law (enough that a recall read on them
+    moves by ~0.001 from one draw to the next: a recall 0.99 asserted on them is the index's, not the draw's)."""
     bench = load_bench()
     out = tmp_path_factory.mktemp("recall_bench")
     centres = bench.make_centres(128, 200, seed=0)
     bench.write_table(out / "proteins.lance", 12_000, centres, 0.6, LEVELS, seed=1, chunk=5000)
-    return out, bench.sample(centres, 300, 0.6, np.random.default_rng(7))
+    return out, bench.sample(centres, 2000, 0.6, np.random.default_rng(7))
 
 
 @pytest.fixture(scope="module")
 def hard_data(tmp_path_factory):
-    """The harder generator, 12000 x 128 (+ 300 fresh queries of the same law, never written)."""
+    """The harder generator, 12000 x 128 (+ 2000 fresh queries of the same law, never written)."""
     out = tmp_path_factory.mktemp("recall_hard")
-    x = hard(12_300, 128, 400, seed=3)
+    x = hard(14_000, 128, 400, seed=3)
     write_proteins(out / "proteins.lance", x[:12_000], levels=LEVELS, max_rows_per_file=5000)
     return out, x[12_000:]
 
@@ -89,11 +90,11 @@ def test_lance_default_index_reaches_the_recall_target(data, request):
     run, queries = request.getfixturevalue(data)
     info = S.build_index(run, width=32, backend="lance")
     assert info.index_type == S.DEFAULT_INDEX_TYPE and info.calibration["reached"]["funnel"]
-    assert recall_of(run, queries, "lance", "funnel") >= 0.95
-    assert recall_of(run, queries, "lance", "ann") >= 0.95
-    # --recall 0.99 on Lance is not asserted: its unseeded k-means gives the served index other partitions than
-    # the calibration twin, and 0.975-0.99 was read on this data (docs/search.md); FAISS's is asserted in the
-    # test above
+    for mode in ("ann", "funnel"):
+        assert recall_of(run, queries, "lance", mode) >= 0.95
+        assert recall_of(run, queries, "lance", mode, recall=0.99) >= 0.99
+    # read on the half of the calibration queries that did not steer the walk
+    assert all("recall_walk" in p for p in info.calibration["funnel"])
 
 
 def test_python_api_builds_the_cli_default_index(tmp_path, capsys):

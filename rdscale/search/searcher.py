@@ -1134,7 +1134,8 @@ def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAU
             twin_ds = open_table(tmp, info.table)
             twin = F.build_faiss_index(twin_ds, info.table, info.width, info.index_type, info.metric, **info.params)
         else:
-            twin = L.build_lance_index(tmp, info.table, info.width, info.index_type, info.metric, **info.params)
+            twin = L.build_lance_index(tmp, info.table, info.width, info.index_type, info.metric,
+                                       ivf_centroids=L.index_centroids(dataset_path, info), **info.params)
         size = len(queries) and (ds.count_rows() * queries.shape[1] * queries.itemsize)
         searcher = Searcher(tmp, info.table, resident=size <= _RESIDENT_BYTES)
         record = C.calibrate_index(searcher, twin, queries, target=recall)

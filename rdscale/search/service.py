@@ -403,7 +403,7 @@ class EmbedBatcher:
 
 def recall_info(info) -> dict[str, Any] | None:
     """An index's calibration for clients: k, target, the default point per mode and the measured curves (each
-    point: params, recall, recall_low (one-sided 95 % bound), cost); None for an uncalibrated index."""
+    point: params, recall, recall_low (one-sided 99 % bound), cost); None for an uncalibrated index."""
     cal = info.calibration or {}
     if not cal:
         return None
