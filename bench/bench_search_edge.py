@@ -149,6 +149,26 @@ def edge(n: int, args, workdir: Path, progress=lambda rows: None) -> tuple[list[
     del ids
     truth_pos = B.positions(truth, id_to_pos, len(queries), k)
     size["peak_rss_mb_after_truth"] = _peak_mb()
+    if args.memory_probe:  # what serving holds beside an index, each loaded alone (VmHWM reset before each)
+        size["rerank_rows"] = {}
+        for rerank in ("float32", "float16"):
+            gc.collect()
+            benchkit.reset_peak()
+            before = benchkit.status_kb("VmRSS") / 1024
+            one = Searcher(run, rerank_rows=rerank).load(dim, "cosine")
+            if rerank == "float16":
+                one._half_rows(dim, "cosine")
+            got = one.search(queries, k=k)  # float32: exact from the resident rows; float16: exact streams
+            size["rerank_rows"][rerank] = {"rss_before_mb": before, "peak_rss_mb": _peak_mb(),
+                                           "held_mb": (_peak_mb() - before), "bytes_per_row": (4 if rerank ==
+                                           "float32" else 2) * dim, "exact_ids_equal_truth":
+                                           got.column("id").to_pylist() == truth.column("id").to_pylist()}
+            one.close()
+            del one, got
+        size["peak_rss_mb"] = _peak_mb()
+        truth_searcher.close()
+        shutil.rmtree(run, ignore_errors=True)
+        return [], size
     rows: list[dict] = []
     held: list[dict] = []  # the methods timed side by side (not --sequential)
     configs = [("funnel", args.prefix, t) for t in args.types] + [("ann", dim, t) for t in args.types]
@@ -347,6 +367,9 @@ def main(argv=None) -> int:
     p.add_argument("--single", type=int, default=100)
     p.add_argument("--rounds", type=int, default=15, help="batch calls per method (best of)")
     p.add_argument("--store", action="store_true", help="also the funnel re-ranking from the table (slow)")
+    p.add_argument("--memory-probe", action="store_true",
+                   help="no indexes: write the table, exact truth (streamed), then the peak RSS of holding the "
+                        "float32 and the float16 re-rank rows, one at a time")
     p.add_argument("--sequential", action="store_true",
                    help="build, measure and drop one method at a time (memory: one method's; for 1e6)")
     p.add_argument("--seq-len", type=int, default=500)
