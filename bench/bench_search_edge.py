@@ -9,18 +9,30 @@ centres, overlapping clusters, noise), draw held-out queries from the same law, 
   builds by default, and the one alternative);
 - full-width baselines: FAISS HNSW and IVF_FLAT at the stored width, searched as ann;
 
-build it with `build_index` (calibrated for recall@10 0.95 on held-out rows; build time includes calibration,
-reported apart), then search the bench's own queries at the calibrated point for each recall in ``--recalls``.
+build it with `build_index` and calibrate it (rdscale.search.calibrate: the same grid and cost model for every
+method; build time and calibration time reported apart), then search the bench's own queries at the calibrated
+point for each recall in ``--recalls``. Every method's searcher is held at once and all are timed side by side
+(batch: best of ``--rounds`` round-robin calls; one query: median over ``--single`` queries, alternating), so they
+see the same machine load; the keys and float32 re-rank rows are loaded once and shared, as one server holds them.
+The funnels re-rank from float32 rows, float16 rows, and (``--store``) from the table.
 Columns: recall@10 (measured on the bench queries), batch q/s, one-query ms, build s, calibration s, index bytes,
-bytes per protein served (index + the float32 rows the funnel re-ranks from when resident), peak RSS. The edge is
-funnel q/s over the best full-width q/s at each recall.
+bytes per protein served (index + the re-rank rows the funnel holds), peak RSS. The edge is the best funnel's q/s
+over the best full-width q/s at each recall, per re-rank source.
+
+Memory: the table is written in chunks; ``--sequential`` builds, measures and drops one method at a time (exact
+truth streamed from the table), so the peak is one method's; ``--memory-probe`` skips the indexes and measures the
+peak RSS of the table write, the streamed truth and of holding the float32 / float16 re-rank rows alone.
 
 Sequence queries: one ``--seq-len``-residue query through ESM-2 architectures with random weights (real shapes:
 8M 6x320, 35M 12x480, 150M 30x640, 650M 33x1280 with ``--seq-650m``), per chain level: the chain runs the models
 up to that level (rdscale.search.sequences).
 
-    python bench/bench_search_edge.py                        # 1e5 (what bench/results/bench_search_edge.json holds)
-    python bench/bench_search_edge.py --sizes 1000000        # 1e6 (long; for a machine of its own)
+    python bench/bench_search_edge.py --store --full-types IVF_FLAT    # bench/results/bench_search_edge.json
+    python bench/bench_search_edge.py --store --types IVF_FLAT --generator hard \
+        --out bench/results/bench_search_edge_hard.json
+    python bench/bench_search_edge.py --sizes 1000000 --memory-probe --sequential \
+        --out bench/results/bench_search_edge_1e6_memory.json
+    python bench/bench_search_edge.py --sizes 1000000 --sequential     # 1e6, every method (hours on 2 cores)
 """
 
 from __future__ import annotations
@@ -171,7 +183,7 @@ def edge(n: int, args, workdir: Path, progress=lambda rows: None) -> tuple[list[
         return [], size
     rows: list[dict] = []
     held: list[dict] = []  # the methods timed side by side (not --sequential)
-    configs = [("funnel", args.prefix, t) for t in args.types] + [("ann", dim, t) for t in args.types]
+    configs = [("funnel", args.prefix, t) for t in args.types] + [("ann", dim, t) for t in args.full_types]
     for mode, width, index_type in configs:
         if args.sequential:
             gc.collect()
@@ -360,6 +372,8 @@ def main(argv=None) -> int:
     p.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=[320, 480, 640, 1280])
     p.add_argument("--prefix", type=int, default=320)
     p.add_argument("--types", type=lambda s: [v.upper() for v in s.split(",")], default=["HNSW", "IVF_FLAT"])
+    p.add_argument("--full-types", type=lambda s: [v.upper() for v in s.split(",")], default=None,
+                   help="the full-width baselines (default: --types)")
     p.add_argument("--recalls", type=lambda s: [float(v) for v in s.split(",")], default=[0.95, 0.99])
     p.add_argument("--generator", choices=["bench", "hard"], default="bench")
     p.add_argument("--clusters", type=int, default=1000)
@@ -378,6 +392,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-seq", dest="seq", action="store_false")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_search_edge.json")
     args = p.parse_args(argv)
+    args.full_types = args.types if args.full_types is None else args.full_types
     if args.dim not in args.levels:
         args.levels = sorted({*args.levels, args.dim})
     t0 = time.perf_counter()
