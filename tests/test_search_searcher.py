@@ -149,6 +149,62 @@ def test_searcher_exact_matches_float64_brute_force(run_dir, searchers):
                                atol=1e-6)
 
 
+def _rerank_reference(x: np.ndarray, q: np.ndarray, cand: np.ndarray, metric: str, k: int):
+    """The funnel re-rank as it was first written: blocks of 64 queries, one einsum each (the same values)."""
+    dist = np.full(cand.shape, np.inf, np.float32)
+    valid = cand >= 0
+    qp = E.unit_rows(q) if metric == "cosine" else q
+    for s in range(0, len(q), 64):
+        c = cand[s : s + 64]
+        rows = x[np.where(c >= 0, c, 0)].astype(np.float32, copy=False)
+        if metric == "cosine":
+            dist[s : s + 64] = 1.0 - np.einsum("qsw,qw->qs", rows, qp[s : s + 64])
+        else:
+            dist[s : s + 64] = E.rerank(q[s : s + 64], rows, metric)
+    dist[~valid] = np.inf
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)
+
+
+@given(nq=st.integers(1, 150), shortlist=st.integers(1, 60), width=st.sampled_from([8, 16, 32]),
+       metric=st.sampled_from(["cosine", "l2"]), rerank=st.sampled_from(["float32", "float16"]),
+       seed=st.integers(0, 2**16))
+def test_rerank_in_cache_sized_blocks_gives_the_same_bits(run_dir, searchers, nq, shortlist, width, metric, rerank,
+                                                          seed):
+    """The funnel's re-rank, in blocks sized to the CPU cache, returns exactly (bit for bit) what the 64-query
+    blocks returned: the same rows, distances and tie order, -1 (missing) candidates last."""
+    out, prot, _ = run_dir
+    rng = np.random.default_rng(seed)
+    one = searchers["proteins"] if rerank == "float32" else Searcher(out, rerank_rows="float16")
+    q = rng.standard_normal((nq, width)).astype(np.float32)
+    cand = rng.integers(0, len(prot), (nq, shortlist))
+    cand[rng.random((nq, shortlist)) < 0.1] = -1
+    k = int(rng.integers(1, shortlist + 1))
+    x = one._half_rows(width, metric) if rerank == "float16" else one._prepared_rows(width, metric)[0]
+    want = _rerank_reference(x, q, cand, metric, k)
+    got = one._rerank(q, cand, metric, k)
+    assert np.array_equal(got[1], want[1])
+    assert np.array_equal(got[0], want[0])
+
+
+def test_resident_searcher_holds_prepared_rows_not_a_second_stored_copy(run_dir):
+    """A resident searcher's rows are streamed from the table straight into their prepared form (the same values
+    as preparing the stored matrix), so the stored float32 matrix is never held beside them; id queries still
+    read the stored vectors."""
+    out, prot, _ = run_dir
+    one = Searcher(out).load(32, "cosine")
+    one.search(prot[:3], width=16, k=5, metric="l2")
+    assert one._raw is None
+    for (width, metric), (x, x_sq) in one._prepared.items():
+        want_x, want_sq = E.prepare_rows(prot[:, :width], metric)
+        assert np.array_equal(x, want_x)
+        assert (x_sq is None and want_sq is None) or np.array_equal(x_sq, want_sq)
+    by_id = one.search(ids=["P00007"], k=3)
+    assert by_id.column("id").to_pylist()[0] == "P00007"
+    np.testing.assert_array_equal(one.vectors(np.array([7, 3]), 32), prot[[7, 3]])
+    assert one._raw is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # user contract: filters, query counts, clamping
 

@@ -62,7 +62,7 @@ from rdscale.search.tables import (
 
 _SCAN_ROWS = 32768  # rows per streamed batch (non-resident exact search)
 RERANK_ROWS = ("float32", "float16", "store")
-_RERANK_QUERIES = 64  # queries per re-rank block: (64, shortlist, width) float32 candidates at a time
+_RERANK_BYTES = 1 << 19  # gathered candidate rows per re-rank block (float32 bytes): what stays in cache
 _FILTER_CACHE = 16
 _FEW_ROWS = 1024  # ann / funnel with a filter keeping at most this many rows (or 4 k) scan them exactly
 NUM_QUERIES_KEY = "rdscale.num_queries"  # result-table schema metadata: the number of queries asked
@@ -242,8 +242,27 @@ class Searcher:
         with self._lock:
             key = (width, metric)
             if key not in self._prepared:
-                self._prepared[key] = E.prepare_rows(self.matrix()[:, :width], metric)
+                if self._raw is not None:
+                    self._prepared[key] = E.prepare_rows(self._raw[:, :width], metric)
+                else:  # streamed into place: the stored matrix is not also held (1e6 x 1280 float32 is 5 GB)
+                    self._prepared[key] = self._streamed_rows(width, metric)
             return self._prepared[key]
+
+    def _streamed_rows(self, width: int, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """``E.prepare_rows`` of the (n, width) prefix, block by block as the table is scanned (the same values:
+        both are row by row)."""
+        out = np.empty((self.num_rows, width), np.float32)
+        sq = None if metric == "cosine" else np.empty(self.num_rows, np.float32)
+        start = 0
+        for block in F._stream(self.ds, width, fragments=self._frags):  # (b, width) float32
+            x, x_sq = E.prepare_rows(block, metric)
+            out[start : start + len(block)] = x
+            if sq is not None:
+                sq[start : start + len(block)] = x_sq
+            start += len(block)
+        if start != self.num_rows:
+            raise SearchError(f"{self.ds.uri} changed while it was loaded; retry")
+        return out, sq
 
     def _half_rows(self, width: int, metric: str) -> np.ndarray:
         """(n, width) float16 re-rank rows (cosine: unit rows), streamed from the table: the float32 matrix is
@@ -282,8 +301,10 @@ class Searcher:
     def vectors(self, positions: np.ndarray, width: int) -> np.ndarray:
         """(len(positions), width) float32 stored rows at scan positions."""
         positions = np.asarray(positions, dtype=np.int64)
-        if self.resident:
+        if self.resident and (self._raw is not None or self._frags is not None):
             return self.matrix()[positions, :width].astype(np.float32)
+        # a resident searcher holds prepared (normalised) rows, not the stored ones: a few rows are read, not a
+        # second copy of the matrix loaded
         if len(positions) == 0:
             return np.empty((0, width), np.float32)
         uniq, inverse = np.unique(positions, return_inverse=True)
@@ -881,30 +902,36 @@ class Searcher:
         """Exact distances at q's width to each query's candidates; the best k of them per query."""
         width = q.shape[1]
         nq = len(q)
-        dist = np.full(cand.shape, np.inf, np.float32)
+        dist = np.empty(cand.shape, np.float32)
         valid = cand >= 0
+        safe = np.where(valid, cand, 0)  # (nq, s) row positions; -1 slots read row 0, then count as inf
+        # queries per block: their gathered (b, s, width) candidate rows stay in the CPU cache (~512 kB) for the
+        # product that reads them (blocks of 64 queries gathered ~6 MB and read it back from memory: half the
+        # funnel's batch time went there); the per-row arithmetic is the same, so are the distances
+        step = max(1, _RERANK_BYTES // max(1, cand.shape[1] * width * 4))
         if self.rerank_rows != "store":
             if self.rerank_rows == "float16":
                 x = self._half_rows(width, metric)  # (n, width) float16
             else:
                 x, _ = self._prepared_rows(width, metric)  # cosine: unit rows, normalised once, not per query
             qp = E.unit_rows(q) if metric == "cosine" else q
-            for s in range(0, nq, _RERANK_QUERIES):
-                c = cand[s : s + _RERANK_QUERIES]
-                rows = x[np.where(c >= 0, c, 0)].astype(np.float32, copy=False)  # (b, shortlist, width)
+            for s in range(0, nq, step):
+                rows = x[safe[s : s + step]].astype(np.float32, copy=False)  # (b, shortlist, width)
                 if metric == "cosine":
-                    dist[s : s + _RERANK_QUERIES] = 1.0 - np.einsum("qsw,qw->qs", rows, qp[s : s + _RERANK_QUERIES])
+                    np.einsum("qsw,qw->qs", rows, qp[s : s + step], out=dist[s : s + step])
                 else:
-                    dist[s : s + _RERANK_QUERIES] = E.rerank(q[s : s + _RERANK_QUERIES], rows, metric)
+                    dist[s : s + step] = E.rerank(q[s : s + step], rows, metric)
+            if metric == "cosine":
+                np.subtract(1.0, dist, out=dist)
         else:
             flat = np.unique(cand[valid])
             block = self.vectors(flat, width)  # (u, width): each candidate read once
             where = np.searchsorted(flat, np.where(valid, cand, flat[0] if len(flat) else 0))
-            for s in range(0, nq, _RERANK_QUERIES):
-                rows = block[where[s : s + _RERANK_QUERIES]]
-                dist[s : s + _RERANK_QUERIES] = E.rerank(q[s : s + _RERANK_QUERIES], rows, metric)
+            for s in range(0, nq, step):
+                rows = block[where[s : s + step]]
+                dist[s : s + step] = E.rerank(q[s : s + step], rows, metric)
         dist[~valid] = np.inf
-        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]  # ties in shortlist order
         return np.take_along_axis(dist, order, 1), np.take_along_axis(cand, order, 1)
 
     # -----------------------------------------------------------------------------------------------------------
