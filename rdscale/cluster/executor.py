@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import os
 import re
@@ -485,7 +484,7 @@ class RayExecutor:
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
-                yield int(row["shard"]), int(row["shard_records"]), ShardResult(**json.loads(row["result"]))
+                yield int(row["shard"]), int(row["shard_records"]), ShardResult.decode(row["result"], row["rows"])
 
     def _pool(self):
         """The apply pass's actor pool: fixed, or elastic (ray.num_actors: auto, or ray.max_actors): Ray Data
