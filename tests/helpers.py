@@ -95,7 +95,7 @@ def embed_killed_before_ledger(cfg, commits: int) -> None:
             raise KeyboardInterrupt
 
     cfg = copy.deepcopy(cfg)
-    cfg.output.fragment_rows = 1  # a commit per shard (groups of one shard)
+    cfg.output.fragment_rows = 1  # a flush per batch: each shard committed as it completes
     store.FAULT_HOOKS["before_ledger"] = die
     try:
         with pytest.raises(KeyboardInterrupt):

@@ -419,7 +419,7 @@ def _cli_config(tmp_path, fasta, models, fit_dir, out) -> Path:
         "input": {"paths": [str(fasta)], "shard_mb": 0.0004},
         "embedding": {"window": 120, "overlap": 30, "toks_per_batch": 1024},
         "fit": {"artifact": str(fit_dir)},
-        # fragment_rows 1: a commit per shard (groups of one), so a writer can be held after its first commit
+        # fragment_rows 1: a flush per batch, each shard committed as it completes (the writer is held after one)
         "output": {"dir": str(out), "residue_dtype": "float32", "records_per_batch": 8, "fragment_rows": 1},
     }
     path = tmp_path / f"{out.name}.yaml"
