@@ -359,6 +359,29 @@ def plot(result: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def plot_fragments(result: dict, path: Path) -> None:
+    """Commit latency against shards committed before it, one line per variant and case (bench_fragments.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = result["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        for name, v in case["variants"].items():
+            if v["commit_points"]:
+                k, sec = zip(*v["commit_points"])
+                ax.plot(k, [1e3 * x for x in sec], ".-", label=f"{name} ({v['fragments'].get('proteins')} "
+                                                               "proteins fragments)")
+        ax.set(xlabel="shards committed before", ylabel="commit latency (ms)",
+               title=f"N={case['n']:,} {'per-residue' if case['residues'] else 'per-protein'}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
@@ -383,6 +406,7 @@ def main() -> None:
                                 for n in args.fragments for residues in (False, True)],
                       "load_average_before_after": [list(load_before), list(os.getloadavg())]}
             write_results(ROOT / "bench" / "results" / "bench_fragments.json", result)
+            plot_fragments(result, ROOT / "bench" / "results" / "bench_fragments.png")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return

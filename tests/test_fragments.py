@@ -186,7 +186,7 @@ def test_ray_equals_local_on_a_grouped_run(ray_session, case, tiny_family, tmp_p
     from rdscale.cluster.executor import RayExecutor
 
     tmp, fit_dir, reference = case
-    config = cfg(tmp, tiny_family, fit_dir, tmp_path / "ray", 40, **{"ray.address": None})
+    config = cfg(tmp, tiny_family, fit_dir, tmp_path / "ray", 40)
     embed(config, None, RayExecutor(config), progress=False)
     assert snapshot(tmp_path / "ray") == reference
     assert verify(tmp_path / "ray") == []
