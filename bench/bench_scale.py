@@ -241,11 +241,14 @@ def fragments_case(tmp: Path, n: int, residues: bool, shard_mb: float) -> dict:
         if residues else {"output.residues": "false"}
     variants = {"ungrouped": 0, "grouped_default": 1_000_000, "grouped_small": max(1, n // 20)}
     out: dict = {"n": n, "residues": residues, "shard_mb": shard_mb, "variants": {}}
+    fit_dir = None  # the first variant's fit, reused by the others (the same sample and models: the same fit)
     print(f"fragments N={n} ({'per-residue, width 16 float16' if residues else 'per-protein'}), "
           f"shards of {shard_mb} MiB", flush=True)
     for name, rows in variants.items():
         tag = f"frag{'res' if residues else 'prot'}{n}{name}"
-        c = cfg(tmp, fa, CHAIN, tag, False, **{**extra, "input.shard_mb": shard_mb, "output.fragment_rows": rows})
+        more = {"fit.artifact": str(fit_dir)} if fit_dir else {}
+        c = cfg(tmp, fa, CHAIN, tag, False, **{**extra, "input.shard_mb": shard_mb, "output.fragment_rows": rows,
+                                               **more})
         run_dir = tmp / tag
         with CommitClock() as clock:
             t0 = time.perf_counter()
@@ -272,6 +275,9 @@ def fragments_case(tmp: Path, n: int, residues: bool, shard_mb: float) -> dict:
         print(f"  {name:<16} {seconds:7.1f} s  fragments {row['fragments']}  commits {lat['commits']}  "
               f"latency first/last decile {lat.get('first_decile_ms', 0):.1f}/{lat.get('last_decile_ms', 0):.1f} ms  "
               f"written/final {max(row['written_over_final'].values()):.2f}", flush=True)
+        if fit_dir is None:
+            fit_dir = tmp / f"{tag}-fit"
+            shutil.copytree(run_dir / "fit", fit_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
     return out
 
@@ -400,13 +406,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     if args.fragments is not None:
         try:
-            load_before = os.getloadavg()
-            result = {**benchkit.torch_machine(), "chain": CHAIN, "executor": "local",
-                      "cases": [fragments_case(tmp, n, residues, args.fragment_shard_mb)
-                                for n in args.fragments for residues in (False, True)],
-                      "load_average_before_after": [list(load_before), list(os.getloadavg())]}
-            write_results(ROOT / "bench" / "results" / "bench_fragments.json", result)
-            plot_fragments(result, ROOT / "bench" / "results" / "bench_fragments.png")
+            result = {**benchkit.torch_machine(), "chain": CHAIN, "executor": "local", "cases": [],
+                      "load_average": [list(os.getloadavg())]}
+            for residues in (False, True):
+                for n in args.fragments:  # written after each case: the per-protein ones first
+                    result["cases"].append(fragments_case(tmp, n, residues, args.fragment_shard_mb))
+                    result["load_average"].append(list(os.getloadavg()))
+                    write_results(ROOT / "bench" / "results" / "bench_fragments.json", result)
+                    plot_fragments(result, ROOT / "bench" / "results" / "bench_fragments.png")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
