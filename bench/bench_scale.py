@@ -18,6 +18,7 @@ parts of a run that read the whole input on the driver) run alone at `--driver-s
 
     python bench/bench_scale.py                                  # 1e4 and 1e5, ~5 min on 2 cores
     python bench/bench_scale.py --sizes 10000 100000 1000000 --driver-sizes 10000000   # the lead's long run
+    python bench/bench_scale.py --fragments 10000 100000   # grouped vs ungrouped commits only (bench_fragments.json)
 
 Writes bench/results/bench_scale.json and bench/results/bench_scale.png.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -79,26 +81,31 @@ class PeakRss:
 
 
 class CommitClock:
-    """Times every shard commit (tables + ledger row) of the driver: (shards committed before it, seconds)."""
+    """Times every commit of the driver (a group of shards: tables, then the ledger rows; a shard per commit with
+    output.fragment_rows 0): (shards committed before it, seconds). Every ShardCommitter of the block counts."""
 
     def __init__(self):
         self.points: list[tuple[int, float]] = []
-        self._real = store_mod.RunStore.commit_shard
+        self._real = store_mod.ShardCommitter.flush
 
     def __enter__(self):
         clock = self
 
-        def timed_commit(store, *args, **kwargs):
+        def timed_flush(committer, *args, **kwargs):
+            before = clock.committed
             t0 = time.perf_counter()
-            out = clock._real(store, *args, **kwargs)
-            clock.points.append((len(clock.points), time.perf_counter() - t0))
+            out = clock._real(committer, *args, **kwargs)
+            if out:
+                clock.points.append((before, time.perf_counter() - t0))
+                clock.committed += out
             return out
 
-        store_mod.RunStore.commit_shard = timed_commit
+        self.committed = 0
+        store_mod.ShardCommitter.flush = timed_flush
         return self
 
     def __exit__(self, *exc):
-        store_mod.RunStore.commit_shard = self._real
+        store_mod.ShardCommitter.flush = self._real
 
 
 def dir_bytes(path: Path) -> int:
@@ -206,6 +213,75 @@ def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_ind
     return out
 
 
+def data_bytes(run_dir: Path) -> dict[str, int]:
+    """Per table: bytes of every data file on disk (every version kept: what was written, less orphans removed)."""
+    return {name: dir_bytes(run_dir / f"{name}.lance" / "data") for name in TABLES
+            if (run_dir / f"{name}.lance").exists()}
+
+
+def decile_ms(points: list[tuple[int, float]]) -> dict:
+    """Median commit latency (ms) of the first and the last tenth of the commits."""
+    secs = [s for _, s in points]
+    if not secs:
+        return {"commits": 0}
+    tenth = max(1, len(secs) // 10)
+    return {"commits": len(secs), "first_decile_ms": 1e3 * float(np.median(secs[:tenth])),
+            "last_decile_ms": 1e3 * float(np.median(secs[-tenth:]))}
+
+
+def fragments_case(tmp: Path, n: int, residues: bool, shard_mb: float) -> dict:
+    """The same run three ways, side by side: ungrouped (output.fragment_rows 0, a fragment per batch, as before
+    groups; then `compact`, the old remedy), grouped at the defaults (1M rows / 128 MiB), and grouped at a small
+    target (n / 20 rows) so that the commit latency has many groups to show. Per variant: fragments per table,
+    commit latency first vs last decile, bytes written (every version's data files) / final live bytes."""
+    fa = tmp / f"F{n}.fasta"
+    if not fa.exists():
+        gen.write_fasta(fa, gen.records(n, seed=1))
+    extra = {"output.residues": "true", "output.storage_width": 16, "output.residue_dtype": "float16"} \
+        if residues else {"output.residues": "false"}
+    variants = {"ungrouped": 0, "grouped_default": 1_000_000, "grouped_small": max(1, n // 20)}
+    out: dict = {"n": n, "residues": residues, "shard_mb": shard_mb, "variants": {}}
+    fit_dir = None  # the first variant's fit, reused by the others (the same sample and models: the same fit)
+    print(f"fragments N={n} ({'per-residue, width 16 float16' if residues else 'per-protein'}), "
+          f"shards of {shard_mb} MiB", flush=True)
+    for name, rows in variants.items():
+        tag = f"frag{'res' if residues else 'prot'}{n}{name}"
+        more = {"fit.artifact": str(fit_dir)} if fit_dir else {}
+        c = cfg(tmp, fa, CHAIN, tag, False, **{**extra, "input.shard_mb": shard_mb, "output.fragment_rows": rows,
+                                               **more})
+        run_dir = tmp / tag
+        with CommitClock() as clock:
+            t0 = time.perf_counter()
+            summary = run(c, LocalExecutor(), progress=False)
+            seconds = time.perf_counter() - t0
+        facts = table_facts(run_dir)
+        written = data_bytes(run_dir)
+        row = {"fragment_rows": rows, "seconds": seconds, "shards": summary.shards_total,
+               "fragments": {t: f["fragments"] for t, f in facts.items()},
+               "rows": {t: f["rows"] for t, f in facts.items()},
+               "manifest_bytes": {t: f["manifest_bytes"] for t, f in facts.items()},
+               "written_over_final": {t: written[t] / max(1, facts[t]["bytes_live"]) for t in facts},
+               "commit_latency": decile_ms(clock.points),
+               "commit_points": [[k, s] for k, s in clock.points[:: max(1, len(clock.points) // 50)]]}
+        if rows == 0:  # what it took before groups to get few fragments: compact, a rewrite of every table
+            compact_run(run_dir)
+            after = table_facts(run_dir)
+            written = data_bytes(run_dir)
+            row["after_compact"] = {"fragments": {t: f["fragments"] for t, f in after.items()},
+                                    "written_over_final": {t: written[t] / max(1, after[t]["bytes_live"])
+                                                           for t in after}}
+        out["variants"][name] = row
+        lat = row["commit_latency"]
+        print(f"  {name:<16} {seconds:7.1f} s  fragments {row['fragments']}  commits {lat['commits']}  "
+              f"latency first/last decile {lat.get('first_decile_ms', 0):.1f}/{lat.get('last_decile_ms', 0):.1f} ms  "
+              f"written/final {max(row['written_over_final'].values()):.2f}", flush=True)
+        if fit_dir is None:
+            fit_dir = tmp / f"{tag}-fit"
+            shutil.copytree(run_dir / "fit", fit_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
 def driver_only(tmp: Path, n: int) -> dict:
     """The paths that read the whole input on the driver, alone: shard plan and the dedupe grouping pass."""
     path = tmp / f"D{n}.fasta"
@@ -289,6 +365,29 @@ def plot(result: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def plot_fragments(result: dict, path: Path) -> None:
+    """Commit latency against shards committed before it, one line per variant and case (bench_fragments.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = result["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        for name, v in case["variants"].items():
+            if v["commit_points"]:
+                k, sec = zip(*v["commit_points"])
+                ax.plot(k, [1e3 * x for x in sec], ".-", label=f"{name} ({v['fragments'].get('proteins')} "
+                                                               "proteins fragments)")
+        ax.set(xlabel="shards committed before", ylabel="commit latency (ms)",
+               title=f"N={case['n']:,} {'per-residue' if case['residues'] else 'per-protein'}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
@@ -298,8 +397,26 @@ def main() -> None:
     ap.add_argument("--residue-index", action="store_true", help="also index and search the residues variant")
     ap.add_argument("--ray", action="store_true", help="run/rerun/update through a local Ray")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_scale.json"))
+    ap.add_argument("--fragments", type=int, nargs="*", default=None,
+                    help="only the fragment comparison (grouped vs ungrouped commits) at these sizes, per-protein "
+                         "and per-residue: writes bench/results/bench_fragments.json")
+    ap.add_argument("--fragment-shard-mb", type=float, default=0.05,
+                    help="shard size of the fragment comparison (small: many shards, many commits to time)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    if args.fragments is not None:
+        try:
+            result = {**benchkit.torch_machine(), "chain": CHAIN, "executor": "local", "cases": [],
+                      "load_average": [list(os.getloadavg())]}
+            for residues in (False, True):
+                for n in args.fragments:  # written after each case: the per-protein ones first
+                    result["cases"].append(fragments_case(tmp, n, residues, args.fragment_shard_mb))
+                    result["load_average"].append(list(os.getloadavg()))
+                    write_results(ROOT / "bench" / "results" / "bench_fragments.json", result)
+                    plot_fragments(result, ROOT / "bench" / "results" / "bench_fragments.png")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     executor = None if args.ray else LocalExecutor()
     started = time.perf_counter()
     try:

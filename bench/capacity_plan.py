@@ -39,8 +39,8 @@ CHAINS = {
 GPU = {"name": "H100 SXM", "bf16_dense_tflops": 989.0, "mfu": 0.35}  # assumed model FLOP utilisation (estimate)
 WINDOW = 1022
 SHARD_MB = 64
-RECORDS_PER_BATCH = 2048  # uniref50_cluster.yaml
 COMPACT_ROWS = 1_000_000  # rows per fragment after `rdscale compact` (Lance's default target)
+FRAGMENT_ROWS, FRAGMENT_MB = 1_000_000, 128  # output.fragment_rows / fragment_mb defaults (rdscale/config.py)
 
 
 def fmt(x: float, unit: str = "") -> str:
@@ -98,6 +98,11 @@ def gpu_files() -> list[tuple[str, dict]]:
     return out
 
 
+def _written(variant: dict) -> float:
+    """Bytes written over final live bytes, the larger of proteins and residues (the ledger is kilobytes)."""
+    return max(v for t, v in variant["written_over_final"].items() if t in ("proteins", "residues"))
+
+
 def plan(scale: dict, driver: dict | None) -> str:
     costs = row_costs(scale)
     p = costs["proteins"]
@@ -150,24 +155,60 @@ def plan(scale: dict, driver: dict | None) -> str:
     # ------------------------------------------------------------------------------------------ fragments / commits
     frag_per_record = p["fragments"] / p["rows"]
     lines += ["## Fragments and commits", "",
-              f"Measured at N = {p['n']:,} (bench shards of 0.25 MB, `output.records_per_batch` 64): "
-              f"{p['fragments']:,} proteins fragments for {p['shards']:,} shards ({frag_per_record * 1e3:.1f} per "
-              f"1,000 records: a fragment per batch and shard), latest manifest {p['manifest_bytes']:,} bytes, "
-              f"median shard commit {p['commit_ms']:.1f} ms. A run writes a fragment per (batch, shard) piece of "
-              "each table until a fragment-size target exists (issue 27 item 3, not built yet); `rdscale compact` "
-              f"merges them to ~{COMPACT_ROWS:,} rows each. **Extrapolated** with the cluster config "
-              f"(`shard_mb` {SHARD_MB}, `records_per_batch` {RECORDS_PER_BATCH}):", "",
-              "| database | shards = commits per table | proteins fragments (run) | after compact | "
-              "residues fragments (run) |", "|---|---|---|---|---|"]
+              "A run commits finished shards in groups: when some table has `output.fragment_rows` rows "
+              f"(default {FRAGMENT_ROWS:,}) or `output.fragment_mb` MiB ({FRAGMENT_MB}) of Arrow data buffered, "
+              "each table gets one fragment and the ledger one append for every shard finished by then "
+              "(docs/outputs.md, *Fragments*). So every table has as many fragments as there are groups: the "
+              "largest table by rows or bytes sets them, and no `compact` is needed (no rewrite: every row is "
+              "written once). **Extrapolated** (rows and bytes per row above, cluster config `shard_mb` "
+              f"{SHARD_MB}):", "",
+              "| database | output | groups = fragments per table = commits | rows per proteins fragment |",
+              "|---|---|---|---|"]
     for db, size in DATABASES.items():
-        shards = math.ceil(size["residues"] * FASTA_BYTES_PER_RESIDUE / (SHARD_MB << 20))
-        frags = max(shards, size["proteins"] / RECORDS_PER_BATCH)
-        lines.append(f"| {db} | {fmt(shards)} (+ as many ledger rows) | {fmt(frags)} | "
-                     f"{fmt(math.ceil(size['proteins'] / COMPACT_ROWS))} | {fmt(frags)} (of ~"
-                     f"{fmt(size['residues'] / frags)} rows each) |")
-    lines += ["", "Lance's commit cost grows with the fragments already listed (~2.7 us each, measured for "
-              "issue 27): at ~3e4 fragments a commit rewrites a manifest of a few MB, well under a second, "
-              "against minutes of GPU work per 64 MB shard.", ""]
+        prot_bytes = size["proteins"] * (p["other_per_row"] + 4 * 1280) + size["residues"]
+        outputs = [("per-protein, k_m 1280 float32", 0.0)]
+        if "residues" in costs:
+            outputs += [(f"+ residues {w}, float16", size["residues"] * (costs["residues"]["other_per_row"] + 2 * w))
+                        for w in (64, 1280)]
+        for what, res_bytes in outputs:
+            res_rows = size["residues"] if res_bytes else 0.0
+            groups = max(size["proteins"] / FRAGMENT_ROWS, prot_bytes / (FRAGMENT_MB * 2**20),
+                         res_rows / FRAGMENT_ROWS, res_bytes / (FRAGMENT_MB * 2**20))
+            lines.append(f"| {db} | {what} | {fmt(groups)} | {fmt(size['proteins'] / groups)} |")
+    lines += ["", "Wide per-residue output is bound by bytes: 128 MiB fragments of a 50 TB table are ~4e5; raise "
+              "`output.fragment_mb` (e.g. 1024) for fewer, larger fragments. The driver buffers at most about one "
+              "target's worth of rows per table (plus, on Ray, the parts of shards still running).", "",
+              f"Before groups (measured at N = {p['n']:,}, bench shards of 0.25 MB, `output.records_per_batch` "
+              f"64): {p['fragments']:,} proteins fragments for {p['shards']:,} shards ({frag_per_record * 1e3:.1f} "
+              f"per 1,000 records: a fragment per batch and shard), latest manifest {p['manifest_bytes']:,} bytes, "
+              f"median shard commit {p['commit_ms']:.1f} ms. `output.fragment_rows: 0` still gives that layout; "
+              f"`rdscale compact` then merges to ~{COMPACT_ROWS:,} rows per fragment by rewriting every table.", ""]
+    frag = load(ROOT / "bench" / "results" / "bench_fragments.json")
+    if frag:
+        lines += ["Grouped vs ungrouped, side by side (**measured**, `bench/bench_scale.py --fragments`, "
+                  "bench/results/bench_fragments.json, on 2 shared cores under load; a grouped commit's time "
+                  "includes writing the group's data files, which the workers wrote for an ungrouped one; bytes: "
+                  "proteins and residues data files of every version over the live ones):", "",
+                  "| N | output | variant | commits | proteins fragments | residues fragments | commit ms, first / "
+                  "last tenth | bytes written / final |", "|---|---|---|---|---|---|---|---|"]
+        for case in frag["cases"]:
+            for name, v in case["variants"].items():
+                lat = v["commit_latency"]
+                lines.append(
+                    f"| {case['n']:,} | {'residues' if case['residues'] else 'per-protein'} | {name} "
+                    f"(fragment_rows {v['fragment_rows']:,}) | {lat['commits']} | {v['fragments'].get('proteins')} "
+                    f"| {v['fragments'].get('residues', '-')} | {lat.get('first_decile_ms', 0):.0f} / "
+                    f"{lat.get('last_decile_ms', 0):.0f} | {_written(v):.2f} |")
+                if "after_compact" in v:
+                    c = v["after_compact"]
+                    lines.append(f"| {case['n']:,} | {'residues' if case['residues'] else 'per-protein'} | "
+                                 f"{name}, then `compact` | - | {c['fragments'].get('proteins')} | "
+                                 f"{c['fragments'].get('residues', '-')} | - | "
+                                 f"{_written(c):.2f} |")
+        lines.append("")
+    lines += ["Lance's commit cost grows with the fragments already listed (~2.7 us each, measured for "
+              "issue 27); with groups a table lists thousands of fragments, so a commit stays in the "
+              "milliseconds for the whole run.", ""]
 
     # ---------------------------------------------------------------------------------------------- verbs
     growth = scale.get("growth", {})

@@ -82,6 +82,10 @@ class OutputConfig:
     records_per_batch: int = 64  # records per Ray Data batch handed to an embedding actor
     compact: bool = False  # compact Lance fragments at the end of a run (else later: `rdscale compact DIR`)
     overlap_writes: bool = True  # build Arrow tables and write fragments on a writer thread during the forward
+    # Rows reach each Lance table in fragments of about this many rows or MiB, whichever comes first: the driver
+    # commits finished shards in groups (docs/outputs.md, "Fragments"); fragment_rows 0: a fragment per batch
+    fragment_rows: int = 1_000_000
+    fragment_mb: float = 128.0
 
 
 @dataclass
@@ -142,6 +146,7 @@ MAX_WINDOW = 1022  # ESM-2 was trained on 1024 positions: 1022 residues + BOS/EO
 MAX_SHARD_MB = 1 << 20  # 1 TiB shards
 MAX_TOKS_PER_BATCH = 1 << 24
 MAX_RECORDS_PER_BATCH = 1 << 20
+MAX_FRAGMENT_ROWS = 1 << 31  # Lance's limit on the rows of one fragment
 MAX_LAYER = 1000
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16", "float64", "fp64")
@@ -210,6 +215,9 @@ def _problems(cfg: Config):
     yield from between("output.storage_width", o.storage_width, 1, 1 << 20,
                        "an integer (or null for the full width)")
     yield from between("output.records_per_batch", o.records_per_batch, 1, MAX_RECORDS_PER_BATCH)
+    yield from between("output.fragment_rows", o.fragment_rows, 0, MAX_FRAGMENT_ROWS,
+                       "an integer (0: a fragment per batch, no grouping)")
+    yield from between("output.fragment_mb", o.fragment_mb, 0.001, 1 << 20, "a number of MiB")
     r = cfg.ray
     if isinstance(r.num_actors, str) or isinstance(r.num_actors, bool) or not isinstance(r.num_actors, int):
         if r.num_actors != "auto":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import random
 import sys
@@ -93,6 +94,8 @@ def embed_killed_before_ledger(cfg, commits: int) -> None:
         if len(calls) == commits + 1:
             raise KeyboardInterrupt
 
+    cfg = copy.deepcopy(cfg)
+    cfg.output.fragment_rows = 1  # a flush per batch: each shard committed as it completes
     store.FAULT_HOOKS["before_ledger"] = die
     try:
         with pytest.raises(KeyboardInterrupt):

@@ -186,7 +186,8 @@ def test_interrupted_deduplicated_run_resumes_to_the_same_tables(tmp_path, tiny_
     whole = make_cfg(tmp_path, fasta, tiny_family, "whole", **chain)
     run(whole, LocalExecutor(), progress=False)
     fit = str(tmp_path / "whole" / "fit")
-    cut = make_cfg(tmp_path, fasta, tiny_family, "cut", **chain, **{"fit.artifact": fit})
+    # fragment_rows 1: each shard committed as it completes, so the third ledger commit is the third shard
+    cut = make_cfg(tmp_path, fasta, tiny_family, "cut", **chain, **{"fit.artifact": fit, "output.fragment_rows": 1})
     commits = {"n": 0}
 
     def die():

@@ -419,7 +419,8 @@ def _cli_config(tmp_path, fasta, models, fit_dir, out) -> Path:
         "input": {"paths": [str(fasta)], "shard_mb": 0.0004},
         "embedding": {"window": 120, "overlap": 30, "toks_per_batch": 1024},
         "fit": {"artifact": str(fit_dir)},
-        "output": {"dir": str(out), "residue_dtype": "float32", "records_per_batch": 8},
+        # fragment_rows 1: a flush per batch, each shard committed as it completes (the writer is held after one)
+        "output": {"dir": str(out), "residue_dtype": "float32", "records_per_batch": 8, "fragment_rows": 1},
     }
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(json.dumps(cfg))
@@ -532,6 +533,7 @@ def test_disk_full(tmp_path, tiny_family, base, small_disk, moment):
     out = small_disk / "run"
     cfg = cfg_for(tmp_path, src, tiny_family, fit_dir)
     cfg.output.dir = str(out)
+    cfg.output.fragment_rows = 1  # a commit per shard as it completes: the moments below are the ones they name
     if moment == "compaction":
         cfg.output.compact = True  # off by default: compaction is `rdscale compact`'s job
         summary = embed(cfg, None, FillAfter(small_disk), progress=False)

@@ -79,7 +79,9 @@ def test_from_a_longer_fit_matches_and_needs_no_sample(tmp_path, fasta, tiny_fam
 
 def test_interrupted_extension_resumes_without_loss_or_duplicates(tmp_path, fasta, tiny_family, full_chain,
                                                                   monkeypatch):
-    small = two_level_run(tmp_path, fasta, tiny_family, "small", **{"output.compact": False})
+    # groups of >= 100 rows: several fragments (of several shards each) to be interrupted between
+    small = two_level_run(tmp_path, fasta, tiny_family, "small", **{"output.compact": False,
+                                                                     "output.fragment_rows": 100})
     assert len(lance.dataset(str(small / "residues.lance")).get_fragments()) > 2
     import rdscale.run.stages as ext
 

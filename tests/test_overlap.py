@@ -146,8 +146,10 @@ def fitted(tmp_path_factory, tiny_family):
 
 # ~1.5 kB shards of ~12 records, batches of 8 records, chunks of ~256 tokens: several shards, several batches
 # per shard and several chunks per batch, so the writer thread really runs beside the forward.
+# fragment_rows 0: the workers write a fragment per chunk and the driver commits a shard at a time (groups sized
+# for the store are tests/test_fragments.py's).
 SMALL = {"input.shard_mb": 0.0015, "output.records_per_batch": 8, "embedding.toks_per_batch": 128,
-         "output.residue_dtype": "float16"}
+         "output.residue_dtype": "float16", "output.fragment_rows": 0}
 
 
 def run_embed(tmp, fasta, models, fit_dir, out, **overrides):

@@ -117,8 +117,9 @@ def s3_runs(s3_server, tiny_family, tmp_path_factory):
         models_s3.append(uri)
     fasta_s3 = s3_server.uri("in", "in.fasta")
     Location.parse(fasta_s3).write_bytes(fasta.read_bytes())
+    # groups of >= 200 rows: several fragments per table, written by the driver to S3 (compact has work to do)
     common = ["--local", "--set", "output.residue_dtype=float32", "--set", "fit.sample_sequences=20",
-              "--set", "input.shard_mb=0.004"]
+              "--set", "input.shard_mb=0.004", "--set", "output.fragment_rows=200"]
     local = tmp / "local"
     assert _cli("run", "--fasta", str(fasta), "--models", *map(str, tiny_family), "-o", str(local), *common) == 0
     remote = s3_server.uri("runs", "r1")
@@ -396,7 +397,8 @@ def test_gzip_run_killed_after_some_shards_resumes(tmp_path, tiny_family):
            "--set", "input.shard_mb=0.0625", "--set", "fit.sample_sequences=20",
            "--set", "output.records_per_batch=16", "--set", "output.residues=false"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    kill = ["--set", f"ray.fault_injection={{exit_on_batch: 40, marker: {marker}}}"]
+    # fragment_rows 1: each shard committed as it completes, so the process killed mid-run has some committed
+    kill = ["--set", f"ray.fault_injection={{exit_on_batch: 40, marker: {marker}}}", "--set", "output.fragment_rows=1"]
     first = subprocess.run(cmd + kill, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode != 0 and marker.exists()
     committed = open_dataset(Run(out).table("shards")).count_rows()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import json
 import logging
 import os
 import re
@@ -504,7 +503,7 @@ class RayExecutor:
                 ds.context.autoscaling_config, actor_pool_util_upscaling_threshold=ELASTIC_UPSCALING_THRESHOLD)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
-                yield int(row["shard"]), int(row["shard_records"]), ShardResult(**json.loads(row["result"]))
+                yield int(row["shard"]), int(row["shard_records"]), ShardResult.decode(row["result"], row["rows"])
 
     def _pool(self) -> tuple[Any, bool]:
         """The apply pass's actor pool, and whether it is elastic (ray.num_actors: auto, or ray.max_actors): Ray

@@ -217,14 +217,16 @@ def rejects_table(rows: Sequence[dict[str, Any]], shard: int, schema: pa.Schema)
     )
 
 
-def write_table_fragments(uri: str, table: pa.Table) -> list[str]:
+def write_table_fragments(uri: str, table: pa.Table, one_fragment: bool = False) -> list[str]:
     """Worker side: write `table` as new data files of the dataset at `uri`, uncommitted.
-    Returns the fragments as JSON so they travel between processes as plain strings."""
+    Returns the fragments as JSON so they travel between processes as plain strings. one_fragment: all of its rows
+    in one fragment (a group of shards, ShardCommitter), not split at Lance's default of 1Mi rows per file."""
     if table.num_rows == 0:
         return []
     out = []
     options = Location.parse(uri).storage_options or None
-    for frag in write_fragments(table, uri, schema=table.schema, storage_options=options):
+    sizes = {"max_rows_per_file": table.num_rows, "max_bytes_per_file": 1 << 62} if one_fragment else {}
+    for frag in write_fragments(table, uri, schema=table.schema, storage_options=options, **sizes):
         meta = frag.to_json()  # a dict in recent pylance, a str in older releases
         out.append(meta if isinstance(meta, str) else json.dumps(meta))
     return out
@@ -244,10 +246,15 @@ class ShardResult:
     embedded: int = 0  # residues that went through the models (not copies; also for per-protein output)
     seconds: float = 0.0  # the actors' time on these rows (summed over parts: device-seconds)
     provenance: dict[str, str] = field(default_factory=dict)  # rdscale.run.provenance.collect() of who wrote them
+    # Rows not yet written (output.fragment_rows > 0): the driver writes them into fragments of the target size
+    # (ShardCommitter). They travel as Arrow IPC beside the JSON of the other fields (`encode` / `decode`).
+    tables: dict[str, list[pa.Table]] = field(default_factory=dict)
 
     def add(self, other: "ShardResult") -> None:
         for name, frags in other.fragments.items():
             self.fragments.setdefault(name, []).extend(frags)
+        for name, tables in other.tables.items():
+            self.tables.setdefault(name, []).extend(tables)
         if other.digest:
             if self.digest and other.digest != self.digest:
                 raise StoreError(
@@ -262,6 +269,34 @@ class ShardResult:
         self.embedded += other.embedded
         self.seconds += other.seconds
         self.provenance = self.provenance or other.provenance
+
+    def encode(self) -> tuple[str, bytes]:
+        """(JSON of the counts and fragment descriptions, the rows as Arrow IPC streams one after another): plain
+        values a Ray Data batch column holds. The JSON's `rows` lists (table, bytes) of each stream."""
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "tables"}
+        streams = []
+        for name, tables in self.tables.items():
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                continue
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, tables[0].schema) as writer:
+                for t in tables:
+                    writer.write_table(t)
+            streams.append((name, sink.getvalue()))
+        fields["rows"] = [(name, buf.size) for name, buf in streams]
+        return json.dumps(fields), b"".join(buf.to_pybytes() for _, buf in streams)
+
+    @classmethod
+    def decode(cls, text: str, rows: bytes | None = None) -> "ShardResult":
+        fields = json.loads(text)
+        sizes = fields.pop("rows", [])
+        result = cls(**fields)
+        at, buffer = 0, pa.py_buffer(rows or b"")
+        for name, size in sizes:
+            result.tables[name] = [pa.ipc.open_stream(buffer.slice(at, size)).read_all()]
+            at += size
+        return result
 
 
 class RunStore:
@@ -396,30 +431,43 @@ class RunStore:
             if self.dataset(LEDGER).count_rows(filter=f"shard = {int(result.shard)}"):
                 log.warning("shard %d is already committed; not committing it twice", result.shard)
                 return False
-        fp = fingerprint or {}
         fault_point("before_tables")
         for name, frags in result.fragments.items():
             if not frags:
                 continue
-            with self.step(f"append {name}"):
-                ds = self.dataset(name)
-                op = lance.LanceOperation.Append([FragmentMetadata.from_json(f) for f in frags])
-                lance.LanceDataset.commit(self.uri(name), op, read_version=ds.version, storage_options=self._options)
+            self.append_fragments(name, frags)
             fault_point("between_tables")
         fault_point("before_ledger")
-        values = {**fp, "shard": result.shard, "key": key, "records": result.records, "proteins": result.proteins,
-                  "rejects": result.rejects, "residues": result.residues,
-                  "digest": fp.get("digest") or result.digest or None}
+        self.append_ledger([(result, key, fingerprint)])
+        fault_point("after_ledger")
+        return True
+
+    def append_fragments(self, name: str, frags: Sequence[str]) -> None:
+        """One fenced append of written fragments (JSON descriptions) to table `name`."""
+        with self.step(f"append {name}"):
+            ds = self.dataset(name)
+            op = lance.LanceOperation.Append([FragmentMetadata.from_json(f) for f in frags])
+            lance.LanceDataset.commit(self.uri(name), op, read_version=ds.version, storage_options=self._options)
+
+    def append_ledger(self, shards: Sequence[tuple[ShardResult, str, dict[str, Any] | None]]) -> None:
+        """The ledger rows of (result, key, fingerprint) shards, in one fenced append: the commit of all of them.
+        fingerprint: digest, file_size, file_mtime_ns and the provenance columns."""
+        values = []
+        for result, key, fingerprint in shards:
+            fp = fingerprint or {}
+            values.append({**fp, "shard": result.shard, "key": key, "records": result.records,
+                           "proteins": result.proteins, "rejects": result.rejects, "residues": result.residues,
+                           "digest": fp.get("digest") or result.digest or None})
         with self.step("append ledger"):
             # The ledger's own columns: a run from before the provenance columns goes on without them.
             schema = self.dataset(LEDGER).schema.remove_metadata()
-            row = pa.table({f.name: pa.array([values.get(f.name)], f.type) for f in schema}, schema=schema)
-            if self.dataset(LEDGER).count_rows(filter=f"shard = {int(result.shard)}"):
-                raise StoreError(f"shard {result.shard} of {self.root} was committed by another writer meanwhile; "
-                                 "stopping without committing it twice")
-            lance.write_dataset(row, self.uri(LEDGER), mode="append", storage_options=self._options)
-        fault_point("after_ledger")
-        return True
+            rows = pa.table({f.name: pa.array([v.get(f.name) for v in values], f.type) for f in schema},
+                            schema=schema)
+            listed = ", ".join(str(int(v["shard"])) for v in values)
+            if self.dataset(LEDGER).count_rows(filter=f"shard IN ({listed})"):
+                raise StoreError(f"shard(s) {listed} of {self.root} were committed by another writer meanwhile; "
+                                 "stopping without committing them twice")
+            lance.write_dataset(rows, self.uri(LEDGER), mode="append", storage_options=self._options)
 
     def write_and_commit(self, result: ShardResult, tables: dict[str, pa.Table], key: str) -> bool:
         """Single-process convenience: write the tables' fragments here and commit them as one shard."""
@@ -579,6 +627,122 @@ class RunStore:
         ledger = self.dataset(LEDGER).to_table(columns=["records"])
         out["records"] = int(pc.sum(ledger["records"]).as_py() or 0)
         return out
+
+
+class ShardCommitter:
+    """Driver side of an apply pass (`embed`, `update`): shards are committed once all their records came back, in
+    groups whose rows make one fragment per table of about `rows` rows or `mb` MiB, whichever comes first
+    (output.fragment_rows / fragment_mb), so a UniRef-sized table has thousands of fragments, not one per batch.
+
+    The parts' rows (ShardResult.tables) are buffered here, per table. When any table's buffer reaches the target,
+    every buffer is written as one fragment per table and appended (`flush`), rows of a shard still running
+    included, which bounds the memory by the target; then the ledger rows of every shard complete by then go in
+    one append, last. The commit protocol is the one of `RunStore.commit_shard`, for a group: a shard is committed
+    exactly when its ledger row exists, and that row is written only after all of its rows were appended. A kill
+    anywhere leaves rows of shards without a ledger row, which the next writer's `recover` deletes; shards finished
+    but still buffered are redone (at most a group's worth of work). A shard bigger than the target spans several
+    fragments. Parts that arrive as fragments already written (rows 0: a fragment per batch, the workers write)
+    are appended when their shard completes, a shard per commit, as before groups.
+
+    As a context manager: leaving it flushes the shards complete by then (also when the executor raised, so
+    finished work is not lost), unless the error came from a flush itself."""
+
+    def __init__(self, store: "RunStore", ledger_values, rows: int = 0, mb: float = 0.0, on_commit=None):
+        self.store = store
+        self.ledger_values = ledger_values  # (shard, ShardResult) -> (key, fingerprint for commit_shard)
+        self.rows_target = int(rows)
+        self.bytes_target = int(float(mb) * (1 << 20)) if self.rows_target > 0 else 0
+        self.on_commit = on_commit  # called with the number of shards each flush committed
+        self.pending: dict[int, ShardResult] = {}  # shards not in the ledger yet: counts, fragments, provenance
+        self.complete: list[int] = []  # of them, those whose records all came back
+        self.buffers: dict[str, list[pa.Table]] = {}
+        self.sizes: dict[str, list[int]] = {}  # per table: [rows, bytes] buffered
+        self.broken = False  # a flush failed part way: nothing more is committed by this committer
+        self.latencies: list[tuple[int, float]] = []  # (shards committed so far, seconds of that flush): benches
+
+    def __enter__(self) -> "ShardCommitter":
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is None:
+            self.flush(only_complete=True)
+        elif not self.broken and issubclass(kind, (Exception, KeyboardInterrupt)):
+            try:
+                self.flush(only_complete=True)
+            except BaseException as flush_err:  # noqa: BLE001 - the original error is the one to report
+                log.warning("could not commit the shards finished before the error: %s", one_line(flush_err))
+
+    @property
+    def incomplete(self) -> list[int]:
+        """Shards some of whose records never came back (nothing of them is committed)."""
+        return sorted(set(self.pending) - set(self.complete))
+
+    def add(self, index: int, total: int, part: ShardResult) -> None:
+        if self.broken:
+            raise StoreError("an earlier commit of this pass failed; run the same command again to resume")
+        tables, part.tables = part.tables, {}
+        acc = self.pending.setdefault(index, ShardResult(shard=index, fragments={}))
+        acc.add(part)
+        for name, parts in tables.items():
+            for t in parts:
+                if t.num_rows:
+                    self.buffers.setdefault(name, []).append(t)
+                    size = self.sizes.setdefault(name, [0, 0])
+                    size[0] += t.num_rows
+                    size[1] += t.nbytes
+        if acc.records == total and index not in self.complete:
+            self.complete.append(index)
+            if self.rows_target <= 0:
+                self.flush()
+        if self.rows_target > 0 and any(r >= self.rows_target or b >= self.bytes_target
+                                        for r, b in self.sizes.values()):
+            self.flush()
+
+    def flush(self, only_complete: bool = False) -> int:
+        """Append the buffered rows (only_complete: only those of complete shards) and the fragments of complete
+        shards to their tables, then the complete shards' ledger rows. Returns the shards committed."""
+        if not self.complete and not self.buffers:
+            return 0
+        started = time.perf_counter()
+        store, done = self.store, list(self.complete)
+        self.broken = True  # until the whole group is committed
+        rows: dict[str, pa.Table] = {}
+        for name, parts in self.buffers.items():
+            table = pa.concat_tables(parts)
+            if only_complete:
+                table = table.filter(pc.is_in(table["shard"], pa.array(done, pa.int32())))
+            if table.num_rows:
+                rows[name] = table
+        written = {name: [f for s in done for f in self.pending[s].fragments.get(name, [])]
+                   for name in store.schemas}
+        # Data files first, outside the commit gate (they are invisible until appended); unreferenced if we die.
+        for name, table in rows.items():
+            written[name] += write_table_fragments(store.uri(name), table, one_fragment=True)
+        shards = sorted(set(done).union(*(pc.unique(t["shard"]).to_pylist() for t in rows.values())))
+        with store.step("commit check"):
+            if shards and store.dataset(LEDGER).count_rows(filter=f"shard IN ({', '.join(map(str, shards))})"):
+                raise StoreError(f"shard(s) among {shards} of {store.root} are already in the ledger; stopping "
+                                 "without committing them twice")
+        fault_point("before_tables")
+        for name in store.schemas:
+            frags = written.get(name)
+            if frags:
+                store.append_fragments(name, frags)
+                fault_point("between_tables")
+        self.buffers, self.sizes = {}, {}
+        if done:
+            fault_point("before_ledger")
+            store.append_ledger([(self.pending[s], *self.ledger_values(s, self.pending[s])) for s in done])
+            fault_point("after_ledger")
+        for s in done:
+            del self.pending[s]
+        self.complete = []
+        self.broken = False
+        committed = self.latencies[-1][0] if self.latencies else 0
+        self.latencies.append((committed + len(done), time.perf_counter() - started))
+        if self.on_commit is not None and done:
+            self.on_commit(len(done))
+        return len(done)
 
 
 FAULT_HOOKS: dict[str, Any] = {}  # tests: point -> callable, run when the commit protocol reaches that point

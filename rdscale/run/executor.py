@@ -8,7 +8,6 @@ The verbs (rdscale/run/pipeline.py, extend.py, update.py) take an executor; `mak
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import pyarrow as pa
@@ -70,8 +69,8 @@ class LocalExecutor:
         for shard in shards:
             for batch in shard_batches(shard, options, cfg.output.records_per_batch):
                 out = stage(batch)
-                for s, total, result in zip(out["shard"], out["shard_records"], out["result"]):
-                    yield s, total, ShardResult(**json.loads(result))
+                for s, total, result, rows in zip(out["shard"], out["shard_records"], out["result"], out["rows"]):
+                    yield s, total, ShardResult.decode(result, rows)
 
     def _extender(self, model: str, cfg: Config) -> FragmentExtender:
         """One stage for the whole extension (step, residues, proteins): the new model loads once, and the

@@ -29,6 +29,7 @@ from rdscale.io.store import (
     DATA_TABLES,
     RESIDUES,
     RunStore,
+    ShardCommitter,
     ShardResult,
     StoreError,
     run_schemas,
@@ -313,6 +314,7 @@ class EmbedState:
     committed: list[dict]
     summary: Summary
     started: float = field(default_factory=time.perf_counter)  # this invocation's embedding began
+    committer: ShardCommitter | None = None  # the apply pass's (its commit latencies: bench/bench_scale.py)
 
 
 def _open_store(cfg: Config, planned: EmbedPlan, lease: WriterLease, redo_changed: bool) -> EmbedState:
@@ -340,29 +342,39 @@ def _apply(cfg: Config, planned: EmbedPlan, state: EmbedState, executor: Executo
     uris = {name: store.uri(name) for name in planned.schemas}
     stats = fingerprints(planned.shards)
     keys = {s.index: shard_key(s) for s in planned.shards}
-    pending: dict[int, ShardResult] = {}
     records_seen = 0
     watch = provenance.ChangeWatch(state.committed, log)
     with Progress(total=len(todo), unit="shard", desc="embedding", enabled=progress) as bar:
-        for index, total, part in executor.apply(cfg, planned.models, planned.fit_dir, uris, planned.schemas, todo):
-            acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
-            acc.add(part)
-            watch.see(part.provenance)
-            summary.residues_embedded += part.embedded
-            records_seen += part.records
-            bar.postfix(records=records_seen, residues=summary.residues_embedded)
-            if acc.records == total:
-                result = pending.pop(index)
-                digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
-                store.commit_shard(result, keys[index], {**stats[index], "digest": digest,
-                                                         **provenance.ledger_values(result.provenance,
-                                                                                    result.seconds)})
-                bar.update(1)
-    if pending:
+        committer = committer_for(cfg, store, lambda index, result: (keys[index], ledger_values(stats[index], result)),
+                                  bar.update)
+        state.committer = committer
+        with committer:  # shards committed in groups sized for the store; finished ones also when the pass fails
+            for index, total, part in executor.apply(cfg, planned.models, planned.fit_dir, uris, planned.schemas,
+                                                     todo):
+                watch.see(part.provenance)
+                summary.residues_embedded += part.embedded
+                records_seen += part.records
+                bar.postfix(records=records_seen, residues=summary.residues_embedded)
+                committer.add(index, total, part)
+    if committer.incomplete:
         raise StoreError(
-            f"{len(pending)} shard(s) did not complete ({sorted(pending)}); their rows were not committed. "
-            "Run the same command again to resume."
+            f"{len(committer.incomplete)} shard(s) did not complete ({committer.incomplete}); their rows were not "
+            "committed. Run the same command again to resume."
         )
+
+
+def committer_for(cfg: Config, store: RunStore, ledger: Callable[[int, ShardResult], tuple[str, dict]],
+                  on_commit: Callable[[int], Any] | None = None) -> ShardCommitter:
+    """The apply pass's committer: groups of shards whose rows make fragments of output.fragment_rows rows or
+    output.fragment_mb MiB (fragment_rows 0: a shard per commit, the fragments its workers wrote)."""
+    return ShardCommitter(store, ledger, rows=cfg.output.fragment_rows, mb=cfg.output.fragment_mb,
+                          on_commit=on_commit)
+
+
+def ledger_values(stats: dict[str, Any], result: ShardResult) -> dict[str, Any]:
+    """The ledger row's fingerprint of a complete shard: its input file's stats, the records' digest, provenance."""
+    digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
+    return {**stats, "digest": digest, **provenance.ledger_values(result.provenance, result.seconds)}
 
 
 def _finish(cfg: Config, planned: EmbedPlan, state: EmbedState) -> None:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -282,6 +281,8 @@ class ApplyStage(Stage):
                 embedder.forward_wrapper = inject_oom(self.fault.get("oom_at_batch_size"),
                                                       self.fault.get("oom_above_tokens"))
         self.writer = ChunkWriter(overlap=cfg.output.overlap_writes, max_pending=2)
+        # output.fragment_rows > 0: rows go back to the driver, which writes fragments of the target size
+        self.rows_to_driver = cfg.output.fragment_rows > 0
         self.provenance = provenance.collect(self.encoder.device_name, self.encoder.loaded[0].dtype)
 
     def rd_embeddings(self, sequences: Sequence[str]) -> list[torch.Tensor]:
@@ -314,7 +315,7 @@ class ApplyStage(Stage):
         by_shard: dict[int, list[dict[str, Any]]] = {}
         for row in rows:
             by_shard.setdefault(int(row["shard"]), []).append(row)
-        out = {"shard": [], "shard_records": [], "result": []}
+        out = {"shard": [], "shard_records": [], "result": [], "rows": []}
         for shard, shard_rows_ in by_shard.items():
             records = [r for r in shard_rows_ if r["id"] is not None]  # not the row of a shard without records
             if records:
@@ -323,7 +324,9 @@ class ApplyStage(Stage):
                 result = ShardResult(shard=shard, fragments={}, digest=shard_rows_[0]["shard_digest"] or "")
             out["shard"].append(shard)
             out["shard_records"].append(int(shard_rows_[0]["shard_records"]))
-            out["result"].append(json.dumps(asdict(result)))
+            text, rows_ipc = result.encode()
+            out["result"].append(text)
+            out["rows"].append(rows_ipc)
         return out
 
     def process(self, shard: int, rows: list[dict[str, Any]]) -> ShardResult:
@@ -338,8 +341,8 @@ class ApplyStage(Stage):
         result = ShardResult(shard=shard, fragments={}, records=records, rejects=len(rejected),
                              digest=rows[0].get("shard_digest") or "" if rows else "", provenance=self.provenance)
         if rejected:
-            self.writer.submit(lambda: {REJECTS: write_table_fragments(
-                self.uris[REJECTS], rejects_table(rejected, shard, self.schemas[REJECTS]))})
+            self.writer.submit(lambda: {REJECTS: self._output(
+                REJECTS, rejects_table(rejected, shard, self.schemas[REJECTS]))})
         # Chunk by chunk: the writer thread builds and writes chunk i while chunk i+1 runs through the models.
         for chunk in chunk_rows(accepted, self.encoder.chunk_tokens, self.encoder.window,
                                 truncate=self.cfg.embedding.long_policy == "truncate"):
@@ -350,9 +353,12 @@ class ApplyStage(Stage):
             if RESIDUES in self.schemas:
                 result.residues += residues
         # Every fragment of this call is written before its description leaves the stage (commit protocol).
-        for fragments in self.writer.drain():
-            for name, frags in fragments.items():
-                result.fragments.setdefault(name, []).extend(frags)
+        for outputs in self.writer.drain():
+            for name, got in outputs.items():
+                if isinstance(got, pa.Table):
+                    result.tables.setdefault(name, []).append(got)
+                else:
+                    result.fragments.setdefault(name, []).extend(got)
         result.seconds = time.perf_counter() - started  # this actor's (its device's) time on these rows
         return result
 
@@ -385,11 +391,16 @@ class ApplyStage(Stage):
             # Written on the writer thread; the caller only collects the fragment descriptions.
             fragments = {}
             for name, t in tables.items():
-                fragments[name] = write_table_fragments(self.uris[name], t)
+                fragments[name] = self._output(name, t)
                 self._maybe_fail("exit_in_writer_on_batch")
             return fragments
 
         return job, sum(lengths[i] for i in take), len(rows)
+
+    def _output(self, name: str, table: pa.Table) -> list[str] | pa.Table:
+        """A chunk's rows of one table: written here as fragments (fragment descriptions), or the rows themselves
+        for the driver to write into fragments of the target size (output.fragment_rows)."""
+        return table if self.rows_to_driver else write_table_fragments(self.uris[name], table)
 
 
 # -- extend: the new model over the stored run ----------------------------------------------------------------

@@ -60,7 +60,6 @@ from rdscale.io.runs import (
 from rdscale.io.store import (
     LEDGER_SCHEMA,
     RunStore,
-    ShardResult,
     StoreError,
     _IdPartitions,
     incomplete_message,
@@ -71,9 +70,9 @@ from rdscale.model.loading import describe_model  # torch: imported with run.pip
 from rdscale.progress import Progress
 from rdscale.run import dedupe, provenance
 from rdscale.run.dedupe import DedupShard, seq_digest
-from rdscale.run.integrity import EMPTY_DIGEST, fingerprints, residue_rows, rows_per_shard, writing
+from rdscale.run.integrity import fingerprints, residue_rows, rows_per_shard, writing
 from rdscale.run.executor import make_executor
-from rdscale.run.pipeline import plan
+from rdscale.run.pipeline import committer_for, ledger_values, plan
 
 log = logging.getLogger(__name__)
 
@@ -588,24 +587,17 @@ def _embed(u: _Updating, release: Release, shards: list[UpdateShard], report: Up
     models, fit_dir = _embed_models(u)
     stats = fingerprints(todo) if all(Location.parse(s.path).is_local for s in todo) else {}
     uris = {name: store.uri(name) for name in u.schemas}
-    pending: dict[int, ShardResult] = {}
     watch = provenance.ChangeWatch(list(done.values()), log)
     with Progress(total=len(todo), unit="shard", desc=f"update {release.name}", enabled=u.progress) as bar:
-        for index, total, part in u.executor.apply(u.cfg, models, fit_dir, uris, u.schemas, todo):
-            acc = pending.setdefault(index, ShardResult(shard=index, fragments={}))
-            acc.add(part)
-            watch.see(part.provenance)
-            report.residues_this_call += part.embedded
-            if acc.records == total:
-                result = pending.pop(index)
-                digest = result.digest or (EMPTY_DIGEST if result.records == 0 else None)
-                store.commit_shard(result, keys[index], {**stats.get(index, {}), "digest": digest,
-                                                         **provenance.ledger_values(result.provenance,
-                                                                                    result.seconds)})
-                bar.update(1)
-    if pending:
-        raise StoreError(f"{len(pending)} shard(s) of the update did not complete ({sorted(pending)}); run the "
-                         "same command again to resume")
+        ledger = lambda index, result: (keys[index], ledger_values(stats.get(index, {}), result))  # noqa: E731
+        with committer_for(u.cfg, store, ledger, bar.update) as committer:
+            for index, total, part in u.executor.apply(u.cfg, models, fit_dir, uris, u.schemas, todo):
+                watch.see(part.provenance)
+                report.residues_this_call += part.embedded
+                committer.add(index, total, part)
+    if committer.incomplete:
+        raise StoreError(f"{len(committer.incomplete)} shard(s) of the update did not complete "
+                         f"({committer.incomplete}); run the same command again to resume")
 
 
 def _delete_old_rows(u: _Updating, release: Release, diff: Diff, report: UpdateReport) -> dict[int, int]:
