@@ -292,7 +292,9 @@ class ShardResult:
         fields = json.loads(text)
         sizes = fields.pop("rows", [])
         result = cls(**fields)
-        at, buffer = 0, pa.py_buffer(rows or b"")
+        if isinstance(rows, pa.Scalar):  # the local executor hands over the batch column's value as is
+            rows = rows.as_buffer()
+        at, buffer = 0, rows if isinstance(rows, pa.Buffer) else pa.py_buffer(rows or b"")
         for name, size in sizes:
             result.tables[name] = [pa.ipc.open_stream(buffer.slice(at, size)).read_all()]
             at += size

@@ -327,6 +327,8 @@ class ApplyStage(Stage):
             text, rows_ipc = result.encode()
             out["result"].append(text)
             out["rows"].append(rows_ipc)
+        # large_binary: a batch of long proteins' residues can pass Arrow's 2 GiB per binary column
+        out["rows"] = pa.array(out["rows"], pa.large_binary())
         return out
 
     def process(self, shard: int, rows: list[dict[str, Any]]) -> ShardResult:
