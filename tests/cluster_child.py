@@ -58,7 +58,8 @@ def main() -> int:
         "input": {"paths": ["../data/in.fasta"], "shard_mb": 0.0004},
         "embedding": {"window": 120, "overlap": 30, "toks_per_batch": 1024},
         "fit": {"sample_sequences": 1000},
-        "output": {"dir": "../runs/out", "residue_dtype": "float32", "records_per_batch": 4},
+        # fragment_rows 1: each shard committed as it completes, so the node goes while shards are committed
+        "output": {"dir": "../runs/out", "residue_dtype": "float32", "records_per_batch": 4, "fragment_rows": 1},
         "ray": {"num_actors": 2, "cpus_per_actor": 0.5},
     }
     config = conf_dir / "rel.yaml"

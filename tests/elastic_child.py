@@ -172,7 +172,8 @@ def main() -> int:
 
     base = [f"models={json.dumps(models)}", f"input.paths=[{fasta}]", "input.shard_mb=0.0003",
             "embedding.window=120", "embedding.overlap=30", "embedding.toks_per_batch=512",
-            "output.residue_dtype=float32", "output.records_per_batch=2"]
+            "output.residue_dtype=float32", "output.records_per_batch=2",
+            "output.fragment_rows=1"]  # each shard committed as it completes: the pool changes between commits
     local_dir = work / "local"
     run(load_config(None, [*base, f"output.dir={local_dir}", "ray.address=local"]), LocalExecutor(), progress=False)
     elastic = [*base, f"fit.artifact={local_dir / 'fit'}", "ray.num_actors=auto", "ray.cpus_per_actor=0.5",

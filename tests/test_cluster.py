@@ -309,7 +309,8 @@ def test_a_job_whose_driver_dies_is_resubmitted_and_resumed(tmp_path, tiny_famil
                "--models", *map(str, tiny_family), "-o", str(out), "--set", "input.shard_mb=0.0004",
                "--set", "embedding.window=120", "--set", "embedding.overlap=30",
                "--set", "embedding.toks_per_batch=1024", "--set", "output.residue_dtype=float32",
-               "--set", "output.records_per_batch=8", "--set", f"fit.artifact={local_small / 'fit'}"]
+               "--set", "output.records_per_batch=8", "--set", f"fit.artifact={local_small / 'fit'}",
+               "--set", "output.fragment_rows=1"]  # each shard committed as it completes: the driver dies between
         killer = threading.Thread(target=kill_the_driver, daemon=True)
         killer.start()
         proc = submit(cmd, env)
