@@ -218,6 +218,7 @@ def main() -> int:
                 if not report["shrink"]["finished"]:  # the same command again finishes it, on the node left
                     summary = run(cfg, RayExecutor(cfg), progress=False)
                     report["shrink"]["skipped_on_rerun"] = summary.shards_skipped
+                    report["shrink"]["shards"] = summary.shards_total
                 assert_same_tables(work / "shrink", local_dir)
                 report["shrink"]["same_as_local"] = True
     except Exception:  # noqa: BLE001 - reported to the parent test, which fails with it

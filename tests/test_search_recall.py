@@ -118,7 +118,7 @@ def test_calibration_is_stored_listed_served_and_kept_on_an_identical_rebuild(tm
     info = S.build_index(tmp_path, width=32)
     sidecar = json.loads((tmp_path / "indexes" / info.index_name).with_suffix(".json").read_text())
     assert sidecar["calibration"] == info.calibration
-    assert info.calibration["queries"] == C.NUM_QUERIES  # no table row is an exact duplicate here
+    assert info.calibration["queries"] == len(C.sample_positions(3000)) == 300  # a tenth; no exact duplicates here
     assert S.build_index(tmp_path, width=32).calibration == info.calibration  # kept, not measured again
     code, out, _ = rdscale(["index", "-o", tmp_path, "--list"], capsys)
     lines = out.splitlines()
