@@ -253,16 +253,22 @@ class Searcher:
         both are row by row)."""
         out = np.empty((self.num_rows, width), np.float32)
         sq = None if metric == "cosine" else np.empty(self.num_rows, np.float32)
-        start = 0
-        for block in F._stream(self.ds, width, fragments=self._frags):  # (b, width) float32
+        for start, block in self._scan_blocks(width):
             x, x_sq = E.prepare_rows(block, metric)
             out[start : start + len(block)] = x
             if sq is not None:
                 sq[start : start + len(block)] = x_sq
+        return out, sq
+
+    def _scan_blocks(self, width: int):
+        """(start position, (b, width) float32 block) over the whole table in scan order; a table whose row count
+        changed meanwhile is refused at the end (the arrays filled from it would not line up with the keys)."""
+        start = 0
+        for block in F._stream(self.ds, width, fragments=self._frags):
+            yield start, block
             start += len(block)
         if start != self.num_rows:
             raise SearchError(f"{self.ds.uri} changed while it was loaded; retry")
-        return out, sq
 
     def _half_rows(self, width: int, metric: str) -> np.ndarray:
         """(n, width) float16 re-rank rows (cosine: unit rows), streamed from the table: the float32 matrix is
@@ -271,12 +277,8 @@ class Searcher:
             key = (width, metric)
             if key not in self._half:
                 out = np.empty((self.num_rows, width), np.float16)
-                start = 0
-                for block in F._stream(self.ds, width, fragments=self._frags):  # (b, width) float32
+                for start, block in self._scan_blocks(width):
                     out[start : start + len(block)] = E.unit_rows(block) if metric == "cosine" else block
-                    start += len(block)
-                if start != self.num_rows:
-                    raise SearchError(f"{self.ds.uri} changed while it was loaded; retry")
                 self._half[key] = out
             return self._half[key]
 

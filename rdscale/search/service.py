@@ -330,6 +330,7 @@ class SearchService:
         return {"of": target, "width": int(q.shape[1]), "sequence": query,
                 "similarity": [round(float(v), 4) for v in best], "best_match": [int(j) for j in sim.argmax(axis=1)]}
 
+
 class _Batch:
     def __init__(self):
         self.sequences: list[str] = []
