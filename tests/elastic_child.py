@@ -106,9 +106,15 @@ def run_with(cfg, during, hold: Path, timeout: float) -> dict:
     finally:
         hold.unlink(missing_ok=True)
         del os.environ["RDSCALE_FAULT_HOLD"]
+    changed = time.time()
     worker.join(timeout=timeout)
+    state["seconds_after_change"] = round(time.time() - changed, 1)
     state["finished"] = not worker.is_alive() and "summary" in state
     state["hung"] = worker.is_alive()
+    if state["hung"]:  # where the run waits, for the parent test's message
+        import faulthandler
+
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
     if "summary" in state:
         state["shards"] = state.pop("summary").shards_total
     return state

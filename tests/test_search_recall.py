@@ -247,6 +247,29 @@ def test_walk_climbs_the_grid_in_cost_order_and_stops_at_the_target(sizes, rate,
     assert hit[-1] or at_top or len(path) == C.MAX_STEPS
 
 
+@given(sizes=st.lists(st.integers(2, 6), min_size=1, max_size=3), rate=st.floats(0.05, 0.5),
+       lag=st.floats(0.0, 0.3))
+def test_walk_goes_on_until_the_held_out_half_confirms(sizes, rate, lag):
+    """The steering half reads higher than the held-out half (by ``lag`` on the exponent): the walk must not
+    stop where only the steering half reached the target while the grid still goes on."""
+    grid = {f"a{i}": [2 ** j for j in range(n)] for i, n in enumerate(sizes)}
+    stop = 0.9
+
+    def steer(point):
+        r = 1 - np.exp(-rate * sum(point.values()))
+        return float(r), float(r)
+
+    def held_out(point):
+        return 1 - np.exp(-rate * (1 - lag) * sum(point.values()))
+
+    path = C.walk(grid, steer, lambda p: float(sum(p.values())), stop=stop,
+                  confirmed=lambda p: held_out(p) >= stop)
+    confirmed = [held_out(p["params"]) >= stop for p in path]
+    assert not any(confirmed[:-1])  # it stops at the first confirmed point ...
+    at_top = all(path[-1]["params"][a] == grid[a][-1] for a in grid)
+    assert confirmed[-1] or at_top or len(path) == C.MAX_STEPS  # ... or where the grid ends
+
+
 @given(per_query=st.lists(st.floats(0, 1), min_size=2, max_size=300))
 def test_lower_bound_is_below_the_mean_and_tightens_with_more_queries(per_query):
     arr = np.array(per_query)
