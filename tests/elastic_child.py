@@ -171,7 +171,7 @@ def main() -> int:
     models = sys.argv[2 + bool(modes):]
     modes = modes or {"grow", "shrink"}
     work.mkdir(parents=True, exist_ok=True)
-    fasta = write_fasta(work / "in.fasta", n=80 if "shrink" in modes else 16, seed=11)
+    fasta = write_fasta(work / "in.fasta", n=40 if "shrink" in modes else 16, seed=11)
     from rdscale.config import load_config
     from rdscale.run.executor import LocalExecutor
     from rdscale.run.pipeline import run
@@ -218,7 +218,7 @@ def main() -> int:
                 cluster.remove_node(added)
                 return {"removed": True}
 
-            report["shrink"] = run_with(cfg, remove_a_node, work / "hold-shrink", timeout=120)
+            report["shrink"] = run_with(cfg, remove_a_node, work / "hold-shrink", timeout=300)
             hung = report["shrink"]["hung"]
             if not hung:
                 if not report["shrink"]["finished"]:  # the same command again finishes it, on the node left

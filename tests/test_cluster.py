@@ -433,6 +433,7 @@ def test_elastic_pool_follows_the_nodes_and_finishes_when_one_goes(tmp_path, tin
     assert "error" not in report, report["error"]
     assert report["actors_at_start"] == 1 and report["actors_before_shrink"] == 2  # follows the nodes
     shrink = report["shrink"]
+    print("shrink:", json.dumps(shrink))  # seen with -s: how long the run took after the node left
     assert not shrink["hung"], f"the run did not end after the node left: {shrink}\n{proc.stderr[-6000:]}"
     assert shrink["removed"] and shrink["committed_at_change"] < shrink["shards"], shrink
     assert shrink["same_as_local"], shrink
