@@ -86,6 +86,9 @@ class OutputConfig:
     # commits finished shards in groups (docs/outputs.md, "Fragments"); fragment_rows 0: a fragment per batch
     fragment_rows: int = 1_000_000
     fragment_mb: float = 128.0
+    # ... and at least this often (seconds) a group with a finished shard is committed, so that a kill redoes at
+    # most this much work and `status` shows progress on a slow run (0: only the size targets)
+    fragment_seconds: float = 600.0
 
 
 @dataclass
@@ -218,6 +221,8 @@ def _problems(cfg: Config):
     yield from between("output.fragment_rows", o.fragment_rows, 0, MAX_FRAGMENT_ROWS,
                        "an integer (0: a fragment per batch, no grouping)")
     yield from between("output.fragment_mb", o.fragment_mb, 0.001, 1 << 20, "a number of MiB")
+    yield from between("output.fragment_seconds", o.fragment_seconds, 0, 1 << 30,
+                       "a number of seconds (0: commit by size only)")
     r = cfg.ray
     if isinstance(r.num_actors, str) or isinstance(r.num_actors, bool) or not isinstance(r.num_actors, int):
         if r.num_actors != "auto":

@@ -23,6 +23,8 @@ def test_unknown_keys_and_bad_types_name_the_key(tmp_path):
         load_config(None, ["output.residues=maybe"])
     with pytest.raises(ConfigError, match="long_policy"):
         load_config(None, ["embedding.long_policy=chop"])
+    with pytest.raises(ConfigError, match=r"output.fragment_seconds must be .*seconds"):
+        load_config(None, ["output.fragment_seconds=-1"])
 
 
 def test_yaml_numbers_and_overrides(tmp_path):

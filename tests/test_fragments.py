@@ -93,6 +93,22 @@ def test_fragment_counts_follow_the_target(case, tiny_family, tmp_path):
     assert sum(by_bytes) == ungrouped.proteins and 1 < len(by_bytes) and max(by_bytes) < ungrouped.proteins
 
 
+@pytest.mark.parametrize("seconds", [0.0, 1e-6])
+def test_a_time_target_commits_finished_shards_before_the_size_target(case, tiny_family, tmp_path, seconds):
+    """output.fragment_seconds: a group holding a finished shard is committed once that long passed since the
+    last commit, well before the (here unreachable) size target; 0 leaves only the size targets (one group)."""
+    tmp, fit_dir, reference = case
+    out = tmp_path / "run"
+    summary = embed(cfg(tmp, tiny_family, fit_dir, out, 1_000_000, **{"output.fragment_seconds": seconds}), None,
+                    LocalExecutor(), progress=False)
+    assert snapshot(out) == reference and verify(out) == []
+    if seconds == 0:
+        assert ledger_fragments(out) == 1 and len(fragment_rows(out, "proteins")) == 1
+    else:  # every finished shard found the clock past the target: a commit (a ledger append) per shard
+        assert ledger_fragments(out) == summary.shards_total > 1
+        assert len(fragment_rows(out, "proteins")) > 1
+
+
 class Killed(BaseException):
     """A kill -9 stand-in (no flush on the way out), raised by a fault hook inside a commit."""
 

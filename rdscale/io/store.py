@@ -649,11 +649,17 @@ class ShardCommitter:
     As a context manager: leaving it flushes the shards complete by then (also when the executor raised, so
     finished work is not lost), unless the error came from a flush itself."""
 
-    def __init__(self, store: "RunStore", ledger_values, rows: int = 0, mb: float = 0.0, on_commit=None):
+    def __init__(self, store: "RunStore", ledger_values, rows: int = 0, mb: float = 0.0, seconds: float = 0.0,
+                 on_commit=None, clock=time.monotonic):
         self.store = store
         self.ledger_values = ledger_values  # (shard, ShardResult) -> (key, fingerprint for commit_shard)
         self.rows_target = int(rows)
         self.bytes_target = int(float(mb) * (1 << 20)) if self.rows_target > 0 else 0
+        # A slow run (few rows a minute, or wide shards) would hold finished shards for hours before reaching the
+        # size target: a kill would redo all of them, and `status` would show none committed.
+        self.seconds_target = float(seconds) if self.rows_target > 0 else 0.0
+        self.clock = clock
+        self.last_flush = clock()
         self.on_commit = on_commit  # called with the number of shards each flush committed
         self.pending: dict[int, ShardResult] = {}  # shards not in the ledger yet: counts, fragments, provenance
         self.complete: list[int] = []  # of them, those whose records all came back
@@ -699,6 +705,8 @@ class ShardCommitter:
         if self.rows_target > 0 and any(r >= self.rows_target or b >= self.bytes_target
                                         for r, b in self.sizes.values()):
             self.flush()
+        elif self.seconds_target > 0 and self.complete and self.clock() - self.last_flush >= self.seconds_target:
+            self.flush()
 
     def flush(self, only_complete: bool = False) -> int:
         """Append the buffered rows (only_complete: only those of complete shards) and the fragments of complete
@@ -740,6 +748,7 @@ class ShardCommitter:
             del self.pending[s]
         self.complete = []
         self.broken = False
+        self.last_flush = self.clock()
         committed = self.latencies[-1][0] if self.latencies else 0
         self.latencies.append((committed + len(done), time.perf_counter() - started))
         if self.on_commit is not None and done:

@@ -366,9 +366,10 @@ def _apply(cfg: Config, planned: EmbedPlan, state: EmbedState, executor: Executo
 def committer_for(cfg: Config, store: RunStore, ledger: Callable[[int, ShardResult], tuple[str, dict]],
                   on_commit: Callable[[int], Any] | None = None) -> ShardCommitter:
     """The apply pass's committer: groups of shards whose rows make fragments of output.fragment_rows rows or
-    output.fragment_mb MiB (fragment_rows 0: a shard per commit, the fragments its workers wrote)."""
+    output.fragment_mb MiB, or that waited output.fragment_seconds (fragment_rows 0: a shard per commit, the
+    fragments its workers wrote)."""
     return ShardCommitter(store, ledger, rows=cfg.output.fragment_rows, mb=cfg.output.fragment_mb,
-                          on_commit=on_commit)
+                          seconds=cfg.output.fragment_seconds, on_commit=on_commit)
 
 
 def ledger_values(stats: dict[str, Any], result: ShardResult) -> dict[str, Any]:
