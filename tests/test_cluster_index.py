@@ -34,7 +34,7 @@ def test_ray_built_index_equals_the_single_process_one(ray_session, twin_runs, i
 
     single, on_ray, x = twin_runs
     S.build_index(single, width=16, backend="faiss", index_type=index_type, recall=None, rebuild=True)
-    info = build_index_on_ray(on_ray, width=16, index_type=index_type, rebuild=True, num_tasks=4)
+    info = build_index_on_ray(on_ray, width=16, index_type=index_type, rebuild=True, num_tasks=4, recall=None)
     assert info.num_rows == ROWS and F.faiss_path(on_ray, "proteins", 16, "cosine").exists()
     q = x[np.random.default_rng(3).choice(ROWS, 200, replace=False)] + 0.05
     truth = S.search(single, q, k=10, width=16)
@@ -49,7 +49,8 @@ def test_ray_built_index_equals_the_single_process_one(ray_session, twin_runs, i
 
 def test_the_driver_holds_no_more_than_the_training_sample(ray_session, twin_runs):
     """numpy allocations in the driver (tracemalloc sees them) peak at the training sample's size, while the
-    table is 3.7x larger: the rows are read and encoded in the Ray tasks."""
+    table is 3.7x larger: the rows are read and encoded in the Ray tasks, and the recall calibration (a twin
+    index over the table, searched with exact truth) runs in a Ray task too."""
     from rdscale.cluster.index import build_index_on_ray
 
     _, on_ray, _ = twin_runs
@@ -57,12 +58,21 @@ def test_the_driver_holds_no_more_than_the_training_sample(ray_session, twin_run
     sample_bytes = max(64 * nlist, 256 * 64) * DIM * 4
     table_bytes = ROWS * DIM * 4
     assert table_bytes > 3 * sample_bytes
+    # first imports are not the build's allocations: faiss's module (~2 MB), and the pydantic support Ray's
+    # serialiser loads on the driver's first ray.put
+    import ray
+
+    F.import_faiss()
+    ray.get(ray.put(np.zeros(1)))
     tracemalloc.start()
     try:
-        build_index_on_ray(on_ray, width=DIM, index_type="IVF_FLAT", rebuild=True, num_tasks=3)
+        info = build_index_on_ray(on_ray, width=DIM, index_type="IVF_FLAT", rebuild=True, num_tasks=3)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    assert info.calibration["reached"]["funnel"] and (info.calibration["target"], info.calibration["k"]) == (0.95, 10)
+    stored = [i for i in S.list_indexes(on_ray) if i.width == DIM]
+    assert [i.calibration for i in stored] == [info.calibration]  # stored with the index by the task
     assert peak < 2.5 * sample_bytes, (peak, sample_bytes)  # the sample and its unit-normalised copy
     assert peak < table_bytes / 1.4
 

@@ -10,6 +10,11 @@
 
 HNSW graphs cannot be merged: a Ray build is for IVF_FLAT and IVF_PQ (the compact types large tables use). With the
 same training sample (a fixed seed) and the same rows the merged index equals the single-process one.
+
+The recall calibration (rdscale.search.calibrate) runs in one more Ray task, not in the driver: it builds a twin of
+the index over the table without the calibration rows and searches it, which holds that twin index and streams
+the rows for the exact truth; the task's memory is about that of a searcher serving the index. The driver only
+receives the calibrated IndexInfo.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import ray
 
 from rdscale.cluster.search import partition_fragments
 from rdscale.io.runs import open_dataset
+from rdscale.search import calibrate as C
 from rdscale.search import faiss_index as F
-from rdscale.search.searcher import build_index
+from rdscale.search.searcher import build_index, calibrate
 from rdscale.search.tables import IndexInfo, SearchError
 
 RAY_INDEX_TYPES = ("IVF_FLAT", "IVF_PQ")
@@ -59,17 +65,34 @@ def _merge_and_write(dataset_uri: str, table: str, width: int, metric: str, offs
     return int(index.ntotal)
 
 
-def ray_builder(num_tasks: int | None = None, num_cpus: float = 1.0, address: str | None = None):
-    """A ``builder`` for ``faiss_index.build_faiss_index``: the index built by ``num_tasks`` Ray tasks (default
-    one per fragment, at most 2 x the cluster's CPUs) and merged and written by one more. ``address``: the
-    cluster to join when Ray is not started yet (default auto; local starts one in this process)."""
+@ray.remote
+def _calibrate(dataset_path: str, info: IndexInfo, recall: float) -> IndexInfo:
+    return calibrate(dataset_path, info, recall)
 
-    def build(ds, table: str, width: int, index_type: str, metric: str, params: dict[str, Any]) -> None:
+
+class RayIndexBuilder:
+    """A ``builder`` for ``rdscale.search.build_index`` (faiss): called, it builds the index with ``num_tasks`` Ray
+    tasks (default one per fragment, at most 2 x the cluster's CPUs), merged and written by one more;
+    ``calibrate`` measures its recall curve in a Ray task. ``address``: the cluster to join when Ray is not
+    started yet (default auto; local starts one in this process)."""
+
+    def __init__(self, num_tasks: int | None = None, num_cpus: float = 1.0, address: str | None = None):
+        self.num_tasks, self.num_cpus, self.address = num_tasks, num_cpus, address
+
+    def _connect(self) -> None:
+        if not ray.is_initialized():
+            ray.init(address=self.address or "auto", include_dashboard=False, configure_logging=False)
+
+    def calibrate(self, dataset_path: str | Path, info: IndexInfo, recall: float) -> IndexInfo:
+        self._connect()
+        return ray.get(_calibrate.options(num_cpus=self.num_cpus).remote(str(dataset_path), info, recall))
+
+    def __call__(self, ds, table: str, width: int, index_type: str, metric: str, params: dict[str, Any]) -> None:
+        num_tasks, num_cpus = self.num_tasks, self.num_cpus
         if index_type not in RAY_INDEX_TYPES:
             raise SearchError(f"a Ray index build makes {' or '.join(RAY_INDEX_TYPES)} (an HNSW graph cannot be "
                               f"built in parts); got {index_type}")
-        if not ray.is_initialized():
-            ray.init(address=address or "auto", include_dashboard=False, configure_logging=False)
+        self._connect()
         empty = _serialize(F.trained_empty(ds, width, index_type, metric, params, table))
         fragments = [(f.fragment_id, f.count_rows()) for f in ds.get_fragments()]
         tasks = num_tasks or min(len(fragments), max(1, int(2 * ray.cluster_resources().get("CPU", 1))))
@@ -83,12 +106,16 @@ def ray_builder(num_tasks: int | None = None, num_cpus: float = 1.0, address: st
         if total != ds.count_rows():
             raise SearchError(f"{table} changed while indexing ({total} rows indexed, {ds.count_rows()} expected)")
 
-    return build
+
+def ray_builder(num_tasks: int | None = None, num_cpus: float = 1.0, address: str | None = None) -> RayIndexBuilder:
+    """The builder ``rdscale index --ray`` passes to ``build_index`` (RayIndexBuilder)."""
+    return RayIndexBuilder(num_tasks, num_cpus, address)
 
 
 def build_index_on_ray(run: str | Path, table: str = "proteins", width: int | None = None,
                        index_type: str = "IVF_PQ", metric: str = "cosine", rebuild: bool = False,
-                       num_tasks: int | None = None, recall: float | None = None, **params: Any) -> IndexInfo:
+                       num_tasks: int | None = None, recall: float | None = C.DEFAULT_RECALL, **params: Any
+                       ) -> IndexInfo:
     """``rdscale.search.build_index`` with the FAISS index built on the Ray cluster (see the module)."""
     return build_index(run, table=table, width=width, index_type=index_type, metric=metric, rebuild=rebuild,
                        backend="faiss", recall=recall, builder=ray_builder(num_tasks), **params)

@@ -1090,7 +1090,9 @@ def build_index(
     (``rebuild=True`` forces a new one). ``progress``: a bar of the rows added (FAISS) or per build stage (Lance).
     ``recall``: the recall@10 target the index is calibrated for on held-out rows (rdscale.search.calibrate; the
     curve is stored with the index and ``search`` uses its cheapest point meeting the target); None skips it.
-    ``builder`` (faiss): builds and writes the index instead of this process (rdscale.cluster.index.ray_builder).
+    ``builder`` (faiss): builds and writes the index instead of this process; its ``calibrate(dataset_path, info,
+    recall)``, when it has one, measures the curve in its stead (rdscale.cluster.index.RayIndexBuilder: both in
+    Ray tasks, so the driver never holds the table).
     """
     if backend is None:
         backend = default_backend(dataset_path)
@@ -1116,7 +1118,7 @@ def build_index(
     if recall is None or info.num_rows < C.MIN_ROWS or (info.calibration and info.calibration.get("target") == recall
                                                         and info.calibration.get("k") == C.DEFAULT_K):
         return info
-    return calibrate(dataset_path, info, recall)
+    return getattr(builder, "calibrate", calibrate)(dataset_path, info, recall)
 
 
 _RESIDENT_BYTES = 2 << 30  # calibration holds the twin table in memory up to this size; larger ones are streamed
