@@ -88,6 +88,16 @@ def _shards(n: int):
     return [Shard(path="x.fasta", file_index=0, index=i, fmt="plain", start=i * 10, end=i * 10 + 10) for i in range(n)]
 
 
+@pytest.fixture(autouse=True)
+def _no_redo_wait(monkeypatch):
+    """The redo back-off (seconds) recorded, not slept."""
+    import rdscale.cluster.executor as executor_module
+
+    waits: list[float] = []
+    monkeypatch.setattr(executor_module, "_pause", waits.append)
+    return waits
+
+
 def test_a_lost_actor_redoes_only_the_shards_not_yielded_whole():
     import ray.exceptions
 
@@ -103,13 +113,19 @@ def test_a_lost_actor_redoes_only_the_shards_not_yielded_whole():
         (1, 1, ["1:1"]), (0, 1, ["0:1"]), (0, 1, ["0:1"]), (2, 2, ["2:2"]), (3, 0, ["3:2"])]
 
 
-def test_lost_actors_past_max_restarts_stop_with_one_line_and_user_errors_are_not_redone():
+def test_lost_actors_past_max_restarts_stop_with_one_line_and_user_errors_are_not_redone(_no_redo_wait):
     import ray.exceptions
 
-    from rdscale.cluster.executor import ActorLostError, lost_worker
+    from rdscale.cluster.executor import ActorLostError, lost_worker, redo_backoff
     from rdscale.errors import FastaFormatError
 
     lost = ray.exceptions.NodeDiedError("node 10.0.0.7 died")
+    executor, cfg, seen = _executor(3, [([(0, 1, 1)], lost), ([], lost), ([], lost), ([], lost)])
+    with pytest.raises(ActorLostError):
+        list(executor.apply(cfg, [], None, {}, {}, _shards(3)))
+    # each redo waits longer (the cluster takes a while to declare a node dead), within a bound; none after the last
+    assert _no_redo_wait == [redo_backoff(1), redo_backoff(2), redo_backoff(3)] and 0 < _no_redo_wait[0]
+    assert _no_redo_wait == sorted(_no_redo_wait) and redo_backoff(100) <= 60
     executor, cfg, seen = _executor(1, [([(0, 1, 1)], lost), ([], lost)])
     with pytest.raises(ActorLostError) as caught:
         list(executor.apply(cfg, [], None, {}, {}, _shards(3)))

@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -177,6 +178,20 @@ def actor_slots(nodes: Sequence[dict[str, float]], cpus: float, gpus: float) -> 
     span nodes)."""
     return sum(int(min(n.get("CPU", 0.0) / cpus if cpus else 1e9, n.get("GPU", 0.0) / gpus if gpus else 1e9))
                for n in nodes if n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus)
+
+
+REDO_BACKOFF_S = 2.0  # the first redo's wait; doubled on each further one, up to REDO_BACKOFF_MAX_S
+REDO_BACKOFF_MAX_S = 30.0
+
+
+_pause = time.sleep  # tests record the waits instead
+
+
+def redo_backoff(retry: int) -> float:
+    """Seconds to wait before the apply pass's ``retry``-th redo (1-based). A node that is going away takes the
+    cluster a while to declare dead (longer on a loaded head); a pool started at once can be placed on it again
+    and lose its actors too, spending the redo budget (ray.max_restarts) on one loss."""
+    return min(REDO_BACKOFF_S * 2 ** (retry - 1), REDO_BACKOFF_MAX_S)
 
 
 def pool_sizes(num_actors: int | str, max_actors: int | None, slots: int) -> tuple[int, int, int | None]:
@@ -457,8 +472,11 @@ class RayExecutor:
                             f"(ray.max_restarts={limit}); {len(left)} shard(s) were not committed: run the same "
                             "command again to resume") from err
                     retries += 1
+                    wait = redo_backoff(retries)
                     log.warning("the apply pass lost %s; redoing its %d uncommitted shard(s) on a new actor pool "
-                                "(retry %d%s)", what, len(left), retries, f" of {limit}" if limit >= 0 else "")
+                                "in %.0f s (retry %d%s)", what, len(left), wait, retries,
+                                f" of {limit}" if limit >= 0 else "")
+                    _pause(wait)
                     break
                 got = parts.setdefault(index, [])
                 got.append((total, part))
