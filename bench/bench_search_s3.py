@@ -3,7 +3,7 @@ FAISS index stored as an object beside the run (fetched once into the node's cac
 0.95, against the same run on a local disk. Funnel mode at the calibrated point; resident Searchers (a server
 replica's setting), batch q/s and one-query ms on held-out queries of the bench generator.
 
-Every S3 request goes through a small HTTP proxy written here (``Proxy``), in front of the server: it counts the
+Every S3 request goes through a small HTTP proxy (``benchkit.Proxy``), in front of the server: it counts the
 requests by kind (GET, LIST = a GET with ``list-type`` / ``prefix``, HEAD, other) and can hold each request back
 ``--latency-ms`` before forwarding it. Rows ``s3`` (no injected delay) and ``s3+Nms`` (the delay) are measured in
 the same run as ``local``; each reports the object-store requests per query after a warm-up search (a fresh
@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,75 +27,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import bench_search as B  # noqa: E402
+from benchkit import Proxy  # noqa: E402
 from s3 import S3Server  # noqa: E402
 
 from rdscale import search as S  # noqa: E402
 from rdscale.io.location import Location  # noqa: E402
 from rdscale.search.searcher import Searcher  # noqa: E402
-
-
-_REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n")
-
-
-class Proxy:
-    """A TCP proxy for an HTTP server (localhost): counts the requests it forwards by kind and holds each one back
-    ``delay`` seconds (a request line seen in the client's stream) before passing it on."""
-
-    def __init__(self, target_port: int):
-        self.target = ("127.0.0.1", target_port)
-        self.delay = 0.0
-        self.counts: dict[str, int] = {}
-        self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def reset(self) -> dict[str, int]:
-        with self.lock:
-            out, self.counts = self.counts, {}
-        return out
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            for sock in (client, server):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if requests:
-                    found = _REQUEST.findall(data)
-                    if found:
-                        with self.lock:
-                            for method, path in found:
-                                kind = method.decode()
-                                if kind == "GET" and (b"list-type" in path or b"prefix=" in path):
-                                    kind = "LIST"
-                                self.counts[kind] = self.counts.get(kind, 0) + 1
-                        if self.delay:
-                            time.sleep(self.delay * len(found))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """What several benchmarks (and a few tests) share: timing, the in-process config of a benchmark run, where the
-machine's description and the results JSON go, the process's peak memory, and a synthetic run store for the
-driver-memory measurements of dedupe.
+machine's description and the results JSON go, a counting proxy in front of a local S3 server, the process's peak
+memory, and a synthetic run store for the driver-memory measurements of dedupe.
 
 Benchmarks run as scripts (`python bench/bench_x.py`), so `import benchkit` finds this file beside them; tests load
 it by path (tests/helpers.py: `bench_module`)."""
@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import socket
+import threading
 import time
 from pathlib import Path
 from statistics import median
@@ -68,6 +71,73 @@ def write_results(path: str | Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+
+
+# -- an S3 request counter (bench_search_s3.py, bench_scale.py --s3) ------------------------------------------------
+
+
+_REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n")
+
+
+class Proxy:
+    """A TCP proxy for an HTTP server (localhost): counts the requests it forwards by kind and holds each one back
+    ``delay`` seconds (a request line seen in the client's stream) before passing it on."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.delay = 0.0
+        self.counts: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> dict[str, int]:
+        with self.lock:
+            out, self.counts = self.counts, {}
+        return out
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if requests:
+                    found = _REQUEST.findall(data)
+                    if found:
+                        with self.lock:
+                            for method, path in found:
+                                kind = method.decode()
+                                if kind == "GET" and (b"list-type" in path or b"prefix=" in path):
+                                    kind = "LIST"
+                                self.counts[kind] = self.counts.get(kind, 0) + 1
+                        if self.delay:
+                            time.sleep(self.delay * len(found))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 # -- memory (Linux) -------------------------------------------------------------------------------------------------
