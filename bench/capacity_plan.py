@@ -103,6 +103,39 @@ def _written(variant: dict) -> float:
     return max(v for t, v in variant["written_over_final"].items() if t in ("proteins", "residues"))
 
 
+# S3 Standard request prices, USD per 1,000 requests (AWS list prices, us-east-1, 2024): writes and lists, reads
+S3_PRICE = {"write": 0.005, "read": 0.0004}
+_S3_WRITES = ("PUT", "POST", "LIST", "COPY")
+
+
+def s3_requests(s3: dict | None) -> list[str]:
+    """The object-store requests per verb (bench_scale.py --s3), and what they would cost at UniRef50's size."""
+    if not s3 or not s3.get("s3"):
+        return []
+    size = max(s3["s3"], key=lambda s: s["n"])
+    n, kinds = size["n"], ("GET", "LIST", "HEAD", "PUT", "POST", "DELETE")
+    lines = ["## Object-store requests", "",
+             f"Every verb at N = {n:,} per-protein proteins on a SeaweedFS server through a counting proxy "
+             "(`bench/bench_scale.py --s3`, bench/results/bench_scale_s3.json; the inputs read from the same "
+             "store): requests by kind (**measured**). UniRef50 columns: the count scaled by records "
+             "(**extrapolated**, an upper bound: most requests come per shard, per commit and per table open, and "
+             f"the bench's shards are 0.25 MB against {SHARD_MB} MB in the cluster config), priced at S3 Standard "
+             f"list prices (${S3_PRICE['write']} per 1,000 PUT / POST / LIST, ${S3_PRICE['read']} per 1,000 GET / "
+             "HEAD; **estimate**).", "",
+             "| verb | " + " | ".join(kinds) + " | total | per 1,000 records | UniRef50 requests | UniRef50 USD |",
+             "|---|" + "---|" * (len(kinds) + 4)]
+    scale = DATABASES["UniRef50"]["proteins"] / n
+    for verb, row in size["verbs"].items():
+        req = row.get("requests")
+        if req is None:
+            continue
+        total = sum(req.values())
+        usd = sum(v * scale / 1e3 * S3_PRICE["write" if k in _S3_WRITES else "read"] for k, v in req.items())
+        lines.append(f"| {verb} | " + " | ".join(str(req.get(k, 0)) for k in kinds) +
+                     f" | {total:,} | {1e3 * total / n:.1f} | {fmt(total * scale)} | {usd:,.0f} |")
+    return lines + [""]
+
+
 def plan(scale: dict, driver: dict | None) -> str:
     costs = row_costs(scale)
     p = costs["proteins"]
@@ -178,11 +211,12 @@ def plan(scale: dict, driver: dict | None) -> str:
     lines += ["", "Wide per-residue output is bound by bytes: 128 MiB fragments of a 50 TB table are ~4e5; raise "
               "`output.fragment_mb` (e.g. 1024) for fewer, larger fragments. The driver buffers at most about one "
               "target's worth of rows per table (plus, on Ray, the parts of shards still running).", "",
-              f"Before groups (measured at N = {p['n']:,}, bench shards of 0.25 MB, `output.records_per_batch` "
-              f"64): {p['fragments']:,} proteins fragments for {p['shards']:,} shards ({frag_per_record * 1e3:.1f} "
-              f"per 1,000 records: a fragment per batch and shard), latest manifest {p['manifest_bytes']:,} bytes, "
-              f"median shard commit {p['commit_ms']:.1f} ms. `output.fragment_rows: 0` still gives that layout; "
-              f"`rdscale compact` then merges to ~{COMPACT_ROWS:,} rows per fragment by rewriting every table.", ""]
+              f"**Measured** at N = {p['n']:,} (bench shards of 0.25 MB, defaults otherwise): {p['fragments']:,} "
+              f"proteins fragments for {p['shards']:,} shards ({frag_per_record * 1e6:.1f} per 1,000,000 records), "
+              f"latest manifest {p['manifest_bytes']:,} bytes, median group commit {p['commit_ms']:.0f} ms (a "
+              "group's commit writes its data files). `output.fragment_rows: 0` gives the layout before groups, a "
+              "fragment per batch and shard (the ungrouped rows below); `rdscale compact` then merges to "
+              f"~{COMPACT_ROWS:,} rows per fragment by rewriting every table.", ""]
     frag = load(ROOT / "bench" / "results" / "bench_fragments.json")
     if frag:
         lines += ["Grouped vs ungrouped, side by side (**measured**, `bench/bench_scale.py --fragments`, "
@@ -239,6 +273,8 @@ def plan(scale: dict, driver: dict | None) -> str:
         lines += ["", f"Real forwards (tiny random ESM-2 32/48/64, CPU, N = {r['n']:,}): "
                   f"{r['residues_per_s']:,.0f} residues/s (**measured**; no bearing on GPU rates)."]
     lines.append("")
+
+    lines += s3_requests(load(ROOT / "bench" / "results" / "bench_scale_s3.json"))
 
     # ---------------------------------------------------------------------------------------------- driver
     lines += ["## Driver memory", ""]
