@@ -56,14 +56,16 @@ def load(path: Path) -> dict | None:
 
 def row_costs(scale: dict) -> dict:
     """Measured bytes per row of each table, split into the embedding (scaled to other widths below) and the rest
-    (ids, descriptions, sequences, sources, shard numbers), from the largest size of each variant."""
+    (ids, descriptions, sequences as Lance stores them, compressed, sources, shard numbers), from the largest size
+    of each variant."""
     out = {}
     chain_width = int(scale["chain"][-1].split(":")[1])
     prot = max((s for s in scale["sizes"] if not s["residues"]), key=lambda s: s["n"])
     t = prot["verbs"]["run"]["tables"]["proteins"]
     other = t["bytes_live"] - 4 * chain_width * t["rows"]  # float32 per-protein vectors are stored raw
     out["proteins"] = {"n": prot["n"], "rows": t["rows"], "residues": prot["residues_total"],
-                       "other_per_row": (other - prot["residues_total"]) / t["rows"], "fragments": t["fragments"],
+                       "other_per_row": other / t["rows"], "fragments": t["fragments"],
+                       "mean_length": prot["residues_total"] / t["rows"],
                        "manifest_bytes": t["manifest_bytes"], "shards": prot["shards"],
                        "commit_ms": prot["commit_latency_median_ms"], "peak_rss_mb": max(
                            v["peak_rss_mb"] for v in prot["verbs"].values())}
@@ -164,17 +166,18 @@ def plan(scale: dict, driver: dict | None) -> str:
 
     # ---------------------------------------------------------------------------------------------- storage
     lines += ["## Tables: rows and bytes", "",
-              f"Per-protein row (measured at N = {p['n']:,}): {p['other_per_row']:.0f} bytes of id, description, "
-              "length, source and shard, plus the sequence (1 byte per residue), plus the embedding (4 bytes x "
-              "width, float32). Per-residue row (measured at N = "
-              + (f"{costs['residues']['n']:,}: {costs['residues']['other_per_row']:.1f} bytes of id, pos, aa and "
+              f"Per-protein row (measured at N = {p['n']:,}, mean length {p['mean_length']:.0f}): "
+              f"{p['other_per_row']:.0f} bytes of id, description, length, source, shard and the sequence (Lance "
+              "compresses it in fragments of this size), plus the embedding (4 bytes x width, float32); "
+              "UniRef50's mean length is ~290, so its rows are a little smaller. Per-residue row (measured at N = "
+              + (f"{costs['residues']['n']:,}): {costs['residues']['other_per_row']:.1f} bytes of id, pos, aa and "
                  "shard, plus the stored prefix: width x 2 bytes (float16) or x 4 (float32)."
                  if "residues" in costs else "not measured).") + " All **extrapolated**.", "",
               "| database | table | prefix / dtype | rows | bytes |", "|---|---|---|---|---|"]
     for db, size in DATABASES.items():
         for width in (1280, 2560):
             rows = size["proteins"]
-            b = rows * (p["other_per_row"] + 4 * width) + size["residues"]
+            b = rows * (p["other_per_row"] + 4 * width)
             lines.append(f"| {db} | proteins | k_m = {width}, float32 | {fmt(rows)} | {fmt(b, 'B')} |")
         if "residues" in costs:
             other = costs["residues"]["other_per_row"]
@@ -198,7 +201,8 @@ def plan(scale: dict, driver: dict | None) -> str:
               "| database | output | groups = fragments per table = commits | rows per proteins fragment |",
               "|---|---|---|---|"]
     for db, size in DATABASES.items():
-        prot_bytes = size["proteins"] * (p["other_per_row"] + 4 * 1280) + size["residues"]
+        # the buffer's Arrow bytes: sequences uncompressed (a byte per residue), ~100 bytes of id and description
+        prot_bytes = size["proteins"] * (100 + 4 * 1280) + size["residues"]
         outputs = [("per-protein, k_m 1280 float32", 0.0)]
         if "residues" in costs:
             outputs += [(f"+ residues {w}, float16", size["residues"] * (costs["residues"]["other_per_row"] + 2 * w))
@@ -316,7 +320,7 @@ def plan(scale: dict, driver: dict | None) -> str:
     gpus = math.ceil(hours[name] / 24 / 0.8)  # 80%: stragglers, the fit pass, restarts
     nodes = math.ceil(gpus / 8)
     actors = nodes * 8  # whole nodes: every GPU of them an actor
-    out_bytes = DATABASES["UniRef50"]["proteins"] * (p["other_per_row"] + 4 * 2560) + DATABASES["UniRef50"]["residues"]
+    out_bytes = DATABASES["UniRef50"]["proteins"] * (p["other_per_row"] + 4 * 2560)
     lines += ["## A Ray cluster for UniRef50 in a day (estimate)", "",
               f"Chain `{name}`, per-protein output at k_m = 2560: ~{fmt(hours[name])} GPU-hours (above). At 80% "
               f"of the day busy: **{gpus} GPUs**, i.e. {nodes} node{'s' if nodes > 1 else ''} of 8 x H100 "
