@@ -9,7 +9,9 @@ stored (float16) residues, as the pipeline writes it.
 Measures, in one run:
 - index build: single process vs `rdscale.cluster.index` on a `ray.cluster_utils.Cluster` of 2 nodes (seconds;
   the driver's peak numpy allocations under tracemalloc; each worker process's peak RSS, ru_maxrss);
-- bytes: stored bytes per protein (float32 and float16) and per residue, index bytes per protein;
+- bytes: stored bytes per protein (float32 and float16) and per residue, index bytes per protein, and the resident
+  bytes per protein of a served Searcher (a fresh process's RSS growth once loaded and answering) with re-rank
+  rows from the store, in float16 and in float32;
 - proteins: funnel q/s and recall@10 against exact at the index's calibrated default point (recall 0.95 on
   held-out rows; the Ray build is calibrated in a Ray task), for float32 and float16 stored proteins;
 - residues: two-stage (default) vs global exact, per query protein: seconds and recall@10 aggregated to proteins.
@@ -92,6 +94,35 @@ def write_run(out: Path, n_prot: int, per_protein: int, dim: int, levels: list[i
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+_SERVED = """
+import json, sys
+import numpy as np
+from rdscale.search.searcher import Searcher
+
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+
+run, mode, width = sys.argv[1], sys.argv[2], int(sys.argv[3])
+q = np.random.default_rng(0).standard_normal((20, width)).astype(np.float32)
+Searcher(run, rerank_rows=mode).close()  # imports and first-use allocations, not the served rows
+before = rss()
+searcher = Searcher(run, rerank_rows=mode)
+searcher.load()
+searcher.search(q, k=10, mode="funnel")
+print(json.dumps({"rss_bytes": rss() - before}))
+"""
+
+
+def served_bytes(run: Path, mode: str, full_width: int) -> int:
+    """Resident bytes a Searcher serving ``run`` holds once loaded and answering funnel queries (the index, the keys,
+    and the re-rank rows of ``mode``: none for "store"), measured as a fresh process's RSS growth."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _SERVED, str(run), mode, str(full_width)], capture_output=True,
+                          text=True, check=True, cwd=str(Path(__file__).resolve().parents[1]))
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["rss_bytes"])
 
 
 def main() -> None:
@@ -179,6 +210,10 @@ def main() -> None:
             "protein_float32": 4 * args.dim, "protein_float16": 2 * args.dim, "residue_float16": 2 * args.dim,
             "index_per_protein": index_bytes / args.proteins,
         }
+        # what a served searcher holds in memory per protein (fresh process, RSS growth): re-rank rows from the
+        # store (none resident), as float16 rows, as float32 rows
+        for mode in ("store", "float16", "float32"):
+            result["bytes"][f"served_{mode}_per_protein"] = served_bytes(run, mode, args.dim) / args.proteins
 
         # ---- residues: two-stage vs global exact, aggregated to proteins
         res = Searcher(run, "residues")

@@ -18,9 +18,9 @@ The grid (``axes``): HNSW search breadth ``ef`` (FAISS and Lance's IVF_HNSW_*), 
 ``nprobes`` (doubling up to the number of lists), Lance's ``refine_factor`` for quantised indexes in ann mode,
 and the funnel ``shortlist``. It is walked greedily from the cheapest corner: each step raises one axis by one
 notch, the one with the largest recall gain per unit of cost, until the measured recall reaches ``STOP_RECALL``
-(and its bound ``STOP_LOW``) or the grid ends. Each step is a point of the curve. The walk steers by half of the
-queries; every point's recall is then read on the other half (a point picked among noisy ones reads high on the
-queries that picked it). Cost is a model of the work per query (vector numbers
+(and its bound ``STOP_LOW``) on both halves of the queries, or the grid ends. Each step is a point of the curve.
+The walk steers by half of the queries; every point's recall is then read on the other half (a point picked among
+noisy ones reads high on the queries that picked it). Cost is a model of the work per query (vector numbers
 read, see ``cost``), not a timing: the machine a run is indexed on is not the one it is served on, and a model
 picks the same point each time. Measured milliseconds per query are stored beside it, for information.
 
