@@ -4,16 +4,20 @@ commit latency against committed shards, and each verb's growth exponent.
 Inputs come from bench/uniref_gen.py (UniRef50 lengths: median ~270, ~4% past 1,022, tail to ~35k; 1% identical
 sequences under other ids). The embedder is a chain of `stub:WIDTH` models (rdscale.model.stub: deterministic
 vectors, no FLOPs, behind the same stage interface), so what is measured is the I/O, commit and driver work of
-each verb, at sizes no CPU could embed; `--real N` also runs the tiny random ESM-2 family on N records and states
-residues/s (real forwards, CPU). Per size, on one run directory, in this order:
+each verb, at sizes no CPU could embed; `--real N ...` also runs the tiny random ESM-2 family on N records (each N) and
+states residues/s (real forwards, CPU). Per size, on one run directory, in this order:
 
     run (fit + embed) -> rerun (nothing to do) -> verify -> update (1% changed, 0.5% removed, 1% added)
     -> compact -> index (a vector index at the 16-wide first level) -> search (100 queries by id, exact and ann)
 
 Variants: per-protein only (`--sizes`), and per-residue at a narrow storage width (16, float16: `--residue-sizes`;
 its index and search only with `--residue-index`: an IVF-PQ over every residue takes minutes on 2 cores).
-The verbs run in this process (LocalExecutor; `--ray` runs run/rerun/update through a local Ray instead, whose
-worker RSS is then not in `peak_rss_mb`). The driver-only paths (shard plan and the dedupe grouping pass, the
+The verbs run in this process (LocalExecutor). `--ray` runs every verb that has a Ray path through a local Ray
+instead: run, rerun and update on Ray Data actors; index by Ray tasks (IVF_FLAT, calibrated in a task); exact and
+ann search scattered over ShardedSearcher's actors; and serve (Ray Serve: start, 100 one-id queries over HTTP,
+stop). verify and compact have no Ray path (they read or rewrite the tables from the driver) and run in-process
+either way. Ray verbs also report their workers' peak RSS (`worker_peak_rss_mb`: the largest worker process;
+`workers_total_peak_rss_mb`: all of them together). The driver-only paths (shard plan and the dedupe grouping pass, the
 parts of a run that read the whole input on the driver) run alone at `--driver-sizes` (1e7 takes a 3.3 GB file).
 
     python bench/bench_scale.py                                  # 1e4 and 1e5, ~5 min on 2 cores
@@ -62,13 +66,18 @@ from rdscale.run.verify import verify  # noqa: E402
 
 CHAIN = ["stub:16", "stub:64"]  # 16: the level indexes are built at; rows are narrower than ESM-2's: capacity_plan.py
 # scales bytes to real widths, and the RD apply (a real (sum L, 80) x (80, 64) product per chunk) stays small
-VERBS = ["run", "rerun", "verify", "update", "compact", "index", "search_exact", "search_ann"]
+VERBS = ["run", "rerun", "verify", "update", "compact", "index", "search_exact", "search_ann", "serve"]
 TABLES = ["proteins", "residues", "rejects", "shards"]
 
 
 class PeakRss:
     """Peak resident memory of this process while the block runs, sampled every 20 ms (VmHWM is process-wide
-    and monotonic between resets; sampling works without resetting it)."""
+    and monotonic between resets; sampling works without resetting it). `workers`: also Ray's worker processes
+    on this machine (command lines starting "ray::"), every 0.2 s: the largest one and their sum."""
+
+    def __init__(self, workers: bool = False):
+        self.workers = workers
+        self.worker_mb = self.workers_total_mb = 0.0
 
     def __enter__(self):
         self.peak = status_kb("VmRSS")
@@ -78,14 +87,37 @@ class PeakRss:
         return self
 
     def _loop(self):
+        tick = 0
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, status_kb("VmRSS"))
+            tick += 1
+            if self.workers and tick % 10 == 0:
+                sizes = ray_worker_rss_mb()
+                self.worker_mb = max(self.worker_mb, max(sizes, default=0.0))
+                self.workers_total_mb = max(self.workers_total_mb, sum(sizes))
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, status_kb("VmRSS"))
         self.mb = self.peak * 1024 / MB
+
+
+def ray_worker_rss_mb() -> list[float]:
+    """RSS (MB) of each Ray worker process on this machine (command line "ray::..."; idle ones included)."""
+    sizes = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if not (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                continue
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes.append(int(line.split()[1]) * 1024 / MB)
+        except OSError:  # gone meanwhile
+            continue
+    return sizes
 
 
 class CommitClock:
@@ -206,17 +238,20 @@ def cfg(tmp: Path, fasta: Path | str, models, out: str, ray: bool, **extra):
 
 
 def measure_verb(name: str, fn, n: int, facts_of: Path | str | None, results: dict,
-                 proxy: benchkit.Proxy | None = None) -> object:
+                 proxy: benchkit.Proxy | None = None, workers: bool = False) -> object:
     """Time fn() (and its peak RSS); `facts_of`: the run whose table_facts to record after it; `proxy`: the object
-    store's counting proxy, reset before fn, its counts (this verb's requests alone) recorded after."""
+    store's counting proxy, reset before fn, its counts (this verb's requests alone) recorded after; `workers`:
+    also the peak RSS of the largest Ray worker process and of all of them together (Ray verbs)."""
     if proxy is not None:
         proxy.reset()
-    with PeakRss() as rss:
+    with PeakRss(workers) as rss:
         t0 = time.perf_counter()
         value = fn()
         seconds = time.perf_counter() - t0
     requests = proxy.reset() if proxy is not None else None
     row = {"seconds": seconds, "per_record_us": 1e6 * seconds / n, "peak_rss_mb": rss.mb}
+    if workers:
+        row["worker_peak_rss_mb"], row["workers_total_peak_rss_mb"] = rss.worker_mb, rss.workers_total_mb
     if requests is not None:
         row["requests"] = dict(sorted(requests.items()))
         row["requests_per_1000_records"] = {k: 1e3 * v / n for k, v in row["requests"].items()}
@@ -267,19 +302,19 @@ def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_ind
     print(f"N={n} ({'per-residue, width 16 float16' if residues else 'per-protein'})"
           f"{'' if s3 is None else f' on {run_dir}'}", flush=True)
     with CommitClock() as clock:
-        summary = measure_verb("run", lambda: run(c, executor, progress=False), n, run_dir, verbs, proxy)
+        summary = measure_verb("run", lambda: run(c, executor, progress=False), n, run_dir, verbs, proxy, ray)
     out["shards"] = summary.shards_total
     out["residues_total"] = sum(len(r.sequence) for r in gen.records(n, seed=1))
     # commit latency against committed shards: ~50 points along the run
     step = max(1, len(clock.points) // 50)
     out["commit_latency"] = [[k, s] for k, s in clock.points[::step]]
     out["commit_latency_median_ms"] = 1e3 * float(np.median([s for _, s in clock.points])) if clock.points else None
-    measure_verb("rerun", lambda: run(c, executor, progress=False), n, None, verbs, proxy)
+    measure_verb("rerun", lambda: run(c, executor, progress=False), n, None, verbs, proxy, ray)
     problems = measure_verb("verify", lambda: verify(run_dir), n, None, verbs, proxy)
     assert not problems, problems
     where = f"ray.address={'null' if ray else 'local'}"
     report = measure_verb("update", lambda: update(run_dir, [release_b], "B", overrides=[where], executor=executor,
-                                                   progress=False), n, run_dir, verbs, proxy)
+                                                   progress=False), n, run_dir, verbs, proxy, ray)
     out["update"] = {"changed": report.changed, "new": report.new, "removed": report.removed,
                      "ratio_to_run": verbs["update"]["seconds"] / verbs["run"]["seconds"]}
     measure_verb("compact", lambda: compact_run(run_dir), n, run_dir, verbs, proxy)
@@ -288,6 +323,11 @@ def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_ind
     table = "residues" if residues else "proteins"
     width = 16  # the chain's first level (an index is built at a level), and the residues' storage width
     if residues and not residue_index:  # an IVF-PQ over every residue: minutes at 1e4 proteins on 2 cores
+        out["run_dir_bytes"] = run_bytes(run_dir)
+        remove_run(run_dir)
+        return out
+    if ray and s3 is None:
+        ray_verbs(run_dir, table, width, n, verbs, out)
         out["run_dir_bytes"] = run_bytes(run_dir)
         remove_run(run_dir)
         return out
@@ -314,6 +354,63 @@ def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_ind
     out["run_dir_bytes"] = run_bytes(run_dir)
     remove_run(run_dir)
     return out
+
+
+def ray_verbs(run_dir: Path, table: str, width: int, n: int, verbs: dict, out: dict) -> None:
+    """index, search and serve through Ray (`--ray`): the index built by Ray tasks (RayIndexBuilder, IVF_FLAT: a
+    graph index cannot be built in parts; calibrated in a Ray task), exact and ann search scattered over
+    ShardedSearcher's actors (each holds its fragments' rows; ann builds an in-memory IVF_FLAT per shard), and
+    `serve` (Ray Serve, over HTTP): start until every replica has loaded the run, then 100 one-id queries. Each
+    search verb is one-shot, as a CLI call is: its actors start, load, answer 100 queries and go."""
+    import httpx
+    import lance
+    import ray
+
+    from rdscale.cluster import serve as server
+    from rdscale.cluster.index import ray_builder
+    from rdscale.cluster.search import ShardedSearcher
+    from rdscale.search.searcher import build_index
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    measure_verb("index", lambda: build_index(run_dir, table=table, width=width, metric="cosine", index_type="IVF_FLAT",
+                                              backend="faiss", builder=ray_builder()), n, None, verbs, workers=True)
+    ids = lance.dataset(str(run_dir / "proteins.lance")).to_table(columns=["id"], limit=100)["id"].to_pylist()
+    keys = [(i, 0) for i in ids] if table == "residues" else ids
+
+    def sharded(mode: str, build: list) -> object:
+        searcher = ShardedSearcher(run_dir, table, num_shards=2, build=build, num_cpus=0)
+        try:
+            return searcher.search(ids=keys, k=10, width=width, mode=mode)
+        finally:
+            searcher.close()
+
+    measure_verb("search_exact", lambda: sharded("exact", []), n, None, verbs, workers=True)
+    measure_verb("search_ann", lambda: sharded("ann", [{"width": width, "index_type": "IVF_FLAT"}]), n, None, verbs,
+                 workers=True)
+    port = benchkit.free_port()
+    latencies: list[float] = []
+
+    def serve_verb() -> None:
+        url = server.start(str(run_dir), port=port, num_cpus=0, tables=[table])
+        try:
+            with httpx.Client(timeout=120) as client:
+                for key in keys:
+                    one = f"{key[0]}:{key[1]}" if isinstance(key, tuple) else key
+                    t0 = time.perf_counter()
+                    r = client.post(f"{url}/search", json={"table": table, "ids": [one], "k": 10, "width": width})
+                    latencies.append(time.perf_counter() - t0)
+                    if r.status_code != 200:
+                        raise RuntimeError(f"serve answered {r.status_code}: {r.text[:200]}")
+        finally:
+            server.stop()
+
+    measure_verb("serve", serve_verb, n, None, verbs, workers=True)
+    out["serve"] = {"queries": len(latencies), "query_ms_median": 1e3 * float(np.median(latencies)),
+                    "query_ms_p95": 1e3 * float(np.percentile(latencies, 95)),
+                    "start_and_stop_s": verbs["serve"]["seconds"] - float(np.sum(latencies))}
+    print(f"  serve: {out['serve']['query_ms_median']:.1f} ms per one-id query over HTTP (median), "
+          f"start + stop {out['serve']['start_and_stop_s']:.1f} s", flush=True)
 
 
 REQUEST_KINDS = ["GET", "LIST", "PUT", "HEAD", "DELETE"]  # the table's columns; the rest (POST: multipart) other
@@ -465,7 +562,7 @@ def real_models(tmp: Path, n: int) -> dict:
     models = build_tiny_family(tmp / "tiny", widths=(32, 48, 64), layers=(2, 3, 4))
     fa = tmp / f"R{n}.fasta"
     gen.write_fasta(fa, gen.records(n, seed=3))
-    c = cfg(tmp, fa, models, "real", False, **{"output.residues": "false", "fit.sample_sequences": 200})
+    c = cfg(tmp, fa, models, f"real{n}", False, **{"output.residues": "false", "fit.sample_sequences": 200})
     t0 = time.perf_counter()
     summary = run(c, LocalExecutor(), progress=False)
     seconds = time.perf_counter() - t0
@@ -546,7 +643,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--residue-sizes", type=int, nargs="*", default=[10_000])
     ap.add_argument("--driver-sizes", type=int, nargs="*", default=[])
-    ap.add_argument("--real", type=int, default=2000, help="records for the real tiny models (0: skip)")
+    ap.add_argument("--real", type=int, nargs="*", default=[2000],
+                    help="record counts for the real tiny models (none, or 0: skip)")
     ap.add_argument("--residue-index", action="store_true", help="also index and search the residues variant")
     ap.add_argument("--ray", action="store_true", help="run/rerun/update through a local Ray")
     ap.add_argument("--s3", type=int, nargs="*", default=[],
@@ -585,8 +683,11 @@ def main() -> None:
             result["sizes"].append(one_size(tmp, n, True, args.ray, executor, args.residue_index))
         for n in args.driver_sizes:
             result["driver"].append(driver_only(tmp, n))
-        if args.real:
-            result["real"] = real_models(tmp, args.real)
+        real = [n for n in args.real if n > 0]
+        if real:
+            result["real"] = [real_models(tmp, n) for n in real]
+            if len(real) >= 2:
+                result["real_growth"] = fit_growth([(r["n"], r["seconds"]) for r in result["real"]])
         if args.s3:
             result["s3"] = s3_sizes(tmp, args.s3, args.ray, executor)
         growth = {}

@@ -143,6 +143,13 @@ class Proxy:
 # -- memory (Linux) -------------------------------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server the bench starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def status_kb(field: str) -> int:
     """A field of /proc/self/status in kB (VmRSS: resident now; VmHWM: peak resident)."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -22,7 +22,7 @@ from test_search import clustered, ids_by_query, rdscale, write_proteins
 from rdscale import search as S
 from rdscale.search import exact as E
 from rdscale.search import faiss_index as F
-from rdscale.search.searcher import Searcher, num_queries
+from rdscale.search.searcher import Searcher, num_queries, widen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -404,3 +404,18 @@ def test_residue_hits_aggregate_to_proteins(residue_run, capsys):
     assert [line.split()[1] for line in text.splitlines()[2:]] == want
     with pytest.raises(S.SearchError, match="applies to residue search"):
         Searcher(out).search(ids=["P00001"], aggregate="proteins")
+
+
+def test_widen_converts_every_float16_value_exactly():
+    """The float16 re-rank widens rows through torch (numpy's astype is scalar); every one of the 65,536 float16
+    bit patterns must come out as numpy's exact conversion gives it (NaNs as NaN), in blocks of any shape."""
+    half = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(64, 32, 32)  # (b, shortlist, width)
+    out = widen(half, np.empty(half.shape, np.float32))
+    want = half.astype(np.float32)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+    finite = ~np.isnan(want)
+    assert np.array_equal(out[finite], want[finite])
+    assert np.array_equal(np.signbit(out[finite]), np.signbit(want[finite]))  # -0.0 stays -0.0
+    part = widen(half[:3], np.empty((3, 32, 32), np.float32))  # a last block shorter than the buffer
+    assert np.array_equal(part[finite[:3]], want[:3][finite[:3]])
