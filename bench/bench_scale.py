@@ -17,7 +17,7 @@ instead: run, rerun and update on Ray Data actors; index by Ray tasks (IVF_FLAT,
 ann search scattered over ShardedSearcher's actors; and serve (Ray Serve: start, 100 one-id queries over HTTP,
 stop). verify and compact have no Ray path (they read or rewrite the tables from the driver) and run in-process
 either way. Ray verbs also report their workers' peak RSS (`worker_peak_rss_mb`: the largest worker process;
-`workers_total_peak_rss_mb`: all of them together). The driver-only paths (shard plan and the dedupe grouping pass, the
+`workers_total_peak_rss_mb`: all of them together) and the most worker processes alive at once. The driver-only paths (shard plan and the dedupe grouping pass, the
 parts of a run that read the whole input on the driver) run alone at `--driver-sizes` (1e7 takes a 3.3 GB file).
 
     python bench/bench_scale.py                                  # 1e4 and 1e5, ~5 min on 2 cores
@@ -78,6 +78,7 @@ class PeakRss:
     def __init__(self, workers: bool = False):
         self.workers = workers
         self.worker_mb = self.workers_total_mb = 0.0
+        self.worker_count = 0
 
     def __enter__(self):
         self.peak = status_kb("VmRSS")
@@ -95,6 +96,7 @@ class PeakRss:
                 sizes = ray_worker_rss_mb()
                 self.worker_mb = max(self.worker_mb, max(sizes, default=0.0))
                 self.workers_total_mb = max(self.workers_total_mb, sum(sizes))
+                self.worker_count = max(self.worker_count, len(sizes))
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -252,6 +254,7 @@ def measure_verb(name: str, fn, n: int, facts_of: Path | str | None, results: di
     row = {"seconds": seconds, "per_record_us": 1e6 * seconds / n, "peak_rss_mb": rss.mb}
     if workers:
         row["worker_peak_rss_mb"], row["workers_total_peak_rss_mb"] = rss.worker_mb, rss.workers_total_mb
+        row["worker_processes_peak"] = rss.worker_count
     if requests is not None:
         row["requests"] = dict(sorted(requests.items()))
         row["requests_per_1000_records"] = {k: 1e3 * v / n for k, v in row["requests"].items()}

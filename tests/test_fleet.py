@@ -201,6 +201,22 @@ def test_pool_sizes_follow_the_cluster():
         load_config(None, ["ray.num_actors=4", "ray.max_actors=2"])
 
 
+@given(cpus=st.floats(0, 4096), actors=st.one_of(st.none(), st.integers(0, 1024)))
+def test_read_tasks_in_flight_are_bounded_by_cpus_and_actors(cpus, actors):
+    """Read tasks take no CPU, so nothing but this bound stops Ray starting a worker process per shard."""
+    from rdscale.cluster.executor import read_concurrency
+
+    n = read_concurrency(cpus, actors)
+    assert n >= 2  # a reader ahead of the one being consumed, even on a cluster reporting no CPUs yet
+    assert n <= max(2, int(cpus))
+    if actors is not None:
+        assert n <= max(2, 2 * actors)
+        if int(cpus) >= 2 * max(1, actors):
+            assert n == max(2, 2 * max(1, actors))  # two per actor where the CPUs allow
+    elif cpus >= 2:
+        assert n == int(cpus)
+
+
 @pytest.mark.ray
 def test_auto_pool_on_the_session_cluster_equals_local(ray_session, tmp_path, tiny_family):
     from helpers import make_cfg, write_fasta

@@ -194,6 +194,16 @@ def redo_backoff(retry: int) -> float:
     return min(REDO_BACKOFF_S * 2 ** (retry - 1), REDO_BACKOFF_MAX_S)
 
 
+def read_concurrency(cluster_cpus: float, actors: int | None) -> int:
+    """Read tasks the apply pass keeps in flight. They take no whole CPU (SIDE_TASK_CPUS), so unbounded Ray Data
+    runs as many as its object-store budget allows, each in a worker process of its own (~0.4 GB with rdscale
+    imported): a 1e5-record run on a 2-CPU machine started ~70 and ran the node out of memory. A reader parses a
+    shard thousands of times faster than an actor embeds it, so two per actor keep every actor fed; at most one
+    per CPU. `actors`: the pool's largest size (None: no cap, bounded by the CPUs alone)."""
+    cap = int(cluster_cpus) if actors is None else min(int(cluster_cpus), 2 * max(1, actors))
+    return max(2, cap)
+
+
 def pool_sizes(num_actors: int | str, max_actors: int | None, slots: int) -> tuple[int, int, int | None]:
     """(min, initial, max) of the apply pass's actor pool; max None = no cap. A number: that many actors, growing
     up to max_actors when it is set. "auto": the actors the cluster holds now (at least one), then as many as join,
@@ -488,10 +498,11 @@ class RayExecutor:
 
     def _apply_once(self, cfg, models, fit_dir, uris, schemas, shards) -> Iterator[tuple[int, int, ShardResult]]:
         options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
+        pool, elastic, most = self._pool()
+        cpus = sum(n.get("CPU", 0.0) for n in _alive_nodes())
         ds = ray.data.read_datasource(FastaDatasource(shards, options, storage=cfg.storage.options),
                                       override_num_blocks=len(shards),
-                                      num_cpus=SIDE_TASK_CPUS)
-        pool, elastic = self._pool()
+                                      num_cpus=SIDE_TASK_CPUS, concurrency=read_concurrency(cpus, most))
         with warnings.catch_warnings():
             # Ray 2.60 warns that extra keywords (ray_remote_args) are deprecated, but offers no named parameter
             # for max_restarts (its own ActorPoolMapOperator points to map_batches(..., max_restarts=0)).
@@ -523,17 +534,17 @@ class RayExecutor:
             for row in batch.to_pylist():
                 yield int(row["shard"]), int(row["shard_records"]), ShardResult.decode(row["result"], row["rows"])
 
-    def _pool(self) -> tuple[Any, bool]:
-        """The apply pass's actor pool, and whether it is elastic (ray.num_actors: auto, or ray.max_actors): Ray
+    def _pool(self) -> tuple[Any, bool, int | None]:
+        """The apply pass's actor pool, whether it is elastic (ray.num_actors: auto, or ray.max_actors): Ray
         Data then adds actors as nodes with room join (an autoscaler's, or any `ray start --address`) while every
-        actor is busy, up to the maximum."""
+        actor is busy, up to the maximum), and that maximum (None: no cap)."""
         low, start, high = pool_sizes(self.cfg.ray.num_actors, self.cfg.ray.max_actors,
                                       actor_slots(_alive_nodes(), float(self.cfg.ray.cpus_per_actor), self.gpus))
         if low == start == high:
-            return ray.data.ActorPoolStrategy(size=low), False
+            return ray.data.ActorPoolStrategy(size=low), False, high
         log.info("elastic actor pool: %d actor(s) now, at least %d, at most %s", start, low,
                  high if high is not None else "as many as the cluster holds")
-        return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=start), True
+        return ray.data.ActorPoolStrategy(min_size=low, max_size=high, initial_size=start), True, high
 
     def map_shards(self, fn, shards: Sequence[Shard], *args) -> Iterator[Any]:
         """fn(shard, *args) for every shard as Ray tasks (taking no whole CPU, like the read tasks; about one in
