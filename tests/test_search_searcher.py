@@ -22,7 +22,7 @@ from test_search import clustered, ids_by_query, rdscale, write_proteins
 from rdscale import search as S
 from rdscale.search import exact as E
 from rdscale.search import faiss_index as F
-from rdscale.search.searcher import Searcher, num_queries, widen
+from rdscale.search.searcher import Searcher, key_positions, num_queries, widen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -419,3 +419,14 @@ def test_widen_converts_every_float16_value_exactly():
     assert np.array_equal(np.signbit(out[finite]), np.signbit(want[finite]))  # -0.0 stays -0.0
     part = widen(half[:3], np.empty((3, 32, 32), np.float32))  # a last block shorter than the buffer
     assert np.array_equal(part[finite[:3]], want[:3][finite[:3]])
+
+
+@given(keys=st.lists(st.sampled_from([f"P{i}" for i in range(12)]), max_size=40),
+       wanted=st.lists(st.sampled_from([f"P{i}" for i in range(16)]), max_size=20), few=st.sampled_from([0, 4096]))
+def test_key_positions_are_first_occurrences_or_minus_one(keys, wanted, few):
+    """Both ways of finding query ids (hash the few wanted ids, or hash the table's) give each wanted id's first
+    row in the table and -1 for ids it does not hold, in the order asked, repeats included."""
+    want = [keys.index(w) if w in keys else -1 for w in wanted]
+    got = key_positions(pa.array(keys, pa.string()), wanted, few=few)
+    assert got.dtype == np.int64
+    assert got.tolist() == want

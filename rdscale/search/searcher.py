@@ -82,6 +82,26 @@ def _lance_message(err: BaseException) -> str:
     return head if sep and ".rs:" in tail else text
 
 
+_FEW_KEYS = 4096  # wanted keys up to which key_positions hashes them rather than the table's keys
+
+
+def key_positions(keys: pa.Array, wanted: Sequence[str], few: int = _FEW_KEYS) -> np.ndarray:
+    """(len(wanted),) int64: the first position of each wanted key in `keys` (n,), -1 where it is absent.
+
+    A few wanted keys (queries by id) probe the table's keys against a hash set of them: hashing all n keys
+    instead (index_in with the table as value set) cost 0.5 s a call at 1e6 rows, and more per row as n grew.
+    Many wanted keys (calibration samples) hash the table's keys once."""
+    if len(wanted) > few:
+        at = pc.index_in(pa.array(list(wanted), pa.string()), value_set=keys)
+        return at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = np.flatnonzero(pc.is_in(keys, value_set=pa.array(sorted(set(wanted)), pa.string()))
+                          .to_numpy(zero_copy_only=False))
+    first: dict[str, int] = {}
+    for row, key in zip(rows.tolist(), keys.take(pa.array(rows, pa.int64())).to_pylist()):
+        first.setdefault(key, row)
+    return np.array([first.get(w, -1) for w in wanted], np.int64)
+
+
 def widen(half: np.ndarray, out: np.ndarray) -> np.ndarray:
     """float16 rows -> float32 into `out` (same shape), exactly. torch converts with the CPU's vector
     instructions; numpy's astype converts one value at a time, ~10-30x slower, and cost the float16 funnel half
@@ -455,12 +475,11 @@ class Searcher:
         cols = self.key_columns()
         if self.table == "proteins":
             wanted = [str(i) for i in ids]
-            at = pc.index_in(pa.array(wanted, pa.string()), value_set=cols["id"]).to_numpy(zero_copy_only=False)
-            missing = [w for w, a in zip(wanted, at) if np.isnan(a)] if at.dtype.kind == "f" else []
+            positions = key_positions(cols["id"], wanted)
+            missing = [w for w, at in zip(wanted, positions.tolist()) if at < 0]
             if missing:
                 shown = ", ".join(missing[:5])
                 raise KeyNotFoundError(f"{len(missing)} query key(s) not in the proteins table: {shown}")
-            positions = at.astype(np.int64)
             labels = wanted
         else:
             try:
@@ -798,8 +817,7 @@ class Searcher:
 
     def positions_of_keys(self, ids: Sequence[str]) -> np.ndarray:
         """(n,) scan positions of protein ids in this (proteins) table, -1 for an id it does not hold."""
-        at = pc.index_in(pa.array(list(ids), pa.string()), value_set=self.key_columns()["id"])
-        return at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return key_positions(self.key_columns()["id"], [str(i) for i in ids])
 
     def exact_positions(self, q: np.ndarray, width: int, k: int, metric: str = "cosine"):
         """((nq, k) distances, (nq, k) scan positions) of exact search at ``width`` (no filter, no self drop)."""
