@@ -4,8 +4,8 @@ commit latency against committed shards, and each verb's growth exponent.
 Inputs come from bench/uniref_gen.py (UniRef50 lengths: median ~270, ~4% past 1,022, tail to ~35k; 1% identical
 sequences under other ids). The embedder is a chain of `stub:WIDTH` models (rdscale.model.stub: deterministic
 vectors, no FLOPs, behind the same stage interface), so what is measured is the I/O, commit and driver work of
-each verb, at sizes no CPU could embed; `--real N ...` also runs the tiny random ESM-2 family on N records (each N) and
-states residues/s (real forwards, CPU). Per size, on one run directory, in this order:
+each verb, at sizes no CPU could embed; `--real N ...` also runs the tiny random ESM-2 family on N records (each
+N) and states residues/s (real forwards, CPU). Per size, on one run directory, in this order:
 
     run (fit + embed) -> rerun (nothing to do) -> verify -> update (1% changed, 0.5% removed, 1% added)
     -> compact -> index (a vector index at the 16-wide first level) -> search (100 queries by id, exact and ann)
@@ -17,8 +17,9 @@ instead: run, rerun and update on Ray Data actors; index by Ray tasks (IVF_FLAT,
 ann search scattered over ShardedSearcher's actors; and serve (Ray Serve: start, 100 one-id queries over HTTP,
 stop). verify and compact have no Ray path (they read or rewrite the tables from the driver) and run in-process
 either way. Ray verbs also report their workers' peak RSS (`worker_peak_rss_mb`: the largest worker process;
-`workers_total_peak_rss_mb`: all of them together) and the most worker processes alive at once. The driver-only paths (shard plan and the dedupe grouping pass, the
-parts of a run that read the whole input on the driver) run alone at `--driver-sizes` (1e7 takes a 3.3 GB file).
+`workers_total_peak_rss_mb`: all of them together) and the most worker processes alive at once. The driver-only
+paths (shard plan and the dedupe grouping pass, the parts of a run that read the whole input on the driver) run
+alone at `--driver-sizes` (1e7 takes a 4.7 GB file).
 
     python bench/bench_scale.py                                  # 1e4 and 1e5, ~5 min on 2 cores
     python bench/bench_scale.py --sizes 10000 100000 1000000 --driver-sizes 10000000   # the lead's long run
@@ -112,12 +113,9 @@ def ray_worker_rss_mb() -> list[float]:
         if not proc.name.isdigit():
             continue
         try:
-            if not (proc / "cmdline").read_bytes().startswith(b"ray::"):
-                continue
-            for line in (proc / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    sizes.append(int(line.split()[1]) * 1024 / MB)
-        except OSError:  # gone meanwhile
+            if (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                sizes.append(status_kb("VmRSS", proc.name) * 1024 / MB)
+        except (OSError, RuntimeError):  # gone meanwhile (a zombie has no VmRSS)
             continue
     return sizes
 
@@ -329,23 +327,18 @@ def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_ind
         out["run_dir_bytes"] = run_bytes(run_dir)
         remove_run(run_dir)
         return out
+    from rdscale.io.runs import open_dataset
+
+    ids = open_dataset(f"{run_dir}/proteins.lance").to_table(columns=["id"], limit=100)["id"].to_pylist()
+    keys = [(i, 0) for i in ids] if residues else ids  # a residue query by key: (protein id, position)
     if ray and s3 is None:
-        ray_verbs(run_dir, table, width, n, verbs, out)
+        ray_verbs(run_dir, table, width, keys, n, verbs, out)
         out["run_dir_bytes"] = run_bytes(run_dir)
         remove_run(run_dir)
         return out
     measure_verb("index", lambda: build_index(run_dir, table=table, width=width, metric="cosine"), n, None, verbs,
                  proxy)
-    if s3 is None:
-        import lance
-
-        ids = lance.dataset(str(run_dir / "proteins.lance")).to_table(columns=["id"], limit=100)["id"].to_pylist()
-    else:
-        from rdscale.io.runs import open_dataset
-
-        ids = open_dataset(f"{run_dir}/proteins.lance").to_table(columns=["id"], limit=100)["id"].to_pylist()
     if residues:
-        keys = [(i, 0) for i in ids]
         measure_verb("search_exact", lambda: search(run_dir, ids=keys, table=table, width=width, k=10), n, None,
                      verbs, proxy)
         measure_verb("search_ann", lambda: search(run_dir, ids=keys, table=table, width=width, k=10, mode="ann"),
@@ -359,14 +352,13 @@ def one_size(tmp: Path, n: int, residues: bool, ray: bool, executor, residue_ind
     return out
 
 
-def ray_verbs(run_dir: Path, table: str, width: int, n: int, verbs: dict, out: dict) -> None:
+def ray_verbs(run_dir: Path, table: str, width: int, keys: list, n: int, verbs: dict, out: dict) -> None:
     """index, search and serve through Ray (`--ray`): the index built by Ray tasks (RayIndexBuilder, IVF_FLAT: a
     graph index cannot be built in parts; calibrated in a Ray task), exact and ann search scattered over
     ShardedSearcher's actors (each holds its fragments' rows; ann builds an in-memory IVF_FLAT per shard), and
     `serve` (Ray Serve, over HTTP): start until every replica has loaded the run, then 100 one-id queries. Each
     search verb is one-shot, as a CLI call is: its actors start, load, answer 100 queries and go."""
     import httpx
-    import lance
     import ray
 
     from rdscale.cluster import serve as server
@@ -378,8 +370,6 @@ def ray_verbs(run_dir: Path, table: str, width: int, n: int, verbs: dict, out: d
         ray.init(include_dashboard=False, configure_logging=False)
     measure_verb("index", lambda: build_index(run_dir, table=table, width=width, metric="cosine", index_type="IVF_FLAT",
                                               backend="faiss", builder=ray_builder()), n, None, verbs, workers=True)
-    ids = lance.dataset(str(run_dir / "proteins.lance")).to_table(columns=["id"], limit=100)["id"].to_pylist()
-    keys = [(i, 0) for i in ids] if table == "residues" else ids
 
     def sharded(mode: str, build: list) -> object:
         searcher = ShardedSearcher(run_dir, table, num_shards=2, build=build, num_cpus=0)
@@ -649,7 +639,8 @@ def main() -> None:
     ap.add_argument("--real", type=int, nargs="*", default=[2000],
                     help="record counts for the real tiny models (none, or 0: skip)")
     ap.add_argument("--residue-index", action="store_true", help="also index and search the residues variant")
-    ap.add_argument("--ray", action="store_true", help="run/rerun/update through a local Ray")
+    ap.add_argument("--ray", action="store_true",
+                    help="every verb with a Ray path through a local Ray (run, rerun, update, index, search, serve)")
     ap.add_argument("--s3", type=int, nargs="*", default=[],
                     help="also the per-protein verbs at these sizes on a local SeaweedFS S3 server, with the S3 "
                          "requests of each verb by kind (the JSON's \"s3\")")

@@ -150,12 +150,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def status_kb(field: str) -> int:
-    """A field of /proc/self/status in kB (VmRSS: resident now; VmHWM: peak resident)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_kb(field: str, pid: int | str = "self") -> int:
+    """A field of /proc/<pid>/status in kB (VmRSS: resident now; VmHWM: peak resident); OSError if the process
+    is gone."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
 
 
 def reset_peak() -> None:

@@ -273,9 +273,8 @@ def plan(scale: dict, driver: dict | None) -> str:
                   "stub embeds for free, so the ratio is the release diff's own scan and the deletes, not the GPU "
                   "work, which is ~2.5% of a run's)."]
     if scale.get("real"):
-        real = scale["real"] if isinstance(scale["real"], list) else [scale["real"]]  # one size before --real N...
         rates = ", ".join(f"{r['residues_per_s']:,.0f} residues/s at N = {r['n']:,} ({r['seconds']:,.0f} s)"
-                          for r in real)
+                          for r in scale["real"])
         lines += ["", f"Real forwards (tiny random ESM-2 32/48/64, CPU): {rates} (**measured**; no bearing on GPU "
                   "rates)."]
     lines.append("")

@@ -498,8 +498,9 @@ class RayExecutor:
 
     def _apply_once(self, cfg, models, fit_dir, uris, schemas, shards) -> Iterator[tuple[int, int, ShardResult]]:
         options = ValidationOptions(remove_gaps=cfg.input.remove_gaps)
-        pool, elastic, most = self._pool()
-        cpus = sum(n.get("CPU", 0.0) for n in _alive_nodes())
+        nodes = _alive_nodes()
+        pool, elastic, most = self._pool(nodes)
+        cpus = sum(n.get("CPU", 0.0) for n in nodes)
         ds = ray.data.read_datasource(FastaDatasource(shards, options, storage=cfg.storage.options),
                                       override_num_blocks=len(shards),
                                       num_cpus=SIDE_TASK_CPUS, concurrency=read_concurrency(cpus, most))
@@ -534,12 +535,12 @@ class RayExecutor:
             for row in batch.to_pylist():
                 yield int(row["shard"]), int(row["shard_records"]), ShardResult.decode(row["result"], row["rows"])
 
-    def _pool(self) -> tuple[Any, bool, int | None]:
+    def _pool(self, nodes: Sequence[dict[str, float]]) -> tuple[Any, bool, int | None]:
         """The apply pass's actor pool, whether it is elastic (ray.num_actors: auto, or ray.max_actors): Ray
         Data then adds actors as nodes with room join (an autoscaler's, or any `ray start --address`) while every
-        actor is busy, up to the maximum), and that maximum (None: no cap)."""
+        actor is busy, up to the maximum), and that maximum (None: no cap). `nodes`: the alive nodes' resources."""
         low, start, high = pool_sizes(self.cfg.ray.num_actors, self.cfg.ray.max_actors,
-                                      actor_slots(_alive_nodes(), float(self.cfg.ray.cpus_per_actor), self.gpus))
+                                      actor_slots(nodes, float(self.cfg.ray.cpus_per_actor), self.gpus))
         if low == start == high:
             return ray.data.ActorPoolStrategy(size=low), False, high
         log.info("elastic actor pool: %d actor(s) now, at least %d, at most %s", start, low,
