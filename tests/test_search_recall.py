@@ -90,6 +90,7 @@ def test_lance_default_index_reaches_the_recall_target(data, request):
     run, queries = request.getfixturevalue(data)
     info = S.build_index(run, width=32, backend="lance")
     assert info.index_type == S.DEFAULT_INDEX_TYPE and info.calibration["reached"]["funnel"]
+    assert info.calibration["twins"] == 2  # Lance builds take no seed: read on two twin builds
     for mode in ("ann", "funnel"):
         assert recall_of(run, queries, "lance", mode) >= 0.95
         assert recall_of(run, queries, "lance", mode, recall=0.99) >= 0.99
@@ -106,6 +107,42 @@ def test_python_api_builds_the_cli_default_index(tmp_path, capsys):
     (cli,) = S.list_indexes(tmp_path / "cli")
     assert (api.backend, api.index_type, api.params) == (cli.backend, cli.index_type, cli.params)
     assert api.calibration["default"] == cli.calibration["default"]  # same rows held out, same walk
+
+
+class _Degraded:
+    """Another "build" of an index: the searcher's answers with every other query's nearest answer dropped."""
+
+    def __init__(self, searcher):
+        self.searcher, self.calls = searcher, 0
+
+    def index_positions(self, q, info, k, mode="ann", **kw):
+        self.calls += 1
+        dist, pos = self.searcher.index_positions(q, info, k, mode, **kw)
+        pos = pos.copy()
+        pos[::2, 0] = -1
+        return dist, pos
+
+
+def test_a_second_twin_build_is_read_and_each_point_keeps_the_lower_reading(tmp_path):
+    """calibrate_index(second=...): an identical second build leaves every reading as it was; a worse one lowers
+    the points it is worse at, and never raises one (the bound must cover the build the user gets)."""
+    x = hard(3400, 128, 60, seed=11)
+    write_proteins(tmp_path / "proteins.lance", x[:3000], levels=LEVELS)
+    info = S.build_index(tmp_path, width=32, backend="faiss", index_type="IVF_FLAT", recall=None)
+    searcher = Searcher(tmp_path)
+    one = C.calibrate_index(searcher, info, x[3000:])
+    same = C.calibrate_index(searcher, info, x[3000:], second=(searcher, info))
+    worse = _Degraded(searcher)
+    two = C.calibrate_index(searcher, info, x[3000:], second=(worse, info))
+    assert (one["twins"], same["twins"], two["twins"]) == (1, 2, 2) and worse.calls > 0
+    for mode in C.MODES:
+        untimed = [[{a: v for a, v in p.items() if a != "ms_per_query"} for p in c[mode]] for c in (one, same)]
+        assert untimed[0] == untimed[1]
+        first = {json.dumps(p["params"], sort_keys=True): p for p in one[mode]}
+        shared = [(first[json.dumps(p["params"], sort_keys=True)], p) for p in two[mode]
+                  if json.dumps(p["params"], sort_keys=True) in first]
+        assert shared and all(b["recall_low"] <= a["recall_low"] and b["recall"] <= a["recall"] for a, b in shared)
+        assert any(b["recall_low"] < a["recall_low"] for a, b in shared)
 
 
 # ---------------------------------------------------------------------------------------------------------------

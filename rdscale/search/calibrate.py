@@ -26,6 +26,9 @@ picks the same point each time. Measured milliseconds per query are stored besid
 
 A point "meets" recall R when its lower confidence bound (mean per-query recall minus 2.326 standard errors,
 one-sided 99 %) is at least R: the calibration queries are a sample, and the queries a user asks are others.
+A backend whose builds take no seed (Lance: its SQ bounds and HNSW graphs differ from one build to the next) is
+read on two twin builds, and each point keeps the lower of the two readings: the bound then covers how far the
+served build may fall from a twin, which one twin alone cannot show.
 
 The math (``choose``, ``walk``, ``cost``, ``recall_rows``) does no I/O; ``calibrate_index`` runs the searches
 through a ``Searcher``.
@@ -233,10 +236,15 @@ def sample_positions(num_rows: int, num_queries: int = NUM_QUERIES) -> np.ndarra
 
 
 def calibrate_index(searcher, info: IndexInfo, queries: np.ndarray, target: float = DEFAULT_RECALL,
-                    k: int = DEFAULT_K) -> dict[str, Any]:
+                    k: int = DEFAULT_K, second: tuple[Any, IndexInfo] | None = None) -> dict[str, Any]:
     """Measure ``info``'s recall curves (ann at its width, funnel re-ranked at the stored width) for ``queries``
     ((m, full) float32, rows held out of ``searcher``'s table and of ``info``, its index); returns the record
-    stored with the index. Rows storing exactly a query's vector are left out of its truth and answers."""
+    stored with the index. Rows storing exactly a query's vector are left out of its truth and answers.
+
+    ``second``: (searcher, index) of another build of the same twin, for a backend whose builds are not
+    reproducible. Every point is then read on both builds and keeps the lower reading: the served index is one
+    more draw of that build, and one twin's curve said nothing about how far another draw falls from it (the
+    served Lance index read 0.989 at a point its one twin bounded at 0.99)."""
     target = check_recall(target)
     n = searcher.num_rows
     k = min(k, n)
@@ -255,17 +263,21 @@ def calibrate_index(searcher, info: IndexInfo, queries: np.ndarray, target: floa
     # answers are fetched k + (most duplicates of any query) deep, so that k remain once they are dropped
     fetch = min(k + max(len(d) for d in dup_sets), n)
 
-    def drop_dups(pos: np.ndarray) -> np.ndarray:
+    def drop_dups(pos: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """(len(pos), k) answers without each query's duplicates; ``pos`` answers the queries ``rows`` (a mask
+        over the calibration queries; all of them by default)."""
+        which = np.arange(len(pos)) if rows is None else np.flatnonzero(rows)  # (len(pos),) query numbers
         out = np.full((len(pos), k), -1, np.int64)
-        for i, row in enumerate(pos):
+        for j, (i, row) in enumerate(zip(which, pos)):
             kept = [int(p) for p in row if p >= 0 and int(p) not in dup_sets[i]][:k]
-            out[i, : len(kept)] = kept
+            out[j, : len(kept)] = kept
         return out
 
     truth = {"ann": drop_dups(searcher.exact_positions(q, info.width, fetch, info.metric)[1]),
              "funnel": drop_dups(near)}
     record: dict[str, Any] = {"k": k, "target": target, "queries": int(len(q)), "seed": CALIBRATION_SEED,
-                              "cost": "vector numbers read per query (model, see rdscale.search.calibrate.cost)"}
+                              "cost": "vector numbers read per query (model, see rdscale.search.calibrate.cost)",
+                              "twins": 1 if second is None else 2}
     # the walk picks its steps on one half of the queries and every point is then read on the other half: the
     # cheapest point whose measured bound meets a target was chosen among noisy points, and read on the queries
     # that chose it, its recall is biased high (a miss of ~0.005 at 0.99 was seen)
@@ -273,31 +285,47 @@ def calibrate_index(searcher, info: IndexInfo, queries: np.ndarray, target: floa
     for mode in MODES:
         grid = axes(info, mode, k)
         timings: dict[tuple, float] = {}
-        read: dict[tuple, tuple[float, float]] = {}
+        read: dict[tuple, tuple[float, float]] = {}  # the held-out half's reading on the twin
+        folded: dict[tuple, tuple[float, float]] = {}  # ... and the lower of it and the second build's
+        held = ~picks if (~picks).any() else np.ones(len(q), bool)  # (nq,) the queries each point is read on
 
-        def measure(point: dict[str, int], mode=mode, timings=timings, read=read) -> tuple[float, float]:
+        def search_kw(point: dict[str, int], mode=mode) -> dict[str, int]:
             kw = dict(point)
             if mode == "funnel":
                 kw["shortlist"] = max(kw["shortlist"], fetch)
+            return kw
+
+        def measure(point: dict[str, int], mode=mode, timings=timings, read=read) -> tuple[float, float]:
             started = time.perf_counter()
-            _, found = searcher.index_positions(q, info, fetch, mode, **kw)
+            _, found = searcher.index_positions(q, info, fetch, mode, **search_kw(point))
             key = tuple(sorted(point.items()))
             timings[key] = (time.perf_counter() - started) * 1e3 / len(q)
             per_query = recall_rows(drop_dups(found), truth[mode], k)  # (nq,)
-            read[key] = summarise(per_query[~picks] if (~picks).any() else per_query)
+            read[key] = summarise(per_query[held])
             return summarise(per_query[picks])
 
-        def confirmed(point: dict[str, int], read=read) -> bool:
+        def reading(point: dict[str, int], mode=mode, read=read, folded=folded) -> tuple[float, float]:
+            # the second build is searched only for the points the walk visits (not the notches it looks at)
+            key = tuple(sorted(point.items()))
+            if key not in folded:
+                folded[key] = read[key]
+                if second is not None:
+                    _, again = second[0].index_positions(q[held], second[1], fetch, mode, **search_kw(point))
+                    other = summarise(recall_rows(drop_dups(again, held), truth[mode][held], k))
+                    folded[key] = (min(read[key][0], other[0]), min(read[key][1], other[1]))
+            return folded[key]
+
+        def confirmed(point: dict[str, int], reading=reading) -> bool:
             # the steering half alone can stop the walk at a point whose held-out reading falls short of
             # STOP_LOW (0.987 against 0.990 was seen): 0.99 would then be off the curve though the grid goes on
-            mean, low = read[tuple(sorted(point.items()))]
+            mean, low = reading(point)
             return mean >= STOP_RECALL and low >= STOP_LOW
 
         curve = walk(grid, measure, lambda p: cost(info, p, k, full), stop_low=STOP_LOW, confirmed=confirmed)
         for p in curve:
             key = tuple(sorted(p["params"].items()))
             p["recall_walk"] = p["recall"]
-            p["recall"], p["recall_low"] = (round(v, 4) for v in read[key])
+            p["recall"], p["recall_low"] = (round(v, 4) for v in reading(p["params"]))
             p["ms_per_query"] = round(timings.get(key, float("nan")), 4)
         record[mode] = curve
         record["grid_" + mode] = grid

@@ -21,6 +21,8 @@ Thread-safe for concurrent queries (lazy loads are locked; numpy and FAISS relea
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -100,6 +102,22 @@ def key_positions(keys: pa.Array, wanted: Sequence[str], few: int = _FEW_KEYS) -
     for row, key in zip(rows.tolist(), keys.take(pa.array(rows, pa.int64())).to_pylist()):
         first.setdefault(key, row)
     return np.array([first.get(w, -1) for w in wanted], np.int64)
+
+
+def stored_as(keys: pa.Array, missing: Sequence[str]) -> str:
+    """A hint for ids not found: the stored ids that hold one of them as an accession, as UniProt's FASTA headers
+    do (``sp|P12345|NAME_HUMAN``, ``UniRef50_P12345``). An id is the header's first word, whole; "" when none
+    does (one scan of the id column per missing id, on the error path only)."""
+    found = []
+    for key in dict.fromkeys(missing):
+        if not key or "|" in key:
+            continue
+        hit = pc.or_(pc.match_substring(keys, f"|{key}|"),
+                     pc.or_(pc.ends_with(keys, f"|{key}"), pc.ends_with(keys, f"_{key}")))
+        ids = pc.unique(pc.filter(keys, hit.fill_null(False))).to_pylist()  # residues: one per protein
+        if ids:
+            found.append(f"{key} is in {ids[0]}" + (f" (and {len(ids) - 1} more)" if len(ids) > 1 else ""))
+    return f" ({'; '.join(found)}: an id is the header's whole first word)" if found else ""
 
 
 def widen(half: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -479,7 +497,8 @@ class Searcher:
             missing = [w for w, at in zip(wanted, positions.tolist()) if at < 0]
             if missing:
                 shown = ", ".join(missing[:5])
-                raise KeyNotFoundError(f"{len(missing)} query key(s) not in the proteins table: {shown}")
+                raise KeyNotFoundError(f"{len(missing)} query key(s) not in the proteins table: {shown}"
+                                       f"{stored_as(cols['id'], missing[:5])}")
             labels = wanted
         else:
             try:
@@ -502,7 +521,8 @@ class Searcher:
             missing = [w for w in expanded if w not in where]
             if missing:
                 shown = ", ".join(":".join(map(str, m)) for m in missing[:5])
-                raise KeyNotFoundError(f"{len(missing)} query key(s) not in the residues table: {shown}")
+                raise KeyNotFoundError(f"{len(missing)} query key(s) not in the residues table: {shown}"
+                                       f"{stored_as(cols['id'], [m[0] for m in missing[:5]])}")
             positions = np.array([where[w] for w in expanded], dtype=np.int64)
             labels = [":".join(map(str, w)) for w in expanded]
         return labels, self.vectors(positions, self.full_width), positions
@@ -1181,6 +1201,15 @@ def _write_twin(ds: lance.LanceDataset, table: str, held: np.ndarray, path: Path
     return queries
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """A second twin's files: hard links where the file system has them (Lance never rewrites a file in place,
+    so the copy is independent of the first twin), else copies."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAULT_RECALL) -> IndexInfo:
     """Measure ``info``'s recall curves on held-out rows and store them with the index; returns it with its
     calibration. The curves come from a twin index (same type and parameters) built in a temporary folder over
@@ -1190,17 +1219,29 @@ def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAU
     ds = open_table(dataset_path, info.table)
     held = C.sample_positions(ds.count_rows())
     with tempfile.TemporaryDirectory(prefix="rdscale-calibrate-") as tmp:
-        queries = _write_twin(ds, info.table, held, Path(Run(tmp).table(info.table)))
+        one, two = Path(tmp) / "twin", Path(tmp) / "again"
+        queries = _write_twin(ds, info.table, held, Path(Run(one).table(info.table)))
         if info.backend == "faiss":
-            twin_ds = open_table(tmp, info.table)
+            twin_ds = open_table(one, info.table)
             twin = F.build_faiss_index(twin_ds, info.table, info.width, info.index_type, info.metric, **info.params)
         else:
-            twin = L.build_lance_index(tmp, info.table, info.width, info.index_type, info.metric,
+            twin = L.build_lance_index(one, info.table, info.width, info.index_type, info.metric,
                                        ivf_centroids=L.index_centroids(dataset_path, info), **info.params)
         size = len(queries) and (ds.count_rows() * queries.shape[1] * queries.itemsize)
-        searcher = Searcher(tmp, info.table, resident=size <= _RESIDENT_BYTES)
-        record = C.calibrate_index(searcher, twin, queries, target=recall)
-        searcher.close()
+        resident = size <= _RESIDENT_BYTES
+        searcher = Searcher(one, info.table, resident=resident)
+        second = None
+        if info.backend != "faiss":  # Lance builds are not reproducible: a second twin build (calibrate says why)
+            shutil.copytree(one, two, copy_function=_link_or_copy)
+            twin2 = L.build_lance_index(two, info.table, info.width, info.index_type, info.metric, rebuild=True,
+                                        ivf_centroids=L.index_centroids(dataset_path, info), **info.params)
+            second = (Searcher(two, info.table, resident=resident), twin2)
+        try:
+            record = C.calibrate_index(searcher, twin, queries, target=recall, second=second)
+        finally:
+            searcher.close()
+            if second is not None:
+                second[0].close()
     if info.backend == "faiss":
         F.store_calibration(ds, info, record)
     else:
