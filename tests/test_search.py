@@ -570,6 +570,14 @@ def test_cli_fasta_query_and_sequence_errors(real_run, tmp_path, capsys):
     code, out, _ = rdscale(["search", "-o", run, "--fasta", tmp_path / "q.fa", "-k", 2], capsys)
     assert code == 0
     assert out.splitlines()[2].split()[:2] == ["mine", "R09"]
+    # the same sequence on the command line (lower case, a trailing '*', as a FASTA record may have it)
+    code, inline, _ = rdscale(["search", "-o", run, "--sequence", seqs["R09"].lower() + "*", "-k", 2], capsys)
+    assert code == 0 and inline.splitlines()[2].split()[:2] == ["seq0", "R09"]
+    assert [r.split()[1:] for r in inline.splitlines()[2:4]] == [r.split()[1:] for r in out.splitlines()[2:4]]
+    code, _, err = rdscale(["search", "-o", run, "--sequence", "MKV1L"], capsys)
+    assert code == 1 and err.strip().splitlines()[-1].endswith("query seq0: characters ['1'] are not ESM residue "
+                                                               "letters (expected upper-case, e.g. "
+                                                               "ACDEFGHIKLMNPQRSTVWYX)")
 
     with pytest.raises(S.SearchError, match="models do not match the run's fit"):
         S.embed_sequences(run, [seqs["R00"]], models=[str(p) for p in reversed(real_run_models(run))])
@@ -627,3 +635,20 @@ def test_searcher_and_service_answer_sequence_queries_like_the_cli(real_run, tmp
 def test_cli_serve_bad_run_is_one_line(tmp_path, capsys):
     code, _, err = rdscale(["serve", tmp_path / "nowhere", "--port", 1], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "no Lance dataset" in err, err
+
+
+_ACCESSION = st.from_regex(r"[OPQ][0-9][A-Z0-9]{3}[0-9]", fullmatch=True)
+
+
+@given(accessions=st.lists(_ACCESSION, min_size=2, max_size=8, unique=True), style=st.sampled_from(["sp", "tr", "uniref"]))
+def test_an_id_not_found_names_the_stored_id_holding_it_as_an_accession(accessions, style):
+    """UniProt headers make ids such as sp|P12345|NAME_HUMAN: a query by the bare accession is told which stored id
+    holds it; an accession no stored id holds gets no hint (one line either way)."""
+    from rdscale.search.searcher import stored_as
+
+    *stored, absent = accessions
+    ids = [f"UniRef50_{a}" if style == "uniref" else f"{style}|{a}|N{i}_HUMAN" for i, a in enumerate(stored)]
+    keys = pa.array(ids + ["other"], pa.string())
+    hint = stored_as(keys, [stored[0], absent])
+    assert f"{stored[0]} is in {ids[0]}" in hint and absent not in hint and "\n" not in hint
+    assert stored_as(keys, [absent]) == ""

@@ -38,6 +38,7 @@ INDEX_EPILOG = """examples:
 SEARCH_EPILOG = """examples:
   rdscale search runs/demo --id B0RED7 --width 32 --mode funnel -k 5
   rdscale search runs/demo --fasta queries.fa -k 10 --csv hits.csv
+  rdscale search runs/demo --sequence MKTAYIAKQRQISFVKSHFSRQ -k 5
   rdscale search runs/demo --vector q.npy --mode ann --width 32 --filter "length > 100"
   rdscale search runs/demo --table residues --id B0RED7:10 -k 5     # one residue; --id B0RED7: all of them
 
@@ -118,6 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     query.add_argument("--id", dest="ids", nargs="+", metavar="ID",
                        help="stored keys: protein ids; for --table residues ID:POS (one residue) or ID (all)")
     query.add_argument("--fasta", help="FASTA file of query sequences, embedded through the run's fitted chain")
+    query.add_argument("--sequence", dest="sequences", nargs="+", metavar="SEQ",
+                       help="query sequences on the command line (named seq0, seq1, ...), embedded as --fasta's")
     query.add_argument("--vector", help=".npy file of query vectors, (w,) or (q, w) with w >= the width searched")
     p.add_argument("--table", choices=sorted(S.TABLES), default="proteins",
                    help="search per protein (default) or per residue")
@@ -154,8 +157,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="two-stage residue search: proteins shortlisted per query protein (default max(20k, 200))")
     p.add_argument("--exclude-self", action="store_true", help="with --id: drop the query row from its results")
     p.add_argument("--models", nargs="+", metavar="MODEL",
-                   help="with --fasta: the chain's checkpoints, if they moved since the run (smallest first)")
-    p.add_argument("--device", help="with --fasta: where to embed the queries (cpu, cuda, cuda:N; default auto)")
+                   help="with --fasta or --sequence: the chain's checkpoints, if they moved since the run "
+                   "(smallest first)")
+    p.add_argument("--device", help="with --fasta or --sequence: where to embed the queries (cpu, cuda, cuda:N; "
+                   "default auto)")
     p.add_argument("--csv", help="also write the results as CSV")
     p.add_argument("--arrow", help="also write the results as an Arrow IPC file")
     p.add_argument("--max-rows", type=int, default=50, help="rows printed to the terminal (default 50; 0: none)")
@@ -294,8 +299,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         common.update(aggregate=args.aggregate, residue_hits=args.residue_hits)
     elif args.residue_hits is not None:
         raise S.SearchError("--residue-hits only applies with --aggregate proteins")
-    if (args.models or args.device) and not args.fasta:
-        raise S.SearchError("--models and --device only apply to --fasta queries")
+    if (args.models or args.device) and not (args.fasta or args.sequences):
+        raise S.SearchError("--models and --device only apply to --fasta and --sequence queries")
     if args.exclude_self and not args.ids:
         raise S.SearchError("--exclude-self only applies to --id queries")
     started = time.perf_counter()
@@ -309,6 +314,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         result = searcher.search(ids=keys, exclude_self=args.exclude_self, **common)
     elif args.fasta:
         result = searcher.search_sequences(read_query_fasta(args.fasta), **common)
+    elif args.sequences:
+        result = searcher.search_sequences(list(args.sequences), **common)
     else:
         result = searcher.search(read_query_vectors(args.vector), **common)
     took = time.perf_counter() - started
