@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -374,3 +375,19 @@ def test_dependent_larger_model_warns_about_null_directions():
     h_2 = np.concatenate([h_1, h_1[:, :1] * 2.0, rng.standard_normal((500, 1))], axis=1)  # one new direction only
     with pytest.warns(RuntimeWarning, match="fewer than 2 non-null"):
         fit_chain(_moments([h_1, h_2]), (3, 5), "ols")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_fit_holding_read_only_arrays_applies_without_sharing_them(dtype):
+    """A fit read from the store (Arrow, memory maps) holds read-only arrays: applying it copies them once
+    instead of handing torch memory it may not write (torch warned on every worker)."""
+    widths = (8, 12)
+    blocks = _blocks(widths, n=500)
+    fit = fit_chain(_moments(blocks), widths, "ols")
+    want = _apply(fit, blocks, dtype)
+    frozen = dataclasses.replace(fit, mean=fit.mean.copy(), projection=fit.projection.copy())
+    frozen.mean.flags.writeable = frozen.projection.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _apply(frozen, blocks, dtype)
+    assert np.array_equal(got, want)

@@ -739,6 +739,43 @@ def test_memory_monitor_kills_are_one_line_with_the_details_in_the_log(tmp_path,
     assert out.kills == 9
 
 
+def test_serve_info_lines_stay_in_the_log_and_its_warnings_reach_the_terminal(tmp_path):
+    """`rdscale serve`'s terminal: its own line, not Serve's start-up and access log (every request, from the
+    proxy, controller and replicas); what they warn or raise is still printed."""
+    from rdscale.cluster.executor import WorkerOutput
+
+    log_file = tmp_path / "ray.log"
+    printed = []
+    out = WorkerOutput(str(log_file), printed.append)
+    access = "INFO 2026-12-07 13:47:59,841 rdscale_rdscale-search hsd 2f1 -- POST /search 200 24.0ms"
+    for actor in ("ProxyActor", "ServeController", "ServeReplica:rdscale:rdscale-search"):
+        out({"lines": [access, "WARNING 2026-12-07 13:48:00,001 replica -- slow", "a print of its own"],
+             "pid": 5, "ip": "10.0.0.7", "actor_name": actor})
+    out({"lines": [access], "pid": 6, "ip": "10.0.0.7", "actor_name": "_ApplyActor"})  # not Serve's: printed
+    assert [d["lines"] for d in printed] == [["WARNING 2026-12-07 13:48:00,001 replica -- slow",
+                                              "a print of its own"]] * 3 + [[access]]
+    assert log_file.read_text().count("POST /search 200") == 4
+
+
+def test_serve_driver_logger_writes_to_the_log_file_when_ray_messages_do(tmp_path, monkeypatch):
+    """Serve's driver-side logger has a terminal handler of its own (it does not propagate to "ray")."""
+    import io
+
+    from rdscale.cluster.serve import route_serve_logger
+
+    logger = logging.getLogger("ray.serve")
+    terminal = io.StringIO()
+    monkeypatch.setattr(logger, "handlers", [logging.StreamHandler(terminal)])
+    monkeypatch.setattr(logger, "propagate", False)
+    route_serve_logger(None)  # Ray's messages on the terminal (-v): unchanged
+    assert [type(h) for h in logger.handlers] == [logging.StreamHandler]
+    route_serve_logger(str(tmp_path / "ray.log"))
+    logger.warning("Application 'rdscale' is ready")
+    for h in logger.handlers:
+        h.close()
+    assert terminal.getvalue() == "" and "is ready" in (tmp_path / "ray.log").read_text()
+
+
 _KILLS_CHILD = """
 import logging, sys, time
 import ray
@@ -779,3 +816,28 @@ def test_memory_monitor_notices_forwarded_by_a_real_ray_are_one_line(tmp_path):
     assert "a worker line of its own" in terminal
     logged = log_file.read_text()
     assert logged.count("Ray killed this worker") == 3 and "KeyError" in logged
+
+
+@pytest.mark.parametrize("local, overrides, routed", [(False, [], True), (True, [], False),
+                                                      (False, ["ray.address = local"], False)])
+def test_update_routes_ray_notices_to_a_log_file_when_it_starts_ray(local, overrides, routed, monkeypatch):
+    """`update` starts Ray as `run` does: its terminal shows the release summary, not Ray's token or Lance's fork
+    notices (they went to the terminal before it called quiet_ray)."""
+    import argparse
+
+    from rdscale.cli import update as cli_update
+
+    calls = []
+    monkeypatch.setattr(cli_update, "quiet_ray", lambda args, uses_ray: calls.append(uses_ray))
+
+    class Report:
+        previous = "initial"
+
+        def lines(self):
+            return ["release r2"]
+
+    monkeypatch.setattr(cli_update, "update", lambda *a, **kw: Report())
+    args = argparse.Namespace(abort=False, fasta=["x.fasta"], release="r2", overrides=list(overrides), local=local,
+                              device=None, out="run", quiet=True, previous="initial", verbose=False)
+    assert cli_update.cmd_update(args) == 0
+    assert calls == [routed]

@@ -201,20 +201,21 @@ def test_pool_sizes_follow_the_cluster():
         load_config(None, ["ray.num_actors=4", "ray.max_actors=2"])
 
 
-@given(cpus=st.floats(0, 4096), actors=st.one_of(st.none(), st.integers(0, 1024)))
-def test_read_tasks_in_flight_are_bounded_by_cpus_and_actors(cpus, actors):
+@given(cpus=st.floats(0, 4096), actors=st.one_of(st.none(), st.integers(0, 1024)), shards=st.integers(1, 10**6))
+def test_read_tasks_in_flight_are_bounded_by_cpus_actors_and_shards(cpus, actors, shards):
     """Read tasks take no CPU, so nothing but this bound stops Ray starting a worker process per shard."""
     from rdscale.cluster.executor import read_concurrency
 
-    n = read_concurrency(cpus, actors)
-    assert n >= 2  # a reader ahead of the one being consumed, even on a cluster reporting no CPUs yet
+    n = read_concurrency(cpus, actors, shards)
+    assert 1 <= n <= shards  # more than there are read tasks only makes Ray warn on the user's terminal
+    assert n >= min(2, shards)  # a reader ahead of the one being consumed, even on a cluster reporting no CPUs yet
     assert n <= max(2, int(cpus))
     if actors is not None:
         assert n <= max(2, 2 * actors)
         if int(cpus) >= 2 * max(1, actors):
-            assert n == max(2, 2 * max(1, actors))  # two per actor where the CPUs allow
+            assert n == min(shards, max(2, 2 * max(1, actors)))  # two per actor where the CPUs allow
     elif cpus >= 2:
-        assert n == int(cpus)
+        assert n == min(shards, int(cpus))
 
 
 @pytest.mark.ray

@@ -6,7 +6,7 @@ import argparse
 import errno
 import socket
 
-from rdscale.cli.args import add_run_argument
+from rdscale.cli.args import add_run_argument, quiet_ray
 from rdscale.cluster.serve import serve_until_interrupted
 from rdscale.search.tables import SearchError, open_table
 
@@ -86,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_port(args.host, args.port)
     for table in args.table or ["proteins"]:
         open_table(args.out, table)  # a wrong path is one line here, not a replica's traceback
+    quiet_ray(args, uses_ray=True)  # the terminal keeps rdscale's lines; Serve's and the access log: the file
     serve_until_interrupted(args.out, address=args.address, host=args.host, port=args.port,
                             replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                             tables=args.table, models=args.models, device=args.device,

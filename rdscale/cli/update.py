@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from rdscale.cli.args import add_run_argument
+from rdscale.cli.args import add_run_argument, quiet_ray
 from rdscale.run.update import UpdateError, abort_update, update
 
 
@@ -22,6 +22,7 @@ def cmd_update(args) -> int:
         overrides.append("ray.address=local")
     if args.device:
         overrides.append(f"embedding.device={args.device}")
+    quiet_ray(args, uses_ray="ray.address=local" not in (o.replace(" ", "") for o in overrides))
     report = update(args.out, args.fasta, args.release, overrides=overrides, progress=not args.quiet,
                     previous=args.previous)
     print("\n".join(report.lines()))

@@ -194,14 +194,15 @@ def redo_backoff(retry: int) -> float:
     return min(REDO_BACKOFF_S * 2 ** (retry - 1), REDO_BACKOFF_MAX_S)
 
 
-def read_concurrency(cluster_cpus: float, actors: int | None) -> int:
+def read_concurrency(cluster_cpus: float, actors: int | None, shards: int) -> int:
     """Read tasks the apply pass keeps in flight. They take no whole CPU (SIDE_TASK_CPUS), so unbounded Ray Data
     runs as many as its object-store budget allows, each in a worker process of its own (~0.4 GB with rdscale
     imported): a 1e5-record run on a 2-CPU machine started ~70 and ran the node out of memory. A reader parses a
     shard thousands of times faster than an actor embeds it, so two per actor keep every actor fed; at most one
-    per CPU. `actors`: the pool's largest size (None: no cap, bounded by the CPUs alone)."""
+    per CPU, and no more than the `shards` there are to read (Ray warns on the user's terminal when the bound
+    exceeds its read tasks). `actors`: the pool's largest size (None: no cap, bounded by the CPUs alone)."""
     cap = int(cluster_cpus) if actors is None else min(int(cluster_cpus), 2 * max(1, actors))
-    return max(2, cap)
+    return max(1, min(max(2, cap), shards))
 
 
 def pool_sizes(num_actors: int | str, max_actors: int | None, slots: int) -> tuple[int, int, int | None]:
@@ -251,6 +252,10 @@ class _FitActor(FitWorker):
 _OOM_KILL = ("Ray killed this worker", "exceeds the memory usage threshold", "OutOfMemoryError",
              "killed by the memory monitor")
 _RAY_INTERNALS = ("Traceback (most recent call last)", "/ray/_private/", "/ray/data/_internal/", "(raylet)")
+# Ray Serve's processes log their start-up and every request at INFO (`rdscale serve`'s access log): the file
+# keeps those; their warnings and errors still reach the terminal
+_SERVE_ACTORS = ("ProxyActor", "ServeController", "ServeReplica")
+_SERVE_INFO = re.compile(r"^(INFO|DEBUG) \d{4}-\d\d-\d\d ")
 
 
 class WorkerOutput:
@@ -258,7 +263,8 @@ class WorkerOutput:
     line goes to the file; on the terminal, the memory monitor's kills become one line saying what happened and
     where the details are (Ray retries the killed tasks; ~200 lines of raylet notices and of Ray Data's stats
     actor tracebacks followed each burst of kills), and tracebacks from Ray's own processes stay in the file (a
-    task's error reaches the driver and is reported there, in one line). Anything else is printed as Ray would."""
+    task's error reaches the driver and is reported there, in one line), as do Ray Serve's INFO lines (its start-up
+    and access log). Anything else is printed as Ray would."""
 
     def __init__(self, log_file: str, printer):
         self.log_file = log_file
@@ -282,7 +288,9 @@ class WorkerOutput:
                             "tasks and the run goes on. Details: %s",
                             "a worker" if self.kills == 1 else f"{self.kills} workers so far", data.get("ip"),
                             self.log_file)
-        kept = [line for line in lines if not _is_kill(line) and not _is_ray_internal(line)]
+        serve = str(data.get("actor_name") or "").startswith(_SERVE_ACTORS)
+        kept = [line for line in lines if not _is_kill(line) and not _is_ray_internal(line)
+                and not (serve and _SERVE_INFO.match(line))]
         if kept:
             self.printer({**data, "lines": kept})
 
@@ -503,7 +511,7 @@ class RayExecutor:
         cpus = sum(n.get("CPU", 0.0) for n in nodes)
         ds = ray.data.read_datasource(FastaDatasource(shards, options, storage=cfg.storage.options),
                                       override_num_blocks=len(shards),
-                                      num_cpus=SIDE_TASK_CPUS, concurrency=read_concurrency(cpus, most))
+                                      num_cpus=SIDE_TASK_CPUS, concurrency=read_concurrency(cpus, most, len(shards)))
         with warnings.catch_warnings():
             # Ray 2.60 warns that extra keywords (ray_remote_args) are deprecated, but offers no named parameter
             # for max_restarts (its own ActorPoolMapOperator points to map_batches(..., max_restarts=0)).

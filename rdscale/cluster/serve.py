@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rdscale.cluster.executor import ray_log_file, route_worker_output
 from rdscale.search.request import option_fields
 from rdscale.search.service import BATCH_WAIT_MS, MAX_BATCH, RequestTooLarge, SearchCancelled, SearchService
 from rdscale.search.tables import KeyNotFoundError, SearchError
@@ -344,10 +345,30 @@ def stop() -> None:
     serve.shutdown()
 
 
+def route_serve_logger(log_file: str | None) -> None:
+    """Serve's driver-side logger ("ray.serve") writes to the terminal through a handler of its own (it does not
+    propagate to "ray"): when Ray's messages go to `log_file`, so do its."""
+    if log_file is None:
+        return
+    logger = logging.getLogger("ray.serve")
+    for handler in list(logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            to_file = logging.FileHandler(log_file)
+            to_file.setFormatter(handler.formatter)
+            to_file.setLevel(handler.level)
+            for kept in handler.filters:
+                to_file.addFilter(kept)
+            logger.removeHandler(handler)
+            logger.addHandler(to_file)
+
+
 def serve_until_interrupted(run: str, *, address: str | None = None, **options: Any) -> None:
     """`rdscale serve`: join (or start) Ray at `address`, start the server (`start`'s options), say where it
     listens, and keep it up until Ctrl-C. A server that cannot start is one SearchError line."""
+    log_file = ray_log_file()  # before ray.init, which replaces the "ray" logger's handlers
     ray.init(address=address, include_dashboard=False, configure_logging=False)
+    route_worker_output(log_file)  # the proxy's, controller's and replicas' lines (the access log among them)
+    route_serve_logger(log_file)
     try:
         url = start(run, **options)
     except ray.exceptions.RayError as err:  # the proxy could not bind, a replica failed to load the run, ...

@@ -233,9 +233,10 @@ class ChainFit:
         # Cached so that applying batch after batch moves M to the device once.
         key = (str(device), dtype)
         if key not in self._device_cache:
+            # a fit read from the store holds read-only arrays: torch would share them (and warn) on the CPU
             self._device_cache[key] = (
-                torch.as_tensor(self.mean, dtype=dtype, device=device),
-                torch.as_tensor(self.projection, dtype=dtype, device=device).contiguous(),
+                torch.as_tensor(np.array(self.mean), dtype=dtype, device=device),
+                torch.as_tensor(np.array(self.projection), dtype=dtype, device=device).contiguous(),
             )
         return self._device_cache[key]
 
