@@ -145,6 +145,33 @@ def test_a_second_twin_build_is_read_and_each_point_keeps_the_lower_reading(tmp_
         assert any(b["recall_low"] < a["recall_low"] for a, b in shared)
 
 
+def test_a_calibration_logs_where_it_is_when_asked(tmp_path, monkeypatch):
+    """`rdscale index` on a large table calibrates for minutes: it says so, then where its walk is (at most every
+    PROGRESS_EVERY_S); quiet without progress."""
+    import logging
+
+    from rdscale.search import searcher as searcher_module
+
+    write_proteins(tmp_path / "proteins.lance", hard(1200, 128, 30, seed=4), levels=LEVELS)
+    monkeypatch.setattr(searcher_module, "PROGRESS_EVERY_S", 0.0)
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("rdscale.progress")
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(handler)
+    try:
+        S.build_index(tmp_path, width=32, backend="faiss", index_type="IVF_FLAT")
+        assert not [m for m in lines if m.startswith("calibrating")]
+        S.build_index(tmp_path, width=32, backend="faiss", index_type="IVF_FLAT", rebuild=True, progress=True)
+    finally:
+        logger.removeHandler(handler)
+    said = [m for m in lines if m.startswith("calibrating the proteins index (width 32)")]
+    assert said[0].endswith("for recall@10 0.95: 120 held-out rows, a twin of the index over the other rows")
+    assert len(said) > 2 and all(" recall " in m and "nprobes=" in m for m in said[1:])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # stored with the index, shown, served
 

@@ -236,7 +236,8 @@ def sample_positions(num_rows: int, num_queries: int = NUM_QUERIES) -> np.ndarra
 
 
 def calibrate_index(searcher, info: IndexInfo, queries: np.ndarray, target: float = DEFAULT_RECALL,
-                    k: int = DEFAULT_K, second: tuple[Any, IndexInfo] | None = None) -> dict[str, Any]:
+                    k: int = DEFAULT_K, second: tuple[Any, IndexInfo] | None = None,
+                    measured: Callable[[str, dict[str, int], float], None] | None = None) -> dict[str, Any]:
     """Measure ``info``'s recall curves (ann at its width, funnel re-ranked at the stored width) for ``queries``
     ((m, full) float32, rows held out of ``searcher``'s table and of ``info``, its index); returns the record
     stored with the index. Rows storing exactly a query's vector are left out of its truth and answers.
@@ -244,7 +245,9 @@ def calibrate_index(searcher, info: IndexInfo, queries: np.ndarray, target: floa
     ``second``: (searcher, index) of another build of the same twin, for a backend whose builds are not
     reproducible. Every point is then read on both builds and keeps the lower reading: the served index is one
     more draw of that build, and one twin's curve said nothing about how far another draw falls from it (the
-    served Lance index read 0.989 at a point its one twin bounded at 0.99)."""
+    served Lance index read 0.989 at a point its one twin bounded at 0.99).
+
+    ``measured(mode, point, recall)``: called after each point is searched (progress for long calibrations)."""
     target = check_recall(target)
     n = searcher.num_rows
     k = min(k, n)
@@ -302,7 +305,10 @@ def calibrate_index(searcher, info: IndexInfo, queries: np.ndarray, target: floa
             timings[key] = (time.perf_counter() - started) * 1e3 / len(q)
             per_query = recall_rows(drop_dups(found), truth[mode], k)  # (nq,)
             read[key] = summarise(per_query[held])
-            return summarise(per_query[picks])
+            steer = summarise(per_query[picks])
+            if measured is not None:
+                measured(mode, point, steer[0])
+            return steer
 
         def reading(point: dict[str, int], mode=mode, read=read, folded=folded) -> tuple[float, float]:
             # the second build is searched only for the points the walk visits (not the notches it looks at)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 
 from rdscale.io.runs import Run
 from rdscale.io.store import reader_filter, unfinished_writes
+from rdscale.progress import log as progress_log
 from rdscale.search import calibrate as C
 from rdscale.search import exact as E
 from rdscale.search import faiss_index as F
@@ -1168,9 +1170,12 @@ def build_index(
     if recall is None or info.num_rows < C.MIN_ROWS or (info.calibration and info.calibration.get("target") == recall
                                                         and info.calibration.get("k") == C.DEFAULT_K):
         return info
-    return getattr(builder, "calibrate", calibrate)(dataset_path, info, recall)
+    if builder is not None and hasattr(builder, "calibrate"):
+        return builder.calibrate(dataset_path, info, recall)
+    return calibrate(dataset_path, info, recall, progress=progress)
 
 
+PROGRESS_EVERY_S = 10.0  # a calibration logs where its walk is at most this often
 _RESIDENT_BYTES = 2 << 30  # calibration holds the twin table in memory up to this size; larger ones are streamed
 
 
@@ -1210,14 +1215,28 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAULT_RECALL) -> IndexInfo:
+def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAULT_RECALL,
+              progress: bool = False) -> IndexInfo:
     """Measure ``info``'s recall curves on held-out rows and store them with the index; returns it with its
     calibration. The curves come from a twin index (same type and parameters) built in a temporary folder over
-    the table without the calibration rows (rdscale.search.calibrate says why)."""
+    the table without the calibration rows (rdscale.search.calibrate says why). ``progress``: log lines as it
+    goes (a twin build and dozens of searches: a minute at 2e4 rows, more as the table grows)."""
     import tempfile
 
     ds = open_table(dataset_path, info.table)
     held = C.sample_positions(ds.count_rows())
+    what = f"calibrating the {info.table} index (width {info.width})"
+    if progress:
+        twins = "a twin" if info.backend == "faiss" else "two twin builds"
+        progress_log.info("%s for recall@%d %s: %d held-out rows, %s of the index over the other rows", what,
+                          C.DEFAULT_K, recall, len(held), twins)
+    last = [time.monotonic()]
+
+    def measured(mode: str, point: dict[str, int], got: float) -> None:
+        if progress and time.monotonic() - last[0] >= PROGRESS_EVERY_S:
+            last[0] = time.monotonic()
+            shown = " ".join(f"{k}={v}" for k, v in sorted(point.items()))
+            progress_log.info("%s: %s recall %.3f at %s", what, mode, got, shown)
     with tempfile.TemporaryDirectory(prefix="rdscale-calibrate-") as tmp:
         one, two = Path(tmp) / "twin", Path(tmp) / "again"
         queries = _write_twin(ds, info.table, held, Path(Run(one).table(info.table)))
@@ -1237,7 +1256,7 @@ def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAU
                                         ivf_centroids=L.index_centroids(dataset_path, info), **info.params)
             second = (Searcher(two, info.table, resident=resident), twin2)
         try:
-            record = C.calibrate_index(searcher, twin, queries, target=recall, second=second)
+            record = C.calibrate_index(searcher, twin, queries, target=recall, second=second, measured=measured)
         finally:
             searcher.close()
             if second is not None:
