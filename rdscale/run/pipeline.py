@@ -77,8 +77,8 @@ class Summary:
         rate = self.residues_embedded / self.seconds if self.seconds > 0 else 0.0
         out = [
             f"records: {self.records} (proteins {self.proteins} + rejects {self.rejects})",
-            f"residues: {self.residues}   this run: {self.residues_embedded} in {self.seconds:.1f} s "
-            f"({rate:,.0f} residues/s)",
+            f"residues: {self.residues if 'residues' in self.tables else 'no table (output.residues: false)'}   "
+            f"this run: {self.residues_embedded} embedded in {self.seconds:.1f} s ({rate:,.0f} residues/s)",
             f"shards: {self.shards_total} ({self.shards_skipped} already committed, skipped)",
         ]
         if self.duplicates_moved:
