@@ -159,7 +159,9 @@ def test_a_calibration_logs_where_it_is_when_asked(tmp_path, monkeypatch):
     handler.emit = lambda record: lines.append(record.getMessage())
     logger = logging.getLogger("rdscale.progress")
     monkeypatch.setattr(logger, "disabled", False)
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(logging.root.manager, "disable", logging.NOTSET)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not the attribute: it also clears the loggers' isEnabledFor caches
     logger.addHandler(handler)
     try:
         S.build_index(tmp_path, width=32, backend="faiss", index_type="IVF_FLAT")
@@ -167,6 +169,7 @@ def test_a_calibration_logs_where_it_is_when_asked(tmp_path, monkeypatch):
         S.build_index(tmp_path, width=32, backend="faiss", index_type="IVF_FLAT", rebuild=True, progress=True)
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     said = [m for m in lines if m.startswith("calibrating the proteins index (width 32)")]
     assert said[0].endswith("for recall@10 0.95: 120 held-out rows, a twin of the index over the other rows")
     assert len(said) > 2 and all(" recall " in m and "nprobes=" in m for m in said[1:])
