@@ -161,12 +161,17 @@ def test_two_node_cluster_relative_paths_node_loss_and_extend(tmp_path, tiny_fam
 # ------------------------------------------------------------------------------------------------ ray job submit
 
 
-def _free_port() -> int:
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: the sockets are held open together while the OS picks, since a port picked and
+    released can be handed out again by the next pick (the head once got one port for gcs and the dashboard)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 @contextlib.contextmanager
@@ -192,7 +197,7 @@ def job_server():
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_USAGE_STATS_ENABLED": "0"})
     # Every port Ray would otherwise take at a fixed default (client server 10001, dashboard agent 52365) is a free
     # one, so that this head never collides with another Ray on the machine.
-    gcs, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
+    gcs, dash, client, agent = _free_ports(4)
     head_log = open(temp / "head.log", "w")  # noqa: SIM115 - open for the head's whole life, closed below
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
