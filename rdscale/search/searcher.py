@@ -1176,7 +1176,7 @@ def build_index(
 
 
 PROGRESS_EVERY_S = 10.0  # a calibration logs where its walk is at most this often
-_RESIDENT_BYTES = 2 << 30  # calibration holds the twin table in memory up to this size; larger ones are streamed
+_RESIDENT_BYTES = 2 << 30  # calibration holds its twin tables in memory up to this size in all; larger: streamed
 
 
 def _write_twin(ds: lance.LanceDataset, table: str, held: np.ndarray, path: Path) -> np.ndarray:
@@ -1240,20 +1240,22 @@ def calibrate(dataset_path: str | Path, info: IndexInfo, recall: float = C.DEFAU
     with tempfile.TemporaryDirectory(prefix="rdscale-calibrate-") as tmp:
         one, two = Path(tmp) / "twin", Path(tmp) / "again"
         queries = _write_twin(ds, info.table, held, Path(Run(one).table(info.table)))
+        builds = 1 if info.backend == "faiss" else 2  # Lance builds are not reproducible (calibrate says why)
         if info.backend == "faiss":
             twin_ds = open_table(one, info.table)
             twin = F.build_faiss_index(twin_ds, info.table, info.width, info.index_type, info.metric, **info.params)
         else:
+            centroids = L.index_centroids(dataset_path, info)
             twin = L.build_lance_index(one, info.table, info.width, info.index_type, info.metric,
-                                       ivf_centroids=L.index_centroids(dataset_path, info), **info.params)
+                                       ivf_centroids=centroids, **info.params)
         size = len(queries) and (ds.count_rows() * queries.shape[1] * queries.itemsize)
-        resident = size <= _RESIDENT_BYTES
+        resident = size * builds <= _RESIDENT_BYTES  # each build's searcher holds its own copy of the rows
         searcher = Searcher(one, info.table, resident=resident)
         second = None
-        if info.backend != "faiss":  # Lance builds are not reproducible: a second twin build (calibrate says why)
+        if builds == 2:
             shutil.copytree(one, two, copy_function=_link_or_copy)
             twin2 = L.build_lance_index(two, info.table, info.width, info.index_type, info.metric, rebuild=True,
-                                        ivf_centroids=L.index_centroids(dataset_path, info), **info.params)
+                                        ivf_centroids=centroids, **info.params)
             second = (Searcher(two, info.table, resident=resident), twin2)
         try:
             record = C.calibrate_index(searcher, twin, queries, target=recall, second=second, measured=measured)
